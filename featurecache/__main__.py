@@ -1,0 +1,3 @@
+from featurecache.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Typer command-line interface; ``featurecache.cli.main:app`` is the app."""

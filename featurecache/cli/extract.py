@@ -1,0 +1,99 @@
+"""``featurecache extract``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
+
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Images: a folder of class sub-folders (optionally in train/ val/ test/), a CSV (path,label[,split]), "
+        "an .npz (x, y), keras:cifar10|cifar100|mnist|fashion_mnist, or builtin:digits.",
+    ),
+]
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (see `featurecache backbones`).")]
+WeightsOpt = Annotated[str, typer.Option("--weights", "-w", help="imagenet, random (seeded), or a local .h5/.weights.h5 file.")]
+SizeOpt = Annotated[int | None, typer.Option("--size", help="Square input size in pixels [default: the backbone's].", show_default=False)]
+LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer to take features from [default: the bottleneck].", show_default=False)]
+PoolingOpt = Annotated[str, typer.Option("--pooling", help="avg, max, flatten or none (keep the spatial map).")]
+ResizeOpt = Annotated[str, typer.Option("--resize", help="Resize method: bilinear, nearest, bicubic, area, lanczos3, ...")]
+AugmentOpt = Annotated[
+    str | None,
+    typer.Option("--augment", help="Augmentation of views 1..K, e.g. flip,rotation=15,zoom=0.1,shift=0.1,shear=5,brightness=0.2,contrast=0.2.", show_default=False),
+]
+ViewsOpt = Annotated[int, typer.Option("--views", help="Augmented views per training image (view 0 is always the clean image).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of augmentation and random weights.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most N images per split (stratified).", show_default=False)]
+
+
+@handle_errors
+def extract_cmd(
+    data: DataOpt = "builtin:digits",
+    backbone: BackboneOpt = "vgg19",
+    weights: WeightsOpt = "imagenet",
+    size: SizeOpt = None,
+    layer: LayerOpt = None,
+    pooling: PoolingOpt = "avg",
+    resize: ResizeOpt = "bilinear",
+    augment: AugmentOpt = None,
+    views: ViewsOpt = 0,
+    augment_splits: Annotated[str, typer.Option("--augment-splits", help="Comma-separated splits that get augmented views.")] = "train",
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Backbone batch size.")] = 32,
+    limit: LimitOpt = None,
+    on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
+    workers: Annotated[int | None, typer.Option("--workers", help="Decode threads.", show_default=False)] = None,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a frozen backbone once over a dataset and cache its features (a repeat is a cache hit)."""
+    from featurecache.extract import extract
+
+    result = extract(
+        data,
+        backbone=backbone,
+        weights=weights,
+        size=size,
+        layer=layer,
+        pooling=pooling,
+        resize=resize,
+        augment=augment,
+        views=views,
+        augment_splits=tuple(s.strip() for s in augment_splits.split(",") if s.strip()),
+        seed=seed,
+        dtype=dtype,
+        batch_size=batch_size,
+        cache_dir=cache,
+        limit=limit,
+        on_error=on_error,  # type: ignore[arg-type]
+        workers=workers,
+        progress=not (quiet or json_out),
+    )
+    if json_out:
+        print_json(result.to_json())
+    else:
+        state = "cached" if result.cached else "extracted"
+        shapes = ", ".join(f"{s} {tuple(d['shape'])}" for s, d in result.splits.items())
+        typer.echo(f"{state} {result.name} in {result.seconds:.1f} s: {shapes}")
+        typer.echo(f"key {result.key}")
+    if result.failures:
+        by_reason: dict[str, int] = {}
+        for f in result.failures:
+            by_reason[f["reason"].split(":")[0]] = by_reason.get(f["reason"].split(":")[0], 0) + 1
+        summary = "; ".join(f"{n}x {r}" for r, n in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+        typer.echo(
+            f"warning: {len(result.failures)} images could not be decoded and are marked invalid ({summary}); "
+            f"list them with `featurecache cache failures {result.key[:12]}`",
+            err=True,
+        )
+    if result.skipped_files:
+        typer.echo(f"note: skipped {result.skipped_files} files that are not images (by extension)", err=True)

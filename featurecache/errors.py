@@ -1,0 +1,106 @@
+"""One error hierarchy for the whole library.
+
+Every message is a single line that says what went wrong, where, and how to fix it.
+The CLI prints ``str(error)`` and exits with ``error.exit_code``; a traceback is shown
+only when ``FEATURECACHE_DEBUG=1``. Each class also subclasses the closest builtin
+(as zarr-python does) so callers can catch ``ValueError`` / ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def choices(values: Iterable[str], limit: int = 60) -> str:
+    """Render allowed values for an error message: ``'a', 'b', 'c'``."""
+    vals = sorted(set(values))
+    shown = ", ".join(repr(v) for v in vals[:limit])
+    return shown + (f", ... ({len(vals) - limit} more)" if len(vals) > limit else "")
+
+
+class FeatureCacheError(Exception):
+    """Base class of every error featurecache raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(FeatureCacheError, ValueError):
+    """An option or argument has a bad value; the message lists the valid ones."""
+
+    exit_code = 2
+
+
+class UnknownBackboneError(UsageError):
+    """The backbone name is not in the registry."""
+
+
+class AugmentSpecError(UsageError):
+    """An ``--augment`` spec cannot be parsed."""
+
+
+class UnknownHeadError(UsageError):
+    """The head name is not known."""
+
+
+class HeadParamError(UsageError):
+    """A head parameter is unknown or has the wrong type."""
+
+
+class BackboneError(FeatureCacheError, ValueError):
+    """A backbone cannot be built as asked (bad layer, size below the minimum, ...)."""
+
+
+class WeightsUnavailableError(FeatureCacheError, OSError):
+    """Pretrained weights cannot be loaded (offline, missing or corrupt file)."""
+
+
+class DatasetError(FeatureCacheError, ValueError):
+    """A dataset cannot be read or is malformed."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The dataset path or name does not exist."""
+
+
+class ImageDecodeError(FeatureCacheError, ValueError):
+    """One image cannot be decoded; extraction marks it invalid and goes on."""
+
+
+class CacheError(FeatureCacheError):
+    """Something is wrong with the feature cache."""
+
+
+class EntryNotFoundError(CacheError, LookupError):
+    """No cache entry matches the given key, key prefix or name."""
+
+
+class AmbiguousEntryError(CacheError, LookupError):
+    """A key prefix or name matches several cache entries."""
+
+
+class IncompleteEntryError(CacheError):
+    """The cache entry exists but not all of its write units are complete."""
+
+
+class CacheCorruptError(CacheError):
+    """Stored data does not match its key or its spec."""
+
+
+class LeaseError(CacheError, TimeoutError):
+    """Another process holds the entry's lease and did not finish in time."""
+
+
+class DiskFullError(CacheError, OSError):
+    """The cache's filesystem ran out of space; the run can be resumed after freeing space."""
+
+
+class RunError(FeatureCacheError, ValueError):
+    """A run directory is missing or incomplete."""
+
+
+class EquivalenceError(FeatureCacheError, AssertionError):
+    """The rebuilt model does not reproduce the head's cached-feature predictions."""
+
+
+class PipelineError(UsageError):
+    """A pipeline file is malformed."""
