@@ -1,0 +1,42 @@
+"""Shared fixtures: a temporary cache and tiny generated image datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache, also set as $FEATURECACHE_DIR so CLI calls use it."""
+    d = tmp_path / "cache"
+    d.mkdir()
+    monkeypatch.setenv("FEATURECACHE_DIR", str(d))
+    return d
+
+
+def make_image_folder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4, size: int = 20, seed: int = 0, splits: tuple[str, ...] = ()) -> Path:
+    """Write small random PNG/JPEG images in class sub-folders (optionally inside split folders)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits or ("",):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, size=(size + i, size, 3), dtype=np.uint8)
+                ext = "png" if i % 2 == 0 else "jpg"
+                Image.fromarray(arr).save(d / f"{c}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of four small images each, mixed PNG and JPEG, varied sizes."""
+    return make_image_folder(tmp_path / "pets")
