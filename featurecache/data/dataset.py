@@ -1,0 +1,394 @@
+"""The dataset model: splits of items with labels, and the manifest digest that names them.
+
+Identity is content, never location. Each item has a *content digest* (sha256 of the file's
+bytes, or of an array slice's dtype, shape and bytes) and the dataset's :meth:`Dataset.digest`
+is the sha256 of the canonical JSON of the class names and, for each split in order, each
+item's ``(id, content digest, label)``. Ids are relative paths (or array indices), so moving
+the folder keeps the digest, while changing one pixel, one label, a file name or the split an
+image is in changes it. ``DIGEST_FORMAT`` is part of the hashed document; bump it if that
+document changes.
+
+Hashing every file on every run would make a cache hit cost a full read of the dataset, so file
+digests are memoised in a JSON file keyed by ``(absolute path, size, mtime_ns)``. As in git's
+"racily clean" rule, a file modified less than ``_RACY_NS`` before it was hashed is not
+memoised: a second edit within the filesystem's timestamp granularity could otherwise keep the
+same size and mtime and be served a stale digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from featurecache.data.decode import decode_image, read_image_bytes
+from featurecache.errors import DatasetError
+
+__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileItems", "Split"]
+
+#: Version of the document hashed by :meth:`Dataset.digest`.
+DIGEST_FORMAT = "featurecache.dataset/1"
+#: Split names in their canonical order.
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+
+MEMO_FILENAME = "file-digests.json"
+_MEMO_FORMAT = 1
+_RACY_NS = 2_000_000_000  # files modified this recently are hashed but not memoised
+_CHUNK = 1 << 20
+
+
+class Items(Protocol):
+    """Where a split's images come from: files or an in-memory array."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> np.ndarray: ...
+
+    def content_digests(self) -> list[str]: ...
+
+    def subset(self, indices: np.ndarray) -> Items: ...
+
+
+@dataclass(frozen=True, eq=False)
+class FileItems:
+    """Image files; ``paths`` are absolute. Digests are memoised in ``memo_path`` if given."""
+
+    paths: tuple[Path, ...]
+    memo_path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> np.ndarray:
+        # decode_image(bytes) gives the bare reason; callers prefix the item id.
+        return decode_image(read_image_bytes(self.paths[i]))
+
+    def content_digests(self) -> list[str]:
+        return file_digests(self.paths, memo_path=self.memo_path)
+
+    def subset(self, indices: np.ndarray) -> FileItems:
+        return FileItems(tuple(self.paths[int(i)] for i in indices), self.memo_path)
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayItems:
+    """Images in a read-only ``uint8`` array, ``(n, H, W)`` (grey) or ``(n, H, W, 3)``."""
+
+    images: np.ndarray
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.images)
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[-1] != 3):
+            raise DatasetError(f"image array must be uint8 (n, H, W) or (n, H, W, 3), got {arr.dtype} {arr.shape}")
+        arr = np.ascontiguousarray(arr)
+        arr.setflags(write=False)  # shared by worker threads; nobody may change it under them
+        object.__setattr__(self, "images", arr)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def load(self, i: int) -> np.ndarray:
+        img = self.images[i]
+        if img.ndim == 2:
+            return np.repeat(img[..., None], 3, axis=-1)
+        return img.copy()
+
+    def content_digests(self) -> list[str]:
+        out = []
+        for img in self.images:
+            h = hashlib.sha256(json.dumps({"dtype": img.dtype.str, "shape": list(img.shape)}, sort_keys=True).encode())
+            h.update(img.tobytes())
+            out.append(h.hexdigest())
+        return out
+
+    def subset(self, indices: np.ndarray) -> ArrayItems:
+        return ArrayItems(self.images[np.asarray(indices, dtype=np.int64)])
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One split of a dataset: ids, labels, and a thread-safe way to load each image.
+
+    Attributes
+    ----------
+    name
+        ``"train"``, ``"val"`` or ``"test"``.
+    ids
+        Relative posix path of each file, or ``str(index)`` for array datasets.
+    labels
+        ``int64 (n,)`` indices into :attr:`Dataset.classes` (read-only).
+    items
+        The image source (:class:`FileItems` or :class:`ArrayItems`).
+    """
+
+    name: str
+    ids: tuple[str, ...]
+    labels: np.ndarray
+    items: Items = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in SPLIT_NAMES:
+            raise DatasetError(f"split name {self.name!r} is not one of {', '.join(SPLIT_NAMES)}")
+        labels = np.array(self.labels, dtype=np.int64).reshape(-1)
+        labels.setflags(write=False)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
+        if not (len(self.ids) == len(labels) == len(self.items)):
+            raise DatasetError(
+                f"split {self.name!r} has {len(self.ids)} ids, {len(labels)} labels and {len(self.items)} images; they must match"
+            )
+        if len(set(self.ids)) != len(self.ids):
+            raise DatasetError(f"split {self.name!r} has duplicate ids; every item needs a unique id")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Split(name={self.name!r}, n={len(self)})"
+
+    def load(self, i: int) -> np.ndarray:
+        """Decode image ``i``.
+
+        Parameters
+        ----------
+        i
+            Row in this split.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``uint8 (H, W, 3)`` RGB.
+
+        Raises
+        ------
+        ImageDecodeError
+            The image cannot be read or decoded (one-line reason, without the id).
+        IndexError
+            ``i`` is out of range.
+        """
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"split {self.name!r} has {len(self)} items; index {i} is out of range")
+        return self.items.load(i)
+
+    def content_digests(self) -> list[str]:
+        """Per-item content hash (sha256 hex), computed once per ``Split`` object.
+
+        Returns
+        -------
+        list of str
+            One digest per item, in order.
+
+        Raises
+        ------
+        DatasetError
+            A file cannot be read.
+        """
+        return list(self._digests)
+
+    @cached_property
+    def _digests(self) -> tuple[str, ...]:
+        return tuple(self.items.content_digests())
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Split:
+        """A new split with the items at ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return Split(self.name, tuple(self.ids[i] for i in idx), self.labels[idx], self.items.subset(idx))
+
+    def renamed(self, name: str) -> Split:
+        """The same items under another split name."""
+        return Split(name, self.ids, self.labels, self.items)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A labelled image dataset: class names, ordered splits, and files that were skipped.
+
+    Attributes
+    ----------
+    name
+        Short slug used in cache entry names (folder basename, csv / npz stem, ``cifar10``, ...).
+    source
+        The source string as given to :func:`~featurecache.data.load_dataset`.
+    classes
+        Class names; labels index into this tuple.
+    splits
+        ``{"train": Split, "val": Split, "test": Split}`` in that order, only those present.
+    skipped
+        ``(relative path, reason)`` for each file that was not used (not an image type, hidden,
+        outside a class folder, ...). Reported to the user, never dropped silently.
+    """
+
+    name: str
+    source: str
+    classes: tuple[str, ...]
+    splits: dict[str, Split]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        unknown = [s for s in self.splits if s not in SPLIT_NAMES]
+        if unknown:
+            raise DatasetError(f"unknown split names {unknown}; splits must be among {', '.join(SPLIT_NAMES)}")
+        ordered = {s: self.splits[s] for s in SPLIT_NAMES if s in self.splits}
+        for name, split in ordered.items():
+            if split.name != name:
+                raise DatasetError(f"split stored under {name!r} is named {split.name!r}")
+            if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(self.classes)):
+                raise DatasetError(
+                    f"split {name!r} has labels outside 0..{len(self.classes) - 1} (there are {len(self.classes)} classes)"
+                )
+        object.__setattr__(self, "splits", ordered)
+        object.__setattr__(self, "skipped", tuple((str(p), str(r)) for p, r in self.skipped))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        return f"Dataset(name={self.name!r}, classes={len(self.classes)}, {sizes}, skipped={len(self.skipped)})"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    def manifest(self) -> dict[str, Any]:
+        """The canonical document :meth:`digest` hashes (reads every item's content digest)."""
+        return {
+            "format": DIGEST_FORMAT,
+            "classes": list(self.classes),
+            "splits": [
+                [name, [[i, d, int(lab)] for i, d, lab in zip(split.ids, split.content_digests(), split.labels)]]
+                for name, split in self.splits.items()
+            ],
+        }
+
+    def digest(self) -> str:
+        """Manifest digest: sha256 of the canonical JSON of classes and each split's items.
+
+        Returns
+        -------
+        str
+            64 hex characters. Independent of absolute paths and mtimes.
+
+        Raises
+        ------
+        DatasetError
+            A file cannot be read.
+        """
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:
+        text = json.dumps(self.manifest(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, workers: int = 4) -> list[str]:
+    """sha256 of each file's bytes, reusing ``memo_path`` entries whose size and mtime match.
+
+    Parameters
+    ----------
+    paths
+        Absolute file paths.
+    memo_path
+        JSON memo file, created or refreshed (atomically) when anything was hashed; ``None``
+        hashes every file.
+    workers
+        Threads hashing files that miss the memo (hashlib releases the GIL).
+
+    Returns
+    -------
+    list of str
+        Hex digests in the order of ``paths``.
+
+    Raises
+    ------
+    DatasetError
+        A file cannot be stat'ed or read.
+    """
+    memo = _read_memo(memo_path) if memo_path is not None else {}
+    keys: list[str] = []
+    stats: list[os.stat_result] = []
+    for p in paths:
+        key = os.path.abspath(p)
+        try:
+            stats.append(os.stat(key))
+        except OSError as exc:
+            raise DatasetError(f"cannot read dataset file {key}: {exc.strerror}; restore it or remove it from the dataset") from exc
+        keys.append(key)
+    out: list[str | None] = []
+    missing: list[int] = []
+    for j, (key, st) in enumerate(zip(keys, stats)):
+        entry = memo.get(key)
+        if entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            out.append(str(entry["sha256"]))
+        else:
+            out.append(None)
+            missing.append(j)
+    if missing:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
+            hashed = list(pool.map(lambda j: _hash_file(keys[j]), missing))
+        now = time.time_ns()
+        fresh: dict[str, dict[str, Any]] = {}
+        for j, (digest, st_after) in zip(missing, hashed):
+            out[j] = digest
+            # Memoise only what we know matches: unchanged while hashed and not racily recent.
+            if st_after.st_size == stats[j].st_size and st_after.st_mtime_ns == stats[j].st_mtime_ns \
+                    and now - st_after.st_mtime_ns > _RACY_NS:
+                fresh[keys[j]] = {"size": st_after.st_size, "mtime_ns": st_after.st_mtime_ns, "sha256": digest}
+        if memo_path is not None and fresh:
+            _update_memo(memo_path, fresh)
+    return [str(d) for d in out]
+
+
+def _hash_file(path: str) -> tuple[str, os.stat_result]:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+            st = os.fstat(f.fileno())
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset file {path}: {exc.strerror}; fix its permissions or remove it") from exc
+    return h.hexdigest(), st
+
+
+def _read_memo(memo_path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        doc = json.loads(Path(memo_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or damaged memo: it is only a cache of hashes, so start over
+    if not isinstance(doc, dict) or doc.get("format") != _MEMO_FORMAT or not isinstance(doc.get("files"), dict):
+        return {}
+    return {k: v for k, v in doc["files"].items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+
+
+def _update_memo(memo_path: Path, fresh: dict[str, dict[str, Any]]) -> None:
+    memo_path = Path(memo_path)
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        # Re-read just before writing so entries another process added meanwhile survive.
+        merged = _read_memo(memo_path)
+        merged.update(fresh)
+        fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=f".{memo_path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"format": _MEMO_FORMAT, "files": merged}, f, sort_keys=True, separators=(",", ":"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, memo_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        # The memo only saves re-reading files; a read-only or full cache must not fail a run.
+        return
+
