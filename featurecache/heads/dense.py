@@ -1,0 +1,594 @@
+"""Keras dense "top model" as a scikit-learn estimator.
+
+``DenseHead`` follows the scikit-learn contract (``__init__`` only stores keyword-only
+params, validation in ``fit``, learned attributes end in ``_``, ``fit`` returns ``self``)
+so sweeps, ``clone`` and joblib treat it like any sklearn head.
+
+Training data flows through ``_ViewBatches``, a ``keras.utils.PyDataset`` over an array of
+views ``(V, n, *feat)`` (plain ``X`` is the single view ``X[None]``, a no-copy view).  At
+every epoch it draws a fresh permutation and, per sample, one view index from
+``numpy.random.default_rng([seed, epoch])``; batches gather ``views[view[i], i]`` on the
+fly.  Augmented views are therefore sampled, never stacked into ``V * n`` training rows,
+and the draw depends only on (seed, epoch), so training is reproducible.
+
+The Keras model built here uses only built-in layers with stable names (``head_pool``,
+``head_dense_0``, ``head_bn_0``, ``head_act_0``, ``head_dropout_0``, ..., ``predictions``)
+so ``finetune`` can splice it onto a backbone and load it with no custom objects.
+
+Keras is imported inside methods: importing this module costs only scikit-learn.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from featurecache.errors import UsageError
+
+if TYPE_CHECKING:
+    import keras
+
+__all__ = ["DenseHead", "build_dense_model", "load_keras_model_bytes", "keras_model_bytes"]
+
+
+def build_dense_model(
+    *,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    pool: str,
+    hidden: tuple[int, ...],
+    batchnorm: bool,
+    dropout: float,
+    activation: str,
+    l2: float,
+) -> keras.Model:
+    """Build the (uncompiled, float32) functional head model.
+
+    Parameters
+    ----------
+    input_shape
+        Feature shape without the batch axis: ``(d,)`` or ``(h, w, c)``.
+    n_classes
+        Width of the softmax layer ``predictions``.
+    pool
+        Resolved pooling: ``"avg"`` (GlobalAveragePooling2D), ``"flatten"`` or ``"none"``.
+    hidden, batchnorm, dropout, activation, l2
+        See ``DenseHead``.
+
+    Returns
+    -------
+    keras.Model
+        ``head_input -> [head_pool] -> [head_dense_i -> head_bn_i? -> head_act_i ->
+        head_dropout_i?]* -> predictions``, model name ``featurecache_head``.
+    """
+    import keras
+
+    def reg() -> Any:
+        return keras.regularizers.L2(l2) if l2 > 0 else None
+
+    inputs = keras.Input(shape=tuple(input_shape), dtype="float32", name="head_input")
+    x = inputs
+    if pool == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool", dtype="float32")(x)
+    elif pool == "flatten":
+        x = keras.layers.Flatten(name="head_pool", dtype="float32")(x)
+    for i, width in enumerate(hidden):
+        # With BatchNorm right after, a Dense bias is redundant (BN's beta replaces it).
+        x = keras.layers.Dense(
+            width,
+            use_bias=not batchnorm,
+            kernel_regularizer=reg(),
+            name=f"head_dense_{i}",
+            dtype="float32",
+        )(x)
+        if batchnorm:
+            x = keras.layers.BatchNormalization(name=f"head_bn_{i}", dtype="float32")(x)
+        x = keras.layers.Activation(activation, name=f"head_act_{i}", dtype="float32")(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"head_dropout_{i}", dtype="float32")(x)
+    outputs = keras.layers.Dense(
+        n_classes,
+        activation="softmax",
+        kernel_regularizer=reg(),
+        name="predictions",
+        dtype="float32",
+    )(x)
+    return keras.Model(inputs, outputs, name="featurecache_head")
+
+
+def keras_model_bytes(model: keras.Model) -> bytes:
+    """Serialise a model to the bytes of a ``.keras`` archive (architecture + weights).
+
+    Parameters
+    ----------
+    model
+        Any Keras model built from serialisable layers.
+
+    Returns
+    -------
+    bytes
+        Content of the ``.keras`` zip file; optimizer state is not included.
+    """
+    import keras
+
+    # keras.saving's public API takes paths only; a private temp dir keeps this
+    # safe when several processes (a joblib sweep) serialise at once.
+    with tempfile.TemporaryDirectory(prefix="featurecache-head-") as tmp:
+        path = os.path.join(tmp, "head.keras")
+        keras.saving.save_model(_inference_copy(model), path)
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def load_keras_model_bytes(data: bytes) -> keras.Model:
+    """Inverse of ``keras_model_bytes``.
+
+    Parameters
+    ----------
+    data
+        Bytes of a ``.keras`` archive.
+
+    Returns
+    -------
+    keras.Model
+        The model, uncompiled.
+    """
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="featurecache-head-") as tmp:
+        path = os.path.join(tmp, "head.keras")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        return keras.saving.load_model(path, compile=False)
+
+
+def _inference_copy(model: keras.Model) -> keras.Model:
+    """Uncompiled copy with the same layers, names and weights (no optimizer state)."""
+    if not getattr(model, "compiled", False):
+        return model
+    # from_config(get_config()) rather than clone_model: clone_model re-compiles the copy,
+    # and a saved compile config would make load_model rebuild an optimizer we never use.
+    copy = type(model).from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@dataclass(frozen=True)
+class _SerializedModel:
+    """Pickle-time stand-in for ``DenseHead.model_`` (bytes of a ``.keras`` archive)."""
+
+    data: bytes
+
+
+def _make_view_batches(
+    views: Any,
+    y: np.ndarray,
+    sample_weight: np.ndarray | None,
+    *,
+    batch_size: int,
+    seed: int,
+) -> Any:
+    """Build the ``PyDataset`` (defined here so ``keras`` is imported lazily)."""
+    import keras
+
+    class _ViewBatches(keras.utils.PyDataset):
+        """One randomly drawn view per sample per epoch; see the module docstring."""
+
+        def __init__(self) -> None:
+            # workers=1, no multiprocessing: batches are cheap numpy gathers and the
+            # per-epoch state (order, view choice) must not be shared across processes.
+            super().__init__(workers=1, use_multiprocessing=False)
+            self._n = int(y.shape[0])
+            self._n_views = int(views.shape[0])
+            self._epoch = 0
+            self._draw()
+
+        def _draw(self) -> None:
+            rng = np.random.default_rng([seed, self._epoch])
+            self._order = rng.permutation(self._n)
+            self._view = (
+                rng.integers(self._n_views, size=self._n)
+                if self._n_views > 1
+                else np.zeros(self._n, dtype=np.int64)
+            )
+
+        @property
+        def num_batches(self) -> int:
+            return -(-self._n // batch_size)
+
+        def __len__(self) -> int:
+            return self.num_batches
+
+        def __getitem__(self, idx: int) -> tuple[np.ndarray, ...]:
+            rows = self._order[idx * batch_size : (idx + 1) * batch_size]
+            xb = _gather(views, self._view[rows], rows)
+            if sample_weight is None:
+                return xb, y[rows]
+            return xb, y[rows], sample_weight[rows]
+
+        def on_epoch_end(self) -> None:
+            self._epoch += 1
+            self._draw()
+
+    return _ViewBatches()
+
+
+def _gather(views: Any, view_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows ``views[view_idx[j], rows[j]]`` as one float32 batch.
+
+    NumPy arrays use one advanced-indexing gather.  Other arrays (zarr, h5py) are read
+    one view at a time with sorted row indices -- via ``oindex`` when the array has it
+    (zarr's orthogonal indexing) -- so a batch touches only the chunks it needs.
+    """
+    if isinstance(views, np.ndarray):
+        return np.asarray(views[view_idx, rows], dtype=np.float32)
+    out = np.empty((len(rows), *tuple(views.shape[2:])), dtype=np.float32)
+    for v in np.unique(view_idx):
+        pos = np.flatnonzero(view_idx == v)
+        wanted, inverse = np.unique(rows[pos], return_inverse=True)
+        reader = views.oindex if hasattr(views, "oindex") else views
+        out[pos] = np.asarray(reader[int(v), wanted], dtype=np.float32)[inverse]
+    return out
+
+
+def _features(X: Any, *, name: str) -> np.ndarray:
+    """Validate features as a finite float32 array of rank >= 2."""
+    from sklearn.utils.validation import check_array
+
+    try:
+        arr = check_array(X, dtype=np.float32, allow_nd=True, ensure_2d=True)
+    except ValueError as exc:
+        raise UsageError(
+            f"{name}: {str(exc).splitlines()[0]}; pass features shaped (n_samples, *feature_shape)"
+        ) from None
+    return arr
+
+
+class DenseHead(ClassifierMixin, BaseEstimator):
+    """Keras dense top model with the scikit-learn classifier API.
+
+    Parameters
+    ----------
+    pool : {"auto", "avg", "flatten", "none"}
+        How spatial ``(n, h, w, c)`` features are reduced: ``avg`` = GlobalAveragePooling2D,
+        ``flatten``; ``auto`` = ``avg`` for 4-D input and ``none`` for 2-D input.
+    hidden : tuple of int or str
+        Hidden widths, e.g. ``(256, 128)`` or ``"256-128"``; ``()`` / ``""`` = softmax only.
+    batchnorm : bool
+        BatchNormalization after each hidden Dense.
+    dropout : float
+        Dropout after each hidden block, in ``[0, 1)``.
+    activation : str
+        Hidden activation (``relu``, ``gelu``, ...).
+    l2 : float
+        L2 penalty on every Dense kernel.
+    optimizer : {"adam", "rmsprop", "sgd"}
+        ``sgd`` uses Nesterov momentum 0.9.
+    lr : float
+        Learning rate.
+    batch_size, epochs : int
+        Mini-batch size and maximum number of epochs.
+    patience : int
+        Early stopping on ``val_loss`` with best weights restored; active only when
+        ``patience > 0`` and ``fit`` gets ``X_val``.
+    class_weight : {None, "balanced"}
+        ``balanced`` weights samples inversely to class frequency.
+    seed : int
+        Seeds weight init, dropout (``keras.utils.set_random_seed``) and the batch order /
+        view draw.
+    verbose : int
+        Keras ``fit`` verbosity.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        Label values, sorted (``LabelEncoder``); ``predict`` returns these.
+    model_ : keras.Model
+        The trained functional model (input = feature shape, output = softmax).
+    history_ : dict[str, list[float]]
+        Per-epoch ``loss``, ``accuracy`` and, with validation, ``val_loss``,
+        ``val_accuracy``.
+    best_epoch_ : int
+        Index of the epoch whose weights were kept (the last one without early stopping).
+    input_shape_ : tuple[int, ...]
+        Feature shape seen in ``fit``.
+    n_features_in_ : int
+        ``prod(input_shape_)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: str = "auto",
+        hidden: tuple[int, ...] | str = (256,),
+        batchnorm: bool = False,
+        dropout: float = 0.5,
+        activation: str = "relu",
+        l2: float = 0.0,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        epochs: int = 30,
+        patience: int = 5,
+        class_weight: str | None = None,
+        seed: int = 0,
+        verbose: int = 0,
+    ) -> None:
+        self.pool = pool
+        self.hidden = hidden
+        self.batchnorm = batchnorm
+        self.dropout = dropout
+        self.activation = activation
+        self.l2 = l2
+        self.optimizer = optimizer
+        self.lr = lr
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.patience = patience
+        self.class_weight = class_weight
+        self.seed = seed
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        *,
+        X_val: Any = None,
+        y_val: Any = None,
+        X_views: Any = None,
+    ) -> DenseHead:
+        """Train the head.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, *feat)
+            Clean features (view 0).
+        y : array-like of shape (n,)
+            Labels of any hashable type.
+        X_val, y_val : array-like, optional
+            Validation features/labels (used as given, never augmented); enable early
+            stopping when ``patience > 0``.
+        X_views : array-like of shape (V, n, *feat), optional
+            Views of the same samples (view 0 = clean).  When given, each epoch trains on
+            one randomly drawn view per sample instead of on ``X``.  A NumPy array, or an
+            on-disk array with ``.shape`` and ``oindex`` / ``[int, sorted int array]``
+            indexing (zarr, h5py); it is read one batch at a time and never copied whole.
+
+        Returns
+        -------
+        DenseHead
+            ``self``.
+
+        Raises
+        ------
+        HeadParamError
+            When a hyperparameter is invalid.
+        UsageError
+            When shapes or labels are inconsistent.
+        """
+        import keras
+        from sklearn.preprocessing import LabelEncoder
+        from sklearn.utils.class_weight import compute_class_weight
+        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.validation import column_or_1d
+
+        from featurecache.heads.registry import coerce_head_params
+
+        cfg = coerce_head_params("dense", self.get_params(deep=False))
+        X = _features(X, name="X")
+        # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if y.ndim != 1 or y.shape[0] != X.shape[0]:
+            raise UsageError(
+                f"y must have shape ({X.shape[0]},) to match X {X.shape}, got {y.shape}; "
+                "pass one label per sample"
+            )
+        try:
+            check_classification_targets(y)
+        except ValueError as exc:
+            raise UsageError(
+                f"y: {exc}; a head needs class labels (ints or strings), not regression targets"
+            ) from None
+        encoder = LabelEncoder().fit(y)
+        y_enc = encoder.transform(y).astype(np.int32)
+        n_classes = len(encoder.classes_)
+        if n_classes < 2:
+            raise UsageError(
+                f"y has only one class {encoder.classes_.tolist()!r}; a classifier head "
+                "needs at least 2 classes"
+            )
+        pool = _resolve_pool(cfg["pool"], X.ndim)
+
+        if X_views is not None:
+            vshape = tuple(getattr(X_views, "shape", ()))
+            if len(vshape) != X.ndim + 1 or vshape[1:] != X.shape:
+                raise UsageError(
+                    f"X_views must have shape (V, {', '.join(map(str, X.shape))}), got "
+                    f"{vshape}; pass views of the same samples as X, view 0 = clean"
+                )
+            views = X_views
+        else:
+            views = X[None]
+
+        validation = None
+        if X_val is not None or y_val is not None:
+            if X_val is None or y_val is None:
+                raise UsageError("pass both X_val and y_val, or neither")
+            Xv = _features(X_val, name="X_val")
+            if Xv.shape[1:] != X.shape[1:]:
+                raise UsageError(
+                    f"X_val features have shape {Xv.shape[1:]}, X has {X.shape[1:]}; "
+                    "use features from the same backbone/layer/pooling"
+                )
+            yv = np.asarray(y_val)
+            unseen = sorted(set(yv.tolist()) - set(encoder.classes_.tolist()), key=str)
+            if yv.shape != (Xv.shape[0],) or unseen:
+                raise UsageError(
+                    f"y_val must hold one label per X_val row from the training classes; "
+                    f"got shape {yv.shape}, unseen labels {unseen[:10]!r}"
+                )
+            validation = (Xv, encoder.transform(yv).astype(np.int32))
+
+        sample_weight = None
+        if cfg["class_weight"] == "balanced":
+            weights = compute_class_weight(
+                "balanced", classes=np.arange(n_classes), y=y_enc
+            ).astype(np.float32)
+            sample_weight = weights[y_enc]
+
+        keras.utils.set_random_seed(cfg["seed"])
+        model = build_dense_model(
+            input_shape=X.shape[1:],
+            n_classes=n_classes,
+            pool=pool,
+            hidden=cfg["hidden"],
+            batchnorm=cfg["batchnorm"],
+            dropout=cfg["dropout"],
+            activation=cfg["activation"],
+            l2=cfg["l2"],
+        )
+        model.compile(
+            optimizer=_make_optimizer(cfg["optimizer"], cfg["lr"]),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        callbacks = []
+        stopper = None
+        if cfg["patience"] > 0 and validation is not None:
+            stopper = keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg["patience"], restore_best_weights=True
+            )
+            callbacks.append(stopper)
+        data = _make_view_batches(
+            views, y_enc, sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"]
+        )
+        history = model.fit(
+            data,
+            epochs=cfg["epochs"],
+            validation_data=validation,
+            validation_batch_size=max(cfg["batch_size"], 256),
+            callbacks=callbacks,
+            verbose=cfg["verbose"],
+            shuffle=False,  # the PyDataset shuffles itself, seeded by (seed, epoch)
+        )
+
+        self.classes_ = encoder.classes_
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        n_epochs = len(self.history_.get("loss", []))
+        best = getattr(stopper, "best_epoch", None) if stopper is not None else None
+        # Keras 3's EarlyStopping restores the best weights at train end whether or not it
+        # stopped early, so the kept epoch is always its best_epoch.
+        self.best_epoch_ = int(best) if best is not None else n_epochs - 1
+        self.input_shape_ = tuple(int(d) for d in X.shape[1:])
+        self.n_features_in_ = int(np.prod(self.input_shape_))
+        return self
+
+    # ------------------------------------------------------------------ inference
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, *input_shape_)
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, n_classes)`` float64, rows sum to 1, columns ordered as ``classes_``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            Before ``fit``.
+        UsageError
+            When the feature shape differs from the one seen in ``fit``.
+        """
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "model_")
+        X = _features(X, name="X")
+        if X.shape[1:] != self.input_shape_:
+            raise UsageError(
+                f"X features have shape {X.shape[1:]}, the head was trained on "
+                f"{self.input_shape_}; use features from the same backbone/layer/pooling"
+            )
+        if X.shape[0] == 0:
+            return np.zeros((0, len(self.classes_)))
+        proba = np.asarray(
+            self.model_.predict(X, batch_size=max(int(self.batch_size), 256), verbose=0),
+            dtype=np.float64,
+        )
+        # float32 softmax rows sum to 1 only within ~1e-7; renormalise in float64 so
+        # sklearn's log_loss (which checks the sums) accepts them.
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable label per row (values from ``classes_``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n, *input_shape_)
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` labels.
+        """
+        proba = self.predict_proba(X)  # first: it raises NotFittedError before classes_ exists
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        model = state.get("model_")
+        if model is not None and not isinstance(model, _SerializedModel):
+            state = dict(state)
+            state["model_"] = _SerializedModel(keras_model_bytes(model))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        model = state.get("model_")
+        if isinstance(model, _SerializedModel):
+            state = dict(state)
+            state["model_"] = load_keras_model_bytes(model.data)
+        super().__setstate__(state)
+
+
+def _resolve_pool(pool: str, ndim: int) -> str:
+    """Turn ``pool`` into ``avg``/``flatten``/``none`` for features of rank ``ndim``."""
+    if pool == "auto":
+        return "avg" if ndim == 4 else ("none" if ndim == 2 else "flatten")
+    if pool == "avg" and ndim != 4:
+        raise UsageError(
+            f"pool='avg' needs spatial features (n, h, w, c), got rank-{ndim} features; "
+            "use pool=auto, flatten or none"
+        )
+    if pool == "none" and ndim != 2:
+        raise UsageError(
+            f"pool='none' needs 2-D features (n, d), got rank-{ndim} features; "
+            "use pool=avg or pool=flatten"
+        )
+    return pool
+
+
+def _make_optimizer(name: str, lr: float) -> Any:
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=lr)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)

@@ -1,0 +1,135 @@
+"""Classification metrics of a head, as plain JSON-serialisable Python values.
+
+Every metric is computed from integer labels and the full probability matrix, with the
+label set fixed to ``range(len(classes))``: a split in which some class never occurs (a
+small validation set) still yields a confusion matrix, log loss and per-class table with
+one entry per class, so runs stay comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from featurecache.errors import UsageError
+
+__all__ = ["classification_metrics"]
+
+# Row sums further than this from 1 mean the caller passed scores, not probabilities.
+_PROBA_SUM_TOL = 1e-3
+
+
+def classification_metrics(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    *,
+    classes: Sequence[str],
+    top_k: Sequence[int] = (1, 3, 5),
+) -> dict[str, Any]:
+    """Compute the metrics stored in a run's ``metrics.json``.
+
+    Parameters
+    ----------
+    y_true
+        ``(n,)`` integer indices into ``classes``.
+    proba
+        ``(n, n_classes)`` class probabilities (rows sum to 1; float32 rounding is
+        tolerated and removed by renormalising).
+    classes
+        Class names, in column order of ``proba``.
+    top_k
+        ``k`` values for top-k accuracy; only ``k < n_classes`` are reported (top-k with
+        ``k >= n_classes`` is always 1).
+
+    Returns
+    -------
+    dict
+        ``n``, ``accuracy``, ``top_k_accuracy`` (``{"3": 0.97, ...}`` -- string keys, so
+        the dict is identical after a JSON round trip), ``log_loss``, ``cohen_kappa``
+        (``None`` when undefined, e.g. a single class in ``y_true`` and predictions),
+        ``macro_f1``, ``confusion_matrix`` (rows = true class, columns = predicted, list of
+        lists), ``per_class`` (``{name: {precision, recall, f1, support}}``).
+
+    Raises
+    ------
+    UsageError
+        When shapes disagree, labels fall outside ``range(len(classes))`` or rows of
+        ``proba`` do not sum to 1.
+    """
+    from sklearn import metrics as skm
+
+    y = np.asarray(y_true)
+    p = np.asarray(proba, dtype=np.float64)
+    names = [str(c) for c in classes]
+    k = len(names)
+    if k < 2 or len(set(names)) != k:
+        raise UsageError(
+            f"classes must list at least 2 distinct class names, got {names[:20]!r}; "
+            "pass the feature set's class names in label order"
+        )
+    if p.ndim != 2 or p.shape[1] != k:
+        raise UsageError(
+            f"proba must have shape (n, {k}) for {k} classes, got {p.shape}; "
+            "pass predict_proba output with columns in the order of classes"
+        )
+    if y.ndim != 1 or y.shape[0] != p.shape[0] or y.shape[0] == 0:
+        raise UsageError(f"y_true must have shape ({p.shape[0]},) matching proba, got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k:
+        raise UsageError(
+            f"y_true must hold integer class indices in [0, {k}), got dtype {y.dtype} "
+            f"range [{y.min()!r}, {y.max()!r}]; map labels with classes.index(label)"
+        )
+    sums = p.sum(axis=1)
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.max(np.abs(sums - 1)) > _PROBA_SUM_TOL:
+        raise UsageError(
+            f"proba rows must be probabilities summing to 1, got sums in "
+            f"[{sums.min():.4g}, {sums.max():.4g}]; pass predict_proba, not decision_function"
+        )
+    p = p / sums[:, None]
+    labels = np.arange(k)
+    pred = p.argmax(axis=1)
+
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=0
+    )
+    with warnings.catch_warnings():
+        # Kappa is 0/0 when truth and predictions are one and the same class; we report
+        # None for that instead of letting a warning escape into every sweep's log.
+        warnings.simplefilter("ignore")
+        kappa = skm.cohen_kappa_score(y, pred, labels=labels)
+    return {
+        "n": int(y.shape[0]),
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "top_k_accuracy": {
+            str(int(kk)): _top_k_accuracy(y, p, int(kk))
+            for kk in sorted({int(v) for v in top_k})
+            if 1 <= kk < k
+        },
+        "log_loss": float(skm.log_loss(y, p, labels=labels)),
+        "cohen_kappa": float(kappa) if math.isfinite(kappa) else None,
+        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).astype(int).tolist(),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(names)
+        },
+    }
+
+
+def _top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
+    """Top-k accuracy, ranked exactly as ``sklearn.metrics.top_k_accuracy_score`` does.
+
+    Computed here because sklearn calls a split whose ``y`` holds at most two distinct
+    labels "binary" and then rejects the 2-D probability matrix.
+    """
+    ranked = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :k]
+    return float((ranked == y[:, None]).any(axis=1).mean())

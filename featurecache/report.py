@@ -1,0 +1,269 @@
+"""PNG plots for run directories and sweeps.
+
+Figures are built with matplotlib's object API on an explicit Agg canvas -- never through
+``pyplot`` -- so plotting sets no global backend, keeps no figure registry (no leaks in a
+long sweep) and is safe from worker threads.  matplotlib is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache.errors import UsageError
+
+__all__ = ["plot_confusion_matrix", "plot_leaderboard", "plot_training_curves"]
+
+_DPI = 110
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def plot_confusion_matrix(
+    cm: Any,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+    normalize: bool = True,
+) -> Path:
+    """Plot a confusion matrix as a heat map.
+
+    Parameters
+    ----------
+    cm
+        ``(k, k)`` counts, rows = true class, columns = predicted (as in ``metrics.json``).
+    classes
+        ``k`` class names.
+    path
+        Output PNG path (parent directories are created).
+    title
+        Figure title.
+    normalize
+        Colour and annotate each row as a fraction of its true-class support (recall on
+        the diagonal); rows without samples stay 0.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    UsageError
+        When ``cm`` is not square or does not match ``classes``.
+    """
+    mat = np.asarray(cm, dtype=np.float64)
+    k = len(classes)
+    if mat.ndim != 2 or mat.shape != (k, k):
+        raise UsageError(
+            f"cm must have shape ({k}, {k}) for {k} classes, got {mat.shape}; "
+            "pass metrics['confusion_matrix'] with the matching class names"
+        )
+    if normalize:
+        support = mat.sum(axis=1, keepdims=True)
+        mat = np.divide(mat, support, out=np.zeros_like(mat), where=support > 0)
+    side = min(max(4.0, 0.45 * k + 2.5), 30.0)
+    fig = _figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(mat, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    if k <= 60:
+        # Beyond ~60 classes names overlap into noise; the heat map alone is readable.
+        fontsize = 9 if k <= 15 else max(4, int(9 - (k - 15) / 9))
+        ax.set_xticks(range(k), [str(c) for c in classes], rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(k), [str(c) for c in classes], fontsize=fontsize)
+    if k <= 25:
+        threshold = 0.5 * (mat.max() if mat.size else 1.0)
+        for i in range(k):
+            for j in range(k):
+                value = mat[i, j]
+                text = f"{value:.2f}" if normalize else f"{int(value)}"
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7 if k > 10 else 9,
+                    color="white" if value > threshold else "black",
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(
+        title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix")
+    )
+    return _save(fig, path)
+
+
+def plot_training_curves(
+    history: Mapping[str, Sequence[float]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> Path:
+    """Plot loss and accuracy per epoch (training and validation).
+
+    Parameters
+    ----------
+    history
+        Keras-style history, e.g. ``DenseHead.history_``: ``loss``, ``val_loss``,
+        ``accuracy``, ``val_accuracy`` (missing series are skipped).
+    path
+        Output PNG path.
+    title
+        Figure title.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    UsageError
+        When the history has neither a loss nor an accuracy series.
+    """
+    panels = [
+        (metric, [s for s in (metric, f"val_{metric}") if len(history.get(s, ())) > 0])
+        for metric in ("loss", "accuracy")
+    ]
+    panels = [(metric, series) for metric, series in panels if series]
+    if not panels:
+        raise UsageError(
+            f"history has no loss/accuracy series, got keys {sorted(history)!r}; "
+            "pass DenseHead.history_ or keras History.history"
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(5.0 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    val_loss = list(history.get("val_loss", ()))
+    best = int(np.nanargmin(val_loss)) + 1 if val_loss and np.isfinite(val_loss).any() else None
+    for ax, (metric, series) in zip(axes, panels, strict=True):
+        for name in series:
+            values = list(history[name])
+            ax.plot(
+                range(1, len(values) + 1),
+                values,
+                marker="o" if len(values) <= 30 else None,
+                markersize=3,
+                label="validation" if name.startswith("val_") else "training",
+            )
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _row_label(row: Mapping[str, Any], index: int) -> str:
+    for key in ("name", "trial", "run", "id"):
+        if row.get(key) not in (None, ""):
+            return str(row[key])
+    params = row.get("params")
+    if isinstance(params, Mapping) and params:
+        text = " ".join(f"{k}={v}" for k, v in params.items())
+        return f"{row.get('head', 'head')} {text}"[:60]
+    return f"#{index}"
+
+
+def plot_leaderboard(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    metric: str = "val_accuracy",
+    top: int = 30,
+) -> Path:
+    """Horizontal bar chart of sweep trials, best on top, coloured by head type.
+
+    Parameters
+    ----------
+    rows
+        One mapping per trial with ``metric``, ``head`` (the colour group) and a label from
+        the first of ``name``/``trial``/``run``/``id`` (else ``head`` + ``params``).  Rows
+        whose metric is missing or not finite (failed trials) are left out.
+    path
+        Output PNG path.
+    metric
+        Column to rank by; metrics whose name contains ``loss`` rank lowest first.
+    top
+        Number of trials shown.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    UsageError
+        When no row has a finite ``metric`` or ``top < 1``.
+    """
+    if top < 1:
+        raise UsageError(f"top must be >= 1, got {top!r}")
+    scored = []
+    for i, row in enumerate(rows):
+        value = row.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            scored.append((float(value), _row_label(row, i), str(row.get("head", "?"))))
+    if not scored:
+        present = sorted({k for row in rows for k in row})
+        raise UsageError(
+            f"no row has a finite {metric!r}; numeric columns available: {present!r}; "
+            "pass metric= one of them"
+        )
+    lower_is_better = "loss" in metric
+    scored.sort(key=lambda t: t[0], reverse=not lower_is_better)
+    shown = scored[:top]
+    heads = sorted({h for _, _, h in shown})
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(heads) <= 10 else "tab20"]
+    colour = {h: cmap(i % cmap.N) for i, h in enumerate(heads)}
+
+    fig = _figure(8.0, max(2.5, 0.32 * len(shown) + 1.2))
+    ax = fig.add_subplot()
+    ypos = np.arange(len(shown))
+    values = [v for v, _, _ in shown]
+    ax.barh(ypos, values, color=[colour[h] for _, _, h in shown])
+    ax.set_yticks(ypos, [label for _, label, _ in shown], fontsize=8)
+    ax.invert_yaxis()  # best trial on top
+    span = max(values) - min(values)
+    if not lower_is_better and min(values) >= 0 and max(values) <= 1:
+        # Zoom in on the range that separates trials; a 0..1 axis hides the differences.
+        lo = max(0.0, min(values) - max(span, 0.01) * 0.5)
+        ax.set_xlim(lo, min(1.0, max(values) + max(span, 0.01) * 0.25) + 1e-9)
+    for y, v in zip(ypos, values, strict=True):
+        ax.text(v, y, f" {v:.4g}", va="center", fontsize=7)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=colour[h], label=h) for h in heads], fontsize=8, loc="best")
+    ax.set_xlabel(metric + (" (lower is better)" if lower_is_better else ""))
+    ax.set_title(f"top {len(shown)} of {len(scored)} trials by {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
