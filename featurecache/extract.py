@@ -41,6 +41,10 @@ class Plan:
     weights: Any  # featurecache.backbones.WeightsRef
     cache_dir: Path
     augment: Any  # featurecache.data.AugmentSpec
+    # How the user named the weights and the subset: not keyed (the spec holds their
+    # digests), but stored so `finetune` can rebuild the backbone and reload the images.
+    weights_source: str = ""
+    limit: int | None = None
 
     @property
     def key(self) -> str:
@@ -116,7 +120,7 @@ def plan(
     if views > 0 and aug.is_identity():
         raise UsageError(f"--views {views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10")
     ref = backbones.parse_weights(weights, seed=seed)
-    dataset = data if isinstance(data, Dataset) else load_dataset(str(data), memo_dir=store.memo_dir(root), limit=limit, seed=seed)
+    dataset = data if isinstance(data, Dataset) else load_dataset(str(data), memo_dir=store.memo_dir(root), limit=limit)
     spec = FeatureSpec(
         dataset_digest=dataset.digest(),
         backbone=bspec.name,
@@ -134,7 +138,7 @@ def plan(
         dataset_name=dataset.name,
         weights_label=_weights_label(ref),
     )
-    return Plan(spec=spec, dataset=dataset, backbone=bspec, weights=ref, cache_dir=root, augment=aug)
+    return Plan(spec=spec, dataset=dataset, backbone=bspec, weights=ref, cache_dir=root, augment=aug, weights_source=str(weights), limit=limit)
 
 
 def _weights_label(ref: Any) -> str:
@@ -332,7 +336,13 @@ def _run(
             splits=splits,
             feature_shape=feature_shape,
             chunk_rows=chunk_rows,
-            extra={"versions": library_versions(), "dataset_source": p.dataset.source, "skipped_files": [list(s) for s in p.dataset.skipped]},
+            extra={
+                "versions": library_versions(),
+                "dataset_source": p.dataset.source,
+                "dataset_limit": p.limit,
+                "weights_source": p.weights_source,
+                "skipped_files": [list(s) for s in p.dataset.skipped],
+            },
         )
     elif existing.feature_shape != feature_shape:
         raise store.CacheCorruptError(

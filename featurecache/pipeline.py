@@ -1,0 +1,179 @@
+"""Declarative runs: extract → sweep → finetune from one TOML file.
+
+A pipeline file has up to three stage tables; each key is a keyword argument of the
+stage's API function (``featurecache.extract``, ``featurecache.sweep``,
+``featurecache.finetune``), so the file and the Python API never drift apart::
+
+    [pipeline]
+    name = "digits_demo"
+    runs_dir = "runs"
+
+    [extract]
+    data = "builtin:digits"
+    backbone = "mobilenetv2"
+    weights = "imagenet"
+    size = 32
+
+    [sweep]
+    grid = ["logreg:C=0.1,1,10", "dense:hidden=128,256-128;dropout=0.2,0.5"]
+
+    [finetune]
+    unfreeze = "top:1"
+    epochs = 3
+
+Overrides (``--set extract.weights=random``, ``--limit 50``) are applied on top; values are
+parsed as TOML literals (``--set finetune.epochs=2``) and fall back to plain strings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from featurecache.errors import PipelineError, WeightsUnavailableError
+
+STAGES = ("extract", "sweep", "finetune")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What each stage of a pipeline produced, and how long it took."""
+
+    name: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` document."""
+        return {"name": self.name, "stages": self.stages}
+
+
+def load_pipeline(path: str | os.PathLike[str], *, overrides: Sequence[str] = (), limit: int | None = None) -> dict[str, Any]:
+    """Read a pipeline file and apply overrides.
+
+    Parameters
+    ----------
+    path
+        The TOML file.
+    overrides
+        ``stage.key=value`` strings.
+    limit
+        Shortcut for ``--set extract.limit=N``.
+
+    Raises
+    ------
+    PipelineError
+        The file is missing or malformed, or an override names an unknown stage or key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"pipeline file {p} does not exist; shipped pipelines are in pipelines/ (e.g. pipelines/digits_demo.toml)")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{p} is not valid TOML: {exc}") from None
+    unknown = set(doc) - {"pipeline", *STAGES}
+    if unknown:
+        raise PipelineError(f"{p}: unknown table(s) {sorted(unknown)}; allowed: [pipeline], {', '.join(f'[{s}]' for s in STAGES)}")
+    doc.setdefault("pipeline", {}).setdefault("name", p.stem)
+    for item in overrides:
+        stage_key, sep, raw = item.partition("=")
+        stage, dot, key = stage_key.strip().partition(".")
+        if not sep or not dot or stage not in ("pipeline", *STAGES):
+            raise PipelineError(f"override {item!r} must look like STAGE.KEY=VALUE with STAGE one of {', '.join(STAGES)}")
+        doc.setdefault(stage, {})[key] = _literal(raw.strip())
+    if limit is not None:
+        doc.setdefault("extract", {})["limit"] = int(limit)
+    _check_keys(doc, p)
+    return doc
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _check_keys(doc: Mapping[str, Any], path: Path) -> None:
+    import featurecache
+
+    for stage in STAGES:
+        if stage not in doc:
+            continue
+        fn = getattr(featurecache, stage)
+        params = inspect.signature(fn).parameters
+        allowed = {n for n, prm in params.items() if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
+        bad = set(doc[stage]) - allowed
+        if bad:
+            raise PipelineError(f"{path}: [{stage}] has unknown key(s) {sorted(bad)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def run_pipeline(
+    path: str | os.PathLike[str],
+    *,
+    overrides: Sequence[str] = (),
+    limit: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    runs_dir: str | os.PathLike[str] | None = None,
+    weights_fallback: bool = False,
+    progress: bool = True,
+) -> PipelineResult:
+    """Run a pipeline file: extract, then sweep on the features, then fine-tune the best head.
+
+    Parameters
+    ----------
+    path
+        The TOML file.
+    overrides
+        ``stage.key=value`` strings.
+    limit
+        At most N images per split.
+    cache_dir, runs_dir
+        Where features and runs go (override the file).
+    weights_fallback
+        If ImageNet weights cannot be loaded (offline), say so in one line and use random
+        weights. Only the demo turns this on; everywhere else a missing download is an error.
+    progress
+        Show progress bars.
+    """
+    import featurecache
+
+    doc = load_pipeline(path, overrides=overrides, limit=limit)
+    meta = doc["pipeline"]
+    runs = Path(runs_dir or meta.get("runs_dir", "runs"))
+    result = PipelineResult(name=str(meta["name"]))
+
+    ex_args = dict(doc.get("extract", {}))
+    data = ex_args.pop("data", "builtin:digits")
+    t0 = time.perf_counter()
+    try:
+        extracted = featurecache.extract(data, cache_dir=cache_dir, progress=progress, **ex_args)
+    except WeightsUnavailableError as exc:
+        if not weights_fallback:
+            raise
+        print(f"note: ImageNet weights are not available offline ({str(exc).split(';')[0]}); using random weights instead", file=sys.stderr)
+        ex_args["weights"] = "random"
+        extracted = featurecache.extract(data, cache_dir=cache_dir, progress=progress, **ex_args)
+    result.stages["extract"] = {**extracted.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
+
+    if "sweep" in doc or "finetune" in doc:
+        t0 = time.perf_counter()
+        sw_args = dict(doc.get("sweep", {}))
+        sw_args.setdefault("out", runs / f"{result.name}-sweep")
+        swept = featurecache.sweep(extracted.key, cache_dir=cache_dir, progress=progress, **sw_args)
+        result.stages["sweep"] = {**swept.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
+
+        if "finetune" in doc:
+            t0 = time.perf_counter()
+            ft_args = dict(doc["finetune"])
+            ft_args.setdefault("out", runs / f"{result.name}-finetune")
+            tuned = featurecache.finetune(swept.best_run, progress=progress, **ft_args)
+            result.stages["finetune"] = {**tuned.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
+    return result
