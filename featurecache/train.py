@@ -12,6 +12,13 @@ Validation is the cached ``val`` split when there is one, else a deterministic s
 fraction of ``train``. Training on augmented views: a Keras head draws one view per sample
 per epoch, a scikit-learn head trains on all views stacked; validation and test always use
 the clean view 0. Images that failed to decode are skipped and counted.
+
+Features are read into memory while the training features (all views, as float32) fit a
+memory budget (``max_memory``, default ``$FEATURECACHE_MAX_MEMORY`` or 4 GiB). Beyond it
+the training features stay in the Zarr store as :class:`LazyFeatures`, which the Keras
+dense head reads batch by batch; validation and test features are still read into memory.
+Scikit-learn heads need their whole training matrix at once and are refused with a
+:class:`~featurecache.errors.MemoryBudgetError` that says what to do instead.
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ import numpy as np
 
 from featurecache.cache import store
 from featurecache.cache.keys import digest_of
-from featurecache.errors import RunError, UsageError
+from featurecache.errors import MemoryBudgetError, RunError, UsageError
 
 RUN_FORMAT = 1
+MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
+#: Memory budget for training features when neither ``max_memory`` nor the variable is set.
+DEFAULT_MAX_MEMORY = 4 << 30
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -53,11 +64,18 @@ class TrainingData:
     ids_test: np.ndarray | None = None
     n_invalid: Mapping[str, int] = field(default_factory=dict)
     source: str | None = None
+    # What extract was given (weights_source, dataset_limit): finetune rebuilds from these.
+    source_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
         """Number of classes."""
         return len(self.classes)
+
+    @property
+    def streamed(self) -> bool:
+        """True when the training features stay in the cache (:class:`LazyFeatures`, over the memory budget)."""
+        return isinstance(self.X_train, LazyFeatures)
 
 
 def resolve_features(features: str | store.FeatureSet, *, cache_dir: str | os.PathLike[str] | None = None) -> store.FeatureSet:
@@ -69,7 +87,31 @@ def resolve_features(features: str | store.FeatureSet, *, cache_dir: str | os.Pa
     return store.open_features(features, cache_dir=cache_dir)
 
 
-def load_training_data(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0) -> TrainingData:
+def validation_label(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0) -> str:
+    """How :func:`load_training_data` validates on ``fs``, without reading any features.
+
+    Sweeps compare this label to refuse resuming with a different validation set.
+
+    Parameters
+    ----------
+    fs
+        The feature set.
+    val_fraction, seed
+        The hold-out used when ``fs`` has no ``val`` split.
+
+    Returns
+    -------
+    str
+        ``"cached val split"`` or ``"stratified <fraction> of train (seed <seed>)"``.
+    """
+    if "val" in fs.splits:
+        return "cached val split"
+    return f"stratified {val_fraction:g} of train (seed {seed})"
+
+
+def load_training_data(
+    fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0, max_memory: int | str | None = None
+) -> TrainingData:
     """Read a feature set into training, validation and test arrays.
 
     Parameters
@@ -80,13 +122,23 @@ def load_training_data(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed
         Fraction of ``train`` held out (stratified, deterministic) when there is no ``val`` split.
     seed
         Seed of that hold-out split.
+    max_memory
+        Budget in bytes (or ``"512MiB"``-style text) for the training features, all views, as
+        float32. Above it ``X_train`` (and ``X_train_views``) are :class:`LazyFeatures` read
+        from the cache on demand. Default ``$FEATURECACHE_MAX_MEMORY``, else 4 GiB.
 
     Returns
     -------
     TrainingData
+
+    Raises
+    ------
+    UsageError
+        No ``train`` split, too few samples, a bad ``val_fraction`` or ``max_memory``.
     """
     if "train" not in fs.splits:
         raise UsageError(f"feature set {fs.name} has no 'train' split (it has {', '.join(fs.splits)}); extract a dataset with training images")
+    budget = resolve_max_memory(max_memory)
     n_invalid: dict[str, int] = {}
 
     def split_arrays(split: str, *, all_views: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -98,18 +150,33 @@ def load_training_data(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed
             views = fs.features(split, view=None)[:, ok]
         return X, fs.labels(split)[ok], fs.ids(split)[ok], views
 
-    X, y, ids, views = split_arrays("train", all_views=True)
+    streamed = train_feature_bytes(fs) > budget
+    if streamed:
+        ok = fs.valid("train")
+        n_invalid["train"] = int((~ok).sum())
+        lazy = LazyFeatures(fs.feature_array("train"), np.flatnonzero(ok), budget=budget)
+        X, y, ids = lazy.view(0), fs.labels("train")[ok], fs.ids("train")[ok]
+        views = lazy if lazy.shape[0] > 1 else None
+    else:
+        X, y, ids, views = split_arrays("train", all_views=True)
     if "val" in fs.splits:
         X_val, y_val, ids_val, _ = split_arrays("val")
-        validation = "cached val split"
         X_train, y_train, X_views = X, y, views
     else:
         if not 0 < val_fraction < 1:
             raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}; the feature set has no val split to use instead")
+        if len(y) < 2:
+            raise UsageError(f"feature set {fs.name} has {len(y)} valid training sample(s) and no val split, too few to hold out a validation set; use more images")
         tr, va = _stratified_holdout(y, val_fraction, seed)
-        X_train, y_train, X_val, y_val, ids_val = X[tr], y[tr], X[va], y[va], ids[va]
-        X_views = views[:, tr] if views is not None else None
-        validation = f"stratified {val_fraction:g} of train (seed {seed})"
+        if streamed:
+            # Only the held-out rows are read; the training rows stay in the store.
+            X_train, X_val = lazy.subset(tr).view(0), lazy.view(0).read(va)
+            X_views = lazy.subset(tr) if views is not None else None
+            y_train, y_val, ids_val = y[tr], y[va], ids[va]
+        else:
+            X_train, y_train, X_val, y_val, ids_val = X[tr], y[tr], X[va], y[va], ids[va]
+            X_views = views[:, tr] if views is not None else None
+    validation = validation_label(fs, val_fraction=val_fraction, seed=seed)
     test = split_arrays("test") if "test" in fs.splits else None
     if len(X_train) == 0 or len(X_val) == 0:
         raise UsageError(f"feature set {fs.name} leaves {len(X_train)} training and {len(X_val)} validation samples; use more images")
@@ -130,6 +197,7 @@ def load_training_data(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed
         ids_test=test[2] if test else None,
         n_invalid=n_invalid,
         source=fs.attrs.get("dataset_source"),
+        source_options={k: fs.attrs[k] for k in ("weights_source", "dataset_limit") if k in fs.attrs},
     )
 
 
@@ -144,12 +212,176 @@ def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.n
     return np.sort(tr), np.sort(va)
 
 
+def resolve_max_memory(value: int | str | None = None) -> int:
+    """The training-feature memory budget in bytes.
+
+    Parameters
+    ----------
+    value
+        Bytes, or text such as ``"4GiB"``, ``"512M"`` (binary units K, M, G, T, with or
+        without ``iB`` / ``B``). ``None``: ``$FEATURECACHE_MAX_MEMORY``, else 4 GiB.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    UsageError
+        A negative number or text that is not a size.
+    """
+    import re
+
+    raw = value if value is not None else os.environ.get(MEMORY_ENV)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return DEFAULT_MAX_MEMORY
+    number: float | None = None
+    if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
+        number = float(raw)
+    elif isinstance(raw, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", raw, flags=re.IGNORECASE)
+        if m:
+            number = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if number is None or number < 0:
+        raise UsageError(
+            f"memory budget {raw!r} (max_memory or ${MEMORY_ENV}) is not a size; "
+            "pass a number of bytes or one with a binary unit K, M, G or T, e.g. 4GiB or 512M"
+        )
+    return int(number)
+
+
+def train_feature_bytes(fs: store.FeatureSet) -> int:
+    """Bytes of ``fs``'s training features, every view, as float32 (what the budget is compared with)."""
+    lay = fs.layout("train")
+    return int(lay.views) * int(lay.n) * int(np.prod(lay.feature_shape, dtype=np.int64)) * 4
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # unreachable, for type checkers
+
+
+class LazyFeatures:
+    """Selected rows of a cached ``(views, n, *feat)`` Zarr array, read only when indexed.
+
+    It stands in for the training arrays when they exceed the memory budget. With several
+    views it looks like ``(views, len(rows), *feat)`` and ``x[v, idx]`` reads view ``v`` of
+    the selected rows ``idx`` -- the one access the dense head's batch reader makes; a single
+    view (:meth:`view`) looks like ``(len(rows), *feat)``. Only the chunks that hold the asked
+    rows are read. Turning it into one NumPy array (``np.asarray``, scikit-learn's input
+    checks) raises :class:`MemoryBudgetError` instead of silently loading more than the
+    budget; :meth:`read` loads chosen rows on purpose.
+
+    Parameters
+    ----------
+    array
+        The Zarr features array of a split, ``(views, n, *feat)``.
+    rows
+        Sorted row numbers kept (valid images, the training part of a hold-out).
+    budget
+        The budget that was exceeded, for error messages.
+    views
+        Views exposed, default all.
+    single
+        Expose the one view in ``views`` as ``(len(rows), *feat)``.
+    """
+
+    def __init__(self, array: Any, rows: np.ndarray, *, budget: int, views: Sequence[int] | None = None, single: bool = False) -> None:
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.budget = int(budget)
+        self.views = tuple(range(int(array.shape[0]))) if views is None else tuple(int(v) for v in views)
+        self.single = bool(single)
+        self.dtype = np.dtype(array.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(len(rows), *feat)`` for a single view, else ``(views, len(rows), *feat)``."""
+        feat = tuple(int(d) for d in self.array.shape[2:])
+        return (len(self.rows), *feat) if self.single else (len(self.views), len(self.rows), *feat)
+
+    @property
+    def ndim(self) -> int:
+        """Number of axes."""
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyFeatures(shape={self.shape}, dtype={self.dtype}, budget={_format_bytes(self.budget)})"
+
+    def view(self, v: int) -> LazyFeatures:
+        """View ``v`` (an index into :attr:`views`) as ``(len(rows), *feat)``."""
+        return LazyFeatures(self.array, self.rows, budget=self.budget, views=(self.views[v],), single=True)
+
+    def as_views(self) -> LazyFeatures:
+        """The same rows as ``(views, len(rows), *feat)``, also for a single view."""
+        return LazyFeatures(self.array, self.rows, budget=self.budget, views=self.views, single=False)
+
+    def subset(self, idx: np.ndarray) -> LazyFeatures:
+        """The rows at positions ``idx`` (sorted) of this selection."""
+        return LazyFeatures(self.array, self.rows[np.asarray(idx, dtype=np.int64)], budget=self.budget, views=self.views, single=self.single)
+
+    def _read(self, view: int, idx: Any) -> np.ndarray:
+        sel = self.rows[idx]
+        if np.ndim(sel) == 0:
+            return np.asarray(self.array[view, int(sel)])
+        return np.asarray(self.array.oindex[view, np.asarray(sel, dtype=np.int64)])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if self.single:
+            return self._read(self.views[0], key)
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise UsageError(f"streamed features are indexed as x[view, rows], got {key!r}")
+        return self._read(self.views[int(key[0])], key[1])
+
+    def read(self, idx: Any = slice(None)) -> np.ndarray:
+        """Load rows ``idx`` (default all) of a single view into memory."""
+        if not self.single:
+            raise UsageError("read() loads one view; call .view(v).read(...)")
+        return self._read(self.views[0], idx)
+
+    def too_big(self, why: str) -> MemoryBudgetError:
+        """The error for an operation that would load everything."""
+        need = len(self.rows) * int(self.array.shape[0]) * int(np.prod(self.array.shape[2:], dtype=np.int64)) * 4
+        return MemoryBudgetError(
+            f"the training features ({len(self.rows)} rows x {int(self.array.shape[0])} views, {_format_bytes(need)} as float32) "
+            f"exceed the memory budget of {_format_bytes(self.budget)} (max_memory or ${MEMORY_ENV}) and are streamed from the cache, "
+            f"but {why}; train the dense head (it streams: --head dense), or raise the budget, e.g. {MEMORY_ENV}={-(-need * 5 // (4 << 20))}M"
+        )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise self.too_big("this step needs them as one in-memory array")
+
+
+def _head_label(estimator: Any) -> str:
+    steps = getattr(estimator, "steps", None)
+    final = steps[-1][1] if steps else estimator
+    return type(final).__name__
+
+
 def fit_head(estimator: Any, data: TrainingData) -> Any:
-    """Fit ``estimator`` on ``data`` the way its kind wants it; returns the estimator."""
+    """Fit ``estimator`` on ``data`` the way its kind wants it; returns the estimator.
+
+    Raises
+    ------
+    MemoryBudgetError
+        The training features are streamed (over the memory budget) and ``estimator`` is not
+        the Keras dense head, the one head that trains from batches read on demand.
+    """
     from featurecache.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
-        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.X_train_views)
+        views = data.X_train_views
+        if views is None and isinstance(data.X_train, LazyFeatures):
+            views = data.X_train.as_views()  # (1, n, *feat): the head then reads batch by batch
+        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=views)
+    if isinstance(data.X_train, LazyFeatures):
+        raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
     if data.X_train_views is not None:
         v = data.X_train_views
         return estimator.fit(v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]), np.tile(data.y_train, v.shape[0]))
@@ -157,8 +389,14 @@ def fit_head(estimator: Any, data: TrainingData) -> Any:
 
 
 def predict_full_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
-    """``predict_proba`` with one column per class of the feature set, even for classes unseen in training."""
+    """``predict_proba`` with one column per class of the feature set, even for classes unseen in training.
+
+    Rows are renormalised in float64: a float32 model's rows sum to 1 only within ~1e-7,
+    which scikit-learn's ``log_loss`` warns about when it is run on ``predictions.npz``.
+    """
     proba = np.asarray(estimator.predict_proba(X), dtype=np.float64)
+    sums = proba.sum(axis=1, keepdims=True)
+    proba = np.divide(proba, sums, out=proba, where=sums > 0)
     classes = np.asarray(getattr(estimator, "classes_", np.arange(proba.shape[1]))).astype(int)
     if proba.shape[1] == n_classes and np.array_equal(classes, np.arange(n_classes)):
         return proba
@@ -218,6 +456,7 @@ def train_head(
     cache_dir: str | os.PathLike[str] | None = None,
     plots: bool = True,
     data: TrainingData | None = None,
+    max_memory: int | str | None = None,
 ) -> TrainResult:
     """Train one head on a cached feature set and write its run directory.
 
@@ -244,6 +483,9 @@ def train_head(
         Write PNG plots.
     data
         Already loaded arrays (sweeps load them once); ``features`` is then only used for the key.
+    max_memory
+        Budget for the training features (see :func:`load_training_data`); above it the dense
+        head streams them from the cache and the other heads are refused.
 
     Returns
     -------
@@ -252,6 +494,8 @@ def train_head(
     Raises
     ------
     UnknownHeadError, HeadParamError, EntryNotFoundError, IncompleteEntryError
+    MemoryBudgetError
+        A scikit-learn head on training features over the memory budget.
     """
     from featurecache.heads import coerce_head_params, make_head
 
@@ -260,7 +504,7 @@ def train_head(
     estimator = make_head(head, coerced)
     if data is None:
         fs = resolve_features(features, cache_dir=cache_dir)
-        data = load_training_data(fs, val_fraction=val_fraction, seed=seed)
+        data = load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
     fit_head(estimator, data)
     metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
     seconds = time.perf_counter() - started
@@ -280,24 +524,33 @@ def write_run(
     predictions: Mapping[str, np.ndarray],
     seconds: float,
     plots: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a run directory (see the module docstring)."""
+    """Write a run directory (see the module docstring).
+
+    ``extra`` adds top-level fields to ``config.json`` (a sweep records its trial there).
+    Plots left by an earlier run in the same directory are removed first, so a logreg run
+    written over a dense one does not keep the dense run's training curves.
+    """
     from featurecache.extract import library_versions
     from featurecache.heads import save_head
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*run_dir.glob("confusion_*.png"), run_dir / "training_curves.png"]:
+        stale.unlink(missing_ok=True)
     save_head(estimator, run_dir)
     config = {
         "format": RUN_FORMAT,
         "head": head,
         "params": _jsonable(params),
-        "features": {"key": data.key, "name": data.name, "spec": dict(data.spec), "dataset_source": data.source},
+        "features": {"key": data.key, "name": data.name, "spec": dict(data.spec), "dataset_source": data.source, **dict(data.source_options)},
         "classes": list(data.classes),
         "validation": data.validation,
         "invalid_skipped": dict(data.n_invalid),
         "train_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
+        **dict(extra or {}),
     }
     _write_json(run_dir / "config.json", config)
     _write_json(run_dir / "metrics.json", dict(metrics))

@@ -170,8 +170,8 @@ def load_head(dirpath: str | os.PathLike[str]) -> BaseEstimator:
     meta_path = src / "head.json"
     if not meta_path.is_file():
         raise RunError(
-            f"no saved head in {str(src)!r} (head.json missing); point to the directory "
-            "written by save_head / train-head, e.g. runs/<name>/head"
+            f"no saved head in {str(src)!r} (head.json missing); point to a run directory "
+            "written by `featurecache train-head` (e.g. runs/<name>) or train the head again"
         )
     meta = json.loads(meta_path.read_text())
     kind = meta.get("kind")
