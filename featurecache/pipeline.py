@@ -27,6 +27,7 @@ parsed as TOML literals (``--set finetune.epochs=2``) and fall back to plain str
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import sys
@@ -54,13 +55,15 @@ class PipelineResult:
         return {"name": self.name, "stages": self.stages}
 
 
-def load_pipeline(path: str | os.PathLike[str], *, overrides: Sequence[str] = (), limit: int | None = None) -> dict[str, Any]:
-    """Read a pipeline file and apply overrides.
+def load_pipeline(
+    path: str | os.PathLike[str] | Mapping[str, Any], *, overrides: Sequence[str] = (), limit: int | None = None
+) -> dict[str, Any]:
+    """Read a pipeline file (or an already parsed one) and apply overrides.
 
     Parameters
     ----------
     path
-        The TOML file.
+        The TOML file, or its parsed contents.
     overrides
         ``stage.key=value`` strings.
     limit
@@ -71,13 +74,17 @@ def load_pipeline(path: str | os.PathLike[str], *, overrides: Sequence[str] = ()
     PipelineError
         The file is missing or malformed, or an override names an unknown stage or key.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"pipeline file {p} does not exist; shipped pipelines are in pipelines/ (e.g. pipelines/digits_demo.toml)")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise PipelineError(f"{p} is not valid TOML: {exc}") from None
+    if isinstance(path, Mapping):
+        p = Path("<pipeline>")
+        doc = copy.deepcopy(dict(path))
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise PipelineError(f"pipeline file {p} does not exist; shipped pipelines are in pipelines/ (e.g. pipelines/digits_demo.toml)")
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise PipelineError(f"{p} is not valid TOML: {exc}") from None
     unknown = set(doc) - {"pipeline", *STAGES}
     if unknown:
         raise PipelineError(f"{p}: unknown table(s) {sorted(unknown)}; allowed: [pipeline], {', '.join(f'[{s}]' for s in STAGES)}")
@@ -116,7 +123,7 @@ def _check_keys(doc: Mapping[str, Any], path: Path) -> None:
 
 
 def run_pipeline(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Mapping[str, Any],
     *,
     overrides: Sequence[str] = (),
     limit: int | None = None,
@@ -174,6 +181,6 @@ def run_pipeline(
             t0 = time.perf_counter()
             ft_args = dict(doc["finetune"])
             ft_args.setdefault("out", runs / f"{result.name}-finetune")
-            tuned = featurecache.finetune(swept.best_run, progress=progress, **ft_args)
+            tuned = featurecache.finetune(swept.best_run, cache_dir=cache_dir, progress=progress, **ft_args)
             result.stages["finetune"] = {**tuned.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
     return result

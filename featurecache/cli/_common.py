@@ -18,7 +18,7 @@ DEBUG_ENV = "FEATURECACHE_DEBUG"
 
 CacheOpt = Annotated[
     Path | None,
-    typer.Option("--cache", help="Cache directory [default: $FEATURECACHE_DIR or ./cache].", show_default=False),
+    typer.Option("--cache", help="Cache directory (default: $FEATURECACHE_DIR or ./cache).", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

@@ -19,8 +19,8 @@ DataOpt = Annotated[
 ]
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (see `featurecache backbones`).")]
 WeightsOpt = Annotated[str, typer.Option("--weights", "-w", help="imagenet, random (seeded), or a local .h5/.weights.h5 file.")]
-SizeOpt = Annotated[int | None, typer.Option("--size", help="Square input size in pixels [default: the backbone's].", show_default=False)]
-LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer to take features from [default: the bottleneck].", show_default=False)]
+SizeOpt = Annotated[int | None, typer.Option("--size", help="Square input size in pixels (default: the backbone's).", show_default=False)]
+LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer to take features from (default: the bottleneck).", show_default=False)]
 PoolingOpt = Annotated[str, typer.Option("--pooling", help="avg, max, flatten or none (keep the spatial map).")]
 ResizeOpt = Annotated[str, typer.Option("--resize", help="Resize method: bilinear, nearest, bicubic, area, lanczos3, ...")]
 AugmentOpt = Annotated[
@@ -30,6 +30,10 @@ AugmentOpt = Annotated[
 ViewsOpt = Annotated[int, typer.Option("--views", help="Augmented views per training image (view 0 is always the clean image).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of augmentation and random weights.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="Backbone compute precision: float32, or mixed (float16 maths, for GPUs with tensor cores; keyed)."),
+]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most N images per split (stratified).", show_default=False)]
 
 
@@ -47,6 +51,7 @@ def extract_cmd(
     augment_splits: Annotated[str, typer.Option("--augment-splits", help="Comma-separated splits that get augmented views.")] = "train",
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
+    precision: PrecisionOpt = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Backbone batch size.")] = 32,
     limit: LimitOpt = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
@@ -71,6 +76,7 @@ def extract_cmd(
         augment_splits=tuple(s.strip() for s in augment_splits.split(",") if s.strip()),
         seed=seed,
         dtype=dtype,
+        precision=precision,
         batch_size=batch_size,
         cache_dir=cache,
         limit=limit,
