@@ -895,7 +895,9 @@ def build_base(spec: BackboneSpec, weights: WeightsRef, *, input_size: int) -> k
     weights : WeightsRef
         ``imagenet`` downloads through Keras (cached in ``~/.keras/models``); ``random`` calls
         ``keras.utils.set_random_seed(seed)`` right before the constructor, so the same seed
-        rebuilds the same model; ``file`` builds with ``weights=None`` and loads the file.
+        rebuilds the same model (this reseeds Python's, NumPy's and the backend's global
+        generators, which is how Keras seeds initialisers); ``file`` builds with ``weights=None``
+        and loads the file (``.weights.h5``, legacy ``.h5``, or the weights of a ``.keras`` model).
     input_size : int
         Input height and width.
 

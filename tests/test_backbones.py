@@ -32,15 +32,15 @@ ALL_CONSTRUCTORS = {
     "ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase", "ConvNeXtLarge", "ConvNeXtXLarge",
 }  # fmt: skip
 
-# One per family, at its minimum size; a named mid-network layer where the family has one.
+# One per family, at its minimum size; a few are also cut at a mid-network layer.
 REPRESENTATIVES = [
     ("vgg19", "block4_pool"),
-    ("resnet50", "conv4_block6_out"),
-    ("mobilenetv2", "block_13_expand_relu"),
+    ("resnet50", None),
+    ("mobilenetv2", None),
     ("efficientnetb0", "block5c_add"),
-    ("densenet121", "pool4_relu"),
+    ("densenet121", None),
     ("inceptionv3", "mixed5"),
-    ("convnexttiny", "convnext_tiny_stage_2_block_8_identity"),
+    ("convnexttiny", None),
     ("mobilenetv3small", None),  # its feature layer is auto-named ("activation_17")
 ]
 
@@ -277,7 +277,6 @@ def test_weights_file_round_trip_and_identity(tmp_path: Path) -> None:
     assert ref == B.WeightsRef("file", path=str(path))
     loaded = B.build_base(spec, ref, input_size=48)  # weights do not depend on the input size
     assert _weights_equal(loaded, source)
-    assert not _weights_equal(loaded, B.build_base(spec, B.WeightsRef("random", seed=8), input_size=32))
 
     memo = tmp_path / "memo"
     identity = B.weights_identity(ref, spec, memo_dir=memo)
@@ -288,7 +287,8 @@ def test_weights_file_round_trip_and_identity(tmp_path: Path) -> None:
     (memo / B.MEMO_FILE).write_text(json.dumps(data))
     assert B.weights_identity(ref, spec, memo_dir=memo) == "file:sha256=memoised"
 
-    B.build_base(spec, B.WeightsRef("random", seed=9), input_size=32).save_weights(path)
+    source.set_weights([w + 1.0 for w in source.get_weights()])
+    source.save_weights(path)
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a distinct mtime even on coarse clocks
     changed = B.weights_identity(ref, spec, memo_dir=memo)
