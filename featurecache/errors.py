@@ -104,3 +104,15 @@ class EquivalenceError(FeatureCacheError, AssertionError):
 
 class PipelineError(UsageError):
     """A pipeline file is malformed."""
+
+
+class SweepError(FeatureCacheError, RuntimeError):
+    """A sweep produced no usable head (every trial failed) or lost a worker process."""
+
+
+class OutOfMemoryError(FeatureCacheError, MemoryError):
+    """The backbone ran out of device memory even on a batch of one image."""
+
+
+class MemoryBudgetError(UsageError):
+    """Features do not fit the memory budget and the chosen head cannot stream them."""

@@ -20,6 +20,13 @@ without a marker"; units are idempotent and independent, so any executor can run
 An entry is created in a temporary directory and renamed into place, so a half-created
 entry is never visible. Group attributes are written only by the process holding the
 entry's :class:`Lease`.
+
+Temporary files (zarr's ``*.partial`` chunk files, marker temp files, entries built aside in
+``.tmp/``) are never read as data; the next holder of the key's lease deletes them
+(:func:`remove_leftovers`) and ``cache gc`` deletes the rest. A unit's chunks are fsynced
+before its marker is written, so even a power cut cannot leave a marker vouching for data
+that never reached the disk. ``featurecache.cache.faults.checkpoint`` marks every step whose
+interruption leaves a distinct state, for the crash tests.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.errors import (
     AmbiguousEntryError,
@@ -349,12 +357,14 @@ def create_entry(
             **(extra or {}),
         }
         root.attrs["featurecache"] = attrs
+        checkpoint("entry_tmp_created")
         try:
             os.rename(tmp, final)
         except OSError as exc:
             if not (final / "zarr.json").is_file():
                 raise
             del exc  # lost a creation race: the other entry is identical by construction
+        checkpoint("entry_created")
     except OSError as exc:
         _raise_if_disk_full(exc, cache_dir)
         raise
@@ -388,13 +398,57 @@ def write_unit(
 
     group = zarr.open_group(str(fs.path), mode="r+")
     try:
-        group[f"{unit.split}/features"][unit.view, unit.start : unit.stop] = features
+        feature_array = group[f"{unit.split}/features"]
+        feature_array[unit.view, unit.start : unit.stop] = features
+        chunks = [(fs.path / unit.split / "features", _chunk_key(feature_array, (unit.view, unit.chunk)))]
+        checkpoint("unit_data_written")
         if valid is not None:
-            group[f"{unit.split}/valid"][unit.start : unit.stop] = valid
+            valid_array = group[f"{unit.split}/valid"]
+            valid_array[unit.start : unit.stop] = valid
+            chunks.append((fs.path / unit.split / "valid", _chunk_key(valid_array, (unit.chunk,))))
+        checkpoint("unit_valid_written")
+        # SIGKILL cannot tear a chunk (each is renamed into place), but a power cut could
+        # persist the marker and not the data it vouches for; syncing the data first orders them.
+        for array_dir, key in chunks:
+            _fsync_file(array_dir / key)
         _write_marker(fs.path / unit.marker, {"failures": [list(f) for f in failures], "rows": [unit.start, unit.stop]})
+        checkpoint("unit_marker_written")
     except OSError as exc:
         _raise_if_disk_full(exc, fs.path)
         raise
+
+
+def _chunk_key(array: Any, leading: tuple[int, ...]) -> str:
+    """Store key of the one chunk that starts with chunk coordinates ``leading``."""
+    coords = (*leading, *([0] * (len(array.chunks) - len(leading))))
+    return array.metadata.encode_chunk_key(coords)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush ``path`` and its directory entry to disk; an absent file (all-fill chunk) is fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        pass  # zarr stores no chunk that equals the fill value
+    else:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # platforms without directory fds; the rename is still atomic, only less durable
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
 
 
 def _write_marker(path: Path, payload: Mapping[str, Any]) -> None:
@@ -405,17 +459,25 @@ def _write_marker(path: Path, payload: Mapping[str, Any]) -> None:
             json.dump(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        checkpoint("marker_tmp_written")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def seal(fs: FeatureSet) -> None:
     """Mark the entry complete; refuses while any unit lacks its marker."""
+    checkpoint("before_seal")
     missing = fs.missing_units()
     if missing:
         raise IncompleteEntryError(f"{fs.name} still has {len(missing)} unfinished units; run the extract command again to finish it")
-    _write_marker(fs.path / COMPLETE_MARKER, {"sealed": time.time()})
+    try:
+        _write_marker(fs.path / COMPLETE_MARKER, {"sealed": time.time()})
+    except OSError as exc:
+        _raise_if_disk_full(exc, fs.path)
+        raise
+    checkpoint("sealed")
 
 
 # -- finding entries ----------------------------------------------------------------
@@ -490,6 +552,39 @@ def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, 
     return fs
 
 
+def remove_leftovers(cache_dir: Path, key: str) -> list[Path]:
+    """Delete the temporary files that killed writers of ``key`` left behind.
+
+    Call it only while holding ``key``'s :class:`Lease`: then nobody else is writing these
+    files, so every one of them is debris (zarr's ``*.partial`` chunk files, marker temp files,
+    an entry built aside in ``.tmp/`` but never renamed into place, a lease moved aside by a
+    breaker that died). None of them is ever read as data; this only reclaims the space.
+
+    Parameters
+    ----------
+    cache_dir
+        Cache root.
+    key
+        The content key whose debris to remove.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    removed: list[Path] = []
+    debris = [*(cache_dir / TMP_DIR).glob(f"{key[:12]}-*"), *(cache_dir / LOCKS_DIR).glob(f"{key}.lease.stale-*")]
+    for entry in cache_dir.glob(f"*--{key[:12]}"):
+        debris.extend(entry.rglob("*.partial"))
+    for path in debris:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def remove_entry(fs: FeatureSet) -> None:
     """Delete an entry: renamed aside first so readers never see half of it."""
     trash = fs.path.parent / TMP_DIR / f"rm-{fs.path.name}-{uuid.uuid4().hex[:6]}"
@@ -523,8 +618,18 @@ class Lease:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"token": self._token, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+        except OSError as exc:
+            _raise_if_disk_full(exc, self.path.parent)
+            raise
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"token": self._token, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+            checkpoint("lease_acquired")
+        except OSError as exc:
+            # A lease file without a record would look "being written" to waiters for a while.
+            self.path.unlink(missing_ok=True)
+            _raise_if_disk_full(exc, self.path.parent)
+            raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="featurecache-lease", daemon=True)
         self._thread.start()
@@ -562,12 +667,30 @@ class Lease:
             return False  # being written right now
         return age > self.stale_after
 
-    def break_stale(self) -> bool:
-        """Remove a stale lease; True if this call removed it."""
+    def break_stale(self, judged: Mapping[str, Any] | None = None) -> bool:
+        """Remove a stale lease; True if this call removed it.
+
+        ``judged`` is the holder record that :meth:`is_stale` was decided on (default: read it
+        now). Between that decision and the rename, another waiter may have broken the stale
+        lease and taken a fresh one; renaming that away would let two processes extract at
+        once, so a moved lease with another token is put back (``link`` never overwrites).
+        """
+        judged = self.holder() if judged is None else judged
         aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
+            return False
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if judged and moved and moved.get("token") != judged.get("token"):
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass  # a third process took the lease meanwhile; the moved holder keeps running
+            aside.unlink(missing_ok=True)
             return False
         aside.unlink(missing_ok=True)
         return True
@@ -580,6 +703,7 @@ class Lease:
         info = self.holder()
         if info and info.get("token") == self._token:
             self.path.unlink(missing_ok=True)
+            checkpoint("lease_released")
 
     def __enter__(self) -> Lease:
         return self

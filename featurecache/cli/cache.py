@@ -6,7 +6,22 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, handle_errors, human_bytes, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, fail, handle_errors, human_bytes, print_json
+from featurecache.cli.extract import (
+    AugmentOpt,
+    BackboneOpt,
+    DataOpt,
+    DtypeOpt,
+    LayerOpt,
+    LimitOpt,
+    PoolingOpt,
+    PrecisionOpt,
+    ResizeOpt,
+    SeedOpt,
+    SizeOpt,
+    ViewsOpt,
+    WeightsOpt,
+)
 
 app = typer.Typer(help="List, inspect, verify and remove cached feature sets.", no_args_is_help=True)
 
@@ -104,3 +119,89 @@ def rm_cmd(
         raise typer.Exit(1)
     store.remove_entry(fs)
     typer.echo(f"removed {fs.name} ({size})")
+
+
+@app.command("verify")
+@handle_errors
+def verify_cmd(
+    ref: RefArg,
+    sample: Annotated[int, typer.Option("--sample", help="Feature vectors to recompute from the images (0: checksums and structure only).")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample draw.")] = 0,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="The images, if they moved since extraction.", show_default=False)] = None,
+    weights: Annotated[str | None, typer.Option("--weights", "-w", help="The weights, if the file moved since extraction.", show_default=False)] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Allowed difference relative to a vector's largest value (default: 1e-4, float16: 2e-3).", show_default=False)] = None,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check an entry: every unit complete, spec hashes to the key, every chunk's checksum, a recomputed sample."""
+    from featurecache.cache.maintenance import verify
+
+    report = verify(ref, sample=sample, seed=seed, data=data, weights=weights, rtol=rtol, cache_dir=cache)
+    if json_out:
+        print_json(report.to_json())
+    else:
+        diff = "" if report.max_abs_diff is None else f", max abs diff {report.max_abs_diff:.3g}"
+        typer.echo(f"{report.name}: {report.units_checked} units read back, {report.sampled} vectors recomputed{diff}")
+        for problem in report.problems:
+            typer.echo(f"  problem: {problem}", err=True)
+    if not report.ok:
+        n = len(report.problems)
+        raise fail(f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'} (listed above)")
+    if not json_out:
+        typer.echo(f"ok {report.name}")
+
+
+@app.command("gc")
+@handle_errors
+def gc_cmd(
+    older_than: Annotated[str, typer.Option("--older-than", help="Only incomplete entries and temp files untouched this long: 90s, 30m, 24h, 7d.")] = "24h",
+    dry_run: Annotated[bool, typer.Option("--dry-run/--yes", help="Only list what would be removed (default), or remove it.")] = True,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove incomplete entries nobody works on, stale leases and temporary files (dry run unless --yes)."""
+    from featurecache.cache.maintenance import gc
+
+    report = gc(older_than=older_than, dry_run=dry_run, cache_dir=cache)
+    if json_out:
+        print_json(report.to_json())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in report.items:
+        typer.echo(f"{verb} {item.kind} {item.path} ({human_bytes(item.size_bytes)}): {item.reason}")
+    tail = "; pass --yes to remove" if dry_run and report.items else ""
+    typer.echo(f"{verb} {len(report.items)} items, {human_bytes(report.size_bytes)} in {report.cache_dir}{tail}", err=True)
+
+
+@app.command("explain")
+@handle_errors
+def explain_cmd(
+    data: DataOpt = "builtin:digits",
+    backbone: BackboneOpt = "vgg19",
+    weights: WeightsOpt = "imagenet",
+    size: SizeOpt = None,
+    layer: LayerOpt = None,
+    pooling: PoolingOpt = "avg",
+    resize: ResizeOpt = "bilinear",
+    augment: AugmentOpt = None,
+    views: ViewsOpt = 0,
+    augment_splits: Annotated[str, typer.Option("--augment-splits", help="Comma-separated splits that get augmented views.")] = "train",
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    precision: PrecisionOpt = "float32",
+    limit: LimitOpt = None,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Given extract options, say whether they hit the cache, else which key fields differ from the nearest entry."""
+    from featurecache.cache.maintenance import explain
+
+    report = explain(
+        data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
+        views=views, augment_splits=tuple(s.strip() for s in augment_splits.split(",") if s.strip()), seed=seed,
+        dtype=dtype, precision=precision, limit=limit, cache_dir=cache,
+    )
+    if json_out:
+        print_json(report.to_json())
+    else:
+        typer.echo(report.message)
