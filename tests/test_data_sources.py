@@ -365,3 +365,16 @@ def test_bad_options():
         load_dataset("builtin:digits", limit=0)
     with pytest.raises(UsageError, match="val_fraction"):
         load_dataset("builtin:digits", val_fraction=1.5)
+
+
+def test_unreadable_file_gets_a_deterministic_identity_instead_of_stopping(tmp_path: Path) -> None:
+    # open() fails on a directory as it does on a file without read permission (which root,
+    # running CI, cannot simulate): the run goes on and extraction marks the image invalid.
+    from featurecache.data.dataset import file_digests
+
+    target = tmp_path / "looks_like.png"
+    target.mkdir()
+    memo = tmp_path / "memo.json"
+    assert file_digests([target], memo_path=memo) == ["unreadable:EISDIR"]
+    assert file_digests([target], memo_path=memo) == ["unreadable:EISDIR"]  # never memoised as content
+    assert not memo.exists()

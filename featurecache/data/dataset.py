@@ -17,6 +17,7 @@ same size and mtime and be served a stale digest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -316,19 +317,19 @@ def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, worker
     """
     memo = _read_memo(memo_path) if memo_path is not None else {}
     keys: list[str] = []
-    stats: list[os.stat_result] = []
+    stats: list[os.stat_result | None] = []
     for p in paths:
         key = os.path.abspath(p)
         try:
             stats.append(os.stat(key))
-        except OSError as exc:
-            raise DatasetError(f"cannot read dataset file {key}: {exc.strerror}; restore it or remove it from the dataset") from exc
+        except OSError:
+            stats.append(None)  # e.g. a dangling link: hashed below as unreadable, decoded as invalid
         keys.append(key)
     out: list[str | None] = []
     missing: list[int] = []
     for j, (key, st) in enumerate(zip(keys, stats)):
         entry = memo.get(key)
-        if entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        if st is not None and entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
             out.append(str(entry["sha256"]))
         else:
             out.append(None)
@@ -341,7 +342,8 @@ def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, worker
         for j, (digest, st_after) in zip(missing, hashed):
             out[j] = digest
             # Memoise only what we know matches: unchanged while hashed and not racily recent.
-            if st_after.st_size == stats[j].st_size and st_after.st_mtime_ns == stats[j].st_mtime_ns \
+            st_before = stats[j]
+            if st_after is not None and st_before is not None and st_after.st_size == st_before.st_size and st_after.st_mtime_ns == st_before.st_mtime_ns \
                     and now - st_after.st_mtime_ns > _RACY_NS:
                 fresh[keys[j]] = {"size": st_after.st_size, "mtime_ns": st_after.st_mtime_ns, "sha256": digest}
         if memo_path is not None and fresh:
@@ -349,7 +351,7 @@ def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, worker
     return [str(d) for d in out]
 
 
-def _hash_file(path: str) -> tuple[str, os.stat_result]:
+def _hash_file(path: str) -> tuple[str, os.stat_result | None]:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -357,7 +359,10 @@ def _hash_file(path: str) -> tuple[str, os.stat_result]:
                 h.update(chunk)
             st = os.fstat(f.fileno())
     except OSError as exc:
-        raise DatasetError(f"cannot read dataset file {path}: {exc.strerror}; fix its permissions or remove it") from exc
+        # A file that exists but cannot be read (permissions, a directory named like an image)
+        # gets a deterministic identity, so extraction marks it invalid with its reason instead
+        # of stopping the whole run; once it becomes readable its digest, and the key, change.
+        return f"unreadable:{errno.errorcode.get(exc.errno or 0, 'EIO')}", None
     return h.hexdigest(), st
 
 
