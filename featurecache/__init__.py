@@ -9,20 +9,37 @@ The Python API mirrors the CLI::
 """
 
 from featurecache.cache.store import FeatureSet, find_entry, iter_entries, open_features, resolve_cache_dir
+from featurecache.cache.maintenance import ExplainReport, VerifyReport, explain, verify
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import ExtractResult, extract, plan
+from featurecache.sweep import sweep
+from featurecache.train import train_head
+from featurecache.finetune import FinetuneResult, finetune
+from featurecache.predict import EvaluateResult, Prediction, evaluate, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExtractResult",
+    "ExplainReport",
+    "VerifyReport",
+    "EvaluateResult",
     "FeatureCacheError",
     "FeatureSet",
+    "FinetuneResult",
+    "Prediction",
     "__version__",
+    "evaluate",
+    "explain",
     "extract",
+    "finetune",
     "find_entry",
     "iter_entries",
     "open_features",
     "plan",
+    "predict",
     "resolve_cache_dir",
+    "verify",
+    "sweep",
+    "train_head",
 ]

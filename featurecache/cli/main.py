@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import typer
 
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
 from featurecache.cli import extract as extract_cli
+from featurecache.cli import heads as heads_cli
+from featurecache.cli import run as run_cli
+from featurecache.cli import finetune as finetune_cli
 
 app = typer.Typer(
     name="featurecache",
@@ -19,6 +23,14 @@ app = typer.Typer(
 )
 app.command("extract", no_args_is_help=False)(extract_cli.extract_cmd)
 app.command("backbones")(backbones_cli.backbones_cmd)
+app.command("train-head")(heads_cli.train_head_cmd)
+app.command("sweep")(heads_cli.sweep_cmd)
+app.command("heads")(heads_cli.heads_cmd)
+app.command("finetune")(finetune_cli.finetune_cmd)
+app.command("evaluate")(finetune_cli.evaluate_cmd)
+app.command("predict")(finetune_cli.predict_cmd)
+app.command("run")(run_cli.run_cmd)
+app.command("demo")(run_cli.demo_cmd)
 app.add_typer(cache_cli.app, name="cache")
 
 
@@ -26,6 +38,10 @@ def main() -> None:
     """Console-script entry point."""
     # TensorFlow's C++ start-up chatter drowns the one-line messages users need to read.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Pillow warns about (and then decodes) images between its pixel limit and twice it; we
+    # refuse those with a one-line reason in the failures report, so the warning is only noise.
+    # Filters are process-global, hence set here, once, before any decode thread starts.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     app()
 
 

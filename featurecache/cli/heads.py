@@ -1,0 +1,283 @@
+"""``featurecache train-head``, ``featurecache sweep`` and ``featurecache heads``.
+
+Both training commands find their features either by ``--features KEY`` (full key, key
+prefix or entry name) or by the very options ``extract`` was given (``--data --backbone
+--weights --size ...``), which are turned into a key with ``featurecache.extract.plan``
+without building a model. Features that are not in the cache yet give one line with the
+exact ``featurecache extract`` command to run.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featurecache.cli._common import (
+    CacheOpt,
+    JsonOpt,
+    QuietOpt,
+    handle_errors,
+    print_json,
+)
+from featurecache.cli.extract import (
+    AugmentOpt,
+    BackboneOpt,
+    DtypeOpt,
+    LayerOpt,
+    LimitOpt,
+    PoolingOpt,
+    PrecisionOpt,
+    ResizeOpt,
+    SeedOpt,
+    SizeOpt,
+    ViewsOpt,
+    WeightsOpt,
+)
+from featurecache.errors import EntryNotFoundError, IncompleteEntryError, UsageError
+
+FeaturesOpt = Annotated[
+    str | None,
+    typer.Option("--features", "-f", help="Feature set: full key, 12-character key prefix or entry name (see `featurecache cache ls`).", show_default=False),
+]
+# Unlike `extract`, no default dataset: a training command must not silently pick digits.
+DataRefOpt = Annotated[
+    str | None,
+    typer.Option("--data", "-d", help="Instead of --features: the --data given to `featurecache extract` (with the same --backbone, --weights, ... options).", show_default=False),
+]
+AugmentSplitsOpt = Annotated[str, typer.Option("--augment-splits", help="Comma-separated splits that got augmented views (as given to extract).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Parent of the default output directory.")]
+ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Fraction of train held out for validation when the features have no val split.")]
+
+
+def _feature_set(
+    features: str | None,
+    *,
+    data: str | None,
+    backbone: str,
+    weights: str,
+    size: int | None,
+    layer: str | None,
+    pooling: str,
+    resize: str,
+    augment: str | None,
+    views: int,
+    augment_splits: str,
+    seed: int,
+    dtype: str,
+    precision: str,
+    limit: int | None,
+    cache: Path | None,
+) -> Any:
+    """The complete feature set named by ``--features`` or by the extract options."""
+    from featurecache.cache import store
+
+    if features and data:
+        raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
+    if features:
+        return store.open_features(features, cache_dir=cache)
+    if not data:
+        raise UsageError(
+            "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "
+            "`featurecache extract` was given, e.g. --data builtin:digits --backbone mobilenetv2 --weights random --size 32"
+        )
+    from featurecache.extract import plan
+
+    splits = tuple(s.strip() for s in augment_splits.split(",") if s.strip())
+    p = plan(
+        data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
+        augment=augment, views=views, augment_splits=splits, seed=seed, dtype=dtype, precision=precision,
+        cache_dir=cache, limit=limit,
+    )
+    args = ["featurecache", "extract", "--data", data, "--backbone", backbone, "--weights", weights]
+    optional = [
+        ("--size", size, None), ("--layer", layer, None), ("--pooling", pooling, "avg"), ("--resize", resize, "bilinear"),
+        ("--augment", augment, None), ("--views", views, 0), ("--augment-splits", augment_splits, "train"),
+        ("--seed", seed, 0), ("--dtype", dtype, "float32"), ("--precision", precision, "float32"), ("--limit", limit, None),
+        ("--cache", cache, None),
+    ]
+    args += [str(v) for flag, value, default in optional if value != default for v in (flag, value)]
+    command = shlex.join(args)
+    fs = store.find_by_key(p.cache_dir, p.key)
+    if fs is None:
+        raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
+    if not fs.complete:
+        raise IncompleteEntryError(f"feature set {fs.name} is incomplete; finish it first: {command}")
+    return fs
+
+
+def _params(items: list[str] | None) -> dict[str, str]:
+    from featurecache.heads import parse_param
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, value = parse_param(item)
+        if name in out:
+            raise UsageError(f"--param {name} is given twice ({out[name]!r} and {value!r}); pass it once")
+        out[name] = value
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@handle_errors
+def train_head_cmd(
+    features: FeaturesOpt = None,
+    head: Annotated[str, typer.Option("--head", help="Head: logreg, linear-svm, ridge, sgd, knn, dense, or module:Class (see `featurecache heads`).")] = "logreg",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Head parameter NAME=VALUE, repeatable, e.g. -p hidden=256-128 -p dropout=0.5.", show_default=False)] = None,
+    out: OutOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    val_fraction: ValFractionOpt = 0.15,
+    val_seed: Annotated[int, typer.Option("--val-seed", help="Seed of the validation hold-out.")] = 0,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    data: DataRefOpt = None,
+    backbone: BackboneOpt = "vgg19",
+    weights: WeightsOpt = "imagenet",
+    size: SizeOpt = None,
+    layer: LayerOpt = None,
+    pooling: PoolingOpt = "avg",
+    resize: ResizeOpt = "bilinear",
+    augment: AugmentOpt = None,
+    views: ViewsOpt = 0,
+    augment_splits: AugmentSplitsOpt = "train",
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    precision: PrecisionOpt = "float32",
+    limit: LimitOpt = None,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train one head on cached features and write its run directory (head, config, metrics, plots)."""
+    from featurecache.heads import coerce_head_params
+    from featurecache.train import train_head
+
+    params = _params(param)
+    coerce_head_params(head, params)  # a bad head or parameter fails before features are looked up
+    fs = _feature_set(
+        features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
+        augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
+        limit=limit, cache=cache,
+    )
+    result = train_head(
+        fs, head=head, params=params, out=out, runs_dir=runs_dir, val_fraction=val_fraction, seed=val_seed,
+        cache_dir=cache, plots=not no_plots,
+    )
+    if json_out:
+        print_json(result.to_json())
+        return
+    typer.echo(f"trained {head} on {fs.name} in {result.seconds:.1f} s")
+    for split, m in result.metrics.items():
+        typer.echo(
+            f"{split:>4}: accuracy {_fmt(m['accuracy'])}  log loss {_fmt(m['log_loss'])}  "
+            f"kappa {_fmt(m['cohen_kappa'])}  macro F1 {_fmt(m['macro_f1'])}  (n={m['n']})"
+        )
+    typer.echo(f"run {result.run_dir}")
+
+
+@handle_errors
+def sweep_cmd(
+    features: FeaturesOpt = None,
+    grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help="HEAD:NAME=V1,V2;NAME=V1,V2 (cartesian product), repeatable, e.g. \"logreg:C=0.01,0.1,1\".", show_default=False)] = None,
+    trials: Annotated[int, typer.Option("--trials", "-n", help="Random configurations per head of --heads, from each head's search space.")] = 0,
+    heads: Annotated[str, typer.Option("--heads", help="Comma-separated heads for --trials (or one default trial each without --grid/--trials).")] = "logreg,dense",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials in parallel (process workers; -1 = all cores).")] = 1,
+    metric: Annotated[str, typer.Option("--metric", help="Ranking metric: val_accuracy, val_log_loss, val_macro_f1, val_kappa, val_top3_accuracy, ...")] = "val_accuracy",
+    out: OutOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    val_fraction: ValFractionOpt = 0.15,
+    sweep_seed: Annotated[int, typer.Option("--sweep-seed", help="Seed of the random --trials draws and of the validation hold-out.")] = 0,
+    top: Annotated[int, typer.Option("--top", help="Rows of the leaderboard printed.")] = 20,
+    data: DataRefOpt = None,
+    backbone: BackboneOpt = "vgg19",
+    weights: WeightsOpt = "imagenet",
+    size: SizeOpt = None,
+    layer: LayerOpt = None,
+    pooling: PoolingOpt = "avg",
+    resize: ResizeOpt = "bilinear",
+    augment: AugmentOpt = None,
+    views: ViewsOpt = 0,
+    augment_splits: AugmentSplitsOpt = "train",
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    precision: PrecisionOpt = "float32",
+    limit: LimitOpt = None,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Grid or random search over heads on cached features; ranks them and saves the best as a run (resumable)."""
+    from featurecache.sweep import leaderboard_table, plan_trials, sweep
+
+    head_list = tuple(h.strip() for h in heads.split(",") if h.strip())
+    plan_trials(grid=grid or (), trials=trials, heads=head_list, seed=sweep_seed)  # bad grids fail before the lookup
+    fs = _feature_set(
+        features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
+        augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
+        limit=limit, cache=cache,
+    )
+    result = sweep(
+        fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
+        val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, progress=not (quiet or json_out),
+    )
+    if json_out:
+        print_json(result.to_json())
+        return
+    from rich.console import Console
+
+    Console().print(leaderboard_table(result.leaderboard, metric=metric, top=top, title=f"sweep on {fs.name}"))
+    reused = f", {result.skipped} reused from an earlier run" if result.skipped else ""
+    typer.echo(f"{len(result.leaderboard)} trials in {result.seconds:.1f} s{reused}; leaderboard in {result.out_dir}")
+    typer.echo(f"best: {result.best['name']} ({metric} {_fmt(result.best.get(metric))}) -> run {result.best_run}")
+
+
+@handle_errors
+def heads_cmd(
+    name: Annotated[str | None, typer.Argument(help="Show only this head.", show_default=False)] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the heads and their parameters: type, default, search range."""
+    from featurecache.heads import HEAD_NAMES, get_head_spec
+
+    names = [name] if name else list(HEAD_NAMES)
+    specs = [get_head_spec(n) for n in names]
+    if json_out:
+        print_json(
+            {
+                s.name: {
+                    "summary": s.summary,
+                    "params": {
+                        p.name: {
+                            "type": p.type_name,
+                            "default": p.format(p.default),
+                            "help": p.help,
+                            "search": p.search.describe() if p.search else None,
+                        }
+                        for p in s.params
+                    },
+                }
+                for s in specs
+            }
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for s in specs:
+        table = Table(title=f"{s.name}: {s.summary}", title_justify="left", show_edge=False)
+        table.add_column("parameter", style="bold")
+        table.add_column("type", overflow="fold")
+        table.add_column("default")
+        table.add_column("search (--trials)", overflow="fold")
+        table.add_column("meaning", overflow="fold")
+        for p in s.params:
+            table.add_row(p.name, p.type_name, p.format(p.default), p.search.describe() if p.search else "", p.help)
+        console.print(table)
+        console.print()
+    if not name:
+        console.print("Set parameters with `train-head --head NAME -p KEY=VALUE`; any scikit-learn classifier works as --head module:Class.")

@@ -1,0 +1,779 @@
+"""Stage 2 at scale: grid or random search over heads on one cached feature set.
+
+How it works. A sweep first turns ``--grid`` strings and ``--trials N`` into a list of
+*trials*: a head name and its fully coerced parameters (defaults filled in). A trial's id is
+a digest of exactly that pair, so the same configuration always has the same id whether it
+came from a grid, a random draw or an earlier run, and duplicates collapse into one trial.
+
+The features are read once (:func:`featurecache.train.load_training_data`) and the trials
+run through joblib, preferring process workers: ``DenseHead`` seeds Keras globally, which
+must not leak between trials running at the same time. joblib's loky backend memory-maps
+numpy arrays larger than 1 MB that it sends to workers, so every worker reads the same
+arrays instead of receiving a pickled copy per trial; the arrays are made plain contiguous
+numpy first so that applies, and each trial records how it received them (training features
+over the memory budget stay in the store and travel as a reference). With ``n_jobs=1``
+trials run in the calling process.
+
+Each worker writes its trial's result to ``<out>/trials/<id>.json`` (write + rename, so a
+file is whole or absent) the moment the trial ends, failed or not. Resuming is therefore
+"run the trials whose file is missing or failed": a restarted sweep never re-runs a trial
+that succeeded. ``<out>/sweep.json`` records the feature-set key and the validation set;
+resuming into a directory made for other features (or another validation set) is refused.
+
+At the end the trials of this call are ranked by ``metric`` (losses ascend), written as
+``leaderboard.csv`` / ``leaderboard.json`` / ``leaderboard.png``, and the best head is saved
+as a full run directory ``<out>/best`` (the fitted estimator comes back from its worker; it
+is refitted only when it was trained by an earlier, interrupted call).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache.cache import store
+from featurecache.cache.keys import digest_of
+from featurecache.errors import SweepError, UsageError, choices
+
+__all__ = ["SweepResult", "TrialSpec", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
+
+SWEEP_FORMAT = 1
+TRIALS_DIR = "trials"
+BEST_DIR = "best"
+#: Metric columns per split, in display order (top-k columns are added per k).
+_METRIC_COLUMNS = ("accuracy", "log_loss", "macro_f1", "kappa")
+#: A random draw may repeat a configuration (small discrete spaces); give up after this many
+#: draws per requested trial rather than loop forever.
+_MAX_DRAWS_PER_TRIAL = 20
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One configuration to train: a head and its complete, typed parameters.
+
+    Parameters
+    ----------
+    head
+        Head name (or allowed import path).
+    params
+        Every parameter of the head, coerced (``coerce_head_params``).
+    given
+        The parameters the grid or the random draw set; only these label the trial.
+    """
+
+    head: str
+    params: Mapping[str, Any] = field(hash=False)
+    given: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        """12 hex digits identifying (head, params): stable across runs and processes."""
+        from featurecache.train import _jsonable
+
+        return digest_of({"head": self.head, "params": _jsonable(self.params)})[:12]
+
+    @property
+    def label(self) -> str:
+        """``dense hidden=512-128 dropout=0.2``: the head and the parameters that were set."""
+        from featurecache.heads import head_param_schema
+
+        schema = head_param_schema(self.head)
+        parts = [f"{k}={schema[k].format(v) if k in schema else v}" for k, v in self.given.items()]
+        return " ".join([self.head, *parts])
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What :func:`sweep` produced."""
+
+    out_dir: Path
+    leaderboard: list[dict[str, Any]]
+    best_run: Path
+    seconds: float
+    skipped: int
+    metric: str = "val_accuracy"
+    key: str = ""
+    failed: int = 0
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The leaderboard row of the best trial."""
+        return self.leaderboard[0]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` document."""
+        return {
+            "out_dir": str(self.out_dir),
+            "best_run": str(self.best_run),
+            "metric": self.metric,
+            "key": self.key,
+            "best": self.best,
+            "trials": len(self.leaderboard),
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "leaderboard": self.leaderboard,
+        }
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def parse_grid(text: str) -> list[TrialSpec]:
+    """Expand one grid string into its trials (the cartesian product of the values).
+
+    Parameters
+    ----------
+    text
+        ``"HEAD:NAME=V1,V2;NAME=V1,V2"``, e.g. ``"logreg:C=0.01,0.1,1"`` or
+        ``"dense:hidden=256,512-128;dropout=0.2,0.5"``; a bare ``"HEAD"`` is one trial with
+        the defaults. Import-path heads work too:
+        ``"sklearn.ensemble:RandomForestClassifier:n_estimators=100,300"``.
+
+    Returns
+    -------
+    list[TrialSpec]
+        In product order, duplicates removed.
+
+    Raises
+    ------
+    UsageError
+        Malformed string (no head, a parameter given twice, an empty value list).
+    UnknownHeadError, HeadParamError
+        Unknown head, unknown parameter or a value of the wrong type.
+    """
+    from featurecache.heads import (
+        HEAD_NAMES,
+        coerce_head_params,
+        get_head_spec,
+        parse_param,
+    )
+
+    raw = str(text).strip()
+    example = "write it like 'logreg:C=0.01,0.1,1' or 'dense:hidden=256,512-128;dropout=0.2,0.5'"
+    head, sep, body = raw.partition(":")
+    if sep and head.strip() not in HEAD_NAMES and "=" not in head:
+        # An import path 'package.module:Class[:params]' has one more colon.
+        cls, _, rest = body.partition(":")
+        if "=" not in cls:
+            head, body = f"{head}:{cls}", rest
+    head = head.strip()
+    if not head or "=" in head:
+        raise UsageError(f"grid {text!r} names no head before its parameters; {example}")
+    get_head_spec(head)  # unknown head -> one line listing the valid names
+    axes: dict[str, list[Any]] = {}
+    for part in body.split(";"):
+        if not part.strip():
+            continue
+        name, values = parse_param(part)
+        if name in axes:
+            raise UsageError(f"grid {text!r} gives parameter {name!r} twice; list all its values once: {name}=V1,V2")
+        typed: list[Any] = []
+        for value in values.split(","):
+            # Coercing through the head's schema rejects unknown names and bad values here,
+            # before any feature is read, with the schema's own one-line message.
+            v = coerce_head_params(head, {name: value.strip()})[name]
+            if v not in typed:
+                typed.append(v)
+        axes[name] = typed
+    out: list[TrialSpec] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*axes.values()):
+        given = dict(zip(axes, combo, strict=True))
+        trial = TrialSpec(head, coerce_head_params(head, given), given)
+        if trial.id not in seen:
+            seen.add(trial.id)
+            out.append(trial)
+    return out
+
+
+def _sample_head(head: str, n: int, seed: int) -> list[TrialSpec]:
+    from featurecache.heads import coerce_head_params, get_head_spec
+
+    spaces = {p.name: p.search for p in get_head_spec(head).params if p.search is not None}
+    if not spaces:
+        return [TrialSpec(head, coerce_head_params(head, {}))]
+    # One generator per head, seeded by (seed, head): adding a head to --heads does not
+    # change the configurations drawn for the others.
+    rng = np.random.default_rng([int(seed), int(digest_of({"head": head})[:8], 16)])
+    out: list[TrialSpec] = []
+    seen: set[str] = set()
+    for _ in range(n * _MAX_DRAWS_PER_TRIAL):
+        if len(out) == n:
+            break
+        given = {name: space.sample(rng) for name, space in spaces.items()}
+        trial = TrialSpec(head, coerce_head_params(head, given), given)
+        if trial.id not in seen:
+            seen.add(trial.id)
+            out.append(trial)
+    return out
+
+
+def plan_trials(
+    *,
+    grid: Sequence[str] = (),
+    trials: int = 0,
+    heads: Sequence[str] = ("logreg", "dense"),
+    seed: int = 0,
+) -> list[TrialSpec]:
+    """The trials a sweep runs, in order, without reading any features.
+
+    Parameters
+    ----------
+    grid
+        Grid strings (see :func:`parse_grid`).
+    trials
+        Random configurations drawn per head of ``heads`` from its search space
+        (``head_param_schema``); deterministic for a given ``seed``. A head whose space
+        holds fewer distinct configurations gives fewer.
+    heads
+        Heads for ``trials`` (and, when neither ``grid`` nor ``trials`` is given, one trial
+        per head with its defaults).
+    seed
+        Seed of the random draws.
+
+    Returns
+    -------
+    list[TrialSpec]
+        Grid trials first, then random ones; duplicates (same id) removed.
+
+    Raises
+    ------
+    UsageError, UnknownHeadError, HeadParamError
+        As :func:`parse_grid`; ``trials < 0``; no heads.
+    """
+    from featurecache.heads import coerce_head_params, get_head_spec
+
+    grid = (grid,) if isinstance(grid, str) else tuple(grid)
+    heads = tuple(h.strip() for h in heads.split(",")) if isinstance(heads, str) else tuple(heads)
+    heads = tuple(h for h in heads if h)
+    if trials < 0:
+        raise UsageError(f"--trials must be >= 0, got {trials}; pass the number of random configurations per head")
+    if (trials or not grid) and not heads:
+        raise UsageError("--heads is empty; pass e.g. --heads logreg,dense")
+    for head in heads:
+        get_head_spec(head)
+    planned: list[TrialSpec] = [t for g in grid for t in parse_grid(g)]
+    if trials:
+        planned += [t for h in heads for t in _sample_head(h, trials, seed)]
+    elif not grid:
+        planned += [TrialSpec(h, coerce_head_params(h, {})) for h in heads]
+    unique: dict[str, TrialSpec] = {}
+    for t in planned:
+        unique.setdefault(t.id, t)
+    return list(unique.values())
+
+
+def _metric_names(top_k: Sequence[int]) -> tuple[str, ...]:
+    return (*(f"val_{m}" for m in _METRIC_COLUMNS), *(f"val_top{k}_accuracy" for k in sorted(set(top_k)) if k > 1))
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from featurecache.train import _jsonable
+
+    # Several workers write into the same folder: a unique temporary name per writer.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    try:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_trial(trial: TrialSpec, data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...]) -> tuple[dict[str, Any], Any, Any]:
+    """Fit and score one trial, write its result file, return (record, estimator, predictions).
+
+    Runs in a worker process (or in the caller when ``n_jobs=1``). Any exception becomes a
+    failed record: one bad configuration must not stop the sweep.
+    """
+    from featurecache.heads import make_head
+    from featurecache.train import evaluate_arrays, fit_head
+
+    if os.getpid() == parent_pid:
+        received = "in-process"
+    elif not isinstance(data.X_train, np.ndarray):
+        received = "streamed"
+    else:
+        received = "memmap" if isinstance(data.X_train, np.memmap) else "copied"
+    record: dict[str, Any] = {
+        "format": SWEEP_FORMAT,
+        "trial": trial.id,
+        "label": trial.label,
+        "head": trial.head,
+        "params": dict(trial.params),
+        "given": dict(trial.given),
+        "key": data.key,
+        "worker": {"pid": os.getpid(), "features": received},
+    }
+    started = time.perf_counter()
+    estimator = preds = None
+    try:
+        estimator = make_head(trial.head, trial.params)
+        fit_head(estimator, data)
+        record["fit_seconds"] = round(time.perf_counter() - started, 4)
+        metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+        record.update(status="ok", metrics=metrics, error=None)
+    except Exception as exc:  # noqa: BLE001 - recorded as a failed trial, the sweep goes on
+        record.update(status="failed", metrics={}, error=_one_line(exc))
+        estimator = preds = None
+    record["seconds"] = round(time.perf_counter() - started, 4)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _write_json(Path(trials_dir) / f"{trial.id}.json", record)
+    return record, estimator, preds
+
+
+def _read_record(path: Path, key: str) -> dict[str, Any] | None:
+    """A finished, successful trial result for ``key``, else None (to be run again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("status") != "ok" or record.get("key") != key:
+        return None
+    return record
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+
+def _row(record: Mapping[str, Any]) -> dict[str, Any]:
+    from featurecache.train import _jsonable
+
+    row: dict[str, Any] = {
+        "rank": None,
+        "trial": record["trial"],
+        "name": record.get("label") or record["head"],
+        "head": record["head"],
+        # JSON types (lists, not tuples) whether the record is fresh or read back from disk.
+        "params": _jsonable(record["params"]),
+        "status": record["status"],
+    }
+    for split in ("val", "test"):
+        m = (record.get("metrics") or {}).get(split)
+        if not m:
+            continue
+        row[f"{split}_accuracy"] = m["accuracy"]
+        row[f"{split}_log_loss"] = m["log_loss"]
+        row[f"{split}_macro_f1"] = m["macro_f1"]
+        row[f"{split}_kappa"] = m["cohen_kappa"]
+        for k, v in sorted(m.get("top_k_accuracy", {}).items(), key=lambda kv: int(kv[0])):
+            if int(k) > 1:  # top-1 is the accuracy column
+                row[f"{split}_top{k}_accuracy"] = v
+    row["fit_seconds"] = record.get("fit_seconds")
+    row["seconds"] = record.get("seconds")
+    row["error"] = record.get("error")
+    return row
+
+
+def _sort_key(row: Mapping[str, Any], metric: str) -> tuple[Any, ...]:
+    def value(name: str, lower_is_better: bool) -> float:
+        v = row.get(name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return math.inf  # missing or undefined ranks last
+        return float(v) if lower_is_better else -float(v)
+
+    # Ties on the metric go to the better-calibrated head, then the faster one; the id
+    # makes the order total, so the same results always give the same leaderboard.
+    return (value(metric, "loss" in metric), value("val_log_loss", True), value("fit_seconds", True), row["trial"])
+
+
+def _rank(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    rows = [_row(r) for r in records]
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: _sort_key(r, metric))
+    for i, r in enumerate(ok, start=1):
+        r["rank"] = i
+    return ok + [r for r in rows if r["status"] != "ok"]
+
+
+def _write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str) -> None:
+    from featurecache.train import _jsonable
+
+    columns: list[str] = ["rank", "trial", "head", "name", "status"]
+    for r in rows:
+        columns += [c for c in r if c not in columns and c not in ("params", "error", "fit_seconds", "seconds")]
+    columns += ["fit_seconds", "seconds", "error", "params"]
+    tmp = out / f".leaderboard.csv.{os.getpid()}.partial"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "params": json.dumps(_jsonable(r["params"]), sort_keys=True)})
+    os.replace(tmp, out / "leaderboard.csv")
+    _write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
+    if any(r["status"] == "ok" for r in rows):
+        from featurecache.report import plot_leaderboard
+
+        try:
+            plot_leaderboard(rows, out / "leaderboard.png", metric=metric, top=30)
+        except UsageError:
+            # Every successful trial has an undefined metric (e.g. kappa on one class):
+            # nothing to draw, the CSV and JSON still hold the results.
+            (out / "leaderboard.png").unlink(missing_ok=True)
+
+
+def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_accuracy", top: int = 20, title: str | None = None) -> Any:
+    """A rich table of the best ``top`` trials (failed trials are summarised in the caption).
+
+    Parameters
+    ----------
+    rows
+        ``SweepResult.leaderboard``.
+    metric
+        The ranking metric (its column is highlighted).
+    top
+        Number of ranked rows shown.
+    title
+        Table title.
+
+    Returns
+    -------
+    rich.table.Table
+    """
+    from rich import box
+    from rich.table import Table
+
+    def fmt(v: Any, digits: int = 4) -> str:
+        return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+    # Short headers keep the table readable in 80 columns; the caption says they are validation metrics.
+    short = {"val_accuracy": "acc", "val_log_loss": "loss", "val_macro_f1": "F1", "val_kappa": "kappa", "test_accuracy": "test"}
+    ranked = [r for r in rows if r.get("rank") is not None]
+    failed = [r for r in rows if r.get("rank") is None]
+    columns = ["val_accuracy", "val_log_loss", "val_macro_f1", "val_kappa"]
+    if metric not in columns:
+        columns.append(metric)
+    if any("test_accuracy" in r for r in ranked):
+        columns.append("test_accuracy")
+    caption = f"validation metrics; {min(top, len(ranked))} of {len(ranked)} trials ranked by {metric}"
+    if failed:
+        caption += f"; {len(failed)} failed (see leaderboard.csv)"
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), caption_justify="left")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("trial", no_wrap=True)
+    table.add_column("configuration", overflow="fold", ratio=1, min_width=14)
+    for c in columns:
+        table.add_column(short.get(c, c.replace("_", " ")), justify="right", no_wrap=True, style="bold" if c == metric else None)
+    table.add_column("fit s", justify="right", no_wrap=True)
+    for r in ranked[:top]:
+        table.add_row(str(r["rank"]), r["trial"][:8], r["name"], *(fmt(r.get(c), 3) for c in columns), fmt(r.get("fit_seconds"), 1))
+    return table
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _check_sweep_dir(out: Path, *, fs: store.FeatureSet, validation: str) -> dict[str, Any] | None:
+    """The existing ``sweep.json`` if ``out`` may be resumed for ``fs``; raises otherwise."""
+    meta_path = out / "sweep.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise UsageError(f"{meta_path} is unreadable; remove {out} or pass another --out") from None
+        old = meta.get("features", {})
+        if old.get("key") != fs.key:
+            raise UsageError(
+                f"sweep directory {out} was made for features {old.get('name')} (key {str(old.get('key'))[:12]}), not "
+                f"{fs.name} (key {fs.key[:12]}); pass another --out, or remove {out} to start over"
+            )
+        if meta.get("validation") != validation:
+            raise UsageError(
+                f"sweep directory {out} validated on the {meta.get('validation')}, this sweep would use the "
+                f"{validation}; pass the same --val-fraction and seed, or another --out"
+            )
+        return meta
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not a sweep directory (no sweep.json); pass a new or empty --out")
+    return None
+
+
+class _Progress:
+    """A rich progress bar over trials on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled = enabled and total > 0
+        self.total = total
+        self.label = label
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label[:60], total=self.total, status="")
+        return self
+
+    def advance(self, status: str) -> None:
+        if self.enabled:
+            self._bar.update(self._task, advance=1, status=status)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.__exit__(*exc)
+
+
+def _shared_arrays(data: Any) -> Any:
+    # joblib memory-maps only plain contiguous numpy arrays; ascontiguousarray is a no-op
+    # for what load_training_data returns, a guard otherwise. Training features streamed
+    # from the store (over the memory budget) are not numpy and travel as a reference.
+    fields = ("X_train", "y_train", "X_val", "y_val", "X_train_views", "X_test", "y_test")
+    return replace(data, **{f: np.ascontiguousarray(getattr(data, f)) for f in fields if isinstance(getattr(data, f), np.ndarray)})
+
+
+def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_jobs: int, top_k: tuple[int, ...]) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+    from joblib import Parallel, delayed
+
+    workers = n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    workers = max(1, min(workers, len(pending)))
+    # prefer="processes" (loky by default) rather than backend="loky": a caller's
+    # joblib.parallel_config(backend="dask") still takes the sweep to a cluster.
+    parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
+    yield from parallel(delayed(_run_trial)(t, data, str(trials_dir), os.getpid(), top_k) for t in pending)
+
+
+def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
+    """Write the best head as ``<out>/best`` (built aside, then swapped in)."""
+    from featurecache.train import write_run
+
+    best = out / BEST_DIR
+    tmp = out / f".{BEST_DIR}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        write_run(
+            tmp,
+            estimator=estimator,
+            head=trial.head,
+            params=trial.params,
+            data=data,
+            metrics=record["metrics"],
+            predictions=preds,
+            seconds=float(record.get("fit_seconds") or 0.0),
+            extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
+        )
+        aside = out / f".{BEST_DIR}-old-{uuid.uuid4().hex[:6]}"
+        if best.exists():
+            os.rename(best, aside)
+        os.rename(tmp, best)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return best
+
+
+def _best_is_saved(out: Path, trial_id: str, key: str) -> bool:
+    try:
+        config = json.loads((out / BEST_DIR / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        config.get("sweep", {}).get("trial") == trial_id
+        and config.get("features", {}).get("key") == key
+        and (out / BEST_DIR / "head.json").is_file()
+    )
+
+
+def sweep(
+    features: str | store.FeatureSet,
+    *,
+    grid: Sequence[str] = (),
+    trials: int = 0,
+    heads: Sequence[str] = ("logreg", "dense"),
+    n_jobs: int = 1,
+    out: str | os.PathLike[str] | None = None,
+    runs_dir: str | os.PathLike[str] = "runs",
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    metric: str = "val_accuracy",
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Train many heads on one cached feature set, rank them, save the best as a run.
+
+    Parameters
+    ----------
+    features
+        Key, key prefix, entry name, or an open :class:`FeatureSet`.
+    grid
+        Grid strings, e.g. ``"logreg:C=0.01,0.1,1,10"`` or
+        ``"dense:hidden=256,512-128;dropout=0.2,0.5;lr=1e-3,1e-4"`` (see :func:`parse_grid`).
+    trials
+        Random configurations per head of ``heads``, drawn from each head's search space.
+    heads
+        Heads for ``trials`` (or one default trial each when ``grid`` and ``trials`` are empty).
+    n_jobs
+        Parallel trials (joblib, process workers; ``-1`` = all cores; 1 = in this process).
+    out
+        Sweep directory; default ``<runs_dir>/sweep-<key8>``. An existing sweep directory for
+        the same features is resumed.
+    runs_dir
+        Parent of the default ``out``.
+    val_fraction, seed
+        Validation hold-out when the features have no ``val`` split; ``seed`` also seeds the
+        random draws.
+    metric
+        Ranking metric: ``val_accuracy`` (default), ``val_log_loss``, ``val_macro_f1``,
+        ``val_kappa`` or ``val_top<k>_accuracy``; metrics named ``*loss`` rank lowest first.
+    cache_dir
+        Cache root.
+    progress
+        Progress bar over trials on stderr.
+
+    Returns
+    -------
+    SweepResult
+        Ranked rows (successful trials by rank, then failed ones), the best run directory,
+        the number of trials reused from an earlier run (``skipped``) and of failed ones.
+
+    Raises
+    ------
+    UsageError, UnknownHeadError, HeadParamError
+        Bad grid, head, parameter, metric, ``n_jobs``, or an ``out`` made for other features.
+    EntryNotFoundError, IncompleteEntryError
+        The features are not (completely) in the cache.
+    SweepError
+        Every trial failed, or a worker process died (finished trials are kept: run again).
+    """
+    from featurecache.train import (
+        load_training_data,
+        resolve_features,
+        validation_label,
+    )
+
+    started = time.perf_counter()
+    top_k = (1, 3, 5)
+    allowed = _metric_names(top_k)
+    if metric not in allowed:
+        raise UsageError(f"--metric {metric!r} is not a validation metric; use one of {choices(allowed)} (test metrics are reported, never used to choose)")
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        raise UsageError(f"--jobs must be a positive number of workers or -1 for all cores, got {n_jobs!r}")
+    heads = [h.strip() for h in heads.split(",")] if isinstance(heads, str) else list(heads)
+    planned = plan_trials(grid=grid, trials=trials, heads=heads, seed=seed)
+    fs = resolve_features(features, cache_dir=cache_dir)
+    out_dir = Path(out) if out is not None else Path(runs_dir) / f"sweep-{fs.key[:8]}"
+    validation = validation_label(fs, val_fraction=val_fraction, seed=seed)
+    meta = _check_sweep_dir(out_dir, fs=fs, validation=validation)
+    trials_dir = out_dir / TRIALS_DIR
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta = {
+        "format": SWEEP_FORMAT,
+        "features": {"key": fs.key, "name": fs.name},
+        "validation": validation,
+        "created": (meta or {}).get("created", now),
+        "updated": now,
+        "request": {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric},
+        "trials": [t.id for t in planned],
+    }
+    _write_json(out_dir / "sweep.json", meta)
+
+    records: dict[str, dict[str, Any]] = {}
+    for t in planned:
+        done = _read_record(trials_dir / f"{t.id}.json", fs.key)
+        if done is not None:
+            records[t.id] = done
+    pending = [t for t in planned if t.id not in records]
+    skipped = len(records)
+    by_id = {t.id: t for t in planned}
+
+    data = None
+    session_best: tuple[tuple[Any, ...], str, Any, Any] | None = None  # (sort key, id, estimator, preds)
+    if pending:
+        data = _shared_arrays(load_training_data(fs, val_fraction=val_fraction, seed=seed))
+        with _Progress(progress, len(pending), f"sweep {fs.key[:12]}") as bar:
+            try:
+                for record, estimator, preds in _results(pending, data, trials_dir=trials_dir, n_jobs=n_jobs, top_k=top_k):
+                    records[record["trial"]] = record
+                    status = "failed" if record["status"] != "ok" else ""
+                    if record["status"] == "ok":
+                        key = _sort_key(_row(record), metric)
+                        if session_best is None or key < session_best[0]:
+                            session_best = (key, record["trial"], estimator, preds)
+                    if session_best is not None:
+                        best_value = _row(records[session_best[1]]).get(metric)
+                        status = f"best {metric} {best_value:.4f}" if isinstance(best_value, float) else status
+                    bar.advance(status)
+            except Exception as exc:
+                from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+                if isinstance(exc, TerminatedWorkerError):
+                    raise SweepError(
+                        f"a sweep worker process died ({str(exc).splitlines()[0][:160]}); {len(records)} finished trials are "
+                        f"saved in {trials_dir}: run the same command again to resume, with fewer --jobs if memory ran out"
+                    ) from None
+                raise
+
+    rows = _rank([records[t.id] for t in planned], metric)
+    _write_leaderboard(out_dir, rows, metric=metric, key=fs.key, name=fs.name)
+    failed = sum(1 for r in rows if r["status"] != "ok")
+    if not rows or rows[0]["status"] != "ok":
+        first = rows[0]["error"] if rows else "no trials"
+        raise SweepError(f"all {len(rows)} trials failed (first: {first}); see {out_dir / 'leaderboard.csv'} and fix the grid")
+
+    best_row = rows[0]
+    best_trial = by_id[best_row["trial"]]
+    best_dir = out_dir / BEST_DIR
+    if session_best is not None and session_best[1] == best_trial.id:
+        _, _, estimator, preds = session_best
+        _save_best(out_dir, row=best_row, trial=best_trial, estimator=estimator, preds=preds, record=records[best_trial.id], data=data, metric=metric)
+    elif not _best_is_saved(out_dir, best_trial.id, fs.key):
+        # The best trial ran in an earlier, interrupted call: its head was not kept, refit it.
+        from featurecache.heads import make_head
+        from featurecache.train import evaluate_arrays, fit_head
+
+        if data is None:
+            data = load_training_data(fs, val_fraction=val_fraction, seed=seed)
+        t0 = time.perf_counter()
+        estimator = fit_head(make_head(best_trial.head, best_trial.params), data)
+        fit_seconds = time.perf_counter() - t0
+        metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+        record = {**records[best_trial.id], "metrics": metrics, "fit_seconds": fit_seconds}
+        _save_best(out_dir, row=best_row, trial=best_trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric)
+
+    meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(best_dir)}
+    _write_json(out_dir / "sweep.json", meta)
+    return SweepResult(
+        out_dir=out_dir,
+        leaderboard=rows,
+        best_run=best_dir,
+        seconds=time.perf_counter() - started,
+        skipped=skipped,
+        metric=metric,
+        key=fs.key,
+        failed=failed,
+    )

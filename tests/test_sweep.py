@@ -1,0 +1,295 @@
+"""Sweeps on real cached digits features: grid parsing, ranking, best run, resume, failures,
+deterministic random search, process workers sharing memory-mapped features, and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import featurecache as fc
+from featurecache.cache import store
+from featurecache.cli.main import app
+from featurecache.errors import HeadParamError, SweepError, UnknownHeadError, UsageError
+from featurecache.sweep import SweepResult, parse_grid, plan_trials, sweep
+from featurecache.train import load_run
+
+# 12 logreg + 8 dense = 20 configurations, plus one that fails at prediction time
+# (more neighbours than training samples).
+GRID = (
+    "logreg:C=0.001,0.01,0.1,1,10,100;class_weight=none,balanced;max_iter=300",
+    "dense:hidden=,32;lr=1e-3,1e-2;dropout=0,0.2;epochs=2;patience=0;batch_size=128",
+    "knn:n_neighbors=5000",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_blas_thread():
+    # See tests/test_train.py: a second OpenBLAS thread makes in-process lbfgs fits ~30x
+    # slower on the shared 2-core box. Process workers get the same limit from joblib.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def digits(cache: Path) -> store.FeatureSet:
+    res = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False)
+    return fc.open_features(res.key, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(digits: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> SweepResult:
+    out = tmp_path_factory.mktemp("sweeps") / "grid"
+    return sweep(digits.key, grid=GRID, n_jobs=2, out=out, cache_dir=digits.path.parent, progress=False)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_parse_grid_products_and_types() -> None:
+    trials = parse_grid("dense:hidden=256,512-128;dropout=0.2,0.5;lr=1e-3,1e-4")
+    assert len(trials) == 8
+    assert {t.params["hidden"] for t in trials} == {(256,), (512, 128)}
+    assert {t.params["lr"] for t in trials} == {1e-3, 1e-4}
+    assert all(t.params["epochs"] == 30 for t in trials)  # defaults filled in
+    assert trials[0].label == "dense hidden=256 dropout=0.2 lr=0.001"
+    assert len({t.id for t in trials}) == 8
+
+    assert [t.params["C"] for t in parse_grid("logreg:C=0.01,0.1,1,10")] == [0.01, 0.1, 1.0, 10.0]
+    # Ids depend on the coerced parameters only: spelling and defaults do not matter.
+    assert [t.id for t in parse_grid("logreg:C=1,1.0,1e0")] == [parse_grid("logreg")[0].id]
+    assert parse_grid("dense:hidden=none")[0].params["hidden"] == ()
+    forest = parse_grid("sklearn.ensemble:RandomForestClassifier:n_estimators=10,20")
+    assert [t.params["n_estimators"] for t in forest] == [10, 20]
+
+
+@pytest.mark.parametrize(
+    "text,error,needle",
+    [
+        ("C=0.1", UsageError, "names no head"),
+        ("forest:n=1", UnknownHeadError, "unknown head 'forest'"),
+        ("logreg:gamma=1", HeadParamError, "has no parameter 'gamma'"),
+        ("logreg:C=0.1,x", HeadParamError, "C='x' is not a valid float"),
+        ("logreg:C=0.1;C=1", UsageError, "gives parameter 'C' twice"),
+        ("logreg:C", HeadParamError, "is not NAME=VALUE"),
+    ],
+)
+def test_parse_grid_errors(text: str, error: type, needle: str) -> None:
+    with pytest.raises(error, match=needle) as info:
+        parse_grid(text)
+    assert "\n" not in str(info.value)
+
+
+def test_random_trials_are_deterministic() -> None:
+    a = plan_trials(trials=6, heads=("logreg", "dense"), seed=0)
+    b = plan_trials(trials=6, heads="logreg,dense", seed=0)
+    assert [t.id for t in a] == [t.id for t in b]
+    assert [t.head for t in a] == ["logreg"] * 6 + ["dense"] * 6
+    assert [t.id for t in plan_trials(trials=6, heads=("logreg", "dense"), seed=1)] != [t.id for t in a]
+    # A head's draws do not depend on which other heads are swept.
+    assert [t.id for t in plan_trials(trials=6, heads=("dense",), seed=0)] == [t.id for t in a[6:]]
+    for t in a:
+        if t.head == "logreg":
+            assert 1e-4 <= t.params["C"] <= 1e2 and set(t.given) == {"C", "class_weight"}
+        else:
+            assert 1e-4 <= t.params["lr"] <= 1e-2 and t.params["dropout"] in (0.0, 0.2, 0.3, 0.5)
+    # No grid and no trials: one default trial per head.
+    assert [(t.head, t.given) for t in plan_trials(heads=("logreg", "knn"))] == [("logreg", {}), ("knn", {})]
+
+
+# ----------------------------------------------------------------------------- a full sweep
+
+
+def test_sweep_ranks_every_trial(grid_sweep: SweepResult) -> None:
+    rows = grid_sweep.leaderboard
+    assert len(rows) == 21 and grid_sweep.skipped == 0 and grid_sweep.failed == 1
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [r["rank"] for r in ok] == list(range(1, 21))
+    assert {r["head"] for r in ok} == {"logreg", "dense"}
+    values = [r["val_accuracy"] for r in ok]
+    assert values == sorted(values, reverse=True)
+    assert ok[0]["head"] == "logreg" and ok[0]["val_accuracy"] > 0.8
+    for r in ok:
+        for col in ("val_accuracy", "val_log_loss", "val_macro_f1", "val_kappa", "val_top3_accuracy", "test_accuracy", "fit_seconds"):
+            assert isinstance(r[col], float), (col, r)
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(grid_sweep: SweepResult) -> None:
+    failed = grid_sweep.leaderboard[-1]
+    assert failed["head"] == "knn" and failed["status"] == "failed" and failed["rank"] is None
+    assert failed["error"].startswith("ValueError: Expected n_neighbors <= n_samples_fit")
+    assert "\n" not in failed["error"]
+    record = json.loads((grid_sweep.out_dir / "trials" / f"{failed['trial']}.json").read_text())
+    assert record["status"] == "failed" and record["error"] == failed["error"]
+
+
+def test_sweep_outputs(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
+    out = grid_sweep.out_dir
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["features"]["key"] == digits.key and len(meta["trials"]) == 21
+    with open(out / "leaderboard.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["trial"] for r in table] == [r["trial"] for r in grid_sweep.leaderboard]
+    assert float(table[0]["val_accuracy"]) == pytest.approx(grid_sweep.best["val_accuracy"])
+    doc = json.loads((out / "leaderboard.json").read_text())
+    assert doc["metric"] == "val_accuracy" and doc["rows"][0]["trial"] == grid_sweep.best["trial"]
+    assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.stem for p in (out / "trials").glob("*.json")) == sorted(r["trial"] for r in grid_sweep.leaderboard)
+    # Process workers received the features memory-mapped, not as a pickled copy per trial.
+    workers = [json.loads(p.read_text())["worker"] for p in (out / "trials").glob("*.json")]
+    assert {w["features"] for w in workers} == {"memmap"}
+    assert len({w["pid"] for w in workers}) == 2
+
+
+def test_best_run_is_a_loadable_run(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
+    assert grid_sweep.best_run == grid_sweep.out_dir / "best"
+    config, head = load_run(grid_sweep.best_run)
+    best = grid_sweep.best
+    assert config["sweep"]["trial"] == best["trial"] and config["head"] == best["head"] == "logreg"
+    assert config["features"]["key"] == digits.key
+    assert config["params"] == best["params"]
+    metrics = json.loads((grid_sweep.best_run / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] == best["val_accuracy"]
+    ok = digits.valid("val")
+    accuracy = float((head.predict(digits.features("val")[ok]) == digits.labels("val")[ok]).mean())
+    assert accuracy == pytest.approx(best["val_accuracy"])
+
+
+def test_restart_reruns_nothing_that_finished(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
+    out = grid_sweep.out_dir
+    ok_ids = [r["trial"] for r in grid_sweep.leaderboard if r["status"] == "ok"]
+    before = {i: (out / "trials" / f"{i}.json").stat().st_mtime_ns for i in ok_ids}
+    best_before = (out / "best" / "config.json").stat().st_mtime_ns
+
+    again = sweep(digits.name, grid=GRID, n_jobs=2, out=out, cache_dir=digits.path.parent, progress=False)
+    assert again.skipped == 20 and again.failed == 1  # the failed trial is tried again
+    assert {i: (out / "trials" / f"{i}.json").stat().st_mtime_ns for i in ok_ids} == before
+    assert (out / "best" / "config.json").stat().st_mtime_ns == best_before  # not refitted
+    assert [r["trial"] for r in again.leaderboard] == [r["trial"] for r in grid_sweep.leaderboard]
+
+    # A larger grid into the same directory runs only the new trials.
+    bigger = sweep(digits, grid=(*GRID, "logreg:C=1000;max_iter=300"), out=out, progress=False)
+    assert bigger.skipped == 20 and len(bigger.leaderboard) == 22
+    assert {i: (out / "trials" / f"{i}.json").stat().st_mtime_ns for i in ok_ids} == before
+
+
+def test_interrupted_best_is_refitted(digits: store.FeatureSet, tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    first = sweep(digits, grid=["logreg:C=0.1,1;max_iter=300"], out=out, progress=False)
+    best_dir = first.best_run
+    import shutil
+
+    shutil.rmtree(best_dir)  # as if the first call died after its trials, before saving the best
+    again = sweep(digits, grid=["logreg:C=0.1,1;max_iter=300"], out=out, progress=False)
+    assert again.skipped == 2
+    config, _ = load_run(again.best_run)
+    assert config["sweep"]["trial"] == first.best["trial"]
+    assert json.loads((again.best_run / "metrics.json").read_text())["val"]["accuracy"] == first.best["val_accuracy"]
+
+
+def test_resume_refuses_other_features(digits: store.FeatureSet, cache: Path, grid_sweep: SweepResult) -> None:
+    other = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=40, cache_dir=cache, progress=False)
+    with pytest.raises(UsageError, match="was made for features") as info:
+        sweep(other.key, grid=["logreg"], out=grid_sweep.out_dir, cache_dir=cache, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_all_trials_failing_is_an_error(digits: store.FeatureSet, tmp_path: Path) -> None:
+    with pytest.raises(SweepError, match="all 1 trials failed"):
+        sweep(digits, grid=["knn:n_neighbors=5000"], out=tmp_path / "bad", progress=False)
+    assert (tmp_path / "bad" / "leaderboard.csv").is_file()
+
+
+def test_loss_metric_ranks_ascending(digits: store.FeatureSet, tmp_path: Path) -> None:
+    res = sweep(digits, grid=["logreg:C=0.001,1;max_iter=300", "knn:n_neighbors=1"], metric="val_log_loss", out=tmp_path / "ll", progress=False)
+    losses = [r["val_log_loss"] for r in res.leaderboard]
+    assert losses == sorted(losses)
+    with pytest.raises(UsageError, match="not a validation metric"):
+        sweep(digits, grid=["logreg"], metric="test_accuracy", out=tmp_path / "x", progress=False)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _error_line(result) -> str:
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_cli_sweep_json_random_trials(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    args = ["sweep", "-f", digits.key[:12], "--trials", "2", "--heads", "logreg", "--out", str(tmp_path / "cli"), "--cache", str(cache), "--json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.stdout)
+    assert doc["trials"] == 2 and doc["skipped"] == 0 and Path(doc["best_run"]).is_dir()
+    assert doc["best"]["rank"] == 1 and doc["best"]["head"] == "logreg"
+    again = json.loads(CliRunner().invoke(app, args).stdout)
+    assert again["skipped"] == 2
+    assert [r["trial"] for r in again["leaderboard"]] == [r["trial"] for r in doc["leaderboard"]]
+
+
+def test_cli_sweep_table(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
+    res = CliRunner().invoke(app, ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(cache), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "knn n_neighbors=1" in res.stdout and "best:" in res.stdout and str(tmp_path / "t" / "best") in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle,code",
+    [
+        (["-g", "forest:n=1"], "unknown head 'forest'", 2),
+        (["-g", "logreg:C=abc"], "C='abc' is not a valid float", 2),
+        (["-g", "C=1"], "names no head", 2),
+        (["--heads", "logreg,nope", "--trials", "2"], "unknown head 'nope'", 2),
+        (["-g", "logreg", "--metric", "test_accuracy"], "not a validation metric", 2),
+        (["-g", "knn:n_neighbors=5000"], "all 1 trials failed", 1),
+    ],
+)
+def test_cli_sweep_errors(digits: store.FeatureSet, cache: Path, tmp_path: Path, args: list[str], needle: str, code: int) -> None:
+    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], "--cache", str(cache), "--out", str(tmp_path / "e"), "-q", *args])
+    assert res.exit_code == code, res.output
+    assert needle in _error_line(res)
+
+
+def test_cli_sweep_missing_or_incomplete_features(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["sweep", "-f", "feedfacecafe", "--cache", str(cache)])
+    assert res.exit_code == 1 and "no feature set 'feedfacecafe'" in _error_line(res)
+
+    opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "36"]
+    res = CliRunner().invoke(app, ["sweep", *opts, "--cache", str(cache)])
+    assert res.exit_code == 1
+    assert f"extract them first: featurecache extract {' '.join(opts)} --cache {cache}" in _error_line(res)
+
+    import shutil
+
+    other = tmp_path / "cache2"
+    shutil.copytree(digits.path, other / digits.name)
+    (other / digits.name / store.COMPLETE_MARKER).unlink()
+    res = CliRunner().invoke(app, ["sweep", *opts[:-1], "32", "--cache", str(other)])
+    assert res.exit_code == 1
+    line = _error_line(res)
+    assert "is incomplete; finish it first: featurecache extract" in line and line.count("--size 32") == 1
+
+
+def test_cli_sweep_error_in_a_real_process(cache: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FEATURECACHE_DEBUG": ""}
+    res = subprocess.run([sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(cache)], capture_output=True, text=True, env=env)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {cache}; list entries with `featurecache cache ls --cache {cache}`"]
