@@ -125,10 +125,17 @@ def test_spatial_features_are_accepted_as_trained(name, params, digits):
 def test_dense_pool_auto_is_avg_for_4d_and_none_for_2d(fitted, digits):
     X, y, _, _ = digits
     names_2d = [layer.name for layer in fitted["dense"].model_.layers]
-    assert names_2d == ["head_input", "head_dense_0", "head_act_0", "head_dropout_0", "predictions"]
+    assert names_2d == ["head_input", "head_input_norm", "head_dense_0", "head_act_0", "head_dropout_0", "predictions"]
     head = DenseHead(hidden="", epochs=1, patience=0).fit(X[:200].reshape(-1, 4, 4, 4), y[:200])
     pool = head.model_.get_layer("head_pool")
     assert type(pool).__name__ == "GlobalAveragePooling2D"
+    # Standardisation sits after pooling: per-channel moments of the pooled features, frozen.
+    norm = head.model_.get_layer("head_input_norm")
+    pooled = X[:200].reshape(-1, 4, 4, 4).astype("float64").mean(axis=(1, 2))
+    mean, var = (np.asarray(w) for w in norm.get_weights())
+    np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(var, pooled.var(axis=0), rtol=1e-4)
+    assert not norm.trainable
     assert head.model_.get_layer("predictions").units == 10
     with pytest.raises(UsageError, match="pool='avg' needs spatial"):
         DenseHead(pool="avg", epochs=1).fit(X[:50], y[:50])
@@ -139,7 +146,7 @@ def test_dense_layer_names_with_batchnorm(digits):
     head = DenseHead(hidden="16-8", batchnorm=True, dropout=0.2, l2=1e-4, epochs=1, patience=0)
     head.fit(X[:128], y[:128])
     assert [layer.name for layer in head.model_.layers] == [
-        "head_input",
+        "head_input", "head_input_norm",
         "head_dense_0", "head_bn_0", "head_act_0", "head_dropout_0",
         "head_dense_1", "head_bn_1", "head_act_1", "head_dropout_1",
         "predictions",

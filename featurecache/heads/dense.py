@@ -46,6 +46,7 @@ def build_dense_model(
     dropout: float,
     activation: str,
     l2: float,
+    input_norm: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> keras.Model:
     """Build the (uncompiled, float32) functional head model.
 
@@ -59,6 +60,9 @@ def build_dense_model(
         Resolved pooling: ``"avg"`` (GlobalAveragePooling2D), ``"flatten"`` or ``"none"``.
     hidden, batchnorm, dropout, activation, l2
         See ``DenseHead``.
+    input_norm
+        ``(mean, variance)`` of the pooled training features: standardises them with a frozen
+        ``head_input_norm`` BatchNormalization (see ``DenseHead(normalize=...)``).
 
     Returns
     -------
@@ -77,6 +81,8 @@ def build_dense_model(
         x = keras.layers.GlobalAveragePooling2D(name="head_pool", dtype="float32")(x)
     elif pool == "flatten":
         x = keras.layers.Flatten(name="head_pool", dtype="float32")(x)
+    if input_norm is not None:
+        x = _input_norm_layer(*input_norm)(x)
     for i, width in enumerate(hidden):
         # With BatchNorm right after, a Dense bias is redundant (BN's beta replaces it).
         x = keras.layers.Dense(
@@ -99,6 +105,48 @@ def build_dense_model(
         dtype="float32",
     )(x)
     return keras.Model(inputs, outputs, name="featurecache_head")
+
+
+def _input_norm_layer(mean: np.ndarray, variance: np.ndarray) -> Any:
+    """A frozen BatchNormalization computing ``(x - mean) / sqrt(variance + eps)``.
+
+    Keras's ``Normalization`` layer floors the standard deviation at 1e-7, which leaves
+    features of scale 1e-12 (random-weight backbones with many un-normalised layers) at
+    scale 1e-5 and the head at chance; here epsilon scales with the data instead. Being a
+    non-trainable BatchNormalization it always runs in inference mode, also while the
+    whole model is fine-tuned, and it is a built-in layer, so ``head.keras`` still loads in
+    plain Keras.
+    """
+    import keras
+
+    positive = variance[variance > 0]
+    eps = float(max(np.median(positive) * 1e-6, 1e-30)) if positive.size else 1e-6
+    layer = keras.layers.BatchNormalization(
+        center=False, scale=False, epsilon=eps, trainable=False, name="head_input_norm", dtype="float32"
+    )
+    layer.build((None, int(mean.shape[0])))
+    layer.set_weights([mean.astype(np.float32), variance.astype(np.float32)])
+    return layer
+
+
+def pooled_moments(views: Any, pool: str, *, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance of the clean view after pooling, read in row blocks.
+
+    ``views`` is ``(V, n, *shape)`` (NumPy or Zarr); only view 0 is read, so on-disk
+    features larger than memory are never loaded whole.
+    """
+    total = sq = None
+    n = int(views.shape[1])
+    for start in range(0, n, block):
+        x = np.asarray(views[0, start : start + block], dtype=np.float64)
+        if pool == "avg":
+            x = x.mean(axis=(1, 2))
+        else:
+            x = x.reshape(len(x), -1)
+        s1, s2 = x.sum(axis=0), (x * x).sum(axis=0)
+        total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
+    mean = total / max(n, 1)
+    return mean, np.maximum(sq / max(n, 1) - mean * mean, 0.0)
 
 
 def keras_model_bytes(model: keras.Model) -> bytes:
@@ -236,6 +284,22 @@ def _gather(views: Any, view_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class _ShapeOnly:
+    """The shape of features ``fit`` does not read (they come through ``X_views``)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _is_on_disk(X: Any) -> bool:
+    """Whether ``X`` is an array-like read on demand (zarr, h5py, streamed features), not NumPy."""
+    return not isinstance(X, np.ndarray) and hasattr(X, "shape") and hasattr(X, "dtype")
+
+
 def _features(X: Any, *, name: str) -> np.ndarray:
     """Validate features as a finite float32 array of rank >= 2."""
     from sklearn.utils.validation import check_array
@@ -278,6 +342,12 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         ``patience > 0`` and ``fit`` gets ``X_val``.
     class_weight : {None, "balanced"}
         ``balanced`` weights samples inversely to class frequency.
+    normalize : bool
+        Standardise the pooled input features with the training set's per-feature mean and
+        variance (a frozen ``head_input_norm`` layer inside the model, so the saved head and
+        the fine-tuned model apply it too). Backbone features differ in scale by orders of
+        magnitude between backbones and weights; without it a dense head can sit at chance
+        where a scaled logistic regression learns.
     seed : int
         Seeds weight init, dropout (``keras.utils.set_random_seed``) and the batch order /
         view draw.
@@ -316,9 +386,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         epochs: int = 30,
         patience: int = 5,
         class_weight: str | None = None,
+        normalize: bool = True,
         seed: int = 0,
         verbose: int = 0,
     ) -> None:
+        self.normalize = normalize
         self.pool = pool
         self.hidden = hidden
         self.batchnorm = batchnorm
@@ -383,7 +455,12 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         from featurecache.heads.registry import coerce_head_params
 
         cfg = coerce_head_params("dense", self.get_params(deep=False))
-        X = _features(X, name="X")
+        if X_views is not None and _is_on_disk(X):
+            # Training reads only X_views, batch by batch; X is consulted for its shape alone,
+            # so on-disk features larger than memory are never loaded whole (train.py streams so).
+            X = _ShapeOnly(tuple(int(d) for d in X.shape))
+        else:
+            X = _features(X, name="X")
         # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[1] == 1:
@@ -456,6 +533,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             dropout=cfg["dropout"],
             activation=cfg["activation"],
             l2=cfg["l2"],
+            input_norm=pooled_moments(views, pool) if cfg["normalize"] else None,
         )
         model.compile(
             optimizer=_make_optimizer(cfg["optimizer"], cfg["lr"]),

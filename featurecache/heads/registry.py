@@ -603,6 +603,12 @@ _SPECS: Mapping[str, HeadSpec] = MappingProxyType(
                     ),
                 ),
                 ParamSpec(
+                    "normalize",
+                    "bool",
+                    True,
+                    "standardise the pooled input features with training-set mean and variance (a frozen layer inside the head)",
+                ),
+                ParamSpec(
                     "batchnorm",
                     "bool",
                     False,
