@@ -46,10 +46,11 @@ def ls_cmd(cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "key", "backbone", "splits", "size", "complete", title=str(root))
+    table = Table("key", "backbone", "splits", "size", "complete", title=str(root))
+    table.add_column("name", overflow="fold")  # the name is what users copy: never truncate it
     for r in rows:
         splits = " ".join(f"{s}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for s, d in r["splits"].items())
-        table.add_row(r["name"], r["key"][:12], r["backbone"], splits, human_bytes(r["size_bytes"]), "yes" if r["complete"] else "[red]no[/red]")
+        table.add_row(r["key"][:12], r["backbone"], splits, human_bytes(r["size_bytes"]), "yes" if r["complete"] else "[red]no[/red]", r["name"])
     Console().print(table)
 
 
