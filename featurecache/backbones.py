@@ -64,6 +64,7 @@ __all__ = [
     "model_summary_row",
     "parse_weights",
     "preprocess_input",
+    "recorded_weights_source",
     "weights_identity",
 ]
 
@@ -773,6 +774,33 @@ def weights_identity(ref: WeightsRef, spec: BackboneSpec, *, memo_dir: Path | No
     digest = _weights_sha256(build_base(spec, ref, input_size=spec.default_size))
     _update_memo(memo_dir, "imagenet", key, digest)
     return f"imagenet:sha256={digest}"
+
+
+def recorded_weights_source(identity: str, source: str | None) -> str | None:
+    """The ``--weights`` value that reproduces a recorded weights identity.
+
+    Extraction records the ``--weights`` value beside the identity; entries and runs made
+    before it did can still name random and ImageNet weights from the identity alone
+    (``random:seed=0`` -> ``random``), but not a file.
+
+    Parameters
+    ----------
+    identity : str
+        The recorded identity (see :func:`weights_identity`).
+    source : str or None
+        The ``--weights`` value the caller was given or found recorded; used as is when set.
+
+    Returns
+    -------
+    str or None
+        The value to pass to :func:`parse_weights`; None when only the user can say which file
+        it was. Check the result with :func:`weights_identity`: a recorded source may have changed.
+    """
+    if source:
+        return str(source)
+    if identity.startswith(("random", "imagenet")):
+        return identity.split(":", 1)[0]
+    return None
 
 
 def _keras_models_dir() -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from featurecache.errors import ImageDecodeError, RunError, UsageError, choices
+from featurecache.finetune.export import MODEL_FILE
 
 __all__ = ["EvaluateResult", "LoadedModel", "Prediction", "evaluate", "load_model", "predict"]
 
@@ -92,15 +92,15 @@ def load_model(
     if not path.exists():
         raise RunError(f"{path} does not exist; {what}")
     if path.is_dir():
-        if (path / "model.keras").is_file():
+        if (path / MODEL_FILE).is_file():
             config = _read_config(path / "config.json")
-            return _load_keras(path / "model.keras", config, kind="finetune", shown=path)
+            return _load_keras(path / MODEL_FILE, config, kind="finetune", shown=path)
         config = _read_config(path / "config.json")
         if config is None:
             raise RunError(f"{path} has neither model.keras nor config.json; {what}")
         if "head" not in config:
             raise RunError(f"{path}/config.json is not a train-head run and there is no model.keras; {what}")
-        from featurecache.finetune import rebuild_model
+        from featurecache.finetune.rebuild import rebuild_model
 
         rebuilt = rebuild_model(path, weights=weights, cache_dir=cache_dir)
         return LoadedModel(model=rebuilt.model, classes=rebuilt.classes, path=path, kind="run", config=rebuilt.config)
@@ -129,7 +129,7 @@ def _load_keras(file: Path, config: Mapping[str, Any] | None, *, kind: ModelKind
         raise RunError(f"cannot load {file}: {reason}; export it again with `featurecache finetune`") from None
     n_out = int(model.output_shape[-1])
     # The config beside a model names its classes only if it describes that very file.
-    described = config is not None and (config.get("kind") == "finetune" or file.name == "model.keras")
+    described = config is not None and (config.get("kind") == "finetune" or file.name == MODEL_FILE)
     classes = tuple(str(c) for c in config["classes"]) if described and config and "classes" in config else ()
     if len(classes) != n_out:
         classes = tuple(str(i) for i in range(n_out))
@@ -192,7 +192,7 @@ def predict(
         No images, or ``top_k < 1``.
     """
     from featurecache.data import decode_image
-    from featurecache.finetune import ImagePredictor
+    from featurecache.finetune.inference import ImagePredictor
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k must be an integer >= 1, got {top_k!r}")
@@ -303,7 +303,8 @@ def evaluate(
     """
     from featurecache.cache import store
     from featurecache.data import load_dataset
-    from featurecache.finetune import ImagePredictor, _label_map, predict_rows
+    from featurecache.finetune.inference import ImagePredictor, image_pool, predict_rows
+    from featurecache.finetune.run_data import label_map
     from featurecache.metrics import classification_metrics
     from featurecache.train import _write_json
 
@@ -320,10 +321,10 @@ def evaluate(
     dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed)
     if split not in dataset.splits:
         raise UsageError(f"dataset {source!r} has no {split!r} split; pass --split one of {choices(dataset.splits)}")
-    labels = _label_map(dataset.classes, loaded.classes, where=str(source))
+    labels = label_map(dataset.classes, loaded.classes, where=str(source))
     sp = dataset.splits[split]
     rows = np.arange(len(sp))
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)), thread_name_prefix="fc-eval") as pool:
+    with image_pool("fc-eval") as pool:
         proba, ok = predict_rows(ImagePredictor(loaded.model, batch_size=batch_size), sp, rows, pool=pool)
     if not ok.any():
         raise UsageError(f"no image of the {split} split of {source!r} could be decoded; check the dataset")

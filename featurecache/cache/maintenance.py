@@ -311,13 +311,13 @@ def _check_chunks(fs: store.FeatureSet, done: Sequence[store.Unit]) -> tuple[lis
 
 
 def _weights_source(fs: store.FeatureSet, override: str | None) -> str:
+    from featurecache import backbones
+
     recorded = str(fs.spec["weights"])
-    source = override or fs.attrs.get("weights_source")
-    if source:
-        return str(source)
-    if recorded.startswith(("random", "imagenet")):
-        return recorded.split(":", 1)[0]
-    raise UsageError(f"{fs.name} does not record which weights file made it (identity {recorded}); pass --weights PATH to that file")
+    source = backbones.recorded_weights_source(recorded, override or fs.attrs.get("weights_source"))
+    if source is None:
+        raise UsageError(f"{fs.name} does not record which weights file made it (identity {recorded}); pass --weights PATH to that file")
+    return source
 
 
 def _check_sample(

@@ -1,0 +1,321 @@
+"""Stage 3: rebuild backbone + head from a run directory, check it, fine-tune it, export it.
+
+How it works
+------------
+:func:`finetune` runs the stage in this order; each step lives in the module named for it, and
+each module's docstring explains its mechanism:
+
+1. :mod:`~featurecache.finetune.rebuild` -- one Keras model computing exactly
+   ``head(pool(backbone(preprocess(resize(x)))))`` on raw images of any size, from what the run
+   recorded; preprocessing modes become built-in layers.
+2. :mod:`~featurecache.finetune.convert` -- the run's head as Keras layers (a ``DenseHead`` is
+   spliced in; linear scikit-learn heads and their probability rules are converted exactly).
+3. :mod:`~featurecache.finetune.unfreeze` -- backbone blocks made trainable by registry name;
+   BatchNormalization never trains.
+4. :mod:`~featurecache.finetune.run_data` -- the run's images: same dataset, subset and
+   validation rows.
+5. :mod:`~featurecache.finetune.equivalence` -- before any training, the rebuilt model must
+   reproduce the head's cached-feature predictions, else an error names the likely cause.
+6. :mod:`~featurecache.finetune.training` -- the loop: a wrapper that keeps the backbone in
+   inference mode, a ``PyDataset`` that decodes, resizes and augments, callbacks.
+7. :mod:`~featurecache.finetune.inference` -- the model on raw images, to score val/test.
+8. :mod:`~featurecache.finetune.export` -- ``model.keras`` (plain Keras, safe mode) and the
+   records beside it.
+
+Importing this package imports no TensorFlow: every module imports Keras inside its functions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache.errors import UsageError, choices
+from featurecache.finetune.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
+from featurecache.finetune.equivalence import EquivalenceReport, check_equivalence
+from featurecache.finetune.export import MODEL_FILE, export_model, write_outputs
+from featurecache.finetune.inference import ImagePredictor, image_pool, predict_rows
+from featurecache.finetune.rebuild import Rebuilt, preprocess_layers, rebuild_model
+from featurecache.finetune.run_data import RunData, label_map, load_run_data, read_predictions
+from featurecache.finetune.training import OPTIMIZERS, fit_model, history_summary, make_trainer
+from featurecache.finetune.unfreeze import resolve_unfreeze, trainable_text, unfreeze_blocks
+
+# Names other code imported from the single-module ``featurecache.finetune`` before it became
+# a package; kept so those imports keep working.
+_label_map = label_map
+_make_trainer = make_trainer
+
+__all__ = [
+    "KERAS_EXPRESSIBLE_HEADS",
+    "OPTIMIZERS",
+    "EquivalenceReport",
+    "FinetuneResult",
+    "ImagePredictor",
+    "Rebuilt",
+    "check_equivalence",
+    "finetune",
+    "keras_head",
+    "load_run_data",
+    "predict_rows",
+    "preprocess_layers",
+    "rebuild_model",
+    "resolve_unfreeze",
+    "unfreeze_blocks",
+]
+
+#: Version of the fine-tune ``config.json`` layout; bump when it changes.
+FINETUNE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What :func:`finetune` produced."""
+
+    out: Path
+    model_path: Path
+    equivalence: EquivalenceReport
+    trainable: dict[str, dict[str, Any]]
+    history: dict[str, list[float]]
+    metrics: dict[str, Any]
+    seconds: float
+    savedmodel: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` document (metrics without per-class tables)."""
+        return {
+            "out": str(self.out),
+            "model": str(self.model_path),
+            "savedmodel": str(self.savedmodel) if self.savedmodel else None,
+            "equivalence": self.equivalence.to_json(),
+            "trainable": {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in self.trainable.items()},
+            "epochs": len(self.history.get("loss", [])),
+            "metrics": {s: _short_metrics(m) for s, m in self.metrics.items()},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _short_metrics(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in ("n", "accuracy", "log_loss", "macro_f1", "cohen_kappa", "top_k_accuracy") if k in m}
+
+
+def finetune(
+    run: str | os.PathLike[str],
+    *,
+    unfreeze: str = "top:1",
+    epochs: int = 10,
+    out: str | os.PathLike[str] | None = None,
+    lr: float = 1e-5,
+    optimizer: str = "adam",
+    batch_size: int = 32,
+    augment: str | None = None,
+    patience: int = 3,
+    tolerance: float = 1e-4,
+    check_samples: int | None = 512,
+    data: str | None = None,
+    limit: int | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    savedmodel: bool = False,
+    plots: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Rebuild a run as one model, check it reproduces the head, fine-tune it and export it.
+
+    Parameters
+    ----------
+    run
+        A ``train-head`` run directory.
+    unfreeze
+        Backbone blocks to train: names from the registry (``featurecache backbones --blocks
+        NAME``), ``top:N`` (the last N), ``all`` or ``none``; comma-separated. The head always
+        trains; BatchNormalization layers never do.
+    epochs
+        Maximum epochs (early stopping on ``val_loss`` restores the best weights); ``0`` only
+        rebuilds, checks and exports.
+    out
+        Output directory; default ``<run>-ft``.
+    lr
+        Initial learning rate (reduced on plateau).
+    optimizer
+        ``adam``, ``rmsprop`` or ``sgd`` (momentum 0.9).
+    batch_size
+        Images per step.
+    augment
+        On-the-fly augmentation of training images, extract's syntax (``flip,rotation=10``),
+        drawn anew each epoch.
+    patience
+        Epochs without ``val_loss`` improvement before stopping (0 disables early stopping).
+    tolerance
+        Equivalence tolerance on probabilities.
+    check_samples
+        Validation images used by the equivalence check (``None`` = all).
+    data
+        The run's dataset at another location (default the recorded source).
+    limit
+        Images per split (default the extraction's ``--limit``).
+    weights
+        Backbone weights if the run's cannot be found (must have the recorded identity).
+    seed
+        Seeds the batch order, augmentation and dropout.
+    savedmodel
+        Also write a TensorFlow SavedModel to ``<out>/savedmodel`` (``model.export``).
+    plots
+        Write training-curve and confusion-matrix PNGs.
+    cache_dir
+        Cache root (weights and file-digest memos; diagnosis of a mismatch).
+    progress
+        Print the check, the trainable layers and one line per epoch on stderr.
+
+    Returns
+    -------
+    FinetuneResult
+
+    Raises
+    ------
+    RunError
+        The run directory or its head is missing, or the images are not found.
+    EquivalenceError
+        The rebuilt model does not reproduce the head's predictions (before any training).
+    UsageError
+        Bad options (unknown block, optimizer, ...) or a head Keras cannot express.
+    """
+    from featurecache.data import AugmentSpec
+
+    started = time.perf_counter()
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {optimizer!r} is not one of {choices(OPTIMIZERS)}")
+    for name, value, low in (("--epochs", epochs, 0), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not lr > 0:
+        raise UsageError(f"--lr must be > 0, got {lr!r}")
+    aug = AugmentSpec.parse(augment)
+    log = sys.stderr if progress else None
+
+    rebuilt = rebuild_model(run, weights=weights, cache_dir=cache_dir)
+    # Fail on a bad --unfreeze before the (slower) image loading and check.
+    trainable = unfreeze_blocks(rebuilt, unfreeze)
+    predictions = read_predictions(rebuilt.run_dir)
+    run_data = load_run_data(rebuilt.config, predictions, data=data, limit=limit, cache_dir=cache_dir)
+    report = check_equivalence(rebuilt, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size, cache_dir=cache_dir)
+    if log:
+        print(
+            f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}",
+            file=log,
+        )
+        print(trainable_text(trainable, rebuilt), file=log)
+
+    out_dir = Path(out) if out is not None else rebuilt.run_dir.with_name(rebuilt.run_dir.name + "-ft")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = rebuilt.spec
+    history: dict[str, list[float]] = {}
+    best_epoch = None
+    with image_pool("fc-ft") as pool:
+        if epochs > 0:
+            history, best_epoch = fit_model(
+                rebuilt,
+                run_data,
+                out_dir=out_dir,
+                epochs=epochs,
+                lr=lr,
+                optimizer=optimizer,
+                batch_size=batch_size,
+                augment=None if aug.is_identity() else aug,
+                patience=patience,
+                seed=int(seed),
+                pool=pool,
+                log=log,
+            )
+        metrics, preds = _evaluate_run_splits(rebuilt, run_data, batch_size=batch_size, pool=pool)
+    model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel)
+    seconds = time.perf_counter() - started
+    config = {
+        "format": FINETUNE_FORMAT,
+        "kind": "finetune",
+        "base_run": str(rebuilt.run_dir.absolute()),
+        "head": rebuilt.config.get("head"),
+        "params": rebuilt.config.get("params"),
+        "features": rebuilt.config["features"],
+        "classes": list(rebuilt.classes),
+        "dataset": {
+            "source": data or rebuilt.config["features"].get("dataset_source"),
+            "limit": limit if limit is not None else rebuilt.config["features"].get("dataset_limit"),
+            "seed": int(spec.get("seed", 0)),
+            "validation": run_data.val_split,
+            "n_train": len(run_data.train_rows),
+            "n_val": len(run_data.val_rows),
+        },
+        "model": {
+            "file": MODEL_FILE,
+            "input": "RGB uint8/float in [0, 255], any size (resized inside)",
+            "input_size": int(spec["input_size"]),
+            "resize": str(spec["resize"]),
+            "preprocess": spec["preprocess"],
+        },
+        "equivalence": report.to_json(),
+        "unfreeze": unfreeze,
+        "trainable": {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in trainable.items()},
+        "trainable_layers": {k: v["layers"] for k, v in trainable.items()},
+        "training": {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "patience": patience, "seed": seed},
+        "history": history_summary(history, best_epoch),
+        "metrics": {s: _short_metrics(m) for s, m in metrics.items()},
+        "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+    }
+    write_outputs(
+        out_dir,
+        config=config,
+        metrics=metrics,
+        predictions=preds,
+        history=history,
+        classes=rebuilt.classes,
+        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})",
+        plots=plots,
+    )
+    return FinetuneResult(
+        out=out_dir,
+        model_path=model_path,
+        equivalence=report,
+        trainable=trainable,
+        history=history,
+        metrics=metrics,
+        seconds=seconds,
+        savedmodel=out_dir / "savedmodel" if savedmodel else None,
+    )
+
+
+def _evaluate_run_splits(rebuilt: Rebuilt, run_data: RunData, *, batch_size: int, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Metrics and predictions of the model on the run's validation rows and the test split."""
+    from featurecache.metrics import classification_metrics
+
+    ds = run_data.dataset
+    predictor = ImagePredictor(rebuilt.model, batch_size=batch_size)
+    todo = [("val", ds.splits[run_data.val_split], run_data.val_rows)]
+    if "test" in ds.splits:
+        todo.append(("test", ds.splits["test"], np.arange(len(ds.splits["test"]))))
+    metrics: dict[str, Any] = {}
+    preds: dict[str, np.ndarray] = {}
+    for name, split, rows in todo:
+        proba, ok = predict_rows(predictor, split, rows, pool=pool)
+        y = run_data.labels[split.labels[rows]][ok]
+        if len(y):
+            metrics[name] = classification_metrics(y, proba[ok], classes=rebuilt.classes)
+        preds[f"{name}_ids"] = np.asarray([split.ids[int(r)] for r in rows], dtype=str)[ok]
+        preds[f"{name}_y"], preds[f"{name}_proba"] = y, proba[ok]
+    return metrics, preds
+
+
+def _versions() -> dict[str, str]:
+    from featurecache.extract import library_versions
+
+    return library_versions()
