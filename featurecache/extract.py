@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from featurecache.cache import store
+from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.errors import ImageDecodeError, LeaseError, UsageError
 
@@ -93,6 +94,7 @@ def plan(
     augment_splits: Sequence[str] = ("train",),
     seed: int = 0,
     dtype: str = "float32",
+    precision: str = "float32",
     cache_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
 ) -> Plan:
@@ -135,6 +137,7 @@ def plan(
         augment_splits=tuple(augment_splits) if views else (),
         seed=int(seed),
         dtype=dtype,
+        precision=precision,
         dataset_name=dataset.name,
         weights_label=_weights_label(ref),
     )
@@ -161,6 +164,7 @@ def extract(
     augment_splits: Sequence[str] = ("train",),
     seed: int = 0,
     dtype: str = "float32",
+    precision: str = "float32",
     batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
@@ -168,6 +172,7 @@ def extract(
     workers: int | None = None,
     chunk_rows: int | None = None,
     lease_timeout: float | None = None,
+    xla: bool | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Extract (or find in the cache) the features of ``data`` under ``backbone``.
@@ -199,8 +204,12 @@ def extract(
         Seed of augmentation and random weights.
     dtype
         Stored dtype, ``float32`` or ``float16``.
+    precision
+        Backbone compute precision: ``float32``, or ``mixed`` (Keras's ``mixed_float16``
+        policy: float16 maths with float32 weights, about twice as fast on GPUs with tensor
+        cores). Part of the key, since it changes the numbers.
     batch_size
-        Backbone batch size.
+        Backbone batch size; halved and retried whenever the device runs out of memory.
     cache_dir
         Cache root (default ``$FEATURECACHE_DIR`` or ``./cache``).
     limit
@@ -214,6 +223,10 @@ def extract(
     lease_timeout
         Seconds to wait for another process extracting the same key (default: forever
         while it is alive).
+    xla
+        Compile the backbone with XLA (``jit_compile``). Default: on when TensorFlow sees a
+        GPU (where it is faster), off on CPU (where it is slower). It changes features only
+        at float32 round-off level, so it is recorded in the entry, not keyed.
     progress
         Show a progress bar on stderr.
 
@@ -234,7 +247,7 @@ def extract(
     p = plan(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
         augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype,
-        cache_dir=cache_dir, limit=limit,
+        precision=precision, cache_dir=cache_dir, limit=limit,
     )
     hit = store.find_by_key(p.cache_dir, p.key)
     if hit is not None and hit.complete:
@@ -243,10 +256,14 @@ def extract(
     lease = store.Lease(p.cache_dir, p.key)
     _wait_for_lease(lease, p, timeout=lease_timeout, progress=progress)
     try:
+        store.remove_leftovers(p.cache_dir, p.key)  # debris of killed runs of this key; ours now
         hit = store.find_by_key(p.cache_dir, p.key)
         if hit is not None and hit.complete:  # another process finished it while we waited
             return _result(hit, cached=True, started=started, plan_=p)
-        fs = _run(p, existing=hit, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, progress=progress)
+        fs = _run(
+            p, existing=hit, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows,
+            xla=xla, progress=progress,
+        )
     finally:
         lease.release()
     return _result(fs, cached=False, started=started, plan_=p)
@@ -256,8 +273,9 @@ def _wait_for_lease(lease: store.Lease, p: Plan, *, timeout: float | None, progr
     deadline = None if timeout is None else time.monotonic() + timeout
     told = False
     while not lease.try_acquire():
+        judged = lease.holder()
         if lease.is_stale():
-            lease.break_stale()
+            lease.break_stale(judged)
             continue
         if not told and progress:
             holder = lease.holder() or {}
@@ -305,12 +323,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _clean_partials(path: Path) -> None:
-    """Remove temporary files a killed writer left behind (they are never read)."""
-    for tmp in path.rglob("*.partial"):
-        tmp.unlink(missing_ok=True)
-
-
 def _run(
     p: Plan,
     *,
@@ -319,14 +331,13 @@ def _run(
     on_error: OnError,
     workers: int | None,
     chunk_rows: int | None,
+    xla: bool | None = None,
     progress: bool,
 ) -> store.FeatureSet:
-    from featurecache import backbones
-
-    model = backbones.build_feature_model(
-        p.backbone, p.weights, input_size=p.spec.input_size, layer=p.spec.layer, pooling=p.spec.pooling
-    )
+    model = build_model(p)
+    use_xla = _gpu_visible() if xla is None else bool(xla)
     feature_shape = tuple(int(d) for d in model.output_shape[1:])
+    checkpoint("model_built")
     if existing is None:
         splits = {name: (s.labels, s.ids) for name, s in p.dataset.splits.items()}
         existing = store.create_entry(
@@ -342,6 +353,8 @@ def _run(
                 "dataset_limit": p.limit,
                 "weights_source": p.weights_source,
                 "skipped_files": [list(s) for s in p.dataset.skipped],
+                # Not keyed: XLA moves features by float32 round-off only (recorded for `cache verify`).
+                "compute": {"xla": use_xla, "gpu": _gpu_visible()},
             },
         )
     elif existing.feature_shape != feature_shape:
@@ -350,10 +363,9 @@ def _run(
             f"remove it with `featurecache cache rm {existing.key[:12]} --yes`"
         )
     fs = existing
-    _clean_partials(fs.path)
     units = fs.missing_units()
     if units:
-        runner = _UnitRunner(p, fs, model, batch_size=batch_size, on_error=on_error, workers=workers)
+        runner = _UnitRunner(p, fs, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla)
         runner.run(units, progress=progress)
     store.seal(fs)
     return fs
@@ -362,50 +374,36 @@ def _run(
 class _UnitRunner:
     """Decode → resize → augment → preprocess → backbone → write, overlapped across units."""
 
-    def __init__(self, p: Plan, fs: store.FeatureSet, model: Any, *, batch_size: int, on_error: OnError, workers: int | None) -> None:
+    def __init__(
+        self, p: Plan, fs: store.FeatureSet, model: Any, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool = False
+    ) -> None:
         self.p = p
         self.fs = fs
         self.batch_size = max(1, int(batch_size))
         self.on_error = on_error
         self.workers = workers or min(8, 2 * (os.cpu_count() or 1))
-        self.forward = _compiled_forward(model, p.spec.input_size)
+        self.forward = _compiled_forward(model, p.spec.input_size, jit_compile=xla)
 
     def _prepare(self, unit: store.Unit, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         from featurecache import backbones
-        from featurecache.data import augment_batch, resize_image
+        from featurecache.data import augment_batch
 
         split = self.p.dataset.splits[unit.split]
-        size = self.p.spec.input_size
-
-        def load(i: int) -> tuple[np.ndarray | None, str | None]:
-            try:
-                return resize_image(split.load(i), size, method=self.p.spec.resize), None
-            except ImageDecodeError as exc:
-                return None, str(exc)
-
         rows = list(range(unit.start, unit.stop))
-        loaded = list(pool.map(load, rows))
-        x = np.zeros((len(rows), size, size, 3), dtype=np.float32)
-        valid = np.ones(len(rows), dtype=bool)
-        failures: list[tuple[str, str]] = []
-        for j, (img, err) in enumerate(loaded):
-            if img is None:
-                valid[j] = False
-                failures.append((split.ids[rows[j]], err or "undecodable"))
-            else:
-                x[j] = img
+        x, valid, failures = load_resized(
+            split, unit.start, unit.stop, size=self.p.spec.input_size, method=self.p.spec.resize, pool=pool
+        )
         if failures and self.on_error == "fail":
             sid, reason = failures[0]
             raise ImageDecodeError(f"{unit.split}/{sid}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on")
         if unit.view > 0:
             x = augment_batch(x, self.p.augment, seed=self.p.spec.seed, view=unit.view, indices=rows)
-        return backbones.preprocess_input(self.p.backbone, x), valid, failures
+        x = backbones.preprocess_input(self.p.backbone, x)
+        checkpoint("unit_prepared")
+        return x, valid, failures
 
     def _features(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        out = []
-        for b in range(0, len(x), self.batch_size):
-            out.append(np.asarray(self.forward(x[b : b + self.batch_size])))
-        feats = np.concatenate(out, axis=0) if out else np.zeros((0, *self.fs.feature_shape), np.float32)
+        feats, self.batch_size = forward_in_batches(self.forward, x, batch_size=self.batch_size, feature_shape=self.fs.feature_shape)
         feats[~valid] = 0  # invalid rows hold zeros, never features of a placeholder image
         return feats.astype(self.p.spec.dtype, copy=False)
 
@@ -435,6 +433,7 @@ class _UnitRunner:
                     x, valid, failures = fut.result()
                     top_up()
                     feats = self._features(x, valid)
+                    checkpoint("unit_forward_done")
                     while pending_writes and (pending_writes[0].done() or len(pending_writes) >= 2):
                         # Bounds memory (at most two units queued for disk) and surfaces write errors early.
                         pending_writes.pop(0).result()
@@ -459,14 +458,230 @@ class _UnitRunner:
                 raise errors[0]
 
 
-def _compiled_forward(model: Any, size: int) -> Callable[[np.ndarray], Any]:
-    """``model(x, training=False)`` as one traced function for any batch size."""
+def build_model(p: Plan) -> Any:
+    """Build the feature model of ``p`` in its compute precision.
+
+    Parameters
+    ----------
+    p
+        The plan; ``p.spec.precision`` is ``float32`` or ``mixed``.
+
+    Returns
+    -------
+    keras.Model
+        For ``mixed``, built under Keras's ``mixed_float16`` policy: float32 weights (the
+        same values as the float32 model), float16 activations.
+
+    Raises
+    ------
+    UsageError
+        ``mixed`` for a backbone whose saved layers pin their own dtype (a custom ``.keras``
+        file), which the policy cannot change.
+    """
+    from featurecache import backbones
+
+    def build() -> Any:
+        return backbones.build_feature_model(
+            p.backbone, p.weights, input_size=p.spec.input_size, layer=p.spec.layer, pooling=p.spec.pooling
+        )
+
+    if p.spec.precision == "float32":
+        return build()
+    import keras
+
+    # The dtype policy is Keras state of this thread: set it around this one build only, so it
+    # never leaks into models the caller builds afterwards.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    if not any(getattr(layer, "compute_dtype", None) == "float16" for layer in model.layers):
+        raise UsageError(
+            f"--precision mixed has no effect on {p.backbone.name}: its saved layers fix their own dtype; "
+            "pass --precision float32 (the default)"
+        )
+    return model
+
+
+def _gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+#: Decoded images of at most this many pixels are resized together, one ``tf.image.resize``
+#: call per shape and unit: for small images a per-image call costs more in op dispatch than
+#: in arithmetic. Larger images are resized in their decode thread, so a unit never holds
+#: many full-size photos at once.
+BATCH_RESIZE_MAX_PIXELS = 512 * 512
+#: Most float32 bytes one batched resize call takes as input.
+RESIZE_BATCH_BYTES = 64 << 20
+
+
+def load_resized(
+    split: Any,
+    start: int,
+    stop: int,
+    *,
+    size: int,
+    method: str,
+    pool: ThreadPoolExecutor | None = None,
+    max_batch_pixels: int = BATCH_RESIZE_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Decode rows ``[start, stop)`` of ``split`` and resize them to ``size x size``.
+
+    The result is bit-identical to ``resize_image(split.load(i), size, method=method)`` row
+    by row (``tf.image.resize`` computes each image of a batch independently), but array
+    datasets are sliced and resized in a few batched calls, and small decoded files are
+    grouped by shape and resized together.
+
+    Parameters
+    ----------
+    split
+        A :class:`featurecache.data.Split`.
+    start, stop
+        Row range.
+    size
+        Output height and width.
+    method
+        Resize method (one of ``featurecache.data.RESIZE_METHODS``).
+    pool
+        Threads that decode files in parallel; ``None`` decodes in this thread.
+    max_batch_pixels
+        Decoded files up to this many pixels are resized in batches; larger ones one by one
+        in their decode thread.
+
+    Returns
+    -------
+    x : numpy.ndarray
+        ``float32 (stop - start, size, size, 3)``; zeros where an image failed to decode.
+    valid : numpy.ndarray
+        ``bool (stop - start,)``.
+    failures : list of (id, reason)
+        The images that failed to decode.
+    """
+    from featurecache.data import resize_image
+    from featurecache.data.dataset import ArrayItems
+
+    n = stop - start
+    x = np.zeros((n, size, size, 3), dtype=np.float32)
+    valid = np.ones(n, dtype=bool)
+    failures: list[tuple[str, str]] = []
+    if isinstance(split.items, ArrayItems):
+        # Already decoded and in memory: slice the unit instead of copying image by image.
+        _resize_into(x, np.arange(n), split.items.images[start:stop], size=size, method=method)
+        return x, valid, failures
+
+    def load(i: int) -> tuple[np.ndarray | None, bool, str | None]:
+        try:
+            img = split.load(i)
+        except ImageDecodeError as exc:
+            return None, False, str(exc)
+        if img.shape[0] * img.shape[1] > max_batch_pixels:
+            return resize_image(img, size, method=method), True, None
+        return img, False, None
+
+    rows = range(start, stop)
+    loaded = list(pool.map(load, rows)) if pool is not None else [load(i) for i in rows]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, (img, resized, err) in enumerate(loaded):
+        if img is None:
+            valid[j] = False
+            failures.append((split.ids[start + j], err or "undecodable"))
+        elif resized:
+            x[j] = img
+        else:
+            groups.setdefault(img.shape, []).append(j)
+    for js in groups.values():
+        _resize_into(x, np.asarray(js), [loaded[j][0] for j in js], size=size, method=method)
+    return x, valid, failures
+
+
+def _resize_into(out: np.ndarray, positions: np.ndarray, images: Sequence[np.ndarray] | np.ndarray, *, size: int, method: str) -> None:
+    """``out[positions] = resize(images)`` for same-shape images, in calls of bounded memory."""
+    from featurecache.data import resize_image
+
+    if len(positions) == 0:
+        return
+    first = np.asarray(images[0])
+    per = max(1, RESIZE_BATCH_BYTES // max(1, first.shape[0] * first.shape[1] * 3 * 4))
+    for b in range(0, len(positions), per):
+        batch = np.stack(images[b : b + per]) if isinstance(images, list) else np.asarray(images[b : b + per])
+        if batch.ndim == 3:  # grey (n, H, W), as ArrayItems.load repeats it to RGB
+            batch = np.repeat(batch[..., None], 3, axis=-1)
+        out[positions[b : b + per]] = resize_image(batch, size, method=method)
+
+
+def forward_in_batches(
+    forward: Callable[[np.ndarray], Any],
+    x: np.ndarray,
+    *,
+    batch_size: int,
+    feature_shape: Sequence[int] = (),
+) -> tuple[np.ndarray, int]:
+    """Run ``forward`` over ``x`` in batches, halving the batch whenever memory runs out.
+
+    Parameters
+    ----------
+    forward
+        Maps a batch ``(b, ...)`` to its features ``(b, *feature_shape)``.
+    x
+        All inputs.
+    batch_size
+        Largest batch to try first.
+    feature_shape
+        Shape of one row's features, for an empty ``x``.
+
+    Returns
+    -------
+    features : numpy.ndarray
+        ``(len(x), *feature_shape)``, in order.
+    batch_size : int
+        The batch size that worked: callers pass it on, so the next unit does not run out again.
+
+    Raises
+    ------
+    OutOfMemoryError
+        ``forward`` raises ``tf.errors.ResourceExhaustedError`` even for one image.
+    """
+    import tensorflow as tf
+
+    from featurecache.errors import OutOfMemoryError
+
+    out: list[np.ndarray] = []
+    batch_size = max(1, int(batch_size))
+    b = 0
+    while b < len(x):
+        take = min(batch_size, len(x) - b)
+        try:
+            out.append(np.asarray(forward(x[b : b + take])))
+        except tf.errors.ResourceExhaustedError as exc:
+            if take == 1:
+                raise OutOfMemoryError(
+                    f"the backbone ran out of memory on a batch of 1 image of shape {tuple(x.shape[1:])} "
+                    f"({' '.join(str(exc).split())[:160]}); free device memory, or use a smaller --size, "
+                    "a smaller backbone or --precision mixed"
+                ) from None
+            # Retry the same rows in halves: a batch either fits or is never stored, so nothing is lost.
+            batch_size = max(1, take // 2)
+            continue
+        b += take
+    if not out:
+        return np.zeros((0, *feature_shape), dtype=np.float32), batch_size
+    return np.concatenate(out, axis=0), batch_size
+
+
+def _compiled_forward(model: Any, size: int, *, jit_compile: bool = False) -> Callable[[np.ndarray], Any]:
+    """``model(x, training=False)`` as one traced function for any batch size (XLA-compiled if asked)."""
     import tensorflow as tf
 
     fn = tf.function(
         lambda x: model(x, training=False),
         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
         reduce_retracing=True,
+        jit_compile=bool(jit_compile),
     )
     return lambda x: fn(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
 

@@ -8,7 +8,9 @@ A feature set is determined by everything that changes its numbers and nothing e
   or ``random:seed=N``; never just the word "imagenet"), the layer and the pooling;
 * the input size, resize method and preprocessing mode;
 * the augmentation spec, the number of augmented views, which splits get them, the seed;
-* the stored dtype;
+* the stored dtype, and the compute precision of the backbone (``mixed`` = Keras's
+  ``mixed_float16`` policy changes the numbers; the default ``float32`` is left out of the
+  hashed document so that entries made before the field existed keep their keys);
 * ``FORMAT_VERSION``, bumped whenever the stored output of the same inputs changes
   (a layout change, a fixed bug in resizing, ...), so old entries are never served as new.
 
@@ -38,6 +40,8 @@ FORMAT_VERSION = 1
 Pooling = Literal["avg", "max", "flatten", "none"]
 POOLINGS: tuple[str, ...] = ("avg", "max", "flatten", "none")
 DTYPES: tuple[str, ...] = ("float32", "float16")
+#: Compute precision of the backbone: ``mixed`` runs it under Keras's ``mixed_float16`` policy.
+PRECISIONS: tuple[str, ...] = ("float32", "mixed")
 
 
 def _normalise(value: Any, where: str) -> Any:
@@ -94,6 +98,7 @@ class FeatureSpec:
     augment_splits: tuple[str, ...]
     seed: int
     dtype: str
+    precision: str = "float32"
     dataset_name: str = field(default="data", compare=False)
     weights_label: str = field(default="", compare=False)
 
@@ -105,6 +110,8 @@ class FeatureSpec:
             raise UsageError(f"pooling {self.pooling!r} is not one of {POOLINGS}; pass --pooling avg|max|flatten|none")
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype {self.dtype!r} is not one of {DTYPES}; pass --dtype float32 or float16")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r} is not one of {PRECISIONS}; pass --precision float32 or mixed")
         if self.views < 0:
             raise UsageError(f"views must be >= 0, got {self.views}; pass --views 0 for clean features only")
 
@@ -115,6 +122,10 @@ class FeatureSpec:
         fields.pop("weights_label")
         fields["augment_splits"] = sorted(self.augment_splits)
         fields["augment"] = dict(self.augment)
+        if self.precision == "float32":
+            # The default computes what every entry computed before the field existed: leaving
+            # it out keeps their keys (no FORMAT_VERSION bump), while "mixed" is keyed.
+            fields.pop("precision")
         fields["format_version"] = FORMAT_VERSION
         return fields
 
