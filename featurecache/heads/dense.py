@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     import keras
 
 __all__ = ["DenseHead", "build_dense_model", "load_keras_model_bytes", "keras_model_bytes"]
+
+#: Most bytes of on-disk training features read ahead at once (see ``_from_window``).
+_STREAM_WINDOW_BYTES = 256 << 20
 
 
 def build_dense_model(
@@ -224,6 +228,13 @@ def _make_view_batches(
     """Build the ``PyDataset`` (defined here so ``keras`` is imported lazily)."""
     import keras
 
+    row_bytes = 4 * int(np.prod(tuple(views.shape[2:]), dtype=np.int64))
+    window_bytes = _STREAM_WINDOW_BYTES
+    budget = getattr(views, "budget", None)  # featurecache.train.LazyFeatures: the memory it may use
+    if isinstance(budget, (int, np.integer)) and budget > 0:
+        window_bytes = min(window_bytes, int(budget) // 2)
+    window = max(1, window_bytes // max(1, row_bytes * batch_size))  # batches read at once from disk
+
     class _ViewBatches(keras.utils.PyDataset):
         """One randomly drawn view per sample per epoch; see the module docstring."""
 
@@ -234,6 +245,9 @@ def _make_view_batches(
             self._n = int(y.shape[0])
             self._n_views = int(views.shape[0])
             self._epoch = 0
+            self._window = window
+            self._cached: tuple[tuple[int, int], np.ndarray] | None = None
+            self._lock = threading.Lock()
             self._draw()
 
         def _draw(self) -> None:
@@ -254,10 +268,27 @@ def _make_view_batches(
 
         def __getitem__(self, idx: int) -> tuple[np.ndarray, ...]:
             rows = self._order[idx * batch_size : (idx + 1) * batch_size]
-            xb = _gather(views, self._view[rows], rows)
+            if isinstance(views, np.ndarray):
+                xb = _gather(views, self._view[rows], rows)
+            else:
+                xb = self._from_window(idx)
             if sample_weight is None:
                 return xb, y[rows]
             return xb, y[rows], sample_weight[rows]
+
+        def _from_window(self, idx: int) -> np.ndarray:
+            # On-disk views: a batch of randomly ordered rows touches ~one chunk per row, so
+            # batch-by-batch reads decompress each chunk many times per epoch. Reading the
+            # rows of several batches at once decompresses each chunk once per window, and the
+            # batches keep exactly the order (and so the training) of the in-memory path.
+            with self._lock:
+                w = idx // self._window
+                if self._cached is None or self._cached[0] != (self._epoch, w):
+                    lo = w * self._window * batch_size
+                    rows = self._order[lo : min(lo + self._window * batch_size, self._n)]
+                    self._cached = ((self._epoch, w), _gather(views, self._view[rows], rows))
+                start = (idx - w * self._window) * batch_size
+                return self._cached[1][start : start + batch_size]
 
         def on_epoch_end(self) -> None:
             self._epoch += 1
