@@ -162,6 +162,27 @@ def test_mixed_precision_extract_runs_on_cpu_and_keys_differently(cache_dir: Pat
     assert bad.exit_code != 0 and "float32 or mixed" in bad.output
 
 
+def test_xla_is_recorded_not_keyed_and_changes_features_by_round_off_only(cache_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32",
+            "--limit", "4", "--json"]
+    runner = CliRunner()
+    xla = runner.invoke(app, [*args, "--xla", "--cache", str(cache_dir / "a")])
+    assert xla.exit_code == 0, xla.output
+    plain = runner.invoke(app, [*args, "--no-xla", "--cache", str(cache_dir / "b")])
+    assert plain.exit_code == 0, plain.output
+    key = json.loads(xla.stdout)["key"]
+    assert json.loads(plain.stdout)["key"] == key
+    fx, fp = (store.open_features(key, cache_dir=cache_dir / c) for c in ("a", "b"))
+    assert fx.attrs["compute"]["xla"] is True and fp.attrs["compute"]["xla"] is False
+    a, b = fx.features("train"), fp.features("train")
+    scale = float(np.abs(b).max())
+    assert scale > 0 and float(np.abs(a - b).max()) <= 1e-4 * scale
+
+
 # ------------------------------------------------------------------ streaming heads
 
 

@@ -52,7 +52,11 @@ def extract_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     precision: PrecisionOpt = "float32",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Backbone batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Backbone batch size (halved and retried on out-of-memory).")] = 32,
+    xla: Annotated[
+        bool | None,
+        typer.Option("--xla/--no-xla", help="Compile the backbone with XLA. Default: on with a GPU, off on CPU. Not keyed (round-off only).", show_default=False),
+    ] = None,
     limit: LimitOpt = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
     workers: Annotated[int | None, typer.Option("--workers", help="Decode threads.", show_default=False)] = None,
@@ -78,6 +82,7 @@ def extract_cmd(
         dtype=dtype,
         precision=precision,
         batch_size=batch_size,
+        xla=xla,
         cache_dir=cache,
         limit=limit,
         on_error=on_error,  # type: ignore[arg-type]
