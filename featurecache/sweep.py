@@ -317,6 +317,34 @@ def _limit_tf_threads(threads: int) -> None:
         pass
 
 
+def _received(data: Any, parent_pid: int) -> str:
+    """How this process got the features: in-process, memmap (shared), copied or streamed."""
+    if os.getpid() == parent_pid:
+        return "in-process"
+    if not isinstance(data.X_train, np.ndarray):
+        return "streamed"
+    return "memmap" if isinstance(data.X_train, np.memmap) else "copied"
+
+
+def _new_record(trial: TrialSpec, data: Any, parent_pid: int) -> dict[str, Any]:
+    return {
+        "format": SWEEP_FORMAT,
+        "trial": trial.id,
+        "label": trial.label,
+        "head": trial.head,
+        "params": dict(trial.params),
+        "given": dict(trial.given),
+        "key": data.key,
+        "worker": {"pid": os.getpid(), "features": _received(data, parent_pid)},
+    }
+
+
+def _finish_record(record: dict[str, Any], trials_dir: str, seconds: float) -> None:
+    record["seconds"] = round(seconds, 4)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _write_json(Path(trials_dir) / f"{record['trial']}.json", record)
+
+
 def _run_trial(
     trial: TrialSpec, data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 0
 ) -> tuple[dict[str, Any], Any, Any]:
@@ -331,22 +359,7 @@ def _run_trial(
 
     if tf_threads > 0 and os.getpid() != parent_pid and trial.head == "dense":
         _limit_tf_threads(tf_threads)
-    if os.getpid() == parent_pid:
-        received = "in-process"
-    elif not isinstance(data.X_train, np.ndarray):
-        received = "streamed"
-    else:
-        received = "memmap" if isinstance(data.X_train, np.memmap) else "copied"
-    record: dict[str, Any] = {
-        "format": SWEEP_FORMAT,
-        "trial": trial.id,
-        "label": trial.label,
-        "head": trial.head,
-        "params": dict(trial.params),
-        "given": dict(trial.given),
-        "key": data.key,
-        "worker": {"pid": os.getpid(), "features": received},
-    }
+    record = _new_record(trial, data, parent_pid)
     started = time.perf_counter()
     estimator = preds = None
     try:
@@ -358,10 +371,88 @@ def _run_trial(
     except Exception as exc:  # noqa: BLE001 - recorded as a failed trial, the sweep goes on
         record.update(status="failed", metrics={}, error=_one_line(exc))
         estimator = preds = None
-    record["seconds"] = round(time.perf_counter() - started, 4)
-    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_json(Path(trials_dir) / f"{trial.id}.json", record)
+    _finish_record(record, trials_dir, time.perf_counter() - started)
     return record, estimator, preds
+
+
+def _run_group(
+    trials: Sequence[TrialSpec], data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 0
+) -> list[tuple[dict[str, Any], Any, Any]]:
+    """Fit several dense trials in one shared pass (``heads.dense_group``), then score each.
+
+    A trial's record notes the group it trained in; its ``fit_seconds`` is its share of the
+    group's training time. If the group fails as a whole, each trial runs alone, so one bad
+    configuration still fails only itself.
+    """
+    from featurecache.heads import make_head
+    from featurecache.train import evaluate_arrays, fit_dense_together
+
+    if len(trials) == 1:
+        return [_run_trial(trials[0], data, trials_dir, parent_pid, top_k, tf_threads)]
+    if tf_threads > 0 and os.getpid() != parent_pid:
+        _limit_tf_threads(tf_threads)
+    started = time.perf_counter()
+    try:
+        estimators = fit_dense_together([make_head(t.head, t.params) for t in trials], data)
+    except Exception:  # noqa: BLE001 - retried one by one, where each failure is recorded
+        return [_run_trial(t, data, trials_dir, parent_pid, top_k, tf_threads) for t in trials]
+    fit_seconds = time.perf_counter() - started
+    out = []
+    for trial, estimator in zip(trials, estimators):
+        t0 = time.perf_counter()
+        record = _new_record(trial, data, parent_pid)
+        record["trained_together"] = {"heads": len(trials), "fit_seconds": round(fit_seconds, 4)}
+        record["fit_seconds"] = round(fit_seconds / len(trials), 4)
+        preds = None
+        try:
+            metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+            record.update(status="ok", metrics=metrics, error=None)
+        except Exception as exc:  # noqa: BLE001 - recorded as a failed trial, the sweep goes on
+            record.update(status="failed", metrics={}, error=_one_line(exc))
+            estimator = None
+        _finish_record(record, trials_dir, fit_seconds / len(trials) + time.perf_counter() - t0)
+        out.append((record, estimator, preds))
+    return out
+
+
+#: Most dense trials trained together in one pass (bounds one worker's memory and the work lost to a crash).
+MAX_GROUP = 16
+
+
+def plan_work(pending: Sequence[TrialSpec], workers: int, *, together: bool = True) -> list[list[TrialSpec]]:
+    """Split trials into work items: dense trials that can share a pass grouped, the rest alone.
+
+    Parameters
+    ----------
+    pending
+        Trials to run.
+    workers
+        Parallel workers; a group of compatible dense trials is split into about this many
+        parts so every worker gets a share.
+    together
+        ``False``: every trial is its own item (the one-at-a-time behaviour).
+
+    Returns
+    -------
+    list of list of TrialSpec
+        Work items in a stable order (groups first, largest first, then single trials).
+    """
+    from featurecache.heads import make_head
+    from featurecache.heads.dense_group import group_key
+
+    groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
+    singles: list[list[TrialSpec]] = []
+    for t in pending:
+        if together and t.head == "dense":
+            groups.setdefault(group_key(make_head(t.head, t.params)), []).append(t)
+        else:
+            singles.append([t])
+    items: list[list[TrialSpec]] = []
+    for members in groups.values():
+        size = min(MAX_GROUP, max(1, math.ceil(len(members) / max(1, workers))))
+        items.extend(members[i : i + size] for i in range(0, len(members), size))
+    items.sort(key=len, reverse=True)  # the longest work starts first
+    return items + singles
 
 
 def _read_record(path: Path, key: str) -> dict[str, Any] | None:
@@ -579,17 +670,20 @@ def _shared_arrays(data: Any) -> Any:
     return replace(data, **{f: np.ascontiguousarray(getattr(data, f)) for f in fields if isinstance(getattr(data, f), np.ndarray)})
 
 
-def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_jobs: int, top_k: tuple[int, ...]) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_jobs: int, top_k: tuple[int, ...], together: bool = True) -> Iterator[tuple[dict[str, Any], Any, Any]]:
     from joblib import Parallel, delayed
 
     workers = n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
     workers = max(1, min(workers, len(pending)))
     # prefer="processes" (loky by default) rather than backend="loky": a caller's
     # joblib.parallel_config(backend="dask") still takes the sweep to a cluster.
+    items = plan_work(pending, workers, together=together)
+    workers = max(1, min(workers, len(items)))
     parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
     # Local workers share this machine's cores (joblib already caps their BLAS threads so).
     tf_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
-    yield from parallel(delayed(_run_trial)(t, data, str(trials_dir), os.getpid(), top_k, tf_threads) for t in pending)
+    for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
+        yield from results
 
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
@@ -645,6 +739,7 @@ def sweep(
     seed: int = 0,
     metric: str = "val_accuracy",
     cache_dir: str | os.PathLike[str] | None = None,
+    together: bool = True,
     progress: bool = True,
 ) -> SweepResult:
     """Train many heads on one cached feature set, rank them, save the best as a run.
@@ -675,6 +770,11 @@ def sweep(
         ``val_kappa`` or ``val_top<k>_accuracy``; metrics named ``*loss`` rank lowest first.
     cache_dir
         Cache root.
+    together
+        Train dense trials that see the same batches (same ``batch_size``, ``seed``,
+        ``class_weight``, ``pool``) together, in one pass over the features per group
+        (:mod:`featurecache.heads.dense_group`; each head's result is what it would be alone).
+        ``False``: one trial at a time.
     progress
         Progress bar over trials on stderr.
 
@@ -741,7 +841,7 @@ def sweep(
         data = _shared_arrays(load_training_data(fs, val_fraction=val_fraction, seed=seed))
         with _Progress(progress, len(pending), f"sweep {fs.key[:12]}") as bar:
             try:
-                for record, estimator, preds in _results(pending, data, trials_dir=trials_dir, n_jobs=n_jobs, top_k=top_k):
+                for record, estimator, preds in _results(pending, data, trials_dir=trials_dir, n_jobs=n_jobs, top_k=top_k, together=together):
                     records[record["trial"]] = record
                     status = "failed" if record["status"] != "ok" else ""
                     if record["status"] == "ok":

@@ -151,6 +151,20 @@ def test_sweep_outputs(grid_sweep: SweepResult, digits: store.FeatureSet) -> Non
     assert len({w["pid"] for w in workers}) == 2
 
 
+def test_dense_trials_trained_together_score_as_if_trained_alone(grid_sweep: SweepResult, digits: store.FeatureSet, tmp_path: Path) -> None:
+    # The fixture's 8 dense trials went through heads.dense_group (2 workers: 2 groups of 4).
+    records = [json.loads(p.read_text()) for p in (grid_sweep.out_dir / "trials").glob("*.json")]
+    dense = {r["trial"]: r for r in records if r["head"] == "dense"}
+    assert len(dense) == 8 and all(r["trained_together"]["heads"] == 4 for r in dense.values())
+    assert all("trained_together" not in r for r in records if r["head"] != "dense")
+    alone = sweep(digits, grid=[GRID[1]], n_jobs=1, together=False, out=tmp_path / "alone", progress=False)
+    assert len(alone.leaderboard) == 8
+    for row in alone.leaderboard:
+        grouped = dense[row["trial"]]["metrics"]["val"]
+        assert row["val_accuracy"] == grouped["accuracy"]
+        assert row["val_log_loss"] == pytest.approx(grouped["log_loss"], abs=1e-6)
+
+
 def test_best_run_is_a_loadable_run(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
     assert grid_sweep.best_run == grid_sweep.out_dir / "best"
     config, head = load_run(grid_sweep.best_run)

@@ -186,6 +186,7 @@ def sweep_cmd(
     trials: Annotated[int, typer.Option("--trials", "-n", help="Random configurations per head of --heads, from each head's search space.")] = 0,
     heads: Annotated[str, typer.Option("--heads", help="Comma-separated heads for --trials (or one default trial each without --grid/--trials).")] = "logreg,dense",
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials in parallel (process workers; -1 = all cores).")] = 1,
+    together: Annotated[bool, typer.Option("--together/--one-by-one", help="Train dense trials with the same batch_size/seed/class_weight/pool in one shared pass over the features (same results, less time).")] = True,
     metric: Annotated[str, typer.Option("--metric", help="Ranking metric: val_accuracy, val_log_loss, val_macro_f1, val_kappa, val_top3_accuracy, ...")] = "val_accuracy",
     out: OutOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
@@ -222,7 +223,7 @@ def sweep_cmd(
     )
     result = sweep(
         fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
-        val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, progress=not (quiet or json_out),
+        val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, together=together, progress=not (quiet or json_out),
     )
     if json_out:
         print_json(result.to_json())

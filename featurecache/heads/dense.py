@@ -344,6 +344,20 @@ def _features(X: Any, *, name: str) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class _FitInputs:
+    """What ``DenseHead.fit`` derives from its arguments before any Keras work."""
+
+    cfg: dict[str, Any]  # coerced hyperparameters
+    input_shape: tuple[int, ...]
+    pool: str  # resolved: avg, flatten or none
+    views: Any  # (V, n, *input_shape), NumPy or on-disk
+    y_enc: np.ndarray  # int32 codes into classes
+    classes: np.ndarray
+    validation: tuple[np.ndarray, np.ndarray] | None  # (X_val, encoded y_val)
+    sample_weight: np.ndarray | None
+
+
 class DenseHead(ClassifierMixin, BaseEstimator):
     """Keras dense top model with the scikit-learn classifier API.
 
@@ -478,6 +492,43 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             When shapes or labels are inconsistent.
         """
         import keras
+
+        prep = self._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+        cfg = prep.cfg
+        model = self._build_model(prep)
+        model.compile(
+            optimizer=_make_optimizer(cfg["optimizer"], cfg["lr"]),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        callbacks = []
+        stopper = None
+        if cfg["patience"] > 0 and prep.validation is not None:
+            stopper = keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg["patience"], restore_best_weights=True
+            )
+            callbacks.append(stopper)
+        data = _make_view_batches(
+            prep.views, prep.y_enc, prep.sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"]
+        )
+        history = model.fit(
+            data,
+            epochs=cfg["epochs"],
+            validation_data=prep.validation,
+            validation_batch_size=max(cfg["batch_size"], 256),
+            callbacks=callbacks,
+            verbose=cfg["verbose"],
+            shuffle=False,  # the PyDataset shuffles itself, seeded by (seed, epoch)
+        )
+        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        best = getattr(stopper, "best_epoch", None) if stopper is not None else None
+        # Keras 3's EarlyStopping restores the best weights at train end whether or not it
+        # stopped early, so the kept epoch is always its best_epoch.
+        best_epoch = int(best) if best is not None else len(hist.get("loss", [])) - 1
+        return self._set_fitted(prep, model, hist, best_epoch)
+
+    def _prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> _FitInputs:
+        """Validate ``fit``'s arguments and derive everything training needs (no Keras work)."""
         from sklearn.preprocessing import LabelEncoder
         from sklearn.utils.class_weight import compute_class_weight
         from sklearn.utils.multiclass import check_classification_targets
@@ -553,53 +604,38 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 "balanced", classes=np.arange(n_classes), y=y_enc
             ).astype(np.float32)
             sample_weight = weights[y_enc]
+        return _FitInputs(
+            cfg=cfg, input_shape=tuple(int(d) for d in X.shape[1:]), pool=pool, views=views, y_enc=y_enc,
+            classes=encoder.classes_, validation=validation, sample_weight=sample_weight,
+        )
 
+    def _build_model(self, prep: _FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
+        """Seed Keras with ``seed`` and build the untrained model (``input_norm``: precomputed moments)."""
+        import keras
+
+        cfg = prep.cfg
         keras.utils.set_random_seed(cfg["seed"])
-        model = build_dense_model(
-            input_shape=X.shape[1:],
-            n_classes=n_classes,
-            pool=pool,
+        if cfg["normalize"] and input_norm is None:
+            input_norm = pooled_moments(prep.views, prep.pool)
+        return build_dense_model(
+            input_shape=prep.input_shape,
+            n_classes=len(prep.classes),
+            pool=prep.pool,
             hidden=cfg["hidden"],
             batchnorm=cfg["batchnorm"],
             dropout=cfg["dropout"],
             activation=cfg["activation"],
             l2=cfg["l2"],
-            input_norm=pooled_moments(views, pool) if cfg["normalize"] else None,
-        )
-        model.compile(
-            optimizer=_make_optimizer(cfg["optimizer"], cfg["lr"]),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        callbacks = []
-        stopper = None
-        if cfg["patience"] > 0 and validation is not None:
-            stopper = keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=cfg["patience"], restore_best_weights=True
-            )
-            callbacks.append(stopper)
-        data = _make_view_batches(
-            views, y_enc, sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"]
-        )
-        history = model.fit(
-            data,
-            epochs=cfg["epochs"],
-            validation_data=validation,
-            validation_batch_size=max(cfg["batch_size"], 256),
-            callbacks=callbacks,
-            verbose=cfg["verbose"],
-            shuffle=False,  # the PyDataset shuffles itself, seeded by (seed, epoch)
+            input_norm=input_norm if cfg["normalize"] else None,
         )
 
-        self.classes_ = encoder.classes_
+    def _set_fitted(self, prep: _FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> DenseHead:
+        """Store the learned attributes; returns ``self``."""
+        self.classes_ = prep.classes
         self.model_ = model
-        self.history_ = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        n_epochs = len(self.history_.get("loss", []))
-        best = getattr(stopper, "best_epoch", None) if stopper is not None else None
-        # Keras 3's EarlyStopping restores the best weights at train end whether or not it
-        # stopped early, so the kept epoch is always its best_epoch.
-        self.best_epoch_ = int(best) if best is not None else n_epochs - 1
-        self.input_shape_ = tuple(int(d) for d in X.shape[1:])
+        self.history_ = history
+        self.best_epoch_ = int(best_epoch)
+        self.input_shape_ = prep.input_shape
         self.n_features_in_ = int(np.prod(self.input_shape_))
         return self
 

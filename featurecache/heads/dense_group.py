@@ -1,0 +1,219 @@
+"""Train several ``DenseHead`` configurations together, in one pass over the features.
+
+A sweep over dense heads usually varies what happens *inside* the head (widths, dropout,
+learning rate, optimizer, L2, ...) while the data the heads see is the same. Trained one
+after another, each configuration pays for its own pass over the features (reading and
+gathering every batch, a Python loop of ``fit``) and for its own ``tf.function`` tracing.
+:func:`fit_dense_heads` trains a group of them in a single loop instead: every batch is
+gathered once and fed to all heads in one traced step, each head with its own optimizer,
+its own early stopping and its own epoch count.
+
+What "together" preserves. A head of the group gets exactly what ``DenseHead.fit`` would give
+it alone: the same initial weights and dropout seeds (Keras is seeded with the head's
+``seed`` just before its model is built), the same batches in the same order (the batch
+order and view draw depend only on ``seed`` and the epoch), the same loss (the summed loss's
+gradient with respect to one head's weights is that head's own gradient), the same
+validation loss and ``EarlyStopping(patience, restore_best_weights=True)`` rule. The tests
+check that predictions agree with one-at-a-time training to float32 round-off.
+
+Which heads can share a pass: those with the same ``batch_size``, ``seed``, ``class_weight``
+and ``pool`` (see :func:`group_key`) fitted on the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from featurecache.errors import UsageError
+from featurecache.heads.dense import DenseHead, _make_optimizer, _make_view_batches, pooled_moments
+
+__all__ = ["fit_dense_heads", "group_key"]
+
+
+def group_key(head: DenseHead) -> tuple[Any, ...]:
+    """The parameters that must be equal for heads to train in one pass over the data.
+
+    Parameters
+    ----------
+    head
+        An unfitted (or fitted) ``DenseHead``.
+
+    Returns
+    -------
+    tuple
+        ``(batch_size, seed, class_weight, pool)`` after coercion: they decide the batches
+        (order, size, sample weights) and the input the heads are fed.
+    """
+    from featurecache.heads.registry import coerce_head_params
+
+    cfg = coerce_head_params("dense", head.get_params(deep=False))
+    return (cfg["batch_size"], cfg["seed"], cfg["class_weight"], cfg["pool"])
+
+
+def fit_dense_heads(
+    heads: Sequence[DenseHead],
+    X: Any,
+    y: Any,
+    *,
+    X_val: Any = None,
+    y_val: Any = None,
+    X_views: Any = None,
+) -> list[DenseHead]:
+    """Fit every head of ``heads`` on the same data in one shared training loop.
+
+    Parameters
+    ----------
+    heads
+        ``DenseHead`` estimators with equal :func:`group_key`; their other parameters
+        (hidden, dropout, batchnorm, activation, l2, optimizer, lr, epochs, patience,
+        normalize) may all differ.
+    X, y, X_val, y_val, X_views
+        As for :meth:`DenseHead.fit`.
+
+    Returns
+    -------
+    list of DenseHead
+        The same objects, fitted: each with ``model_``, ``history_``, ``best_epoch_`` as if it
+        had been fitted alone.
+
+    Raises
+    ------
+    UsageError
+        ``heads`` is empty, holds something other than ``DenseHead``, or heads whose
+        :func:`group_key` differ; or the data are invalid (as in ``DenseHead.fit``).
+    """
+    import keras
+    import tensorflow as tf
+
+    heads = list(heads)
+    if not heads:
+        raise UsageError("fit_dense_heads needs at least one DenseHead")
+    if not all(isinstance(h, DenseHead) for h in heads):
+        raise UsageError("fit_dense_heads trains DenseHead estimators only; fit other heads one by one")
+    keys = {group_key(h) for h in heads}
+    if len(keys) > 1:
+        raise UsageError(
+            f"heads trained together need the same batch_size, seed, class_weight and pool, got {sorted(keys, key=str)}; "
+            "group them with featurecache.heads.dense_group.group_key"
+        )
+    preps = [h._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views) for h in heads]
+    first = preps[0]
+    moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
+    models = [h._build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
+    optimizers = [_make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
+    for opt, model in zip(optimizers, models):
+        opt.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    batch_size, seed = first.cfg["batch_size"], first.cfg["seed"]
+    data = _make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=batch_size, seed=seed)
+    n = len(heads)
+
+    def head_loss(model: Any, y_true: Any, proba: Any, weight: Any) -> Any:
+        loss = loss_fn(y_true, proba, sample_weight=weight)
+        return loss + tf.add_n(model.losses) if model.losses else loss  # L2, as Model.compute_loss adds
+
+    steps: dict[tuple[int, ...], Any] = {}
+
+    def train_step(active: tuple[int, ...]) -> Any:
+        # One traced step per set of still-training heads (it changes only when one stops).
+        if active not in steps:
+            ms, opts = [models[i] for i in active], [optimizers[i] for i in active]
+
+            @tf.function(reduce_retracing=True)
+            def step(x: Any, y_true: Any, weight: Any) -> Any:
+                with tf.GradientTape() as tape:
+                    probas = [m(x, training=True) for m in ms]
+                    losses = [head_loss(m, y_true, p, weight) for m, p in zip(ms, probas)]
+                    total = tf.add_n(losses)
+                variables = [m.trainable_variables for m in ms]
+                grads = tape.gradient(total, [v for vs in variables for v in vs])
+                at = 0
+                for opt, vs in zip(opts, variables):
+                    opt.apply_gradients(zip(grads[at : at + len(vs)], vs))
+                    at += len(vs)
+                correct = [tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32) for p in probas]
+                # Unweighted, like the accuracy Keras's fit reports with sample weights.
+                return tf.stack(losses), tf.stack([tf.reduce_mean(c) for c in correct])
+
+            steps[active] = step
+        return steps[active]
+
+    @tf.function(reduce_retracing=True)
+    def val_step(x: Any, y_true: Any) -> Any:
+        probas = [m(x, training=False) for m in models]
+        ones = tf.ones_like(y_true, dtype=tf.float32)
+        losses = [head_loss(m, y_true, p, ones) for m, p in zip(models, probas)]
+        correct = [tf.reduce_mean(tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32)) for p in probas]
+        return tf.stack(losses), tf.stack(correct)
+
+    validation = first.validation
+    val_batch = max(batch_size, 256)
+    epochs = [p.cfg["epochs"] for p in preps]
+    patience = [p.cfg["patience"] if validation is not None else 0 for p in preps]
+    history: list[dict[str, list[float]]] = [{} for _ in heads]
+    # EarlyStopping(monitor="val_loss", restore_best_weights=True) per head, as in Keras 3.
+    best: list[float | None] = [None] * n
+    best_epoch = [0] * n
+    best_weights: list[list[np.ndarray] | None] = [None] * n
+    wait = [0] * n
+    stopped = [False] * n
+
+    # Keras's fit calls on_epoch_end once before the first epoch (EpochIterator.reset), so a
+    # head fitted alone starts on the draw of epoch counter 1: do the same to match it.
+    data.on_epoch_end()
+    epoch = 0
+    while True:
+        active = tuple(i for i in range(n) if not stopped[i] and epoch < epochs[i])
+        if not active:
+            break
+        step = train_step(active)
+        sums, accs, seen = np.zeros(len(active)), np.zeros(len(active)), 0
+        for b in range(len(data)):
+            batch = data[b]
+            xb, yb = batch[0], batch[1]
+            wb = batch[2] if len(batch) > 2 else np.ones(len(yb), dtype=np.float32)
+            losses, acc = step(tf.convert_to_tensor(xb, tf.float32), tf.convert_to_tensor(yb, tf.int32), tf.convert_to_tensor(wb, tf.float32))
+            # Keras's fit averages batch losses and accuracies weighted by batch size.
+            sums += losses.numpy() * len(yb)
+            accs += acc.numpy() * len(yb)
+            seen += len(yb)
+        data.on_epoch_end()
+        for j, i in enumerate(active):
+            history[i].setdefault("accuracy", []).append(float(accs[j] / max(seen, 1)))
+            history[i].setdefault("loss", []).append(float(sums[j] / max(seen, 1)))
+        if validation is not None:
+            Xv, yv = validation
+            vsums, vaccs = np.zeros(n), np.zeros(n)
+            for b in range(0, len(yv), val_batch):
+                vl, va = val_step(tf.convert_to_tensor(Xv[b : b + val_batch], tf.float32), tf.convert_to_tensor(yv[b : b + val_batch], tf.int32))
+                m = len(yv[b : b + val_batch])
+                vsums += vl.numpy() * m
+                vaccs += va.numpy() * m
+            for i in active:
+                current = float(vsums[i] / max(len(yv), 1))
+                history[i].setdefault("val_accuracy", []).append(float(vaccs[i] / max(len(yv), 1)))
+                history[i].setdefault("val_loss", []).append(current)
+                if patience[i] <= 0:
+                    continue
+                if best_weights[i] is None:
+                    best_weights[i], best_epoch[i] = models[i].get_weights(), epoch
+                wait[i] += 1
+                if best[i] is None or current < best[i]:
+                    best[i], best_epoch[i], best_weights[i], wait[i] = current, epoch, models[i].get_weights(), 0
+                elif wait[i] >= patience[i] and epoch > 0:
+                    stopped[i] = True
+        epoch += 1
+
+    for i, (head, prep) in enumerate(zip(heads, preps)):
+        if patience[i] > 0 and best_weights[i] is not None:
+            models[i].set_weights(best_weights[i])
+            kept = best_epoch[i]
+        else:
+            kept = len(history[i].get("loss", [])) - 1
+        # Compiled like DenseHead.fit leaves it, so the fitted head behaves the same afterwards.
+        models[i].compile(optimizer=optimizers[i], loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        head._set_fitted(prep, models[i], history[i], kept)
+    return heads
