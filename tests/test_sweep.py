@@ -254,6 +254,18 @@ def test_cli_sweep_json_random_trials(digits: store.FeatureSet, cache: Path, tmp
     assert [r["trial"] for r in again["leaderboard"]] == [r["trial"] for r in doc["leaderboard"]]
 
 
+@pytest.mark.parametrize("flag,grouped", [("--together", True), ("--one-by-one", False)])
+def test_cli_sweep_together_flag(digits: store.FeatureSet, cache: Path, tmp_path: Path, flag: str, grouped: bool) -> None:
+    out = tmp_path / "cli-dense"
+    args = ["sweep", "-f", digits.key[:12], "--grid", "dense:hidden=,16;epochs=1;patience=0;batch_size=256", flag,
+            "--out", str(out), "--cache", str(cache), "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    records = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
+    assert len(records) == 2
+    assert all(("trained_together" in r) == grouped for r in records)
+
+
 def test_cli_sweep_table(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
     opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
     res = CliRunner().invoke(app, ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(cache), "-q"])
