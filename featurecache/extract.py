@@ -278,7 +278,7 @@ def _wait_for_lease(lease: store.Lease, p: Plan, *, timeout: float | None, progr
             lease.break_stale(judged)
             continue
         if not told and progress:
-            holder = lease.holder() or {}
+            holder = judged or {}
             print(
                 f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting {p.spec.entry_name()}",
                 file=sys.stderr,
