@@ -437,14 +437,13 @@ def plan_work(pending: Sequence[TrialSpec], workers: int, *, together: bool = Tr
     list of list of TrialSpec
         Work items in a stable order (groups first, largest first, then single trials).
     """
-    from featurecache.heads import make_head
-    from featurecache.heads.dense_group import group_key
+    from featurecache.heads.dense_group import group_key_of
 
     groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
     singles: list[list[TrialSpec]] = []
     for t in pending:
         if together and t.head == "dense":
-            groups.setdefault(group_key(make_head(t.head, t.params)), []).append(t)
+            groups.setdefault(group_key_of(t.params), []).append(t)  # trial params are coerced
         else:
             singles.append([t])
     items: list[list[TrialSpec]] = []

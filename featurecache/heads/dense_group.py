@@ -30,7 +30,7 @@ import numpy as np
 from featurecache.errors import UsageError
 from featurecache.heads.dense import DenseHead, _make_optimizer, _make_view_batches, pooled_moments
 
-__all__ = ["fit_dense_heads", "group_key"]
+__all__ = ["GROUP_PARAMS", "fit_dense_heads", "group_key", "group_key_of"]
 
 
 def group_key(head: DenseHead) -> tuple[Any, ...]:
@@ -49,8 +49,16 @@ def group_key(head: DenseHead) -> tuple[Any, ...]:
     """
     from featurecache.heads.registry import coerce_head_params
 
-    cfg = coerce_head_params("dense", head.get_params(deep=False))
-    return (cfg["batch_size"], cfg["seed"], cfg["class_weight"], cfg["pool"])
+    return group_key_of(coerce_head_params("dense", head.get_params(deep=False)))
+
+
+#: The dense parameters that decide the batches and the input, so must match within a group.
+GROUP_PARAMS: tuple[str, ...] = ("batch_size", "seed", "class_weight", "pool")
+
+
+def group_key_of(params: Any) -> tuple[Any, ...]:
+    """:func:`group_key` from already coerced dense parameters (e.g. a sweep trial's)."""
+    return tuple(params[k] for k in GROUP_PARAMS)
 
 
 def fit_dense_heads(
