@@ -11,6 +11,19 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS thread for a module's in-process fits.
+
+    On the shared 2-core box, OpenBLAS's second thread spins against other processes and makes
+    one lbfgs fit ~30x slower (7 s instead of 0.2 s); sweep workers get this limit from joblib.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty cache, also set as $FEATURECACHE_DIR so CLI calls use it."""

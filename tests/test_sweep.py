@@ -26,14 +26,8 @@ GRID = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_blas_thread():
-    # See tests/test_train.py: a second OpenBLAS thread makes in-process lbfgs fits ~30x
-    # slower on the shared 2-core box. Process workers get the same limit from joblib.
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
+# In-process lbfgs fits need one BLAS thread on the shared 2-core box (see conftest).
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")

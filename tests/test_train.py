@@ -34,14 +34,8 @@ DIGITS = {"backbone": "mobilenetv2", "weights": "random", "size": 32}
 N_CLASSES = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_blas_thread():
-    # On the shared 2-core box, OpenBLAS's second thread spins against other processes and
-    # makes one lbfgs fit ~30x slower (7 s instead of 0.2 s); sweeps get this from joblib.
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
+# In-process lbfgs fits need one BLAS thread on the shared 2-core box (see conftest).
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
