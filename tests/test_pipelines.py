@@ -56,11 +56,13 @@ def test_shipped_pipeline_runs_small_and_offline(name: str, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_demo_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["demo", "--limit", "20", "--cache", str(tmp_path / "cache"), "--json", "--set", "finetune.epochs=1"])
+    res = CliRunner().invoke(app, ["demo", "--limit", "20", "--cache", str(tmp_path / "cache"), "--json", "--set", "finetune.epochs=1",
+                                    "--set", "finetune.unfreeze=top:2"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout[res.stdout.index("{"):])
     stages = [r["stage"] for r in doc["summary"]]
     assert stages == ["extract", "sweep", "finetune"]
+    assert doc["summary"][2]["what"] == "unfreeze top:2"  # the override, not the file's top:1
     sweep_row = doc["summary"][1]
     assert sweep_row["val_accuracy"] > 0.3  # 10 classes: chance is 0.1
     assert all(Path(p).is_file() for p in doc["plots"]) and any(p.endswith("leaderboard.png") for p in doc["plots"])

@@ -39,18 +39,18 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import UsageError, choices
+from featurecache.extract import library_versions
 from featurecache.finetune.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
 from featurecache.finetune.equivalence import EquivalenceReport, check_equivalence
 from featurecache.finetune.export import MODEL_FILE, export_model, write_outputs
 from featurecache.finetune.inference import ImagePredictor, image_pool, predict_rows
 from featurecache.finetune.rebuild import Rebuilt, preprocess_layers, rebuild_model
-from featurecache.finetune.run_data import RunData, label_map, load_run_data, read_predictions
+from featurecache.finetune.run_data import RunData, load_run_data, read_predictions
 from featurecache.finetune.training import OPTIMIZERS, fit_model, history_summary, make_trainer
 from featurecache.finetune.unfreeze import resolve_unfreeze, trainable_text, unfreeze_blocks
 
-# Names other code imported from the single-module ``featurecache.finetune`` before it became
-# a package; kept so those imports keep working.
-_label_map = label_map
+# A name tests imported from the single-module ``featurecache.finetune`` before it became a
+# package; kept so those imports keep working.
 _make_trainer = make_trainer
 
 __all__ = [
@@ -87,6 +87,7 @@ class FinetuneResult:
     metrics: dict[str, Any]
     seconds: float
     savedmodel: Path | None = None
+    unfreeze: str = ""  # the --unfreeze request as given
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document (metrics without per-class tables)."""
@@ -95,7 +96,8 @@ class FinetuneResult:
             "model": str(self.model_path),
             "savedmodel": str(self.savedmodel) if self.savedmodel else None,
             "equivalence": self.equivalence.to_json(),
-            "trainable": {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in self.trainable.items()},
+            "unfreeze": self.unfreeze,
+            "trainable": _trainable_summary(self.trainable),
             "epochs": len(self.history.get("loss", [])),
             "metrics": {s: _short_metrics(m) for s, m in self.metrics.items()},
             "seconds": round(self.seconds, 3),
@@ -263,14 +265,14 @@ def finetune(
         },
         "equivalence": report.to_json(),
         "unfreeze": unfreeze,
-        "trainable": {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in trainable.items()},
+        "trainable": _trainable_summary(trainable),
         "trainable_layers": {k: v["layers"] for k, v in trainable.items()},
         "training": {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "patience": patience, "seed": seed},
         "history": history_summary(history, best_epoch),
         "metrics": {s: _short_metrics(m) for s, m in metrics.items()},
         "seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     write_outputs(
         out_dir,
@@ -291,6 +293,7 @@ def finetune(
         metrics=metrics,
         seconds=seconds,
         savedmodel=out_dir / "savedmodel" if savedmodel else None,
+        unfreeze=unfreeze,
     )
 
 
@@ -315,7 +318,6 @@ def _evaluate_run_splits(rebuilt: Rebuilt, run_data: RunData, *, batch_size: int
     return metrics, preds
 
 
-def _versions() -> dict[str, str]:
-    from featurecache.extract import library_versions
-
-    return library_versions()
+def _trainable_summary(trainable: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per part (backbone, head): trainable layer count, parameters, BatchNorm frozen or not."""
+    return {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in trainable.items()}
