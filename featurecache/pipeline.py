@@ -108,13 +108,26 @@ def _literal(raw: str) -> Any:
         return raw
 
 
-def _check_keys(doc: Mapping[str, Any], path: Path) -> None:
-    import featurecache
+def _stage_functions() -> dict[str, Any]:
+    """The function behind each stage, taken from its own module.
 
+    Not ``getattr(featurecache, stage)``: the package's ``extract``, ``sweep`` and
+    ``finetune`` attributes share their names with submodules, so which one they hold depends
+    on import order.
+    """
+    from featurecache.extract import extract
+    from featurecache.finetune import finetune
+    from featurecache.sweep import sweep
+
+    return {"extract": extract, "sweep": sweep, "finetune": finetune}
+
+
+def _check_keys(doc: Mapping[str, Any], path: Path) -> None:
+    functions = _stage_functions()
     for stage in STAGES:
         if stage not in doc:
             continue
-        fn = getattr(featurecache, stage)
+        fn = functions[stage]
         params = inspect.signature(fn).parameters
         allowed = {n for n, prm in params.items() if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
         bad = set(doc[stage]) - allowed
@@ -150,8 +163,7 @@ def run_pipeline(
     progress
         Show progress bars.
     """
-    import featurecache
-
+    stage = _stage_functions()
     doc = load_pipeline(path, overrides=overrides, limit=limit)
     meta = doc["pipeline"]
     runs = Path(runs_dir or meta.get("runs_dir", "runs"))
@@ -161,26 +173,26 @@ def run_pipeline(
     data = ex_args.pop("data", "builtin:digits")
     t0 = time.perf_counter()
     try:
-        extracted = featurecache.extract(data, cache_dir=cache_dir, progress=progress, **ex_args)
+        extracted = stage["extract"](data, cache_dir=cache_dir, progress=progress, **ex_args)
     except WeightsUnavailableError as exc:
         if not weights_fallback:
             raise
         print(f"note: ImageNet weights are not available offline ({str(exc).split(';')[0]}); using random weights instead", file=sys.stderr)
         ex_args["weights"] = "random"
-        extracted = featurecache.extract(data, cache_dir=cache_dir, progress=progress, **ex_args)
+        extracted = stage["extract"](data, cache_dir=cache_dir, progress=progress, **ex_args)
     result.stages["extract"] = {**extracted.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
 
     if "sweep" in doc or "finetune" in doc:
         t0 = time.perf_counter()
         sw_args = dict(doc.get("sweep", {}))
         sw_args.setdefault("out", runs / f"{result.name}-sweep")
-        swept = featurecache.sweep(extracted.key, cache_dir=cache_dir, progress=progress, **sw_args)
+        swept = stage["sweep"](extracted.key, cache_dir=cache_dir, progress=progress, **sw_args)
         result.stages["sweep"] = {**swept.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
 
         if "finetune" in doc:
             t0 = time.perf_counter()
             ft_args = dict(doc["finetune"])
             ft_args.setdefault("out", runs / f"{result.name}-finetune")
-            tuned = featurecache.finetune(swept.best_run, cache_dir=cache_dir, progress=progress, **ft_args)
+            tuned = stage["finetune"](swept.best_run, cache_dir=cache_dir, progress=progress, **ft_args)
             result.stages["finetune"] = {**tuned.to_json(), "seconds": round(time.perf_counter() - t0, 2)}
     return result
