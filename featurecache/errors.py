@@ -18,6 +18,16 @@ def choices(values: Iterable[str], limit: int = 60) -> str:
     return shown + (f", ... ({len(vals) - limit} more)" if len(vals) > limit else "")
 
 
+def human_bytes(n: float) -> str:
+    """A size for messages and tables: ``1536`` -> ``1.5 KiB`` (binary units, up to GiB)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
 class FeatureCacheError(Exception):
     """Base class of every error featurecache raises on purpose."""
 

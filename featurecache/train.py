@@ -35,7 +35,7 @@ import numpy as np
 
 from featurecache.cache import store
 from featurecache.cache.keys import digest_of
-from featurecache.errors import MemoryBudgetError, RunError, UsageError
+from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
 
 RUN_FORMAT = 1
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
@@ -256,14 +256,6 @@ def train_feature_bytes(fs: store.FeatureSet) -> int:
     return int(lay.views) * int(lay.n) * int(np.prod(lay.feature_shape, dtype=np.int64)) * 4
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # unreachable, for type checkers
-
-
 class LazyFeatures:
     """Selected rows of a cached ``(views, n, *feat)`` Zarr array, read only when indexed.
 
@@ -312,7 +304,7 @@ class LazyFeatures:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"LazyFeatures(shape={self.shape}, dtype={self.dtype}, budget={_format_bytes(self.budget)})"
+        return f"LazyFeatures(shape={self.shape}, dtype={self.dtype}, budget={human_bytes(self.budget)})"
 
     def view(self, v: int) -> LazyFeatures:
         """View ``v`` (an index into :attr:`views`) as ``(len(rows), *feat)``."""
@@ -349,8 +341,8 @@ class LazyFeatures:
         """The error for an operation that would load everything."""
         need = len(self.rows) * int(self.array.shape[0]) * int(np.prod(self.array.shape[2:], dtype=np.int64)) * 4
         return MemoryBudgetError(
-            f"the training features ({len(self.rows)} rows x {int(self.array.shape[0])} views, {_format_bytes(need)} as float32) "
-            f"exceed the memory budget of {_format_bytes(self.budget)} (max_memory or ${MEMORY_ENV}) and are streamed from the cache, "
+            f"the training features ({len(self.rows)} rows x {int(self.array.shape[0])} views, {human_bytes(need)} as float32) "
+            f"exceed the memory budget of {human_bytes(self.budget)} (max_memory or ${MEMORY_ENV}) and are streamed from the cache, "
             f"but {why}; train the dense head (it streams: --head dense), or raise the budget, e.g. {MEMORY_ENV}={-(-need * 5 // (4 << 20))}M"
         )
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from featurecache.errors import FeatureCacheError
+from featurecache.errors import FeatureCacheError, human_bytes  # noqa: F401 - re-exported for the commands
 
 DEBUG_ENV = "FEATURECACHE_DEBUG"
 
@@ -67,16 +67,13 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def csv_items(text: str) -> tuple[str, ...]:
+    """A comma-separated option value as its non-empty, stripped items: ``"a, b,"`` -> ``("a", "b")``."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def print_json(obj: Any) -> None:
     """Write ``obj`` as JSON to stdout."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, fail, handle_errors, human_bytes, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, csv_items, fail, handle_errors, human_bytes, print_json
 from featurecache.cli.extract import (
     AugmentOpt,
     BackboneOpt,
@@ -199,7 +199,7 @@ def explain_cmd(
 
     report = explain(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
-        views=views, augment_splits=tuple(s.strip() for s in augment_splits.split(",") if s.strip()), seed=seed,
+        views=views, augment_splits=csv_items(augment_splits), seed=seed,
         dtype=dtype, precision=precision, limit=limit, cache_dir=cache,
     )
     if json_out:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, csv_items, handle_errors, print_json
 
 DataOpt = Annotated[
     str,
@@ -77,7 +77,7 @@ def extract_cmd(
         resize=resize,
         augment=augment,
         views=views,
-        augment_splits=tuple(s.strip() for s in augment_splits.split(",") if s.strip()),
+        augment_splits=csv_items(augment_splits),
         seed=seed,
         dtype=dtype,
         precision=precision,

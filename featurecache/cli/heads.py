@@ -19,6 +19,7 @@ from featurecache.cli._common import (
     CacheOpt,
     JsonOpt,
     QuietOpt,
+    csv_items,
     handle_errors,
     print_json,
 )
@@ -86,7 +87,7 @@ def _feature_set(
         )
     from featurecache.extract import plan
 
-    splits = tuple(s.strip() for s in augment_splits.split(",") if s.strip())
+    splits = csv_items(augment_splits)
     p = plan(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
         augment=augment, views=views, augment_splits=splits, seed=seed, dtype=dtype, precision=precision,
@@ -214,7 +215,7 @@ def sweep_cmd(
     """Grid or random search over heads on cached features; ranks them and saves the best as a run (resumable)."""
     from featurecache.sweep import leaderboard_table, plan_trials, sweep
 
-    head_list = tuple(h.strip() for h in heads.split(",") if h.strip())
+    head_list = csv_items(heads)
     plan_trials(grid=grid or (), trials=trials, heads=head_list, seed=sweep_seed)  # bad grids fail before the lookup
     fs = _feature_set(
         features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
