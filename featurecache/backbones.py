@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -1040,10 +1040,21 @@ def build_feature_model(
         features = base.get_layer(name).output
     if pooling in ("avg", "max") and len(features.shape) != 4:
         raise BackboneError(f"layer {name!r} of {spec.name} outputs shape {tuple(features.shape)}, not a spatial map; pass --pooling flatten or none")
-    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D, "flatten": keras.layers.Flatten}.get(pooling)
+    pool = pooling_layer(pooling, name=f"features_{pooling}")
     if pool is not None:
-        features = pool(name=f"features_{pooling}")(features)
+        features = pool(features)
     return keras.Model(base.input, features, name=f"{spec.name}_features")
+
+
+def pooling_layer(pooling: str, *, name: str) -> Any:
+    """The Keras layer of ``--pooling`` (``avg``, ``max``, ``flatten``), or ``None`` for ``none``.
+
+    Shared by feature extraction and the fine-tune rebuild, so both pool the same way.
+    """
+    import keras
+
+    layer = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D, "flatten": keras.layers.Flatten}.get(pooling)
+    return None if layer is None else layer(name=name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,9 +182,9 @@ def rebuild_model(
         x = lyr(x)
     x = backbone(x, training=False)
     pooling = str(spec["pooling"])
-    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D, "flatten": keras.layers.Flatten}.get(pooling)
+    pool = backbones.pooling_layer(pooling, name=POOL_LAYER)
     if pool is not None and not (pooling in ("avg", "max") and len(x.shape) != 4):
-        x = pool(name=POOL_LAYER)(x)
+        x = pool(x)
     feature_shape = tuple(int(d) for d in x.shape[1:])
     apply_head = keras_head(estimator, feature_shape=feature_shape, n_classes=len(classes), feature_dtype=str(spec.get("dtype", "float32")))
     outputs = apply_head(x)
