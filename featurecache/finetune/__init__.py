@@ -208,20 +208,25 @@ def finetune(
     trainable = unfreeze_blocks(rebuilt, unfreeze)
     predictions = read_predictions(rebuilt.run_dir)
     run_data = load_run_data(rebuilt.config, predictions, data=data, limit=limit, cache_dir=cache_dir)
-    report = check_equivalence(rebuilt, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size, cache_dir=cache_dir)
-    if log:
-        print(
-            f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}",
-            file=log,
-        )
-        print(trainable_text(trainable, rebuilt), file=log)
-
-    out_dir = Path(out) if out is not None else rebuilt.run_dir.with_name(rebuilt.run_dir.name + "-ft")
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = rebuilt.spec
     history: dict[str, list[float]] = {}
     best_epoch = None
+    out_dir = Path(out) if out is not None else rebuilt.run_dir.with_name(rebuilt.run_dir.name + "-ft")
+    # One pool of decode threads and one traced predictor for the check and the final
+    # evaluation (the trace reads the model's variables, so it sees the fine-tuned weights).
+    predictor = ImagePredictor(rebuilt.model, batch_size=batch_size)
     with image_pool("fc-ft") as pool:
+        report = check_equivalence(
+            rebuilt, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size,
+            cache_dir=cache_dir, predictor=predictor, pool=pool,
+        )
+        if log:
+            print(
+                f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}",
+                file=log,
+            )
+            print(trainable_text(trainable, rebuilt), file=log)
+        out_dir.mkdir(parents=True, exist_ok=True)
         if epochs > 0:
             history, best_epoch = fit_model(
                 rebuilt,
@@ -237,7 +242,7 @@ def finetune(
                 pool=pool,
                 log=log,
             )
-        metrics, preds = _evaluate_run_splits(rebuilt, run_data, batch_size=batch_size, pool=pool)
+        metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
     model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel)
     seconds = time.perf_counter() - started
     config = {
@@ -297,12 +302,11 @@ def finetune(
     )
 
 
-def _evaluate_run_splits(rebuilt: Rebuilt, run_data: RunData, *, batch_size: int, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _evaluate_run_splits(rebuilt: Rebuilt, run_data: RunData, *, predictor: ImagePredictor, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions of the model on the run's validation rows and the test split."""
     from featurecache.metrics import classification_metrics
 
     ds = run_data.dataset
-    predictor = ImagePredictor(rebuilt.model, batch_size=batch_size)
     todo = [("val", ds.splits[run_data.val_split], run_data.val_rows)]
     if "test" in ds.splits:
         todo.append(("test", ds.splits["test"], np.arange(len(ds.splits["test"]))))

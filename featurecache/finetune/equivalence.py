@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,8 @@ def check_equivalence(
     max_samples: int | None = 512,
     batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
+    predictor: ImagePredictor | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> EquivalenceReport:
     """Check the rebuilt model against the run's cached-feature predictions.
 
@@ -87,6 +90,10 @@ def check_equivalence(
     cache_dir
         Cache root: when the run's feature set is still cached, a mismatch is diagnosed by
         comparing the rebuilt features with the cached ones.
+    predictor
+        An :class:`ImagePredictor` of ``rebuilt.model`` to reuse (its trace); default: a new one.
+    pool
+        Threads to decode the images on (:func:`image_pool`); ``None`` decodes in this thread.
 
     Returns
     -------
@@ -108,8 +115,8 @@ def check_equivalence(
         pick = np.unique(np.linspace(0, len(pick) - 1, int(max_samples)).round().astype(np.int64))
     split = run_data.dataset.splits[run_data.val_split]
     rows = run_data.val_rows[pick]
-    images = load_images(split, rows)
-    got = ImagePredictor(rebuilt.model, batch_size=batch_size)(images)
+    images = load_images(split, rows, pool=pool)
+    got = (predictor or ImagePredictor(rebuilt.model, batch_size=batch_size))(images)
     expected = expected_all[pick]
     if got.shape != expected.shape:
         raise EquivalenceError(
