@@ -284,3 +284,22 @@ def test_folder_with_holdout_binary_head_and_caffe_preprocessing(image_folder: P
         assert set(npz["val_ids"].tolist()) == held_out
     preds = fc.predict(result.out, [image_folder / "cat" / "cat_1.jpg"], top_k=5)
     assert sorted(c for c, _ in preds[0].top) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("head,params", [("logreg", {}), ("sgd", {}), ("linear-svm", {"cv": 2}), ("ridge", {"cv": 2})])
+def test_linear_heads_convert_to_keras_exactly(head: str, params: dict, n_classes: int) -> None:
+    """Every linear head, binary and multi-class, becomes Keras layers with the same probabilities."""
+    import keras
+
+    from featurecache.finetune.convert import keras_head
+    from featurecache.heads import make_head
+
+    rng = np.random.default_rng(n_classes)
+    y = np.arange(90) % n_classes
+    X = (rng.normal(0, 1, (90, 6)) + y[:, None]).astype(np.float32)
+    est = make_head(head, params).fit(X, y)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras_head(est, feature_shape=(6,), n_classes=n_classes)(inp))
+    got = np.asarray(model.predict(X, verbose=0), dtype=np.float64)
+    np.testing.assert_allclose(got, est.predict_proba(X), atol=1e-5)

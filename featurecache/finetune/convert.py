@@ -64,6 +64,8 @@ def _not_expressible(what: str) -> UsageError:
 def _linear(clf: Any) -> tuple[np.ndarray, np.ndarray]:
     coef = np.asarray(getattr(clf, "coef_", None), dtype=np.float64)
     intercept = np.atleast_1d(np.asarray(getattr(clf, "intercept_", 0.0), dtype=np.float64))
+    if coef.ndim == 1:  # a binary RidgeClassifier keeps its one weight vector 1-D
+        coef = coef[None]
     if coef.ndim != 2:
         raise _not_expressible(f"{type(clf).__name__} (no linear coef_)")
     return coef, np.broadcast_to(intercept, (coef.shape[0],)).copy()
@@ -87,21 +89,26 @@ def _sklearn_branches(clf: Any, dtype: np.dtype) -> list[_Branch]:
     classes = np.asarray(clf.classes_).astype(np.int64)
     if isinstance(clf, LogisticRegression):
         coef, icpt = _linear(clf)
-        if len(classes) == 2:  # sigmoid(z) = softmax([0, z])[1]
-            return [_Branch(np.stack([np.zeros_like(coef[0]), coef[0]], axis=1), np.array([0.0, icpt[0]]), classes, False)]
+        if len(classes) == 2:
+            return [_binary_branch(coef[0], icpt[0], classes)]
         return [_Branch(coef.T, icpt, classes, False)]
     if isinstance(clf, SGDClassifier):
         if clf.loss != "log_loss":
             raise _not_expressible(f"SGDClassifier(loss={clf.loss!r})")
         coef, icpt = _linear(clf)
         if len(classes) == 2:
-            return [_Branch(np.stack([np.zeros_like(coef[0]), coef[0]], axis=1), np.array([0.0, icpt[0]]), classes, False)]
+            return [_binary_branch(coef[0], icpt[0], classes)]
         return [_Branch(coef.T, icpt, classes, True, _underflow(clf.decision_function, coef.shape[1], dtype))]
     if isinstance(clf, CalibratedClassifierCV):
         if clf.method != "sigmoid":
             raise _not_expressible(f"a head calibrated with method={clf.method!r} (only 'sigmoid' is)")
         return [_calibrated_branch(cc, classes, dtype) for cc in clf.calibrated_classifiers_]
     raise _not_expressible(f"a {type(clf).__name__} head")
+
+
+def _binary_branch(w: np.ndarray, b: float, classes: np.ndarray) -> _Branch:
+    """A binary head ``sigmoid(w.x + b)`` as a softmax branch: ``sigmoid(z) = softmax([0, z])[1]``."""
+    return _Branch(np.stack([np.zeros_like(w), w], axis=1), np.array([0.0, b]), classes, False)
 
 
 def _calibrated_branch(cc: Any, classes: np.ndarray, dtype: np.dtype) -> _Branch:
@@ -117,7 +124,7 @@ def _calibrated_branch(cc: Any, classes: np.ndarray, dtype: np.dtype) -> _Branch
         if coef.shape[0] != 1 or len(cc.calibrators) != 1:
             raise _not_expressible("a binary calibrated head whose fold saw one class")
         u_w, u_b = -a[0] * coef[0], -(a[0] * icpt[0] + b[0])
-        return _Branch(np.stack([np.zeros_like(u_w), u_w], axis=1), np.array([0.0, u_b]), classes, False)
+        return _binary_branch(u_w, u_b, classes)
     if coef.shape[0] != len(est_classes) or len(cc.calibrators) != len(est_classes):
         raise _not_expressible("a calibrated head whose folds do not score every class they saw")
     kernel = (-a[:, None] * coef).T
