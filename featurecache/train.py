@@ -39,6 +39,8 @@ from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_b
 
 RUN_FORMAT = 1
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
+#: ``validation`` of a run validated on the cached ``val`` split (otherwise a hold-out of train).
+CACHED_VAL_LABEL = "cached val split"
 #: Memory budget for training features when neither ``max_memory`` nor the variable is set.
 DEFAULT_MAX_MEMORY = 4 << 30
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -105,7 +107,7 @@ def validation_label(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: 
         ``"cached val split"`` or ``"stratified <fraction> of train (seed <seed>)"``.
     """
     if "val" in fs.splits:
-        return "cached val split"
+        return CACHED_VAL_LABEL
     return f"stratified {val_fraction:g} of train (seed {seed})"
 
 

@@ -254,9 +254,9 @@ def finetune(
         "features": rebuilt.config["features"],
         "classes": list(rebuilt.classes),
         "dataset": {
-            "source": data or rebuilt.config["features"].get("dataset_source"),
-            "limit": limit if limit is not None else rebuilt.config["features"].get("dataset_limit"),
-            "seed": int(spec.get("seed", 0)),
+            "source": run_data.source,
+            "limit": run_data.limit,
+            "seed": run_data.seed,
             "validation": run_data.val_split,
             "n_train": len(run_data.train_rows),
             "n_val": len(run_data.val_rows),

@@ -38,6 +38,8 @@ class RunData:
         Rows of ``train`` used for training (the hold-out removed).
     labels
         Maps dataset label indices to model class indices.
+    source, limit, seed
+        How the dataset was loaded (``--data`` or the run's source, the ``--limit``, the seed).
     """
 
     dataset: Any = field(repr=False)
@@ -45,6 +47,9 @@ class RunData:
     val_rows: np.ndarray
     train_rows: np.ndarray
     labels: np.ndarray
+    source: str = ""
+    limit: int | None = None
+    seed: int = 0
 
 
 def load_run_data(
@@ -83,6 +88,7 @@ def load_run_data(
     """
     from featurecache.cache import store
     from featurecache.data import load_dataset
+    from featurecache.train import CACHED_VAL_LABEL
 
     features = config["features"]
     source = data or features.get("dataset_source")
@@ -95,7 +101,7 @@ def load_run_data(
     labels = label_map(dataset.classes, tuple(str(c) for c in config["classes"]), where=str(source))
     if "train" not in dataset.splits:
         raise RunError(f"dataset {source!r} has no train split; pass --data with the run's images")
-    held_out = not str(config.get("validation", "")).startswith("cached val")
+    held_out = str(config.get("validation", "")) != CACHED_VAL_LABEL
     val_split = "train" if held_out or "val" not in dataset.splits else "val"
     split = dataset.splits[val_split]
     index = {sid: i for i, sid in enumerate(split.ids)}
@@ -109,7 +115,10 @@ def load_run_data(
     val_rows = np.array([index[v] for v in val_ids], dtype=np.int64)
     n_train = len(dataset.splits["train"])
     train_rows = np.setdiff1d(np.arange(n_train), val_rows) if val_split == "train" else np.arange(n_train)
-    return RunData(dataset=dataset, val_split=val_split, val_rows=val_rows, train_rows=train_rows.astype(np.int64), labels=labels)
+    return RunData(
+        dataset=dataset, val_split=val_split, val_rows=val_rows, train_rows=train_rows.astype(np.int64), labels=labels,
+        source=str(source), limit=limit, seed=seed,
+    )
 
 
 def label_map(dataset_classes: Sequence[str], model_classes: Sequence[str], *, where: str) -> np.ndarray:
