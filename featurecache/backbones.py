@@ -685,24 +685,37 @@ def _update_memo(memo_dir: Path | None, section: str, key: str, value: object) -
     try:
         memo_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo_dir, prefix=".memo-", suffix=".tmp", delete=False) as handle:
-            json.dump(memo, handle, indent=1, sort_keys=True)
+            try:
+                json.dump(memo, handle, indent=1, sort_keys=True)
+            except BaseException:
+                Path(handle.name).unlink(missing_ok=True)
+                raise
         os.replace(handle.name, memo_dir / MEMO_FILE)
     except OSError:
         pass
 
 
 def _file_sha256(path: str, memo_dir: Path | None) -> str:
-    stat = os.stat(path)
-    entry = _read_memo(memo_dir).get("files", {}).get(path)
-    # size + mtime_ns is the same staleness test make and rsync use; one entry per path.
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-        return str(entry["sha256"])
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    _update_memo(memo_dir, "files", path, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()})
-    return digest.hexdigest()
+    """sha256 of a weights or model file, memoised with the dataset files' digests.
+
+    Uses :func:`featurecache.data.dataset.file_digests` and its memo (size + mtime, and never
+    trusting a file modified within the last 2 s, so a rewrite of the same size is noticed).
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    """
+    import errno
+
+    from featurecache.data.dataset import MEMO_FILENAME, file_digests
+
+    memo_path = None if memo_dir is None else Path(memo_dir) / MEMO_FILENAME
+    digest = file_digests([Path(path)], memo_path=memo_path)[0]
+    if digest.startswith("unreadable:"):
+        code = getattr(errno, digest.split(":", 1)[1], errno.EIO)
+        raise OSError(code, os.strerror(code), path)
+    return digest
 
 
 def _weights_sha256(model: keras.Model) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from featurecache import backbones as B
+from featurecache.data.dataset import MEMO_FILENAME
 from featurecache.errors import BackboneError, UnknownBackboneError, UsageError, WeightsUnavailableError
 
 ALL_CONSTRUCTORS = {
@@ -281,10 +282,15 @@ def test_weights_file_round_trip_and_identity(tmp_path: Path) -> None:
     memo = tmp_path / "memo"
     identity = B.weights_identity(ref, spec, memo_dir=memo)
     assert identity == f"file:sha256={hashlib.sha256(path.read_bytes()).hexdigest()}"
+    # A file written within the last 2 s is never memoised (a same-size rewrite could hide).
+    assert not (memo / MEMO_FILENAME).exists()
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10 * 10**9))
+    assert B.weights_identity(ref, spec, memo_dir=memo) == identity
     # A second call reads the memo instead of hashing: prove it by planting a value there.
-    data = json.loads((memo / B.MEMO_FILE).read_text())
+    data = json.loads((memo / MEMO_FILENAME).read_text())
     data["files"][str(path)]["sha256"] = "memoised"
-    (memo / B.MEMO_FILE).write_text(json.dumps(data))
+    (memo / MEMO_FILENAME).write_text(json.dumps(data))
     assert B.weights_identity(ref, spec, memo_dir=memo) == "file:sha256=memoised"
 
     source.set_weights([w + 1.0 for w in source.get_weights()])
