@@ -378,3 +378,37 @@ def test_unreadable_file_gets_a_deterministic_identity_instead_of_stopping(tmp_p
     assert file_digests([target], memo_path=memo) == ["unreadable:EISDIR"]
     assert file_digests([target], memo_path=memo) == ["unreadable:EISDIR"]  # never memoised as content
     assert not memo.exists()
+
+
+def test_all_file_splits_are_digested_in_one_memo_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from featurecache.data import dataset as dataset_mod
+
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", splits=("train", "val", "test"), per_class=3)
+    calls: list[int] = []
+    real = dataset_mod.file_digests
+
+    def counting(paths, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(paths))
+        return real(paths, **kw)
+
+    monkeypatch.setattr(dataset_mod, "file_digests", counting)
+    ds = load_dataset(str(root), memo_dir=tmp_path / "memo")
+    digest = ds.digest()
+    assert calls == [18]  # one pass (one memo read and write) for 3 splits x 6 files
+    for split in ds.splits.values():
+        assert split.content_digests() == real(split.items.paths)  # each split got its own digests
+    assert load_dataset(str(root)).digest() == digest  # same as digesting split by split without a memo
+
+
+def test_array_digests_hash_dtype_shape_header_then_pixels() -> None:
+    import hashlib
+
+    from featurecache.data.dataset import ArrayItems
+
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 4, 3, 3), dtype=np.uint8)
+    header = json.dumps({"dtype": "|u1", "shape": [4, 3, 3]}, sort_keys=True).encode()
+    expected = [hashlib.sha256(header + img.tobytes()).hexdigest() for img in images]
+    assert ArrayItems(images).content_digests() == expected
+    assert ArrayItems(images[:0]).content_digests() == []
