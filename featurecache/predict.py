@@ -191,8 +191,8 @@ def predict(
     UsageError
         No images, or ``top_k < 1``.
     """
-    from featurecache.data import decode_image
-    from featurecache.finetune.inference import ImagePredictor
+    from featurecache.data import IMAGE_EXTENSIONS, decode_image
+    from featurecache.finetune.inference import ImagePredictor, image_pool
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k must be an integer >= 1, got {top_k!r}")
@@ -200,12 +200,12 @@ def predict(
     if not paths:
         raise UsageError("no images given; pass one or more image files")
     # Decode everything first: a bad file fails in a second, not after the model has loaded.
-    decoded = []
-    for p in paths:
-        try:
-            decoded.append(decode_image(p))
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{exc}; pass image files ({', '.join(sorted(_extensions()))})") from None
+    # Decoded in parallel; map raises the first failure in input order, as a loop would.
+    try:
+        with image_pool("fc-predict") as pool:
+            decoded = list(pool.map(decode_image, paths))
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{exc}; pass image files ({', '.join(sorted(IMAGE_EXTENSIONS))})") from None
     loaded = load_model(model, weights=weights, cache_dir=cache_dir)
     proba = ImagePredictor(loaded.model, batch_size=batch_size)(decoded)
     k = min(top_k, len(loaded.classes))
@@ -214,12 +214,6 @@ def predict(
         order = np.argsort(-row, kind="stable")[:k]
         out.append(Prediction(image=str(p), top=tuple((loaded.classes[int(j)], float(row[j])) for j in order)))
     return out
-
-
-def _extensions() -> frozenset[str]:
-    from featurecache.data import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS
 
 
 # --------------------------------------------------------------------------------------------
