@@ -563,15 +563,15 @@ def load_resized(
         The images that failed to decode.
     """
     from featurecache.data import resize_image
-    from featurecache.data.dataset import ArrayItems
 
     n = stop - start
     x = np.zeros((n, size, size, 3), dtype=np.float32)
     valid = np.ones(n, dtype=bool)
     failures: list[tuple[str, str]] = []
-    if isinstance(split.items, ArrayItems):
-        # Already decoded and in memory: slice the unit instead of copying image by image.
-        _resize_into(x, np.arange(n), split.items.images[start:stop], size=size, method=method)
+    block = split.items.load_range(start, stop)
+    if block is not None:
+        # Already decoded and in memory: resize the unit's slice instead of image by image.
+        _resize_into(x, np.arange(n), block, size=size, method=method)
         return x, valid, failures
 
     def load(i: int) -> tuple[np.ndarray | None, bool, str | None]:
@@ -609,8 +609,6 @@ def _resize_into(out: np.ndarray, positions: np.ndarray, images: Sequence[np.nda
     per = max(1, RESIZE_BATCH_BYTES // max(1, first.shape[0] * first.shape[1] * 3 * 4))
     for b in range(0, len(positions), per):
         batch = np.stack(images[b : b + per]) if isinstance(images, list) else np.asarray(images[b : b + per])
-        if batch.ndim == 3:  # grey (n, H, W), as ArrayItems.load repeats it to RGB
-            batch = np.repeat(batch[..., None], 3, axis=-1)
         out[positions[b : b + per]] = resize_image(batch, size, method=method)
 
 

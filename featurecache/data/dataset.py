@@ -55,6 +55,12 @@ class Items(Protocol):
 
     def load(self, i: int) -> np.ndarray: ...
 
+    def load_range(self, start: int, stop: int) -> np.ndarray | None:
+        """Rows ``[start, stop)`` as one ``uint8 (n, H, W, 3)`` array (do not modify it) when the
+        images are held decoded, so they can be processed as a batch; ``None`` when each must be
+        decoded on its own."""
+        ...
+
     def content_digests(self) -> list[str]: ...
 
     def subset(self, indices: np.ndarray) -> Items: ...
@@ -73,6 +79,9 @@ class FileItems:
     def load(self, i: int) -> np.ndarray:
         # decode_image(bytes) gives the bare reason; callers prefix the item id.
         return decode_image(read_image_bytes(self.paths[i]))
+
+    def load_range(self, start: int, stop: int) -> None:
+        return None  # files are decoded one by one (each may fail on its own)
 
     def content_digests(self) -> list[str]:
         return file_digests(self.paths, memo_path=self.memo_path)
@@ -99,10 +108,15 @@ class ArrayItems:
         return int(self.images.shape[0])
 
     def load(self, i: int) -> np.ndarray:
-        img = self.images[i]
-        if img.ndim == 2:
-            return np.repeat(img[..., None], 3, axis=-1)
-        return img.copy()
+        img = self._rgb(self.images[i])
+        return img if self.images.ndim == 3 else img.copy()  # always a writable array of its own
+
+    def load_range(self, start: int, stop: int) -> np.ndarray:
+        return self._rgb(self.images[start:stop])  # read-only when no conversion was needed
+
+    def _rgb(self, block: np.ndarray) -> np.ndarray:
+        """``block`` of ``images`` with grey (the array is ``(n, H, W)``) repeated to RGB."""
+        return np.repeat(block[..., None], 3, axis=-1) if self.images.ndim == 3 else block
 
     def content_digests(self) -> list[str]:
         if len(self.images) == 0:
