@@ -211,9 +211,13 @@ class FeatureSet:
         out = []
         for split in self.splits:
             for unit in self.layout(split).units():
-                if unit.view != 0 or not self.unit_done(unit):
-                    continue
-                info = json.loads((self.path / unit.marker).read_text() or "{}")
+                if unit.view != 0:
+                    break  # units are view-major: every view-0 unit came first
+                try:
+                    text = (self.path / unit.marker).read_text()
+                except FileNotFoundError:
+                    continue  # not done yet
+                info = json.loads(text or "{}")
                 out.extend({"split": split, "id": i, "reason": r} for i, r in info.get("failures", []))
         return out
 
@@ -330,16 +334,16 @@ def create_entry(
             n = len(labels)
             rows = chunk_rows or chunk_rows_for(feature_shape, spec.dtype, n=n)
             views = spec.views_for(split)
+            row_chunks = (max(1, min(rows, max(n, 1))),)
             g = root.create_group(split)
             g.create_array(
                 "features",
                 shape=(views, n, *feature_shape),
-                chunks=(1, max(1, min(rows, max(n, 1))), *feature_shape),
+                chunks=(1, *row_chunks, *feature_shape),
                 dtype=spec.dtype,
                 fill_value=0,
                 **_codecs(),
             )
-            row_chunks = (max(1, min(rows, max(n, 1))),)
             lab = g.create_array("labels", shape=(n,), chunks=row_chunks, dtype="int64", fill_value=-1)
             idx = g.create_array("ids", shape=(n,), chunks=row_chunks, dtype=str)
             g.create_array("valid", shape=(n,), chunks=row_chunks, dtype=bool, fill_value=False)
@@ -481,11 +485,11 @@ def seal(fs: FeatureSet) -> None:
 
 
 # -- finding entries ----------------------------------------------------------------
-def iter_entries(cache_dir: Path) -> Iterator[FeatureSet]:
-    """Every entry under ``cache_dir`` (complete or not), sorted by name."""
+def iter_entries(cache_dir: Path, pattern: str = "*") -> Iterator[FeatureSet]:
+    """Every entry under ``cache_dir`` (complete or not) whose name matches ``pattern``, sorted by name."""
     if not cache_dir.is_dir():
         return
-    for child in sorted(cache_dir.iterdir()):
+    for child in sorted(cache_dir.glob(pattern)):
         if child.name.startswith((".", "_")) or not (child / "zarr.json").is_file():
             continue
         try:
@@ -521,11 +525,18 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> 
     path = Path(ref)
     if path.is_dir() and (path / "zarr.json").is_file():
         return FeatureSet(path)
-    entries = list(iter_entries(root))
-    exact = [e for e in entries if ref in (e.name, e.key)]
-    if exact:
-        return exact[0]
-    matches = [e for e in entries if len(ref) >= MIN_PREFIX and e.key.startswith(ref.lower())]
+    named = root / ref
+    if ref and named.parent == root and not ref.startswith((".", "_")) and (named / "zarr.json").is_file():
+        try:
+            return FeatureSet(named)  # an entry name: the directory itself, no scan
+        except (EntryNotFoundError, CacheCorruptError):
+            pass
+    prefix = ref.lower()
+    matches: list[FeatureSet] = []
+    if len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix):
+        # Entry names end in "--" + the key's first 12 digits: only those directories can match,
+        # so a key or prefix opens a few zarr.json files, not one per entry in the cache.
+        matches = [e for e in iter_entries(root, f"*--{prefix[:12]}*") if e.key.startswith(prefix)]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
