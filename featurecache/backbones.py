@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from featurecache.cache.keys import POOLINGS
 from featurecache.errors import BackboneError, UnknownBackboneError, UsageError, WeightsUnavailableError, choices
 
 if TYPE_CHECKING:
@@ -69,7 +70,6 @@ __all__ = [
 ]
 
 PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
-POOLINGS = ("avg", "max", "flatten", "none")
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5", ".keras")
 MEMO_FILE = "weights-digests.json"
 

@@ -335,7 +335,8 @@ def _run(
     progress: bool,
 ) -> store.FeatureSet:
     model = build_model(p)
-    use_xla = _gpu_visible() if xla is None else bool(xla)
+    gpu = _gpu_visible()
+    use_xla = gpu if xla is None else bool(xla)
     feature_shape = tuple(int(d) for d in model.output_shape[1:])
     checkpoint("model_built")
     if existing is None:
@@ -354,7 +355,7 @@ def _run(
                 "weights_source": p.weights_source,
                 "skipped_files": [list(s) for s in p.dataset.skipped],
                 # Not keyed: XLA moves features by float32 round-off only (recorded for `cache verify`).
-                "compute": {"xla": use_xla, "gpu": _gpu_visible()},
+                "compute": {"xla": use_xla, "gpu": gpu},
             },
         )
     elif existing.feature_shape != feature_shape:

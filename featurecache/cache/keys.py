@@ -30,18 +30,21 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from featurecache.errors import UsageError
 
 #: Bump when the bytes stored for the same spec change. Part of every key.
 FORMAT_VERSION = 1
 
-Pooling = Literal["avg", "max", "flatten", "none"]
 POOLINGS: tuple[str, ...] = ("avg", "max", "flatten", "none")
 DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Compute precision of the backbone: ``mixed`` runs it under Keras's ``mixed_float16`` policy.
 PRECISIONS: tuple[str, ...] = ("float32", "mixed")
+#: Fields added after entries existed, left out of the keyed document while they hold the value
+#: every earlier entry was computed with: old keys stay valid without a FORMAT_VERSION bump,
+#: and any other value is keyed.
+UNKEYED_DEFAULTS: dict[str, Any] = {"precision": "float32"}
 
 
 def _normalise(value: Any, where: str) -> Any:
@@ -122,10 +125,9 @@ class FeatureSpec:
         fields.pop("weights_label")
         fields["augment_splits"] = sorted(self.augment_splits)
         fields["augment"] = dict(self.augment)
-        if self.precision == "float32":
-            # The default computes what every entry computed before the field existed: leaving
-            # it out keeps their keys (no FORMAT_VERSION bump), while "mixed" is keyed.
-            fields.pop("precision")
+        for name, default in UNKEYED_DEFAULTS.items():
+            if fields[name] == default:
+                fields.pop(name)
         fields["format_version"] = FORMAT_VERSION
         return fields
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache import store
-from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, digest_of
+from featurecache.cache.keys import FORMAT_VERSION, UNKEYED_DEFAULTS, FeatureSpec, digest_of
 from featurecache.errors import FeatureCacheError, ImageDecodeError, UsageError
 
 __all__ = [
@@ -576,6 +576,11 @@ def gc(
     def old(path: Path) -> bool:
         return now - _newest_mtime(path) >= age
 
+    def untouched(path: Path) -> float | None:
+        """Seconds since ``path`` (or anything in it) changed, when that is at least ``age``."""
+        idle = now - _newest_mtime(path)
+        return idle if idle >= age else None
+
     for lease_file in sorted((root / store.LOCKS_DIR).glob("*.lease")):
         key = lease_file.name[: -len(".lease")]
         if key not in live:
@@ -588,7 +593,7 @@ def gc(
         if owner not in live12 and old(tmp):
             what = "entry removal that did not finish" if tmp.name.startswith("rm-") else "entry built aside and never renamed into place"
             items.append(GcItem(tmp, "temporary", _size(tmp), what))
-    for memo_tmp in sorted((root / store.MEMO_DIR).glob(".*.tmp")):
+    for memo_tmp in sorted(store.memo_dir(root).glob(".*.tmp")):
         if old(memo_tmp):
             items.append(GcItem(memo_tmp, "temporary", _size(memo_tmp), "digest memo temp file"))
     for child in sorted(root.iterdir()):
@@ -602,9 +607,11 @@ def gc(
         except FeatureCacheError:
             continue  # not ours: never delete what we cannot identify
         if not fs.complete:
-            if old(child):
-                done = len(fs.units()) - len(fs.missing_units())
-                items.append(GcItem(child, "incomplete entry", _size(child), f"{done} of {len(fs.units())} units done, untouched for {_human_age(now - _newest_mtime(child))}"))
+            idle = untouched(child)
+            if idle is not None:
+                total = len(fs.units())
+                done = total - len(fs.missing_units())
+                items.append(GcItem(child, "incomplete entry", _size(child), f"{done} of {total} units done, untouched for {_human_age(idle)}"))
             continue
         for partial in sorted(child.rglob("*.partial")):
             if old(partial):
@@ -714,8 +721,8 @@ class ExplainReport:
 
 
 def _show(name: str, value: Any) -> str:
-    if name == "precision" and value is None:
-        return "float32"  # the default is left out of the keyed document
+    if value is None and name in UNKEYED_DEFAULTS:
+        return str(UNKEYED_DEFAULTS[name])  # the default is left out of the keyed document
     if name == "dataset_digest" and isinstance(value, str):
         return value[:12]
     if name == "weights" and isinstance(value, str) and "sha256=" in value:
@@ -774,7 +781,7 @@ def explain(
         diffs = [
             Difference(k, have.get(k), wanted.get(k))
             for k in sorted(set(wanted) | set(have))
-            if json.dumps(have.get(k), sort_keys=True) != json.dumps(_plain(wanted.get(k)), sort_keys=True)
+            if json.dumps(have.get(k), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)  # tuples dump as lists
         ]
         rank = (len(diffs), 0 if fs.complete else 1, fs.attrs.get("created") or "")
         if best is None or rank[:2] < best[0][:2] or (rank[:2] == best[0][:2] and rank[2] > best[0][2]):
@@ -793,7 +800,3 @@ def explain(
             notes.append(f"dataset {fs.spec.get('dataset_name')} -> {p.spec.dataset_name}")
     return ExplainReport(p.key, name, "miss", nearest=fs.name, differences=tuple(diffs), notes=tuple(notes))
 
-
-def _plain(value: Any) -> Any:
-    """The JSON form a stored spec has (tuples become lists, as in zarr attributes)."""
-    return json.loads(json.dumps(value))
