@@ -46,6 +46,7 @@ import numpy as np
 from featurecache.cache import store
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
+from featurecache.train import _write_json  # atomic, unique temp name per writer
 
 __all__ = ["SweepResult", "TrialSpec", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
 
@@ -286,18 +287,6 @@ def _metric_names(top_k: Sequence[int]) -> tuple[str, ...]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from featurecache.train import _jsonable
-
-    # Several workers write into the same folder: a unique temporary name per writer.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _limit_tf_threads(threads: int) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,13 @@ class TrainingData:
     def streamed(self) -> bool:
         """True when the training features stay in the cache (:class:`LazyFeatures`, over the memory budget)."""
         return isinstance(self.X_train, LazyFeatures)
+
+    @property
+    def dense_views(self) -> Any:
+        """What the dense head trains from: the views, or streamed features as one view (read batch by batch)."""
+        if self.X_train_views is None and isinstance(self.X_train, LazyFeatures):
+            return self.X_train.as_views()  # (1, n, *feat)
+        return self.X_train_views
 
 
 def resolve_features(features: str | store.FeatureSet, *, cache_dir: str | os.PathLike[str] | None = None) -> store.FeatureSet:
@@ -146,10 +154,12 @@ def load_training_data(
     def split_arrays(split: str, *, all_views: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         ok = fs.valid(split)
         n_invalid[split] = int((~ok).sum())
-        X = fs.features(split, view=0)[ok]
         views = None
         if all_views and fs.layout(split).views > 1:
             views = fs.features(split, view=None)[:, ok]
+            X = views[0]  # view 0 is read once, with the others (a no-copy slice)
+        else:
+            X = fs.features(split, view=0)[ok]
         return X, fs.labels(split)[ok], fs.ids(split)[ok], views
 
     streamed = train_feature_bytes(fs) > budget
@@ -370,10 +380,7 @@ def fit_head(estimator: Any, data: TrainingData) -> Any:
     from featurecache.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
-        views = data.X_train_views
-        if views is None and isinstance(data.X_train, LazyFeatures):
-            views = data.X_train.as_views()  # (1, n, *feat): the head then reads batch by batch
-        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=views)
+        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
     if isinstance(data.X_train, LazyFeatures):
         raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
     if data.X_train_views is not None:
@@ -390,10 +397,7 @@ def fit_dense_together(estimators: Sequence[Any], data: TrainingData) -> list[An
     """
     from featurecache.heads.dense_group import fit_dense_heads
 
-    views = data.X_train_views
-    if views is None and isinstance(data.X_train, LazyFeatures):
-        views = data.X_train.as_views()
-    return fit_dense_heads(estimators, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=views)
+    return fit_dense_heads(estimators, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
 
 
 def predict_full_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -599,9 +603,14 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON, whole or not at all (write + rename; safe with concurrent writers)."""
+    # A unique temporary name per writer: sweep workers write into the same folder.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    try:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(obj: Any) -> Any:
