@@ -23,6 +23,7 @@ and ``pool`` (see :func:`group_key`) fitted on the same data.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -101,14 +102,19 @@ def fit_dense_heads(
         raise UsageError("fit_dense_heads needs at least one DenseHead")
     if not all(isinstance(h, DenseHead) for h in heads):
         raise UsageError("fit_dense_heads trains DenseHead estimators only; fit other heads one by one")
-    keys = {group_key(h) for h in heads}
+    from featurecache.heads.registry import coerce_head_params
+
+    cfgs = [coerce_head_params("dense", h.get_params(deep=False)) for h in heads]
+    keys = {group_key_of(c) for c in cfgs}
     if len(keys) > 1:
         raise UsageError(
             f"heads trained together need the same batch_size, seed, class_weight and pool, got {sorted(keys, key=str)}; "
             "group them with featurecache.heads.dense_group.group_key"
         )
-    preps = [h._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views) for h in heads]
-    first = preps[0]
+    # The data checks, label encoding and class weights depend only on the group key: do them
+    # once, then give every head its own hyperparameters.
+    first = heads[0]._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+    preps = [replace(first, cfg=c) for c in cfgs]
     moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
     models = [h._build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
     optimizers = [_make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
@@ -159,6 +165,12 @@ def fit_dense_heads(
 
     validation = first.validation
     val_batch = max(batch_size, 256)
+    ones = np.ones(batch_size, dtype=np.float32)  # sample weights when there are none
+    # Validation batches as tensors once, not once per epoch.
+    val_batches = [] if validation is None else [
+        (tf.convert_to_tensor(validation[0][b : b + val_batch], tf.float32), tf.convert_to_tensor(validation[1][b : b + val_batch], tf.int32))
+        for b in range(0, len(validation[1]), val_batch)
+    ]
     epochs = [p.cfg["epochs"] for p in preps]
     patience = [p.cfg["patience"] if validation is not None else 0 for p in preps]
     history: list[dict[str, list[float]]] = [{} for _ in heads]
@@ -182,7 +194,7 @@ def fit_dense_heads(
         for b in range(len(data)):
             batch = data[b]
             xb, yb = batch[0], batch[1]
-            wb = batch[2] if len(batch) > 2 else np.ones(len(yb), dtype=np.float32)
+            wb = batch[2] if len(batch) > 2 else ones[: len(yb)]
             losses, acc = step(tf.convert_to_tensor(xb, tf.float32), tf.convert_to_tensor(yb, tf.int32), tf.convert_to_tensor(wb, tf.float32))
             # Keras's fit averages batch losses and accuracies weighted by batch size.
             sums += losses.numpy() * len(yb)
@@ -193,11 +205,11 @@ def fit_dense_heads(
             history[i].setdefault("accuracy", []).append(float(accs[j] / max(seen, 1)))
             history[i].setdefault("loss", []).append(float(sums[j] / max(seen, 1)))
         if validation is not None:
-            Xv, yv = validation
+            yv = validation[1]
             vsums, vaccs = np.zeros(n), np.zeros(n)
-            for b in range(0, len(yv), val_batch):
-                vl, va = val_step(tf.convert_to_tensor(Xv[b : b + val_batch], tf.float32), tf.convert_to_tensor(yv[b : b + val_batch], tf.int32))
-                m = len(yv[b : b + val_batch])
+            for xt, yt in val_batches:
+                vl, va = val_step(xt, yt)
+                m = int(yt.shape[0])
                 vsums += vl.numpy() * m
                 vaccs += va.numpy() * m
             for i in active:
