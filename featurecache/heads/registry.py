@@ -19,6 +19,7 @@ their parameters without paying for either.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -846,7 +847,11 @@ def make_head(name: str, params: Mapping[str, Any] | None = None) -> BaseEstimat
 # --------------------------------------------------------------------------- import paths
 
 
+@functools.lru_cache(maxsize=64)
 def _import_path_spec(path: str) -> HeadSpec:
+    # Cached: every lookup (coercion, make_head, each grid trial and label) asks for the spec,
+    # and building it constructs the estimator. HeadSpec and ParamSpec are frozen; a failing
+    # path raises each time (lru_cache does not keep exceptions).
     module_name, _, attr = path.partition(":")
     package = module_name.split(".", 1)[0]
     if package not in IMPORT_PATH_PACKAGES or not attr.isidentifier():
@@ -871,13 +876,14 @@ def _import_path_spec(path: str) -> HeadSpec:
     from sklearn.base import is_classifier
 
     try:
-        defaults = cls().get_params(deep=False)
+        instance = cls()
+        defaults = instance.get_params(deep=False)
     except Exception as exc:  # any constructor/get_params failure means: not a usable head
         raise UnknownHeadError(
             f"head import path {path!r} cannot be built with default arguments ({exc}); "
             f"use a scikit-learn classifier such as 'sklearn.ensemble:RandomForestClassifier'"
         ) from None
-    if not is_classifier(cls()):
+    if not is_classifier(instance):
         raise UnknownHeadError(
             f"head import path {path!r} is not a classifier; use a classifier such as "
             f"'sklearn.ensemble:RandomForestClassifier' or one of {choices(HEAD_NAMES)}"
