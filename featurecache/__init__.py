@@ -8,7 +8,8 @@ The Python API mirrors the CLI::
     X, y = fs.features("train"), fs.labels("train")
 """
 
-from featurecache.cache.store import FeatureSet, find_entry, iter_entries, open_features, resolve_cache_dir
+from featurecache.cache.store import resolve_cache_dir
+from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
 from featurecache.cache.maintenance import ExplainReport, VerifyReport, explain, verify
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import ExtractResult, extract, plan

@@ -1,19 +1,21 @@
 """Stage 1: run a frozen backbone once over a dataset and store its features.
 
-``plan`` turns user options into a :class:`~featurecache.cache.keys.FeatureSpec` without
-building a model, so a cache hit costs a dataset digest (memoised) and a directory lookup.
-On a miss, one process takes the entry's lease, builds the model, creates the entry and runs
-the write units that have no completion marker. The units flow through a small pipeline:
-images are decoded and resized in a thread pool and prefetched while the backbone runs on
-the previous unit, and a writer thread stores finished units, so the backbone rarely waits
-on Pillow or Zarr. Sample ``i`` of view ``v`` is augmented from ``(seed, v, i)`` alone, so a
-resumed run writes exactly the bytes an uninterrupted one would.
+``plan`` turns user options into a :class:`~featurecache.cache.keys.FeatureSpec` and a
+dataset without building a model, so a cache hit costs a dataset digest (memoised) and a
+directory lookup. On a miss, one process takes the feature store's lease, plans the image
+digests the store lacks (per view), and runs them as write units with completion markers;
+then it writes the dataset view. A relabelled or re-split dataset has nothing to compute and
+does not even build the model. The units flow through a small pipeline: images are decoded
+and resized in a thread pool and prefetched while the backbone runs on the previous unit, and
+a writer thread stores finished units. Augmented view ``v`` of an image is drawn from
+``(seed, v, image digest)`` alone, and every backbone batch is padded to the same size, so an
+image's bytes never depend on its position, its batch-mates or a crash and resume.
 """
 
 from __future__ import annotations
 
 import os
-import platform
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,16 +27,19 @@ from typing import Any, Literal
 import numpy as np
 
 from featurecache.cache import store
+from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
-from featurecache.cache.keys import FeatureSpec
-from featurecache.errors import ImageDecodeError, LeaseError, UsageError
+from featurecache.cache.keys import FeatureSpec, view_key
+from featurecache.cache.lease import Lease
+from featurecache.errors import CacheCorruptError, ImageDecodeError, IncompleteEntryError, UsageError
+from featurecache.versions import library_versions
 
 OnError = Literal["skip", "fail"]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything needed to extract one feature set, resolved but not yet run."""
+    """Everything needed to extract one dataset's features, resolved but not yet run."""
 
     spec: FeatureSpec
     dataset: Any  # featurecache.data.Dataset
@@ -49,13 +54,23 @@ class Plan:
 
     @property
     def key(self) -> str:
-        """The content key of the planned feature set."""
-        return self.spec.key
+        """The key of the planned feature set: the dataset view of this spec."""
+        return view_key(self.spec.key, self.dataset.digest())
+
+    @property
+    def name(self) -> str:
+        """The planned feature set's name."""
+        return self.spec.view_name(self.dataset.name, self.dataset.digest())
 
 
 @dataclass(frozen=True)
 class ExtractResult:
-    """What ``extract`` produced."""
+    """What ``extract`` produced.
+
+    ``computed`` counts image views sent through the backbone by this call; ``reused`` the image
+    views of the feature set served from rows already in the cache (a duplicate image counts
+    once as computed, then as reused).
+    """
 
     key: str
     name: str
@@ -65,6 +80,8 @@ class ExtractResult:
     seconds: float
     failures: list[dict[str, str]] = field(default_factory=list)
     skipped_files: int = 0
+    computed: int = 0
+    reused: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
@@ -77,6 +94,8 @@ class ExtractResult:
             "seconds": round(self.seconds, 3),
             "invalid": len(self.failures),
             "skipped_files": self.skipped_files,
+            "computed": self.computed,
+            "reused": self.reused,
         }
 
 
@@ -117,14 +136,13 @@ def plan(
     if resize not in RESIZE_METHODS:
         raise UsageError(f"resize method {resize!r} is not one of {', '.join(RESIZE_METHODS)}; pass --resize bilinear")
     aug = AugmentSpec.parse(augment)
-    if views < 0:
-        raise UsageError(f"--views must be >= 0, got {views}")
+    if not 0 <= views <= store.MAX_VIEWS:
+        raise UsageError(f"--views must be between 0 and {store.MAX_VIEWS}, got {views}; each view is a full pass of the backbone over the images")
     if views > 0 and aug.is_identity():
         raise UsageError(f"--views {views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10")
     ref = backbones.parse_weights(weights, seed=seed)
     dataset = data if isinstance(data, Dataset) else load_dataset(str(data), memo_dir=store.memo_dir(root), limit=limit)
     spec = FeatureSpec(
-        dataset_digest=dataset.digest(),
         backbone=bspec.name,
         weights=backbones.weights_identity(ref, bspec, memo_dir=store.memo_dir(root)),
         layer=layer or bspec.feature_layer,
@@ -138,7 +156,6 @@ def plan(
         seed=int(seed),
         dtype=dtype,
         precision=precision,
-        dataset_name=dataset.name,
         weights_label=_weights_label(ref),
     )
     return Plan(spec=spec, dataset=dataset, backbone=bspec, weights=ref, cache_dir=root, augment=aug, weights_source=str(weights), limit=limit)
@@ -177,6 +194,11 @@ def extract(
 ) -> ExtractResult:
     """Extract (or find in the cache) the features of ``data`` under ``backbone``.
 
+    Only images the feature store does not hold yet go through the backbone: features are
+    stored once per (feature spec, image content), and the dataset's splits, ids, labels and
+    order are a view over them, so a grown, relabelled, re-split or renamed dataset costs only
+    its new images.
+
     Parameters
     ----------
     data
@@ -197,7 +219,7 @@ def extract(
     augment
         Augmentation spec for views 1..K, e.g. ``"flip,rotation=15,zoom=0.1"``.
     views
-        Number of augmented views K per image of the ``augment_splits``.
+        Number of augmented views K per image of the ``augment_splits`` (at most 64).
     augment_splits
         Splits that get augmented views (default train only).
     seed
@@ -209,7 +231,9 @@ def extract(
         policy: float16 maths with float32 weights, about twice as fast on GPUs with tensor
         cores). Part of the key, since it changes the numbers.
     batch_size
-        Backbone batch size; halved and retried whenever the device runs out of memory.
+        Backbone batch size; every batch is padded to it, so an image's features do not depend
+        on which other images share its batch. Halved and retried whenever the device runs
+        out of memory.
     cache_dir
         Cache root (default ``$FEATURECACHE_DIR`` or ``./cache``).
     limit
@@ -219,21 +243,22 @@ def extract(
     workers
         Decode threads (default ``min(8, 2 * cores)``).
     chunk_rows
-        Rows per chunk and write unit (default: chunks of about 1 MiB).
+        Rows per chunk and write unit of a new feature store (default: a multiple of
+        ``batch_size`` near 1 MiB chunks); an existing store keeps its own.
     lease_timeout
-        Seconds to wait for another process extracting the same key (default: forever
-        while it is alive).
+        Seconds to wait for another process extracting with the same spec (default: as long
+        as it is alive).
     xla
         Compile the backbone with XLA (``jit_compile``). Default: on when TensorFlow sees a
-        GPU (where it is faster), off on CPU (where it is slower). It changes features only
-        at float32 round-off level, so it is recorded in the entry, not keyed.
+        GPU, off on CPU. Round-off only, so recorded per unit, not keyed.
     progress
-        Show a progress bar on stderr.
+        Show a progress bar on stderr (it counts only the images really computed).
 
     Returns
     -------
     ExtractResult
-        Key, path, whether it was a cache hit, split shapes, invalid images.
+        Key, path, whether it was a cache hit, split shapes, invalid images, and how many
+        image views were computed and reused.
 
     Raises
     ------
@@ -249,55 +274,38 @@ def extract(
         augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype,
         precision=precision, cache_dir=cache_dir, limit=limit,
     )
-    hit = store.find_by_key(p.cache_dir, p.key)
-    if hit is not None and hit.complete:
+    hit = views_mod.find_by_key(p.cache_dir, p.key)
+    if hit is not None:
         return _result(hit, cached=True, started=started, plan_=p)
 
-    lease = store.Lease(p.cache_dir, p.key)
-    _wait_for_lease(lease, p, timeout=lease_timeout, progress=progress)
+    lease = Lease(p.cache_dir, p.spec.key)
+
+    def tell(holder: dict[str, Any]) -> None:
+        if progress:
+            print(f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting with {p.spec.store_name()}", file=sys.stderr)
+
+    lease.wait(timeout=lease_timeout, on_wait=tell)
     try:
-        store.remove_leftovers(p.cache_dir, p.key)  # debris of killed runs of this key; ours now
-        hit = store.find_by_key(p.cache_dir, p.key)
-        if hit is not None and hit.complete:  # another process finished it while we waited
+        store.remove_leftovers(p.cache_dir, p.spec.key)  # debris of killed runs of this store; ours now
+        hit = views_mod.find_by_key(p.cache_dir, p.key)
+        if hit is not None:  # another process made the same view while we waited
             return _result(hit, cached=True, started=started, plan_=p)
-        fs = _run(
-            p, existing=hit, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows,
-            xla=xla, progress=progress,
+        st, computed = _run(
+            p, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla, progress=progress,
         )
+        fs = _write_view(p, st, computed=computed)
     finally:
         lease.release()
-    return _result(fs, cached=False, started=started, plan_=p)
+    return _result(fs, cached=False, started=started, plan_=p, computed=computed)
 
 
-def _wait_for_lease(lease: store.Lease, p: Plan, *, timeout: float | None, progress: bool) -> None:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    told = False
-    while not lease.try_acquire():
-        judged = lease.holder()
-        if lease.is_stale():
-            lease.break_stale(judged)
-            continue
-        if not told and progress:
-            holder = judged or {}
-            print(
-                f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting {p.spec.entry_name()}",
-                file=sys.stderr,
-            )
-            told = True
-        if deadline is not None and time.monotonic() > deadline:
-            raise LeaseError(
-                f"another process still holds the lease on {p.spec.entry_name()} after {timeout:.0f} s; "
-                f"wait for it, or remove {lease.path} if that process is gone"
-            )
-        # Once the holder finishes it releases the lease; we then take it and find the entry complete.
-        time.sleep(0.2)
-
-
-def _result(fs: store.FeatureSet, *, cached: bool, started: float, plan_: Plan) -> ExtractResult:
+def _result(fs: views_mod.FeatureSet, *, cached: bool, started: float, plan_: Plan, computed: int = 0) -> ExtractResult:
     splits = {}
+    total = 0
     for s in fs.splits:
         lay = fs.layout(s)
         splits[s] = {"n": lay.n, "views": lay.views, "shape": [lay.views, lay.n, *lay.feature_shape]}
+        total += lay.n * lay.views
     return ExtractResult(
         key=fs.key,
         name=fs.name,
@@ -307,110 +315,180 @@ def _result(fs: store.FeatureSet, *, cached: bool, started: float, plan_: Plan) 
         seconds=time.perf_counter() - started,
         failures=fs.failures(),
         skipped_files=len(plan_.dataset.skipped),
+        computed=computed,
+        reused=max(0, total - computed),
     )
 
 
-def library_versions() -> dict[str, str]:
-    """Versions recorded (not keyed) in every entry."""
-    from importlib.metadata import PackageNotFoundError, version
+def needed_digests(p: Plan) -> dict[int, list[str]]:
+    """Per store view, the distinct image digests the planned feature set needs, in dataset order."""
+    by_split = p.dataset.digests_by_split()
+    out: dict[int, list[str]] = {}
+    for view in range(1 + p.spec.views):
+        seen: dict[str, None] = {}
+        for split, digests in by_split.items():
+            if view == 0 or split in p.spec.augment_splits:
+                seen.update(dict.fromkeys(digests))
+        out[view] = list(seen)
+    return out
 
-    out = {"python": platform.python_version()}
-    for pkg in ("featurecache", "tensorflow", "keras", "numpy", "zarr", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
+
+def missing_digests(p: Plan, st: store.FeatureStore | None) -> dict[int, list[str]]:
+    """Per store view, the needed digests ``st`` has no finished row for (all, without a store)."""
+    needed = needed_digests(p)
+    if st is None:
+        return needed
+    out = {}
+    for view, digests in needed.items():
+        have = st.index(view)
+        out[view] = [d for d in digests if d not in have]
     return out
 
 
 def _run(
     p: Plan,
     *,
-    existing: store.FeatureSet | None,
     batch_size: int,
     on_error: OnError,
     workers: int | None,
     chunk_rows: int | None,
     xla: bool | None = None,
     progress: bool,
-) -> store.FeatureSet:
-    model = build_model(p)
+) -> tuple[store.FeatureStore, int]:
+    st = store.open_store(p.cache_dir, p.spec.key) if _store_readable(p) else None
+    model = None
+    if st is None:
+        model = build_model(p)
+        checkpoint("model_built")
+        feature_shape = tuple(int(d) for d in model.output_shape[1:])
+        rows = chunk_rows or store.chunk_rows_for(feature_shape, p.spec.dtype, batch_size=batch_size)
+        st = store.create_store(p.cache_dir, p.spec, feature_shape=feature_shape, chunk_rows=rows)
+    units = [u for view, digests in missing_digests(p, st).items() for u in store.allocate_units(st, view, digests)]
+    if not units:
+        return st, 0
+    if model is None:
+        model = build_model(p)
+        checkpoint("model_built")
+        if tuple(int(d) for d in model.output_shape[1:]) != st.feature_shape:
+            raise CacheCorruptError(
+                f"{st.name} stores features of shape {st.feature_shape} but the model gives {tuple(model.output_shape[1:])}; "
+                f"remove it with `featurecache cache rm {st.name} --yes`"
+            )
     gpu = _gpu_visible()
     use_xla = gpu if xla is None else bool(xla)
-    feature_shape = tuple(int(d) for d in model.output_shape[1:])
-    checkpoint("model_built")
-    if existing is None:
-        splits = {name: (s.labels, s.ids) for name, s in p.dataset.splits.items()}
-        existing = store.create_entry(
-            p.cache_dir,
-            p.spec,
-            classes=p.dataset.classes,
-            splits=splits,
-            feature_shape=feature_shape,
-            chunk_rows=chunk_rows,
-            extra={
-                "versions": library_versions(),
-                "dataset_source": p.dataset.source,
-                "dataset_limit": p.limit,
-                "weights_source": p.weights_source,
-                "skipped_files": [list(s) for s in p.dataset.skipped],
-                # Not keyed: XLA moves features by float32 round-off only (recorded for `cache verify`).
-                "compute": {"xla": use_xla, "gpu": gpu},
-            },
-        )
-    elif existing.feature_shape != feature_shape:
-        raise store.CacheCorruptError(
-            f"{existing.name} stores features of shape {existing.feature_shape} but the model gives {feature_shape}; "
-            f"remove it with `featurecache cache rm {existing.key[:12]} --yes`"
-        )
-    fs = existing
-    units = fs.missing_units()
-    if units:
-        runner = _UnitRunner(p, fs, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla)
-        runner.run(units, progress=progress)
-    store.seal(fs)
-    return fs
+    runner = _UnitRunner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla)
+    runner.run(units, progress=progress, record={"versions": library_versions(), "host": socket.gethostname(), "compute": {"xla": use_xla, "gpu": gpu}})
+    return st, sum(len(u.digests) for u in units)
+
+
+def _store_readable(p: Plan) -> bool:
+    """False when the store's ``zarr.json`` is torn: it is rebuilt in place (its units are kept)."""
+    try:
+        store.open_store(p.cache_dir, p.spec.key)
+    except CacheCorruptError:
+        return False
+    return True
+
+
+def _write_view(p: Plan, st: store.FeatureStore, *, computed: int) -> views_mod.FeatureSet:
+    """Resolve every item of every split to its store rows and write the view."""
+    indexes = {view: st.index(view) for view in range(st.views)}
+    failed = st.failures()
+    by_split = p.dataset.digests_by_split()
+    splits = {}
+    failures = []
+    for name, split in p.dataset.splits.items():
+        digests = by_split[name]
+        nviews = p.spec.views_for(name)
+        rows = np.empty((nviews, len(digests)), dtype=np.int64)
+        for view in range(nviews):
+            index = indexes[view]
+            try:
+                rows[view] = [index[d] for d in digests]
+            except KeyError as exc:  # pragma: no cover - every unit was run or raised above
+                raise IncompleteEntryError(f"image {exc} has no features in {st.name} view {view}; run the same extract command again") from None
+        splits[name] = (split.ids, split.labels, digests, rows)
+        failures.extend((name, i, d, failed[d]) for i, d in zip(split.ids, digests) if d in failed)
+    return views_mod.write_view(
+        p.cache_dir,
+        st,
+        name=p.name,
+        key=p.key,
+        dataset_digest=p.dataset.digest(),
+        classes=p.dataset.classes,
+        splits=splits,
+        failures=failures,
+        extra={
+            "dataset_name": p.dataset.name,
+            "dataset_source": p.dataset.source,
+            "dataset_limit": p.limit,
+            "weights_source": p.weights_source,
+            "skipped_files": [list(s) for s in p.dataset.skipped],
+            "versions": library_versions(),
+            "computed": computed,
+        },
+    )
 
 
 class _UnitRunner:
     """Decode → resize → augment → preprocess → backbone → write, overlapped across units."""
 
     def __init__(
-        self, p: Plan, fs: store.FeatureSet, model: Any, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool = False
+        self, p: Plan, st: store.FeatureStore, model: Any, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool = False
     ) -> None:
         self.p = p
-        self.fs = fs
+        self.st = st
         self.batch_size = max(1, int(batch_size))
         self.on_error = on_error
         self.workers = workers or min(8, 2 * (os.cpu_count() or 1))
         self.forward = _compiled_forward(model, p.spec.input_size, jit_compile=xla)
+        # Where each digest's image is: its first occurrence in the dataset.
+        self.source: dict[str, tuple[str, int]] = {}
+        for name, digests in p.dataset.digests_by_split().items():
+            for i, d in enumerate(digests):
+                self.source.setdefault(d, (name, i))
+
+    def _load(self, unit: store.Unit, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """Decode and resize the unit's images, in runs of consecutive rows of one split."""
+        xs, valids, failures = [], [], []
+        places = [self.source[d] for d in unit.digests]
+        start = 0
+        while start < len(places):
+            split_name, first = places[start]
+            stop = start + 1
+            while stop < len(places) and places[stop] == (split_name, first + stop - start):
+                stop += 1
+            split = self.p.dataset.splits[split_name]
+            x, valid, fails = load_resized(split, first, first + stop - start, size=self.p.spec.input_size, method=self.p.spec.resize, pool=pool)
+            if fails and self.on_error == "fail":
+                sid, reason = fails[0]
+                raise ImageDecodeError(f"{split_name}/{sid}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on")
+            by_id = dict(fails)
+            failures.extend((unit.digests[start + j], by_id[split.ids[first + j]]) for j in range(stop - start) if not valid[j])
+            xs.append(x)
+            valids.append(valid)
+            start = stop
+        return np.concatenate(xs), np.concatenate(valids), failures
 
     def _prepare(self, unit: store.Unit, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         from featurecache import backbones
         from featurecache.data import augment_batch
 
-        split = self.p.dataset.splits[unit.split]
-        rows = list(range(unit.start, unit.stop))
-        x, valid, failures = load_resized(
-            split, unit.start, unit.stop, size=self.p.spec.input_size, method=self.p.spec.resize, pool=pool
-        )
-        if failures and self.on_error == "fail":
-            sid, reason = failures[0]
-            raise ImageDecodeError(f"{unit.split}/{sid}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on")
+        x, valid, failures = self._load(unit, pool)
         if unit.view > 0:
-            x = augment_batch(x, self.p.augment, seed=self.p.spec.seed, view=unit.view, indices=rows)
+            x = augment_batch(x, self.p.augment, seed=self.p.spec.seed, view=unit.view, indices=[store.augment_index(d) for d in unit.digests])
         x = backbones.preprocess_input(self.p.backbone, x)
         checkpoint("unit_prepared")
         return x, valid, failures
 
     def _features(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        feats, self.batch_size = forward_in_batches(self.forward, x, batch_size=self.batch_size, feature_shape=self.fs.feature_shape)
+        feats, self.batch_size = forward_in_batches(self.forward, x, batch_size=self.batch_size, feature_shape=self.st.feature_shape, pad=True)
         feats[~valid] = 0  # invalid rows hold zeros, never features of a placeholder image
         return feats.astype(self.p.spec.dtype, copy=False)
 
-    def run(self, units: list[store.Unit], *, progress: bool) -> None:
-        total = sum(u.stop - u.start for u in units)
-        with _progress(progress, total, f"extract {self.fs.name}") as advance, ThreadPoolExecutor(
+    def run(self, units: list[store.Unit], *, progress: bool, record: dict[str, Any] | None = None) -> None:
+        total = sum(len(u.digests) for u in units)
+        with _progress(progress, total, f"extract {self.p.name}") as advance, ThreadPoolExecutor(
             self.workers, thread_name_prefix="fc-decode"
         ) as pool, ThreadPoolExecutor(1, thread_name_prefix="fc-prep") as prep, ThreadPoolExecutor(
             1, thread_name_prefix="fc-write"
@@ -440,13 +518,13 @@ class _UnitRunner:
                         pending_writes.pop(0).result()
                     pending_writes.append(
                         writer.submit(
-                            store.write_unit, self.fs, unit, feats,
-                            valid=valid if unit.view == 0 else None, failures=failures if unit.view == 0 else (),
+                            store.write_unit, self.st, unit, feats,
+                            valid=valid if unit.view == 0 else None, failures=failures if unit.view == 0 else (), record=record,
                         )
                     )
-                    advance(unit.stop - unit.start)
+                    advance(len(unit.digests))
             finally:
-                for q_unit, q_fut in queue:
+                for _q_unit, q_fut in queue:
                     q_fut.cancel()
                 # Whatever happened, finish the writes already handed over: nothing computed is lost.
                 errors = []
@@ -619,6 +697,7 @@ def forward_in_batches(
     *,
     batch_size: int,
     feature_shape: Sequence[int] = (),
+    pad: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Run ``forward`` over ``x`` in batches, halving the batch whenever memory runs out.
 
@@ -632,6 +711,10 @@ def forward_in_batches(
         Largest batch to try first.
     feature_shape
         Shape of one row's features, for an empty ``x``.
+    pad
+        Pad a short last batch with zeros to ``batch_size`` rows: backbones on CPU give
+        results that depend on the batch *size* at round-off level (not on the other rows'
+        values), so a fixed size makes each row's features independent of its batch-mates.
 
     Returns
     -------
@@ -654,17 +737,20 @@ def forward_in_batches(
     b = 0
     while b < len(x):
         take = min(batch_size, len(x) - b)
+        batch = x[b : b + take]
+        if pad and take < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - take, *x.shape[1:]), dtype=x.dtype)])
         try:
-            out.append(np.asarray(forward(x[b : b + take])))
+            out.append(np.asarray(forward(batch))[:take])
         except tf.errors.ResourceExhaustedError as exc:
-            if take == 1:
+            if batch_size == 1:
                 raise OutOfMemoryError(
                     f"the backbone ran out of memory on a batch of 1 image of shape {tuple(x.shape[1:])} "
                     f"({' '.join(str(exc).split())[:160]}); free device memory, or use a smaller --size, "
                     "a smaller backbone or --precision mixed"
                 ) from None
             # Retry the same rows in halves: a batch either fits or is never stored, so nothing is lost.
-            batch_size = max(1, take // 2)
+            batch_size = max(1, min(take, batch_size) // 2)
             continue
         b += take
     if not out:

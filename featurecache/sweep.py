@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from featurecache.cache import store
+from featurecache.cache import store, views
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
 from featurecache.train import _write_json  # atomic, unique temp name per writer
@@ -583,7 +583,7 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
 # --------------------------------------------------------------------------- the sweep
 
 
-def _check_sweep_dir(out: Path, *, fs: store.FeatureSet, validation: str) -> dict[str, Any] | None:
+def _check_sweep_dir(out: Path, *, fs: views.FeatureSet, validation: str) -> dict[str, Any] | None:
     """The existing ``sweep.json`` if ``out`` may be resumed for ``fs``; raises otherwise."""
     meta_path = out / "sweep.json"
     if meta_path.is_file():
@@ -715,7 +715,7 @@ def _best_is_saved(out: Path, trial_id: str, key: str) -> bool:
 
 
 def sweep(
-    features: str | store.FeatureSet,
+    features: str | views.FeatureSet,
     *,
     grid: Sequence[str] = (),
     trials: int = 0,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from featurecache.cache import store
+from featurecache.cache import store, views
 from featurecache.cache.keys import digest_of
 from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
 
@@ -88,16 +88,16 @@ class TrainingData:
         return self.X_train_views
 
 
-def resolve_features(features: str | store.FeatureSet, *, cache_dir: str | os.PathLike[str] | None = None) -> store.FeatureSet:
+def resolve_features(features: str | views.FeatureSet, *, cache_dir: str | os.PathLike[str] | None = None) -> views.FeatureSet:
     """A complete feature set from a key, key prefix, entry name or an open :class:`FeatureSet`."""
-    if isinstance(features, store.FeatureSet):
+    if isinstance(features, views.FeatureSet):
         if not features.complete:
-            return store.open_features(str(features.path), require_complete=True)
+            return views.open_features(str(features.path), require_complete=True)
         return features
-    return store.open_features(features, cache_dir=cache_dir)
+    return views.open_features(features, cache_dir=cache_dir)
 
 
-def validation_label(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0) -> str:
+def validation_label(fs: views.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0) -> str:
     """How :func:`load_training_data` validates on ``fs``, without reading any features.
 
     Sweeps compare this label to refuse resuming with a different validation set.
@@ -120,7 +120,7 @@ def validation_label(fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: 
 
 
 def load_training_data(
-    fs: store.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0, max_memory: int | str | None = None
+    fs: views.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0, max_memory: int | str | None = None
 ) -> TrainingData:
     """Read a feature set into training, validation and test arrays.
 
@@ -262,7 +262,7 @@ def resolve_max_memory(value: int | str | None = None) -> int:
     return int(number)
 
 
-def train_feature_bytes(fs: store.FeatureSet) -> int:
+def train_feature_bytes(fs: views.FeatureSet) -> int:
     """Bytes of ``fs``'s training features, every view, as float32 (what the budget is compared with)."""
     lay = fs.layout("train")
     return int(lay.views) * int(lay.n) * int(np.prod(lay.feature_shape, dtype=np.int64)) * 4
@@ -456,7 +456,7 @@ def default_run_name(head: str, key: str, params: Mapping[str, Any]) -> str:
 
 
 def train_head(
-    features: str | store.FeatureSet,
+    features: str | views.FeatureSet,
     *,
     head: str = "logreg",
     params: Mapping[str, Any] | None = None,

@@ -1,9 +1,8 @@
-"""The cache key: what makes two feature sets the same.
+"""The cache keys: what makes two feature rows, and two dataset views, the same.
 
-A feature set is determined by everything that changes its numbers and nothing else:
+Store version 2 splits identity in two. A *feature spec* is everything that determines one
+image's features, and nothing about the dataset it came in:
 
-* the dataset's manifest digest (content of every image, its label, its split and its
-  relative id; see ``featurecache.data.Dataset.digest``), never absolute paths or mtimes;
 * the backbone, the *identity of its weights* (a digest of the weights file or values,
   or ``random:seed=N``; never just the word "imagenet"), the layer and the pooling;
 * the input size, resize method and preprocessing mode;
@@ -14,7 +13,13 @@ A feature set is determined by everything that changes its numbers and nothing e
 * ``FORMAT_VERSION``, bumped whenever the stored output of the same inputs changes
   (a layout change, a fixed bug in resizing, ...), so old entries are never served as new.
 
-The key is the sha256 of the canonical JSON of those fields (sorted keys, no whitespace,
+Its key (:attr:`FeatureSpec.key`) names a *feature store*, whose rows are addressed by image
+content digest. A *dataset view* adds the dataset's manifest digest (content of every image,
+its label, its split and its relative id; see ``featurecache.data.Dataset.digest``):
+:func:`view_key` of the two names the view, which is what ``--features KEY`` selects. So a
+relabelled, re-split, renamed or grown dataset is a new view over mostly the same rows.
+
+Each key is the sha256 of the canonical JSON of those fields (sorted keys, no whitespace,
 floats normalised to 12 significant digits so ``0.1`` and ``0.10000000000000001`` agree).
 Library versions are *recorded* in the entry, not keyed: ``cache verify`` recomputes a
 sample to detect numeric drift instead. Unlike fingerprinting schemes that fall back to a
@@ -28,14 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from featurecache.errors import UsageError
 
 #: Bump when the bytes stored for the same spec change. Part of every key.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "flatten", "none")
 DTYPES: tuple[str, ...] = ("float32", "float16")
@@ -82,13 +87,12 @@ def digest_of(obj: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Every input that determines a feature set's numbers; its :attr:`key` names the entry.
+    """Every input that determines one image's features; its :attr:`key` names a feature store.
 
-    ``dataset_name`` and ``weights_label`` only make the entry name readable; they are
-    stored in the entry but are not part of the key (the digests already are).
+    ``weights_label`` only makes names readable; it is stored but not keyed (the weights
+    digest already is).
     """
 
-    dataset_digest: str
     backbone: str
     weights: str
     layer: str
@@ -102,11 +106,10 @@ class FeatureSpec:
     seed: int
     dtype: str
     precision: str = "float32"
-    dataset_name: str = field(default="data", compare=False)
     weights_label: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("dataset_digest", "backbone", "weights", "layer", "preprocess", "resize"):
+        for name in ("backbone", "weights", "layer", "preprocess", "resize"):
             if not getattr(self, name):
                 raise UsageError(f"cache key field {name!r} is empty; every key field must be set explicitly")
         if self.pooling not in POOLINGS:
@@ -121,7 +124,6 @@ class FeatureSpec:
     def key_fields(self) -> dict[str, Any]:
         """The fields that enter the key, plus the format version."""
         fields = asdict(self)
-        fields.pop("dataset_name")
         fields.pop("weights_label")
         fields["augment_splits"] = sorted(self.augment_splits)
         fields["augment"] = dict(self.augment)
@@ -136,15 +138,63 @@ class FeatureSpec:
         """The 64-hex-digit content key."""
         return digest_of(self.key_fields())
 
-    def entry_name(self) -> str:
-        """``<backbone>-<weights>-<size>-<pooling>--<dataset>--<key12>``, filesystem-safe."""
+    def label(self) -> str:
+        """``<backbone>-<weights>-<size>-<pooling>``, filesystem-safe: the readable part of names."""
         weights = self.weights_label or self.weights.split(":", 1)[0]
-        head = "-".join(_slug(p) for p in (self.backbone, weights, str(self.input_size), self.pooling))
-        return f"{head}--{_slug(self.dataset_name)}--{self.key[:12]}"
+        return "-".join(_slug(p) for p in (self.backbone, weights, str(self.input_size), self.pooling))
+
+    def store_name(self) -> str:
+        """Directory name of the feature store: ``<label>--<key12>``."""
+        return f"{self.label()}--{self.key[:12]}"
+
+    def view_name(self, dataset_name: str, dataset_digest: str) -> str:
+        """Directory name of a dataset view: ``<label>--<dataset>--<viewkey12>``."""
+        return f"{self.label()}--{_slug(dataset_name)}--{view_key(self.key, dataset_digest)[:12]}"
 
     def views_for(self, split: str) -> int:
         """Number of stored views for ``split``: 1 clean view plus augmented ones where enabled."""
         return 1 + (self.views if split in self.augment_splits else 0)
+
+
+#: Version of the document hashed by :func:`manifest_digest` (the dataset digest).
+DIGEST_FORMAT = "featurecache.dataset/1"
+
+
+def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence[str], Sequence[str], Sequence[int]]]) -> str:
+    """The dataset digest: sha256 of the canonical manifest of classes and items.
+
+    The one definition both sides use: :meth:`featurecache.data.Dataset.digest` hashes a
+    dataset with it, and a view re-derives it from its stored ids, digests and labels, so a
+    flipped label or id in a view is caught on read.
+
+    Parameters
+    ----------
+    classes
+        Class names, in label order.
+    splits
+        ``(name, ids, content digests, labels)`` per split, in split order.
+
+    Returns
+    -------
+    str
+        64 hex characters.
+    """
+    doc = {
+        "format": DIGEST_FORMAT,
+        "classes": [str(c) for c in classes],
+        "splits": [[str(name), [[str(i), str(d), int(lab)] for i, d, lab in zip(ids, digests, labels)]] for name, ids, digests, labels in splits],
+    }
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def view_key(spec_key: str, dataset_digest: str) -> str:
+    """Key of the dataset view of ``dataset_digest``'s manifest over the store ``spec_key``.
+
+    This is the key users pass as ``--features``: it changes with the features' spec and with
+    the dataset's images, labels, ids, splits or order, and with nothing else.
+    """
+    return digest_of({"feature_spec": spec_key, "dataset_digest": dataset_digest, "format_version": FORMAT_VERSION})
 
 
 def _slug(text: str) -> str:

@@ -74,12 +74,12 @@ def _feature_set(
     cache: Path | None,
 ) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
-    from featurecache.cache import store
+    from featurecache.cache import store, views
 
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
     if features:
-        return store.open_features(features, cache_dir=cache)
+        return views.open_features(features, cache_dir=cache)
     if not data:
         raise UsageError(
             "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "
@@ -102,7 +102,7 @@ def _feature_set(
     ]
     args += [str(v) for flag, value, default in optional if value != default for v in (flag, value)]
     command = shlex.join(args)
-    fs = store.find_by_key(p.cache_dir, p.key)
+    fs = views.find_by_key(p.cache_dir, p.key)
     if fs is None:
         raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
     if not fs.complete:

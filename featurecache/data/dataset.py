@@ -32,13 +32,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from featurecache.cache.keys import DIGEST_FORMAT, manifest_digest
 from featurecache.data.decode import decode_image, read_image_bytes
 from featurecache.errors import DatasetError
 
 __all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileItems", "Split"]
 
-#: Version of the document hashed by :meth:`Dataset.digest`.
-DIGEST_FORMAT = "featurecache.dataset/1"
 #: Split names in their canonical order.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
@@ -292,6 +291,11 @@ class Dataset:
             ],
         }
 
+    def digests_by_split(self) -> dict[str, list[str]]:
+        """Each split's per-item content digests, in order (files of all splits hashed in one pass)."""
+        self._prefetch_file_digests()
+        return {name: split.content_digests() for name, split in self.splits.items()}
+
     def _prefetch_file_digests(self) -> None:
         """Digest the files of all splits sharing a memo in one :func:`file_digests` call.
 
@@ -329,8 +333,8 @@ class Dataset:
 
     @cached_property
     def _digest(self) -> str:
-        text = json.dumps(self.manifest(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return hashlib.sha256(text.encode("ascii")).hexdigest()
+        digests = self.digests_by_split()
+        return manifest_digest(self.classes, [(n, s.ids, digests[n], s.labels) for n, s in self.splits.items()])
 
 
 def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, workers: int = 4) -> list[str]:

@@ -146,7 +146,7 @@ def check_equivalence(
 
 def _diagnose(rebuilt: Rebuilt, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int) -> str:
     """The most likely reason for a mismatch, in words (one line)."""
-    from featurecache.cache import store
+    from featurecache.cache import store, views
 
     spec = rebuilt.spec
     bspec = rebuilt.backbone_spec
@@ -158,7 +158,7 @@ def _diagnose(rebuilt: Rebuilt, run_data: RunData, images: list[np.ndarray], ids
     registry_pre = f"{bspec.module}:{bspec.preprocess}"
     if str(spec["preprocess"]) != registry_pre:
         causes.append(f"the run's preprocessing {spec['preprocess']!r} is not {bspec.name}'s {registry_pre!r}")
-    fs = store.find_by_key(store.resolve_cache_dir(cache_dir), str(rebuilt.config["features"].get("key", "")))
+    fs = views.find_by_key(store.resolve_cache_dir(cache_dir), str(rebuilt.config["features"].get("key", "")))
     if fs is not None and fs.complete and run_data.val_split in fs.splits:
         index = {str(s): i for i, s in enumerate(fs.ids(run_data.val_split))}
         if all(str(i) in index for i in ids):

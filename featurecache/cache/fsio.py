@@ -1,0 +1,101 @@
+"""Durable local file writes for the cache: atomic JSON, fsync, and disk-full errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from featurecache.errors import DiskFullError
+
+
+def raise_if_disk_full(exc: OSError, where: Path) -> None:
+    """Turn ENOSPC/EDQUOT into :class:`DiskFullError` with the fix; other errors pass through."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(
+            f"no space left on the device holding {where} ({exc.strerror}); free space and run the same command again "
+            "to resume: finished units are kept"
+        ) from exc
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path`` and its directory entry to disk; an absent file is fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (best effort: some platforms and filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any, *, before_rename: Callable[[], None] | None = None) -> None:
+    """Write ``payload`` as JSON to ``path`` through a synced temporary file and a rename.
+
+    Readers see the old file or the whole new one, never a torn one. The temporary name starts
+    with a dot and ends in ``.partial``, which no reader treats as data.
+
+    Parameters
+    ----------
+    path
+        Destination.
+    payload
+        JSON-serialisable document.
+    before_rename
+        Called between the synced temporary file and the rename (crash tests hook it).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise_if_disk_full(exc, path.parent)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path``, never following symbolic links."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0
+    if not path.is_dir() or path.is_symlink():
+        return st.st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path, followlinks=False):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total

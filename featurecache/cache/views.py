@@ -1,0 +1,493 @@
+"""Dataset views: a dataset's splits, ids and labels over a feature store's rows.
+
+Layout of a view ``<cache>/views/<label>--<dataset>--<viewkey12>/`` (a Zarr v3 group)::
+
+    zarr.json          attributes ``featurecache``: view key, feature store name and key, spec,
+                       class names, dataset digest and source, split sizes, failures, versions
+    <split>/ids        (n,) str     relative path or array index of each item, in dataset order
+    <split>/labels     (n,) int64   index into the class names
+    <split>/digests    (n,) str     each item's image content digest
+    <split>/rows       (views, n) int64   where each item's view lives in the store's v<V>/features
+
+A view is written aside, whole, once every row it refers to is in the store, and renamed into
+place: it exists only complete. Every consumer reads it as contiguous arrays per split in
+dataset order (:class:`FeatureSet`), exactly as before store version 2. On first use the ids,
+digests, labels and class names are hashed back into the dataset digest and compared with the
+recorded one (and that with the view key), so a flipped label or id is refused, not trained on;
+the features are checked unit by unit against their markers (:meth:`FeatureStore.read_unit`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurecache.cache.faults import checkpoint
+from featurecache.cache.fsio import raise_if_disk_full, tree_size
+from featurecache.cache.keys import FORMAT_VERSION, manifest_digest, view_key
+from featurecache.cache.store import (
+    STORES_DIR,
+    TMP_DIR,
+    VIEWS_DIR,
+    FeatureStore,
+    _codecs,
+    read_group_attrs,
+    resolve_cache_dir,
+)
+from featurecache.errors import AmbiguousEntryError, CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
+
+MIN_PREFIX = 6
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Shape of one split of a view."""
+
+    name: str
+    n: int
+    views: int
+    feature_shape: tuple[int, ...]
+
+
+class ViewFeatures:
+    """A split's ``(views, n, *feature_shape)`` features, read lazily from the store.
+
+    It supports what streaming readers use: ``shape``, ``dtype``, ``x[view, i]``,
+    ``x[view, start:stop]`` and ``x.oindex[view, rows]``; each read gathers only the units that
+    hold the asked rows and verifies them.
+    """
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray) -> None:
+        self.store = store
+        self.rows = rows  # (views, n)
+        self.dtype = np.dtype(store.dtype)
+        self.shape = (int(rows.shape[0]), int(rows.shape[1]), *store.feature_shape)
+        self.ndim = len(self.shape)
+
+    def _get(self, view: int, sel: Any) -> np.ndarray:
+        picked = self.rows[int(view)][sel]
+        if np.ndim(picked) == 0:
+            return self.store.gather(int(view), np.asarray([picked]))[0]
+        return self.store.gather(int(view), picked)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple) and len(key) == 2:
+            return self._get(int(key[0]), key[1])
+        if isinstance(key, (int, np.integer)):
+            return self._get(int(key), slice(None))
+        if isinstance(key, slice) and key == slice(None):
+            return np.stack([self._get(v, slice(None)) for v in range(self.shape[0])])
+        raise UsageError(f"view features are indexed as x[view, rows], got {key!r}")
+
+    @property
+    def oindex(self) -> ViewFeatures:
+        """Orthogonal indexing (the same as plain indexing here)."""
+        return self
+
+
+class FeatureSet:
+    """A read view of one dataset over one feature store (what ``--features KEY`` names).
+
+    Parameters
+    ----------
+    path
+        The view's directory.
+
+    Raises
+    ------
+    EntryNotFoundError
+        ``path`` is not a view.
+    CacheCorruptError
+        Its ``zarr.json`` is unreadable, or its feature store is gone.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            attrs = read_group_attrs(self.path)
+        except CacheCorruptError as exc:
+            raise CacheCorruptError(f"{exc}; remove the view with `featurecache cache rm {self.path.name} --yes` and extract again") from None
+        if attrs is None or attrs.get("kind") != "view":
+            raise EntryNotFoundError(f"{self.path} is not a featurecache feature set; list them with `featurecache cache ls`")
+        self.attrs: dict[str, Any] = attrs
+        self._checked = False
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """The view's 64-hex key (feature spec + dataset digest)."""
+        return self.attrs["key"]
+
+    @property
+    def name(self) -> str:
+        """Directory name."""
+        return self.path.name
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The feature spec, plus ``dataset_digest``, ``dataset_name`` and ``weights_label``."""
+        return self.attrs["spec"]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names; labels index into this list."""
+        return list(self.attrs["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        """Split names in order (train, val, test where present)."""
+        return list(self.attrs["layout"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's features."""
+        return tuple(self.attrs["feature_shape"])
+
+    @property
+    def complete(self) -> bool:
+        """Always True: a view is written only once every row it refers to exists."""
+        return True
+
+    def layout(self, split: str) -> SplitLayout:
+        """The shape of ``split``'s arrays."""
+        self._check_split(split)
+        d = self.attrs["layout"][split]
+        return SplitLayout(split, int(d["n"]), int(d["views"]), self.feature_shape)
+
+    @cached_property
+    def store(self) -> FeatureStore:
+        """The feature store whose rows this view reads."""
+        path = self.path.parent.parent / STORES_DIR / str(self.attrs["store"])
+        try:
+            return FeatureStore(path)
+        except EntryNotFoundError:
+            raise CacheCorruptError(
+                f"feature set {self.name} reads the feature store {self.attrs['store']}, which is gone; "
+                f"remove the view (`featurecache cache rm {self.name} --yes`) and extract again"
+            ) from None
+
+    # -- arrays --------------------------------------------------------------------------
+    @cached_property
+    def group(self):  # -> zarr.Group
+        """The view's Zarr group (read-only)."""
+        import zarr
+
+        return zarr.open_group(str(self.path), mode="r")
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.attrs["layout"]:
+            raise UsageError(f"split {split!r} is not in {self.name}; it has {', '.join(self.attrs['layout'])}")
+
+    def _small(self, split: str, name: str) -> np.ndarray:
+        self._check_split(split)
+        try:
+            return self.group[f"{split}/{name}"][:]
+        except Exception as exc:  # noqa: BLE001 - zarr's checksum errors have their own types
+            raise CacheCorruptError(
+                f"{split}/{name} of feature set {self.name} is unreadable ({' '.join(str(exc).split())[:100]}); "
+                f"check it with `featurecache cache verify {self.key[:12]}` and remove it with `featurecache cache rm {self.name} --yes`"
+            ) from None
+
+    @cached_property
+    def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        out = {}
+        for split in self.splits:
+            out[split] = {
+                "ids": np.asarray(self._small(split, "ids"), dtype=object),
+                "labels": np.asarray(self._small(split, "labels"), dtype=np.int64),
+                "digests": np.asarray(self._small(split, "digests"), dtype=object),
+                "rows": np.asarray(self._small(split, "rows"), dtype=np.int64),
+            }
+        self.check_manifest(out)
+        return out
+
+    def check_manifest(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        """Hash the stored classes, ids, digests and labels back into the dataset digest.
+
+        Raises
+        ------
+        CacheCorruptError
+            They no longer give the recorded dataset digest, or that the view key.
+        """
+        arrays = arrays if arrays is not None else self._arrays
+        digest = manifest_digest(self.classes, [(s, a["ids"], a["digests"], a["labels"]) for s, a in arrays.items()])
+        fix = f"run `featurecache cache verify {self.key[:12]}`, remove it with `featurecache cache rm {self.name} --yes` and extract again"
+        if digest != self.attrs.get("dataset_digest"):
+            raise CacheCorruptError(f"the ids, labels or class names of feature set {self.name} were altered (they hash to {digest[:12]}, not {str(self.attrs.get('dataset_digest'))[:12]}); {fix}")
+        if view_key(str(self.attrs.get("store_key")), digest) != self.key:
+            raise CacheCorruptError(f"feature set {self.name} does not hash to its key {self.key[:12]}; {fix}")
+        for split, a in arrays.items():
+            if a["rows"].shape != (self.layout(split).views, len(a["ids"])):
+                raise CacheCorruptError(f"{split}/rows of feature set {self.name} has shape {a['rows'].shape}; {fix}")
+
+    def labels(self, split: str) -> np.ndarray:
+        """Integer labels ``(n,)`` indexing :attr:`classes`."""
+        self._check_split(split)
+        return self._arrays[split]["labels"].copy()
+
+    def ids(self, split: str) -> np.ndarray:
+        """Sample ids ``(n,)``: relative paths or array indices."""
+        self._check_split(split)
+        return self._arrays[split]["ids"].copy()
+
+    def digests(self, split: str) -> np.ndarray:
+        """Image content digests ``(n,)``."""
+        self._check_split(split)
+        return self._arrays[split]["digests"].copy()
+
+    def valid(self, split: str) -> np.ndarray:
+        """``(n,)`` bool: False where the image failed to decode (its features are zeros)."""
+        self._check_split(split)
+        bad = {str(d) for _, _, d, _ in self._failure_rows()}
+        return np.asarray([str(d) not in bad for d in self._arrays[split]["digests"]], dtype=bool)
+
+    def feature_array(self, split: str) -> ViewFeatures:
+        """The lazy ``(views, n, *feature_shape)`` features, for streaming reads."""
+        self._check_split(split)
+        return ViewFeatures(self.store, self._arrays[split]["rows"])
+
+    def features(self, split: str, view: int | None = 0) -> np.ndarray:
+        """Features of ``split``: ``(n, *shape)`` for one view, ``(views, n, *shape)`` for ``view=None``."""
+        arr = self.feature_array(split)
+        return arr[:] if view is None else arr[int(view)]
+
+    def _failure_rows(self) -> list[tuple[str, str, str, str]]:
+        return [tuple(f) for f in self.attrs.get("failures", [])]  # type: ignore[misc]
+
+    def failures(self) -> list[dict[str, str]]:
+        """Images that failed to decode: ``[{split, id, reason}]``."""
+        return [{"split": s, "id": i, "reason": r} for s, i, _d, r in self._failure_rows()]
+
+    def size_bytes(self) -> int:
+        """Bytes of the view itself (its rows live in the shared store)."""
+        return tree_size(self.path)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description, as printed by ``cache ls --json``."""
+        spec = self.spec
+        return {
+            "kind": "view",
+            "name": self.name,
+            "key": self.key,
+            "store": self.attrs.get("store"),
+            "backbone": spec["backbone"],
+            "weights": spec.get("weights_label") or spec["weights"],
+            "input_size": spec["input_size"],
+            "pooling": spec["pooling"],
+            "dataset": spec.get("dataset_name"),
+            "splits": {s: {"n": self.layout(s).n, "views": self.layout(s).views} for s in self.splits},
+            "feature_shape": list(self.feature_shape),
+            "complete": True,
+            "created": self.attrs.get("created"),
+        }
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({self.name!r})"
+
+
+# -- writing ---------------------------------------------------------------------------------
+def write_view(
+    cache_dir: Path,
+    st: FeatureStore,
+    *,
+    name: str,
+    key: str,
+    dataset_digest: str,
+    classes: Sequence[str],
+    splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]],
+    failures: Sequence[tuple[str, str, str, str]],
+    extra: Mapping[str, Any] | None = None,
+) -> FeatureSet:
+    """Write a complete view aside and rename it into place (the caller holds the store's lease).
+
+    Parameters
+    ----------
+    cache_dir
+        Cache root.
+    st
+        The feature store the rows are in.
+    name, key
+        The view's directory name and key.
+    dataset_digest
+        The manifest digest of ``classes`` and ``splits``.
+    classes
+        Class names.
+    splits
+        ``{split: (ids, labels, digests, rows)}`` in order; ``rows`` is ``(views, n)``.
+    failures
+        ``(split, id, digest, reason)`` of each undecodable item.
+    extra
+        More attributes (dataset source, limit, weights source, counts, ...).
+
+    Returns
+    -------
+    FeatureSet
+        The view.
+    """
+    import zarr
+
+    final = cache_dir / VIEWS_DIR / name
+    # Named after the store's key: the store's lease holder owns (and cleans) it.
+    tmp = cache_dir / TMP_DIR / f"{st.key[:12]}-{key[:12]}-{uuid.uuid4().hex[:8]}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    layout = {}
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        for split, (ids, labels, digests, rows) in splits.items():
+            n = len(ids)
+            chunk = (max(1, min(n, 1 << 16)),)
+            g = root.create_group(split)
+            g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **_codecs())
+            g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **_codecs())
+            g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **_codecs())
+            g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **_codecs())
+            if n:
+                g["ids"][:] = np.asarray(list(ids), dtype=str)
+                g["labels"][:] = np.asarray(labels, dtype=np.int64)
+                g["digests"][:] = np.asarray(list(digests), dtype=str)
+                g["rows"][:] = np.asarray(rows, dtype=np.int64)
+            layout[split] = {"n": n, "views": int(rows.shape[0])}
+        root.attrs["featurecache"] = {
+            "kind": "view",
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "store": st.name,
+            "store_key": st.key,
+            "dataset_digest": dataset_digest,
+            "spec": {**st.spec, "dataset_digest": dataset_digest, "dataset_name": (extra or {}).get("dataset_name", "data")},
+            "classes": [str(c) for c in classes],
+            "layout": layout,
+            "feature_shape": list(st.feature_shape),
+            "failures": [list(f) for f in failures],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        checkpoint("before_seal")
+        if final.exists() or final.is_symlink():
+            _discard(final, cache_dir)  # an older copy of the same view, or debris of a killed rm
+        os.rename(tmp, final)
+        checkpoint("sealed")
+    except OSError as exc:
+        raise_if_disk_full(exc, cache_dir)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureSet(final)
+
+
+def _discard(path: Path, cache_dir: Path) -> None:
+    """Move ``path`` aside into ``.tmp`` and delete it (never following a link)."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    trash = cache_dir / TMP_DIR / f"rm-{path.name}-{uuid.uuid4().hex[:6]}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_view(fs: FeatureSet) -> None:
+    """Delete a view (never its rows: other views may use them; ``cache gc`` reclaims unused rows)."""
+    _discard(fs.path, fs.path.parent.parent)
+
+
+# -- finding views -------------------------------------------------------------------------------
+def iter_entries(cache_dir: Path, pattern: str = "*") -> Iterator[FeatureSet]:
+    """Every readable view under ``cache_dir`` whose name matches ``pattern``, sorted by name."""
+    root = cache_dir / VIEWS_DIR
+    if not root.is_dir():
+        return
+    for child in sorted(root.glob(pattern)):
+        if child.name.startswith(".") or child.is_symlink() or not child.is_dir():
+            continue
+        try:
+            yield FeatureSet(child)
+        except (EntryNotFoundError, CacheCorruptError):
+            continue
+
+
+def damaged_entries(cache_dir: Path) -> list[Path]:
+    """View directories that cannot be opened (torn ``zarr.json``, leftovers of a killed rm)."""
+    root = cache_dir / VIEWS_DIR
+    out = []
+    for child in sorted(root.iterdir()) if root.is_dir() else ():
+        if child.name.startswith("."):
+            continue
+        try:
+            FeatureSet(child)
+        except (EntryNotFoundError, CacheCorruptError):
+            out.append(child)
+    return out
+
+
+def find_by_key(cache_dir: Path, key: str) -> FeatureSet | None:
+    """The view whose full key is ``key``, without scanning the cache."""
+    root = cache_dir / VIEWS_DIR
+    for child in root.glob(f"*--{key[:12]}") if root.is_dir() else ():
+        try:
+            fs = FeatureSet(child)
+        except (EntryNotFoundError, CacheCorruptError):
+            continue
+        if fs.key == key:
+            return fs
+    return None
+
+
+def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> FeatureSet:
+    """Resolve a full key, a key prefix (>= 6 hex digits, 12 recommended), a name or a path.
+
+    Raises
+    ------
+    EntryNotFoundError
+        Nothing matches.
+    AmbiguousEntryError
+        A prefix matches several views.
+    CacheCorruptError
+        The named view is damaged (with the ``cache rm`` command that removes it).
+    """
+    root = resolve_cache_dir(cache_dir)
+    ref = ref.strip()
+    path = Path(ref)
+    if ref and path.is_dir() and (path / "zarr.json").exists():
+        return FeatureSet(path)
+    named = root / VIEWS_DIR / ref
+    if ref and "/" not in ref and not ref.startswith(".") and named.is_dir():
+        return FeatureSet(named)  # an entry name: the directory itself, no scan
+    prefix = ref.lower()
+    matches: list[FeatureSet] = []
+    if len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix):
+        # View names end in "--" + the key's first 12 digits: only those directories can match.
+        matches = [e for e in iter_entries(root, f"*--{prefix[:12]}*") if e.key.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise AmbiguousEntryError(f"key prefix {ref!r} matches {len(matches)} feature sets ({', '.join(e.name for e in matches[:4])}); give more digits of the key")
+    hint = f"short keys need at least {MIN_PREFIX} characters; " if len(ref) < MIN_PREFIX else ""
+    raise EntryNotFoundError(f"no feature set {ref!r} in cache {root}; {hint}list them with `featurecache cache ls --cache {root}`")
+
+
+def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, require_complete: bool = True) -> FeatureSet:
+    """Open a feature set (a dataset view) by key, key prefix, name or path.
+
+    ``require_complete`` is kept for compatibility: views exist only complete.
+
+    Raises
+    ------
+    EntryNotFoundError, AmbiguousEntryError, CacheCorruptError
+        As :func:`find_entry`.
+    """
+    del require_complete
+    fs = find_entry(ref, cache_dir=cache_dir)
+    if not fs.complete:  # pragma: no cover - views are written whole
+        raise IncompleteEntryError(f"feature set {fs.name} is incomplete; run the same `featurecache extract` command again")
+    return fs
