@@ -10,7 +10,7 @@ The Python API mirrors the CLI::
 
 from featurecache.cache.store import resolve_cache_dir
 from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
-from featurecache.cache.maintenance import ExplainReport, VerifyReport, explain, verify
+from featurecache.audit import ExplainReport, VerifyReport, explain, verify
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import ExtractResult, extract, plan
 from featurecache.sweep import sweep

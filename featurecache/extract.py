@@ -441,7 +441,7 @@ class _UnitRunner:
         self.batch_size = max(1, int(batch_size))
         self.on_error = on_error
         self.workers = workers or min(8, 2 * (os.cpu_count() or 1))
-        self.forward = _compiled_forward(model, p.spec.input_size, jit_compile=xla)
+        self.forward = compiled_forward(model, p.spec.input_size, jit_compile=xla)
         # Where each digest's image is: its first occurrence in the dataset.
         self.source: dict[str, tuple[str, int]] = {}
         for name, digests in p.dataset.digests_by_split().items():
@@ -758,7 +758,7 @@ def forward_in_batches(
     return np.concatenate(out, axis=0), batch_size
 
 
-def _compiled_forward(model: Any, size: int, *, jit_compile: bool = False) -> Callable[[np.ndarray], Any]:
+def compiled_forward(model: Any, size: int, *, jit_compile: bool = False) -> Callable[[np.ndarray], Any]:
     """``model(x, training=False)`` as one traced function for any batch size (XLA-compiled if asked)."""
     import tensorflow as tf
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import featurecache as fc
-from featurecache.cache import store
+from featurecache.cache import store, views
 
 # (registry name, keras.applications constructor, preprocess module)
 REFERENCE = [
@@ -79,7 +79,7 @@ def test_second_run_is_a_hit_that_builds_no_model(cache_dir: Path) -> None:
     )
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert out == {"cached": True, "key": first.key, "tf": False, "keras": False}
-    assert len(list(store.iter_entries(cache_dir))) == 1
+    assert len(list(views.iter_entries(cache_dir))) == 1
 
 
 def test_changing_options_changes_the_key(cache_dir: Path) -> None:
@@ -146,19 +146,21 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(killed)])
     deadline = time.monotonic() + 120
+    # Completion markers only (zarr.json renamed into place), never their temp files.
+    marker_glob = "features/*/units/v*/u*/zarr.json"
     while time.monotonic() < deadline:
-        markers = list(killed.glob("*/_units/*/*/*"))
-        if len(markers) >= 3:
+        if len(list(killed.glob(marker_glob))) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    fs_partial = next(store.iter_entries(killed))
-    done_before = len(fs_partial.units()) - len(fs_partial.missing_units())
-    assert 3 <= done_before < len(fs_partial.units()), "the kill should land mid-extraction"
+    total = 30 + 10  # 180 images in units of 6, plus the 60 training images' augmented view
+    done_before = len(list(killed.glob(marker_glob)))
+    assert 3 <= done_before < total and next(views.iter_entries(killed), None) is None, "the kill should land mid-extraction"
     subprocess.run([sys.executable, "-c", RUNNER, str(killed)], check=True)
     subprocess.run([sys.executable, "-c", RUNNER, str(clean)], check=True)
-    a, b = next(store.iter_entries(killed)), next(store.iter_entries(clean))
+    assert len(list(killed.glob(marker_glob))) == total
+    a, b = next(views.iter_entries(killed)), next(views.iter_entries(clean))
     assert a.key == b.key and a.complete and b.complete
     for split in a.splits:
         np.testing.assert_array_equal(a.features(split, view=None), b.features(split, view=None))
@@ -181,12 +183,14 @@ def test_cli_extract_json_then_hit_and_cache_commands(cache_dir: Path) -> None:
     second = json.loads(_cli(*args).stdout)
     assert second["cached"] is True and second["key"] == doc["key"]
     ls = json.loads(_cli("cache", "ls", "--cache", str(cache_dir), "--json").stdout)
-    assert [e["key"] for e in ls] == [doc["key"]] and ls[0]["complete"]
+    assert [e["key"] for e in ls["views"]] == [doc["key"]] and ls["views"][0]["complete"]
+    assert [s["rows"]["v0"] for s in ls["stores"]] == [doc["computed"]] == [15]
     info = json.loads(_cli("cache", "info", doc["key"][:12], "--cache", str(cache_dir), "--json").stdout)
     assert info["spec"]["backbone"] == "mobilenetv2" and info["spec"]["input_size"] == 32
     assert _cli("cache", "rm", doc["name"], "--cache", str(cache_dir)).returncode != 0  # needs --yes (no stdin)
     assert _cli("cache", "rm", doc["name"], "--yes", "--cache", str(cache_dir)).returncode == 0
-    assert json.loads(_cli("cache", "ls", "--cache", str(cache_dir), "--json").stdout) == []
+    ls = json.loads(_cli("cache", "ls", "--cache", str(cache_dir), "--json").stdout)
+    assert ls["views"] == [] and ls["stores"][0]["rows"]["v0"] == 15, "removing a feature set keeps the rows for others"
 
 
 @pytest.mark.parametrize(

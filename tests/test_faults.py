@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import featurecache as fc
-from featurecache.cache import faults, store
+from featurecache.cache import faults, store, views
+from featurecache.cache.lease import LOCKS_DIR, Lease
 from featurecache.cache.maintenance import gc
 from featurecache.errors import UsageError
 
@@ -84,7 +85,7 @@ def _run_cli(cache: Path, fault: str, **env: str) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> store.FeatureSet:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> views.FeatureSet:
     """One uninterrupted extraction, in this process."""
     root = tmp_path_factory.mktemp("reference")
     res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
@@ -96,7 +97,8 @@ def faulted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     """Every faulted subprocess, two at a time (each spends ~5 s importing TensorFlow)."""
     base = tmp_path_factory.mktemp("faulted")
     jobs = {point: (lambda p=point: _run_python(base / p.replace("@", "_"), p)) for point, _ in KILL_POINTS}
-    jobs["cli-enospc"] = lambda: _run_cli(base / "cli-enospc", "unit_data_written@3:enospc")
+    # The CLI's default chunking puts the 60 clean images in one unit and the 20 augmented in a second.
+    jobs["cli-enospc"] = lambda: _run_cli(base / "cli-enospc", "unit_data_written@2:enospc")
     # The disk fills up while writing the lease: the same error path, before TensorFlow loads.
     jobs["cli-enospc-debug"] = lambda: _run_cli(base / "cli-enospc-debug", "lease_acquired:enospc", FEATURECACHE_DEBUG="1")
     with ThreadPoolExecutor(2) as pool:
@@ -104,7 +106,7 @@ def faulted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
         return {name: f.result() for name, f in futures.items()}
 
 
-def assert_identical(a: store.FeatureSet, b: store.FeatureSet) -> None:
+def assert_identical(a: views.FeatureSet, b: views.FeatureSet) -> None:
     """Same key, same bytes in every array, same failures and attributes (creation time aside)."""
     assert a.key == b.key and a.complete and b.complete
     assert a.splits == b.splits
@@ -114,62 +116,75 @@ def assert_identical(a: store.FeatureSet, b: store.FeatureSet) -> None:
         np.testing.assert_array_equal(a.labels(split), b.labels(split), strict=True)
         assert list(a.ids(split)) == list(b.ids(split))
     assert a.failures() == b.failures()
-    strip = lambda attrs: {k: v for k, v in attrs.items() if k != "created"}  # noqa: E731
+    strip = lambda attrs: {k: v for k, v in attrs.items() if k not in ("created", "computed")}  # noqa: E731
     assert strip(a.attrs) == strip(b.attrs)
 
 
 def assert_no_debris(root: Path) -> None:
-    """No temp file survives: zarr's and our *.partial, entries built aside, leases moved aside."""
+    """No temp file survives: zarr's and our *.partial, views built aside, leases moved aside."""
     assert not list(root.rglob("*.partial"))
     assert not list((root / store.TMP_DIR).glob("*"))
-    assert not list((root / store.LOCKS_DIR).glob("*.stale-*"))
+    assert not list((root / LOCKS_DIR).glob("*.stale-*"))
 
 
-def _entry(root: Path) -> store.FeatureSet | None:
-    return next(store.iter_entries(root), None)
+def _entry(root: Path) -> views.FeatureSet | None:
+    return next(views.iter_entries(root), None)
+
+
+def _store(root: Path) -> store.FeatureStore | Path | None:
+    return next(store.iter_stores(root), None)
+
+
+def _marked(st: store.FeatureStore) -> int:
+    return sum(len(st.markers(v, refresh=True)) for v in range(st.views))
+
+
+# 20 images per split (60 distinct digits images), 5 rows per unit: 12 view-0 units, 4 view-1 units.
+TOTAL_UNITS = 16
 
 
 def _check_state_after_kill(root: Path, state: str) -> None:
-    fs = _entry(root)
-    leases = list((root / store.LOCKS_DIR).glob("*.lease"))
+    fs, st = _entry(root), _store(root)
+    leases = list((root / LOCKS_DIR).glob("*.lease"))
     if state != "complete":
-        assert leases and store.Lease(root, leases[0].name[: -len(".lease")]).is_stale(), "the dead holder's lease stays, stale"
+        assert leases and Lease(root, leases[0].name[: -len(".lease")]).is_stale(), "the dead holder's lease stays, stale"
+        assert fs is None, "a view exists only once complete"
     if state == "lease":
-        assert fs is None
+        assert st is None
     elif state == "tmp_dir":
-        assert fs is None and list((root / store.TMP_DIR).glob("*")), "the entry was built aside, never renamed"
+        assert isinstance(st, Path), "the store's directory exists but it is not a store until its attributes are written"
     elif state == "complete":
-        assert fs is not None and fs.complete
+        assert fs is not None and isinstance(st, store.FeatureStore) and _marked(st) == TOTAL_UNITS
     else:
-        assert fs is not None and not fs.complete
-        done = len(fs.units()) - len(fs.missing_units())
+        assert isinstance(st, store.FeatureStore)
+        done = _marked(st)
         if state == "no_units":
             assert done == 0
         elif state == "all_units_unsealed":
-            assert done == len(fs.units())
+            assert done == TOTAL_UNITS and list((root / store.TMP_DIR).glob("*")), "the view was built aside, never renamed"
         else:
-            assert 0 <= done < len(fs.units())
+            assert 0 <= done < TOTAL_UNITS
         if state == "marker_tmp":
-            assert list((fs.path / store.UNITS_DIR).rglob(".*.partial")), "the marker temp file was left"
+            assert list((st.path / store.UNITS_GROUP).rglob(".*.partial")), "the marker temp file was left"
         if state == "data_without_marker":
-            written = {p.relative_to(fs.path).as_posix() for p in fs.path.glob("*/features/c/*/*/0")}
-            marked = {f"{u.split}/features/c/{u.view}/{u.chunk}/0" for u in fs.units() if fs.unit_done(u)}
+            written = {int(p.parent.name) for v in range(st.views) for p in st.path.glob(f"v{v}/features/c/*/0")}
+            marked = set(st.markers(0)) | set(st.markers(1))
             assert written - marked, "a unit's data is on disk without its marker"
 
 
 def _plant_zarr_partial(root: Path) -> Path | None:
     """What a kill in the middle of zarr writing a chunk leaves: a torn temp file beside it."""
-    fs = _entry(root)
-    if fs is None:
+    st = _store(root)
+    if not isinstance(st, store.FeatureStore):
         return None
-    torn = fs.path / "train" / "features" / "c" / "1" / "0" / "0.0123456789abcdef.partial"
+    torn = st.path / "v0" / "features" / "c" / "1" / "0.0123456789abcdef.partial"
     torn.parent.mkdir(parents=True, exist_ok=True)
     torn.write_bytes(b"\x00torn chunk")
     return torn
 
 
 @pytest.mark.parametrize("point,state", KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
-def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcome], reference: store.FeatureSet, point: str, state: str) -> None:
+def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcome], reference: views.FeatureSet, point: str, state: str) -> None:
     out = faulted[point]
     assert out.returncode == -signal.SIGKILL, f"expected death by SIGKILL at {point}, got rc {out.returncode}: {out.stderr[-2000:]}"
     _check_state_after_kill(out.cache, state)
@@ -181,10 +196,10 @@ def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcom
     if torn is not None and state != "complete":
         assert not torn.exists()
     # A run that died after sealing is a cache hit, which never touches leases; gc reclaims it.
-    leftover = list((out.cache / store.LOCKS_DIR).glob("*.lease"))
-    assert all(store.Lease(out.cache, p.name[: -len(".lease")]).is_stale() for p in leftover)
+    leftover = list((out.cache / LOCKS_DIR).glob("*.lease"))
+    assert all(Lease(out.cache, p.name[: -len(".lease")]).is_stale() for p in leftover)
     gc(older_than=0, dry_run=False, cache_dir=out.cache)
-    assert not list((out.cache / store.LOCKS_DIR).glob("*"))
+    assert not list((out.cache / LOCKS_DIR).glob("*"))
     assert_no_debris(out.cache)
     assert_identical(fc.open_features(res.key, cache_dir=out.cache), reference)
 
@@ -199,14 +214,14 @@ def test_disk_full_is_one_line_keeps_finished_units_and_resumes(faulted: dict[st
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no space left" in errors[0] and "resume" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
-    fs = _entry(out.cache)
-    failed = fs.units()[2]  # the third unit written: its write hit ENOSPC
-    assert not fs.unit_done(failed) and fs.unit_done(fs.units()[0]) and fs.unit_done(fs.units()[1])
-    assert not list((out.cache / store.LOCKS_DIR).glob("*.lease")), "the lease is released on error"
+    assert _entry(out.cache) is None
+    st = _store(out.cache)
+    assert sorted(st.markers(0, refresh=True)) == [0] and not st.markers(1, refresh=True), "the second unit hit ENOSPC: no marker; the first is kept"
+    assert not list((out.cache / LOCKS_DIR).glob("*.lease")), "the lease is released on error"
 
     debug = faulted["cli-enospc-debug"]
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "DiskFullError" in debug.stderr, debug.stderr
-    assert not list((debug.cache / store.LOCKS_DIR).glob("*")), "a lease that could not be written is not left behind"
+    assert not list((debug.cache / LOCKS_DIR).glob("*")), "a lease that could not be written is not left behind"
 
     res = fc.extract("builtin:digits", cache_dir=out.cache, progress=False, **cli_options)
     assert_identical(fc.open_features(res.key, cache_dir=out.cache), reference)
@@ -221,15 +236,15 @@ def _popen(cache: Path, *, fault: str | None = None, stderr_path: Path | None = 
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=REPO)
 
 
-def test_two_processes_on_the_same_key_make_one_correct_entry(tmp_path: Path, reference: store.FeatureSet) -> None:
+def test_two_processes_on_the_same_key_make_one_correct_entry(tmp_path: Path, reference: views.FeatureSet) -> None:
     procs = [_popen(tmp_path), _popen(tmp_path)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     docs = [json.loads(o) for o in outs]
     assert sorted(d["cached"] for d in docs) == [False, True], "one extracts, the other waits and gets a hit"
-    assert len(list(store.iter_entries(tmp_path))) == 1
+    assert len(list(views.iter_entries(tmp_path))) == 1
     assert_identical(_entry(tmp_path), reference)
-    assert not list((tmp_path / store.LOCKS_DIR).glob("*.lease"))
+    assert not list((tmp_path / LOCKS_DIR).glob("*.lease"))
     assert_no_debris(tmp_path)
 
 
@@ -237,7 +252,7 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def test_killed_lease_holder_is_taken_over_by_the_waiter(tmp_path: Path, reference: store.FeatureSet) -> None:
+def test_killed_lease_holder_is_taken_over_by_the_waiter(tmp_path: Path, reference: views.FeatureSet) -> None:
     # The holder freezes itself mid-extraction (after 3 unit markers), holding the lease.
     holder = _popen(tmp_path, fault="unit_marker_written@3:stop")
     deadline = time.monotonic() + 240
@@ -249,27 +264,26 @@ def test_killed_lease_holder_is_taken_over_by_the_waiter(tmp_path: Path, referen
     while "waiting for another process" not in log.read_text():
         assert waiter.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
-    fs = _entry(tmp_path)
-    assert len(fs.units()) - len(fs.missing_units()) == 3 and not fs.complete
+    assert _entry(tmp_path) is None and _marked(_store(tmp_path)) == 3
     holder.send_signal(signal.SIGKILL)
     holder.wait()  # reaped, so its pid is gone and the waiter sees the lease as stale
     out, _ = waiter.communicate(timeout=240)
     assert waiter.returncode == 0, log.read_text()
     assert json.loads(out)["cached"] is False
     assert_identical(_entry(tmp_path), reference)
-    assert not list((tmp_path / store.LOCKS_DIR).glob("*.lease"))
+    assert not list((tmp_path / LOCKS_DIR).glob("*.lease"))
     assert_no_debris(tmp_path)
 
 
 # -- small pieces, no TensorFlow ------------------------------------------------------------
 def test_breaking_a_stale_lease_never_removes_a_fresh_one(tmp_path: Path) -> None:
     key = "ab" * 32
-    dead = store.Lease(tmp_path, key)
+    dead = Lease(tmp_path, key)
     dead.path.parent.mkdir(parents=True)
     dead.path.write_text(json.dumps({"token": "dead", "host": "elsewhere", "pid": 1}))
     old = time.time() - 3600
     os.utime(dead.path, (old, old))
-    slow, fast = store.Lease(tmp_path, key), store.Lease(tmp_path, key)
+    slow, fast = Lease(tmp_path, key), Lease(tmp_path, key)
     judged = slow.holder()
     assert slow.is_stale()
     # Meanwhile another waiter breaks the same stale lease and takes a fresh one.
@@ -300,6 +314,6 @@ def test_checkpoints_cover_store_and_extract() -> None:
     import re
 
     called = set()
-    for path in ("featurecache/cache/store.py", "featurecache/extract.py"):
+    for path in ("featurecache/cache/store.py", "featurecache/cache/views.py", "featurecache/cache/lease.py", "featurecache/extract.py"):
         called |= set(re.findall(r'checkpoint\("([a-z_]+)"\)', (REPO / path).read_text()))
     assert called == set(faults.POINTS) and len(called) >= 10

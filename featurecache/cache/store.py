@@ -553,3 +553,25 @@ def remove_leftovers(cache_dir: Path, spec_key: str) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def find_store(ref: str, *, cache_dir: Path) -> FeatureStore | None:
+    """A feature store by directory name, full key or key prefix (>= 6 hex digits), or None."""
+    root = cache_dir / STORES_DIR
+    if not root.is_dir() or not ref:
+        return None
+    named = root / ref
+    if "/" not in ref and not ref.startswith(".") and named.is_dir():
+        return FeatureStore(named)
+    prefix = ref.lower()
+    if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
+        return None
+    hits = []
+    for child in root.glob(f"*--{prefix[:12]}*"):
+        try:
+            st = FeatureStore(child)
+        except Exception:  # noqa: BLE001 - damaged stores are listed by `cache ls`
+            continue
+        if st.key.startswith(prefix):
+            hits.append(st)
+    return hits[0] if len(hits) == 1 else None

@@ -77,3 +77,12 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+
+
+def cache_flag(cache: Path | str | None) -> str:
+    """`` --cache DIR`` when the user gave one, so a printed command works when pasted."""
+    if cache is None:
+        return ""
+    import shlex
+
+    return f" --cache {shlex.quote(str(cache))}"

@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, csv_items, fail, handle_errors, human_bytes, print_json
+from pathlib import Path
+
+from featurecache.cli._common import CacheOpt, JsonOpt, cache_flag, csv_items, fail, handle_errors, human_bytes, print_json
 from featurecache.cli.extract import (
     AugmentOpt,
     BackboneOpt,
@@ -31,47 +33,61 @@ RefArg = Annotated[str, typer.Argument(help="Full key, its first 12 characters, 
 @app.command("ls")
 @handle_errors
 def ls_cmd(cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
-    """List cache entries: name, key, backbone, splits, size, complete or not."""
-    from featurecache.cache import store
+    """List feature stores (spec, rows, size) and the feature sets (dataset views) over each."""
+    from featurecache.cache import store, views
+    from featurecache.migrate import legacy_entries
 
     root = store.resolve_cache_dir(cache)
-    entries = list(store.iter_entries(root))
-    rows = [{**e.summary(), "size_bytes": e.size_bytes()} for e in entries]
+    stores, damaged = [], []
+    for st in store.iter_stores(root):
+        if isinstance(st, store.FeatureStore):
+            stores.append({**st.summary(), "size_bytes": st.size_bytes()})
+        else:
+            damaged.append(str(st))
+    entries = [{**e.summary(), "size_bytes": e.size_bytes()} for e in views.iter_entries(root)]
+    damaged += [str(p) for p in views.damaged_entries(root)]
+    legacy = [str(p) for p in legacy_entries(root)]
     if json_out:
-        print_json(rows)
+        print_json({"stores": stores, "views": entries, "damaged": damaged, "legacy": legacy})
         return
-    if not rows:
+    if not stores and not entries and not damaged and not legacy:
         typer.echo(f"no feature sets in {root}")
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("key", "backbone", "splits", "size", "complete", title=str(root))
-    table.add_column("name", overflow="fold")  # the name is what users copy: never truncate it
-    for r in rows:
-        splits = " ".join(f"{s}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for s, d in r["splits"].items())
-        table.add_row(r["key"][:12], r["backbone"], splits, human_bytes(r["size_bytes"]), "yes" if r["complete"] else "[red]no[/red]", r["name"])
-    Console().print(table)
+    console = Console()
+    for s in stores:
+        rows = " ".join(f"{v}:{n}" for v, n in s["rows"].items())
+        table = Table("key", "splits", "size", title=f"{s['name']}  ({rows} rows, {human_bytes(s['size_bytes'])})", title_justify="left")
+        table.add_column("feature set", overflow="fold")  # the name is what users copy: never truncate it
+        for r in entries:
+            if r["store"] != s["name"]:
+                continue
+            splits = " ".join(f"{k}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for k, d in r["splits"].items())
+            table.add_row(r["key"][:12], splits, human_bytes(r["size_bytes"]), r["name"])
+        console.print(table)
+    for path in damaged:
+        typer.echo(f"damaged: {path} (remove it with `featurecache cache rm {Path(path).name} --yes{cache_flag(cache)}`)")
+    if legacy:
+        typer.echo(f"{len(legacy)} entries in the old format 1: convert them with `featurecache cache migrate{cache_flag(cache)}`")
 
 
 @app.command("info")
 @handle_errors
 def info_cmd(ref: RefArg, cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
-    """Show the full spec of one entry."""
-    from featurecache.cache import store
+    """Show the full spec of one feature set (or feature store)."""
+    from featurecache.cache import maintenance, store
 
-    fs = store.find_entry(ref, cache_dir=cache)
-    doc = {
-        **fs.summary(),
-        "path": str(fs.path),
-        "spec": fs.spec,
-        "classes": fs.classes,
-        "versions": fs.attrs.get("versions", {}),
-        "dataset_source": fs.attrs.get("dataset_source"),
-        "missing_units": len(fs.missing_units()),
-        "invalid_images": len(fs.failures()),
-        "size_bytes": fs.size_bytes(),
-    }
+    target = maintenance.find_target(ref, cache_dir=store.resolve_cache_dir(cache))
+    doc = {**target.summary(), "path": str(target.path), "spec": target.spec, "size_bytes": target.size_bytes()}
+    if not isinstance(target, store.FeatureStore):
+        doc.update({
+            "classes": target.classes,
+            "versions": target.attrs.get("versions", {}),
+            "dataset_source": target.attrs.get("dataset_source"),
+            "invalid_images": len(target.failures()),
+        })
     if json_out:
         print_json(doc)
         return
@@ -87,10 +103,10 @@ def info_cmd(ref: RefArg, cache: CacheOpt = None, json_out: JsonOpt = False) -> 
 @app.command("failures")
 @handle_errors
 def failures_cmd(ref: RefArg, cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
-    """List the images of an entry that could not be decoded, with the reason."""
-    from featurecache.cache import store
+    """List the images of a feature set that could not be decoded, with the reason."""
+    from featurecache.cache import views
 
-    fs = store.find_entry(ref, cache_dir=cache)
+    fs = views.find_entry(ref, cache_dir=cache)
     rows = fs.failures()
     if json_out:
         print_json(rows)
@@ -108,36 +124,36 @@ def rm_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
     cache: CacheOpt = None,
 ) -> None:
-    """Remove one entry."""
-    from featurecache.cache import store
+    """Remove a feature set (its rows stay for other feature sets until `cache gc`), a whole feature store, or a damaged entry."""
+    from featurecache.cache import removal
 
-    fs = store.find_entry(ref, cache_dir=cache)
-    size = human_bytes(fs.size_bytes())
+    plan = removal.plan_removal(ref, cache_dir=cache)
     if dry_run:
-        typer.echo(f"would remove {fs.name} ({size})")
+        typer.echo(f"would remove {plan.what} ({human_bytes(plan.size_bytes)})")
         return
-    if not yes and not typer.confirm(f"remove {fs.name} ({size})?", default=False):
+    if not yes and not typer.confirm(f"remove {plan.what} ({human_bytes(plan.size_bytes)})?", default=False):
         raise typer.Exit(1)
-    store.remove_entry(fs)
-    typer.echo(f"removed {fs.name} ({size})")
+    freed = removal.remove(plan)
+    typer.echo(f"removed {plan.what} ({human_bytes(freed)} freed){plan.note}")
 
 
 @app.command("verify")
 @handle_errors
 def verify_cmd(
     ref: RefArg,
-    sample: Annotated[int, typer.Option("--sample", help="Feature vectors to recompute from the images (0: checksums and structure only).")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample draw.")] = 0,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="Feature vectors to recompute from the images (0: checksums and structure only).")] = 8,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the sample draw.")] = 0,
     data: Annotated[str | None, typer.Option("--data", "-d", help="The images, if they moved since extraction.", show_default=False)] = None,
     weights: Annotated[str | None, typer.Option("--weights", "-w", help="The weights, if the file moved since extraction.", show_default=False)] = None,
     rtol: Annotated[float | None, typer.Option("--rtol", help="Allowed difference relative to a vector's largest value (default: 1e-4, float16: 2e-3).", show_default=False)] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Remove damaged units and the feature sets that read them, so the next extract recomputes exactly those images.")] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check an entry: every unit complete, spec hashes to the key, every chunk's checksum, a recomputed sample."""
-    from featurecache.cache.maintenance import verify
+    """Check a feature set or store: manifest, every unit's bytes against its marker, a recomputed sample."""
+    from featurecache.audit import verify
 
-    report = verify(ref, sample=sample, seed=seed, data=data, weights=weights, rtol=rtol, cache_dir=cache)
+    report = verify(ref, sample=sample, seed=seed, data=data, weights=weights, rtol=rtol, repair=repair, cache_dir=cache)
     if json_out:
         print_json(report.to_json())
     else:
@@ -145,11 +161,34 @@ def verify_cmd(
         typer.echo(f"{report.name}: {report.units_checked} units read back, {report.sampled} vectors recomputed{diff}")
         for problem in report.problems:
             typer.echo(f"  problem: {problem}", err=True)
+        for line in report.repaired:
+            typer.echo(f"  repaired: {line}", err=True)
     if not report.ok:
         n = len(report.problems)
-        raise fail(f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'} (listed above)")
+        hint = "" if repair else f"; `featurecache cache verify {ref} --repair{cache_flag(cache)}` drops the damaged units so the next extract recomputes them"
+        raise fail(f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'} (listed above){hint}")
     if not json_out:
         typer.echo(f"ok {report.name}")
+
+
+@app.command("migrate")
+@handle_errors
+def migrate_cmd(
+    data: Annotated[str | None, typer.Option("--data", "-d", help="The images, if they moved since the old entries were made.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be converted.")] = False,
+    cache: CacheOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert format-1 entries into feature-store rows and feature sets, without running the backbone."""
+    from featurecache.migrate import migrate
+
+    results = migrate(cache_dir=cache, data=data, dry_run=dry_run)
+    if json_out:
+        print_json([{"entry": str(r.entry), "view": r.view, "rows": r.rows, "note": r.note} for r in results])
+        return
+    for r in results:
+        typer.echo(f"{r.entry.name}: {r.note}" + (f" -> {r.view}" if r.view else ""))
+    typer.echo(f"{len(results)} format-1 entries", err=True)
 
 
 @app.command("gc")
@@ -160,7 +199,7 @@ def gc_cmd(
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Remove incomplete entries nobody works on, stale leases and temporary files (dry run unless --yes)."""
+    """Remove rows no feature set uses, torn entries, stale leases and temporary files (dry run unless --yes)."""
     from featurecache.cache.maintenance import gc
 
     report = gc(older_than=older_than, dry_run=dry_run, cache_dir=cache)
@@ -194,8 +233,8 @@ def explain_cmd(
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Given extract options, say whether they hit the cache, else which key fields differ from the nearest entry."""
-    from featurecache.cache.maintenance import explain
+    """Given extract options, say whether they hit the cache, how many images are new and reused, or which spec fields differ."""
+    from featurecache.audit import explain
 
     report = explain(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
