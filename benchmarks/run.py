@@ -168,8 +168,11 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         # Steady state from the completion markers: the rate from the first unit written to the
         # last, which leaves out the one-off costs (digest, model build, tracing).
-        markers = sorted((p.stat().st_mtime_ns, json.loads(p.read_text())["rows"]) for p in (res.path / "_units").rglob("c*"))
-        rows_after_first = sum(stop - start for _, (start, stop) in markers[1:])
+        markers = sorted(
+            (p.stat().st_mtime_ns, len(json.loads(p.read_text())["attributes"]["featurecache"]["digests"]))
+            for p in (cache / "features").glob("*/units/v*/u*/zarr.json")
+        )
+        rows_after_first = sum(n for _, n in markers[1:])
         span = (markers[-1][0] - markers[0][0]) / 1e9 if len(markers) > 1 else float("nan")
         shutil.rmtree(cache, ignore_errors=True)
         return {"wall": wall, "cpu": cpu, "steady": rows_after_first / span if span > 0 else float("nan"),
@@ -274,7 +277,7 @@ def bench_cache_hit(work: Path, *, n: int, size: int, reps: int) -> dict[str, An
 
 def _synthetic_feature_set(cache: Path, *, n_train: int, n_val: int, dim: int, classes: int = 10, seed: int = 0) -> Any:
     """A complete cache entry of class-structured Gaussian features (learnable, unlike random-weight features)."""
-    from featurecache.cache import store
+    from featurecache.cache import views
     from featurecache.cache.keys import FeatureSpec
 
     rng = np.random.default_rng(seed)
@@ -287,16 +290,11 @@ def _synthetic_feature_set(cache: Path, *, n_train: int, n_val: int, dim: int, c
 
     parts = {"train": draw(n_train), "val": draw(n_val)}
     spec = FeatureSpec(
-        dataset_digest=f"{seed:064x}", backbone="synthetic", weights=f"random:seed={seed}", layer=f"gauss{dim}", pooling="none",
+        backbone="synthetic", weights=f"random:seed={seed}", layer=f"gauss{dim}", pooling="none",
         input_size=1, resize="bilinear", preprocess="none", augment={}, views=0, augment_splits=(), seed=seed, dtype="float32",
-        dataset_name=f"gauss-{n_train}x{dim}",
     )
-    fs = store.create_entry(cache, spec, classes=[str(c) for c in range(classes)],
-                            splits={s: (y, [str(i) for i in range(len(y))]) for s, (_, y) in parts.items()}, feature_shape=(dim,))
-    for unit in fs.missing_units():
-        X = parts[unit.split][0][unit.start : unit.stop]
-        store.write_unit(fs, unit, X, valid=np.ones(len(X), dtype=bool))
-    store.seal(fs)
+    fs = views.write_arrays(cache, spec, classes=[str(c) for c in range(classes)], dataset_name=f"gauss-{n_train}x{dim}",
+                            splits={s: ([str(i) for i in range(len(y))], y, X[None], None) for s, (X, y) in parts.items()})
     return fs, parts
 
 

@@ -290,10 +290,10 @@ def extract(
         hit = views_mod.find_by_key(p.cache_dir, p.key)
         if hit is not None:  # another process made the same view while we waited
             return _result(hit, cached=True, started=started, plan_=p)
-        st, computed = _run(
+        st, computed, compute = _run(
             p, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla, progress=progress,
         )
-        fs = _write_view(p, st, computed=computed)
+        fs = _write_view(p, st, computed=computed, compute=compute)
     finally:
         lease.release()
     return _result(fs, cached=False, started=started, plan_=p, computed=computed)
@@ -354,7 +354,7 @@ def _run(
     chunk_rows: int | None,
     xla: bool | None = None,
     progress: bool,
-) -> tuple[store.FeatureStore, int]:
+) -> tuple[store.FeatureStore, int, dict[str, bool] | None]:
     st = store.open_store(p.cache_dir, p.spec.key) if _store_readable(p) else None
     model = None
     if st is None:
@@ -365,7 +365,7 @@ def _run(
         st = store.create_store(p.cache_dir, p.spec, feature_shape=feature_shape, chunk_rows=rows)
     units = [u for view, digests in missing_digests(p, st).items() for u in store.allocate_units(st, view, digests)]
     if not units:
-        return st, 0
+        return st, 0, None
     if model is None:
         model = build_model(p)
         checkpoint("model_built")
@@ -377,8 +377,10 @@ def _run(
     gpu = _gpu_visible()
     use_xla = gpu if xla is None else bool(xla)
     runner = _UnitRunner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla)
-    runner.run(units, progress=progress, record={"versions": library_versions(), "host": socket.gethostname(), "compute": {"xla": use_xla, "gpu": gpu}})
-    return st, sum(len(u.digests) for u in units)
+    # Not keyed: XLA moves features by float32 round-off only (recorded per unit, for `cache verify`).
+    compute = {"xla": use_xla, "gpu": gpu}
+    runner.run(units, progress=progress, record={"versions": library_versions(), "host": socket.gethostname(), "compute": compute})
+    return st, sum(len(u.digests) for u in units), compute
 
 
 def _store_readable(p: Plan) -> bool:
@@ -390,7 +392,7 @@ def _store_readable(p: Plan) -> bool:
     return True
 
 
-def _write_view(p: Plan, st: store.FeatureStore, *, computed: int) -> views_mod.FeatureSet:
+def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict[str, bool] | None = None) -> views_mod.FeatureSet:
     """Resolve every item of every split to its store rows and write the view."""
     indexes = {view: st.index(view) for view in range(st.views)}
     failed = st.failures()
@@ -426,6 +428,7 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int) -> views_mod.
             "skipped_files": [list(s) for s in p.dataset.skipped],
             "versions": library_versions(),
             "computed": computed,
+            **({"compute": compute} if compute else {}),
         },
     )
 

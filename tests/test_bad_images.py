@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 import featurecache as fc
-from featurecache.cache import store
+from featurecache.cache import store, views
 from featurecache.cli.main import app
 from featurecache.data import load_dataset
 from featurecache.errors import ImageDecodeError
@@ -206,7 +206,7 @@ def reference_features():
 
 
 def test_invalid_files_are_marked_and_listed_with_reasons(corpus: Corpus, skipped_run: fc.ExtractResult) -> None:
-    fs = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parent)
+    fs = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parents[1])
     ids = list(fs.ids("train"))
     assert sorted(ids) == sorted([*corpus.expected, *INVALID])
     reasons = {f["id"]: f["reason"] for f in skipped_run.failures}
@@ -228,7 +228,7 @@ def test_invalid_files_are_marked_and_listed_with_reasons(corpus: Corpus, skippe
 
 
 def test_valid_odd_files_have_the_right_pixels(corpus: Corpus, skipped_run: fc.ExtractResult, reference_features) -> None:
-    fs = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parent)
+    fs = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parents[1])
     row_of = {sid: i for i, sid in enumerate(fs.ids("train"))}
     names = sorted(corpus.expected)
     stored = fs.features("train")[[row_of[n] for n in names]]
@@ -249,16 +249,18 @@ def test_on_error_fail_stops_at_the_first_bad_file_and_keeps_finished_units(
     with pytest.raises(ImageDecodeError, match="odd/big.png") as info:
         fc.extract(corpus.dataset, cache_dir=tmp_path, chunk_rows=4, on_error="fail", progress=False, **OPTIONS)
     assert "\n" not in str(info.value) and "--on-error skip" in str(info.value)
-    fs = next(store.iter_entries(tmp_path))
-    done = [u for u in fs.units() if fs.unit_done(u)]
-    assert not fs.complete and done and done == fs.units()[: len(done)], "the units before the bad file are kept"
-    kept = {u.marker: (fs.path / u.marker).stat().st_mtime_ns for u in done}
-    assert not list((tmp_path / store.LOCKS_DIR).glob("*.lease"))
+    assert next(views.iter_entries(tmp_path), None) is None, "no feature set is written when a file fails"
+    st = next(store.iter_stores(tmp_path))
+    done = sorted(st.markers(0, refresh=True))
+    assert done and done == list(range(len(done))), "the units before the bad file are kept"
+    kept = {m: m.stat().st_mtime_ns for m in (st.path / "units" / "v0").glob("u*/zarr.json")}
+    assert len(kept) == len(done)
+    assert not list((tmp_path / ".locks").glob("*.lease"))
 
     res = fc.extract(corpus.dataset, cache_dir=tmp_path, chunk_rows=4, on_error="skip", progress=False, **OPTIONS)
-    assert {m: (fs.path / m).stat().st_mtime_ns for m in kept} == kept, "finished units are not recomputed"
+    assert {m: m.stat().st_mtime_ns for m in kept} == kept, "finished units are not recomputed"
     a = fc.open_features(res.key, cache_dir=tmp_path)
-    b = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parent)
+    b = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parents[1])
     np.testing.assert_array_equal(a.features("train"), b.features("train"))
     np.testing.assert_array_equal(a.valid("train"), b.valid("train"))
     assert a.failures() == b.failures()

@@ -183,6 +183,15 @@ def _damage(fs: views.FeatureSet, how: str) -> set[tuple[int, int]]:
     if how in ("labels", "ids"):
         _flip(fs.path / "train" / how / "c" / "0")
         return set()
+    if how == "rows":
+        # Two rows chunks of one view moved into each other's place: each keeps a valid CRC
+        # and the ids, labels and digests still hash to the key, but train would read val's rows.
+        a, b = fs.path / "train" / "rows" / "c" / "0" / "0", fs.path / "val" / "rows" / "c" / "0" / "0"
+        tmp = a.with_name("swap")
+        a.rename(tmp)
+        b.rename(a)
+        tmp.rename(b)
+        return set()
     if how == "delete":
         slot = int(fs.feature_array("val").rows[0][0]) // st.chunk_rows
         assert (st.path / "units" / "v0" / f"u{slot}" / "zarr.json").is_file()
@@ -198,7 +207,7 @@ def _damage(fs: views.FeatureSet, how: str) -> set[tuple[int, int]]:
     return {(0, 0), (0, 1)}
 
 
-@pytest.mark.parametrize("how", ["labels", "ids", "delete", "swap"])
+@pytest.mark.parametrize("how", ["labels", "ids", "delete", "swap", "rows"])
 def test_damage_fails_verify_and_training_refuses(clean: views.FeatureSet, tmp_path: Path, how: str) -> None:
     from featurecache.train import train_head
 
@@ -249,6 +258,53 @@ def test_repair_then_extract_recomputes_only_the_damage(clean: views.FeatureSet,
         assert np.array_equal(x, want[split]), split
         assert np.array_equal(again.labels(split), clean.labels(split))
     assert fc.verify(res.key, sample=0, cache_dir=root).ok
+
+
+def test_repair_removes_a_view_whose_labels_are_damaged(clean: views.FeatureSet, tmp_path: Path) -> None:
+    """Issue 9: the next extract after ``verify --repair`` must not be a hit on the damaged view."""
+    from featurecache.train import train_head
+
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    _damage(fs, "labels")
+    report = fc.verify(fs.name, sample=0, repair=True, cache_dir=root)
+    assert not report.ok
+    assert not fs.path.exists(), f"verify --repair left the view with damaged labels in place (repaired: {report.repaired})"
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0 and res.reused == _rows(clean)
+    assert np.array_equal(fc.open_features(res.key, cache_dir=root).labels("train"), clean.labels("train"))
+    train_head(res.key, cache_dir=root, out=tmp_path / "run", plots=False)
+
+
+def test_rm_of_a_view_with_damaged_labels_then_extract_rebuilds_it_from_the_rows(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    _damage(fs, "labels")
+    res = CliRunner().invoke(app, ["cache", "rm", fs.name, "--yes", "--cache", str(root)])
+    assert res.exit_code == 0, res.output
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0 and res.reused == _rows(clean)
+    again = fc.open_features(res.key, cache_dir=root)
+    assert np.array_equal(again.labels("train"), clean.labels("train"))
+    assert fc.verify(res.key, sample=0, cache_dir=root).ok
+
+
+def test_torn_store_zarr_json_is_rebuilt_without_serving_or_keeping_wrong_rows(clean: views.FeatureSet, tmp_path: Path) -> None:
+    """A store whose zarr.json is torn is rebuilt in place by the next extract (extract._store_readable)."""
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    st = fs.store
+    views.remove_view(fs)
+    (st.path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')
+    res = CliRunner().invoke(app, ["cache", "ls", "--json", "--cache", str(root)])
+    assert json.loads(res.stdout)["damaged"] == [str(st.path)]
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached
+    report = fc.verify(res.key, sample=0, cache_dir=root)
+    assert report.ok, f"extract said done (computed {res.computed}) but the view is damaged: {report.problems[:1]}"
+    want = _all_features(clean)
+    for split, x in _all_features(fc.open_features(res.key, cache_dir=root)).items():
+        assert np.array_equal(x, want[split]), split
 
 
 # -- gc ---------------------------------------------------------------------------------
@@ -509,3 +565,113 @@ def test_cli_explain(clean: views.FeatureSet) -> None:
     assert doc["status"] == "miss" and {d["field"] for d in doc["differences"]} == {"seed", "weights"}
     doc = json.loads(CliRunner().invoke(app, [*base[:-2], "--limit", "12", "--cache", root, "--json"]).stdout)
     assert doc["status"] == "reuse" and doc["new"] > 0 and doc["reused"] > 0
+
+
+def test_cli_explain_relabelled_data_reuses_every_row(clean: views.FeatureSet, tmp_path: Path) -> None:
+    """The same digits images under other labels, from an .npz: a new view, nothing to compute."""
+    ds = _relabelled(1)
+    arrays = {}
+    for name, sp in ds.splits.items():
+        arrays[f"x_{name}"] = np.asarray(sp.items.images)
+        arrays[f"y_{name}"] = sp.labels
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, classes=np.asarray(ds.classes), **arrays)
+    base = ["cache", "explain", "--data", str(npz), *CLI_PLAN, "--cache", str(_root(clean))]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("reuse:") and f"holds {_rows(clean)} of the image views it needs; 0 would be computed" in " ".join(res.stdout.split())
+    doc = json.loads(CliRunner().invoke(app, [*base, "--json"]).stdout)
+    assert doc["status"] == "reuse" and (doc["new"], doc["reused"]) == (0, _rows(clean)) and doc["key"] != clean.key
+
+
+# -- migrate ------------------------------------------------------------------------------
+def _format1_entry(root: Path, clean: views.FeatureSet, *, views_: int, complete: bool = True) -> Path:
+    """A format-1 entry as featurecache 0.1 (FORMAT_VERSION 1) wrote it, from ``clean``'s features.
+
+    Layout (see featurecache.migrate): ``<cache>/<label>--<dataset>--<key12>/`` with
+    ``<split>/features (views, n, *shape)``, ``labels``, ``ids``, ``valid``, one JSON marker per
+    unit under ``_units/<split>/v<V>/c<C>`` and ``_complete`` once sealed.
+    """
+    import zarr
+
+    from featurecache.cache.keys import digest_of
+
+    opts = PLAN if views_ else {k: v for k, v in PLAN.items() if k not in ("views", "augment")}
+    spec = fc.plan("builtin:digits", cache_dir=root, **opts).spec
+    fields_ = {**spec.key_fields(), "format_version": 1, "dataset_digest": clean.attrs["dataset_digest"]}
+    key = digest_of(fields_)
+    entry = root / f"{spec.label()}--digits--{key[:12]}"
+    g = zarr.open_group(str(entry), mode="w", zarr_format=3)
+    layout = {}
+    for split in clean.splits:
+        n = clean.layout(split).n
+        nviews = spec.views_for(split)
+        sg = g.create_group(split)
+        feats = sg.create_array("features", shape=(nviews, n, 1280), chunks=(1, 4, 1280), dtype="float32", fill_value=0, **store._codecs())
+        feats[:] = clean.features(split, view=None)[:nviews]
+        sg.create_array("labels", shape=(n,), chunks=(4,), dtype="int64", fill_value=-1)[:] = clean.labels(split)
+        sg.create_array("ids", shape=(n,), chunks=(4,), dtype=str)[:] = np.asarray(list(clean.ids(split)), dtype=str)
+        sg.create_array("valid", shape=(n,), chunks=(4,), dtype=bool, fill_value=False)[:] = np.ones(n, bool)
+        layout[split] = {"n": n, "views": nviews, "feature_shape": [1280], "chunk_rows": 4}
+        for v in range(nviews):
+            for c in range(-(-n // 4)):
+                marker = entry / "_units" / split / f"v{v}" / f"c{c}"
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"failures": [], "rows": [c * 4, min(n, c * 4 + 4)]}))
+    g.attrs["featurecache"] = {
+        "key": key,
+        "spec": {**fields_, "dataset_name": "digits", "weights_label": "random"},
+        "classes": clean.classes,
+        "layout": layout,
+        "feature_shape": [1280],
+        "created": "2026-01-01T00:00:00Z",
+        "versions": clean.attrs.get("versions", {}),
+        "dataset_source": "builtin:digits",
+        "dataset_limit": 8,
+        "weights_source": "random",
+        "skipped_files": [],
+    }
+    if complete:
+        (entry / "_complete").write_text(json.dumps({"sealed": 0}))
+    return entry
+
+
+def test_migrate_converts_format1_entries_without_running_the_backbone(clean: views.FeatureSet, tmp_path: Path) -> None:
+    from featurecache.migrate import legacy_entries, migrate
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    plain = _format1_entry(root, clean, views_=0)
+    augmented = _format1_entry(root, clean, views_=1)
+    unfinished = _format1_entry(root / "x", clean, views_=0, complete=False)
+    unfinished = unfinished.rename(root / (unfinished.name[:-12] + "0123456789ab"))
+    assert set(legacy_entries(root)) == {plain, augmented, unfinished}
+    res = CliRunner().invoke(app, ["cache", "ls", "--cache", str(root)])
+    assert "3 entries in the old format 1: convert them with `featurecache cache migrate" in res.stdout, res.output
+    res = CliRunner().invoke(app, ["cache", "migrate", "--dry-run", "--cache", str(root)])
+    assert res.exit_code == 0 and res.stdout.count("would convert") == 2 and "incomplete format-1 entry" in res.stdout, res.output
+    assert set(legacy_entries(root)) == {plain, augmented, unfinished}, "a dry run converts nothing"
+
+    results = {r.entry: r for r in migrate(cache_dir=root)}
+    plain_opts = {k: v for k, v in OPTIONS.items() if k not in ("views", "augment")}
+    p = fc.plan("builtin:digits", cache_dir=root, **{k: v for k, v in plain_opts.items() if k not in ("batch_size", "chunk_rows")})
+    assert results[plain].view == p.name and results[plain].rows == 24
+    assert results[augmented].view is None and "not carried over" in results[augmented].note
+    assert results[unfinished].view is None and "incomplete" in results[unfinished].note
+    assert not plain.exists() and not augmented.exists() and unfinished.exists()
+    # The converted view reads the old features, labels and ids, and they recompute the same.
+    fs = fc.open_features(p.key, cache_dir=root)
+    for split in clean.splits:
+        assert np.array_equal(fs.features(split), clean.features(split))
+        assert np.array_equal(fs.labels(split), clean.labels(split)) and list(fs.ids(split)) == list(clean.ids(split))
+    report = fc.verify(fs.name, sample=4, cache_dir=root)
+    assert report.ok and report.sampled == 4, report.problems
+    # Never silently recomputed: the same extract is a hit; the augmented spec computes only its augmented views.
+    hit = fc.extract("builtin:digits", cache_dir=root, progress=False, **plain_opts)
+    assert hit.cached and hit.computed == 0
+    aug = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not aug.cached and aug.key == clean.key and aug.computed == 8 and aug.reused == 24
+    again = fc.open_features(aug.key, cache_dir=root)
+    want = _all_features(clean)
+    for split, x in _all_features(again).items():
+        assert np.array_equal(x, want[split]), split

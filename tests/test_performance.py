@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurecache.cache import store
+from featurecache.cache import store, views
 from featurecache.cache.keys import FeatureSpec
 from featurecache.data import RESIZE_METHODS, Split, resize_image
 from featurecache.data.dataset import ArrayItems, FileItems
@@ -124,7 +124,7 @@ def test_empty_unit_gives_empty_features() -> None:
 
 def test_precision_float32_keeps_old_keys_and_mixed_is_keyed() -> None:
     base = dict(
-        dataset_digest="d" * 64, backbone="vgg19", weights="random:seed=0", layer="block5_pool", pooling="avg", input_size=32,
+        backbone="vgg19", weights="random:seed=0", layer="block5_pool", pooling="avg", input_size=32,
         resize="bilinear", preprocess="vgg19:caffe", augment={}, views=0, augment_splits=(), seed=0, dtype="float32",
     )
     default = FeatureSpec(**base)
@@ -150,8 +150,8 @@ def test_mixed_precision_extract_runs_on_cpu_and_keys_differently(cache_dir: Pat
     assert plain.exit_code == 0, plain.output
     k_mixed, k_plain = json.loads(mixed.stdout)["key"], json.loads(plain.stdout)["key"]
     assert k_mixed != k_plain
-    fs = store.open_features(k_mixed, cache_dir=cache_dir)
-    assert fs.spec["precision"] == "mixed" and "precision" not in store.open_features(k_plain, cache_dir=cache_dir).spec
+    fs = views.open_features(k_mixed, cache_dir=cache_dir)
+    assert fs.spec["precision"] == "mixed" and "precision" not in views.open_features(k_plain, cache_dir=cache_dir).spec
     feats = fs.features("train")
     assert feats.dtype == np.float32 and np.isfinite(feats).all()
     # The policy was set around the build only: later models are float32 again.
@@ -176,7 +176,7 @@ def test_xla_is_recorded_not_keyed_and_changes_features_by_round_off_only(cache_
     assert plain.exit_code == 0, plain.output
     key = json.loads(xla.stdout)["key"]
     assert json.loads(plain.stdout)["key"] == key
-    fx, fp = (store.open_features(key, cache_dir=cache_dir / c) for c in ("a", "b"))
+    fx, fp = (views.open_features(key, cache_dir=cache_dir / c) for c in ("a", "b"))
     assert fx.attrs["compute"]["xla"] is True and fp.attrs["compute"]["xla"] is False
     a, b = fx.features("train"), fp.features("train")
     scale = float(np.abs(b).max())
@@ -186,7 +186,7 @@ def test_xla_is_recorded_not_keyed_and_changes_features_by_round_off_only(cache_
 # ------------------------------------------------------------------ streaming heads
 
 
-def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> store.FeatureSet:
+def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> views.FeatureSet:
     """A small complete entry whose features are the digits pixels (+ noise per view)."""
     from sklearn.datasets import load_digits
 
@@ -196,24 +196,22 @@ def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> store.Featur
     if with_val:
         parts["val"] = (X[800:1000], y[800:1000])
     spec = FeatureSpec(
-        dataset_digest=("v" if with_val else "n") * 64, backbone="fake", weights=f"random:seed={views}", layer="pixels", pooling="none",
+        backbone="fake", weights=f"random:seed={views}", layer="pixels", pooling="none",
         input_size=8, resize="bilinear", preprocess="none", augment={"flip": True} if views else {}, views=views,
         augment_splits=("train",) if views else (), seed=0, dtype="float32",
     )
-    fs = store.create_entry(
-        cache_dir, spec, classes=[str(i) for i in range(10)],
-        splits={s: (lab, [f"{s}{i}" for i in range(len(lab))]) for s, (_, lab) in parts.items()},
-        feature_shape=(64,), chunk_rows=128,
-    )
     rng = np.random.default_rng(0)
-    for unit in fs.missing_units():
-        rows = parts[unit.split][0][unit.start : unit.stop]
-        feats = rows if unit.view == 0 else rows + rng.normal(0, 0.05, rows.shape).astype(np.float32)
-        valid = np.ones(len(rows), dtype=bool)
-        if unit.split == "train" and unit.start == 0:
+    splits = {}
+    for s, (x, lab) in parts.items():
+        nviews = spec.views_for(s)
+        feats = np.stack([x if v == 0 else x + rng.normal(0, 0.05, x.shape).astype(np.float32) for v in range(nviews)])
+        valid = np.ones(len(lab), dtype=bool)
+        if s == "train":
             valid[3] = False  # one failed image: must be skipped in both modes
-        store.write_unit(fs, unit, feats, valid=valid if unit.view == 0 else None)
-    store.seal(fs)
+        splits[s] = ([f"{s}{i}" for i in range(len(lab))], lab, feats, valid)
+    from featurecache.cache.views import write_arrays
+
+    fs = write_arrays(cache_dir, spec, classes=[str(i) for i in range(10)], splits=splits, dataset_name="v" if with_val else "n", chunk_rows=128)
     return fs
 
 

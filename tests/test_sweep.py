@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import featurecache as fc
-from featurecache.cache import store
+from featurecache.cache import store, views
 from featurecache.cli.main import app
 from featurecache.errors import HeadParamError, SweepError, UnknownHeadError, UsageError
 from featurecache.sweep import SweepResult, parse_grid, plan_trials, sweep
@@ -36,15 +36,15 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits(cache: Path) -> store.FeatureSet:
+def digits(cache: Path) -> views.FeatureSet:
     res = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False)
     return fc.open_features(res.key, cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(digits: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> SweepResult:
+def grid_sweep(digits: views.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> SweepResult:
     out = tmp_path_factory.mktemp("sweeps") / "grid"
-    return sweep(digits.key, grid=GRID, n_jobs=2, out=out, cache_dir=digits.path.parent, progress=False)
+    return sweep(digits.key, grid=GRID, n_jobs=2, out=out, cache_dir=digits.path.parents[1], progress=False)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -127,7 +127,7 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(grid_sweep: SweepResult)
     assert record["status"] == "failed" and record["error"] == failed["error"]
 
 
-def test_sweep_outputs(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
+def test_sweep_outputs(grid_sweep: SweepResult, digits: views.FeatureSet) -> None:
     out = grid_sweep.out_dir
     meta = json.loads((out / "sweep.json").read_text())
     assert meta["features"]["key"] == digits.key and len(meta["trials"]) == 21
@@ -145,7 +145,7 @@ def test_sweep_outputs(grid_sweep: SweepResult, digits: store.FeatureSet) -> Non
     assert len({w["pid"] for w in workers}) == 2
 
 
-def test_dense_trials_trained_together_score_as_if_trained_alone(grid_sweep: SweepResult, digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_dense_trials_trained_together_score_as_if_trained_alone(grid_sweep: SweepResult, digits: views.FeatureSet, tmp_path: Path) -> None:
     # The fixture's 8 dense trials went through heads.dense_group (2 workers: 2 groups of 4).
     records = [json.loads(p.read_text()) for p in (grid_sweep.out_dir / "trials").glob("*.json")]
     dense = {r["trial"]: r for r in records if r["head"] == "dense"}
@@ -159,7 +159,7 @@ def test_dense_trials_trained_together_score_as_if_trained_alone(grid_sweep: Swe
         assert row["val_log_loss"] == pytest.approx(grouped["log_loss"], abs=1e-6)
 
 
-def test_best_run_is_a_loadable_run(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
+def test_best_run_is_a_loadable_run(grid_sweep: SweepResult, digits: views.FeatureSet) -> None:
     assert grid_sweep.best_run == grid_sweep.out_dir / "best"
     config, head = load_run(grid_sweep.best_run)
     best = grid_sweep.best
@@ -173,13 +173,13 @@ def test_best_run_is_a_loadable_run(grid_sweep: SweepResult, digits: store.Featu
     assert accuracy == pytest.approx(best["val_accuracy"])
 
 
-def test_restart_reruns_nothing_that_finished(grid_sweep: SweepResult, digits: store.FeatureSet) -> None:
+def test_restart_reruns_nothing_that_finished(grid_sweep: SweepResult, digits: views.FeatureSet) -> None:
     out = grid_sweep.out_dir
     ok_ids = [r["trial"] for r in grid_sweep.leaderboard if r["status"] == "ok"]
     before = {i: (out / "trials" / f"{i}.json").stat().st_mtime_ns for i in ok_ids}
     best_before = (out / "best" / "config.json").stat().st_mtime_ns
 
-    again = sweep(digits.name, grid=GRID, n_jobs=2, out=out, cache_dir=digits.path.parent, progress=False)
+    again = sweep(digits.name, grid=GRID, n_jobs=2, out=out, cache_dir=digits.path.parents[1], progress=False)
     assert again.skipped == 20 and again.failed == 1  # the failed trial is tried again
     assert {i: (out / "trials" / f"{i}.json").stat().st_mtime_ns for i in ok_ids} == before
     assert (out / "best" / "config.json").stat().st_mtime_ns == best_before  # not refitted
@@ -191,7 +191,7 @@ def test_restart_reruns_nothing_that_finished(grid_sweep: SweepResult, digits: s
     assert {i: (out / "trials" / f"{i}.json").stat().st_mtime_ns for i in ok_ids} == before
 
 
-def test_interrupted_best_is_refitted(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_interrupted_best_is_refitted(digits: views.FeatureSet, tmp_path: Path) -> None:
     out = tmp_path / "sw"
     first = sweep(digits, grid=["logreg:C=0.1,1;max_iter=300"], out=out, progress=False)
     best_dir = first.best_run
@@ -205,20 +205,20 @@ def test_interrupted_best_is_refitted(digits: store.FeatureSet, tmp_path: Path) 
     assert json.loads((again.best_run / "metrics.json").read_text())["val"]["accuracy"] == first.best["val_accuracy"]
 
 
-def test_resume_refuses_other_features(digits: store.FeatureSet, cache: Path, grid_sweep: SweepResult) -> None:
+def test_resume_refuses_other_features(digits: views.FeatureSet, cache: Path, grid_sweep: SweepResult) -> None:
     other = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=40, cache_dir=cache, progress=False)
     with pytest.raises(UsageError, match="was made for features") as info:
         sweep(other.key, grid=["logreg"], out=grid_sweep.out_dir, cache_dir=cache, progress=False)
     assert "\n" not in str(info.value)
 
 
-def test_all_trials_failing_is_an_error(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_all_trials_failing_is_an_error(digits: views.FeatureSet, tmp_path: Path) -> None:
     with pytest.raises(SweepError, match="all 1 trials failed"):
         sweep(digits, grid=["knn:n_neighbors=5000"], out=tmp_path / "bad", progress=False)
     assert (tmp_path / "bad" / "leaderboard.csv").is_file()
 
 
-def test_loss_metric_ranks_ascending(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_loss_metric_ranks_ascending(digits: views.FeatureSet, tmp_path: Path) -> None:
     res = sweep(digits, grid=["logreg:C=0.001,1;max_iter=300", "knn:n_neighbors=1"], metric="val_log_loss", out=tmp_path / "ll", progress=False)
     losses = [r["val_log_loss"] for r in res.leaderboard]
     assert losses == sorted(losses)
@@ -236,7 +236,7 @@ def _error_line(result) -> str:
     return lines[0]
 
 
-def test_cli_sweep_json_random_trials(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_sweep_json_random_trials(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
     args = ["sweep", "-f", digits.key[:12], "--trials", "2", "--heads", "logreg", "--out", str(tmp_path / "cli"), "--cache", str(cache), "--json"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -249,7 +249,7 @@ def test_cli_sweep_json_random_trials(digits: store.FeatureSet, cache: Path, tmp
 
 
 @pytest.mark.parametrize("flag,grouped", [("--together", True), ("--one-by-one", False)])
-def test_cli_sweep_together_flag(digits: store.FeatureSet, cache: Path, tmp_path: Path, flag: str, grouped: bool) -> None:
+def test_cli_sweep_together_flag(digits: views.FeatureSet, cache: Path, tmp_path: Path, flag: str, grouped: bool) -> None:
     out = tmp_path / "cli-dense"
     args = ["sweep", "-f", digits.key[:12], "--grid", "dense:hidden=,16;epochs=1;patience=0;batch_size=256", flag,
             "--out", str(out), "--cache", str(cache), "--json"]
@@ -260,7 +260,7 @@ def test_cli_sweep_together_flag(digits: store.FeatureSet, cache: Path, tmp_path
     assert all(("trained_together" in r) == grouped for r in records)
 
 
-def test_cli_sweep_table(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_sweep_table(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
     opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
     res = CliRunner().invoke(app, ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(cache), "-q"])
     assert res.exit_code == 0, res.output
@@ -278,13 +278,13 @@ def test_cli_sweep_table(digits: store.FeatureSet, cache: Path, tmp_path: Path) 
         (["-g", "knn:n_neighbors=5000"], "all 1 trials failed", 1),
     ],
 )
-def test_cli_sweep_errors(digits: store.FeatureSet, cache: Path, tmp_path: Path, args: list[str], needle: str, code: int) -> None:
+def test_cli_sweep_errors(digits: views.FeatureSet, cache: Path, tmp_path: Path, args: list[str], needle: str, code: int) -> None:
     res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], "--cache", str(cache), "--out", str(tmp_path / "e"), "-q", *args])
     assert res.exit_code == code, res.output
     assert needle in _error_line(res)
 
 
-def test_cli_sweep_missing_or_incomplete_features(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_sweep_missing_or_incomplete_features(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["sweep", "-f", "feedfacecafe", "--cache", str(cache)])
     assert res.exit_code == 1 and "no feature set 'feedfacecafe'" in _error_line(res)
 
@@ -296,12 +296,12 @@ def test_cli_sweep_missing_or_incomplete_features(digits: store.FeatureSet, cach
     import shutil
 
     other = tmp_path / "cache2"
-    shutil.copytree(digits.path, other / digits.name)
-    (other / digits.name / store.COMPLETE_MARKER).unlink()
+    shutil.copytree(digits.path.parent.parent, other)
+    shutil.rmtree(other / "views" / digits.name)  # the rows stay in the store; the feature set is gone
     res = CliRunner().invoke(app, ["sweep", *opts[:-1], "32", "--cache", str(other)])
     assert res.exit_code == 1
     line = _error_line(res)
-    assert "is incomplete; finish it first: featurecache extract" in line and line.count("--size 32") == 1
+    assert "are not in cache" in line and "extract them first: featurecache extract" in line and line.count("--size 32") == 1
 
 
 def test_cli_sweep_error_in_a_real_process(cache: Path) -> None:
@@ -312,4 +312,4 @@ def test_cli_sweep_error_in_a_real_process(cache: Path) -> None:
     env = {**os.environ, "FEATURECACHE_DEBUG": ""}
     res = subprocess.run([sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(cache)], capture_output=True, text=True, env=env)
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {cache}; list entries with `featurecache cache ls --cache {cache}`"]
+    assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {cache}; list them with `featurecache cache ls --cache {cache}`"]

@@ -17,9 +17,9 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 import featurecache as fc
-from featurecache.cache import store
+from featurecache.cache import store, views
 from featurecache.cli.main import app
-from featurecache.errors import IncompleteEntryError
+from featurecache.errors import CacheCorruptError
 from featurecache.heads import DenseHead, make_head
 from featurecache.train import (
     TrainResult,
@@ -44,24 +44,24 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits(cache: Path) -> store.FeatureSet:
+def digits(cache: Path) -> views.FeatureSet:
     res = fc.extract("builtin:digits", **DIGITS, cache_dir=cache, progress=False)
     return fc.open_features(res.key, cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
-def vgg_digits(cache: Path) -> store.FeatureSet:
+def vgg_digits(cache: Path) -> views.FeatureSet:
     res = fc.extract("builtin:digits", backbone="vgg19", weights="random", size=32, cache_dir=cache, progress=False)
     return fc.open_features(res.key, cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
-def logreg_run(digits: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+def logreg_run(digits: views.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return train_head(digits, head="logreg", params={"C": "1"}, out=tmp_path_factory.mktemp("runs") / "logreg")
 
 
 @pytest.fixture(scope="module")
-def dense_run(vgg_digits: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+def dense_run(vgg_digits: views.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     # No hidden layer and a higher rate: these random-weight features are small (std ~0.01)
     # and the head does not standardise its inputs.
     params = {"hidden": "", "lr": "1e-2", "epochs": "12", "patience": "4"}
@@ -84,7 +84,7 @@ def test_dense_head_is_above_chance(dense_run) -> None:
     assert dense_run.metrics["test"]["accuracy"] > 0.6
 
 
-def test_dense_head_on_mobilenetv2_features(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_dense_head_on_mobilenetv2_features(digits: views.FeatureSet, tmp_path: Path) -> None:
     # Random-weight MobileNetV2 features are ~1e-12: only the head's input standardisation
     # (normalize=True, the default) lets it learn; without it the head stays at chance.
     res = train_head(digits, head="dense", params={"epochs": "4", "patience": "0"}, out=tmp_path / "dense", plots=False)
@@ -147,7 +147,7 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
         np.testing.assert_array_equal(head.predict(fs.features(split)[ok]), preds[f"{split}_proba"].argmax(axis=1))
 
 
-def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: store.FeatureSet, dense_run, tmp_path: Path) -> None:
+def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: views.FeatureSet, dense_run, tmp_path: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(dense_run.run_dir, out)
     train_head(vgg_digits, head="knn", params={"n_neighbors": "3"}, out=out)
@@ -156,7 +156,7 @@ def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: store.FeatureSe
     assert load_run(out)[0]["head"] == "knn"
 
 
-def test_default_run_name_is_stable(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_default_run_name_is_stable(digits: views.FeatureSet, tmp_path: Path) -> None:
     a = train_head(digits, head="knn", params={"n_neighbors": "3"}, runs_dir=tmp_path, plots=False)
     b = train_head(digits, head="knn", params={"n_neighbors": 3}, runs_dir=tmp_path, plots=False)
     assert a.run_dir == b.run_dir
@@ -167,12 +167,12 @@ def test_default_run_name_is_stable(digits: store.FeatureSet, tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def views_digits(cache: Path) -> store.FeatureSet:
+def views_digits(cache: Path) -> views.FeatureSet:
     res = fc.extract("builtin:digits", **DIGITS, views=2, augment="rotation=15,zoom=0.1", limit=120, cache_dir=cache, progress=False)
     return fc.open_features(res.key, cache_dir=cache)
 
 
-def test_views_stack_for_sklearn_and_validation_uses_view_0(views_digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_views_stack_for_sklearn_and_validation_uses_view_0(views_digits: views.FeatureSet, tmp_path: Path) -> None:
     fs = views_digits
     assert fs.layout("train").views == 3 and fs.layout("val").views == 1
     data = load_training_data(fs)
@@ -189,7 +189,7 @@ def test_views_stack_for_sklearn_and_validation_uses_view_0(views_digits: store.
     assert res.metrics["val"]["n"] == fs.layout("val").n
 
 
-def test_dense_head_draws_views(views_digits: store.FeatureSet) -> None:
+def test_dense_head_draws_views(views_digits: views.FeatureSet) -> None:
     data = load_training_data(views_digits)
     params = {"hidden": "16", "epochs": "3", "patience": "0", "seed": "3"}
 
@@ -235,7 +235,7 @@ def _error_line(result) -> str:
     return lines[0]
 
 
-def test_cli_train_head_json(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_train_head_json(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-run"
     res = CliRunner().invoke(
         app, ["train-head", "--features", digits.key[:12], "--head", "logreg", "--param", "C=0.5", "--out", str(out), "--cache", str(cache), "--json", "--no-plots"]
@@ -247,7 +247,7 @@ def test_cli_train_head_json(digits: store.FeatureSet, cache: Path, tmp_path: Pa
     assert (out / "head.json").is_file()
 
 
-def test_cli_train_head_text_by_extract_options(digits: store.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_train_head_text_by_extract_options(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
     args = ["train-head", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
     res = CliRunner().invoke(app, [*args, "--head", "knn", "-p", "n_neighbors=3", "--out", str(tmp_path / "r"), "--cache", str(cache)])
     assert res.exit_code == 0, res.output
@@ -276,7 +276,7 @@ def test_cli_heads_lists_params() -> None:
         (["--head", "logreg", "-p", "C"], "is not NAME=VALUE", 2),
     ],
 )
-def test_cli_train_head_bad_head_or_param(digits: store.FeatureSet, cache: Path, args: list[str], needle: str, code: int) -> None:
+def test_cli_train_head_bad_head_or_param(digits: views.FeatureSet, cache: Path, args: list[str], needle: str, code: int) -> None:
     res = CliRunner().invoke(app, ["train-head", "--features", digits.key[:12], "--cache", str(cache), *args])
     assert res.exit_code == code
     assert needle in _error_line(res)
@@ -298,12 +298,12 @@ def test_cli_train_head_missing_features(cache: Path) -> None:
     assert res.exit_code == 2 and "pass --features KEY" in _error_line(res)
 
 
-def test_cli_train_head_incomplete_entry(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_cli_train_head_torn_entry(digits: views.FeatureSet, tmp_path: Path) -> None:
     other = tmp_path / "cache2"
-    shutil.copytree(digits.path, other / digits.name)
-    (other / digits.name / store.COMPLETE_MARKER).unlink()
-    with pytest.raises(IncompleteEntryError):
-        train_head(digits.key, cache_dir=other)
+    shutil.copytree(digits.path.parent.parent, other)
+    (other / "views" / digits.name / "zarr.json").write_text('{"zarr_format": 3, "node_ty')  # torn by a crash or a bad disk
+    with pytest.raises(CacheCorruptError, match="cache rm"):
+        train_head(digits.name, cache_dir=other)
     res = CliRunner().invoke(app, ["train-head", "--features", digits.name, "--cache", str(other)])
-    assert res.exit_code == 1
-    assert "is incomplete" in _error_line(res)
+    assert res.exit_code != 0
+    assert f"featurecache cache rm {digits.name} --yes" in _error_line(res)

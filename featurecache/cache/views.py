@@ -491,3 +491,90 @@ def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, 
     if not fs.complete:  # pragma: no cover - views are written whole
         raise IncompleteEntryError(f"feature set {fs.name} is incomplete; run the same `featurecache extract` command again")
     return fs
+
+
+def write_arrays(
+    cache_dir: str | os.PathLike[str] | None,
+    spec: Any,
+    *,
+    classes: Sequence[str],
+    splits: Mapping[str, tuple[Sequence[str], np.ndarray, np.ndarray, np.ndarray | None]],
+    dataset_name: str = "arrays",
+    digests: Mapping[str, Sequence[str]] | None = None,
+    chunk_rows: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> FeatureSet:
+    """Store features computed elsewhere as a feature store's rows and a view over them (no backbone).
+
+    For imports, synthetic benchmarks and tests: the same units, markers and view as an
+    extraction writes, so every consumer reads them the same way.
+
+    Parameters
+    ----------
+    cache_dir
+        Cache root.
+    spec
+        The :class:`~featurecache.cache.keys.FeatureSpec` the features belong to.
+    classes
+        Class names.
+    splits
+        ``{split: (ids, labels, features (views, n, *shape), valid or None)}``; ``views`` must
+        be ``spec.views_for(split)``.
+    dataset_name
+        Readable name of the dataset in the view's name.
+    digests
+        Per split, each item's content digest; default a digest of ``split/id``.
+    chunk_rows
+        Rows per unit of a new store.
+    extra
+        More view attributes.
+
+    Returns
+    -------
+    FeatureSet
+        The view.
+    """
+    import hashlib
+
+    from featurecache.cache import store as store_mod
+    from featurecache.cache.lease import Lease
+
+    root = resolve_cache_dir(cache_dir)
+    digests = digests or {s: [hashlib.sha256(f"{s}/{i}".encode()).hexdigest() for i in ids] for s, (ids, *_rest) in splits.items()}
+    first = next(iter(splits.values()))[2]
+    feature_shape = tuple(int(d) for d in np.asarray(first).shape[2:])
+    dataset_digest = manifest_digest(classes, [(s, ids, digests[s], labels) for s, (ids, labels, _f, _v) in splits.items()])
+    key = view_key(spec.key, dataset_digest)
+    lease = Lease(root, spec.key)
+    lease.wait()
+    try:
+        st = store_mod.open_store(root, spec.key) or store_mod.create_store(
+            root, spec, feature_shape=feature_shape, chunk_rows=chunk_rows or store_mod.chunk_rows_for(feature_shape, spec.dtype)
+        )
+        failures = []
+        for view in range(st.views):
+            have = st.index(view)
+            todo: dict[str, tuple[np.ndarray, bool]] = {}
+            for s, (ids, _labels, feats, valid) in splits.items():
+                if view >= spec.views_for(s):
+                    continue
+                ok = np.ones(len(ids), bool) if valid is None else np.asarray(valid, bool)
+                for j, d in enumerate(digests[s]):
+                    if d not in have and d not in todo:
+                        todo[d] = (np.asarray(feats[view][j]), bool(ok[j]))
+            for unit in store_mod.allocate_units(st, view, list(todo)):
+                block = np.stack([todo[d][0] for d in unit.digests])
+                ok = np.asarray([todo[d][1] for d in unit.digests])
+                block[~ok] = 0
+                store_mod.write_unit(st, unit, block, valid=ok if view == 0 else None,
+                                     failures=[(d, "invalid") for d in unit.digests if not todo[d][1]] if view == 0 else ())
+        failed = st.failures()
+        out = {}
+        for s, (ids, labels, _feats, _valid) in splits.items():
+            rows = np.asarray([[st.index(v)[d] for d in digests[s]] for v in range(spec.views_for(s))], dtype=np.int64).reshape(spec.views_for(s), len(ids))
+            out[s] = (ids, labels, digests[s], rows)
+            failures.extend((s, i, d, failed[d]) for i, d in zip(ids, digests[s]) if d in failed)
+        return write_view(root, st, name=spec.view_name(dataset_name, dataset_digest), key=key, dataset_digest=dataset_digest,
+                          classes=classes, splits=out, failures=failures, extra={"dataset_name": dataset_name, **(extra or {})})
+    finally:
+        lease.release()

@@ -37,7 +37,7 @@ from featurecache.cli.extract import (
     ViewsOpt,
     WeightsOpt,
 )
-from featurecache.errors import EntryNotFoundError, IncompleteEntryError, UsageError
+from featurecache.errors import EntryNotFoundError, UsageError
 
 FeaturesOpt = Annotated[
     str | None,
@@ -74,12 +74,12 @@ def _feature_set(
     cache: Path | None,
 ) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
-    from featurecache.cache import store, views
+    from featurecache.cache import views as views_mod
 
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
     if features:
-        return views.open_features(features, cache_dir=cache)
+        return views_mod.open_features(features, cache_dir=cache)
     if not data:
         raise UsageError(
             "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "
@@ -102,11 +102,9 @@ def _feature_set(
     ]
     args += [str(v) for flag, value, default in optional if value != default for v in (flag, value)]
     command = shlex.join(args)
-    fs = views.find_by_key(p.cache_dir, p.key)
+    fs = views_mod.find_by_key(p.cache_dir, p.key)
     if fs is None:
         raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
-    if not fs.complete:
-        raise IncompleteEntryError(f"feature set {fs.name} is incomplete; finish it first: {command}")
     return fs
 
 
