@@ -144,7 +144,7 @@ def verify(
             problems.extend(more)
         except FeatureCacheError as exc:
             problems.append(f"cannot recompute samples: {exc}")
-    repaired = tuple(maintenance.repair(result, cache_dir=root)) if repair and result.damaged else ()
+    repaired = tuple(maintenance.repair(result, cache_dir=root)) if repair and (result.damaged or result.damaged_views) else ()
     return VerifyReport(
         name=result.name,
         key=result.key,

@@ -116,7 +116,7 @@ def assert_identical(a: views.FeatureSet, b: views.FeatureSet) -> None:
         np.testing.assert_array_equal(a.labels(split), b.labels(split), strict=True)
         assert list(a.ids(split)) == list(b.ids(split))
     assert a.failures() == b.failures()
-    strip = lambda attrs: {k: v for k, v in attrs.items() if k not in ("created", "computed")}  # noqa: E731
+    strip = lambda attrs: {k: v for k, v in attrs.items() if k not in ("created", "computed", "compute")}  # noqa: E731 - per run, not per result
     assert strip(a.attrs) == strip(b.attrs)
 
 

@@ -8,6 +8,7 @@ the spec key and a dataset's manifest digest names a dataset view.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -128,8 +129,6 @@ def test_key_is_stable_across_processes() -> None:
 
 
 def _pythonpath() -> dict[str, str]:
-    import os
-
     return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
 
 

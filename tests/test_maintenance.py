@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -145,8 +146,6 @@ def test_verify_detects_an_altered_feature_value(clean: views.FeatureSet, tmp_pa
     doc = json.loads(marker_path.read_text())
     marker = doc["attributes"]["featurecache"]
     block = np.ascontiguousarray(arr[(row // 4) * 4 : (row // 4) * 4 + len(marker["digests"])])
-    import hashlib
-
     marker["sha256"] = hashlib.sha256(block.tobytes()).hexdigest()
     marker_path.write_text(json.dumps(doc))
     report = fc.verify(fs.name, sample=_rows(fs), cache_dir=_root(fs))

@@ -466,3 +466,24 @@ def test_break_stale_puts_back_a_lease_taken_meanwhile(cache_dir: Path) -> None:
     assert not waiter.break_stale(judged), "another token than the one judged stale: put back"
     assert fresh.holder()["token"] == fresh._token and fresh.path.exists()
     fresh.release()
+
+
+def test_gc_respects_a_live_lease_from_another_container(cache_dir: Path, st: store.FeatureStore) -> None:
+    """Issue 9 item 8: `cache gc` from one container deleted the live entry of another (same host name)."""
+    from featurecache.cache import maintenance
+
+    me = process_identity()
+    record = {"token": "other-container", "host": me["host"], "pid": _free_pid(), "boot": me["boot"], "pidns": 1, "start": 1, "since": time.time()}
+    lease = Lease(cache_dir, st.key)
+    lease.path.parent.mkdir(parents=True, exist_ok=True)
+    lease.path.write_text(json.dumps(record))
+    # No view reads the store's rows (the other container has not written its view yet).
+    dry = maintenance.gc(older_than=0, cache_dir=cache_dir)
+    assert not dry.items, dry.items
+    maintenance.gc(older_than=0, dry_run=False, cache_dir=cache_dir)
+    assert lease.path.exists() and store.FeatureStore(st.path).rows(0) == 10
+    # Silent for longer than stale_after (60 s): now it is a stale lease, and the rows are unused.
+    old = time.time() - 120
+    os.utime(lease.path, (old, old))
+    found = {(i.kind, i.path) for i in maintenance.gc(older_than=0, cache_dir=cache_dir).items}
+    assert found == {("stale lease", lease.path), ("unused rows", st.path)}, found

@@ -62,6 +62,7 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
     units_checked: int = 0
     damaged: set[tuple[Path, int, int]] = field(default_factory=set)
+    damaged_views: set[Path] = field(default_factory=set)
 
 
 def find_target(ref: str, *, cache_dir: Path) -> views_mod.FeatureSet | store_mod.FeatureStore:
@@ -144,9 +145,10 @@ def check(target: views_mod.FeatureSet | store_mod.FeatureStore) -> CheckResult:
     result = CheckResult(fs.name, fs.key)
     try:
         st = fs.store
-        arrays = fs._arrays  # hashes the manifest back into the dataset digest and the key
+        arrays = fs.arrays()  # hashes the manifest back into the dataset digest and the key
     except (CacheCorruptError, UsageError) as exc:
         result.problems.append(str(exc))
+        result.damaged_views.add(fs.path)
         return result
     result.problems.extend(_check_spec(st))
     cr = st.chunk_rows
@@ -165,10 +167,11 @@ def check(target: views_mod.FeatureSet | store_mod.FeatureStore) -> CheckResult:
                         f"{split}/{a['ids'][j]} view {view} of {fs.name} points at store row {int(row)}, which holds another image; "
                         f"remove the view with `featurecache cache rm {fs.name} --yes` and extract again"
                     )
+                    result.damaged_views.add(fs.path)
                     break
     _check_units(st, needed, result)
     stored = {d: r for d, r in st.failures().items()}
-    for split, ident, digest, _reason in fs._failure_rows():
+    for split, ident, digest, _reason in fs.failure_rows():
         if digest not in stored:
             result.problems.append(f"{split}/{ident} is listed as undecodable by {fs.name} but not by the store's markers")
     return result
@@ -185,6 +188,9 @@ def repair(result: CheckResult, *, cache_dir: Path) -> list[str]:
         What was removed, one line each.
     """
     done = []
+    for path in sorted(result.damaged_views):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        done.append(f"removed feature set {path.name} (its ids, labels or rows are damaged; it is rebuilt by the extract command)")
     by_store: dict[Path, set[tuple[int, int]]] = {}
     for path, view, slot in result.damaged:
         by_store.setdefault(path, set()).add((view, slot))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -374,11 +375,18 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
         dims = feature_dims(feature_shape)
         for view in range(1 + spec.views):
             g = root.require_group(f"v{view}")
-            g.create_array("features", shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=spec.dtype,
-                           fill_value=0, dimension_names=("row", *dims), overwrite=True, **_codecs())
-            g.create_array("digests", shape=(0,), chunks=(chunk_rows,), dtype=str, dimension_names=("row",), overwrite=True)
+            arrays = {
+                "features": dict(shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=spec.dtype, fill_value=0,
+                                 dimension_names=("row", *dims), **_codecs()),
+                "digests": dict(shape=(0,), chunks=(chunk_rows,), dtype=str, dimension_names=("row",)),
+            }
             if view == 0:
-                g.create_array("valid", shape=(0,), chunks=(chunk_rows,), dtype=bool, fill_value=False, dimension_names=("row",), overwrite=True)
+                arrays["valid"] = dict(shape=(0,), chunks=(chunk_rows,), dtype=bool, fill_value=False, dimension_names=("row",))
+            for name, kw in arrays.items():
+                if not _array_fits(path / f"v{view}" / name, kw["chunks"]):
+                    # A torn or mismatched array vouches for nothing: its units' markers go with it.
+                    shutil.rmtree(path / UNITS_GROUP / f"v{view}", ignore_errors=True)
+                    g.create_array(name, overwrite=True, **kw)
             root.require_group(f"{UNITS_GROUP}/v{view}")
         checkpoint("entry_tmp_created")
         attrs = {
@@ -397,6 +405,16 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
         raise_if_disk_full(exc, cache_dir)
         raise
     return FeatureStore(path)
+
+
+def _array_fits(path: Path, chunks: tuple[int, ...]) -> bool:
+    """Whether an existing array at ``path`` (kept when a store's ``zarr.json`` is rebuilt) has ``chunks``."""
+    import zarr
+
+    try:
+        return tuple(zarr.open_array(str(path), mode="r").chunks) == tuple(chunks)
+    except Exception:  # noqa: BLE001 - absent or unreadable: recreate
+        return False
 
 
 def allocate_units(st: FeatureStore, view: int, digests: Sequence[str]) -> list[Unit]:
@@ -479,8 +497,6 @@ def write_unit(
 
 def remove_units(st: FeatureStore, view: int, slots: Iterable[int]) -> int:
     """Delete units: the marker first (so nothing vouches for the data), then its chunks."""
-    import shutil
-
     n = 0
     for slot in slots:
         marker_dir = st.path / UNITS_GROUP / f"v{view}" / f"u{slot}"
@@ -528,8 +544,6 @@ def remove_leftovers(cache_dir: Path, spec_key: str) -> list[Path]:
     list of Path
         What was removed.
     """
-    import shutil
-
     from featurecache.cache.lease import LOCKS_DIR
 
     removed: list[Path] = []

@@ -169,9 +169,9 @@ class FeatureSet:
         path = self.path.parent.parent / STORES_DIR / str(self.attrs["store"])
         try:
             return FeatureStore(path)
-        except EntryNotFoundError:
+        except (EntryNotFoundError, CacheCorruptError):
             raise CacheCorruptError(
-                f"feature set {self.name} reads the feature store {self.attrs['store']}, which is gone; "
+                f"feature set {self.name} reads the feature store {self.attrs['store']}, which is gone or torn; "
                 f"remove the view (`featurecache cache rm {self.name} --yes`) and extract again"
             ) from None
 
@@ -210,6 +210,42 @@ class FeatureSet:
         self.check_manifest(out)
         return out
 
+
+    def check_rows(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        """Check that every row this view points at holds the image it expects (per the markers).
+
+        A swapped pair of ``rows`` chunks keeps valid checksums and an intact manifest; this
+        catches it before any feature is read.
+
+        Raises
+        ------
+        CacheCorruptError
+            A row is missing from the store or holds another image's features.
+        """
+        arrays = arrays if arrays is not None else self._arrays
+        st, cr = self.store, self.store.chunk_rows
+        fix = f"run `featurecache cache verify {self.key[:12]} --repair` and the same extract command again"
+        for split, a in arrays.items():
+            for view in range(a["rows"].shape[0]):
+                markers = st.markers(view)
+                for row, digest, ident in zip(a["rows"][view].tolist(), a["digests"], a["ids"]):
+                    held = markers.get(row // cr, {}).get("digests", ())
+                    if row < 0 or row % cr >= len(held) or held[row % cr] != digest:
+                        raise CacheCorruptError(
+                            f"{split}/{ident} view {view} of feature set {self.name} points at store row {row}, which does not hold "
+                            f"its image (a unit is missing or the view's rows were altered); {fix}"
+                        )
+
+    def arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per split: ``ids``, ``labels``, ``digests`` and ``rows``, checked against the manifest.
+
+        Raises
+        ------
+        CacheCorruptError
+            They do not hash back to the dataset digest and the key.
+        """
+        return self._arrays
+
     def check_manifest(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         """Hash the stored classes, ids, digests and labels back into the dataset digest.
 
@@ -247,12 +283,15 @@ class FeatureSet:
     def valid(self, split: str) -> np.ndarray:
         """``(n,)`` bool: False where the image failed to decode (its features are zeros)."""
         self._check_split(split)
-        bad = {str(d) for _, _, d, _ in self._failure_rows()}
+        bad = {str(d) for _, _, d, _ in self.failure_rows()}
         return np.asarray([str(d) not in bad for d in self._arrays[split]["digests"]], dtype=bool)
 
     def feature_array(self, split: str) -> ViewFeatures:
         """The lazy ``(views, n, *feature_shape)`` features, for streaming reads."""
         self._check_split(split)
+        if not self._checked:  # once, before any feature is read
+            self.check_rows()
+            self._checked = True
         return ViewFeatures(self.store, self._arrays[split]["rows"])
 
     def features(self, split: str, view: int | None = 0) -> np.ndarray:
@@ -260,12 +299,13 @@ class FeatureSet:
         arr = self.feature_array(split)
         return arr[:] if view is None else arr[int(view)]
 
-    def _failure_rows(self) -> list[tuple[str, str, str, str]]:
+    def failure_rows(self) -> list[tuple[str, str, str, str]]:
+        """``(split, id, digest, reason)`` of each image that failed to decode."""
         return [tuple(f) for f in self.attrs.get("failures", [])]  # type: ignore[misc]
 
     def failures(self) -> list[dict[str, str]]:
         """Images that failed to decode: ``[{split, id, reason}]``."""
-        return [{"split": s, "id": i, "reason": r} for s, i, _d, r in self._failure_rows()]
+        return [{"split": s, "id": i, "reason": r} for s, i, _d, r in self.failure_rows()]
 
     def size_bytes(self) -> int:
         """Bytes of the view itself (its rows live in the shared store)."""
