@@ -79,6 +79,18 @@ def augment_index(digest: str) -> int:
     return int(hashlib.sha256(digest.encode("utf-8")).hexdigest()[:15], 16)
 
 
+def _verify_all(st: FeatureStore, view: int, parts: Sequence[tuple[int, np.ndarray, Mapping[str, Any]]]) -> None:
+    """Check units against their markers, hashing on two threads (hashlib releases the GIL)."""
+    if len(parts) < 4:
+        for slot, block, marker in parts:
+            st._verified(view, slot, block, marker)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda p: st._verified(view, *p), parts))
+
+
 def _codecs() -> dict[str, Any]:
     import zarr.codecs
 
@@ -156,6 +168,7 @@ class FeatureStore:
             raise EntryNotFoundError(f"{self.path} is not a featurecache feature store; list them with `featurecache cache ls`")
         self.attrs: dict[str, Any] = attrs
         self._markers: dict[int, dict[int, dict[str, Any]]] = {}
+        self._arrays: dict[int, Any] = {}
         self._group = None
 
     # -- identity ------------------------------------------------------------------------
@@ -236,7 +249,8 @@ class FeatureStore:
     def next_slot(self, view: int) -> int:
         """The first slot past every finished unit and every array row of ``view``."""
         used = max(self.markers(view, refresh=True), default=-1) + 1
-        return max(used, -(-int(self.array(view).shape[0]) // self.chunk_rows))
+        rows = int(self.group[f"v{view}/features"].shape[0])  # fresh: another allocation may have grown it
+        return max(used, -(-rows // self.chunk_rows))
 
     # -- data ----------------------------------------------------------------------------
     @property
@@ -249,8 +263,10 @@ class FeatureStore:
         return self._group
 
     def array(self, view: int):  # -> zarr.Array
-        """The ``(rows, *feature_shape)`` features array of ``view``."""
-        return self.group[f"v{view}/features"]
+        """The ``(rows, *feature_shape)`` features array of ``view`` (opened once)."""
+        if view not in self._arrays:
+            self._arrays[view] = self.group[f"v{view}/features"]
+        return self._arrays[view]
 
     def read_unit(self, view: int, slot: int, *, marker: Mapping[str, Any] | None = None) -> np.ndarray:
         """The features of one finished unit, checked against its marker's sha256.
@@ -272,8 +288,73 @@ class FeatureStore:
             block = np.asarray(self.array(view)[start : start + m])
         except Exception as exc:  # noqa: BLE001 - zarr raises its own checksum error types
             raise CacheCorruptError(f"{where} is unreadable ({' '.join(str(exc).split())[:100]}); {fix}") from None
-        if block.shape[0] != m or hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != marker.get("sha256"):
-            raise CacheCorruptError(f"{where} does not hold the bytes its marker vouches for (a chunk is missing, moved or altered); {fix}")
+        return self._verified(view, slot, block, marker)
+
+    def read_units(self, view: int, slots: Iterable[int]) -> dict[int, np.ndarray]:
+        """Several finished units of ``view``, each checked against its marker's sha256.
+
+        Runs of consecutive slots are read in one Zarr call (which decodes their chunks
+        concurrently), so reading a whole feature set costs what one contiguous array read does.
+
+        Raises
+        ------
+        CacheCorruptError
+            As :meth:`read_unit`.
+        """
+        slots = sorted(set(int(s) for s in slots))
+        markers = self.markers(view)
+        cr = self.chunk_rows
+        out: dict[int, np.ndarray] = {}
+        runs: list[list[int]] = []
+        for slot in slots:
+            if slot not in markers:
+                self.read_unit(view, slot)  # raises the "no completion marker" error
+            if runs and runs[-1][-1] == slot - 1:
+                runs[-1].append(slot)
+            else:
+                runs.append([slot])
+        arr = self.array(view)
+        for run in runs:
+            first, last = run[0], run[-1]
+            stop = last * cr + len(markers[last].get("digests", []))
+            try:
+                block = np.asarray(arr[first * cr : stop])
+            except Exception:  # noqa: BLE001 - find the damaged unit, with its message
+                for slot in run:
+                    out[slot] = self.read_unit(view, slot)
+                continue
+            parts = [(slot, block[(slot - first) * cr : (slot - first) * cr + len(markers[slot].get("digests", []))], markers[slot]) for slot in run]
+            _verify_all(self, view, parts)
+            out.update((slot, part) for slot, part, _ in parts)
+        return out
+
+    def _verified(self, view: int, slot: int, block: np.ndarray, marker: Mapping[str, Any]) -> np.ndarray:  # noqa: D401
+        """``block`` after checking it is exactly the bytes ``marker`` vouches for."""
+        if block.shape[0] != len(marker.get("digests", [])) or hashlib.sha256(np.ascontiguousarray(block).data).hexdigest() != marker.get("sha256"):
+            raise CacheCorruptError(
+                f"unit v{view}/u{slot} of feature store {self.name} does not hold the bytes its marker vouches for "
+                f"(a chunk is missing, moved or altered); run `featurecache cache verify {self.key[:12]} --repair`, "
+                "then the same extract command recomputes it"
+            )
+        return block
+
+    def _contiguous_units(self, view: int, rows: np.ndarray) -> np.ndarray | None:
+        """``rows`` read in one call when they are exactly whole consecutive units in order (a
+        cold extraction's feature set), each unit verified on a slice of the result; else None."""
+        cr = self.chunk_rows
+        r0, n = int(rows[0]), len(rows)
+        if r0 % cr or int(rows[-1]) != r0 + n - 1 or not np.array_equal(rows, np.arange(r0, r0 + n)):
+            return None
+        markers = self.markers(view)
+        slots = range(r0 // cr, (r0 + n - 1) // cr + 1)
+        sizes = [len(markers.get(s, {}).get("digests", ())) for s in slots]
+        if any(m == 0 for m in sizes) or any(m != cr for m in sizes[:-1]) or r0 + n != slots[-1] * cr + sizes[-1]:
+            return None
+        try:
+            block = np.asarray(self.array(view)[r0 : r0 + n])
+        except Exception:  # noqa: BLE001 - the per-unit path names the damaged unit
+            return None
+        _verify_all(self, view, [(slot, block[k * cr : k * cr + sizes[k]], markers[slot]) for k, slot in enumerate(slots)])
         return block
 
     def gather(self, view: int, rows: np.ndarray) -> np.ndarray:
@@ -292,19 +373,27 @@ class FeatureStore:
             ``(len(rows), *feature_shape)`` in the stored dtype.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = np.zeros((len(rows), *self.feature_shape), dtype=self.dtype)
         if not len(rows):
-            return out
-        slots = rows // self.chunk_rows
+            return np.empty((0, *self.feature_shape), dtype=self.dtype)
+        cr = self.chunk_rows
+        whole = self._contiguous_units(view, rows)
+        if whole is not None:
+            return whole
+        out = np.empty((len(rows), *self.feature_shape), dtype=self.dtype)
+        slots = rows // cr
+        blocks = self.read_units(view, np.unique(slots).tolist())
         order = np.argsort(slots, kind="stable")
         bounds = np.flatnonzero(np.diff(slots[order])) + 1
         for part in np.split(order, bounds):
             slot = int(slots[part[0]])
-            block = self.read_unit(view, slot)
-            local = rows[part] - slot * self.chunk_rows
+            block = blocks[slot]
+            local = rows[part] - slot * cr
             if local.max() >= len(block):
                 raise CacheCorruptError(f"a view refers to row {int(rows[part].max())} of {self.name}, past unit v{view}/u{slot}; rewrite the view with the same extract command")
-            out[part] = block[local]
+            if len(part) == len(block) and np.array_equal(local, np.arange(len(block))) and np.array_equal(part, np.arange(part[0], part[0] + len(part))):
+                out[part[0] : part[0] + len(part)] = block  # the common case: a whole unit, in order
+            else:
+                out[part] = block[local]
         return out
 
     def size_bytes(self) -> int:
@@ -433,6 +522,7 @@ def allocate_units(st: FeatureStore, view: int, digests: Sequence[str]) -> list[
             arr = group[f"v{view}/{name}"]
             if arr.shape[0] < rows:
                 arr.resize((rows, *arr.shape[1:]))
+        st._arrays.pop(view, None)  # reopen with the new shape
     except OSError as exc:
         raise_if_disk_full(exc, st.path)
         raise

@@ -210,32 +210,6 @@ class FeatureSet:
         self.check_manifest(out)
         return out
 
-
-    def check_rows(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
-        """Check that every row this view points at holds the image it expects (per the markers).
-
-        A swapped pair of ``rows`` chunks keeps valid checksums and an intact manifest; this
-        catches it before any feature is read.
-
-        Raises
-        ------
-        CacheCorruptError
-            A row is missing from the store or holds another image's features.
-        """
-        arrays = arrays if arrays is not None else self._arrays
-        st, cr = self.store, self.store.chunk_rows
-        fix = f"run `featurecache cache verify {self.key[:12]} --repair` and the same extract command again"
-        for split, a in arrays.items():
-            for view in range(a["rows"].shape[0]):
-                markers = st.markers(view)
-                for row, digest, ident in zip(a["rows"][view].tolist(), a["digests"], a["ids"]):
-                    held = markers.get(row // cr, {}).get("digests", ())
-                    if row < 0 or row % cr >= len(held) or held[row % cr] != digest:
-                        raise CacheCorruptError(
-                            f"{split}/{ident} view {view} of feature set {self.name} points at store row {row}, which does not hold "
-                            f"its image (a unit is missing or the view's rows were altered); {fix}"
-                        )
-
     def arrays(self) -> dict[str, dict[str, np.ndarray]]:
         """Per split: ``ids``, ``labels``, ``digests`` and ``rows``, checked against the manifest.
 
@@ -264,6 +238,41 @@ class FeatureSet:
         for split, a in arrays.items():
             if a["rows"].shape != (self.layout(split).views, len(a["ids"])):
                 raise CacheCorruptError(f"{split}/rows of feature set {self.name} has shape {a['rows'].shape}; {fix}")
+
+    def check_rows(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        """Check that every row this view points at holds the image it expects (per the markers).
+
+        A swapped pair of ``rows`` chunks keeps valid checksums and an intact manifest; this
+        catches it before any feature is read.
+
+        Raises
+        ------
+        CacheCorruptError
+            A row is missing from the store or holds another image's features.
+        """
+        arrays = arrays if arrays is not None else self._arrays
+        st, cr = self.store, self.store.chunk_rows
+        fix = f"run `featurecache cache verify {self.key[:12]} --repair` and the same extract command again"
+        held: dict[int, np.ndarray] = {}
+        for split, a in arrays.items():
+            for view in range(a["rows"].shape[0]):
+                if view not in held:  # each row's image digest, as the markers record it
+                    markers = st.markers(view)
+                    size = (max(markers, default=-1) + 1) * cr
+                    held[view] = np.full(size, None, dtype=object)
+                    for slot, marker in markers.items():
+                        digests = marker.get("digests", [])
+                        held[view][slot * cr : slot * cr + len(digests)] = digests
+                rows = a["rows"][view]
+                inside = (rows >= 0) & (rows < len(held[view]))
+                ok = inside.copy()
+                ok[inside] = held[view][rows[inside]] == a["digests"][inside]
+                if not ok.all():
+                    j = int(np.flatnonzero(~ok)[0])
+                    raise CacheCorruptError(
+                        f"{split}/{a['ids'][j]} view {view} of feature set {self.name} points at store row {int(rows[j])}, which does not hold "
+                        f"its image (a unit is missing or the view's rows were altered); {fix}"
+                    )
 
     def labels(self, split: str) -> np.ndarray:
         """Integer labels ``(n,)`` indexing :attr:`classes`."""
