@@ -13,6 +13,7 @@ from featurecache.cache.maintenance import ExplainReport, VerifyReport, explain,
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import ExtractResult, extract, plan
 from featurecache.sweep import sweep
+from featurecache.ensemble import EnsembleResult, ensemble
 from featurecache.train import train_head
 from featurecache.finetune import FinetuneResult, finetune
 from featurecache.predict import EvaluateResult, Prediction, evaluate, predict
@@ -23,12 +24,14 @@ __all__ = [
     "ExtractResult",
     "ExplainReport",
     "VerifyReport",
+    "EnsembleResult",
     "EvaluateResult",
     "FeatureCacheError",
     "FeatureSet",
     "FinetuneResult",
     "Prediction",
     "__version__",
+    "ensemble",
     "evaluate",
     "explain",
     "extract",

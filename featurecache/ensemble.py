@@ -208,11 +208,10 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
     from featurecache.finetune.run_data import read_predictions
     from featurecache.train import load_run
 
-    config, _ = load_run(run)  # the one gateway to a run's head: missing or unsafe heads fail here
-    kind = config.get("kind")
-    if kind == ENSEMBLE_KIND:
+    if read_run_config(run).get("kind") == ENSEMBLE_KIND:
         raise UsageError(f"{run} is itself an ensemble; pass its member runs (in {run / MEMBERS_DIR}) instead")
-    if kind == "finetune" or "features" not in config or "classes" not in config:
+    config, _ = load_run(run)  # the one gateway to a run's head: missing or unsafe heads fail here
+    if config.get("kind") == "finetune" or "features" not in config or "classes" not in config:
         raise UsageError(f"{run} is not a train-head run; an ensemble combines runs of `featurecache train-head` or a sweep's trials")
     dest = members_dir / _member_name(index, run.resolve().name)
     # Evaluations and temp files are not part of the run.
