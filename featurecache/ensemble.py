@@ -230,7 +230,7 @@ def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, 
     try:
         board = json.loads((sweep_dir / "leaderboard.json").read_text())
     except (OSError, ValueError):
-        raise RunError(f"{sweep_dir} has no readable leaderboard.json, so it is not a finished sweep; run `featurecache sweep --out {sweep_dir}` first") from None
+        raise RunError(f"{sweep_dir} has no readable leaderboard.json, so it is not a finished sweep; point --from-sweep to a directory written by `featurecache sweep`") from None
     best = read_run_config(sweep_dir / "best")
     if "features" not in best:
         raise RunError(f"sweep {sweep_dir} has no best/config.json to take its features from; run the sweep again to finish it")
@@ -243,7 +243,6 @@ def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, 
     expected = read_predictions(sweep_dir / "best")["val_ids"].astype(str)
     if not np.array_equal(np.asarray(data.ids_val, dtype=str), expected):
         raise RunError(f"the validation images of sweep {sweep_dir} cannot be reproduced from its features ({best.get('validation')}); run the sweep again")
-    metric = str(board.get("metric", "val_accuracy"))
     members = []
     for i, row in enumerate(ranked[:top]):
         dest = members_dir / _member_name(start + i, f"{row['head'].replace(':', '-')}-{row['trial'][:8]}")
@@ -251,7 +250,7 @@ def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, 
         again = res.metrics["val"]["accuracy"]
         if row.get("val_accuracy") is not None and abs(again - float(row["val_accuracy"])) > 1e-9:
             notes.append(f"trial {row['trial']} ({row['name']}) refits to val accuracy {again:.4f}, the sweep recorded {row['val_accuracy']:.4f}")
-        label = f"{row['name']} (sweep rank {row['rank']} by {metric})"
+        label = f"{row['name']} (sweep #{row['rank']})"
         members.append(_Member(dest, read_run_config(dest), read_predictions(dest), source=f"{sweep_dir.resolve()}#{row['trial']}", label=label))
     return members
 
