@@ -30,13 +30,16 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurecache.cache import store
 from featurecache.cache.keys import digest_of
 from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
+
+if TYPE_CHECKING:
+    from featurecache.concat import ConcatFeatures
 
 RUN_FORMAT = 1
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
@@ -88,7 +91,9 @@ class TrainingData:
         return self.X_train_views
 
 
-def resolve_features(features: Any, *, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+def resolve_features(
+    features: str | Sequence[str] | store.FeatureSet | ConcatFeatures, *, cache_dir: str | os.PathLike[str] | None = None
+) -> store.FeatureSet | ConcatFeatures:
     """A complete feature set from a key, key prefix, entry name or an open :class:`FeatureSet`.
 
     Several references (``"KEY1,KEY2"`` or a list) give one :class:`~featurecache.concat.ConcatFeatures`
