@@ -203,21 +203,25 @@ def test_ensemble_refuses_runs_validated_on_other_images_and_fine_tuning(env: di
     assert nested.exit_code == 2 and "itself an ensemble" in _error_line(nested)
 
 
-@pytest.mark.slow
-def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(env: dict, tmp_path: Path) -> None:
-    """Members on backbone A, on backbone B, and on A+B: one model, each backbone built once."""
-    import keras
-    from PIL import Image
-
-    from featurecache.predict import evaluate
-
+@pytest.fixture(scope="module")
+def ens(env: dict) -> Path:
+    """A weighted ensemble of members on backbone A, on backbone B, and on A+B side by side."""
     k1, k2 = env["keys"]
     runs = env["root"] / "runs"
     dense_b = fc.train_head(k2, head="dense", params={"hidden": "16", "epochs": 3, "dropout": 0.0}, out=runs / "dense-b", cache_dir=env["cache"], plots=False).run_dir
     both = fc.train_head(f"{k1},{k2}", head="sgd", out=runs / "sgd-ab", cache_dir=env["cache"], plots=False).run_dir
     made = _invoke(["ensemble", str(env["logreg_a"]), str(dense_b), str(both), "--method", "weighted", "--out", str(env["root"] / "ens"), "--cache", str(env["cache"])])
     assert made.exit_code == 0, made.output
-    ens = env["root"] / "ens"
+    return env["root"] / "ens"
+
+
+@pytest.mark.slow
+def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(env: dict, ens: Path, tmp_path: Path) -> None:
+    """Three heads on two backbones: one model, each backbone built once, loadable without featurecache."""
+    import keras
+    from PIL import Image
+
+    from featurecache.predict import evaluate
 
     exported = fc.finetune(ens, epochs=0, out=env["root"] / "ens-export", cache_dir=env["cache"], progress=False)
     assert exported.equivalence.passed and exported.equivalence.max_abs_diff < 1e-4
@@ -269,3 +273,22 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(en
     ev = evaluate(ens, split="test", cache_dir=env["cache"], plots=False)
     cached = json.loads((ens / "metrics.json").read_text())["test"]
     assert ev.metrics["n"] == cached["n"] and ev.metrics["accuracy"] == pytest.approx(cached["accuracy"], abs=1.5 / cached["n"])
+
+
+@pytest.mark.slow
+def test_equivalence_check_of_an_ensemble_names_the_feature_set_that_differs(env: dict, ens: Path, tmp_path: Path) -> None:
+    from featurecache.errors import EquivalenceError
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(ens, tampered)
+    member = next((tampered / "members").glob("0-*"))  # logreg on backbone A
+    config = json.loads((member / "config.json").read_text())
+    config["features"]["spec"]["resize"] = "nearest"  # not how its features were extracted
+    (member / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EquivalenceError) as err:
+        fc.finetune(tampered, epochs=0, out=tmp_path / "never", cache_dir=env["cache"], progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "does not reproduce" in message
+    assert f"{config['features']['name']}: the rebuilt backbone's features differ from the cached ones" in message
+    assert "resize 'nearest'" in message
+    assert not (tmp_path / "never" / "model.keras").exists()
