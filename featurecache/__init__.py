@@ -14,6 +14,7 @@ from featurecache.audit import ExplainReport, VerifyReport, explain, verify
 from featurecache.errors import FeatureCacheError
 from featurecache.extract import ExtractResult, extract, plan
 from featurecache.sweep import sweep
+from featurecache.ensemble import EnsembleResult, ensemble
 from featurecache.train import train_head
 from featurecache.finetune import FinetuneResult, finetune
 from featurecache.predict import EvaluateResult, Prediction, evaluate, predict
@@ -24,12 +25,14 @@ __all__ = [
     "ExtractResult",
     "ExplainReport",
     "VerifyReport",
+    "EnsembleResult",
     "EvaluateResult",
     "FeatureCacheError",
     "FeatureSet",
     "FinetuneResult",
     "Prediction",
     "__version__",
+    "ensemble",
     "evaluate",
     "explain",
     "extract",

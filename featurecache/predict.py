@@ -8,7 +8,8 @@ A model is named by one path, which may be
 * a fine-tune output directory (it holds ``model.keras`` and ``config.json``);
 * a ``train-head`` run directory, which is rebuilt into backbone + head first
   (:func:`featurecache.finetune.rebuild_model`), so a head can be used on raw images without
-  fine-tuning it.
+  fine-tuning it; an ensemble, or a head on several feature sets, is rebuilt with every
+  backbone it reads (:func:`featurecache.finetune.assemble.assemble_run`).
 
 Every such model takes raw RGB images of any size and resizes and preprocesses them itself, so
 nothing here resizes or normalises.
@@ -100,6 +101,11 @@ def load_model(
             raise RunError(f"{path} has neither model.keras nor config.json; {what}")
         if "head" not in config:
             raise RunError(f"{path}/config.json is not a train-head run and there is no model.keras; {what}")
+        from featurecache.finetune.assemble import assemble_run, is_assembled
+
+        if is_assembled(config):  # an ensemble, or a head on several feature sets
+            built = assemble_run(path, weights=weights, cache_dir=cache_dir)
+            return LoadedModel(model=built.model, classes=built.classes, path=path, kind="run", config=built.config)
         from featurecache.finetune.rebuild import rebuild_model
 
         rebuilt = rebuild_model(path, weights=weights, cache_dir=cache_dir)

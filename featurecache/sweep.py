@@ -735,7 +735,8 @@ def sweep(
     Parameters
     ----------
     features
-        Key, key prefix, entry name, or an open :class:`FeatureSet`.
+        Key, key prefix, entry name, or an open :class:`FeatureSet`; several (``"KEY1,KEY2"``)
+        are concatenated (:mod:`featurecache.concat`).
     grid
         Grid strings, e.g. ``"logreg:C=0.01,0.1,1,10"`` or
         ``"dense:hidden=256,512-128;dropout=0.2,0.5;lr=1e-3,1e-4"`` (see :func:`parse_grid`).

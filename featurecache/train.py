@@ -30,13 +30,16 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurecache.cache import store, views
 from featurecache.cache.keys import digest_of
 from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
+
+if TYPE_CHECKING:
+    from featurecache.concat import ConcatFeatures
 
 RUN_FORMAT = 1
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
@@ -88,8 +91,20 @@ class TrainingData:
         return self.X_train_views
 
 
-def resolve_features(features: str | views.FeatureSet, *, cache_dir: str | os.PathLike[str] | None = None) -> views.FeatureSet:
-    """A complete feature set from a key, key prefix, entry name or an open :class:`FeatureSet`."""
+def resolve_features(
+    features: str | Sequence[str] | views.FeatureSet | ConcatFeatures, *, cache_dir: str | os.PathLike[str] | None = None
+) -> views.FeatureSet | ConcatFeatures:
+    """A complete feature set from a key, key prefix, entry name or an open :class:`FeatureSet`.
+
+    Several references (``"KEY1,KEY2"`` or a list) give one :class:`~featurecache.concat.ConcatFeatures`
+    whose vectors are the parts' side by side (checked to be the same images).
+    """
+    from featurecache.concat import ConcatFeatures, open_concat, split_feature_refs
+
+    if isinstance(features, ConcatFeatures):
+        return features
+    if isinstance(features, (list, tuple)) or (isinstance(features, str) and "," in features):
+        return open_concat(split_feature_refs(features) if isinstance(features, str) else list(features), cache_dir=cache_dir)
     if isinstance(features, views.FeatureSet):
         if not features.complete:
             return views.open_features(str(features.path), require_complete=True)
@@ -117,6 +132,14 @@ def validation_label(fs: views.FeatureSet, *, val_fraction: float = 0.15, seed: 
     if "val" in fs.splits:
         return CACHED_VAL_LABEL
     return f"stratified {val_fraction:g} of train (seed {seed})"
+
+
+def parse_validation_label(label: str) -> tuple[float, int] | None:
+    """``(val_fraction, seed)`` of a :func:`validation_label`, or ``None`` for the cached val split."""
+    import re
+
+    m = re.fullmatch(r"stratified (\S+) of train \(seed (-?\d+)\)", str(label))
+    return (float(m.group(1)), int(m.group(2))) if m else None
 
 
 def load_training_data(
@@ -475,7 +498,8 @@ def train_head(
     Parameters
     ----------
     features
-        Key, key prefix, entry name, or an open :class:`FeatureSet`.
+        Key, key prefix, entry name, or an open :class:`FeatureSet`; several (``"KEY1,KEY2"``
+        or a list) train on their features concatenated (see :mod:`featurecache.concat`).
     head
         Head name (``logreg``, ``linear-svm``, ``ridge``, ``sgd``, ``knn``, ``dense``) or an
         import path ``module:Class``.

@@ -31,7 +31,7 @@ def _metric_line(metrics: dict) -> str:
 
 @handle_errors
 def finetune_cmd(
-    run: Annotated[Path, typer.Option("--run", "-r", help="The train-head run directory to fine-tune.", show_default=False)],
+    run: Annotated[Path, typer.Option("--run", "-r", help="The train-head run directory to fine-tune (an ensemble is only exported: --epochs 0).", show_default=False)],
     unfreeze: Annotated[
         str,
         typer.Option("--unfreeze", "-u", help="Backbone blocks to train: names (see `featurecache backbones --blocks NAME`), top:N, all or none; comma-separated."),

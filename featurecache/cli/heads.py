@@ -41,7 +41,11 @@ from featurecache.errors import EntryNotFoundError, UsageError
 
 FeaturesOpt = Annotated[
     str | None,
-    typer.Option("--features", "-f", help="Feature set: full key, 12-character key prefix or entry name (see `featurecache cache ls`).", show_default=False),
+    typer.Option(
+        "--features", "-f",
+        help="Feature set: full key, 12-character key prefix or entry name (see `featurecache cache ls`); KEY1,KEY2 trains on several feature sets of the same images side by side.",
+        show_default=False,
+    ),
 ]
 # Unlike `extract`, no default dataset: a training command must not silently pick digits.
 DataRefOpt = Annotated[
@@ -79,7 +83,9 @@ def _feature_set(
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
     if features:
-        return views_mod.open_features(features, cache_dir=cache)
+        from featurecache.train import resolve_features
+
+        return resolve_features(features, cache_dir=cache)
     if not data:
         raise UsageError(
             "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "

@@ -9,6 +9,7 @@ import typer
 
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
+from featurecache.cli import ensemble as ensemble_cli
 from featurecache.cli import extract as extract_cli
 from featurecache.cli import heads as heads_cli
 from featurecache.cli import run as run_cli
@@ -26,6 +27,7 @@ app.command("backbones")(backbones_cli.backbones_cmd)
 app.command("train-head")(heads_cli.train_head_cmd)
 app.command("sweep")(heads_cli.sweep_cmd)
 app.command("heads")(heads_cli.heads_cmd)
+app.command("ensemble")(ensemble_cli.ensemble_cmd)
 app.command("finetune")(finetune_cli.finetune_cmd)
 app.command("evaluate")(finetune_cli.evaluate_cmd)
 app.command("predict")(finetune_cli.predict_cmd)

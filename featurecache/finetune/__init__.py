@@ -22,6 +22,10 @@ each module's docstring explains its mechanism:
 8. :mod:`~featurecache.finetune.export` -- ``model.keras`` (plain Keras, safe mode) and the
    records beside it.
 
+An ensemble, or a head on several feature sets, is built by
+:mod:`~featurecache.finetune.assemble` (each backbone once, each head on its backbones, the
+combination as layers), checked the same way and exported; it is not fine-tuned end to end.
+
 Importing this package imports no TensorFlow: every module imports Keras inside its functions.
 """
 
@@ -40,6 +44,7 @@ import numpy as np
 
 from featurecache.errors import UsageError, choices
 from featurecache.extract import library_versions
+from featurecache.finetune.assemble import Assembled, assemble_run, is_assembled, read_run_config
 from featurecache.finetune.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
 from featurecache.finetune.equivalence import EquivalenceReport, check_equivalence
 from featurecache.finetune.export import MODEL_FILE, export_model, write_outputs
@@ -56,10 +61,12 @@ _make_trainer = make_trainer
 __all__ = [
     "KERAS_EXPRESSIBLE_HEADS",
     "OPTIMIZERS",
+    "Assembled",
     "EquivalenceReport",
     "FinetuneResult",
     "ImagePredictor",
     "Rebuilt",
+    "assemble_run",
     "check_equivalence",
     "finetune",
     "keras_head",
@@ -135,7 +142,9 @@ def finetune(
     Parameters
     ----------
     run
-        A ``train-head`` run directory.
+        A ``train-head`` run directory. An ensemble (``featurecache ensemble``) or a head on
+        several feature sets is only checked and exported (``epochs`` must be 0): fine-tuning
+        several backbones end to end is not supported.
     unfreeze
         Backbone blocks to train: names from the registry (``featurecache backbones --blocks
         NAME``), ``top:N`` (the last N), ``all`` or ``none``; comma-separated. The head always
@@ -202,6 +211,16 @@ def finetune(
         raise UsageError(f"--lr must be > 0, got {lr!r}")
     aug = AugmentSpec.parse(augment)
     log = sys.stderr if progress else None
+    if is_assembled(read_run_config(run)):
+        if epochs > 0:
+            raise UsageError(
+                f"{run} is an ensemble or a head on several feature sets, and fine-tuning several backbones end to end is not "
+                "supported; pass --epochs 0 to check it and export it as one model.keras, or fine-tune one member run on its own"
+            )
+        return _export_assembled(
+            run, out=out, tolerance=tolerance, check_samples=check_samples, data=data, limit=limit, weights=weights,
+            batch_size=batch_size, savedmodel=savedmodel, plots=plots, cache_dir=cache_dir, log=log, started=started,
+        )
 
     rebuilt = rebuild_model(run, weights=weights, cache_dir=cache_dir)
     # Fail on a bad --unfreeze before the (slower) image loading and check.
@@ -253,14 +272,7 @@ def finetune(
         "params": rebuilt.config.get("params"),
         "features": rebuilt.config["features"],
         "classes": list(rebuilt.classes),
-        "dataset": {
-            "source": run_data.source,
-            "limit": run_data.limit,
-            "seed": run_data.seed,
-            "validation": run_data.val_split,
-            "n_train": len(run_data.train_rows),
-            "n_val": len(run_data.val_rows),
-        },
+        "dataset": _dataset_record(run_data),
         "model": {
             "file": MODEL_FILE,
             "input": "RGB uint8/float in [0, 255], any size (resized inside)",
@@ -302,7 +314,89 @@ def finetune(
     )
 
 
-def _evaluate_run_splits(rebuilt: Rebuilt, run_data: RunData, *, predictor: ImagePredictor, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _dataset_record(run_data: RunData) -> dict[str, Any]:
+    """What ``config.json`` records of the images: enough for ``evaluate`` to find them again."""
+    return {
+        "source": run_data.source,
+        "limit": run_data.limit,
+        "seed": run_data.seed,
+        "validation": run_data.val_split,
+        "n_train": len(run_data.train_rows),
+        "n_val": len(run_data.val_rows),
+    }
+
+
+def _export_assembled(
+    run: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None,
+    tolerance: float,
+    check_samples: int | None,
+    data: str | None,
+    limit: int | None,
+    weights: str | None,
+    batch_size: int,
+    savedmodel: bool,
+    plots: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    log: Any,
+    started: float,
+) -> FinetuneResult:
+    """``finetune --epochs 0`` of an ensemble or a multi-feature-set head: build, check, export."""
+    assembled = assemble_run(run, weights=weights, cache_dir=cache_dir)
+    predictions = read_predictions(assembled.run_dir)
+    run_data = load_run_data(assembled.config, predictions, data=data, limit=limit, cache_dir=cache_dir)
+    out_dir = Path(out) if out is not None else assembled.run_dir.with_name(assembled.run_dir.name + "-ft")
+    predictor = ImagePredictor(assembled.model, batch_size=batch_size)
+    with image_pool("fc-ft") as pool:
+        report = check_equivalence(
+            assembled, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size,
+            cache_dir=cache_dir, predictor=predictor, pool=pool,
+        )
+        if log:
+            print(f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}", file=log)
+        metrics, preds = _evaluate_run_splits(assembled, run_data, predictor=predictor, pool=pool)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = export_model(assembled.model, out_dir, savedmodel=savedmodel)
+    seconds = time.perf_counter() - started
+    cfg = assembled.config
+    config = {
+        "format": FINETUNE_FORMAT,
+        "kind": "finetune",
+        "base_run": str(assembled.run_dir.absolute()),
+        "head": cfg.get("head"),
+        "params": cfg.get("params"),
+        "features": cfg["features"],
+        "classes": list(assembled.classes),
+        "dataset": _dataset_record(run_data),
+        "model": {
+            "file": MODEL_FILE,
+            "input": "RGB uint8/float in [0, 255], any size (resized inside)",
+            "branches": [
+                {"backbone": b.backbone.name, "key": b.key, "input_size": int(b.spec["input_size"]), "resize": str(b.spec["resize"]), "preprocess": b.spec["preprocess"]}
+                for b in assembled.branches
+            ],
+            "heads": len(assembled.members),
+            "combination": cfg.get("ensemble"),
+        },
+        "equivalence": report.to_json(),
+        "unfreeze": "none",
+        "trainable": {},
+        "training": {"epochs": 0, "note": "ensembles and heads on several feature sets are exported, not fine-tuned"},
+        "history": history_summary({}, None),
+        "metrics": {s: _short_metrics(m) for s, m in metrics.items()},
+        "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": library_versions(),
+    }
+    write_outputs(out_dir, config=config, metrics=metrics, predictions=preds, history={}, classes=assembled.classes, title="export", plots=plots)
+    return FinetuneResult(
+        out=out_dir, model_path=model_path, equivalence=report, trainable={}, history={}, metrics=metrics, seconds=seconds,
+        savedmodel=out_dir / "savedmodel" if savedmodel else None, unfreeze="none",
+    )
+
+
+def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, predictor: ImagePredictor, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions of the model on the run's validation rows and the test split."""
     from featurecache.metrics import classification_metrics
 

@@ -24,6 +24,7 @@ from featurecache.errors import EquivalenceError, UsageError
 from featurecache.finetune.inference import ImagePredictor, load_images
 
 if TYPE_CHECKING:
+    from featurecache.finetune.assemble import Assembled
     from featurecache.finetune.rebuild import Rebuilt
     from featurecache.finetune.run_data import RunData
 
@@ -60,7 +61,7 @@ class EquivalenceReport:
 
 
 def check_equivalence(
-    rebuilt: Rebuilt,
+    rebuilt: Rebuilt | Assembled,
     run_data: RunData,
     predictions: Mapping[str, np.ndarray],
     *,
@@ -144,26 +145,49 @@ def check_equivalence(
     )
 
 
-def _diagnose(rebuilt: Rebuilt, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int) -> str:
-    """The most likely reason for a mismatch, in words (one line)."""
-    from featurecache.cache import store, views
+def _diagnose(rebuilt: Any, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int) -> str:
+    """The most likely reason for a mismatch, in words (one line).
 
-    spec = rebuilt.spec
-    bspec = rebuilt.backbone_spec
-    recipe = (
+    ``rebuilt`` is a ``Rebuilt`` or an ``Assembled`` model: each of its backbone branches is
+    compared with its cached features, named by its feature set when there are several.
+    """
+    branches = rebuilt.branches
+    causes: list[str] = []
+    for branch in branches:
+        found = _diagnose_branch(branch, run_data, images, ids, cache_dir=cache_dir, batch_size=batch_size)
+        causes += [f"{branch.name or branch.key[:12]}: {c}" if len(branches) > 1 else c for c in found]
+    if any(str(b.spec.get("dtype", "float32")) == "float16" for b in branches):
+        causes.append("the features were cached as float16, whose rounding alone moves probabilities by ~1e-3 (pass --tolerance 1e-2)")
+    if not causes:
+        recipes = "; ".join(_recipe(b.spec) for b in branches)
+        causes.append(f"different resize, preprocessing or weights than the cached features ({recipes}), or images changed since extraction")
+    return "; ".join(causes)
+
+
+def _recipe(spec: Mapping[str, Any]) -> str:
+    return (
         f"resize {spec['resize']!r} to {spec['input_size']} px, preprocessing {spec['preprocess']!r}, weights {spec['weights']}, "
         f"layer {spec['layer']!r}, pooling {spec['pooling']!r}"
     )
+
+
+def _diagnose_branch(branch: Any, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int) -> list[str]:
+    """What differs between one branch's rebuilt features and its cached ones."""
+    from featurecache.cache import store, views
+
+    spec = branch.spec
+    bspec = branch.backbone_spec
+    recipe = _recipe(spec)
     causes = []
     registry_pre = f"{bspec.module}:{bspec.preprocess}"
     if str(spec["preprocess"]) != registry_pre:
         causes.append(f"the run's preprocessing {spec['preprocess']!r} is not {bspec.name}'s {registry_pre!r}")
-    fs = views.find_by_key(store.resolve_cache_dir(cache_dir), str(rebuilt.config["features"].get("key", "")))
+    fs = views.find_by_key(store.resolve_cache_dir(cache_dir), branch.key)
     if fs is not None and fs.complete and run_data.val_split in fs.splits:
         index = {str(s): i for i, s in enumerate(fs.ids(run_data.val_split))}
         if all(str(i) in index for i in ids):
             cached = fs.features(run_data.val_split)[[index[str(i)] for i in ids]].astype(np.float64)
-            got = ImagePredictor(rebuilt.features, batch_size=batch_size)(images)
+            got = ImagePredictor(branch.features, batch_size=batch_size)(images)
             if got.shape == cached.shape:
                 delta = float(np.abs(got - cached).max())
                 rel = delta / max(float(np.abs(cached).max()), 1e-12)
@@ -173,8 +197,4 @@ def _diagnose(rebuilt: Rebuilt, run_data: RunData, images: list[np.ndarray], ids
                     causes.append("the features match the cache, so the head's Keras conversion differs from its scikit-learn predictions")
             else:
                 causes.append(f"the rebuilt backbone gives features of shape {got.shape[1:]} but the cache holds {cached.shape[1:]} ({recipe})")
-    if str(spec.get("dtype", "float32")) == "float16":
-        causes.append("the features were cached as float16, whose rounding alone moves probabilities by ~1e-3 (pass --tolerance 1e-2)")
-    if not causes:
-        causes.append(f"different resize, preprocessing or weights than the cached features ({recipe}), or images changed since extraction")
-    return "; ".join(causes)
+    return causes
