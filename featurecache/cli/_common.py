@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from featurecache.errors import FeatureCacheError, human_bytes  # noqa: F401 - re-exported for the commands
-
-DEBUG_ENV = "FEATURECACHE_DEBUG"
+from featurecache.errors import DEBUG_ENV, FeatureCacheError, debug_enabled, human_bytes  # noqa: F401 - re-exported for the commands
 
 CacheOpt = Annotated[
     Path | None,
@@ -28,7 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def debug() -> bool:
     """Whether tracebacks are wanted (``FEATURECACHE_DEBUG=1``)."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
+    return debug_enabled()
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import typer
 
+from featurecache import quiet_tf
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
 from featurecache.cli import extract as extract_cli
@@ -36,8 +36,8 @@ app.add_typer(cache_cli.app, name="cache")
 
 def main() -> None:
     """Console-script entry point."""
-    # TensorFlow's C++ start-up chatter drowns the one-line messages users need to read.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's native start-up lines would bury the one-line messages users need to read.
+    quiet_tf.install()
     # Pillow warns about (and then decodes) images between its pixel limit and twice it; we
     # refuse those with a one-line reason in the failures report, so the warning is only noise.
     # Filters are process-global, hence set here, once, before any decode thread starts.
