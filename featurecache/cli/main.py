@@ -7,6 +7,7 @@ import warnings
 import typer
 
 from featurecache import quiet_tf
+from featurecache.cli._common import OneLineErrorsGroup
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
 from featurecache.cli import extract as extract_cli
@@ -20,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrorsGroup,
 )
 app.command("extract", no_args_is_help=False)(extract_cli.extract_cmd)
 app.command("backbones")(backbones_cli.backbones_cmd)
