@@ -135,3 +135,11 @@ class OutOfMemoryError(FeatureCacheError, MemoryError):
 
 class MemoryBudgetError(UsageError):
     """Features do not fit the memory budget and the chosen head cannot stream them."""
+
+
+class FeatureCacheWarning(UserWarning):
+    """Base class of the warnings featurecache gives; the CLI prints them as ``warning: ...`` lines."""
+
+
+class DatasetWarning(FeatureCacheWarning):
+    """A dataset is usable but probably not what was meant (e.g. one image under two labels)."""

@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET_EXTRACT = [
@@ -97,3 +99,21 @@ def test_parallel_sweep_with_dense_heads_prints_nothing_on_stderr(tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+
+
+def test_dataset_warning_is_one_line_on_stderr(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    for c, seed in (("a", 1), ("b", 2)):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{c}.png")
+    (root / "a" / "b-again.png").symlink_to("../b/b.png")
+    proc = _featurecache(
+        ["extract", "--data", str(root), "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "-q",
+         "--cache", str(tmp_path / "cache")],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "warning: dataset 'pets': 1 image(s) appear under two labels with the same bytes: "
+        "train/a/b-again.png ('a') = train/b/b.png ('b'); remove the duplicates or fix their labels"
+    ]

@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from featurecache.errors import DEBUG_ENV, FeatureCacheError, debug_enabled, human_bytes  # noqa: F401 - re-exported for the commands
+from featurecache.errors import DEBUG_ENV, FeatureCacheError, FeatureCacheWarning, debug_enabled, human_bytes  # noqa: F401 - re-exported for the commands
 
 
 
@@ -180,6 +181,20 @@ def pasteable(*args: str | Path, cache: str | Path | None = None) -> str:
     if cache is not None and "--cache" not in words:
         words += ["--cache", str(cache)]
     return shlex.join(words)
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the command: featurecache's warnings as one ``warning: ...`` line.
+
+    Other libraries' warnings keep Python's format, which says where they come from.
+    """
+    if issubclass(category, FeatureCacheWarning):
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 def csv_items(text: str) -> tuple[str, ...]:

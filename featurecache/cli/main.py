@@ -7,7 +7,7 @@ import warnings
 import typer
 
 from featurecache import quiet_tf
-from featurecache.cli._common import OneLineErrorsGroup
+from featurecache.cli._common import OneLineErrorsGroup, show_warning
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
 from featurecache.cli import extract as extract_cli
@@ -44,6 +44,7 @@ def main() -> None:
     # refuse those with a one-line reason in the failures report, so the warning is only noise.
     # Filters are process-global, hence set here, once, before any decode thread starts.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    warnings.showwarning = show_warning
     app()
 
 
