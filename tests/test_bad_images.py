@@ -273,7 +273,7 @@ def test_cli_skip_exits_0_with_a_summary_line(corpus: Corpus, tmp_path: Path) ->
     warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
     # vanished.jpg and unreadable.png are gone from the folder for a fresh run: 5 broken files
     assert len(warning) == 1 and "5 images could not be decoded" in warning[0] and "cache failures" in warning[0], res.stderr
-    assert "note: skipped 2 files that are not images" in res.stderr
+    assert "note: skipped 2 files (hidden, not an image type" in res.stderr
     listing = CliRunner().invoke(app, ["cache", "failures", res.stdout.split("key ")[1][:12], "--cache", str(tmp_path)])
     assert listing.exit_code == 0 and "odd/zero.jpg\tempty file" in listing.stdout
 
