@@ -10,6 +10,18 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+#: Modules whose every test kills or races real processes: slow as a whole, so the quick run
+#: (`pytest -m "not slow"`) skips them. (Kept here rather than as a `pytestmark` in the module
+#: while that module is being rewritten; either place works.)
+SLOW_MODULES = frozenset({"test_faults.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test of :data:`SLOW_MODULES` slow."""
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module")
 def one_blas_thread():
