@@ -68,13 +68,13 @@ def check_options(
         ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
         if not ok:
             span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-            raise UsageError(f"{flag} must be an integer {span}{why}, got {value!r}")
+            raise UsageError(f"{flag} must be an integer {span}, got {value!r}{why}")
 
     if size is not None:
-        bounded("--size", size, 1, MAX_INPUT_SIZE, " (omit it for the backbone's default size)")
+        bounded("--size", size, 1, MAX_INPUT_SIZE, "; omit it for the backbone's default size")
     bounded("--views", views, 0, MAX_VIEWS, "; each view is another backbone pass, so for more variety augment on the fly with `finetune --augment`")
     bounded("--seed", seed, 0, MAX_SEED)
-    bounded("--batch-size", batch_size, 1, None, " (it is halved automatically when memory runs out)")
+    bounded("--batch-size", batch_size, 1, None, "; it is halved automatically when memory runs out")
     if workers is not None:
         bounded("--workers", workers, 1, MAX_WORKERS)
     if isinstance(augment_splits, str) or any(s not in SPLIT_NAMES for s in augment_splits):
@@ -296,7 +296,7 @@ def extract(
     """
     if on_error not in ("skip", "fail"):
         raise UsageError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
-    check_options(size=size, views=views, seed=seed, batch_size=batch_size, workers=workers, augment_splits=augment_splits)
+    check_options(batch_size=batch_size, workers=workers)  # plan() checks the keyed options
     started = time.perf_counter()
     p = plan(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,

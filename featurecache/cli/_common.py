@@ -19,7 +19,6 @@ from typer.core import TyperGroup
 from featurecache.errors import DEBUG_ENV, FeatureCacheError, FeatureCacheWarning, debug_enabled, human_bytes  # noqa: F401 - re-exported for the commands
 
 
-
 def _cache_folder(value: Path | None) -> Path | None:
     """``--cache`` must be a folder, or a path a folder can be created at (checked before any work)."""
     if value is None:
