@@ -102,6 +102,10 @@ def test_typer_usage_errors_are_one_line_too() -> None:
     assert res.exit_code == 2 and "No such option: --no-such-option" in _error_line(res)
     res = CliRunner().invoke(app, ["cache", "info"])
     assert res.exit_code == 2 and "Missing argument" in _error_line(res)
+    res = CliRunner().invoke(app, ["--no-such-option"])
+    assert res.exit_code == 2 and "No such option: --no-such-option" in _error_line(res)
+    res = CliRunner().invoke(app, ["cache"])  # no arguments: the help, as before
+    assert res.exit_code == 2 and "Usage:" in res.output and "error:" not in res.output
 
 
 # ------------------------------------------------------------------------------ item 12: pasteable hints

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -9,7 +10,7 @@ import re
 import shlex
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -149,15 +150,25 @@ class OneLineErrorsGroup(TyperGroup):
     here it gets the same ``error: ...`` line, with where to look for help, and exit code 2.
     """
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _usage_errors_in_one_line(ctx):  # the program's own options: `featurecache --bogus`
+            return super().parse_args(ctx, args)
+
     def invoke(self, ctx: Any) -> Any:
-        try:
+        with _usage_errors_in_one_line(ctx):  # a command's options and arguments
             return super().invoke(ctx)
-        except _ClickUsageError as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                raise  # `featurecache cache` alone shows its help, as asked
-            where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else ctx.command_path
-            message = " ".join(exc.format_message().split())
-            raise fail(f"{message} (see `{where} --help`)", exc.exit_code) from None
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line(ctx: Any) -> Iterator[None]:
+    try:
+        yield
+    except _ClickUsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise  # `featurecache cache` alone shows its help, as asked
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else ctx.command_path
+        message = " ".join(exc.format_message().split())
+        raise fail(f"{message} (see `{where} --help`)", exc.exit_code) from None
 
 
 def pasteable(*args: str | Path, cache: str | Path | None = None) -> str:
