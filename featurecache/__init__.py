@@ -8,6 +8,14 @@ The Python API mirrors the CLI::
     X, y = fs.features("train"), fs.labels("train")
 """
 
+import os as _os
+
+from featurecache import quiet_tf as _quiet_tf
+
+# A process started by the featurecache command (a sweep worker) keeps TensorFlow as quiet as it.
+if _os.environ.get(_quiet_tf.QUIET_ENV) == "1":
+    _quiet_tf.install()
+
 from featurecache.cache.store import resolve_cache_dir
 from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
 from featurecache.audit import ExplainReport, VerifyReport, explain, verify

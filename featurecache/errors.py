@@ -8,7 +8,16 @@ only when ``FEATURECACHE_DEBUG=1``. Each class also subclasses the closest built
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+
+#: Set to 1 for tracebacks instead of one-line errors, and TensorFlow's start-up lines unfiltered.
+DEBUG_ENV = "FEATURECACHE_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """Whether ``FEATURECACHE_DEBUG`` asks for tracebacks and unfiltered output."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false")
 
 
 def choices(values: Iterable[str], limit: int = 60) -> str:
@@ -126,3 +135,11 @@ class OutOfMemoryError(FeatureCacheError, MemoryError):
 
 class MemoryBudgetError(UsageError):
     """Features do not fit the memory budget and the chosen head cannot stream them."""
+
+
+class FeatureCacheWarning(UserWarning):
+    """Base class of the warnings featurecache gives; the CLI prints them as ``warning: ...`` lines."""
+
+
+class DatasetWarning(FeatureCacheWarning):
+    """A dataset is usable but probably not what was meant (e.g. one image under two labels)."""

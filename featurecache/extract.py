@@ -36,6 +36,60 @@ from featurecache.versions import library_versions
 
 OnError = Literal["skip", "fail"]
 
+# Bounds of the size-like options, checked before anything is read or allocated: unbounded, a
+# typo such as --views 1000000000 grew memory without limit and left an entry of a billion units.
+#: Each view is one more backbone pass over its splits (64 views cost 65 extractions); more
+#: variety than that is cheaper as on-the-fly augmentation (``finetune --augment``).
+MAX_VIEWS = 64
+#: No keras.applications model defaults above 600 px, and one float32 image at 1024 px is 12 MiB.
+MAX_INPUT_SIZE = 1024
+#: More decode threads than this only contend for the same cores and files.
+MAX_WORKERS = 256
+#: ``keras.utils.set_random_seed`` (NumPy's legacy seeding) takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def check_options(
+    *,
+    size: int | None = None,
+    views: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int | None = None,
+    augment_splits: Sequence[str] = ("train",),
+) -> None:
+    """Reject out-of-range extraction options with one line naming the option and the fix.
+
+    Parameters are those of :func:`extract`.
+
+    Raises
+    ------
+    UsageError
+        A value is not an integer, is out of its range, or names an unknown split.
+    """
+    from featurecache.data.dataset import SPLIT_NAMES
+
+    def bounded(flag: str, value: Any, lo: int, hi: int | None, why: str = "") -> None:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
+        if not ok:
+            span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise UsageError(f"{flag} must be an integer {span}, got {value!r}{why}")
+
+    if size is not None:
+        bounded("--size", size, 1, MAX_INPUT_SIZE, "; omit it for the backbone's default size")
+    bounded("--views", views, 0, MAX_VIEWS, "; each view is another backbone pass, so for more variety augment on the fly with `finetune --augment`")
+    bounded("--seed", seed, 0, MAX_SEED)
+    bounded("--batch-size", batch_size, 1, None, "; it is halved automatically when memory runs out")
+    if workers is not None:
+        bounded("--workers", workers, 1, MAX_WORKERS)
+    if isinstance(augment_splits, str) or any(s not in SPLIT_NAMES for s in augment_splits):
+        raise UsageError(
+            f"--augment-splits {augment_splits!r} must name splits among {', '.join(SPLIT_NAMES)}, e.g. --augment-splits train,val "
+            "(in Python, a list such as ['train', 'val'])"
+        )
+    if views and not augment_splits:
+        raise UsageError(f"--views {views} needs at least one split to augment; pass --augment-splits train")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -129,6 +183,7 @@ def plan(
     from featurecache import backbones
     from featurecache.data import RESIZE_METHODS, AugmentSpec, Dataset, load_dataset
 
+    check_options(size=size, views=views, seed=seed, augment_splits=augment_splits)
     root = store.resolve_cache_dir(cache_dir)
     bspec = backbones.get_backbone(backbone)
     input_size = int(size or bspec.default_size)
@@ -136,8 +191,6 @@ def plan(
     if resize not in RESIZE_METHODS:
         raise UsageError(f"resize method {resize!r} is not one of {', '.join(RESIZE_METHODS)}; pass --resize bilinear")
     aug = AugmentSpec.parse(augment)
-    if not 0 <= views <= store.MAX_VIEWS:
-        raise UsageError(f"--views must be between 0 and {store.MAX_VIEWS}, got {views}; each view is a full pass of the backbone over the images")
     if views > 0 and aug.is_identity():
         raise UsageError(f"--views {views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10")
     ref = backbones.parse_weights(weights, seed=seed)
@@ -268,6 +321,7 @@ def extract(
     """
     if on_error not in ("skip", "fail"):
         raise UsageError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
+    check_options(batch_size=batch_size, workers=workers)  # plan() checks the keyed options
     started = time.perf_counter()
     p = plan(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,

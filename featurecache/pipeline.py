@@ -27,12 +27,15 @@ parsed as TOML literals (``--set finetune.epochs=2``) and fall back to plain str
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import inspect
 import os
 import sys
 import time
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +84,7 @@ def load_pipeline(
         p = Path(path)
         if not p.is_file():
             raise PipelineError(f"pipeline file {p} does not exist; shipped pipelines are in pipelines/ (e.g. pipelines/digits_demo.toml)")
-        try:
-            doc = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise PipelineError(f"{p} is not valid TOML: {exc}") from None
+        doc = _read_toml(p)
     unknown = set(doc) - {"pipeline", *STAGES}
     if unknown:
         raise PipelineError(f"{p}: unknown table(s) {sorted(unknown)}; allowed: [pipeline], {', '.join(f'[{s}]' for s in STAGES)}")
@@ -99,6 +99,24 @@ def load_pipeline(
         doc.setdefault("extract", {})["limit"] = int(limit)
     _check_keys(doc, p)
     return doc
+
+
+def _read_toml(p: Path) -> dict[str, Any]:
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise PipelineError(f"cannot read pipeline file {p}: {exc.strerror or exc}; check the path and its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PipelineError(
+            f"{p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); TOML files must be UTF-8, so save it as UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{p} is not valid TOML: {exc}") from None
 
 
 def _literal(raw: str) -> Any:
@@ -122,17 +140,82 @@ def _stage_functions() -> dict[str, Any]:
     return {"extract": extract, "sweep": sweep, "finetune": finetune}
 
 
+#: Keys the pipeline sets itself: the previous stage's output, and the command's --quiet.
+_SET_BY_PIPELINE = {
+    "extract": {"progress": "the command's --quiet"},
+    "sweep": {"features": "the extract stage (its key)", "progress": "the command's --quiet"},
+    "finetune": {"run": "the sweep stage (its best run)", "progress": "the command's --quiet"},
+}
+
+
 def _check_keys(doc: Mapping[str, Any], path: Path) -> None:
     functions = _stage_functions()
     for stage in STAGES:
         if stage not in doc:
             continue
+        if not isinstance(doc[stage], Mapping):
+            raise PipelineError(f"{path}: {stage} must be a table ([{stage}] followed by key = value lines), got {_toml_kind(doc[stage])}")
         fn = functions[stage]
         params = inspect.signature(fn).parameters
         allowed = {n for n, prm in params.items() if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
         bad = set(doc[stage]) - allowed
         if bad:
             raise PipelineError(f"{path}: [{stage}] has unknown key(s) {sorted(bad)}; allowed: {', '.join(sorted(allowed))}")
+        for key in doc[stage]:
+            if key in _SET_BY_PIPELINE[stage]:
+                raise PipelineError(f"{path}: [{stage}] {key} is set by {_SET_BY_PIPELINE[stage][key]}; remove it from the file")
+        hints = typing.get_type_hints(fn)
+        for key, value in doc[stage].items():
+            if key in hints and not _accepts(hints[key], value):
+                want = _describe(hints[key])
+                got = "" if want.startswith("one of") or isinstance(value, list) else f", not {_toml_kind(value)}"
+                raise PipelineError(f"{path}: [{stage}] {key} = {value!r} must be {want}{got}; fix its value in the file or --set")
+    caches = {str(doc[s]["cache_dir"]) for s in STAGES if "cache_dir" in doc.get(s, {})}
+    if len(caches) > 1:
+        raise PipelineError(f"{path}: the stages name different cache_dir values ({', '.join(sorted(caches))}); set it once, in [extract]")
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a TOML value fits a parameter annotation (types TOML cannot express never fit)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (collections.abc.Sequence, list, tuple):
+        # A string is a sequence of strings; the stage functions split comma lists themselves.
+        return (isinstance(value, str) and args[:1] == (str,)) or (
+            isinstance(value, list) and all(_accepts(args[0], v) for v in value) if args else isinstance(value, list)
+        )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return False
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(h) for h in args if h is not type(None)]
+        return " or ".join(p for p in dict.fromkeys(parts) if p)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (collections.abc.Sequence, list, tuple):
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "")  # types TOML cannot write (a FeatureSet, a PathLike) are not offered
+
+
+def _toml_kind(value: Any) -> str:
+    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"), (dict, "a table")]
+    return next((name for t, name in kinds if isinstance(value, t)), f"a {type(value).__name__}")
 
 
 def run_pipeline(
@@ -168,6 +251,11 @@ def run_pipeline(
     meta = doc["pipeline"]
     runs = Path(runs_dir or meta.get("runs_dir", "runs"))
     result = PipelineResult(name=str(meta["name"]))
+    # One cache for all stages: --cache wins over the file's cache_dir, as --runs over runs_dir.
+    file_cache = next((doc[s].pop("cache_dir") for s in STAGES if "cache_dir" in doc.get(s, {})), None)
+    for s in STAGES:
+        doc.get(s, {}).pop("cache_dir", None)
+    cache_dir = cache_dir if cache_dir is not None else file_cache
 
     ex_args = dict(doc.get("extract", {}))
     data = ex_args.pop("data", "builtin:digits")

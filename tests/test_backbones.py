@@ -40,7 +40,7 @@ REPRESENTATIVES = [
     ("mobilenetv2", None),
     ("efficientnetb0", "block5c_add"),
     ("densenet121", None),
-    ("inceptionv3", "mixed5"),
+    pytest.param("inceptionv3", "mixed5", marks=pytest.mark.slow),  # the largest model of the table
     ("convnexttiny", None),
     ("mobilenetv3small", None),  # its feature layer is auto-named ("activation_17")
 ]

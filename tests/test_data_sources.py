@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from featurecache.data import Dataset, load_dataset
 from featurecache.data.dataset import MEMO_FILENAME
-from featurecache.errors import DatasetError, DatasetNotFoundError, ImageDecodeError, UsageError
+from featurecache.errors import DatasetError, DatasetNotFoundError, DatasetWarning, ImageDecodeError, UsageError
 
 PAST_NS = 1_600_000_000 * 10**9  # an mtime well outside the "racily recent" window
 
@@ -412,3 +413,80 @@ def test_array_digests_hash_dtype_shape_header_then_pixels() -> None:
     expected = [hashlib.sha256(header + img.tobytes()).hexdigest() for img in images]
     assert ArrayItems(images).content_digests() == expected
     assert ArrayItems(images[:0]).content_digests() == []
+
+
+# ---------------------------------------------------------------------------------- symbolic links
+
+
+def _two_classes(tmp_path: Path) -> Path:
+    root = tmp_path / "pets"
+    _png(root / "a" / "a1.png", 1)
+    _png(root / "b" / "b1.png", 2)
+    _png(root / "b" / "b2.png", 3)
+    return root
+
+
+def test_folder_link_up_to_the_dataset_root_is_refused(tmp_path: Path) -> None:
+    # It used to add class b's images again, labelled a.
+    root = _two_classes(tmp_path)
+    (root / "a" / "up").symlink_to("..")
+    with pytest.raises(DatasetError, match=r"link 'a/up' -> '\.\.' points to a folder that contains it.*remove the link") as info:
+        load_dataset(str(root))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("target", [".", "..", "../..", "../../.."])
+def test_folder_links_that_loop_or_leave_are_refused_naming_the_link(tmp_path: Path, target: str) -> None:
+    root = _two_classes(tmp_path)
+    (root / "a" / "sub").mkdir()
+    (root / "a" / "sub" / "loop").symlink_to(target)
+    with pytest.raises(DatasetError, match=r"link 'a/sub/loop'"):
+        load_dataset(str(root))
+
+
+def test_link_loop_of_links_is_refused_not_called_a_non_image(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path)
+    (root / "a" / "x.png").symlink_to("y.png")
+    (root / "a" / "y.png").symlink_to("x.png")
+    with pytest.raises(DatasetError, match=r"link 'a/x.png' -> 'y.png' is a loop of links"):
+        load_dataset(str(root))
+
+
+def test_links_out_of_the_dataset_folder_are_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    _png(elsewhere / "c1.png", 9)
+    root = _two_classes(tmp_path)
+    (root / "c").symlink_to(elsewhere)  # a class folder
+    with pytest.raises(DatasetError, match=rf"link 'c' points outside the dataset folder, to {elsewhere}; .*CSV manifest"):
+        load_dataset(str(root))
+    (root / "c").unlink()
+    (root / "a" / "c1.png").symlink_to(elsewhere / "c1.png")  # one file
+    with pytest.raises(DatasetError, match=r"link 'a/c1.png' points outside"):
+        load_dataset(str(root))
+
+
+def test_links_inside_the_dataset_are_followed(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path)
+    (root / "b" / "more").mkdir()
+    _png(root / "b" / "more" / "b3.png", 4)
+    (root / "b" / "again").symlink_to("more")  # a sibling folder: same label
+    (root / "b" / "b1-copy.png").symlink_to("b1.png")
+    ds = load_dataset(str(root))
+    assert ds.splits["train"].ids == ("a/a1.png", "b/again/b3.png", "b/b1-copy.png", "b/b1.png", "b/b2.png", "b/more/b3.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # duplicates under one label are not a warning
+        ds.digest()
+
+
+def test_same_image_under_two_labels_is_a_warning_naming_the_ids(tmp_path: Path) -> None:
+    root = _two_classes(tmp_path)
+    (root / "a" / "b1-link.png").symlink_to("../b/b1.png")
+    shutil.copy(root / "b" / "b2.png", root / "a" / "b2-copy.png")
+    with pytest.warns(DatasetWarning) as record:
+        digest = load_dataset(str(root)).digest()
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "2 image(s) appear under two labels" in message
+    assert "train/a/b1-link.png ('a') = train/b/b1.png ('b')" in message
+    assert "train/a/b2-copy.png ('a') = train/b/b2.png ('b')" in message
+    assert len(digest) == 64  # a warning, not an error: the dataset still loads

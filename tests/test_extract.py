@@ -142,6 +142,7 @@ fc.extract('builtin:digits', backbone='mobilenetv2', weights='random', size=32, 
 """
 
 
+@pytest.mark.slow  # three real extractions, one killed
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(killed)])
@@ -173,6 +174,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # five real processes, each importing TensorFlow
 def test_cli_extract_json_then_hit_and_cache_commands(cache_dir: Path) -> None:
     args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "5", "--cache", str(cache_dir), "--json"]
     first = _cli(*args)

@@ -27,6 +27,8 @@ from featurecache.cache.lease import LOCKS_DIR, Lease
 from featurecache.cache.maintenance import gc
 from featurecache.errors import UsageError
 
+pytestmark = pytest.mark.slow  # real processes killed at every checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 # 20 images per split, chunks of 5 rows: train has 2 views x 4 units, val and test 4 units each.
 OPTIONS = dict(backbone="mobilenetv2", weights="random", size=32, limit=20, views=1, augment="flip,rotation=10", batch_size=4, chunk_rows=5)

@@ -188,6 +188,7 @@ def tuned(env: dict) -> dict:
     return {"result": result, "before": weights, "head_before": head_before, "spec": before.backbone_spec}
 
 
+@pytest.mark.slow  # end to end: a real fine-tune (the `tuned` fixture)
 def test_finetune_changes_only_the_unfrozen_block_and_the_head(tuned: dict) -> None:
     import keras
 
@@ -218,6 +219,7 @@ def test_finetune_changes_only_the_unfrozen_block_and_the_head(tuned: dict) -> N
         assert (result.out / name).is_file(), name
 
 
+@pytest.mark.slow  # end to end: fine-tune, export, load in a bare process
 def test_export_loads_without_featurecache_and_matches_predict_cli(tuned: dict, tmp_path: Path) -> None:
     from PIL import Image
     from typer.testing import CliRunner

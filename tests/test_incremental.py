@@ -72,6 +72,7 @@ def _cold(csv_path: Path, tmp_path: Path) -> views.FeatureSet:
     return fc.open_features(_extract(csv_path, cold).key, cache_dir=cold)
 
 
+@pytest.mark.slow
 def test_every_dataset_change_costs_only_new_images_and_equals_cold(data: tuple[Path, list], tmp_path: Path) -> None:
     root, rows = data
     cache = root / "cache"

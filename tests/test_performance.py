@@ -162,6 +162,7 @@ def test_mixed_precision_extract_runs_on_cpu_and_keys_differently(cache_dir: Pat
     assert bad.exit_code != 0 and "float32 or mixed" in bad.output
 
 
+@pytest.mark.slow  # XLA compilation
 def test_xla_is_recorded_not_keyed_and_changes_features_by_round_off_only(cache_dir: Path) -> None:
     from typer.testing import CliRunner
 

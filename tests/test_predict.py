@@ -85,6 +85,7 @@ def _one_line_error(output: str, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
+@pytest.mark.slow  # three real processes, each importing TensorFlow
 def test_cli_predict_and_evaluate(env: dict) -> None:
     code, out = _cli("predict", str(env["exported"]), *map(str, env["images"]), "--top-k", "2", "--json")
     assert code == 0, out

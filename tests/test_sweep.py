@@ -145,6 +145,7 @@ def test_sweep_outputs(grid_sweep: SweepResult, digits: views.FeatureSet) -> Non
     assert len({w["pid"] for w in workers}) == 2
 
 
+@pytest.mark.slow  # trains every dense trial twice
 def test_dense_trials_trained_together_score_as_if_trained_alone(grid_sweep: SweepResult, digits: views.FeatureSet, tmp_path: Path) -> None:
     # The fixture's 8 dense trials went through heads.dense_group (2 workers: 2 groups of 4).
     records = [json.loads(p.read_text()) for p in (grid_sweep.out_dir / "trials").glob("*.json")]

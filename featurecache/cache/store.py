@@ -51,8 +51,6 @@ TMP_DIR = ".tmp"
 MEMO_DIR = ".memo"
 #: Aim for chunks of about this many bytes (Zarr performs best with chunks of >= 1 MB).
 TARGET_CHUNK_BYTES = 1 << 20
-#: Augmented views per image are bounded: each is a full pass of the backbone.
-MAX_VIEWS = 64
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:

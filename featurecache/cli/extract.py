@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, csv_items, handle_errors, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, csv_items, handle_errors, pasteable, print_json
 
 DataOpt = Annotated[
     str,
@@ -19,7 +19,9 @@ DataOpt = Annotated[
 ]
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Backbone name (see `featurecache backbones`).")]
 WeightsOpt = Annotated[str, typer.Option("--weights", "-w", help="imagenet, random (seeded), or a local .h5/.weights.h5 file.")]
-SizeOpt = Annotated[int | None, typer.Option("--size", help="Square input size in pixels (default: the backbone's).", show_default=False)]
+SizeOpt = Annotated[
+    int | None, typer.Option("--size", min=1, help="Square input size in pixels, at most 1024 (default: the backbone's).", show_default=False)
+]
 LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer to take features from (default: the bottleneck).", show_default=False)]
 PoolingOpt = Annotated[str, typer.Option("--pooling", help="avg, max, flatten or none (keep the spatial map).")]
 ResizeOpt = Annotated[str, typer.Option("--resize", help="Resize method: bilinear, nearest, bicubic, area, lanczos3, ...")]
@@ -27,14 +29,16 @@ AugmentOpt = Annotated[
     str | None,
     typer.Option("--augment", help="Augmentation of views 1..K, e.g. flip,rotation=15,zoom=0.1,shift=0.1,shear=5,brightness=0.2,contrast=0.2.", show_default=False),
 ]
-ViewsOpt = Annotated[int, typer.Option("--views", help="Augmented views per training image (view 0 is always the clean image).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of augmentation and random weights.")]
+ViewsOpt = Annotated[
+    int, typer.Option("--views", min=0, help="Augmented views per training image, at most 64 (view 0 is always the clean image).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed of augmentation and random weights (0 to 2**32-1).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Stored dtype: float32 or float16.")]
 PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", help="Backbone compute precision: float32, or mixed (float16 maths, for GPUs with tensor cores; keyed)."),
 ]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most N images per split (stratified).", show_default=False)]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most N images per split (stratified).", show_default=False)]
 
 
 @handle_errors
@@ -52,14 +56,14 @@ def extract_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     precision: PrecisionOpt = "float32",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Backbone batch size (halved and retried on out-of-memory).")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Backbone batch size (halved and retried on out-of-memory).")] = 32,
     xla: Annotated[
         bool | None,
         typer.Option("--xla/--no-xla", help="Compile the backbone with XLA. Default: on with a GPU, off on CPU. Not keyed (round-off only).", show_default=False),
     ] = None,
     limit: LimitOpt = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
-    workers: Annotated[int | None, typer.Option("--workers", help="Decode threads.", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads (at most 256).", show_default=False)] = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -103,8 +107,9 @@ def extract_cmd(
         summary = "; ".join(f"{n}x {r}" for r, n in sorted(by_reason.items(), key=lambda kv: -kv[1]))
         typer.echo(
             f"warning: {len(result.failures)} images could not be decoded and are marked invalid ({summary}); "
-            f"list them with `featurecache cache failures {result.key[:12]}`",
+            f"list them with `{pasteable('featurecache', 'cache', 'failures', result.key[:12], cache=cache)}`",
             err=True,
         )
     if result.skipped_files:
-        typer.echo(f"note: skipped {result.skipped_files} files that are not images (by extension)", err=True)
+        # Not only "not images": hidden files, files outside class folders and broken links too.
+        typer.echo(f"note: skipped {result.skipped_files} files (hidden, not an image type, outside a class folder or a broken link)", err=True)

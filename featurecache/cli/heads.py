@@ -9,7 +9,6 @@ exact ``featurecache extract`` command to run.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +20,7 @@ from featurecache.cli._common import (
     QuietOpt,
     csv_items,
     handle_errors,
+    pasteable,
     print_json,
 )
 from featurecache.cli.extract import (
@@ -89,7 +89,7 @@ def _feature_set(
     if not data:
         raise UsageError(
             "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "
-            "`featurecache extract` was given, e.g. --data builtin:digits --backbone mobilenetv2 --weights random --size 32"
+            "featurecache extract was given, e.g. --data builtin:digits --backbone mobilenetv2 --weights random --size 32"
         )
     from featurecache.extract import plan
 
@@ -104,10 +104,9 @@ def _feature_set(
         ("--size", size, None), ("--layer", layer, None), ("--pooling", pooling, "avg"), ("--resize", resize, "bilinear"),
         ("--augment", augment, None), ("--views", views, 0), ("--augment-splits", augment_splits, "train"),
         ("--seed", seed, 0), ("--dtype", dtype, "float32"), ("--precision", precision, "float32"), ("--limit", limit, None),
-        ("--cache", cache, None),
     ]
     args += [str(v) for flag, value, default in optional if value != default for v in (flag, value)]
-    command = shlex.join(args)
+    command = pasteable(*args, cache=cache)
     fs = views_mod.find_by_key(p.cache_dir, p.key)
     if fs is None:
         raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import typer
 
+from featurecache import quiet_tf
+from featurecache.cli._common import OneLineErrorsGroup, show_warning
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
 from featurecache.cli import ensemble as ensemble_cli
@@ -21,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrorsGroup,
 )
 app.command("extract", no_args_is_help=False)(extract_cli.extract_cmd)
 app.command("backbones")(backbones_cli.backbones_cmd)
@@ -38,12 +40,13 @@ app.add_typer(cache_cli.app, name="cache")
 
 def main() -> None:
     """Console-script entry point."""
-    # TensorFlow's C++ start-up chatter drowns the one-line messages users need to read.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's native start-up lines would bury the one-line messages users need to read.
+    quiet_tf.install()
     # Pillow warns about (and then decodes) images between its pixel limit and twice it; we
     # refuse those with a one-line reason in the failures report, so the warning is only noise.
     # Filters are process-global, hence set here, once, before any decode thread starts.
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+    warnings.showwarning = show_warning
     app()
 
 

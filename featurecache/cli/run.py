@@ -10,7 +10,7 @@ import typer
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a pipeline value: STAGE.KEY=VALUE (repeatable), e.g. extract.weights=random.", show_default=False)]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most N images per split.", show_default=False)]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most N images per split.", show_default=False)]
 RunsOpt = Annotated[Path | None, typer.Option("--runs", help="Directory for run outputs (default: the file's, or ./runs).", show_default=False)]
 
 

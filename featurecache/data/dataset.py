@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 
 from featurecache.cache.keys import DIGEST_FORMAT, manifest_digest
 from featurecache.data.decode import decode_image, read_image_bytes
-from featurecache.errors import DatasetError
+from featurecache.errors import DatasetError, DatasetWarning
 
 __all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileItems", "Split"]
 
@@ -334,7 +335,37 @@ class Dataset:
     @cached_property
     def _digest(self) -> str:
         digests = self.digests_by_split()
+        _warn_label_conflicts(self, {"splits": [[n, list(zip(s.ids, digests[n], s.labels.tolist()))] for n, s in self.splits.items()]})
         return manifest_digest(self.classes, [(n, s.ids, digests[n], s.labels) for n, s in self.splits.items()])
+
+
+def _warn_label_conflicts(dataset: Dataset, manifest: dict[str, Any], shown: int = 3) -> None:
+    """Warn when the same image bytes appear under two labels (a copy, or a link to another class).
+
+    Runs where the content digests are computed anyway, so it costs one pass over the ids.
+    """
+    first: dict[str, tuple[str, int]] = {}  # content digest -> (split/id, label) of its first item
+    conflicts: list[tuple[str, int, str, int]] = []
+    for split, items in manifest["splits"]:
+        for item_id, digest, label in items:
+            if digest.startswith("unreadable:"):
+                continue  # a stand-in identity shared by all unreadable files, not their bytes
+            where = f"{split}/{item_id}"
+            seen = first.setdefault(digest, (where, label))
+            if seen[1] != label:
+                conflicts.append((*seen, where, label))
+    if not conflicts:
+        return
+    examples = "; ".join(
+        f"{a} ({dataset.classes[la]!r}) = {b} ({dataset.classes[lb]!r})" for a, la, b, lb in conflicts[:shown]
+    )
+    more = f" and {len(conflicts) - shown} more" if len(conflicts) > shown else ""
+    warnings.warn(
+        f"dataset {dataset.name!r}: {len(conflicts)} image(s) appear under two labels with the same bytes: {examples}{more}; "
+        "remove the duplicates or fix their labels",
+        DatasetWarning,
+        stacklevel=2,
+    )
 
 
 def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, workers: int = 4) -> list[str]:

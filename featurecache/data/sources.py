@@ -12,6 +12,7 @@ the same source and options always give the same manifest digest.
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
 import zipfile
@@ -236,6 +237,7 @@ def _slug(name: str) -> str:
 
 def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
     root = root.resolve()
+    top = (str(root),)  # real paths of the folders a link must not lead back into
     skipped: list[tuple[str, str]] = []
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     split_dirs: dict[str, str] = {}
@@ -243,7 +245,9 @@ def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
     for entry in entries:
         if entry.name.startswith("."):
             skipped.append((entry.name, "hidden folder" if entry.is_dir() else "hidden file"))
-        elif entry.is_dir():
+            continue
+        _check_link(entry.path, entry.name, top, text)
+        if entry.is_dir():
             split = _SPLIT_ALIASES.get(entry.name.lower())
             if split is None:
                 others.append(entry.name)
@@ -267,15 +271,18 @@ def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
     class_names: set[str] = set()
     for split, sub in layout.items():
         base = root / sub if sub else root
+        chain = (*top, os.path.realpath(base)) if sub else top
         items: list[tuple[str, str, Path]] = []
         for entry in sorted(os.scandir(base), key=lambda e: e.name):
             rel = f"{sub}/{entry.name}" if sub else entry.name
             if entry.name.startswith("."):
                 if sub:
                     skipped.append((rel, "hidden folder" if entry.is_dir() else "hidden file"))
-            elif entry.is_dir():
+                continue
+            _check_link(entry.path, rel, chain, text)
+            if entry.is_dir():
                 class_names.add(entry.name)
-                for rel_file, path in _walk_files(Path(entry.path), rel, skipped):
+                for rel_file, path in _walk_files(Path(entry.path), rel, skipped, chain, text):
                     items.append((entry.name, rel_file, path))
             elif sub:
                 skipped.append((rel, "not inside a class folder"))
@@ -304,23 +311,58 @@ def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
     return Dataset(_slug(root.name), text, classes, splits, tuple(skipped))
 
 
-def _walk_files(folder: Path, rel: str, skipped: list[tuple[str, str]]) -> list[tuple[str, Path]]:
-    """Image files under ``folder`` (recursively, following links, never looping)."""
-    out: list[tuple[str, Path]] = []
-    seen: set[str] = set()
+def _check_link(path: str, rel: str, chain: tuple[str, ...], text: str) -> None:
+    """Refuse a symbolic link that leaves the dataset folder or leads back into a folder holding it.
 
-    def visit(path: Path, rel_dir: str) -> None:
-        real = os.path.realpath(path)
-        if real in seen:
-            skipped.append((rel_dir, "folder link loop"))
-            return
-        seen.add(real)
+    ``chain`` holds the real paths of the dataset folder (first) and of every folder between it
+    and ``path``. A link out of the dataset would make its digest depend on files the user did
+    not name; a link up (``a/up -> ..``) would add other classes' images again under this label,
+    or loop. Links within the dataset are followed; dangling links are skipped later.
+
+    Raises
+    ------
+    DatasetError
+        Naming the link, where it points and the fix.
+    """
+    if not os.path.islink(path):
+        return
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            return  # dangling: skipped (and reported) as a broken link
+        raise DatasetError(
+            f"dataset folder {text!r}: link {rel!r} -> {os.readlink(path)!r} is a loop of links that never reaches a file; remove it"
+        ) from None
+    root = chain[0]
+    if os.path.commonpath([root, real]) != root:
+        raise DatasetError(
+            f"dataset folder {text!r}: link {rel!r} points outside the dataset folder, to {real}; copy those files in, "
+            "or list every image in a CSV manifest (path,label), whose paths may lead anywhere"
+        )
+    if real in chain:
+        raise DatasetError(
+            f"dataset folder {text!r}: link {rel!r} -> {os.readlink(path)!r} points to a folder that contains it, "
+            "so it would list images again under another label or loop forever; remove the link"
+        )
+
+
+def _walk_files(
+    folder: Path, rel: str, skipped: list[tuple[str, str]], chain: tuple[str, ...], text: str
+) -> list[tuple[str, Path]]:
+    """Image files under ``folder`` (recursively, following links that stay inside the dataset)."""
+    out: list[tuple[str, Path]] = []
+
+    def visit(path: Path, rel_dir: str, chain: tuple[str, ...]) -> None:
+        chain = (*chain, os.path.realpath(path))
         for entry in sorted(os.scandir(path), key=lambda e: e.name):
             rel_path = f"{rel_dir}/{entry.name}"
             if entry.name.startswith("."):
                 skipped.append((rel_path, "hidden folder" if entry.is_dir() else "hidden file"))
-            elif entry.is_dir():
-                visit(Path(entry.path), rel_path)
+                continue
+            _check_link(entry.path, rel_path, chain, text)
+            if entry.is_dir():
+                visit(Path(entry.path), rel_path, chain)
             elif not entry.is_file():
                 skipped.append((rel_path, "not a regular file (broken link?)"))
             elif os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
@@ -329,7 +371,7 @@ def _walk_files(folder: Path, rel: str, skipped: list[tuple[str, str]]) -> list[
             else:
                 out.append((rel_path, Path(entry.path)))
 
-    visit(folder, rel)
+    visit(folder, rel, chain)
     return out
 
 
