@@ -10,9 +10,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-#: Modules whose every test kills or races real processes: slow as a whole, so the quick run
-#: (`pytest -m "not slow"`) skips them. (Kept here rather than as a `pytestmark` in the module
-#: while that module is being rewritten; either place works.)
+
+
 @pytest.fixture(scope="module")
 def one_blas_thread():
     """One BLAS thread for a module's in-process fits.
