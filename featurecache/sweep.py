@@ -33,9 +33,7 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +44,10 @@ import numpy as np
 from featurecache.cache import store
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
+from featurecache.rundir import clean_leftovers
 from featurecache.train import _write_json  # atomic, unique temp name per writer
 
-__all__ = ["SweepResult", "TrialSpec", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
+__all__ = ["SweepResult", "TrialSpec", "default_sweep_dir", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
 
 SWEEP_FORMAT = 1
 TRIALS_DIR = "trials"
@@ -603,9 +602,35 @@ def _check_sweep_dir(out: Path, *, fs: store.FeatureSet, validation: str) -> dic
                 f"{validation}; pass the same --val-fraction and seed, or another --out"
             )
         return meta
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # A sweep killed before its first sweep.json left trials/ (and maybe temp files) only:
+    # that is an interrupted start, resumed like any sweep (trial files carry their key).
+    if out.exists() and (not out.is_dir() or any(not p.name.startswith(".") and p.name != TRIALS_DIR for p in out.iterdir())):
         raise UsageError(f"{out} exists and is not a sweep directory (no sweep.json); pass a new or empty --out")
     return None
+
+
+def default_sweep_dir(runs_dir: str | os.PathLike[str], key: str, planned: Sequence[TrialSpec]) -> Path:
+    """``<runs_dir>/sweep-<key8>-<trials6>``: one directory per feature set and set of trials.
+
+    The suffix digests the sorted trial ids, so re-running a command resumes its own directory
+    while a sweep with another grid (or ``--trials``) gets a new one instead of replacing the
+    first one's leaderboard and ``best/``.
+    """
+    return Path(runs_dir) / f"sweep-{key[:8]}-{digest_of({'trials': sorted(t.id for t in planned)})[:6]}"
+
+
+def _earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """Trials an earlier call recorded in this sweep directory that this call did not plan."""
+    ids = {t.id for t in planned}
+    out: list[TrialSpec] = []
+    for tid in (meta or {}).get("trials", []):
+        if tid in ids:
+            continue
+        record = _read_record(trials_dir / f"{tid}.json", key)
+        if record is not None:
+            out.append(TrialSpec(record["head"], record["params"], record.get("given") or {}))
+            ids.add(tid)
+    return out
 
 
 class _Progress:
@@ -675,31 +700,20 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
 
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
-    """Write the best head as ``<out>/best`` (built aside, then swapped in)."""
+    """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
     from featurecache.train import write_run
 
-    best = out / BEST_DIR
-    tmp = out / f".{BEST_DIR}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        write_run(
-            tmp,
-            estimator=estimator,
-            head=trial.head,
-            params=trial.params,
-            data=data,
-            metrics=record["metrics"],
-            predictions=preds,
-            seconds=float(record.get("fit_seconds") or 0.0),
-            extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
-        )
-        aside = out / f".{BEST_DIR}-old-{uuid.uuid4().hex[:6]}"
-        if best.exists():
-            os.rename(best, aside)
-        os.rename(tmp, best)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return best
+    return write_run(
+        out / BEST_DIR,
+        estimator=estimator,
+        head=trial.head,
+        params=trial.params,
+        data=data,
+        metrics=record["metrics"],
+        predictions=preds,
+        seconds=float(record.get("fit_seconds") or 0.0),
+        extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
+    )
 
 
 def _best_is_saved(out: Path, trial_id: str, key: str) -> bool:
@@ -746,8 +760,10 @@ def sweep(
     n_jobs
         Parallel trials (joblib, process workers; ``-1`` = all cores; 1 = in this process).
     out
-        Sweep directory; default ``<runs_dir>/sweep-<key8>``. An existing sweep directory for
-        the same features is resumed.
+        Sweep directory; default ``<runs_dir>/sweep-<key8>-<trials6>`` (:func:`default_sweep_dir`:
+        another grid gets another directory). An existing sweep directory for the same features
+        is resumed; trials an earlier call ran there with another grid are kept, ranked with
+        this call's and compete for ``best/``.
     runs_dir
         Parent of the default ``out``.
     val_fraction, seed
@@ -797,30 +813,38 @@ def sweep(
     heads = [h.strip() for h in heads.split(",")] if isinstance(heads, str) else list(heads)
     planned = plan_trials(grid=grid, trials=trials, heads=heads, seed=seed)
     fs = resolve_features(features, cache_dir=cache_dir)
-    out_dir = Path(out) if out is not None else Path(runs_dir) / f"sweep-{fs.key[:8]}"
+    out_dir = Path(out) if out is not None else default_sweep_dir(runs_dir, fs.key, planned)
     validation = validation_label(fs, val_fraction=val_fraction, seed=seed)
     meta = _check_sweep_dir(out_dir, fs=fs, validation=validation)
     trials_dir = out_dir / TRIALS_DIR
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    # Trials of earlier calls with other grids stay in the directory's leaderboard and compete for best/.
+    earlier = _earlier_trials(meta, trials_dir, fs.key, planned)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    request = {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric}
     meta = {
         "format": SWEEP_FORMAT,
         "features": {"key": fs.key, "name": fs.name},
         "validation": validation,
         "created": (meta or {}).get("created", now),
         "updated": now,
-        "request": {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric},
-        "trials": [t.id for t in planned],
+        "request": request,
+        "requests": [*(meta or {}).get("requests", [(meta or {}).get("request")] if meta else []), request],
+        "trials": [t.id for t in [*earlier, *planned]],
     }
+    # sweep.json first, then trials/: a directory with trials/ is always recognisable as a sweep.
+    out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "sweep.json", meta)
+    trials_dir.mkdir(exist_ok=True)
+    clean_leftovers(out_dir / BEST_DIR)  # a best/ being written when an earlier call was killed
 
     records: dict[str, dict[str, Any]] = {}
-    for t in planned:
+    for t in [*earlier, *planned]:
         done = _read_record(trials_dir / f"{t.id}.json", fs.key)
         if done is not None:
             records[t.id] = done
     pending = [t for t in planned if t.id not in records]
-    skipped = len(records)
+    skipped = len(records) - len(earlier)
+    planned = [*earlier, *planned]
     by_id = {t.id: t for t in planned}
 
     data = None

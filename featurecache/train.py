@@ -1,9 +1,12 @@
 """Stage 2: train one head on cached features and write its run directory.
 
-A run directory holds everything stage 3 needs besides the images::
+A run directory holds everything stage 3 needs besides the images; it is written aside and
+swapped in whole (``write_run``)::
 
     runs/<name>/config.json       head, params, feature-set key and full spec, classes, validation
-    runs/<name>/head.joblib       the fitted head (+ head.keras for Keras heads: a plain Keras model)
+    runs/<name>/head.json         how the head is stored (written last: a complete save)
+    runs/<name>/head.skops        a scikit-learn head (skops: loads without running code), or
+    runs/<name>/head.keras        the dense head, a plain Keras model (loaded in safe mode)
     runs/<name>/metrics.json      validation (and test) metrics
     runs/<name>/predictions.npz   ids, labels and probabilities behind those metrics
     runs/<name>/*.png             confusion matrices, training curves
@@ -38,7 +41,8 @@ from featurecache.cache import store
 from featurecache.cache.keys import digest_of
 from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
 
-RUN_FORMAT = 1
+#: 2: the head is stored as head.skops / head.keras (format 1 pickled it as head.joblib).
+RUN_FORMAT = 2
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
 #: ``validation`` of a run validated on the cached ``val`` split (otherwise a hold-out of train).
 CACHED_VAL_LABEL = "cached val split"
@@ -538,19 +542,28 @@ def write_run(
     plots: bool = True,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a run directory (see the module docstring).
+    """Write a run directory (see the module docstring), whole or not at all.
 
+    The directory is built aside (``.<name>.tmp-<pid>-<hex>``) and swapped in with a rename
+    (:mod:`featurecache.rundir`): a run killed at any point leaves either the previous run
+    directory, complete, or the new one, never a mix (such as one head's config beside
+    another's weights). Files an earlier run left there (plots, evaluations) go with it.
     ``extra`` adds top-level fields to ``config.json`` (a sweep records its trial there).
-    Plots left by an earlier run in the same directory are removed first, so a logreg run
-    written over a dense one does not keep the dense run's training curves.
+
+    Raises
+    ------
+    UsageError
+        ``run_dir`` exists and is not a directory.
+    UntrustedHeadError
+        The fitted head could not be loaded back safely (see ``heads.saving``).
     """
     from featurecache.extract import library_versions
     from featurecache.heads import save_head
+    from featurecache.rundir import replace_dir
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*run_dir.glob("confusion_*.png"), run_dir / "training_curves.png"]:
-        stale.unlink(missing_ok=True)
-    save_head(estimator, run_dir)
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} exists and is a file; pass another --out")
     config = {
         "format": RUN_FORMAT,
         "head": head,
@@ -564,17 +577,19 @@ def write_run(
         "versions": library_versions(),
         **dict(extra or {}),
     }
-    _write_json(run_dir / "config.json", config)
-    _write_json(run_dir / "metrics.json", dict(metrics))
-    np.savez(run_dir / "predictions.npz", **predictions)
-    if plots:
-        from featurecache.report import plot_confusion_matrix, plot_training_curves
+    with replace_dir(run_dir) as tmp:
+        save_head(estimator, tmp)
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "metrics.json", dict(metrics))
+        np.savez(tmp / "predictions.npz", **predictions)
+        if plots:
+            from featurecache.report import plot_confusion_matrix, plot_training_curves
 
-        for split, m in metrics.items():
-            plot_confusion_matrix(m["confusion_matrix"], data.classes, run_dir / f"confusion_{split}.png", title=f"{head} on {split}")
-        history = getattr(estimator, "history_", None)
-        if history:
-            plot_training_curves(history, run_dir / "training_curves.png", title=head)
+            for split, m in metrics.items():
+                plot_confusion_matrix(m["confusion_matrix"], data.classes, tmp / f"confusion_{split}.png", title=f"{head} on {split}")
+            history = getattr(estimator, "history_", None)
+            if history:
+                plot_training_curves(history, tmp / "training_curves.png", title=head)
     return run_dir
 
 
@@ -584,7 +599,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
     Raises
     ------
     RunError
-        The directory, its config or its head is missing.
+        The directory, its config or its head is missing or unreadable.
+    UntrustedHeadError
+        The head could run code when loaded (a pickled ``head.joblib`` of an earlier version,
+        or types outside the allow-list); the message gives the conversion command.
     """
     from featurecache.heads import load_head
 
@@ -594,7 +612,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
         raise RunError(f"run directory {path} does not exist; train a head first with `featurecache train-head --out {path}`")
     if not cfg_path.is_file():
         raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {cfg_path} ({exc}); train the head again with `featurecache train-head --out {path}`") from None
     try:
         estimator = load_head(path)
     except FileNotFoundError as exc:
