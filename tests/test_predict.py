@@ -133,3 +133,74 @@ def test_cli_error_in_a_real_process(env: dict) -> None:
     assert proc.returncode != 0
     assert proc.stdout == ""
     _one_line_error(proc.stderr, "bad.jpg")
+
+
+# ------------------------------------------------------- run directories never run code
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that loading ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+def _crafted_run(env: dict, name: str) -> tuple[Path, Path]:
+    """A copy of the run whose head is a format-1 pickle that would create ``marker`` if loaded."""
+    import joblib
+
+    run = env["root"] / name
+    shutil.copytree(env["run"], run)
+    for f in ("head.skops", "head.keras"):
+        (run / f).unlink(missing_ok=True)
+    marker = env["root"] / f"{name}-pwned"
+    joblib.dump(_Payload(marker), run / "head.joblib")
+    (run / "head.json").write_text('{"format": 1, "kind": "sklearn", "files": ["head.joblib"]}')
+    return run, marker
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate", "predict"])
+def test_crafted_pickle_head_is_refused_in_every_command(env: dict, command: str) -> None:
+    run, marker = _crafted_run(env, f"crafted-{command}")
+    args = {
+        "finetune": ["finetune", "--run", str(run), "--epochs", "0", "--out", str(env["root"] / f"ft-{command}")],
+        "evaluate": ["evaluate", str(run), "--split", "val"],
+        "predict": ["predict", str(run), str(env["images"][0])],
+    }[command]
+    code, out = _cli(*args, "--cache", str(env["cache"]))
+    assert code != 0
+    _one_line_error(out, str(run), "head.joblib", f"featurecache convert-run {run} --trust")
+    assert not marker.exists()
+
+
+def test_cli_convert_run_then_predict(env: dict) -> None:
+    import joblib
+
+    from featurecache.train import load_run
+
+    run = env["root"] / "legacy-run"
+    shutil.copytree(env["run"], run)
+    _, estimator = load_run(run)
+    (run / "head.skops").unlink()
+    joblib.dump(estimator, run / "head.joblib")  # a run directory as format 1 wrote it
+    (run / "head.json").write_text('{"format": 1, "kind": "sklearn", "files": ["head.joblib"]}')
+    code, out = _cli("convert-run", str(run))
+    assert code == 2
+    _one_line_error(out, "--trust", "runs any code")
+    code, out = _cli("convert-run", str(run), "--trust")
+    assert code == 0, out
+    expected = fc.predict(env["run"], env["images"], cache_dir=env["cache"])
+    assert fc.predict(run, env["images"], cache_dir=env["cache"]) == expected
+
+
+def test_truncated_predictions_npz_is_a_one_line_error(env: dict) -> None:
+    run = env["root"] / "truncated-preds"
+    shutil.copytree(env["run"], run)
+    data = (run / "predictions.npz").read_bytes()
+    (run / "predictions.npz").write_bytes(data[: len(data) // 2])
+    code, out = _cli("finetune", "--run", str(run), "--epochs", "0", "--out", str(env["root"] / "ft-trunc"), "--cache", str(env["cache"]))
+    assert code != 0
+    _one_line_error(out, str(run / "predictions.npz"), "train-head")

@@ -123,10 +123,13 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
     run = request.getfixturevalue(which)
     fs = request.getfixturevalue(fs_name)
     files = {p.name for p in run.run_dir.iterdir()}
-    expected = {"config.json", "metrics.json", "predictions.npz", "head.json", "head.joblib", "confusion_val.png", "confusion_test.png"}
+    expected = {"config.json", "metrics.json", "predictions.npz", "head.json", "confusion_val.png", "confusion_test.png"}
     if run.head == "dense":
         expected |= {"head.keras", "training_curves.png"}
+    else:
+        expected |= {"head.skops"}
     assert expected <= files, files
+    assert not any(f.endswith(".joblib") for f in files)  # no pickles in a run directory
     for png in (f for f in files if f.endswith(".png")):
         assert (run.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -154,6 +157,42 @@ def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: store.FeatureSe
     assert not (out / "training_curves.png").exists()
     assert not (out / "head.keras").exists()
     assert load_run(out)[0]["head"] == "knn"
+
+
+_KILL_AT_CONFIG = """
+import os, signal, sys
+import featurecache.train as train
+
+real = train._write_json
+def write_json(path, obj):
+    if path.name == "config.json":  # the head is saved, its config not yet written
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, obj)
+train._write_json = write_json
+train.train_head(sys.argv[1], head="knn", params={"n_neighbors": 3}, out=sys.argv[2], cache_dir=sys.argv[3], plots=False)
+"""
+
+
+def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: store.FeatureSet, logreg_run, cache: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    shutil.copytree(logreg_run.run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_CONFIG, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    # The old run is untouched: same files, same bytes, and its config matches its head.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    config, head = load_run(out)
+    assert config["head"] == "logreg" and type(head.steps[-1][1]).__name__ == "LogisticRegression"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+    assert leftovers  # the killed writer's temp dir: a dot-directory no reader looks at...
+    train_head(digits, head="knn", params={"n_neighbors": "3"}, out=out, plots=False)
+    assert load_run(out)[0]["head"] == "knn"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # ...removed by the next write
 
 
 def test_default_run_name_is_stable(digits: store.FeatureSet, tmp_path: Path) -> None:
