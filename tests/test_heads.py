@@ -530,3 +530,15 @@ def test_convert_legacy_dense_head(fitted, digits, tmp_path):
     (run / "head.json").write_text('{"format": 1, "kind": "keras-dense", "files": ["head.joblib", "head.keras"]}')
     convert_legacy_head(run, trust=True)
     np.testing.assert_allclose(load_head(run).predict_proba(Xt), head.predict_proba(Xt), atol=1e-6)
+
+
+def test_import_path_heads_are_scaled_and_seeded(digits):
+    # Features of scale ~1e-11 (random-weight backbones): trees saw constants and sat at chance.
+    X, y, Xt, yt = digits
+    tiny, tiny_t = X * 1e-11, Xt * 1e-11
+    a = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
+    assert a.score(tiny_t, yt) > 0.85
+    assert a.named_steps["clf"].random_state == 0  # seeded unless told otherwise
+    b = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
+    np.testing.assert_array_equal(a.predict_proba(tiny_t), b.predict_proba(tiny_t))
+    assert make_head("sklearn.ensemble:RandomForestClassifier", {"random_state": "none"}).named_steps["clf"].random_state is None

@@ -903,6 +903,9 @@ def _spec_from_default(name: str, default: Any) -> ParamSpec:
     # narrower than what the estimator accepts (min_samples_split=2 also takes 0.5,
     # max_features="sqrt" also takes 0.3), so only bools and floats are typed; everything
     # else is parsed as int/float/bool/none/str and left to the estimator's own validation.
+    if name == "random_state" and default is None:
+        # Seeded by default, like the registered heads: the same command gives the same head.
+        return ParamSpec(name, "any", 0, "seed (none = unseeded)")
     if isinstance(default, bool):
         return ParamSpec(name, "bool", default)
     if isinstance(default, float):
