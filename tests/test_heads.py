@@ -379,7 +379,7 @@ def test_unknown_param_lists_valid_params_with_types():
         ("dense", "batchnorm", "maybe", "bool"),
         ("dense", "epochs", "2.5", "int"),
         ("knn", "weights", "heavy", "one of uniform, distance"),
-        ("logreg", "class_weight", "even", "one of none, balanced"),
+        ("logreg", "class_weight", "even", "none, balanced or a {label: weight} dict"),
     ],
 )
 def test_ill_typed_value_names_param_value_and_type(name, param, value, expected):
@@ -542,3 +542,22 @@ def test_import_path_heads_are_scaled_and_seeded(digits):
     b = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
     np.testing.assert_array_equal(a.predict_proba(tiny_t), b.predict_proba(tiny_t))
     assert make_head("sklearn.ensemble:RandomForestClassifier", {"random_state": "none"}).named_steps["clf"].random_state is None
+
+
+def test_dense_head_takes_a_class_weight_dict_like_sklearn(digits):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    X, y, Xt, _ = digits
+    X, y = X[:300], y[:300]
+    balanced = compute_class_weight("balanced", classes=np.unique(y), y=y)
+    as_dict = {int(c): float(w) for c, w in zip(np.unique(y), balanced)}
+    params = {"hidden": (16,), "epochs": 2, "patience": 0}
+    a = DenseHead(**params, class_weight="balanced").fit(X, y).predict_proba(Xt)
+    b = DenseHead(**params, class_weight=as_dict).fit(X, y).predict_proba(Xt)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert clone(DenseHead(class_weight=as_dict)).get_params()["class_weight"] == as_dict
+    assert make_head("logreg", {"class_weight": {0: 2.0}}).named_steps["clf"].class_weight == {0: 2.0}
+    with pytest.raises(UsageError, match="label 42"):
+        DenseHead(**params, class_weight={42: 1.0}).fit(X, y)
+    with pytest.raises(HeadParamError, match="class_weight"):
+        DenseHead(**params, class_weight={0: -1.0}).fit(X, y)
