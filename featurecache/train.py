@@ -39,7 +39,7 @@ import numpy as np
 
 from featurecache.cache import store
 from featurecache.cache.keys import digest_of
-from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
+from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, RunError, UsageError, human_bytes
 
 #: 2: the head is stored as head.skops / head.keras (format 1 pickled it as head.joblib).
 RUN_FORMAT = 2
@@ -79,6 +79,12 @@ class TrainingData:
     def n_classes(self) -> int:
         """Number of classes."""
         return len(self.classes)
+
+    @property
+    def untrained_classes(self) -> tuple[str, ...]:
+        """Classes with no valid training sample: the head can never predict them."""
+        present = set(np.unique(np.asarray(self.y_train)).tolist())
+        return tuple(c for i, c in enumerate(self.classes) if i not in present)
 
     @property
     def streamed(self) -> bool:
@@ -150,7 +156,25 @@ def load_training_data(
     ------
     UsageError
         No ``train`` split, too few samples, a bad ``val_fraction`` or ``max_memory``.
+    CacheCorruptError
+        Stored data fails to read back (a checksum mismatch, a damaged chunk); the message
+        names the entry and the ``cache verify`` command.
     """
+    try:
+        return _load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+    except FeatureCacheError:
+        raise
+    except (ValueError, OSError) as exc:  # zarr's checksum mismatch is a bare ValueError
+        import shlex
+
+        where = f"{fs.key[:12]} --cache {shlex.quote(str(Path(fs.path).parent))}"
+        raise CacheCorruptError(
+            f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); "
+            f"check it with `featurecache cache verify {where}`, then remove it (`featurecache cache rm {where} --yes`) and extract again"
+        ) from None
+
+
+def _load_training_data(fs: store.FeatureSet, *, val_fraction: float, seed: int, max_memory: int | str | None) -> TrainingData:
     if "train" not in fs.splits:
         raise UsageError(f"feature set {fs.name} has no 'train' split (it has {', '.join(fs.splits)}); extract a dataset with training images")
     budget = resolve_max_memory(max_memory)
@@ -219,14 +243,23 @@ def load_training_data(
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation positions: stratified; a class with one sample always trains.
+
+    A single sample cannot be in both parts; held out, its class would silently vanish from
+    training (the head could never predict it), so it stays in training, unvalidated.
+    """
     from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
-    idx = np.arange(len(y))
+    values, counts = np.unique(y, return_counts=True)
+    single = np.isin(y, values[counts == 1])
+    rest = np.flatnonzero(~single)
+    if len(rest) < 2:
+        return np.arange(len(y)), np.zeros(0, dtype=np.int64)
     try:
-        tr, va = next(StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, y))
-    except ValueError:  # a class with a single sample cannot be stratified
-        tr, va = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx))
-    return np.sort(tr), np.sort(va)
+        tr, va = next(StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(rest, y[rest]))
+    except ValueError:  # fewer held-out rows than classes: cannot stratify
+        tr, va = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(rest))
+    return np.sort(np.concatenate([rest[tr], np.flatnonzero(single)])), np.sort(rest[va])
 
 
 def resolve_max_memory(value: int | str | None = None) -> int:
@@ -412,6 +445,11 @@ def fit_head(estimator: Any, data: TrainingData) -> Any:
         return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
     if isinstance(data.X_train, LazyFeatures):
         raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
+    steps = getattr(estimator, "steps", None)
+    k = getattr(steps[-1][1] if steps else estimator, "n_neighbors", None)
+    n_rows = len(data.y_train) * (data.X_train_views.shape[0] if data.X_train_views is not None else 1)
+    if isinstance(k, int) and k > n_rows:
+        raise HeadParamError(f"n_neighbors={k} exceeds the {n_rows} training samples; pass -p n_neighbors=N with N <= {n_rows}")
     with threadpool_limits(limits=blas_threads(), user_api="blas"):
         if data.X_train_views is not None:
             v = data.X_train_views
@@ -473,10 +511,15 @@ class TrainResult:
     metrics: dict[str, Any]
     seconds: float
     estimator: Any = field(repr=False, compare=False)
+    #: Classes with no valid training sample (the head never predicts them).
+    untrained_classes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
-        return {"run_dir": str(self.run_dir), "head": self.head, "params": _jsonable(self.params), "metrics": self.metrics, "seconds": round(self.seconds, 3)}
+        return {
+            "run_dir": str(self.run_dir), "head": self.head, "params": _jsonable(self.params), "metrics": self.metrics,
+            "seconds": round(self.seconds, 3), "untrained_classes": list(self.untrained_classes),
+        }
 
 
 def default_run_name(head: str, key: str, params: Mapping[str, Any]) -> str:
@@ -547,12 +590,24 @@ def train_head(
     if data is None:
         fs = resolve_features(features, cache_dir=cache_dir)
         data = load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
-    fit_head(estimator, data)
-    metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+    try:
+        fit_head(estimator, data)
+        metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+    except FeatureCacheError:
+        raise
+    except ValueError as exc:  # scikit-learn's parameter validation, found only with the data in hand
+        raise HeadParamError(f"head {head!r} cannot be trained on {data.name} with these parameters: {_first_line(exc)}; change its parameters (see `featurecache heads`)") from None
     seconds = time.perf_counter() - started
     run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
     write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=plots)
-    return TrainResult(run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator)
+    return TrainResult(
+        run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator, untrained_classes=data.untrained_classes
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(exc).__name__
 
 
 def write_run(
@@ -598,6 +653,7 @@ def write_run(
         "classes": list(data.classes),
         "validation": data.validation,
         "invalid_skipped": dict(data.n_invalid),
+        "untrained_classes": list(data.untrained_classes),
         "train_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),

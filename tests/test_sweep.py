@@ -17,8 +17,7 @@ from featurecache.errors import HeadParamError, SweepError, UnknownHeadError, Us
 from featurecache.sweep import SweepResult, parse_grid, plan_trials, sweep
 from featurecache.train import load_run
 
-# 12 logreg + 8 dense = 20 configurations, plus one that fails at prediction time
-# (more neighbours than training samples).
+# 12 logreg + 8 dense = 20 configurations, plus one that fails (more neighbours than training samples).
 GRID = (
     "logreg:C=0.001,0.01,0.1,1,10,100;class_weight=none,balanced;max_iter=300",
     "dense:hidden=,32;lr=1e-3,1e-2;dropout=0,0.2;epochs=2;patience=0;batch_size=128",
@@ -121,7 +120,7 @@ def test_sweep_ranks_every_trial(grid_sweep: SweepResult) -> None:
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(grid_sweep: SweepResult) -> None:
     failed = grid_sweep.leaderboard[-1]
     assert failed["head"] == "knn" and failed["status"] == "failed" and failed["rank"] is None
-    assert failed["error"].startswith("ValueError: Expected n_neighbors <= n_samples_fit")
+    assert failed["error"].startswith("HeadParamError: n_neighbors=5000 exceeds the")
     assert "\n" not in failed["error"]
     record = json.loads((grid_sweep.out_dir / "trials" / f"{failed['trial']}.json").read_text())
     assert record["status"] == "failed" and record["error"] == failed["error"]

@@ -368,3 +368,34 @@ def test_sklearn_heads_fit_with_one_blas_thread(digits: store.FeatureSet, tmp_pa
         seen.clear()
         train_head(digits, head="logreg", params={"max_iter": "50"}, out=tmp_path / "r", plots=False)
         assert set(seen) == {2}
+
+
+def test_damaged_features_are_a_one_line_error_naming_the_entry(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    res = fc.extract("builtin:digits", **DIGITS, limit=20, cache_dir=cache, progress=False)
+    fs = fc.open_features(res.key, cache_dir=cache)
+    chunk = next(p for p in (fs.path / "train" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit: the chunk's CRC32C no longer matches
+    chunk.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(cache), "--out", str(tmp_path / "r")])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "unexpected" not in lines[0], result.output
+    assert fs.name in lines[0] and f"featurecache cache verify {res.key[:12]} --cache {cache}" in lines[0]
+
+
+def test_a_class_with_one_image_is_kept_for_training(tmp_path: Path) -> None:
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=6)
+    make_image_folder(root, classes=("c",), per_class=1, seed=1)
+    res = fc.extract(str(root), **DIGITS, cache_dir=tmp_path / "cache", progress=False)
+    fs = fc.open_features(res.key, cache_dir=tmp_path / "cache")
+    for seed in range(10):  # held out at random, the single image of c left training 15% of the time
+        data = load_training_data(fs, seed=seed)
+        assert 2 in data.y_train.tolist() and data.untrained_classes == ()
+        assert sorted(set(data.y_val.tolist())) == [0, 1]  # validation stays stratified
+    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(tmp_path / "cache"), "-p", "n_neighbors=100000", "--head", "knn", "--out", str(tmp_path / "k")])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "n_neighbors=100000 exceeds the" in lines[0] and "-p n_neighbors=N" in lines[0]

@@ -171,6 +171,9 @@ def train_head_cmd(
     if json_out:
         print_json(result.to_json())
         return
+    untrained = result.untrained_classes
+    if untrained:
+        typer.echo(f"warning: {len(untrained)} classes have no valid training image, so the head never predicts them: {', '.join(untrained[:10])}", err=True)
     typer.echo(f"trained {head} on {fs.name} in {result.seconds:.1f} s")
     for split, m in result.metrics.items():
         typer.echo(
