@@ -288,21 +288,48 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _limit_tf_threads(threads: int) -> None:
-    """Give this worker's TensorFlow its share of the cores.
+#: TensorFlow threads per sweep process for dense trials; 0 = TensorFlow's default (all cores).
+TF_THREADS_ENV = "FEATURECACHE_TF_THREADS"
 
-    Every TensorFlow process sizes its thread pools to all cores, so ``n`` workers training
-    dense heads at once run ``n`` times too many threads and slow each other down (measured:
-    a 24-trial sweep on 2 cores took twice as long). It only works before TensorFlow starts in
-    the process; a worker that already ran a dense trial keeps its setting.
+
+def sweep_tf_threads() -> int:
+    """TensorFlow intra- and inter-op threads of every process that trains dense trials.
+
+    The same number whatever ``--jobs`` is, so a trial computes the same bits in the calling
+    process (``--jobs 1``) and in any worker: TensorFlow's CPU kernels split a reduction
+    differently for another thread count, which changed validation log losses by up to 4e-4
+    between ``--jobs 1`` (all cores) and ``--jobs 2`` (half each). One thread by default
+    (heads on cached features are small matrices; parallelism comes from ``--jobs``);
+    ``$FEATURECACHE_TF_THREADS`` sets another, 0 leaves TensorFlow's default.
+
+    Raises
+    ------
+    UsageError
+        The variable is not a non-negative integer.
+    """
+    raw = os.environ.get(TF_THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit():
+        raise UsageError(f"${TF_THREADS_ENV}={raw!r} is not a number of threads; set it to e.g. 1, or 0 for TensorFlow's default")
+    return int(raw)
+
+
+def _limit_tf_threads(threads: int) -> int:
+    """Set this process's TensorFlow threads (before TensorFlow starts); return the threads in effect.
+
+    It only works before TensorFlow runs its first op in the process; a process that already
+    did keeps its setting, and the trial record shows it (``worker.tf_threads``).
     """
     import tensorflow as tf
 
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        pass
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            pass
+    return int(tf.config.threading.get_intra_op_parallelism_threads())
 
 
 def _received(data: Any, parent_pid: int) -> str:
@@ -334,20 +361,20 @@ def _finish_record(record: dict[str, Any], trials_dir: str, seconds: float) -> N
 
 
 def _run_trial(
-    trial: TrialSpec, data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 0
+    trial: TrialSpec, data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 1
 ) -> tuple[dict[str, Any], Any, Any]:
     """Fit and score one trial, write its result file, return (record, estimator, predictions).
 
     Runs in a worker process (or in the caller when ``n_jobs=1``). Any exception becomes a
-    failed record: one bad configuration must not stop the sweep. ``tf_threads > 0`` caps
-    TensorFlow's threads in a worker process (see :func:`_limit_tf_threads`).
+    failed record: one bad configuration must not stop the sweep. A dense trial runs with
+    ``tf_threads`` TensorFlow threads (:func:`sweep_tf_threads`), in a worker or in the caller.
     """
     from featurecache.heads import make_head
     from featurecache.train import evaluate_arrays, fit_head
 
-    if tf_threads > 0 and os.getpid() != parent_pid and trial.head == "dense":
-        _limit_tf_threads(tf_threads)
     record = _new_record(trial, data, parent_pid)
+    if trial.head == "dense":
+        record["worker"]["tf_threads"] = _limit_tf_threads(tf_threads)
     started = time.perf_counter()
     estimator = preds = None
     try:
@@ -364,7 +391,7 @@ def _run_trial(
 
 
 def _run_group(
-    trials: Sequence[TrialSpec], data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 0
+    trials: Sequence[TrialSpec], data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 1
 ) -> list[tuple[dict[str, Any], Any, Any]]:
     """Fit several dense trials in one shared pass (``heads.dense_group``), then score each.
 
@@ -377,8 +404,7 @@ def _run_group(
 
     if len(trials) == 1:
         return [_run_trial(trials[0], data, trials_dir, parent_pid, top_k, tf_threads)]
-    if tf_threads > 0 and os.getpid() != parent_pid:
-        _limit_tf_threads(tf_threads)
+    threads = _limit_tf_threads(tf_threads)
     started = time.perf_counter()
     try:
         estimators = fit_dense_together([make_head(t.head, t.params) for t in trials], data)
@@ -389,6 +415,7 @@ def _run_group(
     for trial, estimator in zip(trials, estimators):
         t0 = time.perf_counter()
         record = _new_record(trial, data, parent_pid)
+        record["worker"]["tf_threads"] = threads
         record["trained_together"] = {"heads": len(trials), "fit_seconds": round(fit_seconds, 4)}
         record["fit_seconds"] = round(fit_seconds / len(trials), 4)
         preds = None
@@ -693,8 +720,9 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
     items = plan_work(pending, workers, together=together)
     workers = max(1, min(workers, len(items)))
     parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
-    # Local workers share this machine's cores (joblib already caps their BLAS threads so).
-    tf_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    # The same TensorFlow threads in every process, whatever the number of workers: results do
+    # not depend on --jobs (joblib caps the workers' BLAS threads; train.fit_head caps them here).
+    tf_threads = sweep_tf_threads()
     for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
         yield from results
 
