@@ -117,6 +117,10 @@ class RunError(FeatureCacheError, ValueError):
     """A run directory is missing or incomplete."""
 
 
+class UntrustedHeadError(RunError):
+    """A saved head could run code when loaded (a pickle, or types outside the allow-list); it is refused."""
+
+
 class EquivalenceError(FeatureCacheError, AssertionError):
     """The rebuilt model does not reproduce the head's cached-feature predictions."""
 

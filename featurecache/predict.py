@@ -3,8 +3,9 @@
 A model is named by one path, which may be
 
 * a ``.keras`` file -- typically a fine-tune export; it is loaded with plain
-  ``keras.saving.load_model`` (safe mode on, no custom objects). Class names come from the
-  ``config.json`` beside it (fine-tune outputs write one); without it classes are ``"0"``, ``"1"``, ...
+  ``keras.saving.load_model`` (safe mode on, no custom objects). Class names come from the file
+  itself (fine-tune exports store them), else the ``config.json`` beside it; without either
+  classes are ``"0"``, ``"1"``, ...
 * a fine-tune output directory (it holds ``model.keras`` and ``config.json``);
 * a ``train-head`` run directory, which is rebuilt into backbone + head first
   (:func:`featurecache.finetune.rebuild_model`), so a head can be used on raw images without
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from featurecache.errors import ImageDecodeError, RunError, UsageError, choices
-from featurecache.finetune.export import MODEL_FILE
+from featurecache.finetune.export import MODEL_FILE, model_class_names
 
 __all__ = ["EvaluateResult", "LoadedModel", "Prediction", "evaluate", "load_model", "predict"]
 
@@ -136,7 +137,10 @@ def _load_keras(file: Path, config: Mapping[str, Any] | None, *, kind: ModelKind
     n_out = int(model.output_shape[-1])
     # The config beside a model names its classes only if it describes that very file.
     described = config is not None and (config.get("kind") == "finetune" or file.name == MODEL_FILE)
-    classes = tuple(str(c) for c in config["classes"]) if described and config and "classes" in config else ()
+    # Names stored inside the file win: they travel with a copied or renamed model.
+    classes = model_class_names(file) or ()
+    if len(classes) != n_out:
+        classes = tuple(str(c) for c in config["classes"]) if described and config and "classes" in config else ()
     if len(classes) != n_out:
         classes = tuple(str(i) for i in range(n_out))
     return LoadedModel(model=model, classes=classes, path=shown, kind=kind, config=config if described else None)

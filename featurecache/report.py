@@ -224,6 +224,17 @@ def plot_leaderboard(
     UsageError
         When no row has a finite ``metric`` or ``top < 1``.
     """
+    return _save(_leaderboard_figure(rows, metric=metric, top=top), path)
+
+
+#: Characters per line of a trial label; longer labels (random-search trials) wrap.
+_LABEL_WIDTH = 44
+
+
+def _leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: int) -> Any:
+    """The figure behind :func:`plot_leaderboard` (so tests can check its layout)."""
+    import textwrap
+
     if top < 1:
         raise UsageError(f"top must be >= 1, got {top!r}")
     scored = []
@@ -245,25 +256,28 @@ def plot_leaderboard(
 
     cmap = colormaps["tab10" if len(heads) <= 10 else "tab20"]
     colour = {h: cmap(i % cmap.N) for i, h in enumerate(heads)}
-
-    fig = _figure(8.0, max(2.5, 0.32 * len(shown) + 1.2))
+    # Long labels (random-search trials list every drawn parameter) wrap instead of overlapping;
+    # each row gets the height its lines need.
+    labels = [textwrap.fill(label, _LABEL_WIDTH, break_long_words=True) for _, label, _ in shown]
+    lines = [label.count("\n") + 1 for label in labels]
+    fig = _figure(10.0, 1.6 + 0.2 * sum(lines) + 0.1 * len(shown))
     ax = fig.add_subplot()
-    ypos = np.arange(len(shown))
+    centres = np.cumsum(lines) - np.asarray(lines) / 2  # one unit of height per text line
     values = [v for v, _, _ in shown]
-    ax.barh(ypos, values, color=[colour[h] for _, _, h in shown])
-    ax.set_yticks(ypos, [label for _, label, _ in shown], fontsize=8)
-    ax.invert_yaxis()  # best trial on top
-    span = max(values) - min(values)
-    if not lower_is_better and min(values) >= 0 and max(values) <= 1:
-        # Zoom in on the range that separates trials; a 0..1 axis hides the differences.
-        lo = max(0.0, min(values) - max(span, 0.01) * 0.5)
-        ax.set_xlim(lo, min(1.0, max(values) + max(span, 0.01) * 0.25) + 1e-9)
-    for y, v in zip(ypos, values, strict=True):
+    ax.barh(centres, values, height=np.asarray(lines) * 0.8, color=[colour[h] for _, _, h in shown])
+    ax.set_yticks(centres, labels, fontsize=7)
+    ax.set_ylim(float(sum(lines)), 0.0)  # best trial on top
+    # The axis starts at 0: a zoomed axis (it used to start near 0.90) makes a 0.01 difference
+    # look like a factor of ten. The values are printed beside the bars for the fine print.
+    high = max(values)
+    ax.set_xlim(0.0, 1.0 if (not lower_is_better and high <= 1) else high * 1.15 or 1.0)
+    for y, v in zip(centres, values, strict=True):
         ax.text(v, y, f" {v:.4g}", va="center", fontsize=7)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=colour[h], label=h) for h in heads], fontsize=8, loc="best")
+    # Outside the axes, below them: a legend inside covered a bar.
+    fig.legend(handles=[Patch(color=colour[h], label=h) for h in heads], fontsize=8, loc="outside lower center", ncols=min(len(heads), 6), frameon=False)
     ax.set_xlabel(metric + (" (lower is better)" if lower_is_better else ""))
-    ax.set_title(f"top {len(shown)} of {len(scored)} trials by {metric}")
+    fig.suptitle(f"top {len(shown)} of {len(scored)} trials by {metric}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return fig

@@ -33,9 +33,7 @@ import itertools
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +44,10 @@ import numpy as np
 from featurecache.cache import store, views
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
+from featurecache.rundir import clean_leftovers
 from featurecache.train import _write_json  # atomic, unique temp name per writer
 
-__all__ = ["SweepResult", "TrialSpec", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
+__all__ = ["SweepResult", "TrialSpec", "default_sweep_dir", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
 
 SWEEP_FORMAT = 1
 TRIALS_DIR = "trials"
@@ -289,21 +288,48 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _limit_tf_threads(threads: int) -> None:
-    """Give this worker's TensorFlow its share of the cores.
+#: TensorFlow threads per sweep process for dense trials; 0 = TensorFlow's default (all cores).
+TF_THREADS_ENV = "FEATURECACHE_TF_THREADS"
 
-    Every TensorFlow process sizes its thread pools to all cores, so ``n`` workers training
-    dense heads at once run ``n`` times too many threads and slow each other down (measured:
-    a 24-trial sweep on 2 cores took twice as long). It only works before TensorFlow starts in
-    the process; a worker that already ran a dense trial keeps its setting.
+
+def sweep_tf_threads() -> int:
+    """TensorFlow intra- and inter-op threads of every process that trains dense trials.
+
+    The same number whatever ``--jobs`` is, so a trial computes the same bits in the calling
+    process (``--jobs 1``) and in any worker: TensorFlow's CPU kernels split a reduction
+    differently for another thread count, which changed validation log losses by up to 4e-4
+    between ``--jobs 1`` (all cores) and ``--jobs 2`` (half each). One thread by default
+    (heads on cached features are small matrices; parallelism comes from ``--jobs``);
+    ``$FEATURECACHE_TF_THREADS`` sets another, 0 leaves TensorFlow's default.
+
+    Raises
+    ------
+    UsageError
+        The variable is not a non-negative integer.
+    """
+    raw = os.environ.get(TF_THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit():
+        raise UsageError(f"${TF_THREADS_ENV}={raw!r} is not a number of threads; set it to e.g. 1, or 0 for TensorFlow's default")
+    return int(raw)
+
+
+def _limit_tf_threads(threads: int) -> int:
+    """Set this process's TensorFlow threads (before TensorFlow starts); return the threads in effect.
+
+    It only works before TensorFlow runs its first op in the process; a process that already
+    did keeps its setting, and the trial record shows it (``worker.tf_threads``).
     """
     import tensorflow as tf
 
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-    except RuntimeError:
-        pass
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            pass
+    return int(tf.config.threading.get_intra_op_parallelism_threads())
 
 
 def _received(data: Any, parent_pid: int) -> str:
@@ -335,20 +361,20 @@ def _finish_record(record: dict[str, Any], trials_dir: str, seconds: float) -> N
 
 
 def _run_trial(
-    trial: TrialSpec, data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 0
+    trial: TrialSpec, data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 1
 ) -> tuple[dict[str, Any], Any, Any]:
     """Fit and score one trial, write its result file, return (record, estimator, predictions).
 
     Runs in a worker process (or in the caller when ``n_jobs=1``). Any exception becomes a
-    failed record: one bad configuration must not stop the sweep. ``tf_threads > 0`` caps
-    TensorFlow's threads in a worker process (see :func:`_limit_tf_threads`).
+    failed record: one bad configuration must not stop the sweep. A dense trial runs with
+    ``tf_threads`` TensorFlow threads (:func:`sweep_tf_threads`), in a worker or in the caller.
     """
     from featurecache.heads import make_head
     from featurecache.train import evaluate_arrays, fit_head
 
-    if tf_threads > 0 and os.getpid() != parent_pid and trial.head == "dense":
-        _limit_tf_threads(tf_threads)
     record = _new_record(trial, data, parent_pid)
+    if trial.head == "dense":
+        record["worker"]["tf_threads"] = _limit_tf_threads(tf_threads)
     started = time.perf_counter()
     estimator = preds = None
     try:
@@ -365,7 +391,7 @@ def _run_trial(
 
 
 def _run_group(
-    trials: Sequence[TrialSpec], data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 0
+    trials: Sequence[TrialSpec], data: Any, trials_dir: str, parent_pid: int, top_k: tuple[int, ...], tf_threads: int = 1
 ) -> list[tuple[dict[str, Any], Any, Any]]:
     """Fit several dense trials in one shared pass (``heads.dense_group``), then score each.
 
@@ -378,8 +404,7 @@ def _run_group(
 
     if len(trials) == 1:
         return [_run_trial(trials[0], data, trials_dir, parent_pid, top_k, tf_threads)]
-    if tf_threads > 0 and os.getpid() != parent_pid:
-        _limit_tf_threads(tf_threads)
+    threads = _limit_tf_threads(tf_threads)
     started = time.perf_counter()
     try:
         estimators = fit_dense_together([make_head(t.head, t.params) for t in trials], data)
@@ -390,6 +415,7 @@ def _run_group(
     for trial, estimator in zip(trials, estimators):
         t0 = time.perf_counter()
         record = _new_record(trial, data, parent_pid)
+        record["worker"]["tf_threads"] = threads
         record["trained_together"] = {"heads": len(trials), "fit_seconds": round(fit_seconds, 4)}
         record["fit_seconds"] = round(fit_seconds / len(trials), 4)
         preds = None
@@ -603,9 +629,35 @@ def _check_sweep_dir(out: Path, *, fs: views.FeatureSet, validation: str) -> dic
                 f"{validation}; pass the same --val-fraction and seed, or another --out"
             )
         return meta
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # A sweep killed before its first sweep.json left trials/ (and maybe temp files) only:
+    # that is an interrupted start, resumed like any sweep (trial files carry their key).
+    if out.exists() and (not out.is_dir() or any(not p.name.startswith(".") and p.name != TRIALS_DIR for p in out.iterdir())):
         raise UsageError(f"{out} exists and is not a sweep directory (no sweep.json); pass a new or empty --out")
     return None
+
+
+def default_sweep_dir(runs_dir: str | os.PathLike[str], key: str, planned: Sequence[TrialSpec]) -> Path:
+    """``<runs_dir>/sweep-<key8>-<trials6>``: one directory per feature set and set of trials.
+
+    The suffix digests the sorted trial ids, so re-running a command resumes its own directory
+    while a sweep with another grid (or ``--trials``) gets a new one instead of replacing the
+    first one's leaderboard and ``best/``.
+    """
+    return Path(runs_dir) / f"sweep-{key[:8]}-{digest_of({'trials': sorted(t.id for t in planned)})[:6]}"
+
+
+def _earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """Trials an earlier call recorded in this sweep directory that this call did not plan."""
+    ids = {t.id for t in planned}
+    out: list[TrialSpec] = []
+    for tid in (meta or {}).get("trials", []):
+        if tid in ids:
+            continue
+        record = _read_record(trials_dir / f"{tid}.json", key)
+        if record is not None:
+            out.append(TrialSpec(record["head"], record["params"], record.get("given") or {}))
+            ids.add(tid)
+    return out
 
 
 class _Progress:
@@ -668,38 +720,28 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
     items = plan_work(pending, workers, together=together)
     workers = max(1, min(workers, len(items)))
     parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
-    # Local workers share this machine's cores (joblib already caps their BLAS threads so).
-    tf_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    # The same TensorFlow threads in every process, whatever the number of workers: results do
+    # not depend on --jobs (joblib caps the workers' BLAS threads; train.fit_head caps them here).
+    tf_threads = sweep_tf_threads()
     for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
         yield from results
 
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
-    """Write the best head as ``<out>/best`` (built aside, then swapped in)."""
+    """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
     from featurecache.train import write_run
 
-    best = out / BEST_DIR
-    tmp = out / f".{BEST_DIR}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        write_run(
-            tmp,
-            estimator=estimator,
-            head=trial.head,
-            params=trial.params,
-            data=data,
-            metrics=record["metrics"],
-            predictions=preds,
-            seconds=float(record.get("fit_seconds") or 0.0),
-            extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
-        )
-        aside = out / f".{BEST_DIR}-old-{uuid.uuid4().hex[:6]}"
-        if best.exists():
-            os.rename(best, aside)
-        os.rename(tmp, best)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return best
+    return write_run(
+        out / BEST_DIR,
+        estimator=estimator,
+        head=trial.head,
+        params=trial.params,
+        data=data,
+        metrics=record["metrics"],
+        predictions=preds,
+        seconds=float(record.get("fit_seconds") or 0.0),
+        extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
+    )
 
 
 def _best_is_saved(out: Path, trial_id: str, key: str) -> bool:
@@ -747,8 +789,10 @@ def sweep(
     n_jobs
         Parallel trials (joblib, process workers; ``-1`` = all cores; 1 = in this process).
     out
-        Sweep directory; default ``<runs_dir>/sweep-<key8>``. An existing sweep directory for
-        the same features is resumed.
+        Sweep directory; default ``<runs_dir>/sweep-<key8>-<trials6>`` (:func:`default_sweep_dir`:
+        another grid gets another directory). An existing sweep directory for the same features
+        is resumed; trials an earlier call ran there with another grid are kept, ranked with
+        this call's and compete for ``best/``.
     runs_dir
         Parent of the default ``out``.
     val_fraction, seed
@@ -798,30 +842,38 @@ def sweep(
     heads = [h.strip() for h in heads.split(",")] if isinstance(heads, str) else list(heads)
     planned = plan_trials(grid=grid, trials=trials, heads=heads, seed=seed)
     fs = resolve_features(features, cache_dir=cache_dir)
-    out_dir = Path(out) if out is not None else Path(runs_dir) / f"sweep-{fs.key[:8]}"
+    out_dir = Path(out) if out is not None else default_sweep_dir(runs_dir, fs.key, planned)
     validation = validation_label(fs, val_fraction=val_fraction, seed=seed)
     meta = _check_sweep_dir(out_dir, fs=fs, validation=validation)
     trials_dir = out_dir / TRIALS_DIR
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    # Trials of earlier calls with other grids stay in the directory's leaderboard and compete for best/.
+    earlier = _earlier_trials(meta, trials_dir, fs.key, planned)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    request = {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric}
     meta = {
         "format": SWEEP_FORMAT,
         "features": {"key": fs.key, "name": fs.name},
         "validation": validation,
         "created": (meta or {}).get("created", now),
         "updated": now,
-        "request": {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric},
-        "trials": [t.id for t in planned],
+        "request": request,
+        "requests": [*(meta or {}).get("requests", [(meta or {}).get("request")] if meta else []), request],
+        "trials": [t.id for t in [*earlier, *planned]],
     }
+    # sweep.json first, then trials/: a directory with trials/ is always recognisable as a sweep.
+    out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "sweep.json", meta)
+    trials_dir.mkdir(exist_ok=True)
+    clean_leftovers(out_dir / BEST_DIR)  # a best/ being written when an earlier call was killed
 
     records: dict[str, dict[str, Any]] = {}
-    for t in planned:
+    for t in [*earlier, *planned]:
         done = _read_record(trials_dir / f"{t.id}.json", fs.key)
         if done is not None:
             records[t.id] = done
     pending = [t for t in planned if t.id not in records]
-    skipped = len(records)
+    skipped = len(records) - len(earlier)
+    planned = [*earlier, *planned]
     by_id = {t.id: t for t in planned}
 
     data = None

@@ -1,9 +1,12 @@
 """Stage 2: train one head on cached features and write its run directory.
 
-A run directory holds everything stage 3 needs besides the images::
+A run directory holds everything stage 3 needs besides the images; it is written aside and
+swapped in whole (``write_run``)::
 
     runs/<name>/config.json       head, params, feature-set key and full spec, classes, validation
-    runs/<name>/head.joblib       the fitted head (+ head.keras for Keras heads: a plain Keras model)
+    runs/<name>/head.json         how the head is stored (written last: a complete save)
+    runs/<name>/head.skops        a scikit-learn head (skops: loads without running code), or
+    runs/<name>/head.keras        the dense head, a plain Keras model (loaded in safe mode)
     runs/<name>/metrics.json      validation (and test) metrics
     runs/<name>/predictions.npz   ids, labels and probabilities behind those metrics
     runs/<name>/*.png             confusion matrices, training curves
@@ -36,13 +39,15 @@ import numpy as np
 
 from featurecache.cache import store, views
 from featurecache.cache.keys import digest_of
-from featurecache.errors import MemoryBudgetError, RunError, UsageError, human_bytes
+from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, RunError, UsageError, human_bytes
 
 if TYPE_CHECKING:
     from featurecache.concat import ConcatFeatures
 
-RUN_FORMAT = 1
+#: 2: the head is stored as head.skops / head.keras (format 1 pickled it as head.joblib).
+RUN_FORMAT = 2
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
+BLAS_THREADS_ENV = "FEATURECACHE_BLAS_THREADS"
 #: ``validation`` of a run validated on the cached ``val`` split (otherwise a hold-out of train).
 CACHED_VAL_LABEL = "cached val split"
 #: Memory budget for training features when neither ``max_memory`` nor the variable is set.
@@ -77,6 +82,12 @@ class TrainingData:
     def n_classes(self) -> int:
         """Number of classes."""
         return len(self.classes)
+
+    @property
+    def untrained_classes(self) -> tuple[str, ...]:
+        """Classes with no valid training sample: the head can never predict them."""
+        present = set(np.unique(np.asarray(self.y_train)).tolist())
+        return tuple(c for i, c in enumerate(self.classes) if i not in present)
 
     @property
     def streamed(self) -> bool:
@@ -168,7 +179,25 @@ def load_training_data(
     ------
     UsageError
         No ``train`` split, too few samples, a bad ``val_fraction`` or ``max_memory``.
+    CacheCorruptError
+        Stored data fails to read back (a checksum mismatch, a damaged chunk); the message
+        names the entry and the ``cache verify`` command.
     """
+    try:
+        return _load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+    except FeatureCacheError:
+        raise
+    except (ValueError, OSError) as exc:  # zarr's checksum mismatch is a bare ValueError
+        import shlex
+
+        where = f"{fs.key[:12]} --cache {shlex.quote(str(Path(fs.path).parent))}"
+        raise CacheCorruptError(
+            f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); "
+            f"check it with `featurecache cache verify {where}`, then remove it (`featurecache cache rm {where} --yes`) and extract again"
+        ) from None
+
+
+def _load_training_data(fs: store.FeatureSet, *, val_fraction: float, seed: int, max_memory: int | str | None) -> TrainingData:
     if "train" not in fs.splits:
         raise UsageError(f"feature set {fs.name} has no 'train' split (it has {', '.join(fs.splits)}); extract a dataset with training images")
     budget = resolve_max_memory(max_memory)
@@ -237,14 +266,23 @@ def load_training_data(
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation positions: stratified; a class with one sample always trains.
+
+    A single sample cannot be in both parts; held out, its class would silently vanish from
+    training (the head could never predict it), so it stays in training, unvalidated.
+    """
     from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
-    idx = np.arange(len(y))
+    values, counts = np.unique(y, return_counts=True)
+    single = np.isin(y, values[counts == 1])
+    rest = np.flatnonzero(~single)
+    if len(rest) < 2:
+        return np.arange(len(y)), np.zeros(0, dtype=np.int64)
     try:
-        tr, va = next(StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx, y))
-    except ValueError:  # a class with a single sample cannot be stratified
-        tr, va = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(idx))
-    return np.sort(tr), np.sort(va)
+        tr, va = next(StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(rest, y[rest]))
+    except ValueError:  # fewer held-out rows than classes: cannot stratify
+        tr, va = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(rest))
+    return np.sort(np.concatenate([rest[tr], np.flatnonzero(single)])), np.sort(rest[va])
 
 
 def resolve_max_memory(value: int | str | None = None) -> int:
@@ -391,8 +429,30 @@ def _head_label(estimator: Any) -> str:
     return type(final).__name__
 
 
+def blas_threads() -> int:
+    """BLAS threads for scikit-learn fits: ``$FEATURECACHE_BLAS_THREADS``, else 1.
+
+    Heads on cached features are small matrices, where a BLAS thread per core mostly spins:
+    measured on a loaded 2-core machine, one logreg fit took 17.6 s with OpenBLAS's default
+    threads and 0.6 s with one (sweep workers already get one from joblib).
+
+    Raises
+    ------
+    UsageError
+        The variable is not a positive integer.
+    """
+    raw = os.environ.get(BLAS_THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"${BLAS_THREADS_ENV}={raw!r} is not a positive number of threads; set it to e.g. 1 or 4, or unset it")
+    return int(raw)
+
+
 def fit_head(estimator: Any, data: TrainingData) -> Any:
     """Fit ``estimator`` on ``data`` the way its kind wants it; returns the estimator.
+
+    scikit-learn heads fit with :func:`blas_threads` BLAS threads.
 
     Raises
     ------
@@ -400,16 +460,24 @@ def fit_head(estimator: Any, data: TrainingData) -> Any:
         The training features are streamed (over the memory budget) and ``estimator`` is not
         the Keras dense head, the one head that trains from batches read on demand.
     """
+    from threadpoolctl import threadpool_limits
+
     from featurecache.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
         return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
     if isinstance(data.X_train, LazyFeatures):
         raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
-    if data.X_train_views is not None:
-        v = data.X_train_views
-        return estimator.fit(v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]), np.tile(data.y_train, v.shape[0]))
-    return estimator.fit(data.X_train, data.y_train)
+    steps = getattr(estimator, "steps", None)
+    k = getattr(steps[-1][1] if steps else estimator, "n_neighbors", None)
+    n_rows = len(data.y_train) * (data.X_train_views.shape[0] if data.X_train_views is not None else 1)
+    if isinstance(k, int) and k > n_rows:
+        raise HeadParamError(f"n_neighbors={k} exceeds the {n_rows} training samples; pass -p n_neighbors=N with N <= {n_rows}")
+    with threadpool_limits(limits=blas_threads(), user_api="blas"):
+        if data.X_train_views is not None:
+            v = data.X_train_views
+            return estimator.fit(v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]), np.tile(data.y_train, v.shape[0]))
+        return estimator.fit(data.X_train, data.y_train)
 
 
 def fit_dense_together(estimators: Sequence[Any], data: TrainingData) -> list[Any]:
@@ -466,10 +534,15 @@ class TrainResult:
     metrics: dict[str, Any]
     seconds: float
     estimator: Any = field(repr=False, compare=False)
+    #: Classes with no valid training sample (the head never predicts them).
+    untrained_classes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
-        return {"run_dir": str(self.run_dir), "head": self.head, "params": _jsonable(self.params), "metrics": self.metrics, "seconds": round(self.seconds, 3)}
+        return {
+            "run_dir": str(self.run_dir), "head": self.head, "params": _jsonable(self.params), "metrics": self.metrics,
+            "seconds": round(self.seconds, 3), "untrained_classes": list(self.untrained_classes),
+        }
 
 
 def default_run_name(head: str, key: str, params: Mapping[str, Any]) -> str:
@@ -541,12 +614,24 @@ def train_head(
     if data is None:
         fs = resolve_features(features, cache_dir=cache_dir)
         data = load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
-    fit_head(estimator, data)
-    metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+    try:
+        fit_head(estimator, data)
+        metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+    except FeatureCacheError:
+        raise
+    except ValueError as exc:  # scikit-learn's parameter validation, found only with the data in hand
+        raise HeadParamError(f"head {head!r} cannot be trained on {data.name} with these parameters: {_first_line(exc)}; change its parameters (see `featurecache heads`)") from None
     seconds = time.perf_counter() - started
     run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
     write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=plots)
-    return TrainResult(run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator)
+    return TrainResult(
+        run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator, untrained_classes=data.untrained_classes
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(exc).__name__
 
 
 def write_run(
@@ -562,19 +647,28 @@ def write_run(
     plots: bool = True,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a run directory (see the module docstring).
+    """Write a run directory (see the module docstring), whole or not at all.
 
+    The directory is built aside (``.<name>.tmp-<pid>-<hex>``) and swapped in with a rename
+    (:mod:`featurecache.rundir`): a run killed at any point leaves either the previous run
+    directory, complete, or the new one, never a mix (such as one head's config beside
+    another's weights). Files an earlier run left there (plots, evaluations) go with it.
     ``extra`` adds top-level fields to ``config.json`` (a sweep records its trial there).
-    Plots left by an earlier run in the same directory are removed first, so a logreg run
-    written over a dense one does not keep the dense run's training curves.
+
+    Raises
+    ------
+    UsageError
+        ``run_dir`` exists and is not a directory.
+    UntrustedHeadError
+        The fitted head could not be loaded back safely (see ``heads.saving``).
     """
     from featurecache.extract import library_versions
     from featurecache.heads import save_head
+    from featurecache.rundir import replace_dir
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*run_dir.glob("confusion_*.png"), run_dir / "training_curves.png"]:
-        stale.unlink(missing_ok=True)
-    save_head(estimator, run_dir)
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} exists and is a file; pass another --out")
     config = {
         "format": RUN_FORMAT,
         "head": head,
@@ -583,22 +677,25 @@ def write_run(
         "classes": list(data.classes),
         "validation": data.validation,
         "invalid_skipped": dict(data.n_invalid),
+        "untrained_classes": list(data.untrained_classes),
         "train_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
         **dict(extra or {}),
     }
-    _write_json(run_dir / "config.json", config)
-    _write_json(run_dir / "metrics.json", dict(metrics))
-    np.savez(run_dir / "predictions.npz", **predictions)
-    if plots:
-        from featurecache.report import plot_confusion_matrix, plot_training_curves
+    with replace_dir(run_dir) as tmp:
+        save_head(estimator, tmp)
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "metrics.json", dict(metrics))
+        np.savez(tmp / "predictions.npz", **predictions)
+        if plots:
+            from featurecache.report import plot_confusion_matrix, plot_training_curves
 
-        for split, m in metrics.items():
-            plot_confusion_matrix(m["confusion_matrix"], data.classes, run_dir / f"confusion_{split}.png", title=f"{head} on {split}")
-        history = getattr(estimator, "history_", None)
-        if history:
-            plot_training_curves(history, run_dir / "training_curves.png", title=head)
+            for split, m in metrics.items():
+                plot_confusion_matrix(m["confusion_matrix"], data.classes, tmp / f"confusion_{split}.png", title=f"{head} on {split}")
+            history = getattr(estimator, "history_", None)
+            if history:
+                plot_training_curves(history, tmp / "training_curves.png", title=head)
     return run_dir
 
 
@@ -608,7 +705,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
     Raises
     ------
     RunError
-        The directory, its config or its head is missing.
+        The directory, its config or its head is missing or unreadable.
+    UntrustedHeadError
+        The head could run code when loaded (a pickled ``head.joblib`` of an earlier version,
+        or types outside the allow-list); the message gives the conversion command.
     """
     from featurecache.heads import load_head
 
@@ -618,7 +718,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
         raise RunError(f"run directory {path} does not exist; train a head first with `featurecache train-head --out {path}`")
     if not cfg_path.is_file():
         raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {cfg_path} ({exc}); train the head again with `featurecache train-head --out {path}`") from None
     try:
         estimator = load_head(path)
     except FileNotFoundError as exc:

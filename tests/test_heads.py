@@ -278,11 +278,15 @@ def test_save_load_round_trip(name, fitted, digits, tmp_path):
     _, _, Xt, _ = digits
     head = fitted[name]
     out = save_head(head, tmp_path / "head")
-    assert (out / "head.json").is_file() and (out / "head.joblib").is_file()
+    assert (out / "head.json").is_file() and not (out / "head.joblib").exists()
     assert (out / "head.keras").is_file() == (name == "dense")
+    assert (out / "head.skops").is_file() == (name != "dense")
     loaded = load_head(out)
     np.testing.assert_array_equal(loaded.predict_proba(Xt), head.predict_proba(Xt))
     np.testing.assert_array_equal(loaded.classes_, head.classes_)
+    if name == "dense":
+        assert loaded.history_ == head.history_ and loaded.best_epoch_ == head.best_epoch_
+        assert loaded.get_params() == head.get_params()
 
 
 def test_saved_head_keras_is_a_plain_keras_model(fitted, digits, tmp_path):
@@ -375,7 +379,7 @@ def test_unknown_param_lists_valid_params_with_types():
         ("dense", "batchnorm", "maybe", "bool"),
         ("dense", "epochs", "2.5", "int"),
         ("knn", "weights", "heavy", "one of uniform, distance"),
-        ("logreg", "class_weight", "even", "one of none, balanced"),
+        ("logreg", "class_weight", "even", "none, balanced or a {label: weight} dict"),
     ],
 )
 def test_ill_typed_value_names_param_value_and_type(name, param, value, expected):
@@ -444,3 +448,116 @@ def test_search_ranges_are_log_uniform_for_scale_params():
     space = SearchSpace("loguniform", 1e-4, 1e2)
     draws = np.array([space.sample(np.random.default_rng(i)) for i in range(200)])
     assert (draws < 1e-2).mean() > 0.2  # log-uniform puts a third of the mass below 1e-2
+
+
+# ----------------------------------------------------------------- loading runs no code
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_legacy_joblib_head_is_refused_without_running_it(tmp_path):
+    from featurecache.errors import UntrustedHeadError
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "old-run"
+    run.mkdir()
+    joblib.dump(_Payload(marker), run / "head.joblib")
+    (run / "head.json").write_text('{"format": 1, "kind": "sklearn", "files": ["head.joblib"]}')
+    with pytest.raises(UntrustedHeadError, match=r"convert-run .*--trust"):
+        load_head(run)
+    (run / "head.json").unlink()  # a pickle alone (no head.json) is refused the same way
+    with pytest.raises(UntrustedHeadError, match="pickle"):
+        load_head(run)
+    assert not marker.exists()
+
+
+def test_skops_head_naming_an_untrusted_type_is_refused(tmp_path):
+    import builtins
+
+    import skops.io as sio
+    from sklearn.preprocessing import FunctionTransformer
+
+    from featurecache.errors import UntrustedHeadError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sio.dump(FunctionTransformer(builtins.exec), run / "head.skops")
+    (run / "head.json").write_text('{"format": 2, "kind": "sklearn", "files": ["head.skops"]}')
+    with pytest.raises(UntrustedHeadError, match="builtins.exec"):
+        load_head(run)
+
+
+def test_convert_legacy_head_needs_trust_then_loads_safely(fitted, digits, tmp_path):
+    from featurecache.errors import UsageError
+    from featurecache.heads import convert_legacy_head
+
+    _, _, Xt, _ = digits
+    head = fitted["logreg"]
+    run = tmp_path / "old-run"
+    run.mkdir()
+    joblib.dump(head, run / "head.joblib")  # what format 1 wrote
+    (run / "head.json").write_text('{"format": 1, "kind": "sklearn", "files": ["head.joblib"]}')
+    with pytest.raises(UsageError, match="--trust"):
+        convert_legacy_head(run)
+    assert (run / "head.joblib").is_file()
+    convert_legacy_head(run, trust=True)
+    assert not (run / "head.joblib").exists() and (run / "head.skops").is_file()
+    np.testing.assert_array_equal(load_head(run).predict_proba(Xt), head.predict_proba(Xt))
+
+
+def test_convert_legacy_dense_head(fitted, digits, tmp_path):
+    import keras
+
+    from featurecache.heads import convert_legacy_head
+    from featurecache.heads.dense import _inference_copy
+
+    _, _, Xt, _ = digits
+    head = fitted["dense"]
+    run = tmp_path / "old-dense"
+    run.mkdir()
+    keras.saving.save_model(_inference_copy(head.model_), run / "head.keras")
+    shell = DenseHead.__new__(DenseHead)
+    shell.__dict__.update({k: v for k, v in head.__dict__.items() if k != "model_"})
+    joblib.dump(shell, run / "head.joblib")
+    (run / "head.json").write_text('{"format": 1, "kind": "keras-dense", "files": ["head.joblib", "head.keras"]}')
+    convert_legacy_head(run, trust=True)
+    np.testing.assert_allclose(load_head(run).predict_proba(Xt), head.predict_proba(Xt), atol=1e-6)
+
+
+def test_import_path_heads_are_scaled_and_seeded(digits):
+    # Features of scale ~1e-11 (random-weight backbones): trees saw constants and sat at chance.
+    X, y, Xt, yt = digits
+    tiny, tiny_t = X * 1e-11, Xt * 1e-11
+    a = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
+    assert a.score(tiny_t, yt) > 0.85
+    assert a.named_steps["clf"].random_state == 0  # seeded unless told otherwise
+    b = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
+    np.testing.assert_array_equal(a.predict_proba(tiny_t), b.predict_proba(tiny_t))
+    assert make_head("sklearn.ensemble:RandomForestClassifier", {"random_state": "none"}).named_steps["clf"].random_state is None
+
+
+def test_dense_head_takes_a_class_weight_dict_like_sklearn(digits):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    X, y, Xt, _ = digits
+    X, y = X[:300], y[:300]
+    balanced = compute_class_weight("balanced", classes=np.unique(y), y=y)
+    as_dict = {int(c): float(w) for c, w in zip(np.unique(y), balanced)}
+    params = {"hidden": (16,), "epochs": 2, "patience": 0}
+    a = DenseHead(**params, class_weight="balanced").fit(X, y).predict_proba(Xt)
+    b = DenseHead(**params, class_weight=as_dict).fit(X, y).predict_proba(Xt)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert clone(DenseHead(class_weight=as_dict)).get_params()["class_weight"] == as_dict
+    assert make_head("logreg", {"class_weight": {0: 2.0}}).named_steps["clf"].class_weight == {0: 2.0}
+    with pytest.raises(UsageError, match="label 42"):
+        DenseHead(**params, class_weight={42: 1.0}).fit(X, y)
+    with pytest.raises(HeadParamError, match="class_weight"):
+        DenseHead(**params, class_weight={0: -1.0}).fit(X, y)

@@ -164,3 +164,32 @@ def test_plot_leaderboard(tmp_path):
     _assert_png(plot_leaderboard(rows, tmp_path / "lb_loss.png", metric="val_log_loss", top=5))
     with pytest.raises(UsageError, match="no row has a finite 'test_accuracy'"):
         plot_leaderboard(rows, tmp_path / "x.png", metric="test_accuracy")
+
+
+def test_leaderboard_plot_of_random_trials_is_readable(tmp_path):
+    # What `sweep --trials` labels look like: every drawn parameter, close accuracies near 0.93.
+    from featurecache.report import _leaderboard_figure
+
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "name": f"dense hidden=512-256 batchnorm=true dropout=0.3 l2={rng.uniform(1e-6, 1e-2):.3g} lr={rng.uniform(1e-4, 1e-2):.3g} batch_size=64 class_weight=balanced",
+            "head": ("dense", "logreg")[i % 2],
+            "val_accuracy": float(rng.uniform(0.92, 0.96)),
+        }
+        for i in range(20)
+    ]
+    fig = _leaderboard_figure(rows, metric="val_accuracy", top=30)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    assert ax.get_xlim()[0] == 0.0  # not zoomed in on 0.92..0.96
+    figure_box = fig.bbox
+    title = fig._suptitle.get_window_extent(renderer)
+    assert figure_box.x0 <= title.x0 and title.x1 <= figure_box.x1 and title.y1 <= figure_box.y1  # not cut
+    labels = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
+    assert all(lb.x0 >= figure_box.x0 for lb in labels)
+    assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:]))  # no overlapping labels
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches)
+    assert not any(legend.overlaps(lb) for lb in labels)

@@ -134,3 +134,124 @@ def test_cli_error_in_a_real_process(env: dict) -> None:
     assert proc.returncode != 0
     assert proc.stdout == ""
     _one_line_error(proc.stderr, "bad.jpg")
+
+
+# ------------------------------------------------------- run directories never run code
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that loading ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+def _crafted_run(env: dict, name: str) -> tuple[Path, Path]:
+    """A copy of the run whose head is a format-1 pickle that would create ``marker`` if loaded."""
+    import joblib
+
+    run = env["root"] / name
+    shutil.copytree(env["run"], run)
+    for f in ("head.skops", "head.keras"):
+        (run / f).unlink(missing_ok=True)
+    marker = env["root"] / f"{name}-pwned"
+    joblib.dump(_Payload(marker), run / "head.joblib")
+    (run / "head.json").write_text('{"format": 1, "kind": "sklearn", "files": ["head.joblib"]}')
+    return run, marker
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate", "predict"])
+def test_crafted_pickle_head_is_refused_in_every_command(env: dict, command: str) -> None:
+    run, marker = _crafted_run(env, f"crafted-{command}")
+    args = {
+        "finetune": ["finetune", "--run", str(run), "--epochs", "0", "--out", str(env["root"] / f"ft-{command}")],
+        "evaluate": ["evaluate", str(run), "--split", "val"],
+        "predict": ["predict", str(run), str(env["images"][0])],
+    }[command]
+    code, out = _cli(*args, "--cache", str(env["cache"]))
+    assert code != 0
+    _one_line_error(out, str(run), "head.joblib", f"featurecache convert-run {run} --trust")
+    assert not marker.exists()
+
+
+def test_cli_convert_run_then_predict(env: dict) -> None:
+    import joblib
+
+    from featurecache.train import load_run
+
+    run = env["root"] / "legacy-run"
+    shutil.copytree(env["run"], run)
+    _, estimator = load_run(run)
+    (run / "head.skops").unlink()
+    joblib.dump(estimator, run / "head.joblib")  # a run directory as format 1 wrote it
+    (run / "head.json").write_text('{"format": 1, "kind": "sklearn", "files": ["head.joblib"]}')
+    code, out = _cli("convert-run", str(run))
+    assert code == 2
+    _one_line_error(out, "--trust", "runs any code")
+    code, out = _cli("convert-run", str(run), "--trust")
+    assert code == 0, out
+    expected = fc.predict(env["run"], env["images"], cache_dir=env["cache"])
+    assert fc.predict(run, env["images"], cache_dir=env["cache"]) == expected
+
+
+def test_truncated_predictions_npz_is_a_one_line_error(env: dict) -> None:
+    run = env["root"] / "truncated-preds"
+    shutil.copytree(env["run"], run)
+    data = (run / "predictions.npz").read_bytes()
+    (run / "predictions.npz").write_bytes(data[: len(data) // 2])
+    code, out = _cli("finetune", "--run", str(run), "--epochs", "0", "--out", str(env["root"] / "ft-trunc"), "--cache", str(env["cache"]))
+    assert code != 0
+    _one_line_error(out, str(run / "predictions.npz"), "train-head")
+
+
+# ------------------------------------------------------------------ what an export carries
+
+
+def _tiny_image_model():  # noqa: ANN202
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255.0)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def test_a_copied_model_keras_names_its_classes(env: dict, tmp_path: Path) -> None:
+    from featurecache.finetune.export import export_model, model_class_names
+
+    assert model_class_names(env["exported"] / "model.keras") == tuple(str(i) for i in range(10))
+    export_model(_tiny_image_model(), tmp_path, classes=("cat", "dog"))
+    copy = tmp_path / "elsewhere" / "pets.keras"  # no config.json beside it
+    copy.parent.mkdir()
+    shutil.copy(tmp_path / "model.keras", copy)
+    script = (
+        "import json, sys, zipfile, keras\n"
+        "m = keras.saving.load_model(sys.argv[1], safe_mode=True)\n"
+        "names = json.loads(zipfile.ZipFile(sys.argv[1]).read('metadata.json'))['featurecache']['class_names']\n"
+        "assert len(names) == m.output_shape[-1]\n"
+        "print(','.join(names))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cat,dog", proc.stderr[-2000:]
+    (pred,) = fc.predict(copy, [env["images"][0]], top_k=2)
+    assert {c for c, _ in pred.top} == {"cat", "dog"}
+
+
+def test_savedmodel_takes_uint8_images_and_names_classes(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from featurecache.finetune.export import export_model
+
+    model = _tiny_image_model()
+    export_model(model, tmp_path, savedmodel=True, classes=("cat", "dog"))
+    loaded = tf.saved_model.load(str(tmp_path / "savedmodel"))
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 9, 7, 3), dtype=np.uint8)
+    expected = model(images.astype(np.float32)).numpy()
+    np.testing.assert_allclose(loaded.serve(tf.constant(images)).numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(loaded.serve_float32(tf.constant(images, tf.float32)).numpy(), expected, atol=1e-6)
+    assert [c.decode() for c in loaded.class_names().numpy()] == ["cat", "dog"]
+    sig = loaded.signatures["serving_default"]
+    assert sig.structured_input_signature[1]["image"].dtype == tf.uint8

@@ -17,8 +17,7 @@ from featurecache.errors import HeadParamError, SweepError, UnknownHeadError, Us
 from featurecache.sweep import SweepResult, parse_grid, plan_trials, sweep
 from featurecache.train import load_run
 
-# 12 logreg + 8 dense = 20 configurations, plus one that fails at prediction time
-# (more neighbours than training samples).
+# 12 logreg + 8 dense = 20 configurations, plus one that fails (more neighbours than training samples).
 GRID = (
     "logreg:C=0.001,0.01,0.1,1,10,100;class_weight=none,balanced;max_iter=300",
     "dense:hidden=,32;lr=1e-3,1e-2;dropout=0,0.2;epochs=2;patience=0;batch_size=128",
@@ -121,7 +120,7 @@ def test_sweep_ranks_every_trial(grid_sweep: SweepResult) -> None:
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(grid_sweep: SweepResult) -> None:
     failed = grid_sweep.leaderboard[-1]
     assert failed["head"] == "knn" and failed["status"] == "failed" and failed["rank"] is None
-    assert failed["error"].startswith("ValueError: Expected n_neighbors <= n_samples_fit")
+    assert failed["error"].startswith("HeadParamError: n_neighbors=5000 exceeds the")
     assert "\n" not in failed["error"]
     record = json.loads((grid_sweep.out_dir / "trials" / f"{failed['trial']}.json").read_text())
     assert record["status"] == "failed" and record["error"] == failed["error"]
@@ -204,6 +203,63 @@ def test_interrupted_best_is_refitted(digits: views.FeatureSet, tmp_path: Path) 
     config, _ = load_run(again.best_run)
     assert config["sweep"]["trial"] == first.best["trial"]
     assert json.loads((again.best_run / "metrics.json").read_text())["val"]["accuracy"] == first.best["val_accuracy"]
+
+
+def test_a_sweep_with_another_grid_keeps_the_first_ones_results(digits: views.FeatureSet, tmp_path: Path) -> None:
+    good, worse = ["logreg:C=0.1,1;max_iter=300"], ["logreg:C=0.0001;max_iter=300"]
+    first = sweep(digits, grid=good, runs_dir=tmp_path, progress=False)
+    second = sweep(digits, grid=worse, runs_dir=tmp_path, progress=False)
+    # By default each grid gets its own directory; the same command resumes its own.
+    assert first.out_dir != second.out_dir and first.out_dir.name.startswith(f"sweep-{digits.key[:8]}-")
+    assert len(json.loads((first.out_dir / "leaderboard.json").read_text())["rows"]) == 2
+    assert load_run(first.best_run)[0]["sweep"]["trial"] == first.best["trial"]
+    assert sweep(digits, grid=good, runs_dir=tmp_path, progress=False).out_dir == first.out_dir
+
+    # Into the same --out, another grid adds its trials: ranked together, the best stays best.
+    out = tmp_path / "shared"
+    a = sweep(digits, grid=good, out=out, progress=False)
+    b = sweep(digits, grid=worse, out=out, progress=False)
+    assert {r["trial"] for r in b.leaderboard} == {r["trial"] for r in a.leaderboard} | {second.best["trial"]}
+    assert b.best["trial"] == a.best["trial"] and b.best["val_accuracy"] > second.best["val_accuracy"]
+    assert load_run(b.best_run)[0]["sweep"]["trial"] == a.best["trial"]
+    assert len(json.loads((out / "sweep.json").read_text())["requests"]) == 2
+
+
+_KILL_WHILE_SAVING_BEST = """
+import os, signal, sys
+import featurecache.train as train
+from featurecache.sweep import sweep
+
+real = train._write_json
+def write_json(path, obj):
+    if path.name == "config.json" and path.parent.name.startswith(".best"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, obj)
+train._write_json = write_json
+sweep(sys.argv[1], grid=["logreg:C=0.1;max_iter=300"], out=sys.argv[2], cache_dir=sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".best")]  # the killed writer's temp dir
+    again = sweep(digits, grid=["logreg:C=0.1;max_iter=300"], out=out, cache_dir=cache, progress=False)
+    assert again.skipped == 1 and load_run(again.best_run)[0]["head"] == "logreg"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_sweep_killed_before_sweep_json_is_resumed(digits: views.FeatureSet, tmp_path: Path) -> None:
+    out = tmp_path / "early"
+    (out / "trials").mkdir(parents=True)  # what a sweep killed right after creating trials/ left
+    res = sweep(digits, grid=["logreg:C=0.1;max_iter=300"], out=out, progress=False)
+    assert res.best_run.is_dir() and (out / "sweep.json").is_file()
 
 
 def test_resume_refuses_other_features(digits: views.FeatureSet, cache: Path, grid_sweep: SweepResult) -> None:

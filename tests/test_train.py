@@ -123,10 +123,13 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
     run = request.getfixturevalue(which)
     fs = request.getfixturevalue(fs_name)
     files = {p.name for p in run.run_dir.iterdir()}
-    expected = {"config.json", "metrics.json", "predictions.npz", "head.json", "head.joblib", "confusion_val.png", "confusion_test.png"}
+    expected = {"config.json", "metrics.json", "predictions.npz", "head.json", "confusion_val.png", "confusion_test.png"}
     if run.head == "dense":
         expected |= {"head.keras", "training_curves.png"}
+    else:
+        expected |= {"head.skops"}
     assert expected <= files, files
+    assert not any(f.endswith(".joblib") for f in files)  # no pickles in a run directory
     for png in (f for f in files if f.endswith(".png")):
         assert (run.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -154,6 +157,42 @@ def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: views.FeatureSe
     assert not (out / "training_curves.png").exists()
     assert not (out / "head.keras").exists()
     assert load_run(out)[0]["head"] == "knn"
+
+
+_KILL_AT_CONFIG = """
+import os, signal, sys
+import featurecache.train as train
+
+real = train._write_json
+def write_json(path, obj):
+    if path.name == "config.json":  # the head is saved, its config not yet written
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, obj)
+train._write_json = write_json
+train.train_head(sys.argv[1], head="knn", params={"n_neighbors": 3}, out=sys.argv[2], cache_dir=sys.argv[3], plots=False)
+"""
+
+
+def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: views.FeatureSet, logreg_run, cache: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    shutil.copytree(logreg_run.run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_CONFIG, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    # The old run is untouched: same files, same bytes, and its config matches its head.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    config, head = load_run(out)
+    assert config["head"] == "logreg" and type(head.steps[-1][1]).__name__ == "LogisticRegression"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+    assert leftovers  # the killed writer's temp dir: a dot-directory no reader looks at...
+    train_head(digits, head="knn", params={"n_neighbors": "3"}, out=out, plots=False)
+    assert load_run(out)[0]["head"] == "knn"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # ...removed by the next write
 
 
 def test_default_run_name_is_stable(digits: views.FeatureSet, tmp_path: Path) -> None:
@@ -307,3 +346,55 @@ def test_cli_train_head_torn_entry(digits: views.FeatureSet, tmp_path: Path) -> 
     res = CliRunner().invoke(app, ["train-head", "--features", digits.name, "--cache", str(other)])
     assert res.exit_code != 0
     assert f"featurecache cache rm {digits.name} --yes" in _error_line(res)
+
+def test_sklearn_heads_fit_with_one_blas_thread(digits: views.FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A BLAS thread per core made one train-head logreg fit 17.6 s instead of 0.6 s on a loaded box.
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen: list[int] = []
+    real_fit = LogisticRegression.fit
+
+    def fit(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", fit)
+    with threadpool_limits(limits=2, user_api="blas"):  # what the CLI starts with on 2 cores
+        train_head(digits, head="logreg", params={"max_iter": "50"}, out=tmp_path / "r", plots=False)
+        assert seen and set(seen) == {1}
+        monkeypatch.setenv("FEATURECACHE_BLAS_THREADS", "2")
+        seen.clear()
+        train_head(digits, head="logreg", params={"max_iter": "50"}, out=tmp_path / "r", plots=False)
+        assert set(seen) == {2}
+
+
+def test_damaged_features_are_a_one_line_error_naming_the_entry(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    res = fc.extract("builtin:digits", **DIGITS, limit=20, cache_dir=cache, progress=False)
+    fs = fc.open_features(res.key, cache_dir=cache)
+    chunk = next(p for p in (fs.store.path / "v0" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit: the chunk's CRC32C no longer matches
+    chunk.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(cache), "--out", str(tmp_path / "r")])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "unexpected" not in lines[0], result.output
+    assert fs.name in lines[0] and f"featurecache cache verify {res.key[:12]} --cache {cache}" in lines[0]
+
+
+def test_a_class_with_one_image_is_kept_for_training(tmp_path: Path) -> None:
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=6)
+    make_image_folder(root, classes=("c",), per_class=1, seed=1)
+    res = fc.extract(str(root), **DIGITS, cache_dir=tmp_path / "cache", progress=False)
+    fs = fc.open_features(res.key, cache_dir=tmp_path / "cache")
+    for seed in range(10):  # held out at random, the single image of c left training 15% of the time
+        data = load_training_data(fs, seed=seed)
+        assert 2 in data.y_train.tolist() and data.untrained_classes == ()
+        assert sorted(set(data.y_val.tolist())) == [0, 1]  # validation stays stratified
+    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(tmp_path / "cache"), "-p", "n_neighbors=100000", "--head", "knn", "--out", str(tmp_path / "k")])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "n_neighbors=100000 exceeds the" in lines[0] and "-p n_neighbors=N" in lines[0]

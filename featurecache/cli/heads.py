@@ -174,6 +174,9 @@ def train_head_cmd(
     if json_out:
         print_json(result.to_json())
         return
+    untrained = result.untrained_classes
+    if untrained:
+        typer.echo(f"warning: {len(untrained)} classes have no valid training image, so the head never predicts them: {', '.join(untrained[:10])}", err=True)
     typer.echo(f"trained {head} on {fs.name} in {result.seconds:.1f} s")
     for split, m in result.metrics.items():
         typer.echo(
@@ -286,3 +289,15 @@ def heads_cmd(
         console.print()
     if not name:
         console.print("Set parameters with `train-head --head NAME -p KEY=VALUE`; any scikit-learn classifier works as --head module:Class.")
+
+
+@handle_errors
+def convert_run_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory of an earlier version (its head is a pickled head.joblib).", show_default=False)],
+    trust: Annotated[bool, typer.Option("--trust", help="Unpickle head.joblib (it can run any code: only for runs you made or trust).")] = False,
+) -> None:
+    """Rewrite an old run directory's pickled head in the safe format (head.skops / head.keras)."""
+    from featurecache.heads import convert_legacy_head
+
+    out = convert_legacy_head(run, trust=trust)
+    typer.echo(f"converted {out}: its head now loads without running code")

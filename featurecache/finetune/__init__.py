@@ -262,7 +262,7 @@ def finetune(
                 log=log,
             )
         metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
-    model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel)
+    model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel, classes=rebuilt.classes)
     seconds = time.perf_counter() - started
     config = {
         "format": FINETUNE_FORMAT,

@@ -2,7 +2,9 @@
 
 The model is saved uncompiled as ``model.keras`` (its input is raw RGB of any size, resized and
 preprocessed inside by built-in layers), so plain ``keras.saving.load_model`` opens it with
-``safe_mode`` on and without featurecache; a TensorFlow SavedModel is added on request. The file
+``safe_mode`` on and without featurecache; its class names travel inside it (the archive's
+``metadata.json``), so a copied file still predicts names. A TensorFlow SavedModel that takes
+uint8 images is added on request. The file
 is written under a temporary name and renamed, so a crash never leaves a half-written
 ``model.keras`` that ``featurecache predict`` would try to load. Beside it go ``config.json``
 (how it was made), ``metrics.json``, ``predictions.npz`` and the plots.
@@ -10,6 +12,7 @@ is written under a temporary name and renamed, so a crash never leaves a half-wr
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MODEL_FILE", "export_model", "write_outputs"]
+__all__ = ["MODEL_FILE", "export_model", "model_class_names", "write_outputs"]
 
 MODEL_FILE = "model.keras"
+_METADATA = "metadata.json"
+_NAMESPACE = "featurecache"
 
 
-def export_model(model: Any, out_dir: Path, *, savedmodel: bool = False) -> Path:
+def export_model(model: Any, out_dir: Path, *, savedmodel: bool = False, classes: Sequence[str] = ()) -> Path:
     """Save ``model`` as ``<out_dir>/model.keras`` (uncompiled) and optionally a SavedModel.
 
     Parameters
@@ -32,7 +37,12 @@ def export_model(model: Any, out_dir: Path, *, savedmodel: bool = False) -> Path
     out_dir
         Output directory.
     savedmodel
-        Also ``model.export(<out_dir>/savedmodel)`` for TF Serving / TFLite.
+        Also write ``<out_dir>/savedmodel`` for TF Serving / TFLite: its ``serve`` signature
+        takes RGB ``uint8`` images of any size (as decoded), ``serve_float32`` float32 in [0, 255],
+        and ``class_names`` returns the names.
+    classes
+        Class names in output column order, kept inside ``model.keras`` (``metadata.json`` of
+        the archive: :func:`model_class_names` reads them) so a copied file still names its classes.
 
     Returns
     -------
@@ -45,12 +55,66 @@ def export_model(model: Any, out_dir: Path, *, savedmodel: bool = False) -> Path
     tmp = out_dir / f".{MODEL_FILE}.{os.getpid()}.tmp.keras"
     try:
         keras.saving.save_model(model, str(tmp))
+        if classes:
+            _add_metadata(tmp, {"class_names": [str(c) for c in classes]})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     if savedmodel:
-        model.export(str(out_dir / "savedmodel"), verbose=False)
+        _export_savedmodel(model, out_dir / "savedmodel", classes)
     return path
+
+
+def _add_metadata(archive: Path, fields: Mapping[str, Any]) -> None:
+    """Add ``fields`` under ``featurecache`` in the ``metadata.json`` of a ``.keras`` zip (Keras ignores unknown keys)."""
+    import zipfile
+
+    rewritten = archive.with_name(archive.name + ".meta")
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(rewritten, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == _METADATA:
+                meta = json.loads(data)
+                meta[_NAMESPACE] = {**meta.get(_NAMESPACE, {}), **fields}
+                data = json.dumps(meta).encode()
+            dst.writestr(info, data, compress_type=info.compress_type)
+    os.replace(rewritten, archive)
+
+
+def model_class_names(path: str | os.PathLike[str]) -> tuple[str, ...] | None:
+    """The class names :func:`export_model` stored inside a ``.keras`` file, or ``None``.
+
+    Plain Python reads them too: ``json.loads(zipfile.ZipFile(path).read("metadata.json"))
+    ["featurecache"]["class_names"]``.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            meta = json.loads(archive.read(_METADATA))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    names = (meta.get(_NAMESPACE) or {}).get("class_names") if isinstance(meta, dict) else None
+    return tuple(str(c) for c in names) if isinstance(names, list) else None
+
+
+def _export_savedmodel(model: Any, path: Path, classes: Sequence[str]) -> None:
+    """A SavedModel whose default signature takes uint8 images (``model.export`` would take float32 only)."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    images = (None, None, None, 3)
+
+    def serve(x: Any) -> Any:
+        return model(tf.cast(x, tf.float32), training=False)
+
+    archive.add_endpoint(name="serve", fn=serve, input_signature=[tf.TensorSpec(images, tf.uint8, name="image")])
+    archive.add_endpoint(name="serve_float32", fn=serve, input_signature=[tf.TensorSpec(images, tf.float32, name="image")])
+    names = tf.constant([str(c) for c in classes], dtype=tf.string)
+    archive.add_endpoint(name="class_names", fn=lambda: names, input_signature=[])
+    archive.write_out(str(path), verbose=False)
 
 
 def write_outputs(

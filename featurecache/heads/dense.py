@@ -385,8 +385,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     patience : int
         Early stopping on ``val_loss`` with best weights restored; active only when
         ``patience > 0`` and ``fit`` gets ``X_val``.
-    class_weight : {None, "balanced"}
-        ``balanced`` weights samples inversely to class frequency.
+    class_weight : None, "balanced" or dict
+        ``balanced`` weights samples inversely to class frequency; ``{label: weight}`` weighs
+        each class as given (labels not in it weigh 1), as in scikit-learn.
     normalize : bool
         Standardise the pooled input features with the training set's per-feature mean and
         variance (a frozen ``head_input_norm`` layer inside the model, so the saved head and
@@ -604,6 +605,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 "balanced", classes=np.arange(n_classes), y=y_enc
             ).astype(np.float32)
             sample_weight = weights[y_enc]
+        elif isinstance(cfg["class_weight"], dict):
+            sample_weight = _class_weight_dict(cfg["class_weight"], encoder.classes_)[y_enc]
         return _FitInputs(
             cfg=cfg, input_shape=tuple(int(d) for d in X.shape[1:]), pool=pool, views=views, y_enc=y_enc,
             classes=encoder.classes_, validation=validation, sample_weight=sample_weight,
@@ -710,6 +713,22 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             state = dict(state)
             state["model_"] = load_keras_model_bytes(model.data)
         super().__setstate__(state)
+
+
+def _class_weight_dict(weights: dict[Any, float], classes: np.ndarray) -> np.ndarray:
+    """Per encoded class, the weight of a ``{label: weight}`` dict (absent labels weigh 1, as in scikit-learn)."""
+    known = {c: i for i, c in enumerate(classes.tolist())}
+    by_text = {str(c): i for c, i in known.items()}
+    out = np.ones(len(classes), dtype=np.float32)
+    for label, w in weights.items():
+        i = known.get(label, by_text.get(str(label)))  # "3" (from JSON) names label 3
+        if i is None:
+            raise UsageError(
+                f"class_weight names label {label!r}, which is not among the training labels "
+                f"{classes.tolist()[:20]!r}; use those labels as keys"
+            )
+        out[i] = float(w)
+    return out
 
 
 def _resolve_pool(pool: str, ndim: int) -> str:

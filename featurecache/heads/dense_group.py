@@ -59,7 +59,8 @@ GROUP_PARAMS: tuple[str, ...] = ("batch_size", "seed", "class_weight", "pool")
 
 def group_key_of(params: Any) -> tuple[Any, ...]:
     """:func:`group_key` from already coerced dense parameters (e.g. a sweep trial's)."""
-    return tuple(params[k] for k in GROUP_PARAMS)
+    # A class_weight dict becomes sorted items: the key must be hashable (sweeps group by it).
+    return tuple(tuple(sorted(params[k].items(), key=str)) if isinstance(params[k], dict) else params[k] for k in GROUP_PARAMS)
 
 
 def fit_dense_heads(

@@ -51,7 +51,7 @@ __all__ = [
 #: Top-level packages whose estimators may be named by import path ("pkg.module:Class").
 IMPORT_PATH_PACKAGES: tuple[str, ...] = ("sklearn", "xgboost", "lightgbm")
 
-ParamType = Literal["int", "float", "bool", "str", "choice", "int_tuple", "any"]
+ParamType = Literal["int", "float", "bool", "str", "choice", "int_tuple", "any", "class_weight"]
 
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
@@ -166,6 +166,8 @@ class ParamSpec:
             return "one of " + ", ".join(_format_value(c) for c in self.choices)
         if self.type == "int_tuple":
             base = "layer widths like 256-128-64 ('' for none)"
+        elif self.type == "class_weight":
+            base = "none, balanced or a {label: weight} dict (Python API)"
         elif self.type == "any":
             base = "int, float, bool, none or string"
         else:
@@ -352,6 +354,22 @@ def _to_any(spec: ParamSpec, value: Any) -> Any:
     return text
 
 
+def _to_class_weight(spec: ParamSpec, value: Any) -> Any:
+    # scikit-learn's class_weight: None, "balanced" or {label: weight}; labels not in the
+    # dict weigh 1. Dict keys are checked against the training labels in fit.
+    if isinstance(value, Mapping):
+        out = {}
+        for label, weight in value.items():
+            w = _to_float(ParamSpec(f"{spec.name}[{label!r}]", "float", 1.0, gt=0), weight)
+            out[label.item() if hasattr(label, "item") else label] = w
+        return out
+    if _is_none(value):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "balanced":
+        return "balanced"
+    raise ValueError("use none, balanced or a {label: weight} dict")
+
+
 _COERCERS: Mapping[str, Callable[[ParamSpec, Any], Any]] = MappingProxyType(
     {
         "int": _to_int,
@@ -361,6 +379,7 @@ _COERCERS: Mapping[str, Callable[[ParamSpec, Any], Any]] = MappingProxyType(
         "choice": _to_choice,
         "int_tuple": _to_int_tuple,
         "any": _to_any,
+        "class_weight": _to_class_weight,
     }
 )
 
@@ -436,10 +455,9 @@ def _build_dense(**kw: Any) -> BaseEstimator:
 
 _CLASS_WEIGHT = ParamSpec(
     "class_weight",
-    "choice",
+    "class_weight",
     None,
-    "none, or 'balanced' to weight classes inversely to their frequency",
-    choices=(None, "balanced"),
+    "none, 'balanced' to weight classes inversely to their frequency, or {label: weight}",
     search=SearchSpace("choice", choices=(None, "balanced")),
 )
 _CALIBRATION = ParamSpec(
@@ -903,6 +921,9 @@ def _spec_from_default(name: str, default: Any) -> ParamSpec:
     # narrower than what the estimator accepts (min_samples_split=2 also takes 0.5,
     # max_features="sqrt" also takes 0.3), so only bools and floats are typed; everything
     # else is parsed as int/float/bool/none/str and left to the estimator's own validation.
+    if name == "random_state" and default is None:
+        # Seeded by default, like the registered heads: the same command gives the same head.
+        return ParamSpec(name, "any", 0, "seed (none = unseeded)")
     if isinstance(default, bool):
         return ParamSpec(name, "bool", default)
     if isinstance(default, float):
