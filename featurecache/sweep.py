@@ -879,6 +879,9 @@ def sweep(
 
     meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(best_dir)}
     _write_json(out_dir / "sweep.json", meta)
+    from featurecache.report.html import write_report
+
+    write_report(out_dir, analyse=False)  # report.html: leaderboard and the best run (analysed as it was written)
     return SweepResult(
         out_dir=out_dir,
         leaderboard=rows,

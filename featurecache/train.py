@@ -548,7 +548,7 @@ def write_run(
     from featurecache.heads import save_head
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*run_dir.glob("confusion_*.png"), run_dir / "training_curves.png"]:
+    for stale in [*run_dir.glob("confusion_*.png"), *run_dir.glob("top_losses_*.png"), run_dir / "training_curves.png"]:
         stale.unlink(missing_ok=True)
     save_head(estimator, run_dir)
     config = {
@@ -575,6 +575,9 @@ def write_run(
         history = getattr(estimator, "history_", None)
         if history:
             plot_training_curves(history, run_dir / "training_curves.png", title=head)
+        from featurecache.report.html import write_report
+
+        write_report(run_dir)  # top losses (images read back from the dataset) and report.html
     return run_dir
 
 
