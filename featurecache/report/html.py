@@ -347,7 +347,9 @@ def write_report(
     run = target / "best" if sweep else target
     note = ""
     has_predictions = (run / "predictions.npz").is_file() or any(run.glob("predictions_*.npz"))
-    if analyse and has_predictions:
+    # An evaluate directory records no dataset: its grids are drawn by evaluate, with its images.
+    knows_images = images is not None or (run / "config.json").is_file()
+    if analyse and has_predictions and knows_images:
         result = analyse_run(run, n=top or DEFAULT_TOP, splits=splits, data=data, limit=limit, cache_dir=cache_dir, strict=strict, images=images)
         note = result.note
         if sweep:

@@ -34,6 +34,7 @@ __all__ = [
     "most_confused",
     "per_sample_loss",
     "read_predictions",
+    "load_run_dataset",
     "run_image_loader",
     "top_losses",
     "top_losses_from_arrays",
@@ -335,15 +336,14 @@ def recorded_dataset(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_image_loader(
+def load_run_dataset(
     config: Mapping[str, Any],
-    split: str,
     *,
     data: str | None = None,
     limit: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-) -> SplitImages:
-    """The images of a run's ``split`` by id, from the dataset the run records.
+) -> tuple[Any, str]:
+    """The dataset a run was made from (same source, ``--limit`` and seed), and its source.
 
     Raises
     ------
@@ -362,12 +362,37 @@ def run_image_loader(
     if limit is None and data is None:
         limit = rec["limit"]
     dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=rec["seed"])
-    where = rec["validation"] if split == "val" else split
-    if where not in dataset.splits and split == "val":
-        where = "val" if "val" in dataset.splits else "train"
-    if where not in dataset.splits:
+    return dataset, str(source)
+
+
+def run_image_loader(
+    config: Mapping[str, Any],
+    split: str,
+    *,
+    data: str | None = None,
+    limit: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dataset: tuple[Any, str] | None = None,
+) -> SplitImages:
+    """The images of a run's ``split`` by id, from the dataset the run records.
+
+    ``dataset`` is :func:`load_run_dataset`'s result when already loaded (then ``data``,
+    ``limit`` and ``cache_dir`` are not used).
+
+    Raises
+    ------
+    RunError
+        The run records no dataset source, or the dataset lacks the split.
+    DatasetError
+        The dataset cannot be loaded.
+    """
+    ds, source = dataset or load_run_dataset(config, data=data, limit=limit, cache_dir=cache_dir)
+    where = recorded_dataset(config)["validation"] if split == "val" else split
+    if where not in ds.splits and split == "val":
+        where = "val" if "val" in ds.splits else "train"
+    if where not in ds.splits:
         raise RunError(f"dataset {source!r} has no {where!r} split for the run's {split} images; pass --data with the run's images")
-    return SplitImages(dataset.splits[where], dataset.classes, where=str(source))
+    return SplitImages(ds.splits[where], ds.classes, where=source)
 
 
 class SplitImages:
@@ -501,8 +526,11 @@ def write_error_analysis(
     for res in results:
         doc.setdefault(res.split, {})["top_losses"] = res.rows
         doc[res.split]["n"] = res.n_total
+        grid = out / f"top_losses_{res.split}.png"
         if plots and any(img is not None for img in res.images):
-            res.save(out / f"top_losses_{res.split}.png")
+            res.save(grid)
+        else:
+            grid.unlink(missing_ok=True)  # an older grid would no longer match the rows
     for split, pairs in confusions.items():
         doc.setdefault(split, {})["most_confused"] = pairs
     tmp = out / ".most_confused.csv.partial"
@@ -587,18 +615,24 @@ def analyse_run(
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
     classes = [str(c) for c in (config or {}).get("classes", [])] or _classes_from_metrics(metrics)
     results, confusions, notes = [], {}, []
+    dataset = None
+    if config is not None and any(sp not in (images or {}) for sp in chosen):
+        try:
+            dataset = load_run_dataset(config, data=data, limit=limit, cache_dir=cache_dir)
+        except FeatureCacheError as exc:
+            if strict:
+                raise
+            notes.append(f"{exc} (then run `featurecache report {path} --data SOURCE`)")
     for split in chosen:
         ids, y, proba = read_predictions(path, split)
         loader = (images or {}).get(split)
-        if loader is None and config is not None:
+        if loader is None and dataset is not None:
             try:
-                loader = run_image_loader(config, split, data=data, limit=limit, cache_dir=cache_dir)
-            except FeatureCacheError as exc:
+                loader = run_image_loader(config, split, dataset=dataset)
+            except RunError as exc:
                 if strict:
                     raise
                 notes.append(f"{split}: {exc}")
-        if loader is None and config is None:
-            notes.append(f"{split}: the directory records no dataset (no config.json)")
         try:
             res = top_losses_from_arrays(ids, y, proba, classes, split=split, n=n, load=loader)
             if loader is not None:
