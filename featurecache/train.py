@@ -368,8 +368,10 @@ def _head_label(estimator: Any) -> str:
     return type(final).__name__
 
 
-def fit_head(estimator: Any, data: TrainingData) -> Any:
+def fit_head(estimator: Any, data: TrainingData, *, callbacks: Sequence[Any] = ()) -> Any:
     """Fit ``estimator`` on ``data`` the way its kind wants it; returns the estimator.
+
+    ``callbacks`` are extra Keras callbacks for the dense head (others have no epochs).
 
     Raises
     ------
@@ -380,7 +382,7 @@ def fit_head(estimator: Any, data: TrainingData) -> Any:
     from featurecache.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
-        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
+        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views, callbacks=callbacks)
     if isinstance(data.X_train, LazyFeatures):
         raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
     if data.X_train_views is not None:
@@ -469,6 +471,7 @@ def train_head(
     plots: bool = True,
     data: TrainingData | None = None,
     max_memory: int | str | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train one head on a cached feature set and write its run directory.
 
@@ -498,6 +501,9 @@ def train_head(
     max_memory
         Budget for the training features (see :func:`load_training_data`); above it the dense
         head streams them from the cache and the other heads are refused.
+    tensorboard
+        TensorBoard log directory: the run becomes ``<tensorboard>/<run name>`` with its
+        parameters and final metrics (HParams), and for the dense head Keras's curves.
 
     Returns
     -------
@@ -517,11 +523,23 @@ def train_head(
     if data is None:
         fs = resolve_features(features, cache_dir=cache_dir)
         data = load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
-    fit_head(estimator, data)
+    run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
+    tb_dir = None
+    callbacks: list[Any] = []
+    if tensorboard is not None:
+        from featurecache.heads import DenseHead
+        from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+
+        tb_dir = fresh_run_log_dir(tensorboard, run_dir.name)
+        callbacks = [keras_callback(tb_dir)] if isinstance(estimator, DenseHead) else []
+    fit_head(estimator, data, callbacks=callbacks)
     metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
     seconds = time.perf_counter() - started
-    run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
     write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=plots)
+    if tb_dir is not None:
+        from featurecache.report.tensorboard import write_hparams_run
+
+        write_hparams_run(tb_dir, hparams={"head": head, **coerced}, metrics=metrics)
     return TrainResult(run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator)
 
 

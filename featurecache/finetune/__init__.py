@@ -129,6 +129,7 @@ def finetune(
     plots: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> FinetuneResult:
     """Rebuild a run as one model, check it reproduces the head, fine-tune it and export it.
 
@@ -176,6 +177,9 @@ def finetune(
         Cache root (weights and file-digest memos; diagnosis of a mismatch).
     progress
         Print the check, the trainable layers and one line per epoch on stderr.
+    tensorboard
+        TensorBoard log directory: Keras's curves and the fine-tune's settings and final
+        metrics (HParams) go to ``<tensorboard>/<out name>``.
 
     Returns
     -------
@@ -227,6 +231,11 @@ def finetune(
             )
             print(trainable_text(trainable, rebuilt), file=log)
         out_dir.mkdir(parents=True, exist_ok=True)
+        tb_dir = None
+        if tensorboard is not None:
+            from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+
+            tb_dir = fresh_run_log_dir(tensorboard, out_dir.name)
         if epochs > 0:
             history, best_epoch = fit_model(
                 rebuilt,
@@ -241,6 +250,7 @@ def finetune(
                 seed=int(seed),
                 pool=pool,
                 log=log,
+                callbacks=[keras_callback(tb_dir)] if tb_dir is not None else (),
             )
         metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
     model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel)
@@ -289,6 +299,11 @@ def finetune(
         title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})",
         plots=plots,
     )
+    if tb_dir is not None:
+        from featurecache.report.tensorboard import write_hparams_run
+
+        settings = {"head": rebuilt.config.get("head"), "unfreeze": unfreeze, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "epochs": epochs}
+        write_hparams_run(tb_dir, hparams=settings, metrics=metrics)
     return FinetuneResult(
         out=out_dir,
         model_path=model_path,
