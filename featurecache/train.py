@@ -6,7 +6,8 @@ A run directory holds everything stage 3 needs besides the images::
     runs/<name>/head.joblib       the fitted head (+ head.keras for Keras heads: a plain Keras model)
     runs/<name>/metrics.json      validation (and test) metrics
     runs/<name>/predictions.npz   ids, labels and probabilities behind those metrics
-    runs/<name>/*.png             confusion matrices, training curves
+    runs/<name>/*.png             confusion matrices, training curves, top-loss grids
+    runs/<name>/report.html       everything above on one page (featurecache.report)
 
 Validation is the cached ``val`` split when there is one, else a deterministic stratified
 fraction of ``train``. Training on augmented views: a Keras head draws one view per sample
@@ -566,7 +567,8 @@ def write_run(
     from featurecache.heads import save_head
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*run_dir.glob("confusion_*.png"), *run_dir.glob("top_losses_*.png"), run_dir / "training_curves.png"]:
+    reports = [*run_dir.glob("top_losses_*.png"), *(run_dir / f for f in ("top_losses.json", "most_confused.csv", "report.html"))]
+    for stale in [*run_dir.glob("confusion_*.png"), run_dir / "training_curves.png", *reports]:
         stale.unlink(missing_ok=True)
     save_head(estimator, run_dir)
     config = {

@@ -162,12 +162,12 @@ def test_top_losses_read_images_back_from_folder_csv_and_npz(tmp_path: Path, cac
 # ----------------------------------------------------------------------------- HTML
 
 
-def _chromium(page: Path, tmp_path: Path) -> tuple[str, list[str]]:
+def _chromium(page: Path, tmp_path: Path, fragment: str = "") -> tuple[str, list[str]]:
     """The DOM after scripts ran, and the console messages, from a real headless Chromium."""
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}",
-        "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri(),
+        "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri() + fragment,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -219,6 +219,16 @@ def test_sweep_report_in_headless_chromium(tb_sweep: tuple[SweepResult, Path], t
     for trial in (r["trial"][:8] for r in result.leaderboard):
         assert f">{trial}<" in table
     assert ">logreg.C<" in table and ">dense.hidden<" in table
+
+    # The page's script sorts the table: by val_log_loss, ascending, then descending.
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    col = headers.index("val_log_loss")
+    for fragment, reverse in ((f"#sort={col}", False), (f"#sort={col}-desc", True)):
+        dom, console = _chromium(result.out_dir / "report.html", tmp_path, fragment)
+        assert console == []
+        board = dom[dom.index('id="leaderboard"') : dom.index("</table>", dom.index('id="leaderboard"'))]
+        shown = [float(re.findall(r'data-v="([^"]*)"', row)[col]) for row in board.split("<tr>")[2:]]
+        assert shown == sorted((r["val_log_loss"] for r in result.leaderboard), reverse=reverse)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -326,3 +336,18 @@ def test_train_head_dense_tensorboard_uses_keras_callback(digits: store.FeatureS
     sessions, metrics, _ = _tensorboard_sessions(log_dir)
     assert sessions["dense"]["head"] == "dense" and sessions["dense"]["hidden"] == "16"
     assert metrics["dense"]["val_accuracy"] == pytest.approx(run.metrics["val"]["accuracy"])
+
+
+def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path: Path, cache: Path) -> None:
+    from featurecache.predict import evaluate
+
+    res = evaluate(logreg_run.run_dir, split="test", out=tmp_path / "eval", cache_dir=cache)
+    with np.load(tmp_path / "eval" / "predictions_test.npz") as npz:
+        ids, y, proba = npz["ids"], npz["y"], npz["proba"]
+    losses = -np.log(np.clip(proba[np.arange(len(y)), y], np.finfo(np.float64).eps, 1))
+    expected = [str(ids[i]) for i in np.argsort(-losses, kind="stable")[:16]]
+    doc = json.loads((res.out / "top_losses.json").read_text())
+    assert [r["id"] for r in doc["test"]["top_losses"]] == expected
+    assert (res.out / "top_losses_test.png").is_file()
+    page = (res.out / "report.html").read_text()
+    assert "Top losses" in page and page.count('src="data:image/png;base64,') == 2

@@ -44,7 +44,8 @@ details{margin:.4em 0}summary{cursor:pointer;color:var(--accent)}
 @media (max-width:600px){body{padding:6px;font-size:14px}th,td{padding:2px 4px}}
 """
 
-# Sort by clicking a header; numbers sort numerically (data-v holds the raw value).
+# Sort by clicking a header (or open the page with #sort=COLUMN[-desc]); numbers sort
+# numerically (data-v holds the raw value).
 # It marks the page ready (data-ready, row and image counts) once it has run, for tests.
 _JS = """
 (function(){
@@ -64,6 +65,9 @@ Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,i){
 th.setAttribute('tabindex','0');th.addEventListener('click',function(){sortBy(table,i,th);});
 th.addEventListener('keydown',function(e){if(e.key==='Enter'){sortBy(table,i,th);}});});});
 var lb=document.getElementById('leaderboard');
+// A link ending in #sort=COLUMN[-desc] opens the leaderboard sorted (COLUMN: 0-based index).
+var m=/^#sort=(\d+)(-desc)?$/.exec(location.hash);
+if(lb&&m){var th=lb.tHead.rows[0].cells[+m[1]];if(th){sortBy(lb,+m[1],th);if(m[2]){sortBy(lb,+m[1],th);}}}
 document.body.setAttribute('data-leaderboard-rows',lb?String(lb.tBodies[0].rows.length):'0');
 document.body.setAttribute('data-images',String(document.images.length));
 document.body.setAttribute('data-ready','1');
@@ -243,23 +247,25 @@ def _leaderboard_section(board: Mapping[str, Any]) -> str:
     others = {k for r in rows for k in r if k not in skip and k != metric}
     # The ranking metric, then the other validation metrics, then test: the order people read in.
     metric_cols = [metric, *sorted(others, key=lambda k: (not k.startswith("val_"), k))]
-    params = sorted({f"{r['head']}.{k}" for r in rows for k in (r.get("params") or {})})
-    headers = ["rank", "trial", "head", *params, *metric_cols, "status", "fit s", "error"]
+    # One column per (head, parameter): heads share names (class_weight) with other meanings.
+    params = sorted({(r["head"], k) for r in rows for k in (r.get("params") or {})})
+    headers = ["rank", "trial", "head", *(f"{h}.{k}" for h, k in params), *metric_cols, "status", "fit s", "error"]
     table_rows = []
     for r in rows:
         p = r.get("params") or {}
+        rank = r.get("rank")
         cells = [
-            (str(r["rank"]) if r.get("rank") is not None else "-", r.get("rank") if r.get("rank") is not None else 1e9),
+            (str(rank) if rank is not None else "-", rank if rank is not None else 1e9),  # failed trials sort last
             (r["trial"][:8], r["trial"]),
             r.get("head"),
-            *((_param_text(p.get(k.split(".", 1)[1])) if k.split(".", 1)[0] == r.get("head") and k.split(".", 1)[1] in p else "") for k in params),
+            *(_param_text(p[k]) if h == r.get("head") and k in p else "" for h, k in params),
             *(r.get(c) for c in metric_cols),
             r.get("status"),
             r.get("fit_seconds"),
             r.get("error") or "",
         ]
         table_rows.append(cells)
-    return f"<h2>Leaderboard ({len(rows)} trials, ranked by {_e(metric)})</h2><p class=\"muted\">Click a column to sort.</p>" + _table(headers, table_rows, sortable=True, table_id="leaderboard", text_cols=0)
+    return f"<h2>Leaderboard ({len(rows)} trials, ranked by {_e(metric)})</h2><p class=\"muted\">Click a column to sort (or open the page with #sort=N or #sort=N-desc, N = column number from 0).</p>" + _table(headers, table_rows, sortable=True, table_id="leaderboard", text_cols=0)
 
 
 def _param_text(value: Any) -> Any:

@@ -43,7 +43,7 @@ __all__ = [
 
 #: Images shown per grid unless asked otherwise.
 DEFAULT_TOP = 16
-_MAX_TOP = 400
+_MAX_TOP = 100  # a 10 x 10 grid is ~2500 x 3000 px; more would not be looked at
 
 
 def per_sample_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
@@ -135,11 +135,14 @@ class TopLosses:
         """The ids shown, highest loss first."""
         return [r["id"] for r in self.rows]
 
-    def figure(self, *, columns: int = 4) -> Any:
-        """The grid as a ``matplotlib.figure.Figure`` (thumbnail, true and predicted label, probability, loss)."""
-        return _grid_figure(self, columns=columns)
+    def figure(self, *, columns: int | None = None) -> Any:
+        """The grid as a ``matplotlib.figure.Figure`` (thumbnail, true and predicted label, probability, loss).
 
-    def save(self, path: str | os.PathLike[str], *, columns: int = 4) -> Path:
+        ``columns`` defaults to 4, more for large grids (about square).
+        """
+        return _grid_figure(self, columns=columns or max(4, math.ceil(math.sqrt(len(self.rows)))))
+
+    def save(self, path: str | os.PathLike[str], *, columns: int | None = None) -> Path:
         """Write the grid as a PNG; returns ``path``."""
         from featurecache.report.figures import save_figure
 
@@ -192,7 +195,7 @@ def top_losses_from_arrays(
         raise UsageError(f"ids ({len(ids)}), y ({len(yy)}) and proba {p.shape} must describe the same samples over {len(classes)} classes")
     loss = per_sample_loss(yy, p)
     # lexsort: last key first -- loss descending, then id ascending.
-    order = np.lexsort((np.asarray(ids, dtype=object).astype(str), -loss))[:n]
+    order = np.lexsort((np.asarray(ids, dtype=str), -loss))[:n]
     pred = p.argmax(axis=1)
     rows = [
         {
