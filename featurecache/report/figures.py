@@ -16,12 +16,16 @@ __all__ = ["DPI", "new_figure", "png_bytes", "save_figure"]
 DPI = 110
 
 
-def new_figure(width: float, height: float) -> Any:
-    """A ``matplotlib.figure.Figure`` of ``width`` x ``height`` inches on its own Agg canvas."""
+def new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Any:
+    """A ``matplotlib.figure.Figure`` of ``width`` x ``height`` inches on its own Agg canvas.
+
+    ``layout=None`` skips the constrained layout (it dominates the time of many-axes grids,
+    which place their axes themselves).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
