@@ -351,3 +351,24 @@ def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path
     assert (res.out / "top_losses_test.png").is_file()
     page = (res.out / "report.html").read_text()
     assert "Top losses" in page and page.count('src="data:image/png;base64,') == 2
+
+
+@pytest.mark.slow
+def test_finetune_tensorboard_and_report(logreg_run: TrainResult, tmp_path: Path, cache: Path) -> None:
+    from featurecache.finetune import finetune
+
+    log_dir = tmp_path / "tb"
+    res = finetune(logreg_run.run_dir, unfreeze="top:1", epochs=2, patience=0, out=tmp_path / "ft", cache_dir=cache, progress=False, tensorboard=log_dir)
+    assert _epochs(log_dir, "ft/train", "epoch_loss") == 2
+    assert _epochs(log_dir, "ft/validation", "epoch_accuracy") == 2
+    sessions, metrics, _ = _tensorboard_sessions(log_dir)
+    assert sessions["ft"]["unfreeze"] == "top:1" and sessions["ft"]["optimizer"] == "adam"
+    assert metrics["ft"]["val_accuracy"] == pytest.approx(res.metrics["val"]["accuracy"])
+    # The fine-tuned model's own top losses, from its predictions.
+    with np.load(res.out / "predictions.npz") as npz:
+        ids, y, proba = npz["val_ids"], npz["val_y"], npz["val_proba"]
+    losses = -np.log(np.clip(proba[np.arange(len(y)), y], np.finfo(np.float64).eps, 1))
+    doc = json.loads((res.out / "top_losses.json").read_text())
+    assert [r["id"] for r in doc["val"]["top_losses"]] == [str(ids[i]) for i in np.argsort(-losses, kind="stable")[:16]]
+    page = (res.out / "report.html").read_text()
+    assert "fine-tune ft" in page and "Training curves" in page
