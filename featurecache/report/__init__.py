@@ -2,7 +2,8 @@
 
 ``featurecache.report`` re-exports the public functions of its modules, so notebooks use one
 import: :mod:`~featurecache.report.plots` (PNG plots), :mod:`~featurecache.report.losses` (the
-images a model gets most wrong, the classes it confuses), :mod:`~featurecache.report.html`
+images a model gets most wrong, the classes it confuses; :mod:`~featurecache.report.images`
+reads a run's images back by id), :mod:`~featurecache.report.html`
 (one self-contained page per run or sweep) and :mod:`~featurecache.report.tensorboard` (event
 files for ``tensorboard --logdir``). Importing it imports neither TensorFlow nor matplotlib.
 
@@ -16,9 +17,9 @@ In a notebook::
 """
 
 from featurecache.report.html import REPORT_FILE, render_run, render_sweep, write_report
+from featurecache.report.images import SplitImages
 from featurecache.report.losses import (
     ErrorAnalysis,
-    SplitImages,
     TopLosses,
     analyse_run,
     most_confused,

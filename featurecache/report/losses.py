@@ -5,8 +5,9 @@ and probabilities behind its metrics, so the losses need no model: the loss of a
 cross-entropy ``-log p[true]`` (clipped as scikit-learn's ``log_loss`` clips). The images come
 back from the dataset the run records (``config.json``: source, ``--limit``, seed -- loading it
 again gives the same subset, as fine-tuning does), looked up by id, so this works for folders,
-CSV manifests and array sources alike. Each looked-up image's label is checked against the
-run's: a dataset that changed since is an error, never a wrong picture.
+CSV manifests and array sources alike (:mod:`featurecache.report.images`). Each looked-up
+image's label is checked against the run's: a dataset that changed since is an error, never a
+wrong picture.
 """
 
 from __future__ import annotations
@@ -23,19 +24,16 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import RunError, UsageError, choices
+from featurecache.report.images import SplitImages, check_labels, load_run_dataset, run_image_loader
 
 __all__ = [
     "ErrorAnalysis",
-    "SplitImages",
     "TopLosses",
     "analyse_run",
-    "check_labels",
     "labelled_splits",
     "most_confused",
     "per_sample_loss",
     "read_predictions",
-    "load_run_dataset",
-    "run_image_loader",
     "top_losses",
     "top_losses_from_arrays",
     "write_error_analysis",
@@ -321,145 +319,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not cfg.is_file():
         raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a train-head, sweep best or finetune directory")
     return json.loads(cfg.read_text())
-
-
-def recorded_dataset(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``source``, ``limit``, ``seed`` and ``validation`` (the dataset split of the run's val rows)."""
-    from featurecache.train import CACHED_VAL_LABEL
-
-    if isinstance(config.get("dataset"), Mapping):  # a fine-tune output records what it loaded
-        d = config["dataset"]
-        return {"source": d.get("source"), "limit": d.get("limit"), "seed": int(d.get("seed") or 0), "validation": d.get("validation")}
-    features = config.get("features") or {}
-    return {
-        "source": features.get("dataset_source"),
-        "limit": features.get("dataset_limit"),
-        "seed": int((features.get("spec") or {}).get("seed", 0)),
-        "validation": "val" if config.get("validation") == CACHED_VAL_LABEL else "train",
-    }
-
-
-def load_run_dataset(
-    config: Mapping[str, Any],
-    *,
-    data: str | None = None,
-    limit: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> tuple[Any, str]:
-    """The dataset a run was made from (same source, ``--limit`` and seed), and its source.
-
-    Raises
-    ------
-    RunError
-        The run records no dataset source.
-    DatasetError
-        The dataset cannot be loaded.
-    """
-    from featurecache.cache import store
-    from featurecache.data import load_dataset
-
-    rec = recorded_dataset(config)
-    source = data or rec["source"]
-    if not source:
-        raise RunError("the run does not record its dataset source; pass --data SOURCE with the images the features were extracted from")
-    if limit is None and data is None:
-        limit = rec["limit"]
-    dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=rec["seed"])
-    return dataset, str(source)
-
-
-def run_image_loader(
-    config: Mapping[str, Any],
-    split: str,
-    *,
-    data: str | None = None,
-    limit: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    dataset: tuple[Any, str] | None = None,
-) -> SplitImages:
-    """The images of a run's ``split`` by id, from the dataset the run records.
-
-    ``dataset`` is :func:`load_run_dataset`'s result when already loaded (then ``data``,
-    ``limit`` and ``cache_dir`` are not used).
-
-    Raises
-    ------
-    RunError
-        The run records no dataset source, or the dataset lacks the split.
-    DatasetError
-        The dataset cannot be loaded.
-    """
-    ds, source = dataset or load_run_dataset(config, data=data, limit=limit, cache_dir=cache_dir)
-    where = recorded_dataset(config)["validation"] if split == "val" else split
-    if where not in ds.splits and split == "val":
-        where = "val" if "val" in ds.splits else "train"
-    if where not in ds.splits:
-        raise RunError(f"dataset {source!r} has no {where!r} split for the run's {split} images; pass --data with the run's images")
-    return SplitImages(ds.splits[where], ds.classes, where=source)
-
-
-class SplitImages:
-    """Images of one dataset split by id: ``images(ids)`` decodes them, :meth:`class_of` names their label.
-
-    Ids that are missing raise (a different dataset or ``--limit``); images that no longer
-    decode come back as ``None`` (a blank cell).
-
-    Parameters
-    ----------
-    split
-        A ``featurecache.data.Split``.
-    classes
-        The dataset's class names (its label order).
-    where
-        The dataset source, for messages.
-    """
-
-    def __init__(self, split: Any, classes: Sequence[str], *, where: str) -> None:
-        self.split = split
-        self.classes = [str(c) for c in classes]
-        self.where = where
-        self._index = {sid: i for i, sid in enumerate(split.ids)}
-
-    def _rows(self, ids: Sequence[str]) -> list[int]:
-        missing = [i for i in ids if i not in self._index]
-        if missing:
-            raise RunError(
-                f"{len(missing)} of the run's images (e.g. {missing[0]!r}) are not in the {self.split.name} split of {self.where!r}; "
-                "pass --data (and --limit) for the dataset the features were extracted from"
-            )
-        return [self._index[i] for i in ids]
-
-    def class_of(self, sid: str) -> str:
-        """The dataset's class name for image ``sid``."""
-        return self.classes[int(self.split.labels[self._rows([sid])[0]])]
-
-    def __call__(self, ids: Sequence[str]) -> list[np.ndarray | None]:
-        from featurecache.errors import ImageDecodeError
-
-        out: list[np.ndarray | None] = []
-        for row in self._rows(ids):
-            try:
-                out.append(self.split.load(row))
-            except ImageDecodeError:
-                out.append(None)
-        return out
-
-
-def check_labels(result: TopLosses, images: SplitImages) -> None:
-    """Refuse a dataset whose labels for the shown images differ from the run's (it changed since).
-
-    Raises
-    ------
-    RunError
-        An image's class in the dataset is not the run's true class.
-    """
-    for row in result.rows:
-        now = images.class_of(row["id"])
-        if now != row["true"]:
-            raise RunError(
-                f"image {row['id']!r} is {now!r} in {images.where!r} but {row['true']!r} in the run; the dataset changed "
-                "since the run was made: pass --data with the images the features were extracted from"
-            )
 
 
 def _short(text: str, width: int = 18) -> str:
