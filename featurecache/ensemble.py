@@ -279,7 +279,7 @@ def _check_compatible(members: Sequence[_Member]) -> None:
 
 def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, plots: bool) -> tuple[tuple[float, ...] | None, dict[str, Any], list[dict[str, Any]]]:
     """Combine the members' predictions and write the ensemble's own files into ``staging``."""
-    from featurecache.extract import library_versions
+    from featurecache.versions import library_versions
     from featurecache.finetune.assemble import ENSEMBLE_KIND
     from featurecache.metrics import classification_metrics
     from featurecache.train import RUN_FORMAT, _write_json

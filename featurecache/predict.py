@@ -343,6 +343,9 @@ def evaluate(
         from featurecache.report import plot_confusion_matrix
 
         plot_confusion_matrix(metrics["confusion_matrix"], loaded.classes, out_dir / f"confusion_{split}.png", title=f"{loaded.path.name} on {dataset.name} {split}")
+        from featurecache.report import SplitImages, write_report
+
+        write_report(out_dir, images={split: SplitImages(sp, dataset.classes, where=str(source))})
     return EvaluateResult(model=str(loaded.path), data=str(source), split=split, metrics=metrics, invalid=int((~ok).sum()), out=out_dir)
 
 

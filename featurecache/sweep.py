@@ -771,6 +771,7 @@ def sweep(
     cache_dir: str | os.PathLike[str] | None = None,
     together: bool = True,
     progress: bool = True,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> SweepResult:
     """Train many heads on one cached feature set, rank them, save the best as a run.
 
@@ -810,6 +811,10 @@ def sweep(
         ``False``: one trial at a time.
     progress
         Progress bar over trials on stderr.
+    tensorboard
+        Also write TensorBoard logs there: one HParams session per trial (head, parameters,
+        final metrics) and the curves of the dense trials trained in this call
+        (:mod:`featurecache.report.tensorboard`).
 
     Returns
     -------
@@ -877,6 +882,7 @@ def sweep(
     by_id = {t.id: t for t in planned}
 
     data = None
+    histories: dict[str, Any] = {}  # curves of the dense trials of this call, for TensorBoard
     session_best: tuple[tuple[Any, ...], str, Any, Any] | None = None  # (sort key, id, estimator, preds)
     if pending:
         data = _shared_arrays(load_training_data(fs, val_fraction=val_fraction, seed=seed))
@@ -884,6 +890,8 @@ def sweep(
             try:
                 for record, estimator, preds in _results(pending, data, trials_dir=trials_dir, n_jobs=n_jobs, top_k=top_k, together=together):
                     records[record["trial"]] = record
+                    if getattr(estimator, "history_", None):
+                        histories[record["trial"]] = estimator.history_
                     status = "failed" if record["status"] != "ok" else ""
                     if record["status"] == "ok":
                         key = _sort_key(_row(record), metric)
@@ -932,6 +940,13 @@ def sweep(
 
     meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(best_dir)}
     _write_json(out_dir / "sweep.json", meta)
+    from featurecache.report.html import write_report
+
+    write_report(out_dir, analyse=False)  # report.html: leaderboard and the best run (analysed as it was written)
+    if tensorboard is not None:
+        from featurecache.report.tensorboard import write_sweep_logs
+
+        write_sweep_logs(tensorboard, rows, metrics={t: r.get("metrics") or {} for t, r in records.items()}, histories=histories, metric=metric)
     return SweepResult(
         out_dir=out_dir,
         leaderboard=rows,

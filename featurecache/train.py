@@ -9,7 +9,8 @@ swapped in whole (``write_run``)::
     runs/<name>/head.keras        the dense head, a plain Keras model (loaded in safe mode)
     runs/<name>/metrics.json      validation (and test) metrics
     runs/<name>/predictions.npz   ids, labels and probabilities behind those metrics
-    runs/<name>/*.png             confusion matrices, training curves
+    runs/<name>/*.png             confusion matrices, training curves, top-loss grids
+    runs/<name>/report.html       everything above on one page (featurecache.report)
 
 Validation is the cached ``val`` split when there is one, else a deterministic stratified
 fraction of ``train``. Training on augmented views: a Keras head draws one view per sample
@@ -449,10 +450,11 @@ def blas_threads() -> int:
     return int(raw)
 
 
-def fit_head(estimator: Any, data: TrainingData) -> Any:
+def fit_head(estimator: Any, data: TrainingData, *, callbacks: Sequence[Any] = ()) -> Any:
     """Fit ``estimator`` on ``data`` the way its kind wants it; returns the estimator.
 
-    scikit-learn heads fit with :func:`blas_threads` BLAS threads.
+    scikit-learn heads fit with :func:`blas_threads` BLAS threads; ``callbacks`` are extra Keras
+    callbacks for the dense head (others have no epochs).
 
     Raises
     ------
@@ -465,7 +467,7 @@ def fit_head(estimator: Any, data: TrainingData) -> Any:
     from featurecache.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
-        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
+        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views, callbacks=callbacks)
     if isinstance(data.X_train, LazyFeatures):
         raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
     steps = getattr(estimator, "steps", None)
@@ -565,6 +567,7 @@ def train_head(
     plots: bool = True,
     data: TrainingData | None = None,
     max_memory: int | str | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train one head on a cached feature set and write its run directory.
 
@@ -595,6 +598,9 @@ def train_head(
     max_memory
         Budget for the training features (see :func:`load_training_data`); above it the dense
         head streams them from the cache and the other heads are refused.
+    tensorboard
+        TensorBoard log directory: the run becomes ``<tensorboard>/<run name>`` with its
+        parameters and final metrics (HParams), and for the dense head Keras's curves.
 
     Returns
     -------
@@ -614,16 +620,28 @@ def train_head(
     if data is None:
         fs = resolve_features(features, cache_dir=cache_dir)
         data = load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+    run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
+    tb_dir = None
+    callbacks: list[Any] = []
+    if tensorboard is not None:
+        from featurecache.heads import DenseHead
+        from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+
+        tb_dir = fresh_run_log_dir(tensorboard, run_dir.name)
+        callbacks = [keras_callback(tb_dir)] if isinstance(estimator, DenseHead) else []
     try:
-        fit_head(estimator, data)
+        fit_head(estimator, data, callbacks=callbacks)
         metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
     except FeatureCacheError:
         raise
     except ValueError as exc:  # scikit-learn's parameter validation, found only with the data in hand
         raise HeadParamError(f"head {head!r} cannot be trained on {data.name} with these parameters: {_first_line(exc)}; change its parameters (see `featurecache heads`)") from None
     seconds = time.perf_counter() - started
-    run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
     write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=plots)
+    if tb_dir is not None:
+        from featurecache.report.tensorboard import write_hparams_run
+
+        write_hparams_run(tb_dir, hparams={"head": head, **coerced}, metrics=metrics)
     return TrainResult(
         run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator, untrained_classes=data.untrained_classes
     )
@@ -662,7 +680,7 @@ def write_run(
     UntrustedHeadError
         The fitted head could not be loaded back safely (see ``heads.saving``).
     """
-    from featurecache.extract import library_versions
+    from featurecache.versions import library_versions
     from featurecache.heads import save_head
     from featurecache.rundir import replace_dir
 
@@ -696,6 +714,9 @@ def write_run(
             history = getattr(estimator, "history_", None)
             if history:
                 plot_training_curves(history, tmp / "training_curves.png", title=head)
+            from featurecache.report.html import write_report
+
+            write_report(tmp)  # top losses (images read back from the dataset) and report.html
     return run_dir
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, TensorBoardOpt, handle_errors, print_json
 
 ModelArg = Annotated[
     Path,
@@ -57,6 +57,7 @@ def finetune_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of batch order, augmentation and dropout.")] = 0,
     savedmodel: Annotated[bool, typer.Option("--savedmodel", help="Also export a TensorFlow SavedModel to <out>/savedmodel.")] = False,
     no_plots: NoPlotsOpt = False,
+    tensorboard: TensorBoardOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -84,6 +85,7 @@ def finetune_cmd(
         plots=not no_plots,
         cache_dir=cache,
         progress=not (quiet or json_out),
+        tensorboard=tensorboard,
     )
     if json_out:
         print_json(result.to_json())

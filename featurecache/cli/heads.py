@@ -18,6 +18,7 @@ from featurecache.cli._common import (
     CacheOpt,
     JsonOpt,
     QuietOpt,
+    TensorBoardOpt,
     csv_items,
     handle_errors,
     pasteable,
@@ -139,6 +140,7 @@ def train_head_cmd(
     val_fraction: ValFractionOpt = 0.15,
     val_seed: Annotated[int, typer.Option("--val-seed", help="Seed of the validation hold-out.")] = 0,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
+    tensorboard: TensorBoardOpt = None,
     data: DataRefOpt = None,
     backbone: BackboneOpt = "vgg19",
     weights: WeightsOpt = "imagenet",
@@ -169,7 +171,7 @@ def train_head_cmd(
     )
     result = train_head(
         fs, head=head, params=params, out=out, runs_dir=runs_dir, val_fraction=val_fraction, seed=val_seed,
-        cache_dir=cache, plots=not no_plots,
+        cache_dir=cache, plots=not no_plots, tensorboard=tensorboard,
     )
     if json_out:
         print_json(result.to_json())
@@ -200,6 +202,7 @@ def sweep_cmd(
     val_fraction: ValFractionOpt = 0.15,
     sweep_seed: Annotated[int, typer.Option("--sweep-seed", help="Seed of the random --trials draws and of the validation hold-out.")] = 0,
     top: Annotated[int, typer.Option("--top", help="Rows of the leaderboard printed.")] = 20,
+    tensorboard: TensorBoardOpt = None,
     data: DataRefOpt = None,
     backbone: BackboneOpt = "vgg19",
     weights: WeightsOpt = "imagenet",
@@ -231,6 +234,7 @@ def sweep_cmd(
     result = sweep(
         fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
         val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, together=together, progress=not (quiet or json_out),
+        tensorboard=tensorboard,
     )
     if json_out:
         print_json(result.to_json())

@@ -13,6 +13,7 @@ from featurecache.cli import cache as cache_cli
 from featurecache.cli import ensemble as ensemble_cli
 from featurecache.cli import extract as extract_cli
 from featurecache.cli import heads as heads_cli
+from featurecache.cli import report as report_cli
 from featurecache.cli import run as run_cli
 from featurecache.cli import finetune as finetune_cli
 
@@ -35,6 +36,7 @@ app.command("finetune")(finetune_cli.finetune_cmd)
 app.command("evaluate")(finetune_cli.evaluate_cmd)
 app.command("predict")(finetune_cli.predict_cmd)
 app.command("run")(run_cli.run_cmd)
+app.command("report")(report_cli.report_cmd)
 app.command("demo")(run_cli.demo_cmd)
 app.add_typer(cache_cli.app, name="cache")
 

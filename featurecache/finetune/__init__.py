@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import UsageError, choices
-from featurecache.extract import library_versions
+from featurecache.versions import library_versions
 from featurecache.finetune.assemble import Assembled, assemble_run, is_assembled, read_run_config
 from featurecache.finetune.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
 from featurecache.finetune.equivalence import EquivalenceReport, check_equivalence
@@ -136,6 +136,7 @@ def finetune(
     plots: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> FinetuneResult:
     """Rebuild a run as one model, check it reproduces the head, fine-tune it and export it.
 
@@ -185,6 +186,9 @@ def finetune(
         Cache root (weights and file-digest memos; diagnosis of a mismatch).
     progress
         Print the check, the trainable layers and one line per epoch on stderr.
+    tensorboard
+        TensorBoard log directory: Keras's curves and the fine-tune's settings and final
+        metrics (HParams) go to ``<tensorboard>/<out name>``.
 
     Returns
     -------
@@ -246,6 +250,11 @@ def finetune(
             )
             print(trainable_text(trainable, rebuilt), file=log)
         out_dir.mkdir(parents=True, exist_ok=True)
+        tb_dir = None
+        if tensorboard is not None:
+            from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+
+            tb_dir = fresh_run_log_dir(tensorboard, out_dir.name)
         if epochs > 0:
             history, best_epoch = fit_model(
                 rebuilt,
@@ -260,6 +269,7 @@ def finetune(
                 seed=int(seed),
                 pool=pool,
                 log=log,
+                callbacks=[keras_callback(tb_dir)] if tb_dir is not None else (),
             )
         metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
     model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel, classes=rebuilt.classes)
@@ -301,6 +311,11 @@ def finetune(
         title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})",
         plots=plots,
     )
+    if tb_dir is not None:
+        from featurecache.report.tensorboard import write_hparams_run
+
+        settings = {"head": rebuilt.config.get("head"), "unfreeze": unfreeze, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "epochs": epochs}
+        write_hparams_run(tb_dir, hparams=settings, metrics=metrics)
     return FinetuneResult(
         out=out_dir,
         model_path=model_path,

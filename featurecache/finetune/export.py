@@ -161,3 +161,6 @@ def write_outputs(
             plot_training_curves(history, out_dir / "training_curves.png", title=title)
         for split, m in metrics.items():
             plot_confusion_matrix(m["confusion_matrix"], classes, out_dir / f"confusion_{split}.png", title=f"fine-tuned on {split}")
+        from featurecache.report.html import write_report
+
+        write_report(out_dir)  # top losses of the fine-tuned model and report.html

@@ -51,6 +51,7 @@ def fit_model(
     seed: int,
     pool: ThreadPoolExecutor,
     log: Any,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[dict[str, list[float]], int | None]:
     """Train the unfrozen part of ``rebuilt.model`` in place on the run's training images.
 
@@ -82,6 +83,8 @@ def fit_model(
         Threads that decode images.
     log
         Stream for one line per epoch, or ``None``.
+    callbacks
+        Extra Keras callbacks (e.g. ``keras.callbacks.TensorBoard``).
 
     Returns
     -------
@@ -109,7 +112,8 @@ def fit_model(
     common = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool)
     train_data = image_batches(train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common)
     val_data = image_batches(val_split, run_data.val_rows, run_data.labels, augment=None, shuffle=False, **common)
-    callbacks: list[Any] = [keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
+    extra_callbacks = list(callbacks)
+    callbacks = [keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
     stopper = None
     if patience > 0:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
@@ -117,6 +121,7 @@ def fit_model(
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=max(1, patience // 2), min_lr=lr / 100))
     if log:
         callbacks.append(_epoch_printer(log))
+    callbacks.extend(extra_callbacks)
     fitted = trainer.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
     history = {k: [float(v) for v in vals] for k, vals in fitted.history.items()}
     best_epoch = getattr(stopper, "best_epoch", None) if stopper is not None else None

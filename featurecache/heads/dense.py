@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -462,6 +463,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         X_val: Any = None,
         y_val: Any = None,
         X_views: Any = None,
+        callbacks: Sequence[Any] = (),
     ) -> DenseHead:
         """Train the head.
 
@@ -479,6 +481,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             one randomly drawn view per sample instead of on ``X``.  A NumPy array, or an
             on-disk array with ``.shape`` and ``oindex`` / ``[int, sorted int array]``
             indexing (zarr, h5py); it is read one batch at a time and never copied whole.
+        callbacks : sequence of keras.callbacks.Callback, optional
+            Extra Keras callbacks for ``fit`` (e.g. ``keras.callbacks.TensorBoard``); they
+            observe training, they are not hyperparameters.
 
         Returns
         -------
@@ -502,7 +507,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
-        callbacks = []
+        callbacks = list(callbacks)
         stopper = None
         if cfg["patience"] > 0 and prep.validation is not None:
             stopper = keras.callbacks.EarlyStopping(

@@ -1,9 +1,4 @@
-"""PNG plots for run directories and sweeps.
-
-Figures are built with matplotlib's object API on an explicit Agg canvas -- never through
-``pyplot`` -- so plotting sets no global backend, keeps no figure registry (no leaks in a
-long sweep) and is safe from worker threads.  matplotlib is imported inside the functions.
-"""
+"""PNG plots for run directories and sweeps (figures made as :mod:`featurecache.report.figures` says)."""
 
 from __future__ import annotations
 
@@ -16,26 +11,13 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import UsageError
+from featurecache.report.figures import new_figure, save_figure
 
 __all__ = ["plot_confusion_matrix", "plot_leaderboard", "plot_training_curves"]
 
-_DPI = 110
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+# One way to make and save figures for every report module (see figures.py).
+_figure = new_figure
+_save = save_figure
 
 
 def plot_confusion_matrix(
