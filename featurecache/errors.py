@@ -105,6 +105,17 @@ class CacheCorruptError(CacheError):
     """Stored data does not match its key or its spec."""
 
 
+class DamagedUnitError(CacheCorruptError):
+    """One write unit of a feature store is missing, unreadable or not the bytes its marker vouches for.
+
+    ``store``, ``view`` and ``slot`` name the unit, ``reason`` says what is wrong with it.
+    """
+
+    def __init__(self, message: str, *, store: str = "", view: int = 0, slot: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.store, self.view, self.slot, self.reason = store, view, slot, reason
+
+
 class LeaseError(CacheError, TimeoutError):
     """Another process holds the entry's lease and did not finish in time."""
 

@@ -168,7 +168,7 @@ def test_plot_leaderboard(tmp_path):
 
 def test_leaderboard_plot_of_random_trials_is_readable(tmp_path):
     # What `sweep --trials` labels look like: every drawn parameter, close accuracies near 0.93.
-    from featurecache.report import _leaderboard_figure
+    from featurecache.report.plots import leaderboard_figure
 
     rng = np.random.default_rng(0)
     rows = [
@@ -179,7 +179,7 @@ def test_leaderboard_plot_of_random_trials_is_readable(tmp_path):
         }
         for i in range(20)
     ]
-    fig = _leaderboard_figure(rows, metric="val_accuracy", top=30)
+    fig = leaderboard_figure(rows, metric="val_accuracy", top=30)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     (ax,) = fig.axes

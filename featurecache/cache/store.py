@@ -41,7 +41,7 @@ import numpy as np
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import fsync_file, raise_if_disk_full, tree_size, write_json_atomic
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec
-from featurecache.errors import CacheCorruptError, UsageError
+from featurecache.errors import CacheCorruptError, DamagedUnitError, UsageError
 
 CACHE_ENV = "FEATURECACHE_DIR"
 STORES_DIR = "features"
@@ -276,16 +276,14 @@ class FeatureStore:
             marker vouches for (a missing, moved or altered chunk).
         """
         marker = marker if marker is not None else self.markers(view).get(slot)
-        where = f"unit v{view}/u{slot} of feature store {self.name}"
-        fix = f"run `featurecache cache verify {self.key[:12]} --repair`, then the same extract command recomputes it"
         if marker is None:
-            raise CacheCorruptError(f"{where} has no completion marker; {fix}")
+            raise self._damaged(view, slot, "has no completion marker")
         m = len(marker.get("digests", []))
         start = slot * self.chunk_rows
         try:
             block = np.asarray(self.array(view)[start : start + m])
         except Exception as exc:  # noqa: BLE001 - zarr raises its own checksum error types
-            raise CacheCorruptError(f"{where} is unreadable ({' '.join(str(exc).split())[:100]}); {fix}") from None
+            raise self._damaged(view, slot, f"is unreadable ({' '.join(str(exc).split())[:100]})") from None
         return self._verified(view, slot, block, marker)
 
     def read_units(self, view: int, slots: Iterable[int]) -> dict[int, np.ndarray]:
@@ -329,12 +327,15 @@ class FeatureStore:
     def _verified(self, view: int, slot: int, block: np.ndarray, marker: Mapping[str, Any]) -> np.ndarray:  # noqa: D401
         """``block`` after checking it is exactly the bytes ``marker`` vouches for."""
         if block.shape[0] != len(marker.get("digests", [])) or hashlib.sha256(np.ascontiguousarray(block).data).hexdigest() != marker.get("sha256"):
-            raise CacheCorruptError(
-                f"unit v{view}/u{slot} of feature store {self.name} does not hold the bytes its marker vouches for "
-                f"(a chunk is missing, moved or altered); run `featurecache cache verify {self.key[:12]} --repair`, "
-                "then the same extract command recomputes it"
-            )
+            raise self._damaged(view, slot, "does not hold the bytes its marker vouches for (a chunk is missing, moved or altered)")
         return block
+
+    def _damaged(self, view: int, slot: int, reason: str) -> DamagedUnitError:
+        return DamagedUnitError(
+            f"unit v{view}/u{slot} of feature store {self.name} {reason}; run `featurecache cache verify {self.name} --repair`, "
+            "then the same extract command recomputes it",
+            store=self.name, view=view, slot=slot, reason=reason,
+        )
 
     def _contiguous_units(self, view: int, rows: np.ndarray) -> np.ndarray | None:
         """``rows`` read in one call when they are exactly whole consecutive units in order (a

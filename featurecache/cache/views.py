@@ -43,7 +43,7 @@ from featurecache.cache.store import (
     read_group_attrs,
     resolve_cache_dir,
 )
-from featurecache.errors import AmbiguousEntryError, CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
+from featurecache.errors import AmbiguousEntryError, CacheCorruptError, DamagedUnitError, EntryNotFoundError, IncompleteEntryError, UsageError
 
 MIN_PREFIX = 6
 
@@ -66,18 +66,27 @@ class ViewFeatures:
     hold the asked rows and verifies them.
     """
 
-    def __init__(self, store: FeatureStore, rows: np.ndarray) -> None:
+    def __init__(self, store: FeatureStore, rows: np.ndarray, *, owner: str = "", key: str = "") -> None:
         self.store = store
         self.rows = rows  # (views, n)
+        self.owner, self.key = owner, key
         self.dtype = np.dtype(store.dtype)
         self.shape = (int(rows.shape[0]), int(rows.shape[1]), *store.feature_shape)
         self.ndim = len(self.shape)
 
     def _get(self, view: int, sel: Any) -> np.ndarray:
         picked = self.rows[int(view)][sel]
-        if np.ndim(picked) == 0:
-            return self.store.gather(int(view), np.asarray([picked]))[0]
-        return self.store.gather(int(view), picked)
+        try:
+            if np.ndim(picked) == 0:
+                return self.store.gather(int(view), np.asarray([picked]))[0]
+            return self.store.gather(int(view), picked)
+        except DamagedUnitError as exc:
+            raise DamagedUnitError(
+                f"feature set {self.owner} cannot be read: unit v{exc.view}/u{exc.slot} of its feature store {exc.reason}; "
+                f"check it with `featurecache cache verify {self.key[:12]}`, drop the damaged units with "
+                f"`featurecache cache verify {self.key[:12]} --repair`, then run the same extract command to recompute them",
+                store=exc.store, view=exc.view, slot=exc.slot, reason=exc.reason,
+            ) from None
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, tuple) and len(key) == 2:
@@ -301,7 +310,7 @@ class FeatureSet:
         if not self._checked:  # once, before any feature is read
             self.check_rows()
             self._checked = True
-        return ViewFeatures(self.store, self._arrays[split]["rows"])
+        return ViewFeatures(self.store, self._arrays[split]["rows"], owner=self.name, key=self.key)
 
     def features(self, split: str, view: int | None = 0) -> np.ndarray:
         """Features of ``split``: ``(n, *shape)`` for one view, ``(views, n, *shape)`` for ``view=None``."""

@@ -112,7 +112,7 @@ def _one_line(exc: Exception, cache: Path | None) -> str:
 # A command suggested in a message: backticked, starting with the program name.
 _SUGGESTED = re.compile(r"`(featurecache [^`]+)`")
 #: Commands that take no --cache (tests check this against the app).
-COMMANDS_WITHOUT_CACHE = frozenset({"backbones", "heads"})
+COMMANDS_WITHOUT_CACHE = frozenset({"backbones", "heads", "convert-run"})
 
 
 def with_cache_option(message: str, cache: str | Path | None) -> str:

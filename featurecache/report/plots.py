@@ -206,14 +206,14 @@ def plot_leaderboard(
     UsageError
         When no row has a finite ``metric`` or ``top < 1``.
     """
-    return _save(_leaderboard_figure(rows, metric=metric, top=top), path)
+    return _save(leaderboard_figure(rows, metric=metric, top=top), path)
 
 
 #: Characters per line of a trial label; longer labels (random-search trials) wrap.
 _LABEL_WIDTH = 44
 
 
-def _leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: int) -> Any:
+def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: int) -> Any:
     """The figure behind :func:`plot_leaderboard` (so tests can check its layout)."""
     import textwrap
 
