@@ -296,11 +296,11 @@ def sweep_tf_threads() -> int:
     """TensorFlow intra- and inter-op threads of every process that trains dense trials.
 
     The same number whatever ``--jobs`` is, so a trial computes the same bits in the calling
-    process (``--jobs 1``) and in any worker: TensorFlow's CPU kernels split a reduction
-    differently for another thread count, which changed validation log losses by up to 4e-4
-    between ``--jobs 1`` (all cores) and ``--jobs 2`` (half each). One thread by default
-    (heads on cached features are small matrices; parallelism comes from ``--jobs``);
-    ``$FEATURECACHE_TF_THREADS`` sets another, 0 leaves TensorFlow's default.
+    process (``--jobs 1``) and in any worker: CPU kernels may split a reduction differently for
+    another thread count. (BLAS did: lbfgs fits with a thread per core in the caller and one per
+    worker differed by up to 4e-4 in validation log loss; ``train.blas_threads`` now fixes
+    those.) One thread by default (heads on cached features are small matrices; parallelism
+    comes from ``--jobs``); ``$FEATURECACHE_TF_THREADS`` sets another, 0 leaves TensorFlow's default.
 
     Raises
     ------
@@ -720,8 +720,8 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
     items = plan_work(pending, workers, together=together)
     workers = max(1, min(workers, len(items)))
     parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
-    # The same TensorFlow threads in every process, whatever the number of workers: results do
-    # not depend on --jobs (joblib caps the workers' BLAS threads; train.fit_head caps them here).
+    # The same TensorFlow and BLAS threads in every process, whatever the number of workers, so
+    # results do not depend on --jobs (train.fit_head and evaluate_arrays set the BLAS threads).
     tf_threads = sweep_tf_threads()
     for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
         yield from results
