@@ -863,7 +863,8 @@ def sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "sweep.json", meta)
     trials_dir.mkdir(exist_ok=True)
-    clean_leftovers(out_dir / BEST_DIR)  # a best/ being written when an earlier call was killed
+    # A best/ being written when an earlier call was killed (".best-<pid>-*": before rundir).
+    clean_leftovers(out_dir / BEST_DIR, also=(f".{BEST_DIR}-",))
 
     records: dict[str, dict[str, Any]] = {}
     for t in [*earlier, *planned]:

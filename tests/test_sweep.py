@@ -249,6 +249,7 @@ def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(digits: store.F
     proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert [p.name for p in out.iterdir() if p.name.startswith(".best")]  # the killed writer's temp dir
+    (out / ".best-999999999-abcdef").mkdir()  # what versions before this one left (pid long gone)
     again = sweep(digits, grid=["logreg:C=0.1;max_iter=300"], out=out, cache_dir=cache, progress=False)
     assert again.skipped == 1 and load_run(again.best_run)[0]["head"] == "logreg"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
