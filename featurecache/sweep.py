@@ -646,6 +646,14 @@ def default_sweep_dir(runs_dir: str | os.PathLike[str], key: str, planned: Seque
     return Path(runs_dir) / f"sweep-{key[:8]}-{digest_of({'trials': sorted(t.id for t in planned)})[:6]}"
 
 
+def _requests(meta: Mapping[str, Any] | None, request: dict[str, Any]) -> list[Any]:
+    """Every distinct request made of this sweep directory, oldest first (a resumed command is not repeated)."""
+    from featurecache.train import _jsonable
+
+    earlier = list((meta or {}).get("requests") or ([meta["request"]] if meta and meta.get("request") else []))
+    return earlier if _jsonable(request) in earlier else [*earlier, request]
+
+
 def _earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]) -> list[TrialSpec]:
     """Trials an earlier call recorded in this sweep directory that this call did not plan."""
     ids = {t.id for t in planned}
@@ -856,7 +864,7 @@ def sweep(
         "created": (meta or {}).get("created", now),
         "updated": now,
         "request": request,
-        "requests": [*(meta or {}).get("requests", [(meta or {}).get("request")] if meta else []), request],
+        "requests": _requests(meta, request),
         "trials": [t.id for t in [*earlier, *planned]],
     }
     # sweep.json first, then trials/: a directory with trials/ is always recognisable as a sweep.

@@ -221,6 +221,7 @@ def test_a_sweep_with_another_grid_keeps_the_first_ones_results(digits: store.Fe
     assert {r["trial"] for r in b.leaderboard} == {r["trial"] for r in a.leaderboard} | {second.best["trial"]}
     assert b.best["trial"] == a.best["trial"] and b.best["val_accuracy"] > second.best["val_accuracy"]
     assert load_run(b.best_run)[0]["sweep"]["trial"] == a.best["trial"]
+    sweep(digits, grid=worse, out=out, progress=False)  # resuming repeats no request
     assert len(json.loads((out / "sweep.json").read_text())["requests"]) == 2
 
 
