@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["clean_leftovers", "replace_dir", "swap_dirs"]
@@ -80,11 +80,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_leftovers(dest: Path) -> list[Path]:
+def clean_leftovers(dest: Path, *, also: Sequence[str] = ()) -> list[Path]:
     """Remove the temp and old copies of ``dest`` that killed writers left behind.
 
     A leftover is removed when its process (the pid in its name) no longer runs on this host,
     or when it is older than a day (its writer may run elsewhere on shared storage).
+
+    Parameters
+    ----------
+    dest
+        The directory whose leftovers (``.<name>.tmp-*``, ``.<name>.old-*``) are removed.
+    also
+        More name prefixes in ``dest``'s parent to treat the same way (names an earlier
+        version used, e.g. ``.best-``).
 
     Returns
     -------
@@ -96,7 +104,7 @@ def clean_leftovers(dest: Path) -> list[Path]:
     if not parent.is_dir():
         return removed
     now = time.time()
-    for prefix in (f".{dest.name}.tmp-", f".{dest.name}.old-"):
+    for prefix in (f".{dest.name}.tmp-", f".{dest.name}.old-", *also):
         for path in parent.glob(f"{prefix}*"):
             pid = _pid_of(path.name)
             try:
@@ -106,7 +114,10 @@ def clean_leftovers(dest: Path) -> list[Path]:
             if pid == os.getpid() and not old:
                 continue
             if old or pid is None or not _alive(pid):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

@@ -296,11 +296,11 @@ def sweep_tf_threads() -> int:
     """TensorFlow intra- and inter-op threads of every process that trains dense trials.
 
     The same number whatever ``--jobs`` is, so a trial computes the same bits in the calling
-    process (``--jobs 1``) and in any worker: TensorFlow's CPU kernels split a reduction
-    differently for another thread count, which changed validation log losses by up to 4e-4
-    between ``--jobs 1`` (all cores) and ``--jobs 2`` (half each). One thread by default
-    (heads on cached features are small matrices; parallelism comes from ``--jobs``);
-    ``$FEATURECACHE_TF_THREADS`` sets another, 0 leaves TensorFlow's default.
+    process (``--jobs 1``) and in any worker: CPU kernels may split a reduction differently for
+    another thread count. (BLAS did: lbfgs fits with a thread per core in the caller and one per
+    worker differed by up to 4e-4 in validation log loss; ``train.blas_threads`` now fixes
+    those.) One thread by default (heads on cached features are small matrices; parallelism
+    comes from ``--jobs``); ``$FEATURECACHE_TF_THREADS`` sets another, 0 leaves TensorFlow's default.
 
     Raises
     ------
@@ -646,6 +646,14 @@ def default_sweep_dir(runs_dir: str | os.PathLike[str], key: str, planned: Seque
     return Path(runs_dir) / f"sweep-{key[:8]}-{digest_of({'trials': sorted(t.id for t in planned)})[:6]}"
 
 
+def _requests(meta: Mapping[str, Any] | None, request: dict[str, Any]) -> list[Any]:
+    """Every distinct request made of this sweep directory, oldest first (a resumed command is not repeated)."""
+    from featurecache.train import _jsonable
+
+    earlier = list((meta or {}).get("requests") or ([meta["request"]] if meta and meta.get("request") else []))
+    return earlier if _jsonable(request) in earlier else [*earlier, request]
+
+
 def _earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]) -> list[TrialSpec]:
     """Trials an earlier call recorded in this sweep directory that this call did not plan."""
     ids = {t.id for t in planned}
@@ -720,8 +728,8 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
     items = plan_work(pending, workers, together=together)
     workers = max(1, min(workers, len(items)))
     parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
-    # The same TensorFlow threads in every process, whatever the number of workers: results do
-    # not depend on --jobs (joblib caps the workers' BLAS threads; train.fit_head caps them here).
+    # The same TensorFlow and BLAS threads in every process, whatever the number of workers, so
+    # results do not depend on --jobs (train.fit_head and evaluate_arrays set the BLAS threads).
     tf_threads = sweep_tf_threads()
     for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
         yield from results
@@ -862,14 +870,15 @@ def sweep(
         "created": (meta or {}).get("created", now),
         "updated": now,
         "request": request,
-        "requests": [*(meta or {}).get("requests", [(meta or {}).get("request")] if meta else []), request],
+        "requests": _requests(meta, request),
         "trials": [t.id for t in [*earlier, *planned]],
     }
     # sweep.json first, then trials/: a directory with trials/ is always recognisable as a sweep.
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "sweep.json", meta)
     trials_dir.mkdir(exist_ok=True)
-    clean_leftovers(out_dir / BEST_DIR)  # a best/ being written when an earlier call was killed
+    # A best/ being written when an earlier call was killed (".best-<pid>-*": before rundir).
+    clean_leftovers(out_dir / BEST_DIR, also=(f".{BEST_DIR}-",))
 
     records: dict[str, dict[str, Any]] = {}
     for t in [*earlier, *planned]:

@@ -222,6 +222,7 @@ def test_a_sweep_with_another_grid_keeps_the_first_ones_results(digits: views.Fe
     assert {r["trial"] for r in b.leaderboard} == {r["trial"] for r in a.leaderboard} | {second.best["trial"]}
     assert b.best["trial"] == a.best["trial"] and b.best["val_accuracy"] > second.best["val_accuracy"]
     assert load_run(b.best_run)[0]["sweep"]["trial"] == a.best["trial"]
+    sweep(digits, grid=worse, out=out, progress=False)  # resuming repeats no request
     assert len(json.loads((out / "sweep.json").read_text())["requests"]) == 2
 
 
@@ -250,6 +251,7 @@ def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(digits: views.F
     proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert [p.name for p in out.iterdir() if p.name.startswith(".best")]  # the killed writer's temp dir
+    (out / ".best-999999999-abcdef").mkdir()  # what versions before this one left (pid long gone)
     again = sweep(digits, grid=["logreg:C=0.1;max_iter=300"], out=out, cache_dir=cache, progress=False)
     assert again.skipped == 1 and load_run(again.best_run)[0]["head"] == "logreg"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
@@ -370,3 +372,26 @@ def test_cli_sweep_error_in_a_real_process(cache: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(cache)], capture_output=True, text=True, env=env)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {cache}; list them with `featurecache cache ls --cache {cache}`"]
+
+
+@pytest.mark.slow
+def test_jobs_do_not_change_results(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    # --jobs 1 fitted logreg in the calling process with a BLAS thread per core, --jobs 2 in
+    # workers with one each: up to 4e-4 apart in validation log loss.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FEATURECACHE_TF_THREADS"}
+    env["PYTHONPATH"] = str(Path(fc.__file__).resolve().parents[1])
+    boards = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        args = ["-f", digits.key, "--cache", str(cache), "--out", str(out), "--jobs", str(jobs), "--json"]
+        grid = ["-g", "dense:hidden=64,128-32;lr=1e-3,1e-2;epochs=3;patience=1", "-g", "logreg:C=0.1;max_iter=300"]
+        proc = subprocess.run([sys.executable, "-m", "featurecache", "sweep", *args, *grid], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        boards[jobs] = {r["trial"]: {k: v for k, v in r.items() if k.startswith(("val_", "test_"))} for r in json.loads(proc.stdout)["leaderboard"]}
+        records = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
+        assert {r["worker"].get("tf_threads") for r in records if r["head"] == "dense"} == {1}
+    assert boards[1] == boards[2]  # every metric of every trial, exactly

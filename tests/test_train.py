@@ -398,3 +398,15 @@ def test_a_class_with_one_image_is_kept_for_training(tmp_path: Path) -> None:
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "n_neighbors=100000 exceeds the" in lines[0] and "-p n_neighbors=N" in lines[0]
+
+
+def test_cli_warns_about_classes_without_training_images(tmp_path: Path) -> None:
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, splits=("train", "val"))
+    make_image_folder(root, classes=("c",), per_class=2, splits=("val",), seed=2)  # c only in val
+    res = fc.extract(str(root), **DIGITS, cache_dir=tmp_path / "cache", progress=False)
+    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 classes have no valid training image, so the head never predicts them: c" in result.stderr
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["untrained_classes"] == ["c"]

@@ -31,8 +31,6 @@ from featurecache.heads.registry import (
 from featurecache.heads.saving import HEAD_FILES, convert_legacy_head, load_head, save_head
 
 if TYPE_CHECKING:
-    from sklearn.base import BaseEstimator
-
     from featurecache.heads.dense import DenseHead
 
 __all__ = [
