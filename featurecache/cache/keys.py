@@ -44,7 +44,7 @@ PRECISIONS: tuple[str, ...] = ("float32", "mixed")
 #: Fields added after entries existed, left out of the keyed document while they hold the value
 #: every earlier entry was computed with: old keys stay valid without a FORMAT_VERSION bump,
 #: and any other value is keyed.
-UNKEYED_DEFAULTS: dict[str, Any] = {"precision": "float32"}
+UNKEYED_DEFAULTS: dict[str, Any] = {"precision": "float32", "decode": "exact", "antialias": False}
 
 
 def _normalise(value: Any, where: str) -> Any:
@@ -102,6 +102,8 @@ class FeatureSpec:
     seed: int
     dtype: str
     precision: str = "float32"
+    decode: str = "exact"  # "fast": JPEGs decoded at reduced DCT scale (featurecache.data.decode)
+    antialias: bool = False  # resize filters the whole footprint when shrinking
     dataset_name: str = field(default="data", compare=False)
     weights_label: str = field(default="", compare=False)
 

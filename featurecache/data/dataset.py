@@ -53,7 +53,7 @@ class Items(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, i: int) -> np.ndarray: ...
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray: ...
 
     def load_range(self, start: int, stop: int) -> np.ndarray | None:
         """Rows ``[start, stop)`` as one ``uint8 (n, H, W, 3)`` array (do not modify it) when the
@@ -76,9 +76,9 @@ class FileItems:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray:
         # decode_image(bytes) gives the bare reason; callers prefix the item id.
-        return decode_image(read_image_bytes(self.paths[i]))
+        return decode_image(read_image_bytes(self.paths[i]), draft=draft)
 
     def load_range(self, start: int, stop: int) -> None:
         return None  # files are decoded one by one (each may fail on its own)
@@ -107,7 +107,8 @@ class ArrayItems:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray:
+        # draft is a decoding hint; arrays are already decoded, so it changes nothing here.
         img = self._rgb(self.images[i])
         return img if self.images.ndim == 3 else img.copy()  # always a writable array of its own
 
@@ -177,13 +178,17 @@ class Split:
     def __repr__(self) -> str:
         return f"Split(name={self.name!r}, n={len(self)})"
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray:
         """Decode image ``i``.
 
         Parameters
         ----------
         i
             Row in this split.
+        draft
+            Size the image will be resized to: JPEG files at least twice as large are decoded
+            at reduced DCT scale (see :func:`~featurecache.data.decode_image`). ``None``
+            decodes every pixel.
 
         Returns
         -------
@@ -199,7 +204,7 @@ class Split:
         """
         if not -len(self) <= i < len(self):
             raise IndexError(f"split {self.name!r} has {len(self)} items; index {i} is out of range")
-        return self.items.load(i)
+        return self.items.load(i, draft=draft)
 
     def content_digests(self) -> list[str]:
         """Per-item content hash (sha256 hex), computed once per ``Split`` object.
