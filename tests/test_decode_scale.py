@@ -176,3 +176,25 @@ def test_cli_extract_fast_antialias_is_its_own_entry_and_train_head_finds_it(cac
     trained = runner.invoke(app, ["train-head", *common, "--decode", "fast", "--antialias", "--head", "logreg", "--runs-dir", str(tmp_path / "runs"), "--no-plots", "--json"])
     assert trained.exit_code == 0, trained.output
     assert Path(json.loads(trained.stdout)["run_dir"]).name.startswith(f"logreg-{k_fast[:8]}")  # the fast entry, not the exact one
+
+
+@pytest.mark.slow
+def test_finetune_rebuild_reproduces_fast_antialiased_features(cache_dir: Path, tmp_path: Path) -> None:
+    """The rebuilt model decodes at the same draft and antialiases, so the equivalence check passes."""
+    from featurecache import extract
+    from featurecache.finetune import check_equivalence, load_run_data, rebuild_model
+    from featurecache.train import train_head
+
+    folder = tmp_path / "photos"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(4):
+            (folder / c / f"{i}.jpg").write_bytes(_jpeg(_photo(200, 150, seed=10 * ord(c) + i)))
+    res = extract(str(folder), backbone="mobilenetv2", weights="random", size=32, decode="fast", antialias=True, cache_dir=cache_dir, progress=False)
+    run = train_head(res.key, head="logreg", out=tmp_path / "run", cache_dir=cache_dir, plots=False, val_fraction=0.25).run_dir
+    rebuilt = rebuild_model(run, cache_dir=cache_dir)
+    with np.load(run / "predictions.npz") as npz:
+        preds = {k: npz[k] for k in npz.files}
+    report = check_equivalence(rebuilt, load_run_data(rebuilt.config, preds, cache_dir=cache_dir), preds, cache_dir=cache_dir)
+    assert report.passed and report.n == 2
+    assert rebuilt.model.get_layer("fc_resize").antialias is True

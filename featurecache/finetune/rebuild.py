@@ -176,7 +176,9 @@ def rebuild_model(
     backbone.trainable = False
 
     inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
-    x = keras.layers.Resizing(size, size, interpolation=str(spec["resize"]), name=RESIZE_LAYER)(inputs)
+    x = keras.layers.Resizing(
+        size, size, interpolation=str(spec["resize"]), antialias=bool(spec.get("antialias", False)), name=RESIZE_LAYER
+    )(inputs)
     mode = str(spec["preprocess"]).rsplit(":", 1)[-1]
     for lyr in preprocess_layers(mode):
         x = lyr(x)
