@@ -12,6 +12,7 @@ Run from the repository root::
 
     python -m benchmarks.memory_profile --n 3000            # n and 10 n, ~5 min on 2 cores
     python -m benchmarks.memory_profile --n 3000 --no-tracemalloc   # RSS only (tracemalloc adds its own)
+    python -m benchmarks.memory_profile --n 3000 --no-tracemalloc --code ../main   # another checkout
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def _folder(root: Path, n: int, *, src: int = 32) -> Path:
     return root
 
 
-def profile(n: int, *, work: Path, backbone: str, size: int, trace: bool) -> dict[str, Any]:
+def profile(n: int, *, work: Path, backbone: str, size: int, trace: bool, code: Path = ROOT) -> dict[str, Any]:
     """Stages of one extraction of ``n`` tiny JPEGs in a fresh interpreter (see module doc)."""
     folder = _folder(work / f"imgs-{n}", n)
     code = _STAGES.format(trace=trace, cache=str(work / f"cache-{n}"), folder=str(folder), backbone=backbone, size=size)
-    env = {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -102,10 +103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="mobilenetv2")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--no-tracemalloc", action="store_true")
+    parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose featurecache is profiled (default: this one)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fc-mem-"))
-    small = profile(args.n, work=work, backbone=args.backbone, size=args.size, trace=not args.no_tracemalloc)
-    big = profile(args.n * args.factor, work=work, backbone=args.backbone, size=args.size, trace=not args.no_tracemalloc)
+    kw = dict(work=work, backbone=args.backbone, size=args.size, trace=not args.no_tracemalloc, code=args.code.resolve())
+    small = profile(args.n, **kw)  # type: ignore[arg-type]
+    big = profile(args.n * args.factor, **kw)  # type: ignore[arg-type]
     extra = big["images"] - small["images"]
     growth = []
     for a, b in zip(small["stages"], big["stages"]):
