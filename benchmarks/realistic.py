@@ -266,14 +266,21 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
     for f in sides.values():  # warm-up: first-use costs of each path, not measured
         f()
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(reps):
         for name, f in sides.items():
+            c0 = time.process_time()  # all threads of this process: barely moved by other processes' load
             times[name].append(f())
+            cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     out: dict[str, Any] = {
         "kind": kind, "n": n, "size": size, "backbone": backbone, "weights": "random", "batch_size": batch_size, "reps": reps,
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "images_per_s": {k: round(n / v, 1) for k, v in med.items()},
+        "cpu_seconds": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
+        "cpu_fast_over_naive": round(med_cpu["naive"] / med_cpu["featurecache_fast"], 2),
+        "cpu_exact_over_naive": round(med_cpu["naive"] / med_cpu["featurecache_exact"], 2),
         "fast_over_naive": round(med["naive"] / med["featurecache_fast"], 2),
         "exact_over_naive": round(med["naive"] / med["featurecache_exact"], 2),
         "fast_over_raw_backbone": round(med["raw_backbone"] / med["featurecache_fast"], 2),
