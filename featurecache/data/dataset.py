@@ -46,6 +46,7 @@ MEMO_FILENAME = "file-digests.json"
 _MEMO_FORMAT = 1
 _RACY_NS = 2_000_000_000  # files modified this recently are hashed but not memoised
 _CHUNK = 1 << 16
+_HASH_BATCH = 1024  # files handed to the hashing threads at a time
 
 
 class Items(Protocol):
@@ -396,15 +397,19 @@ def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, worker
             out.append(None)
             missing.append(j)
     if missing:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
-            hashed = list(pool.map(lambda j: _hash_file(keys[j]), missing))
-        now = time.time_ns()
         fresh: dict[str, dict[str, Any]] = {}
-        for j, (digest, sm_after) in zip(missing, hashed):
-            out[j] = digest
-            # Memoise only what we know matches: unchanged while hashed and not racily recent.
-            if sm_after is not None and sm_after == stats[j] and now - sm_after[1] > _RACY_NS:
-                fresh[keys[j]] = {"size": sm_after[0], "mtime_ns": sm_after[1], "sha256": digest}
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
+            # In batches: pool.map submits every item at once, and a Future per file (~1 KiB
+            # with its condition variable) was the largest per-image cost of the digest.
+            for b in range(0, len(missing), _HASH_BATCH):
+                part = missing[b : b + _HASH_BATCH]
+                hashed = list(pool.map(lambda j: _hash_file(keys[j]), part))
+                now = time.time_ns()
+                for j, (digest, sm_after) in zip(part, hashed):
+                    out[j] = digest
+                    # Memoise only what we know matches: unchanged while hashed and not racily recent.
+                    if sm_after is not None and sm_after == stats[j] and now - sm_after[1] > _RACY_NS:
+                        fresh[keys[j]] = {"size": sm_after[0], "mtime_ns": sm_after[1], "sha256": digest}
         if memo_path is not None and fresh:
             _update_memo(memo_path, fresh)
     return [str(d) for d in out]
