@@ -40,3 +40,21 @@ def test_file_digests_are_sha256_of_the_bytes_larger_than_the_read_buffer(tmp_pa
     assert file_digests(paths) == [hashlib.sha256(b).hexdigest() for b in blobs]
     memo = tmp_path / "memo.json"
     assert file_digests(paths, memo_path=memo) == file_digests(paths, memo_path=memo)
+
+
+def test_memo_file_keeps_its_json_format_and_reads_back_as_entries(tmp_path: Path) -> None:
+    from featurecache.data.dataset import _MEMO_FORMAT, _read_memo, _update_memo
+
+    memo = tmp_path / "memo.json"
+    entries = {"/a/ü.jpg": (3, 1_700_000_000_000_000_000, "ab" * 32), "/a/b.png": (0, 5, "cd" * 32)}
+    _update_memo(memo, entries)
+    as_dicts = {k: {"size": s, "mtime_ns": m, "sha256": d} for k, (s, m, d) in entries.items()}
+    # Byte for byte what json.dump wrote before entries were kept as tuples.
+    assert memo.read_text() == json.dumps({"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":"))
+    assert _read_memo(memo) == entries
+    _update_memo(memo, {"/a/c.jpg": (1, 2, "ef" * 32)})  # merged with what is there
+    assert set(_read_memo(memo)) == {*entries, "/a/c.jpg"}
+    doc = json.loads(memo.read_text())
+    doc["files"]["/bad"] = {"size": "3", "mtime_ns": 1, "sha256": "x"}  # malformed entries are dropped
+    memo.write_text(json.dumps(doc))
+    assert "/bad" not in _read_memo(memo) and "/a/c.jpg" in _read_memo(memo)

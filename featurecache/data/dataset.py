@@ -398,13 +398,13 @@ def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | N
     missing: list[int] = []
     for j, (key, sm) in enumerate(zip(keys, stats)):
         entry = memo.get(key)
-        if sm is not None and entry is not None and (entry.get("size"), entry.get("mtime_ns")) == sm:
-            out.append(str(entry["sha256"]))
+        if sm is not None and entry is not None and entry[:2] == sm:
+            out.append(entry[2])
         else:
             out.append(None)
             missing.append(j)
     if missing:
-        fresh: dict[str, dict[str, Any]] = {}
+        fresh: dict[str, tuple[int, int, str]] = {}
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
             # In batches: pool.map submits every item at once, and a Future per file (~1 KiB
             # with its condition variable) was the largest per-image cost of the digest.
@@ -416,7 +416,7 @@ def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | N
                     out[j] = digest
                     # Memoise only what we know matches: unchanged while hashed and not racily recent.
                     if sm_after is not None and sm_after == stats[j] and now - sm_after[1] > _RACY_NS:
-                        fresh[keys[j]] = {"size": sm_after[0], "mtime_ns": sm_after[1], "sha256": digest}
+                        fresh[keys[j]] = (sm_after[0], sm_after[1], digest)
         if memo_path is not None and fresh:
             _update_memo(memo_path, fresh)
     return [str(d) for d in out]
@@ -441,17 +441,32 @@ def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
     return h.hexdigest(), (st.st_size, st.st_mtime_ns)
 
 
-def _read_memo(memo_path: Path) -> dict[str, dict[str, Any]]:
+def _memo_entry(obj: dict[str, Any]) -> Any:
+    """``json.loads`` object hook: a file's ``{"mtime_ns", "sha256", "size"}`` becomes a
+    ``(size, mtime_ns, sha256)`` tuple as soon as it is parsed, so a memo of 100k files is never
+    held as 100k dicts (~0.4 KiB each) at once."""
+    if obj.keys() == {"size", "mtime_ns", "sha256"}:
+        size, mtime, sha = obj["size"], obj["mtime_ns"], obj["sha256"]
+        if type(size) is int and type(mtime) is int and isinstance(sha, str):
+            return (size, mtime, sha)
+    return obj
+
+
+def _read_memo(memo_path: Path) -> dict[str, tuple[int, int, str]]:
+    """The memo as ``{absolute path: (size, mtime_ns, sha256)}``; malformed entries are dropped."""
     try:
-        doc = json.loads(Path(memo_path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(memo_path).read_text(encoding="utf-8"), object_hook=_memo_entry)
     except (OSError, ValueError):
         return {}  # missing or damaged memo: it is only a cache of hashes, so start over
     if not isinstance(doc, dict) or doc.get("format") != _MEMO_FORMAT or not isinstance(doc.get("files"), dict):
         return {}
-    return {k: v for k, v in doc["files"].items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+    files: dict[str, Any] = doc["files"]
+    for bad in [k for k, v in files.items() if not isinstance(v, tuple)]:
+        del files[bad]
+    return files
 
 
-def _update_memo(memo_path: Path, fresh: dict[str, dict[str, Any]]) -> None:
+def _update_memo(memo_path: Path, fresh: dict[str, tuple[int, int, str]]) -> None:
     memo_path = Path(memo_path)
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
@@ -461,7 +476,13 @@ def _update_memo(memo_path: Path, fresh: dict[str, dict[str, Any]]) -> None:
         fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=f".{memo_path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": _MEMO_FORMAT, "files": merged}, f, sort_keys=True, separators=(",", ":"))
+                # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the same
+                # entries, written entry by entry instead of from a dict of dicts built whole.
+                f.write('{"files":{')
+                for n, key in enumerate(sorted(merged)):
+                    size, mtime, sha = merged[key]
+                    f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
+                f.write(f'}},"format":{_MEMO_FORMAT}}}')
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, memo_path)
