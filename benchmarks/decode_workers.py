@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -78,9 +79,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     folder = make_folder(Path(tempfile.mkdtemp(prefix="fc-dw-")), args.kind, args.n, seed=3)
+    load_before = os.getloadavg()
     paths = sorted(str(p) for p in folder.rglob("*.*"))
-    out = {"kind": args.kind, "n": args.n, "size": args.size, "cpus": os.cpu_count(), "load_before": os.getloadavg(),
-           "results": [measure(paths, size=args.size, workers=args.workers, decode=d, reps=args.reps) for d in ("exact", "fast")],
+    try:
+        results = [measure(paths, size=args.size, workers=args.workers, decode=d, reps=args.reps) for d in ("exact", "fast")]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    out = {"kind": args.kind, "n": args.n, "size": args.size, "cpus": os.cpu_count(), "load_before": load_before,
+           "results": results,
            "load_after": os.getloadavg(), "command": "python -m benchmarks.decode_workers " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(out, indent=1))
     return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,8 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fc-mem-"))
     kw = dict(work=work, backbone=args.backbone, size=args.size, trace=not args.no_tracemalloc, code=args.code.resolve())
-    small = profile(args.n, **kw)  # type: ignore[arg-type]
-    big = profile(args.n * args.factor, **kw)  # type: ignore[arg-type]
+    try:
+        small = profile(args.n, **kw)  # type: ignore[arg-type]
+        big = profile(args.n * args.factor, **kw)  # type: ignore[arg-type]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     extra = big["images"] - small["images"]
     growth = []
     for a, b in zip(small["stages"], big["stages"]):
