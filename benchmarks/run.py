@@ -17,6 +17,11 @@ the same data, interleaved where that helps, so a busy machine slows both sides 
   behind the frozen backbone (``benchmarks/head_speed.py``), and a 24-configuration sweep
   (``featurecache.sweep``) vs the same sweep written as scikit-learn ``GridSearchCV(cv=
   PredefinedSplit)`` for logistic regression plus a plain Keras loop for the dense heads.
+* **users' data** (``benchmarks/realistic.py``): 12 MP camera JPEGs with EXIF orientation,
+  ~500x375 web JPEGs and RGBA PNG screenshots made from scikit-learn's sample photos;
+  MobileNetV3Small @ 224: ``featurecache extract`` (``--decode exact`` and ``fast``) vs the
+  seeds' naive script (``keras.utils.load_img(target_size)`` -> ``predict`` -> ``np.save``) vs
+  the raw backbone, interleaved, and how far fast-decoded features are from exact ones.
 * **memory**: peak RSS (``VmHWM``) of extraction subprocesses on n and 10 n images, and of
   training a dense head on features over a memory budget (streamed from Zarr) vs in memory.
 
@@ -418,6 +423,17 @@ def bench_precision(work: Path, *, backbones_: Sequence[str], size: int, n: int)
     return out
 
 
+# ---------------------------------------------------------------------------------- users' data
+
+
+def bench_realistic(work: Path, *, quick: bool) -> dict[str, Any]:
+    """featurecache vs the naive script vs the raw backbone on camera, web and screenshot folders."""
+    from benchmarks.realistic import bench_kind
+
+    sizes = {"camera": 4, "web": 16, "screenshot": 4} if quick else {"camera": 40, "web": 200, "screenshot": 40}
+    return {kind: bench_kind(work, kind, n=n, size=64 if quick else 224, reps=1 if quick else 2) for kind, n in sizes.items()}
+
+
 # ---------------------------------------------------------------------------------- memory
 
 _PEAK = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
@@ -519,6 +535,17 @@ def markdown(result: dict[str, Any]) -> str:
         for name in (k for k in pr if isinstance(pr[k], dict)):
             r = pr[name]
             rows.append((f"--precision mixed vs float32, {name} random @ {pr['size']} px (CPU)", f"max abs diff {r['mixed_max_abs_diff']:.2g} = {r['mixed_max_rel_diff']:.1e} of the largest feature; XLA vs float32: {r['xla_max_abs_diff']:.1g}", "recorded, speed-up on GPU not measured | mixed keyed, XLA not"))
+    for kind, goal_fast, goal_exact in (("camera", 4.0, 1.0), ("web", 1.2, 1.2), ("screenshot", None, 1.0)):
+        r = (result.get("realistic") or {}).get(kind)
+        if not r:
+            continue
+        ips = r["images_per_s"]
+        what = f"{r['n']} {kind} images, {r['backbone']} @ {r['size']} ({ips['naive']:.1f} / {ips['featurecache_exact']:.1f} / {ips['featurecache_fast']:.1f} / {ips['raw_backbone']:.1f} img/s naive / exact / fast / raw)"
+        rows.append((f"featurecache exact / naive script, {what}", f"{r['exact_over_naive']:.2f} (CPU s: {r.get('cpu_exact_over_naive', float('nan')):.2f})", _goal(r["exact_over_naive"], f">= {goal_exact}", r["exact_over_naive"] >= goal_exact)))
+        if goal_fast is not None:
+            rows.append((f"featurecache --decode fast / naive script, {kind}", f"{r['fast_over_naive']:.2f} (CPU s: {r.get('cpu_fast_over_naive', float('nan')):.2f})", _goal(r["fast_over_naive"], f">= {goal_fast}", r["fast_over_naive"] >= goal_fast)))
+        d = r["fast_vs_exact_features"]
+        rows.append((f"features fast vs exact, {kind}", f"mean abs diff {d['mean_abs_over_mean_abs']:.3f} of mean abs feature; median cosine {d['median_row_cosine']:.5f}", "recorded | keyed"))
     mem = result.get("memory")
     if mem:
         r1, r10 = mem["extract_1x"], mem["extract_10x"]
@@ -537,7 +564,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the runner, not figures to quote")
-    parser.add_argument("--only", default="extraction,profile,cache_hit,head_epoch,sweep,precision,memory", help="comma-separated sections to run")
+    parser.add_argument("--only", default="extraction,profile,cache_hit,head_epoch,sweep,precision,realistic,memory", help="comma-separated sections to run")
     parser.add_argument("--backbone", default="mobilenetv2", help="backbone of the extraction figures (default: mobilenetv2)")
     parser.add_argument("--size", type=int, default=96, help="input size of the extraction figures (default: 96)")
     parser.add_argument("--n", type=int, default=10_000, help="images of the extraction figures (default: 10000)")
@@ -564,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ("head_epoch", lambda: bench_head_epoch(work, backbone=args.backbone, size=args.size, n=200 if q else 1000)),
         ("sweep", lambda: bench_sweep(work, n_train=600 if q else 3000, n_val=200 if q else 1000, dim=128 if q else 512, dense_epochs=2 if q else 5, n_jobs=args.jobs)),
         ("precision", lambda: bench_precision(work, backbones_=("resnet50", "vgg16"), size=64, n=64 if q else 256)),
+        ("realistic", lambda: bench_realistic(work, quick=q)),
         ("memory", lambda: bench_memory(work, n=100 if q else 300, size=64, backbone=args.backbone, stream_rows=20_000 if q else 60_000, dim=512)),
     ]
     try:

@@ -38,6 +38,14 @@ PrecisionOpt = Annotated[
     str,
     typer.Option("--precision", help="Backbone compute precision: float32, or mixed (float16 maths, for GPUs with tensor cores; keyed)."),
 ]
+DecodeOpt = Annotated[
+    str,
+    typer.Option("--decode", help="exact: decode every pixel (as plain Keras); fast: decode large JPEGs at reduced DCT scale, several times faster on photos (keyed)."),
+]
+AntialiasOpt = Annotated[
+    bool,
+    typer.Option("--antialias/--no-antialias", help="Filter the whole footprint when shrinking instead of bilinear point sampling (keyed)."),
+]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most N images per split (stratified).", show_default=False)]
 
 
@@ -56,6 +64,8 @@ def extract_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     precision: PrecisionOpt = "float32",
+    decode: DecodeOpt = "exact",
+    antialias: AntialiasOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Backbone batch size (halved and retried on out-of-memory).")] = 32,
     xla: Annotated[
         bool | None,
@@ -63,7 +73,7 @@ def extract_cmd(
     ] = None,
     limit: LimitOpt = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
-    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads (at most 256).", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads (default: one per CPU core, at most 256).", show_default=False)] = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -85,6 +95,8 @@ def extract_cmd(
         seed=seed,
         dtype=dtype,
         precision=precision,
+        decode=decode,
+        antialias=antialias,
         batch_size=batch_size,
         xla=xla,
         cache_dir=cache,

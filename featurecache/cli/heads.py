@@ -25,8 +25,10 @@ from featurecache.cli._common import (
     print_json,
 )
 from featurecache.cli.extract import (
+    AntialiasOpt,
     AugmentOpt,
     BackboneOpt,
+    DecodeOpt,
     DtypeOpt,
     LayerOpt,
     LimitOpt,
@@ -77,6 +79,8 @@ def _feature_set(
     precision: str,
     limit: int | None,
     cache: Path | None,
+    decode: str = "exact",
+    antialias: bool = False,
 ) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
     from featurecache.cache import views as views_mod
@@ -98,15 +102,17 @@ def _feature_set(
     p = plan(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
         augment=augment, views=views, augment_splits=splits, seed=seed, dtype=dtype, precision=precision,
-        cache_dir=cache, limit=limit,
+        decode=decode, antialias=antialias, cache_dir=cache, limit=limit,
     )
     args = ["featurecache", "extract", "--data", data, "--backbone", backbone, "--weights", weights]
     optional = [
         ("--size", size, None), ("--layer", layer, None), ("--pooling", pooling, "avg"), ("--resize", resize, "bilinear"),
         ("--augment", augment, None), ("--views", views, 0), ("--augment-splits", augment_splits, "train"),
         ("--seed", seed, 0), ("--dtype", dtype, "float32"), ("--precision", precision, "float32"), ("--limit", limit, None),
+        ("--decode", decode, "exact"),
     ]
     args += [str(v) for flag, value, default in optional if value != default for v in (flag, value)]
+    args += ["--antialias"] if antialias else []
     command = pasteable(*args, cache=cache)
     fs = views_mod.find_by_key(p.cache_dir, p.key)
     if fs is None:
@@ -154,6 +160,8 @@ def train_head_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     precision: PrecisionOpt = "float32",
+    decode: DecodeOpt = "exact",
+    antialias: AntialiasOpt = False,
     limit: LimitOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -167,7 +175,7 @@ def train_head_cmd(
     fs = _feature_set(
         features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
         augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
-        limit=limit, cache=cache,
+        limit=limit, cache=cache, decode=decode, antialias=antialias,
     )
     result = train_head(
         fs, head=head, params=params, out=out, runs_dir=runs_dir, val_fraction=val_fraction, seed=val_seed,
@@ -216,6 +224,8 @@ def sweep_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     precision: PrecisionOpt = "float32",
+    decode: DecodeOpt = "exact",
+    antialias: AntialiasOpt = False,
     limit: LimitOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -229,7 +239,7 @@ def sweep_cmd(
     fs = _feature_set(
         features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
         augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
-        limit=limit, cache=cache,
+        limit=limit, cache=cache, decode=decode, antialias=antialias,
     )
     result = sweep(
         fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,

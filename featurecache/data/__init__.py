@@ -7,12 +7,13 @@ extraction runs before the backbone.
 """
 
 from featurecache.data.dataset import Dataset, Split
-from featurecache.data.decode import IMAGE_EXTENSIONS, decode_image
+from featurecache.data.decode import DECODE_MODES, IMAGE_EXTENSIONS, decode_image, decode_workers
 from featurecache.data.sources import ACCEPTED_FORMS, load_dataset
 from featurecache.data.transforms import RESIZE_METHODS, AugmentSpec, augment_batch, resize_image
 
 __all__ = [
     "ACCEPTED_FORMS",
+    "DECODE_MODES",
     "IMAGE_EXTENSIONS",
     "RESIZE_METHODS",
     "AugmentSpec",
@@ -20,6 +21,7 @@ __all__ = [
     "Split",
     "augment_batch",
     "decode_image",
+    "decode_workers",
     "load_dataset",
     "resize_image",
 ]

@@ -45,7 +45,8 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 MEMO_FILENAME = "file-digests.json"
 _MEMO_FORMAT = 1
 _RACY_NS = 2_000_000_000  # files modified this recently are hashed but not memoised
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
+_HASH_BATCH = 1024  # files handed to the hashing threads at a time
 
 
 class Items(Protocol):
@@ -53,7 +54,7 @@ class Items(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, i: int) -> np.ndarray: ...
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray: ...
 
     def load_range(self, start: int, stop: int) -> np.ndarray | None:
         """Rows ``[start, stop)`` as one ``uint8 (n, H, W, 3)`` array (do not modify it) when the
@@ -68,17 +69,24 @@ class Items(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class FileItems:
-    """Image files; ``paths`` are absolute. Digests are memoised in ``memo_path`` if given."""
+    """Image files; ``paths`` are absolute. Digests are memoised in ``memo_path`` if given.
 
-    paths: tuple[Path, ...]
+    Paths are kept as ``str``: a ``pathlib.Path`` holds its parts and cached strings besides
+    (~0.35 KiB each), which at 100k files was the largest record the dataset kept per image.
+    """
+
+    paths: tuple[str, ...]
     memo_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray:
         # decode_image(bytes) gives the bare reason; callers prefix the item id.
-        return decode_image(read_image_bytes(self.paths[i]))
+        return decode_image(read_image_bytes(Path(self.paths[i])), draft=draft)
 
     def load_range(self, start: int, stop: int) -> None:
         return None  # files are decoded one by one (each may fail on its own)
@@ -107,7 +115,8 @@ class ArrayItems:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray:
+        # draft is a decoding hint; arrays are already decoded, so it changes nothing here.
         img = self._rgb(self.images[i])
         return img if self.images.ndim == 3 else img.copy()  # always a writable array of its own
 
@@ -177,13 +186,17 @@ class Split:
     def __repr__(self) -> str:
         return f"Split(name={self.name!r}, n={len(self)})"
 
-    def load(self, i: int) -> np.ndarray:
+    def load(self, i: int, *, draft: int | None = None) -> np.ndarray:
         """Decode image ``i``.
 
         Parameters
         ----------
         i
             Row in this split.
+        draft
+            Size the image will be resized to: JPEG files at least twice as large are decoded
+            at reduced DCT scale (see :func:`~featurecache.data.decode_image`). ``None``
+            decodes every pixel.
 
         Returns
         -------
@@ -199,7 +212,7 @@ class Split:
         """
         if not -len(self) <= i < len(self):
             raise IndexError(f"split {self.name!r} has {len(self)} items; index {i} is out of range")
-        return self.items.load(i)
+        return self.items.load(i, draft=draft)
 
     def content_digests(self) -> list[str]:
         """Per-item content hash (sha256 hex), computed once per ``Split`` object.
@@ -335,7 +348,7 @@ class Dataset:
     @cached_property
     def _digest(self) -> str:
         digests = self.digests_by_split()
-        _warn_label_conflicts(self, {"splits": [[n, list(zip(s.ids, digests[n], s.labels.tolist()))] for n, s in self.splits.items()]})
+        _warn_label_conflicts(self, {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist())] for n, s in self.splits.items()]})
         return manifest_digest(self.classes, [(n, s.ids, digests[n], s.labels) for n, s in self.splits.items()])
 
 
@@ -368,7 +381,7 @@ def _warn_label_conflicts(dataset: Dataset, manifest: dict[str, Any], shown: int
     )
 
 
-def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, workers: int = 4) -> list[str]:
+def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | None = None, workers: int = 4) -> list[str]:
     """sha256 of each file's bytes, reusing ``memo_path`` entries whose size and mtime match.
 
     Parameters
@@ -393,66 +406,90 @@ def file_digests(paths: Sequence[Path], *, memo_path: Path | None = None, worker
     """
     memo = _read_memo(memo_path) if memo_path is not None else {}
     keys: list[str] = []
-    stats: list[os.stat_result | None] = []
+    # (size, mtime_ns) rather than os.stat_result objects (~0.5 KiB each with their fields):
+    # this list lives for the whole pass, and at 100k files it was a visible part of peak RSS.
+    stats: list[tuple[int, int] | None] = []
     for p in paths:
         key = os.path.abspath(p)
         try:
-            stats.append(os.stat(key))
+            st = os.stat(key)
+            stats.append((st.st_size, st.st_mtime_ns))
         except OSError:
             stats.append(None)  # e.g. a dangling link: hashed below as unreadable, decoded as invalid
         keys.append(key)
     out: list[str | None] = []
     missing: list[int] = []
-    for j, (key, st) in enumerate(zip(keys, stats)):
+    for j, (key, sm) in enumerate(zip(keys, stats)):
         entry = memo.get(key)
-        if st is not None and entry is not None and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            out.append(str(entry["sha256"]))
+        if sm is not None and entry is not None and entry[:2] == sm:
+            out.append(entry[2])
         else:
             out.append(None)
             missing.append(j)
     if missing:
+        fresh: dict[str, tuple[int, int, str]] = {}
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
-            hashed = list(pool.map(lambda j: _hash_file(keys[j]), missing))
-        now = time.time_ns()
-        fresh: dict[str, dict[str, Any]] = {}
-        for j, (digest, st_after) in zip(missing, hashed):
-            out[j] = digest
-            # Memoise only what we know matches: unchanged while hashed and not racily recent.
-            st_before = stats[j]
-            if st_after is not None and st_before is not None and st_after.st_size == st_before.st_size and st_after.st_mtime_ns == st_before.st_mtime_ns \
-                    and now - st_after.st_mtime_ns > _RACY_NS:
-                fresh[keys[j]] = {"size": st_after.st_size, "mtime_ns": st_after.st_mtime_ns, "sha256": digest}
+            # In batches: pool.map submits every item at once, and a Future per file (~1 KiB
+            # with its condition variable) was the largest per-image cost of the digest.
+            for b in range(0, len(missing), _HASH_BATCH):
+                part = missing[b : b + _HASH_BATCH]
+                hashed = list(pool.map(lambda j: _hash_file(keys[j]), part))
+                now = time.time_ns()
+                for j, (digest, sm_after) in zip(part, hashed):
+                    out[j] = digest
+                    # Memoise only what we know matches: unchanged while hashed and not racily recent.
+                    if sm_after is not None and sm_after == stats[j] and now - sm_after[1] > _RACY_NS:
+                        fresh[keys[j]] = (sm_after[0], sm_after[1], digest)
         if memo_path is not None and fresh:
             _update_memo(memo_path, fresh)
     return [str(d) for d in out]
 
 
-def _hash_file(path: str) -> tuple[str, os.stat_result | None]:
-    h = hashlib.sha256()
+def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
+    """sha256 hex of the file and its ``(size, mtime_ns)`` as read, or an ``unreadable:`` identity."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        with open(path, "rb", buffering=0) as f:
+            # Into one small reused buffer: f.read(1 MiB) allocated (and touched) 1 MiB per file.
+            h = hashlib.sha256()
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
             st = os.fstat(f.fileno())
     except OSError as exc:
         # A file that exists but cannot be read (permissions, a directory named like an image)
         # gets a deterministic identity, so extraction marks it invalid with its reason instead
         # of stopping the whole run; once it becomes readable its digest, and the key, change.
         return f"unreadable:{errno.errorcode.get(exc.errno or 0, 'EIO')}", None
-    return h.hexdigest(), st
+    return h.hexdigest(), (st.st_size, st.st_mtime_ns)
 
 
-def _read_memo(memo_path: Path) -> dict[str, dict[str, Any]]:
+def _memo_entry(obj: dict[str, Any]) -> Any:
+    """``json.loads`` object hook: a file's ``{"mtime_ns", "sha256", "size"}`` becomes a
+    ``(size, mtime_ns, sha256)`` tuple as soon as it is parsed, so a memo of 100k files is never
+    held as 100k dicts (~0.4 KiB each) at once."""
+    if obj.keys() == {"size", "mtime_ns", "sha256"}:
+        size, mtime, sha = obj["size"], obj["mtime_ns"], obj["sha256"]
+        if type(size) is int and type(mtime) is int and isinstance(sha, str):
+            return (size, mtime, sha)
+    return obj
+
+
+def _read_memo(memo_path: Path) -> dict[str, tuple[int, int, str]]:
+    """The memo as ``{absolute path: (size, mtime_ns, sha256)}``; malformed entries are dropped."""
     try:
-        doc = json.loads(Path(memo_path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(memo_path).read_text(encoding="utf-8"), object_hook=_memo_entry)
     except (OSError, ValueError):
         return {}  # missing or damaged memo: it is only a cache of hashes, so start over
     if not isinstance(doc, dict) or doc.get("format") != _MEMO_FORMAT or not isinstance(doc.get("files"), dict):
         return {}
-    return {k: v for k, v in doc["files"].items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+    files: dict[str, Any] = doc["files"]
+    for bad in [k for k, v in files.items() if not isinstance(v, tuple)]:
+        del files[bad]
+    return files
 
 
-def _update_memo(memo_path: Path, fresh: dict[str, dict[str, Any]]) -> None:
+def _update_memo(memo_path: Path, fresh: dict[str, tuple[int, int, str]]) -> None:
     memo_path = Path(memo_path)
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
@@ -462,7 +499,13 @@ def _update_memo(memo_path: Path, fresh: dict[str, dict[str, Any]]) -> None:
         fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=f".{memo_path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": _MEMO_FORMAT, "files": merged}, f, sort_keys=True, separators=(",", ":"))
+                # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the same
+                # entries, written entry by entry instead of from a dict of dicts built whole.
+                f.write('{"files":{')
+                for n, key in enumerate(sorted(merged)):
+                    size, mtime, sha = merged[key]
+                    f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
+                f.write(f'}},"format":{_MEMO_FORMAT}}}')
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, memo_path)

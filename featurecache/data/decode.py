@@ -13,6 +13,13 @@ quiet ways that end up as bad features rather than errors:
 * any byte string some Pillow plugin accepts (TGA has no magic number) decodes as noise -- we
   only let Pillow try the formats whose extensions we accept.
 
+Decoding a 12 MP photo only to shrink it to 224 px spends most of its time on pixels the resize
+throws away. With ``draft=size`` a JPEG is decoded by libjpeg at the largest DCT scale (1/2, 1/4
+or 1/8) whose output still has both sides ``>= size`` (``Image.draft``), so the resize that
+follows still shrinks; other formats, and JPEGs under twice ``size``, decode in full as before.
+The pixels differ slightly from a full decode followed by the same resize, which is why
+extraction keys this choice (``decode="fast"``).
+
 Every failure is an :class:`~featurecache.errors.ImageDecodeError` with a one-line reason;
 extraction marks that image invalid and goes on. Decoding keeps no state, so it is safe to call
 from a thread pool.
@@ -29,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featurecache.errors import ImageDecodeError
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image"]
+__all__ = ["DECODE_MODES", "IMAGE_EXTENSIONS", "decode_image", "decode_workers", "draft_size"]
 
 #: File extensions (lower case, with the dot) treated as images by the dataset sources.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -38,6 +45,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 # MPO). Restricting Image.open to these turns "a text file named x.jpg" into an error
 # instead of letting a magic-less plugin such as TGA decode it as noise.
 _FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+
+#: How extraction decodes images: ``exact`` decodes in full (the pixels plain Keras sees);
+#: ``fast`` decodes JPEGs at the smallest DCT scale that still covers the input size.
+DECODE_MODES: tuple[str, ...] = ("exact", "fast")
 
 _WHITE = 255  # background that transparent pixels are composited on
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +67,7 @@ _ORIENTATION_TRANSPOSE = {
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-def decode_image(data: bytes | str | Path) -> np.ndarray:
+def decode_image(data: bytes | str | Path, *, draft: int | None = None) -> np.ndarray:
     """Decode one image to ``uint8`` RGB.
 
     Parameters
@@ -64,6 +75,11 @@ def decode_image(data: bytes | str | Path) -> np.ndarray:
     data
         The encoded bytes, or the path of an image file. Only the first frame of animated
         GIF / WebP / multi-page TIFF files is decoded.
+    draft
+        The size the image will be resized to. When given, a JPEG at least twice that size
+        on both sides is decoded at reduced DCT scale (1/2, 1/4 or 1/8), the largest
+        reduction whose output still has both sides ``>= draft`` (:func:`draft_size`).
+        ``None`` (the default) decodes every pixel.
 
     Returns
     -------
@@ -78,15 +94,32 @@ def decode_image(data: bytes | str | Path) -> np.ndarray:
         or corrupt, is larger than ``PIL.Image.MAX_IMAGE_PIXELS``, or has an unsupported pixel
         mode. The message is one line; for a path it names the path.
     """
+    if draft is not None and (isinstance(draft, bool) or not isinstance(draft, (int, np.integer)) or draft < 1):
+        raise TypeError(f"decode_image(draft=...) takes a positive int size or None, got {draft!r}")
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(data))
+        return _decode_bytes(bytes(data), draft)
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         try:
-            return _decode_bytes(read_image_bytes(path))
+            return _decode_bytes(read_image_bytes(path), draft)
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"cannot decode {path}: {exc}") from exc.__cause__
     raise TypeError(f"decode_image() takes bytes or a path, got {type(data).__name__}")
+
+
+def decode_workers() -> int:
+    """Default number of decode threads: one per CPU core this process may run on (at least 2).
+
+    Pillow's JPEG/PNG decoders and TensorFlow's resize release the GIL, so threads scale
+    with cores (``benchmarks/decode_workers.py`` measures threads against processes); the
+    backbone, on a GPU, needs almost none of them, and on a CPU the decode threads and the
+    backbone share the cores anyway. Respects ``taskset`` / cgroup CPU affinity.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(2, cores)
 
 
 def read_image_bytes(path: Path) -> bytes:
@@ -98,7 +131,19 @@ def read_image_bytes(path: Path) -> bytes:
         raise ImageDecodeError(f"cannot read file ({reason})") from exc
 
 
-def _decode_bytes(raw: bytes) -> np.ndarray:
+def draft_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The ``(width, height)`` a JPEG of that size decodes to with ``decode_image(draft=size)``.
+
+    libjpeg scales by ``1/s`` for the largest ``s`` in 8, 4, 2, 1 with ``s * size`` at most
+    both sides, rounding up, so both sides of the result stay ``>= size`` (for an image that
+    was at least ``size`` on both sides) and a resize to ``size`` still shrinks.
+    """
+    scale = min(width // size, height // size)
+    s = next(s for s in (8, 4, 2, 1) if scale >= s) if scale >= 1 else 1
+    return -(-width // s), -(-height // s)
+
+
+def _decode_bytes(raw: bytes, draft: int | None = None) -> np.ndarray:
     if not raw:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -121,6 +166,10 @@ def _decode_bytes(raw: bytes) -> np.ndarray:
                 f"{im.width}x{im.height} = {im.width * im.height} pixels is over the decompression-bomb limit "
                 f"PIL.Image.MAX_IMAGE_PIXELS={limit}; downscale the image, or raise that limit in your own code if you trust it"
             )
+        if draft is not None and im.format == "JPEG":
+            # Square target: both sides must cover it whatever the EXIF orientation. Pillow
+            # picks the same scale as draft_size(); mode None keeps the colour conversion.
+            im.draft(None, (int(draft), int(draft)))
         try:
             im.load()  # frame 0 only; raises on truncated data since LOAD_TRUNCATED_IMAGES stays off
         except Exception as exc:
@@ -132,10 +181,11 @@ def _decode_bytes(raw: bytes) -> np.ndarray:
                 rgb = np.asarray(Image.fromarray(rgb).transpose(_ORIENTATION_TRANSPOSE[orientation]))
             return np.ascontiguousarray(rgb)
         try:
-            oriented = ImageOps.exif_transpose(im)
+            # In place: without it an upright photo (the common case) is copied whole for nothing.
+            ImageOps.exif_transpose(im, in_place=True)
         except Exception as exc:
             raise ImageDecodeError(f"unreadable EXIF orientation: {_one_line(exc)}") from exc
-        return np.ascontiguousarray(_to_rgb(oriented))
+        return np.ascontiguousarray(_to_rgb(im))
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

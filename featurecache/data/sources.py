@@ -267,7 +267,7 @@ def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
         if not entry.name.startswith(".") and not entry.is_dir():
             where = "a split folder" if split_dirs else "a class folder"
             skipped.append((entry.name, f"not inside {where}"))
-    found: dict[str, list[tuple[str, str, Path]]] = {}  # split -> [(class, rel id, abs path)]
+    found: dict[str, list[tuple[str, str, str]]] = {}  # split -> [(class, rel id, abs path)]
     class_names: set[str] = set()
     for split, sub in layout.items():
         base = root / sub if sub else root
@@ -369,7 +369,7 @@ def _walk_files(
                 ext = os.path.splitext(entry.name)[1] or "no extension"
                 skipped.append((rel_path, f"not an image type ({ext})"))
             else:
-                out.append((rel_path, Path(entry.path)))
+                out.append((rel_path, entry.path))
 
     visit(folder, rel, chain)
     return out

@@ -19,7 +19,7 @@ import numpy as np
 
 from featurecache.errors import ImageDecodeError
 
-__all__ = ["ImagePredictor", "image_pool", "load_images", "load_or_none", "predict_rows"]
+__all__ = ["ImagePredictor", "draft_of", "image_pool", "load_images", "load_or_none", "predict_rows"]
 
 
 class ImagePredictor:
@@ -77,15 +77,21 @@ def image_pool(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1)), thread_name_prefix=name)
 
 
-def load_or_none(split: Any, i: int) -> np.ndarray | None:
+def draft_of(spec: Any) -> int | None:
+    """The ``draft`` size images are decoded at for a feature spec: its input size under
+    ``decode="fast"`` (so the model sees the pixels the cached features came from), else ``None``."""
+    return int(spec["input_size"]) if spec.get("decode", "exact") == "fast" else None
+
+
+def load_or_none(split: Any, i: int, *, draft: int | None = None) -> np.ndarray | None:
     """Image ``i`` of ``split``, or ``None`` where it cannot be decoded (the caller skips it)."""
     try:
-        return split.load(int(i))
+        return split.load(int(i), draft=draft)
     except ImageDecodeError:
         return None
 
 
-def load_images(split: Any, rows: Sequence[int], *, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+def load_images(split: Any, rows: Sequence[int], *, pool: ThreadPoolExecutor | None = None, draft: int | None = None) -> list[np.ndarray]:
     """Decode ``rows`` of ``split``, failing on the first image that cannot be decoded.
 
     Parameters
@@ -96,6 +102,8 @@ def load_images(split: Any, rows: Sequence[int], *, pool: ThreadPoolExecutor | N
         Rows to load, in order.
     pool
         Threads to decode on; ``None`` decodes in this thread.
+    draft
+        Decode JPEGs at reduced scale covering this size (:func:`draft_of`); ``None``: in full.
 
     Returns
     -------
@@ -110,7 +118,7 @@ def load_images(split: Any, rows: Sequence[int], *, pool: ThreadPoolExecutor | N
 
     def load(i: int) -> np.ndarray:
         try:
-            return split.load(int(i))
+            return split.load(int(i), draft=draft)
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"{split.name}/{split.ids[int(i)]}: {exc}; fix or remove the image") from None
 
@@ -119,7 +127,9 @@ def load_images(split: Any, rows: Sequence[int], *, pool: ThreadPoolExecutor | N
     return list(pool.map(load, rows))
 
 
-def predict_rows(predictor: ImagePredictor, split: Any, rows: np.ndarray, *, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+def predict_rows(
+    predictor: ImagePredictor, split: Any, rows: np.ndarray, *, pool: ThreadPoolExecutor, draft: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Outputs for ``rows`` of a dataset split, decoded in chunks (memory stays flat).
 
     Parameters
@@ -132,6 +142,8 @@ def predict_rows(predictor: ImagePredictor, split: Any, rows: np.ndarray, *, poo
         Rows to predict, in order.
     pool
         Threads that decode the images (see :func:`image_pool`).
+    draft
+        Decode JPEGs at reduced scale covering this size (:func:`draft_of`); ``None``: in full.
 
     Returns
     -------
@@ -143,7 +155,7 @@ def predict_rows(predictor: ImagePredictor, split: Any, rows: np.ndarray, *, poo
     step = predictor.batch_size * 8
     for start in range(0, len(rows), step):
         chunk = rows[start : start + step]
-        images = list(pool.map(lambda i: load_or_none(split, i), chunk))
+        images = list(pool.map(lambda i: load_or_none(split, i, draft=draft), chunk))
         good = [j for j, img in enumerate(images) if img is not None]
         ok[start + np.arange(len(chunk))] = [img is not None for img in images]
         if good:

@@ -274,7 +274,9 @@ def build_branch(
     backbone = keras.Model(base.inputs, base.get_layer(layer).output, name=backbone_name or bspec.name)
     # Stage-2 state: frozen backbone (BatchNorm then also runs in inference mode), trainable head.
     backbone.trainable = False
-    x = keras.layers.Resizing(size, size, interpolation=str(spec["resize"]), name=f"{RESIZE_LAYER}{suffix}")(inputs)
+    x = keras.layers.Resizing(
+        size, size, interpolation=str(spec["resize"]), antialias=bool(spec.get("antialias", False)), name=f"{RESIZE_LAYER}{suffix}"
+    )(inputs)
     mode = str(spec["preprocess"]).rsplit(":", 1)[-1]
     for lyr in preprocess_layers(mode, suffix=suffix):
         x = lyr(x)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.errors import UsageError
-from featurecache.finetune.inference import load_or_none
+from featurecache.finetune.inference import draft_of, load_or_none
 
 if TYPE_CHECKING:
     from featurecache.finetune.rebuild import Rebuilt
@@ -109,7 +109,8 @@ def fit_model(
     keras.utils.set_random_seed(int(seed))
     trainer = make_trainer(rebuilt.features, rebuilt.head)
     trainer.compile(optimizer=_make_optimizer(optimizer, lr), loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
-    common = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool)
+    common = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
+                  antialias=bool(spec.get("antialias", False)), draft=draft_of(spec))
     train_data = image_batches(train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common)
     val_data = image_batches(val_split, run_data.val_rows, run_data.labels, augment=None, shuffle=False, **common)
     extra_callbacks = list(callbacks)
@@ -170,20 +171,23 @@ def image_batches(
     seed: int,
     shuffle: bool,
     pool: ThreadPoolExecutor,
+    antialias: bool = False,
+    draft: int | None = None,
 ) -> Any:
     """A ``PyDataset`` of resized (and, when training, augmented) image batches.
 
     Images are resized to the model's input size here so that images of any size can share a
     batch; the model's own Resizing layer is then the identity. Undecodable images get sample
-    weight 0 instead of failing the epoch.
+    weight 0 instead of failing the epoch. ``antialias`` and ``draft`` (the decode size under
+    ``decode="fast"``) reproduce how the cached features were made.
     """
     import keras
 
     from featurecache.data import augment_batch, resize_image
 
     def load(i: int) -> np.ndarray | None:
-        img = load_or_none(split, i)
-        return None if img is None else resize_image(img, size, method=resize)
+        img = load_or_none(split, i, draft=draft)
+        return None if img is None else resize_image(img, size, method=resize, antialias=antialias)
 
     class _Batches(keras.utils.PyDataset):
         def __init__(self) -> None:

@@ -1,0 +1,60 @@
+"""The dataset digest is hashed row by row; it must equal the digest of the whole manifest document."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from featurecache.data import load_dataset
+from featurecache.data.dataset import ArrayItems, Dataset, Split, file_digests
+from tests.conftest import make_image_folder
+
+
+def _whole(ds: Dataset) -> str:
+    text = json.dumps(ds.manifest(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def test_streamed_digest_equals_the_manifest_digest_for_files_and_arrays(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "ds", classes=("cät", 'd"og', "e"), per_class=3, splits=("train", "val"))
+    ds = load_dataset(str(folder))
+    assert ds.digest() == _whole(ds)
+    arr = np.arange(4 * 5 * 5 * 3, dtype=np.uint8).reshape(4, 5, 5, 3)
+    one = Split("train", ("0", "1", "2", "3"), np.array([0, 1, 0, 1]), ArrayItems(arr))
+    arrays = Dataset("a", "x.npz", ("x", "y"), {"train": one, "test": one.renamed("test")})
+    assert Dataset("a", "x.npz", ("x", "y"), {"train": one, "test": one.renamed("test")}).digest() == _whole(arrays)
+    empty = Dataset("e", "e", ("x",), {"train": Split("train", (), np.zeros(0), ArrayItems(np.zeros((0, 2, 2, 3), np.uint8)))})
+    assert empty.digest() == _whole(empty)
+
+
+def test_file_digests_are_sha256_of_the_bytes_larger_than_the_read_buffer(tmp_path: Path) -> None:
+    blobs = [b"", b"x" * 10, bytes(range(256)) * 1000]  # the last spans several 64 KiB reads
+    paths = []
+    for i, blob in enumerate(blobs):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(blob)
+        paths.append(p)
+    assert file_digests(paths) == [hashlib.sha256(b).hexdigest() for b in blobs]
+    memo = tmp_path / "memo.json"
+    assert file_digests(paths, memo_path=memo) == file_digests(paths, memo_path=memo)
+
+
+def test_memo_file_keeps_its_json_format_and_reads_back_as_entries(tmp_path: Path) -> None:
+    from featurecache.data.dataset import _MEMO_FORMAT, _read_memo, _update_memo
+
+    memo = tmp_path / "memo.json"
+    entries = {"/a/ü.jpg": (3, 1_700_000_000_000_000_000, "ab" * 32), "/a/b.png": (0, 5, "cd" * 32)}
+    _update_memo(memo, entries)
+    as_dicts = {k: {"size": s, "mtime_ns": m, "sha256": d} for k, (s, m, d) in entries.items()}
+    # Byte for byte what json.dump wrote before entries were kept as tuples.
+    assert memo.read_text() == json.dumps({"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":"))
+    assert _read_memo(memo) == entries
+    _update_memo(memo, {"/a/c.jpg": (1, 2, "ef" * 32)})  # merged with what is there
+    assert set(_read_memo(memo)) == {*entries, "/a/c.jpg"}
+    doc = json.loads(memo.read_text())
+    doc["files"]["/bad"] = {"size": "3", "mtime_ns": 1, "sha256": "x"}  # malformed entries are dropped
+    memo.write_text(json.dumps(doc))
+    assert "/bad" not in _read_memo(memo) and "/a/c.jpg" in _read_memo(memo)
