@@ -98,7 +98,7 @@ def test_decode_workers_scale_with_cores() -> None:
 
 
 def _spec(**kw: object) -> FeatureSpec:
-    base = dict(dataset_digest="d" * 64, backbone="mobilenetv2", weights="random:seed=0", layer="out_relu", pooling="avg",
+    base = dict(backbone="mobilenetv2", weights="random:seed=0", layer="out_relu", pooling="avg",
                 input_size=96, resize="bilinear", preprocess="mobilenet_v2:tf", augment={}, views=0, augment_splits=(),
                 seed=0, dtype="float32")
     base.update(kw)

@@ -54,6 +54,8 @@ CHANGES = [
     ("augment_splits", ("train", "val")),
     ("seed", 1),
     ("dtype", "float16"),
+    ("decode", "fast"),
+    ("antialias", True),
     ("precision", "mixed"),
 ]
 
@@ -103,8 +105,8 @@ def test_readable_labels_do_not_change_the_key() -> None:
 
 
 def test_default_precision_is_left_out_of_the_keyed_document() -> None:
-    assert UNKEYED_DEFAULTS == {"precision": "float32"}
-    assert "precision" not in BASE.key_fields()
+    assert UNKEYED_DEFAULTS == {"precision": "float32", "decode": "exact", "antialias": False}
+    assert not set(UNKEYED_DEFAULTS) & set(BASE.key_fields())
     assert dataclasses.replace(BASE, precision="mixed").key_fields()["precision"] == "mixed"
 
 
