@@ -10,9 +10,11 @@ from pathlib import Path
 
 from featurecache.cli._common import CacheOpt, JsonOpt, cache_flag, csv_items, fail, handle_errors, human_bytes, print_json
 from featurecache.cli.extract import (
+    AntialiasOpt,
     AugmentOpt,
     BackboneOpt,
     DataOpt,
+    DecodeOpt,
     DtypeOpt,
     LayerOpt,
     LimitOpt,
@@ -229,6 +231,8 @@ def explain_cmd(
     seed: SeedOpt = 0,
     dtype: DtypeOpt = "float32",
     precision: PrecisionOpt = "float32",
+    decode: DecodeOpt = "exact",
+    antialias: AntialiasOpt = False,
     limit: LimitOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -239,7 +243,7 @@ def explain_cmd(
     report = explain(
         data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
         views=views, augment_splits=csv_items(augment_splits), seed=seed,
-        dtype=dtype, precision=precision, limit=limit, cache_dir=cache,
+        dtype=dtype, precision=precision, decode=decode, antialias=antialias, limit=limit, cache_dir=cache,
     )
     if json_out:
         print_json(report.to_json())
