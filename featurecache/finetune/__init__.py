@@ -48,7 +48,7 @@ from featurecache.finetune.assemble import Assembled, assemble_run, is_assembled
 from featurecache.finetune.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
 from featurecache.finetune.equivalence import EquivalenceReport, check_equivalence
 from featurecache.finetune.export import MODEL_FILE, export_model, write_outputs
-from featurecache.finetune.inference import ImagePredictor, draft_of, image_pool, predict_rows
+from featurecache.finetune.inference import ImagePredictor, model_draft, image_pool, predict_rows
 from featurecache.finetune.rebuild import Rebuilt, preprocess_layers, rebuild_model
 from featurecache.finetune.run_data import RunData, load_run_data, read_predictions
 from featurecache.finetune.training import OPTIMIZERS, fit_model, history_summary, make_trainer
@@ -422,7 +422,7 @@ def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, pre
     metrics: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
     for name, split, rows in todo:
-        proba, ok = predict_rows(predictor, split, rows, pool=pool, draft=draft_of(rebuilt.spec))
+        proba, ok = predict_rows(predictor, split, rows, pool=pool, draft=model_draft(rebuilt))
         y = run_data.labels[split.labels[rows]][ok]
         if len(y):
             metrics[name] = classification_metrics(y, proba[ok], classes=rebuilt.classes)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.errors import EquivalenceError, UsageError
-from featurecache.finetune.inference import ImagePredictor, draft_of, load_images
+from featurecache.finetune.inference import ImagePredictor, model_draft, load_images
 
 if TYPE_CHECKING:
     from featurecache.finetune.assemble import Assembled
@@ -116,7 +116,7 @@ def check_equivalence(
         pick = np.unique(np.linspace(0, len(pick) - 1, int(max_samples)).round().astype(np.int64))
     split = run_data.dataset.splits[run_data.val_split]
     rows = run_data.val_rows[pick]
-    images = load_images(split, rows, pool=pool, draft=draft_of(rebuilt.spec))
+    images = load_images(split, rows, pool=pool, draft=model_draft(rebuilt))
     got = (predictor or ImagePredictor(rebuilt.model, batch_size=batch_size))(images)
     expected = expected_all[pick]
     if got.shape != expected.shape:

@@ -83,6 +83,14 @@ def draft_of(spec: Any) -> int | None:
     return int(spec["input_size"]) if spec.get("decode", "exact") == "fast" else None
 
 
+def model_draft(rebuilt: Any) -> int | None:
+    """The ``draft`` size for a rebuilt model: that of its spec, or of its branches when they
+    agree (an ensemble whose branches decode differently is checked on fully decoded images)."""
+    specs = [rebuilt.spec] if hasattr(rebuilt, "spec") else [b.spec for b in rebuilt.branches]
+    drafts = {draft_of(s) for s in specs}
+    return drafts.pop() if len(drafts) == 1 else None
+
+
 def load_or_none(split: Any, i: int, *, draft: int | None = None) -> np.ndarray | None:
     """Image ``i`` of ``split``, or ``None`` where it cannot be decoded (the caller skips it)."""
     try:
