@@ -1,0 +1,153 @@
+"""Scale-out: extraction units on a real Dask LocalCluster, and shards without a scheduler.
+
+Every test compares against a single-process extraction of the same tiny dataset (byte for
+byte, every split and view), because that is the guarantee: where a unit ran never changes
+its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurecache.errors import UsageError
+from featurecache.shards import parse_shard
+
+# 30 images (10 per split) in units of 4 rows: 8 units, so tasks of 2 units make 4 tasks.
+OPTS = dict(backbone="mobilenetv2", weights="random", size=32, limit=10, chunk_rows=4, batch_size=4, progress=False)
+DATA = "builtin:digits"
+
+
+def all_features(fs) -> dict[str, np.ndarray]:
+    return {s: fs.features(s, view=None) for s in fs.splits}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """The features of a plain single-process run."""
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = tmp_path_factory.mktemp("ref-cache")
+    res = extract(DATA, cache_dir=cache, **OPTS)
+    return all_features(open_features(res.key, cache_dir=cache))
+
+
+def local_cluster(**env: str):
+    import dask
+    from distributed import Client, LocalCluster
+
+    # No retries by Dask: a dead worker's task comes back as KilledWorker at once, so the
+    # re-plan from markers is what makes the run complete (as the coordinator must not
+    # depend on Dask's retry counters).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        lc = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            env={"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        )
+    return lc, Client(lc)
+
+
+@pytest.mark.slow
+def test_cluster_extraction_is_bit_identical_and_records_where(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from featurecache.cache.store import open_store
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract, plan
+
+    cache = tmp_path / "cache"
+    lc, client = local_cluster()
+    try:
+        res = extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)
+        again = extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)
+    finally:
+        client.close()
+        lc.close()
+    fs = open_features(res.key, cache_dir=cache)
+    got = all_features(fs)
+    assert got.keys() == reference.keys()
+    for split in got:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    assert res.computed == 30 and again.cached
+    summary = fs.attrs["compute"]["cluster"]
+    assert summary["tasks"] == 4 and summary["failed"] == 0 and summary["max_submissions"] == 1
+    st = open_store(cache, plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10).spec.key)
+    markers = st.markers(0, refresh=True)
+    assert len(markers) == 8
+    for m in markers.values():
+        assert m["worker"].startswith("tcp://127.0.0.1:") and m["device"] == "CPU" and m["host"] and "tensorflow" in m["versions"]
+
+
+@pytest.mark.slow
+def test_worker_dying_inside_a_unit_is_replanned_from_markers(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = tmp_path / "cache"
+    once = tmp_path / "fault-fired"
+    # The second unit a worker process computes SIGKILLs that worker after the backbone and
+    # before the write (its first unit is already marked): only once across all processes.
+    lc, client = local_cluster(FEATURECACHE_FAULT="unit_forward_done@2", FEATURECACHE_FAULT_ONCE=str(once))
+    try:
+        res = extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)
+    finally:
+        client.close()
+        lc.close()
+    assert once.exists(), "the injected fault never fired: the test proved nothing"
+    fs = open_features(res.key, cache_dir=cache)
+    got = all_features(fs)
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    summary = fs.attrs["compute"]["cluster"]
+    assert summary["failed"] >= 1 and summary["rounds"] == 2
+    assert summary["max_submissions"] <= 2
+
+
+SHARD_SCRIPT = """
+import json, sys
+from featurecache.extract import extract
+res = extract({data!r}, cache_dir=sys.argv[1], shard=(int(sys.argv[2]), 2), **{opts!r})
+print(json.dumps({{"pending": res.pending, "cached": res.cached, "computed": res.computed}}))
+"""
+
+
+@pytest.mark.slow
+def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from featurecache.cache.views import open_features
+    from featurecache.extract import plan
+    from featurecache.shards import plan_path
+
+    cache = tmp_path / "cache"
+    script = SHARD_SCRIPT.format(data=DATA, opts=OPTS)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    docs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    # Each shard computed its own half of the 8 units (4 rows each, the last of 2 rows per split).
+    assert sum(d["computed"] for d in docs) == 30 and all(d["computed"] > 0 for d in docs)
+    p = plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10)
+    fs = open_features(p.key, cache_dir=cache)
+    got = all_features(fs)
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    assert not plan_path(cache, p.key).exists()
+    shards = {m["shard"] for m in fs.store.markers(0, refresh=True).values()}
+    assert shards == {"0/2", "1/2"}
+
+
+def test_shard_text_and_slurm_array() -> None:
+    assert parse_shard("1/3") == (1, 3)
+    assert parse_shard(None) is None
+    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}) == (2, 4)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(UsageError, match="--shard|shard"):
+            parse_shard(bad)
+    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID"):
+        parse_shard("auto", {})
