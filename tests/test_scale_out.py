@@ -130,7 +130,7 @@ def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, r
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     docs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    # Each shard computed its own half of the 8 units (4 rows each, the last of 2 rows per split).
+    # Each shard computed its own half of the 8 units (7 of 4 rows, 1 of 2).
     assert sum(d["computed"] for d in docs) == 30 and all(d["computed"] > 0 for d in docs)
     p = plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10)
     fs = open_features(p.key, cache_dir=cache)
