@@ -151,3 +151,44 @@ def test_shard_text_and_slurm_array() -> None:
             parse_shard(bad)
     with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID"):
         parse_shard("auto", {})
+
+
+CLI_BASE = ["extract", "--data", DATA, "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "10", "--batch-size", "4"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--cluster", "yarn:2"], "--cluster 'yarn:2' is not understood; pass local:N"),
+        (["--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:1"], "only one of --cluster, --scheduler and --scheduler-file"),
+        (["--shard", "2/2"], "shard 2/2 is out of range"),
+        (["--shard", "half"], "--shard 'half' is not i/N"),
+    ],
+)
+def test_cli_scale_out_options_fail_in_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    res = CliRunner().invoke(app, [*CLI_BASE, "--cache", str(tmp_path), *extra])
+    assert res.exit_code != 0
+    assert needle in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cache.views import open_features
+    from featurecache.cli.main import app
+
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, [*CLI_BASE, "--cache", str(cache), "--cluster", "local:2", "--units-per-task", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    fs = open_features(doc["key"], cache_dir=cache)
+    assert fs.attrs["compute"]["cluster"]["workers"] == 2
+    got = all_features(fs)
+    # The CLI picks its own chunk rows, so compare values per split, not store layouts.
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
