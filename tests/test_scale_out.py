@@ -192,3 +192,39 @@ def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[st
     # The CLI picks its own chunk rows, so compare values per split, not store layouts.
     for split in reference:
         assert got[split].tobytes() == reference[split].tobytes(), split
+
+
+@pytest.mark.slow
+def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+    from featurecache.extract import extract
+    from featurecache.sweep import sweep
+
+    cache = tmp_path / "cache"
+    key = extract(DATA, cache_dir=cache, **OPTS).key
+    grid = "logreg:C=0.1,1,10;max_iter=200"
+    local = sweep(key, grid=[grid], n_jobs=1, out=tmp_path / "local", cache_dir=cache, progress=False)
+    res = CliRunner().invoke(
+        app, ["sweep", "--features", key, "--grid", grid, "--backend", "dask", "--cluster", "local:2", "--jobs", "2",
+              "--out", str(tmp_path / "dask"), "--cache", str(cache), "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["leaderboard"]
+    by_trial = {r["trial"]: r for r in rows}
+    assert len(rows) == len(local.leaderboard) == 3
+    for row in local.leaderboard:
+        other = by_trial[row["trial"]]
+        for metric in ("val_accuracy", "val_log_loss"):
+            assert other[metric] == row[metric], (row["trial"], metric)
+
+
+def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    res = CliRunner().invoke(app, ["sweep", "--features", "abcdef123456", "--backend", "dask", "--cache", str(tmp_path)])
+    assert res.exit_code != 0
+    assert "--backend dask goes with one of --cluster" in res.output

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, csv_items, handle_errors, pasteable, print_json
 
 DataOpt = Annotated[
@@ -64,16 +65,9 @@ def extract_cmd(
     limit: LimitOpt = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads (at most 256).", show_default=False)] = None,
-    cluster: Annotated[
-        str | None,
-        typer.Option("--cluster", help="Run the units on a local Dask cluster of N worker processes: local:N (needs featurecache[dask]).", show_default=False),
-    ] = None,
-    scheduler: Annotated[
-        str | None, typer.Option("--scheduler", help="Run the units on an existing Dask scheduler, e.g. tcp://host:8786.", show_default=False)
-    ] = None,
-    scheduler_file: Annotated[
-        str | None, typer.Option("--scheduler-file", help="Run the units on the Dask scheduler described by this file.", show_default=False)
-    ] = None,
+    cluster: ClusterOpt = None,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
     units_per_task: Annotated[int, typer.Option("--units-per-task", min=1, help="Consecutive write units per Dask task.")] = 4,
     shard: Annotated[
         str | None,
@@ -88,32 +82,14 @@ def extract_cmd(
     from featurecache.shards import parse_shard
 
     shard_ = parse_shard(shard)
-    client = _connect(cluster, scheduler, scheduler_file)
-    try:
+    with dask_client(cluster, scheduler, scheduler_file) as client:
         result = extract(
             data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
             views=views, augment_splits=csv_items(augment_splits), seed=seed, dtype=dtype, precision=precision,
             batch_size=batch_size, xla=xla, cache_dir=cache, limit=limit, on_error=on_error,  # type: ignore[arg-type]
             workers=workers, client=client, units_per_task=units_per_task, shard=shard_, progress=not (quiet or json_out),
         )
-    finally:
-        if client is not None:
-            from featurecache import cluster as cluster_mod
-
-            cluster_mod.close(client)
     _report(result, json_out=json_out, cache=cache)
-
-
-def _connect(cluster: str | None, scheduler: str | None, scheduler_file: str | None):  # -> distributed.Client | None
-    if not (cluster or scheduler or scheduler_file):
-        return None
-    from featurecache.errors import UsageError
-
-    try:
-        from featurecache import cluster as cluster_mod
-    except ImportError:
-        raise UsageError("--cluster, --scheduler and --scheduler-file need Dask; install it with `pip install 'featurecache[dask]'`") from None
-    return cluster_mod.connect(cluster, scheduler, scheduler_file)
 
 
 def _report(result, *, json_out: bool, cache) -> None:  # noqa: ANN001 - an ExtractResult and the --cache value
