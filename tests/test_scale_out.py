@@ -228,3 +228,49 @@ def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["sweep", "--features", "abcdef123456", "--backend", "dask", "--cache", str(tmp_path)])
     assert res.exit_code != 0
     assert "--backend dask goes with one of --cluster" in res.output
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    import signal
+    import threading
+
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = tmp_path / "cache"
+    once = tmp_path / "fault-fired"
+    # One worker freezes itself (SIGSTOP) inside a unit, after the backbone and before the
+    # write; the test then kills it from outside, as an OOM killer or a lost node would.
+    lc, client = local_cluster(FEATURECACHE_FAULT="unit_forward_done:stop", FEATURECACHE_FAULT_ONCE=str(once))
+    try:
+        pids = set(client.run(os.getpid).values())
+        out: dict[str, object] = {}
+        runner = threading.Thread(target=lambda: out.update(res=extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)))
+        runner.start()
+        frozen = None
+        while frozen is None and runner.is_alive():  # waits on a state, never on a duration
+            frozen = next((pid for pid in pids if once.exists() and _state(pid) == "T"), None)
+            runner.join(0.1)
+        assert frozen is not None, "no worker froze: the fault never fired"
+        os.kill(frozen, signal.SIGKILL)
+        runner.join()
+    finally:
+        client.close()
+        lc.close()
+    res = out["res"]
+    fs = open_features(res.key, cache_dir=cache)  # type: ignore[attr-defined]
+    got = all_features(fs)
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    summary = fs.attrs["compute"]["cluster"]
+    assert summary["failed"] >= 1 and summary["max_submissions"] <= 2
