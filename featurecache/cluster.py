@@ -14,9 +14,11 @@ the same bytes; the cache root must be a path every worker sees.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,14 +83,20 @@ class ModelCache(WorkerPlugin):
         return self.models[p.spec.key]
 
     def runner(self, p: Plan, store_path: str, options: UnitOptions) -> tuple[Any, dict[str, Any]]:
-        """The unit runner of ``p`` over the store at ``store_path``, built once per worker."""
-        key = (p.spec.key, p.dataset.digest(), store_path, options)
+        """The unit runner of ``p`` over the store at ``store_path``, built once per worker.
+
+        The store is opened afresh on every call: a store removed and recreated since (with
+        other chunk rows) must never be written through a stale description.
+        """
+        from featurecache.cache.store import FeatureStore
+
+        st = FeatureStore(store_path)
+        key = (p.spec.key, p.dataset.digest(), store_path, st.chunk_rows, st.attrs.get("created"), options)
         if key not in self.runners:
-            from featurecache.cache.store import FeatureStore
             from featurecache.extract import make_runner
 
             self.runners[key] = make_runner(
-                p, FeatureStore(store_path), self.model(p), batch_size=options.batch_size,
+                p, st, self.model(p), batch_size=options.batch_size,
                 on_error=options.on_error, workers=options.workers, xla=options.xla,  # type: ignore[arg-type]
             )
         return self.runners[key]
@@ -139,7 +147,6 @@ def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOption
     from featurecache.extract import unit_record
 
     runner, compute = _plugin().runner(p, store_path, options)
-    runner.st.markers(0)  # noqa: B018 - read once; write_unit keeps the cache current
     runner.run(units, progress=False, record=unit_record(compute, worker=get_worker().address))
     return {"rows": sum(len(u.digests) for u in units), "compute": compute}
 
@@ -211,8 +218,6 @@ def run_units(
     IncompleteEntryError
         Units still lack markers after ``rounds`` rounds (the last worker error is named).
     """
-    from distributed import as_completed
-
     if units_per_task < 1:
         raise UsageError(f"--units-per-task must be an integer >= 1, got {units_per_task!r}")
     ensure_plugin(client)
@@ -229,37 +234,20 @@ def run_units(
         # from a peer, and a round that lost every copy scatters again.
         [plan_f] = client.scatter([p], broadcast=True, hash=False)
         batches = [todo[i : i + units_per_task] for i in range(0, len(todo), units_per_task)]
-        pending = iter(batches)
-        done = as_completed()
-
-        def submit_next() -> bool:
-            batch = next(pending, None)
-            if batch is None:
-                return False
+        for batch in batches:
             submissions.update((u.view, u.slot) for u in batch)
-            stats["tasks"] += 1
-            done.add(client.submit(_units_task, plan_f, str(st.path), batch, options, pure=False))
-            return True
-
-        for _ in range(window):
-            if not submit_next():
-                break
+        stats["tasks"] += len(batches)
         try:
-            for fut in done:
-                try:
-                    compute = fut.result()["compute"]
-                except FeatureCacheError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - KilledWorker, lost connections, worker crashes: re-plan below
-                    last_error = exc
-                    stats["failed"] += 1
-                finally:
-                    fut.release()
-                submit_next()
-        except BaseException:
-            for fut in list(done.futures):
-                fut.cancel()
-            raise
+            calls = [(plan_f, str(st.path), batch, options) for batch in batches]
+            with contextlib.closing(run_windowed(client, _units_task, calls, window=window)) as results:  # closing cancels the rest
+                for result in results:
+                    if isinstance(result, FeatureCacheError):
+                        raise result  # fails the same on any worker (bad image with --on-error fail, full disk)
+                    if isinstance(result, BaseException):  # KilledWorker, lost connections, worker crashes: re-plan below
+                        last_error = result
+                        stats["failed"] += 1
+                    else:
+                        compute = result["compute"]
         finally:
             plan_f.release()
         todo = [u for u in todo if u.slot not in st.markers(u.view, refresh=True)]
@@ -277,6 +265,56 @@ def run_units(
     summary = {"tasks": stats["tasks"], "failed": stats["failed"], "rounds": stats["rounds"], "units_per_task": units_per_task,
                "max_submissions": max(submissions.values(), default=0), "workers": len(client.nthreads())}
     return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
+
+
+def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int) -> Iterator[Any]:
+    """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
+
+    A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
+    is released as soon as its result is read (the scheduler then forgets it), and whatever is
+    still in flight is cancelled if the caller stops early.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``.
+    fn
+        The task function.
+    calls
+        Positional arguments of each task, in submission order.
+    window
+        Most tasks in flight.
+
+    Yields
+    ------
+    object
+        Each task's result or exception, in completion order.
+    """
+    from distributed import as_completed
+
+    pending = iter(calls)
+    done = as_completed()
+
+    def submit_next() -> None:
+        args = next(pending, None)
+        if args is not None:
+            done.add(client.submit(fn, *args, pure=False))
+
+    for _ in range(max(1, window)):
+        submit_next()
+    try:
+        for fut in done:
+            try:
+                result = fut.result()
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                result = exc
+            finally:
+                fut.release()
+            submit_next()
+            yield result
+    finally:
+        for fut in list(done.futures):
+            fut.cancel()
 
 
 def _brief(exc: BaseException | None) -> str:
