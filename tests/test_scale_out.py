@@ -274,3 +274,22 @@ def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str
         assert got[split].tobytes() == reference[split].tobytes(), split
     summary = fs.attrs["compute"]["cluster"]
     assert summary["failed"] >= 1 and summary["max_submissions"] <= 2
+
+
+@pytest.mark.slow
+def test_a_bad_image_with_on_error_fail_is_not_retried_on_the_cluster(tmp_path: Path) -> None:
+    from conftest import make_image_folder
+
+    from featurecache.errors import ImageDecodeError
+    from featurecache.extract import extract
+
+    root = make_image_folder(tmp_path / "pets")
+    (root / "cat" / "broken.png").write_bytes(b"not a png")
+    lc, client = local_cluster()
+    try:
+        with pytest.raises(ImageDecodeError, match="broken.png"):
+            extract(str(root), cache_dir=tmp_path / "cache", client=client, on_error="fail",
+                    **{k: v for k, v in OPTS.items() if k != "limit"})
+    finally:
+        client.close()
+        lc.close()
