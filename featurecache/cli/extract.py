@@ -95,8 +95,8 @@ def extract_cmd(
 def _report(result, *, json_out: bool, cache) -> None:  # noqa: ANN001 - an ExtractResult and the --cache value
     if result.pending:
         typer.echo(
-            f"shard done: computed {result.computed} image views of {result.name}; {result.pending} units of other shards are still "
-            "running, and the last shard to finish writes the feature set",
+            f"shard done: computed {result.computed} image views of {result.name}; {result.pending} "
+            f"{'unit' if result.pending == 1 else 'units'} of other shards still to finish; the last shard to finish writes the feature set",
             err=json_out,  # stdout stays one JSON document
         )
     if json_out:
