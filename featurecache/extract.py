@@ -136,6 +136,8 @@ class ExtractResult:
     skipped_files: int = 0
     computed: int = 0
     reused: int = 0
+    #: Units of other shards still without a marker (a shard that finished before the others).
+    pending: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
@@ -150,6 +152,7 @@ class ExtractResult:
             "skipped_files": self.skipped_files,
             "computed": self.computed,
             "reused": self.reused,
+            **({"pending": self.pending} if self.pending else {}),
         }
 
 
@@ -252,6 +255,9 @@ def extract(
     lease_timeout: float | None = None,
     xla: bool | None = None,
     progress: bool = True,
+    client: Any = None,
+    units_per_task: int = 4,
+    shard: tuple[int, int] | None = None,
 ) -> ExtractResult:
     """Extract (or find in the cache) the features of ``data`` under ``backbone``.
 
@@ -321,6 +327,16 @@ def extract(
         GPU, off on CPU. Round-off only, so recorded per unit, not keyed.
     progress
         Show a progress bar on stderr (it counts only the images really computed).
+    client
+        A ``dask.distributed.Client``: this process plans, holds the lease and writes the
+        view, and the cluster's workers run the units (the cache root must be a path every
+        worker sees). See :mod:`featurecache.cluster`.
+    units_per_task
+        Consecutive write units per Dask task (with ``client``).
+    shard
+        ``(i, N)``: run only the units with index ``i`` modulo ``N`` of a plan shared through
+        the cache, for N processes started without a scheduler; the shard that finds every
+        unit done writes the view (see :mod:`featurecache.shards`).
 
     Returns
     -------
@@ -347,12 +363,21 @@ def extract(
     if hit is not None:
         return _result(hit, cached=True, started=started, plan_=p)
 
+    if client is not None and shard is not None:
+        raise UsageError("pass either a Dask client (--cluster/--scheduler) or --shard, not both")
     lease = Lease(p.cache_dir, p.spec.key)
 
     def tell(holder: dict[str, Any]) -> None:
         if progress:
             print(f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting with {p.spec.store_name()}", file=sys.stderr)
 
+    if shard is not None:
+        from featurecache import shards
+
+        return _extract_shard(
+            p, shards.check_shard(shard), lease=lease, lease_timeout=lease_timeout, tell=tell, started=started,
+            batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla, progress=progress,
+        )
     lease.wait(timeout=lease_timeout, on_wait=tell)
     try:
         store.remove_leftovers(p.cache_dir, p.spec.key)  # debris of killed runs of this store; ours now
@@ -361,11 +386,69 @@ def extract(
             return _result(hit, cached=True, started=started, plan_=p)
         st, computed, compute = _run(
             p, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla, progress=progress,
+            client=client, units_per_task=units_per_task,
         )
         fs = _write_view(p, st, computed=computed, compute=compute)
     finally:
         lease.release()
     return _result(fs, cached=False, started=started, plan_=p, computed=computed)
+
+
+def _extract_shard(
+    p: Plan, shard: tuple[int, int], *, lease: Lease, lease_timeout: float | None, tell: Callable[[dict[str, Any]], None],
+    started: float, batch_size: int, on_error: OnError, workers: int | None, chunk_rows: int | None, xla: bool | None, progress: bool,
+) -> ExtractResult:
+    """One shard of a sharded extraction: agree on the plan, run our units, seal if last."""
+    from featurecache import shards
+
+    model = None
+    lease.wait(timeout=lease_timeout, on_wait=tell)
+    try:
+        hit = views_mod.find_by_key(p.cache_dir, p.key)
+        if hit is not None:
+            return _result(hit, cached=True, started=started, plan_=p)
+        st = store.open_store(p.cache_dir, p.spec.key) if _store_readable(p) else None
+        units = shards.read_plan(p.cache_dir, p.key, p.spec.key) if st is not None else None
+        if units is None or not _slots_allocated(st, units):
+            # First shard: nobody writes this store yet, so its debris can go, and we allocate.
+            store.remove_leftovers(p.cache_dir, p.spec.key)
+            st, units, model = prepare_units(p, batch_size=batch_size, chunk_rows=chunk_rows)
+            shards.write_plan(p.cache_dir, p.key, p.spec.key, units)
+    finally:
+        lease.release()
+    assert st is not None  # noqa: S101 - set on every path above
+    done = {v: st.markers(v, refresh=True) for v in range(st.views)}
+    mine = [u for u in shards.my_units(units, shard) if u.slot not in done[u.view]]
+    computed, compute = 0, None
+    if mine:
+        runner, compute = make_runner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=xla)
+        runner.run(mine, progress=progress, record=unit_record(compute, shard=f"{shard[0]}/{shard[1]}"))
+        computed = sum(len(u.digests) for u in mine)
+    # Listed only after our own markers are written: the last shard to get here sees them all.
+    done = {v: st.markers(v, refresh=True) for v in range(st.views)}
+    pending = sum(1 for u in units if u.slot not in done[u.view])
+    if pending:
+        return ExtractResult(
+            key=p.key, name=p.name, path=shards.plan_path(p.cache_dir, p.key), cached=False, splits={},
+            seconds=time.perf_counter() - started, computed=computed, pending=pending,
+        )
+    lease.wait(timeout=lease_timeout, on_wait=tell)
+    try:
+        hit = views_mod.find_by_key(p.cache_dir, p.key)
+        if hit is None:
+            hit = _write_view(p, st, computed=computed, compute=compute)
+        shards.remove_plan(p.cache_dir, p.key)
+    finally:
+        lease.release()
+    return _result(hit, cached=False, started=started, plan_=p, computed=computed)
+
+
+def _slots_allocated(st: store.FeatureStore | None, units: Sequence[store.Unit]) -> bool:
+    """Whether every unit of a shard plan has its rows in ``st`` (a removed and recreated store has not)."""
+    if st is None:
+        return False
+    rows = {v: int(st.group[f"v{v}/features"].shape[0]) for v in range(st.views)}
+    return all(u.view in rows and (u.slot + 1) * st.chunk_rows <= rows[u.view] for u in units)
 
 
 def _result(fs: views_mod.FeatureSet, *, cached: bool, started: float, plan_: Plan, computed: int = 0) -> ExtractResult:
@@ -423,33 +506,96 @@ def _run(
     chunk_rows: int | None,
     xla: bool | None = None,
     progress: bool,
-) -> tuple[store.FeatureStore, int, dict[str, bool] | None]:
+    client: Any = None,
+    units_per_task: int = 4,
+) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
+    st, units, model = prepare_units(p, batch_size=batch_size, chunk_rows=chunk_rows, client=client)
+    if not units:
+        return st, 0, None
+    if client is not None:
+        from featurecache import cluster
+
+        computed, compute = cluster.run_units(
+            client, p, st, units, options=cluster.UnitOptions(batch_size=batch_size, on_error=on_error, workers=workers, xla=xla),
+            units_per_task=units_per_task,
+        )
+        return st, computed, compute
+    runner, compute = make_runner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=xla)
+    runner.run(units, progress=progress, record=unit_record(compute))
+    return st, sum(len(u.digests) for u in units), compute
+
+
+def prepare_units(
+    p: Plan, *, batch_size: int, chunk_rows: int | None, client: Any = None
+) -> tuple[store.FeatureStore, list[store.Unit], Any]:
+    """Open (or create) the plan's store and allocate units for every digest it lacks.
+
+    Call it holding the store's lease. With a Dask ``client`` the feature shape of a new
+    store is asked of a worker, so the coordinating process never builds a model.
+
+    Returns
+    -------
+    (FeatureStore, list of Unit, keras.Model or None)
+        The store, the allocated units (in slot order, view by view), and the model if one was
+        built here to learn the feature shape.
+    """
     st = store.open_store(p.cache_dir, p.spec.key) if _store_readable(p) else None
     model = None
     if st is None:
-        model = build_model(p)
-        checkpoint("model_built")
-        feature_shape = tuple(int(d) for d in model.output_shape[1:])
+        if client is not None:
+            from featurecache import cluster
+
+            feature_shape = cluster.feature_shape(client, p)
+        else:
+            model = build_model(p)
+            checkpoint("model_built")
+            feature_shape = tuple(int(d) for d in model.output_shape[1:])
         rows = chunk_rows or store.chunk_rows_for(feature_shape, p.spec.dtype, batch_size=batch_size)
         st = store.create_store(p.cache_dir, p.spec, feature_shape=feature_shape, chunk_rows=rows)
     units = [u for view, digests in missing_digests(p, st).items() for u in store.allocate_units(st, view, digests)]
-    if not units:
-        return st, 0, None
+    return st, units, model
+
+
+def make_runner(
+    p: Plan, st: store.FeatureStore, model: Any = None, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool | None
+) -> tuple[_UnitRunner, dict[str, Any]]:
+    """The unit pipeline of ``p`` over ``st`` (building the model unless given) and its compute record.
+
+    The same runner serves a local extraction, a shard and a Dask worker, so every executor
+    computes a unit through one code path.
+
+    Raises
+    ------
+    CacheCorruptError
+        The store holds features of another shape than the model gives.
+    """
     if model is None:
         model = build_model(p)
         checkpoint("model_built")
-        if tuple(int(d) for d in model.output_shape[1:]) != st.feature_shape:
-            raise CacheCorruptError(
-                f"{st.name} stores features of shape {st.feature_shape} but the model gives {tuple(model.output_shape[1:])}; "
-                f"remove it with `featurecache cache rm {st.name} --yes`"
-            )
+    if tuple(int(d) for d in model.output_shape[1:]) != st.feature_shape:
+        raise CacheCorruptError(
+            f"{st.name} stores features of shape {st.feature_shape} but the model gives {tuple(model.output_shape[1:])}; "
+            f"remove it with `featurecache cache rm {st.name} --yes`"
+        )
     gpu = _gpu_visible()
     use_xla = gpu if xla is None else bool(xla)
     runner = _UnitRunner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla)
     # Not keyed: XLA moves features by float32 round-off only (recorded per unit, for `cache verify`).
-    compute = {"xla": use_xla, "gpu": gpu}
-    runner.run(units, progress=progress, record={"versions": library_versions(), "host": socket.gethostname(), "compute": compute})
-    return st, sum(len(u.digests) for u in units), compute
+    return runner, {"xla": use_xla, "gpu": gpu}
+
+
+def unit_record(compute: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What every unit marker records about where it was computed: versions, host, device, compute."""
+    return {"versions": library_versions(), "host": socket.gethostname(), "device": _device_name(bool(compute.get("gpu"))), "compute": compute, **extra}
+
+
+def _device_name(gpu: bool) -> str:
+    if not gpu:
+        return "CPU"
+    import tensorflow as tf
+
+    names = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return names[0] if names else "GPU"
 
 
 def _store_readable(p: Plan) -> bool:

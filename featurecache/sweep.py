@@ -727,12 +727,30 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
     # joblib.parallel_config(backend="dask") still takes the sweep to a cluster.
     items = plan_work(pending, workers, together=together)
     workers = max(1, min(workers, len(items)))
-    parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
     # The same TensorFlow and BLAS threads in every process, whatever the number of workers, so
     # results do not depend on --jobs (train.fit_head and evaluate_arrays set the BLAS threads).
     tf_threads = sweep_tf_threads()
-    for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
-        yield from results
+    with _broadcast_on_dask(data):
+        parallel = Parallel(n_jobs=workers, prefer="processes", return_as="generator_unordered")
+        for results in parallel(delayed(_run_group)(item, data, str(trials_dir), os.getpid(), top_k, tf_threads) for item in items):
+            yield from results
+
+
+def _broadcast_on_dask(data: Any) -> Any:
+    """Under joblib's dask backend, send the training data to every worker once, up front.
+
+    joblib's automatic scatter puts a large argument on one worker, whose death then fails
+    every trial at once; broadcast, each worker holds its own copy.
+    """
+    import contextlib
+
+    from joblib import parallel_config
+    from joblib.parallel import get_active_backend
+
+    backend, _ = get_active_backend()
+    if type(backend).__name__ != "DaskDistributedBackend":
+        return contextlib.nullcontext()
+    return parallel_config(backend="dask", scatter=[data])
 
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
@@ -913,7 +931,7 @@ def sweep(
             except Exception as exc:
                 from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-                if isinstance(exc, TerminatedWorkerError):
+                if isinstance(exc, TerminatedWorkerError) or type(exc).__name__ == "KilledWorker":
                     raise SweepError(
                         f"a sweep worker process died ({str(exc).splitlines()[0][:160]}); {len(records)} finished trials are "
                         f"saved in {trials_dir}: run the same command again to resume, with fewer --jobs if memory ran out"

@@ -15,6 +15,10 @@ to act the ``n``-th time (default 1) ``<point>`` is reached in this process:
 * ``enospc``: raise ``OSError(ENOSPC)`` as a full disk would, through the normal error path;
 * ``stop``: ``SIGSTOP`` to ourselves, a frozen holder (the test resumes or kills it).
 
+With ``FEATURECACHE_FAULT_ONCE=<path>`` as well, the fault fires only in the one process that
+creates ``<path>`` first (``O_EXCL``): a Dask worker that a nanny restarts with the same
+environment, or the second shard, then runs clean, so "fails on its first try" can be tested.
+
 When the variable is unset a checkpoint costs one cached lookup. The variable is read once per
 process (the first checkpoint), so setting it later in a running process has no effect; tests
 run the extraction in a subprocess with the variable in its environment.
@@ -32,6 +36,7 @@ from functools import lru_cache
 from featurecache.errors import UsageError
 
 FAULT_ENV = "FEATURECACHE_FAULT"
+FAULT_ONCE_ENV = "FEATURECACHE_FAULT_ONCE"
 ACTIONS: tuple[str, ...] = ("kill", "enospc", "stop")
 
 #: Every checkpoint name the library calls, so a typo in FEATURECACHE_FAULT fails loudly
@@ -92,6 +97,7 @@ class _Injector:
     """
 
     spec: FaultSpec
+    once: str = ""
     count: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -101,7 +107,7 @@ class _Injector:
         with self.lock:
             self.count += 1
             fire = self.count == self.spec.nth
-        if not fire:
+        if not fire or (self.once and not _claim(self.once)):
             return
         if self.spec.action == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULT_ENV} at {name})")
@@ -111,7 +117,16 @@ class _Injector:
 @lru_cache(maxsize=1)
 def _injector() -> _Injector | None:
     text = os.environ.get(FAULT_ENV, "")
-    return _Injector(FaultSpec.parse(text)) if text.strip() else None
+    return _Injector(FaultSpec.parse(text), once=os.environ.get(FAULT_ONCE_ENV, "")) if text.strip() else None
+
+
+def _claim(path: str) -> bool:
+    """Create ``path`` exclusively: True in the one process across the machine that does."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def checkpoint(name: str) -> None:

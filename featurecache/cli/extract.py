@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, csv_items, handle_errors, pasteable, print_json
 
 DataOpt = Annotated[
@@ -74,40 +75,43 @@ def extract_cmd(
     limit: LimitOpt = None,
     on_error: Annotated[str, typer.Option("--on-error", help="skip: mark undecodable images invalid and go on; fail: stop.")] = "skip",
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads (default: one per CPU core, at most 256).", show_default=False)] = None,
+    cluster: ClusterOpt = None,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
+    units_per_task: Annotated[int, typer.Option("--units-per-task", min=1, help="Consecutive write units per Dask task.")] = 4,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="i/N: run this process's share of the units (start N of them); auto inside a Slurm job array.", show_default=False),
+    ] = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a frozen backbone once over a dataset and cache its features (a repeat is a cache hit)."""
     from featurecache.extract import extract
+    from featurecache.shards import parse_shard
 
-    result = extract(
-        data,
-        backbone=backbone,
-        weights=weights,
-        size=size,
-        layer=layer,
-        pooling=pooling,
-        resize=resize,
-        augment=augment,
-        views=views,
-        augment_splits=csv_items(augment_splits),
-        seed=seed,
-        dtype=dtype,
-        precision=precision,
-        decode=decode,
-        antialias=antialias,
-        batch_size=batch_size,
-        xla=xla,
-        cache_dir=cache,
-        limit=limit,
-        on_error=on_error,  # type: ignore[arg-type]
-        workers=workers,
-        progress=not (quiet or json_out),
-    )
+    shard_ = parse_shard(shard)
+    with dask_client(cluster, scheduler, scheduler_file) as client:
+        result = extract(
+            data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
+            views=views, augment_splits=csv_items(augment_splits), seed=seed, dtype=dtype, precision=precision,
+            decode=decode, antialias=antialias, batch_size=batch_size, xla=xla, cache_dir=cache, limit=limit, on_error=on_error,  # type: ignore[arg-type]
+            workers=workers, client=client, units_per_task=units_per_task, shard=shard_, progress=not (quiet or json_out),
+        )
+    _report(result, json_out=json_out, cache=cache)
+
+
+def _report(result, *, json_out: bool, cache) -> None:  # noqa: ANN001 - an ExtractResult and the --cache value
+    if result.pending:
+        typer.echo(
+            f"shard done: computed {result.computed} image views of {result.name}; {result.pending} "
+            f"{'unit' if result.pending == 1 else 'units'} of other shards still to finish; the last shard to finish writes the feature set",
+            err=json_out,  # stdout stays one JSON document
+        )
     if json_out:
         print_json(result.to_json())
-    else:
+    elif not result.pending:
         state = "cached" if result.cached else "extracted"
         shapes = ", ".join(f"{s} {tuple(d['shape'])}" for s, d in result.splits.items())
         typer.echo(f"{state} {result.name} in {result.seconds:.1f} s: {shapes}")

@@ -40,6 +40,7 @@ from featurecache.cli.extract import (
     ViewsOpt,
     WeightsOpt,
 )
+from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
 from featurecache.errors import EntryNotFoundError, UsageError
 
 FeaturesOpt = Annotated[
@@ -203,6 +204,12 @@ def sweep_cmd(
     trials: Annotated[int, typer.Option("--trials", "-n", help="Random configurations per head of --heads, from each head's search space.")] = 0,
     heads: Annotated[str, typer.Option("--heads", help="Comma-separated heads for --trials (or one default trial each without --grid/--trials).")] = "logreg,dense",
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials in parallel (process workers; -1 = all cores).")] = 1,
+    backend: Annotated[
+        str, typer.Option("--backend", help="local (joblib process workers) or dask (trials on a Dask cluster; needs --cluster/--scheduler).")
+    ] = "local",
+    cluster: ClusterOpt = None,
+    scheduler: SchedulerOpt = None,
+    scheduler_file: SchedulerFileOpt = None,
     together: Annotated[bool, typer.Option("--together/--one-by-one", help="Train dense trials with the same batch_size/seed/class_weight/pool in one shared pass over the features (same results, less time).")] = True,
     metric: Annotated[str, typer.Option("--metric", help="Ranking metric: val_accuracy, val_log_loss, val_macro_f1, val_kappa, val_top3_accuracy, ...")] = "val_accuracy",
     out: OutOpt = None,
@@ -234,6 +241,10 @@ def sweep_cmd(
     """Grid or random search over heads on cached features; ranks them and saves the best as a run (resumable)."""
     from featurecache.sweep import leaderboard_table, plan_trials, sweep
 
+    if backend not in ("local", "dask"):
+        raise UsageError(f"--backend must be local or dask, got {backend!r}")
+    if (backend == "dask") != bool(cluster or scheduler or scheduler_file):
+        raise UsageError("--backend dask goes with one of --cluster local:N, --scheduler tcp://host:8786 or --scheduler-file FILE, and they with it")
     head_list = csv_items(heads)
     plan_trials(grid=grid or (), trials=trials, heads=head_list, seed=sweep_seed)  # bad grids fail before the lookup
     fs = _feature_set(
@@ -241,11 +252,18 @@ def sweep_cmd(
         augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
         limit=limit, cache=cache, decode=decode, antialias=antialias,
     )
-    result = sweep(
-        fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
-        val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, together=together, progress=not (quiet or json_out),
-        tensorboard=tensorboard,
-    )
+    import contextlib
+
+    import joblib
+
+    with dask_client(cluster, scheduler, scheduler_file) as client:
+        # Trials go through joblib; its dask backend takes them to the client's cluster.
+        with joblib.parallel_config(backend="dask") if client is not None else contextlib.nullcontext():
+            result = sweep(
+                fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
+                val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, together=together, progress=not (quiet or json_out),
+                tensorboard=tensorboard,
+            )
     if json_out:
         print_json(result.to_json())
         return

@@ -1,0 +1,41 @@
+"""The options that take a command to a Dask cluster (``--cluster``, ``--scheduler``, ``--scheduler-file``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from featurecache.errors import UsageError
+
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option("--cluster", help="A local Dask cluster of N worker processes: local:N (needs featurecache[dask]).", show_default=False),
+]
+SchedulerOpt = Annotated[str | None, typer.Option("--scheduler", help="An existing Dask scheduler, e.g. tcp://host:8786.", show_default=False)]
+SchedulerFileOpt = Annotated[str | None, typer.Option("--scheduler-file", help="The Dask scheduler described by this file.", show_default=False)]
+
+
+@contextlib.contextmanager
+def dask_client(cluster: str | None, scheduler: str | None, scheduler_file: str | None) -> Iterator[Any]:
+    """A connected ``distributed.Client`` for the options given (None for none), closed on exit.
+
+    Raises
+    ------
+    UsageError
+        Dask is not installed, more than one option is given, or ``--cluster`` is malformed.
+    """
+    if not (cluster or scheduler or scheduler_file):
+        yield None
+        return
+    try:
+        from featurecache import cluster as cluster_mod
+    except ImportError:
+        raise UsageError("--cluster, --scheduler and --scheduler-file need Dask; install it with `pip install 'featurecache[dask]'`") from None
+    client = cluster_mod.connect(cluster, scheduler, scheduler_file)
+    try:
+        yield client
+    finally:
+        cluster_mod.close(client)

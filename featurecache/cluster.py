@@ -1,0 +1,365 @@
+"""Extraction units on a Dask distributed cluster.
+
+The process that calls :func:`featurecache.extract.extract` with a ``client`` stays the
+coordinator: it plans, holds the feature store's lease, allocates the units and writes the
+view. Workers only run units, a few consecutive ones per task, through the same pipeline as a
+local run (:func:`featurecache.extract.make_runner`); each worker builds a spec's model once
+and keeps it in a :class:`ModelCache` worker plugin. Tasks go out through a bounded window of
+futures (a worker death then fails at most a window of tasks), and each future is released as
+soon as its result is read. Correctness never rests on Dask's retry counters: after a round,
+the coordinator re-plans from the completion markers on disk and resubmits the units that
+have none, for at most ``rounds`` rounds. Units are idempotent, so a unit run twice writes
+the same bytes; the cache root must be a path every worker sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from distributed import WorkerPlugin
+
+from featurecache.errors import FeatureCacheError, IncompleteEntryError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from featurecache.cache.store import FeatureStore, Unit
+    from featurecache.extract import Plan
+
+PLUGIN_NAME = "featurecache-models"
+#: Rounds of (submit, re-plan from markers) before an extraction gives up.
+MAX_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class UnitOptions:
+    """The options a worker needs, besides the plan, to run units (part of its runner's cache key)."""
+
+    batch_size: int = 32
+    on_error: str = "skip"
+    workers: int | None = None
+    xla: bool | None = None
+
+
+class ModelCache(WorkerPlugin):
+    """Worker plugin: TensorFlow threads set before TensorFlow starts, and one model per spec.
+
+    Parameters
+    ----------
+    threads
+        TensorFlow intra-op threads per worker (default: the worker's ``nthreads``).
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self.models: dict[str, Any] = {}
+        self.runners: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
+
+    def setup(self, worker: Any) -> None:
+        """Set TensorFlow's thread pools from the worker's cores, before TensorFlow is imported."""
+        threads = int(self.threads or getattr(getattr(worker, "state", worker), "nthreads", 1) or 1)
+        # TensorFlow reads these when its runtime starts; a worker that already started it
+        # (another plugin, a previous task) keeps its pools.
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # several workers may share a device
+
+    def teardown(self, worker: Any) -> None:
+        """Drop the models (the worker process is going away or the plugin is replaced)."""
+        self.models.clear()
+        self.runners.clear()
+
+    def model(self, p: Plan) -> Any:
+        """``p``'s feature model, built on first use and kept."""
+        if p.spec.key not in self.models:
+            self.models[p.spec.key] = _build_on_event_loop(p)
+        return self.models[p.spec.key]
+
+    def runner(self, p: Plan, store_path: str, options: UnitOptions) -> tuple[Any, dict[str, Any]]:
+        """The unit runner of ``p`` over the store at ``store_path``, built once per worker.
+
+        The store is opened afresh on every call: a store removed and recreated since (with
+        other chunk rows) must never be written through a stale description.
+        """
+        from featurecache.cache.store import FeatureStore
+
+        st = FeatureStore(store_path)
+        key = (p.spec.key, p.dataset.digest(), store_path, st.chunk_rows, st.attrs.get("created"), options)
+        if key not in self.runners:
+            from featurecache.extract import make_runner
+
+            self.runners[key] = make_runner(
+                p, st, self.model(p), batch_size=options.batch_size,
+                on_error=options.on_error, workers=options.workers, xla=options.xla,  # type: ignore[arg-type]
+            )
+        return self.runners[key]
+
+
+def _build_on_event_loop(p: Plan) -> Any:
+    """Build ``p``'s model on the worker's event-loop thread, blocking that loop meanwhile.
+
+    Keras seeds ``--weights random`` initialisers from Python's process-global ``random``
+    generator (``keras.utils.set_random_seed`` reseeds it, then each initialiser draws from it).
+    A worker's event loop draws from the same generator at any time (connection jitter and
+    the like), so a model built in a task thread got different weights on every worker. While
+    the loop runs this build, nothing else in the process draws, and every worker builds the
+    very model a local run builds.
+    """
+    import asyncio
+
+    from distributed import get_worker
+
+    from featurecache.extract import build_model
+
+    async def build() -> Any:
+        return build_model(p)
+
+    return asyncio.run_coroutine_threadsafe(build(), get_worker().loop.asyncio_loop).result()
+
+
+def _plugin() -> ModelCache:
+    from distributed import get_worker
+
+    worker = get_worker()
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if plugin is None:  # a worker that joined before registration finished
+        plugin = ModelCache()
+        plugin.setup(worker)
+        worker.plugins[PLUGIN_NAME] = plugin
+    return plugin
+
+
+def _feature_shape_task(p: Plan) -> tuple[int, ...]:
+    return tuple(int(d) for d in _plugin().model(p).output_shape[1:])
+
+
+def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOptions) -> dict[str, Any]:
+    """Run ``units`` on this worker; the markers they write are the result that counts."""
+    from distributed import get_worker
+
+    from featurecache.extract import unit_record
+
+    runner, compute = _plugin().runner(p, store_path, options)
+    runner.run(units, progress=False, record=unit_record(compute, worker=get_worker().address))
+    return {"rows": sum(len(u.digests) for u in units), "compute": compute}
+
+
+def _has_plugin(dask_worker: Any) -> bool:
+    return PLUGIN_NAME in dask_worker.plugins
+
+
+def ensure_plugin(client: Any) -> None:
+    """Register :class:`ModelCache` unless every worker has it (re-registering would drop their models)."""
+    have = client.run(_has_plugin)
+    if not have or not all(have.values()):
+        client.register_plugin(ModelCache(), name=PLUGIN_NAME)
+
+
+def feature_shape(client: Any, p: Plan) -> tuple[int, ...]:
+    """The feature shape of ``p``'s model, asked of a worker (which keeps the model it built)."""
+    ensure_plugin(client)
+    fut = client.submit(_feature_shape_task, p, pure=False)
+    try:
+        return tuple(fut.result())
+    finally:
+        fut.release()
+
+
+def run_units(
+    client: Any,
+    p: Plan,
+    st: FeatureStore,
+    units: list[Unit],
+    *,
+    options: UnitOptions,
+    units_per_task: int = 4,
+    window: int | None = None,
+    rounds: int = MAX_ROUNDS,
+    stats: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Run ``units`` (allocated by the caller, who holds the lease) on the cluster of ``client``.
+
+    Parameters
+    ----------
+    client
+        A connected ``dask.distributed.Client``.
+    p, st, units
+        The plan, its store and the units to run.
+    options
+        Batch size, decode threads, error policy and XLA for the workers' runners.
+    units_per_task
+        Consecutive units per task: more amortises scheduling, fewer loses less to a death.
+    window
+        Most tasks in flight at once (default twice the cluster's threads).
+    rounds
+        Rounds of submit and re-plan from the markers before giving up.
+    stats
+        If given, filled with ``tasks``, ``submissions`` (per ``(view, slot)``), ``failed``
+        and ``rounds``, for tests and benchmarks.
+
+    Returns
+    -------
+    (int, dict)
+        Image views computed, and the compute record of a worker with a ``cluster`` summary
+        (tasks, failed tasks, rounds, the most times one unit was submitted).
+
+    Raises
+    ------
+    FeatureCacheError
+        A worker raised one (an undecodable image with ``on_error="fail"``, a full disk...):
+        these fail the same way on any worker, so they are not retried.
+    IncompleteEntryError
+        Units still lack markers after ``rounds`` rounds (the last worker error is named).
+    """
+    if units_per_task < 1:
+        raise UsageError(f"--units-per-task must be an integer >= 1, got {units_per_task!r}")
+    ensure_plugin(client)
+    window = window or max(2, 2 * sum(client.nthreads().values()))
+    stats = stats if stats is not None else {}
+    submissions: Counter[tuple[int, int]] = Counter()
+    stats.update(tasks=0, failed=0, rounds=0, submissions=submissions)
+    todo = list(units)
+    compute: dict[str, Any] | None = None
+    last_error: BaseException | None = None
+    for _round in range(rounds):
+        stats["rounds"] += 1
+        # Scattered once per round to every worker: a worker that replaced a dead one gets it
+        # from a peer, and a round that lost every copy scatters again.
+        [plan_f] = client.scatter([p], broadcast=True, hash=False)
+        batches = [todo[i : i + units_per_task] for i in range(0, len(todo), units_per_task)]
+        for batch in batches:
+            submissions.update((u.view, u.slot) for u in batch)
+        stats["tasks"] += len(batches)
+        try:
+            calls = [(plan_f, str(st.path), batch, options) for batch in batches]
+            with contextlib.closing(run_windowed(client, _units_task, calls, window=window)) as results:  # closing cancels the rest
+                for result in results:
+                    if isinstance(result, FeatureCacheError):
+                        raise result  # fails the same on any worker (bad image with --on-error fail, full disk)
+                    if isinstance(result, BaseException):  # KilledWorker, lost connections, worker crashes: re-plan below
+                        last_error = result
+                        stats["failed"] += 1
+                    else:
+                        compute = result["compute"]
+        finally:
+            plan_f.release()
+        todo = [u for u in todo if u.slot not in st.markers(u.view, refresh=True)]
+        if not todo:
+            break
+        print(f"featurecache: {len(todo)} units have no marker after a round on the cluster ({_brief(last_error)}); resubmitting", file=sys.stderr)
+    if todo:
+        raise IncompleteEntryError(
+            f"{len(todo)} units of {st.name} still have no completion marker after {rounds} rounds on the cluster "
+            f"(last worker error: {_brief(last_error)}); the finished units are kept, so run the same extract command again"
+        )
+    for view in range(st.views):
+        st.markers(view, refresh=True)  # the workers wrote them; the view is built from this listing
+    # Recorded in the view: how the cluster ran it, including how often the busiest unit was sent.
+    summary = {"tasks": stats["tasks"], "failed": stats["failed"], "rounds": stats["rounds"], "units_per_task": units_per_task,
+               "max_submissions": max(submissions.values(), default=0), "workers": len(client.nthreads())}
+    return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
+
+
+def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int) -> Iterator[Any]:
+    """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
+
+    A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
+    is released as soon as its result is read (the scheduler then forgets it), and whatever is
+    still in flight is cancelled if the caller stops early.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``.
+    fn
+        The task function.
+    calls
+        Positional arguments of each task, in submission order.
+    window
+        Most tasks in flight.
+
+    Yields
+    ------
+    object
+        Each task's result or exception, in completion order.
+    """
+    from distributed import as_completed
+
+    pending = iter(calls)
+    done = as_completed()
+
+    def submit_next() -> None:
+        args = next(pending, None)
+        if args is not None:
+            done.add(client.submit(fn, *args, pure=False))
+
+    for _ in range(max(1, window)):
+        submit_next()
+    try:
+        for fut in done:
+            try:
+                result = fut.result()
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                result = exc
+            finally:
+                fut.release()
+            submit_next()
+            yield result
+    finally:
+        for fut in list(done.futures):
+            fut.cancel()
+
+
+def _brief(exc: BaseException | None) -> str:
+    if exc is None:
+        return "none"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+
+
+def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_file: str | None = None) -> Any:
+    """A Dask client from the CLI's ``--cluster local:N``, ``--scheduler`` or ``--scheduler-file``.
+
+    Returns
+    -------
+    distributed.Client or None
+        None when none of them is given. A ``local:N`` cluster is closed with the client.
+
+    Raises
+    ------
+    UsageError
+        More than one is given, ``--cluster`` is not ``local:N``, or Dask is not installed.
+    """
+    given = [x for x in (cluster, scheduler, scheduler_file) if x]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UsageError("pass only one of --cluster, --scheduler and --scheduler-file")
+    from distributed import Client, LocalCluster
+    if cluster:
+        kind, _, n = cluster.partition(":")
+        if kind != "local" or not n.isdigit() or int(n) < 1:
+            raise UsageError(f"--cluster {cluster!r} is not understood; pass local:N, e.g. --cluster local:2 for two worker processes")
+        lc = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+        client = Client(lc)
+        client._featurecache_cluster = lc  # closed by close()
+        return client
+    if scheduler_file:
+        return Client(scheduler_file=scheduler_file)
+    return Client(scheduler)
+
+
+def close(client: Any) -> None:
+    """Close a client from :func:`connect` (and its local cluster, if it made one)."""
+    if client is None:
+        return
+    lc = getattr(client, "_featurecache_cluster", None)
+    client.close()
+    if lc is not None:
+        lc.close()

@@ -1,0 +1,295 @@
+"""Scale-out: extraction units on a real Dask LocalCluster, and shards without a scheduler.
+
+Every test compares against a single-process extraction of the same tiny dataset (byte for
+byte, every split and view), because that is the guarantee: where a unit ran never changes
+its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurecache.errors import UsageError
+from featurecache.shards import parse_shard
+
+# 30 images (10 per split) in units of 4 rows: 8 units, so tasks of 2 units make 4 tasks.
+OPTS = dict(backbone="mobilenetv2", weights="random", size=32, limit=10, chunk_rows=4, batch_size=4, progress=False)
+DATA = "builtin:digits"
+
+
+def all_features(fs) -> dict[str, np.ndarray]:
+    return {s: fs.features(s, view=None) for s in fs.splits}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """The features of a plain single-process run."""
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = tmp_path_factory.mktemp("ref-cache")
+    res = extract(DATA, cache_dir=cache, **OPTS)
+    return all_features(open_features(res.key, cache_dir=cache))
+
+
+def local_cluster(**env: str):
+    import dask
+    from distributed import Client, LocalCluster
+
+    # No retries by Dask: a dead worker's task comes back as KilledWorker at once, so the
+    # re-plan from markers is what makes the run complete (as the coordinator must not
+    # depend on Dask's retry counters).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        lc = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            env={"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        )
+    return lc, Client(lc)
+
+
+@pytest.mark.slow
+def test_cluster_extraction_is_bit_identical_and_records_where(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from featurecache.cache.store import open_store
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract, plan
+
+    cache = tmp_path / "cache"
+    lc, client = local_cluster()
+    try:
+        res = extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)
+        again = extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)
+    finally:
+        client.close()
+        lc.close()
+    fs = open_features(res.key, cache_dir=cache)
+    got = all_features(fs)
+    assert got.keys() == reference.keys()
+    for split in got:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    assert res.computed == 30 and again.cached
+    summary = fs.attrs["compute"]["cluster"]
+    assert summary["tasks"] == 4 and summary["failed"] == 0 and summary["max_submissions"] == 1
+    st = open_store(cache, plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10).spec.key)
+    markers = st.markers(0, refresh=True)
+    assert len(markers) == 8
+    for m in markers.values():
+        assert m["worker"].startswith("tcp://127.0.0.1:") and m["device"] == "CPU" and m["host"] and "tensorflow" in m["versions"]
+
+
+@pytest.mark.slow
+def test_worker_dying_inside_a_unit_is_replanned_from_markers(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = tmp_path / "cache"
+    once = tmp_path / "fault-fired"
+    # The second unit a worker process computes SIGKILLs that worker after the backbone and
+    # before the write (its first unit is already marked): only once across all processes.
+    lc, client = local_cluster(FEATURECACHE_FAULT="unit_forward_done@2", FEATURECACHE_FAULT_ONCE=str(once))
+    try:
+        res = extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)
+    finally:
+        client.close()
+        lc.close()
+    assert once.exists(), "the injected fault never fired: the test proved nothing"
+    fs = open_features(res.key, cache_dir=cache)
+    got = all_features(fs)
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    summary = fs.attrs["compute"]["cluster"]
+    assert summary["failed"] >= 1 and summary["rounds"] == 2
+    assert summary["max_submissions"] <= 2
+
+
+SHARD_SCRIPT = """
+import json, sys
+from featurecache.extract import extract
+res = extract({data!r}, cache_dir=sys.argv[1], shard=(int(sys.argv[2]), 2), **{opts!r})
+print(json.dumps({{"pending": res.pending, "cached": res.cached, "computed": res.computed}}))
+"""
+
+
+@pytest.mark.slow
+def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from featurecache.cache.views import open_features
+    from featurecache.extract import plan
+    from featurecache.shards import plan_path
+
+    cache = tmp_path / "cache"
+    script = SHARD_SCRIPT.format(data=DATA, opts=OPTS)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    docs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    # Each shard computed its own half of the 8 units (7 of 4 rows, 1 of 2).
+    assert sum(d["computed"] for d in docs) == 30 and all(d["computed"] > 0 for d in docs)
+    p = plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10)
+    fs = open_features(p.key, cache_dir=cache)
+    got = all_features(fs)
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    assert not plan_path(cache, p.key).exists()
+    shards = {m["shard"] for m in fs.store.markers(0, refresh=True).values()}
+    assert shards == {"0/2", "1/2"}
+
+
+def test_shard_text_and_slurm_array() -> None:
+    assert parse_shard("1/3") == (1, 3)
+    assert parse_shard(None) is None
+    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}) == (2, 4)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(UsageError, match="--shard|shard"):
+            parse_shard(bad)
+    with pytest.raises(UsageError, match="SLURM_ARRAY_TASK_ID"):
+        parse_shard("auto", {})
+
+
+CLI_BASE = ["extract", "--data", DATA, "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "10", "--batch-size", "4"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--cluster", "yarn:2"], "--cluster 'yarn:2' is not understood; pass local:N"),
+        (["--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:1"], "only one of --cluster, --scheduler and --scheduler-file"),
+        (["--shard", "2/2"], "shard 2/2 is out of range"),
+        (["--shard", "half"], "--shard 'half' is not i/N"),
+    ],
+)
+def test_cli_scale_out_options_fail_in_one_line(tmp_path: Path, extra: list[str], needle: str) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    res = CliRunner().invoke(app, [*CLI_BASE, "--cache", str(tmp_path), *extra])
+    assert res.exit_code != 0
+    assert needle in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cache.views import open_features
+    from featurecache.cli.main import app
+
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, [*CLI_BASE, "--cache", str(cache), "--cluster", "local:2", "--units-per-task", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    fs = open_features(doc["key"], cache_dir=cache)
+    assert fs.attrs["compute"]["cluster"]["workers"] == 2
+    got = all_features(fs)
+    # The CLI picks its own chunk rows, so compare values per split, not store layouts.
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+
+
+@pytest.mark.slow
+def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+    from featurecache.extract import extract
+    from featurecache.sweep import sweep
+
+    cache = tmp_path / "cache"
+    key = extract(DATA, cache_dir=cache, **OPTS).key
+    grid = "logreg:C=0.1,1,10;max_iter=200"
+    local = sweep(key, grid=[grid], n_jobs=1, out=tmp_path / "local", cache_dir=cache, progress=False)
+    res = CliRunner().invoke(
+        app, ["sweep", "--features", key, "--grid", grid, "--backend", "dask", "--cluster", "local:2", "--jobs", "2",
+              "--out", str(tmp_path / "dask"), "--cache", str(cache), "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["leaderboard"]
+    by_trial = {r["trial"]: r for r in rows}
+    assert len(rows) == len(local.leaderboard) == 3
+    for row in local.leaderboard:
+        other = by_trial[row["trial"]]
+        for metric in ("val_accuracy", "val_log_loss"):
+            assert other[metric] == row[metric], (row["trial"], metric)
+
+
+def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    res = CliRunner().invoke(app, ["sweep", "--features", "abcdef123456", "--backend", "dask", "--cache", str(tmp_path)])
+    assert res.exit_code != 0
+    assert "--backend dask goes with one of --cluster" in res.output
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    import signal
+    import threading
+
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = tmp_path / "cache"
+    once = tmp_path / "fault-fired"
+    # One worker freezes itself (SIGSTOP) inside a unit, after the backbone and before the
+    # write; the test then kills it from outside, as an OOM killer or a lost node would.
+    lc, client = local_cluster(FEATURECACHE_FAULT="unit_forward_done:stop", FEATURECACHE_FAULT_ONCE=str(once))
+    try:
+        pids = set(client.run(os.getpid).values())
+        out: dict[str, object] = {}
+        runner = threading.Thread(target=lambda: out.update(res=extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)))
+        runner.start()
+        frozen = None
+        while frozen is None and runner.is_alive():  # waits on a state, never on a duration
+            frozen = next((pid for pid in pids if once.exists() and _state(pid) == "T"), None)
+            runner.join(0.1)
+        assert frozen is not None, "no worker froze: the fault never fired"
+        os.kill(frozen, signal.SIGKILL)
+        runner.join()
+    finally:
+        client.close()
+        lc.close()
+    res = out["res"]
+    fs = open_features(res.key, cache_dir=cache)  # type: ignore[attr-defined]
+    got = all_features(fs)
+    for split in reference:
+        assert got[split].tobytes() == reference[split].tobytes(), split
+    summary = fs.attrs["compute"]["cluster"]
+    assert summary["failed"] >= 1 and summary["max_submissions"] <= 2
+
+
+@pytest.mark.slow
+def test_a_bad_image_with_on_error_fail_is_not_retried_on_the_cluster(tmp_path: Path) -> None:
+    from conftest import make_image_folder
+
+    from featurecache.errors import ImageDecodeError
+    from featurecache.extract import extract
+
+    root = make_image_folder(tmp_path / "pets")
+    (root / "cat" / "broken.png").write_bytes(b"not a png")
+    lc, client = local_cluster()
+    try:
+        with pytest.raises(ImageDecodeError, match="broken.png"):
+            extract(str(root), cache_dir=tmp_path / "cache", client=client, on_error="fail",
+                    **{k: v for k, v in OPTS.items() if k != "limit"})
+    finally:
+        client.close()
+        lc.close()
