@@ -310,7 +310,7 @@ def evaluate(
     from featurecache.finetune.inference import ImagePredictor, image_pool, predict_rows
     from featurecache.finetune.run_data import label_map
     from featurecache.metrics import classification_metrics
-    from featurecache.train import _write_json
+    from featurecache.cache.fsio import write_json
 
     loaded = load_model(model, weights=weights, cache_dir=cache_dir)
     recorded = _recorded_dataset(loaded.config)
@@ -337,7 +337,7 @@ def evaluate(
     base = loaded.path if loaded.path.is_dir() else loaded.path.parent
     out_dir = Path(out) if out is not None else base / f"eval-{dataset.name}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "metrics.json", {split: metrics})
+    write_json(out_dir / "metrics.json", {split: metrics})
     np.savez(out_dir / f"predictions_{split}.npz", ids=np.asarray(sp.ids, dtype=str)[ok], y=y, proba=proba[ok])
     if plots:
         from featurecache.report import plot_confusion_matrix

@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache import store, views
+from featurecache.cache.fsio import jsonable, write_json  # atomic, unique temp name per writer
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
 from featurecache.rundir import clean_leftovers
-from featurecache.train import _write_json  # atomic, unique temp name per writer
 
 __all__ = ["SweepResult", "TrialSpec", "default_sweep_dir", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
 
@@ -80,9 +80,7 @@ class TrialSpec:
     @property
     def id(self) -> str:
         """12 hex digits identifying (head, params): stable across runs and processes."""
-        from featurecache.train import _jsonable
-
-        return digest_of({"head": self.head, "params": _jsonable(self.params)})[:12]
+        return digest_of({"head": self.head, "params": jsonable(self.params)})[:12]
 
     @property
     def label(self) -> str:
@@ -357,7 +355,7 @@ def _new_record(trial: TrialSpec, data: Any, parent_pid: int) -> dict[str, Any]:
 def _finish_record(record: dict[str, Any], trials_dir: str, seconds: float) -> None:
     record["seconds"] = round(seconds, 4)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_json(Path(trials_dir) / f"{record['trial']}.json", record)
+    write_json(Path(trials_dir) / f"{record['trial']}.json", record)
 
 
 def _run_trial(
@@ -484,15 +482,13 @@ def _read_record(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _row(record: Mapping[str, Any]) -> dict[str, Any]:
-    from featurecache.train import _jsonable
-
     row: dict[str, Any] = {
         "rank": None,
         "trial": record["trial"],
         "name": record.get("label") or record["head"],
         "head": record["head"],
         # JSON types (lists, not tuples) whether the record is fresh or read back from disk.
-        "params": _jsonable(record["params"]),
+        "params": jsonable(record["params"]),
         "status": record["status"],
     }
     for split in ("val", "test"):
@@ -533,8 +529,6 @@ def _rank(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, A
 
 
 def _write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str) -> None:
-    from featurecache.train import _jsonable
-
     columns: list[str] = ["rank", "trial", "head", "name", "status"]
     for r in rows:
         columns += [c for c in r if c not in columns and c not in ("params", "error", "fit_seconds", "seconds")]
@@ -544,9 +538,9 @@ def _write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: 
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "params": json.dumps(_jsonable(r["params"]), sort_keys=True)})
+            writer.writerow({**r, "params": json.dumps(jsonable(r["params"]), sort_keys=True)})
     os.replace(tmp, out / "leaderboard.csv")
-    _write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
+    write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
     if any(r["status"] == "ok" for r in rows):
         from featurecache.report import plot_leaderboard
 
@@ -729,7 +723,7 @@ def _results(pending: Sequence[TrialSpec], data: Any, *, trials_dir: Path, n_job
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
     """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
-    from featurecache.train import write_run
+    from featurecache.rundir import write_run
 
     return write_run(
         out / BEST_DIR,
@@ -867,7 +861,7 @@ def sweep(
     }
     # sweep.json first, then trials/: a directory with trials/ is always recognisable as a sweep.
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "sweep.json", meta)
+    write_json(out_dir / "sweep.json", meta)
     trials_dir.mkdir(exist_ok=True)
     clean_leftovers(out_dir / BEST_DIR)  # a best/ being written when an earlier call was killed
 
@@ -939,7 +933,7 @@ def sweep(
         _save_best(out_dir, row=best_row, trial=best_trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric)
 
     meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(best_dir)}
-    _write_json(out_dir / "sweep.json", meta)
+    write_json(out_dir / "sweep.json", meta)
     from featurecache.report.html import write_report
 
     write_report(out_dir, analyse=False)  # report.html: leaderboard and the best run (analysed as it was written)

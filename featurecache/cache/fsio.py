@@ -1,4 +1,4 @@
-"""Durable local file writes for the cache: atomic JSON, fsync, and disk-full errors."""
+"""Durable local file writes: atomic JSON (cache documents and run files), fsync, and disk-full errors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import errno
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from featurecache.errors import DiskFullError
 
@@ -79,6 +81,38 @@ def write_json_atomic(path: Path, payload: Any, *, before_rename: Callable[[], N
     except OSError as exc:
         raise_if_disk_full(exc, path.parent)
         raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NumPy scalars and arrays, tuples and mapping keys made JSON-friendly.
+
+    Anything else that JSON cannot hold becomes its ``str``.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (through :func:`jsonable`), whole or not at all.
+
+    Write + rename with a temporary name unique to the writer, so concurrent writers into one
+    folder (sweep workers) never share a temporary file. Used for run directories' files.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    try:
+        tmp.write_text(json.dumps(jsonable(obj), indent=2))
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -149,11 +149,11 @@ def write_outputs(
     plots
         Write training-curve and confusion-matrix PNGs.
     """
-    from featurecache.train import _jsonable, _write_json
+    from featurecache.cache.fsio import jsonable, write_json
 
-    _write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     np.savez(out_dir / "predictions.npz", **predictions)
-    _write_json(out_dir / "config.json", _jsonable(config))
+    write_json(out_dir / "config.json", jsonable(config))
     if plots:
         from featurecache.report import plot_confusion_matrix, plot_training_curves
 

@@ -88,7 +88,7 @@ def load_run_data(
     """
     from featurecache.cache import store
     from featurecache.data import load_dataset
-    from featurecache.train import CACHED_VAL_LABEL
+    from featurecache.runconfig import CACHED_VAL_LABEL
 
     features = config["features"]
     source = data or features.get("dataset_source")
