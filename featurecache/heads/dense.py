@@ -25,12 +25,14 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featurecache.errors import UsageError
+from featurecache.heads.dense_params import DENSE_DEFAULTS, DENSE_PARAMS
+from featurecache.heads.params import ParamSpec, coerce_params
 
 if TYPE_CHECKING:
     import keras
@@ -418,24 +420,28 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         ``prod(input_shape_)``.
     """
 
+    #: Type, bounds, default and search range of each parameter (read by the head registry);
+    #: ``fit`` validates the parameters against them, as scikit-learn's ``_parameter_constraints``.
+    param_specs: ClassVar[tuple[ParamSpec, ...]] = DENSE_PARAMS
+
     def __init__(
         self,
         *,
-        pool: str = "auto",
-        hidden: tuple[int, ...] | str = (256,),
-        batchnorm: bool = False,
-        dropout: float = 0.5,
-        activation: str = "relu",
-        l2: float = 0.0,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        batch_size: int = 64,
-        epochs: int = 30,
-        patience: int = 5,
-        class_weight: str | None = None,
-        normalize: bool = True,
-        seed: int = 0,
-        verbose: int = 0,
+        pool: str = DENSE_DEFAULTS["pool"],
+        hidden: tuple[int, ...] | str = DENSE_DEFAULTS["hidden"],
+        batchnorm: bool = DENSE_DEFAULTS["batchnorm"],
+        dropout: float = DENSE_DEFAULTS["dropout"],
+        activation: str = DENSE_DEFAULTS["activation"],
+        l2: float = DENSE_DEFAULTS["l2"],
+        optimizer: str = DENSE_DEFAULTS["optimizer"],
+        lr: float = DENSE_DEFAULTS["lr"],
+        batch_size: int = DENSE_DEFAULTS["batch_size"],
+        epochs: int = DENSE_DEFAULTS["epochs"],
+        patience: int = DENSE_DEFAULTS["patience"],
+        class_weight: str | None = DENSE_DEFAULTS["class_weight"],
+        normalize: bool = DENSE_DEFAULTS["normalize"],
+        seed: int = DENSE_DEFAULTS["seed"],
+        verbose: int = DENSE_DEFAULTS["verbose"],
     ) -> None:
         self.normalize = normalize
         self.pool = pool
@@ -540,9 +546,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         from sklearn.utils.multiclass import check_classification_targets
         from sklearn.utils.validation import column_or_1d
 
-        from featurecache.heads.registry import coerce_head_params
-
-        cfg = coerce_head_params("dense", self.get_params(deep=False))
+        cfg = coerce_params("dense", self.param_specs, self.get_params(deep=False))
         if X_views is not None and _is_on_disk(X):
             # Training reads only X_views, batch by batch; X is consulted for its shape alone,
             # so on-disk features larger than memory are never loaded whole (train.py streams so).
