@@ -37,7 +37,16 @@ from featurecache.heads.params import ParamSpec, coerce_params
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["DenseHead", "build_dense_model", "load_keras_model_bytes", "keras_model_bytes"]
+__all__ = [
+    "DenseHead",
+    "FitInputs",
+    "build_dense_model",
+    "inference_copy",
+    "keras_model_bytes",
+    "load_keras_model_bytes",
+    "make_optimizer",
+    "make_view_batches",
+]
 
 #: Most bytes of on-disk training features read ahead at once (see ``_from_window``).
 _STREAM_WINDOW_BYTES = 256 << 20
@@ -175,7 +184,7 @@ def keras_model_bytes(model: keras.Model) -> bytes:
     # safe when several processes (a joblib sweep) serialise at once.
     with tempfile.TemporaryDirectory(prefix="featurecache-head-") as tmp:
         path = os.path.join(tmp, "head.keras")
-        keras.saving.save_model(_inference_copy(model), path)
+        keras.saving.save_model(inference_copy(model), path)
         with open(path, "rb") as fh:
             return fh.read()
 
@@ -202,7 +211,7 @@ def load_keras_model_bytes(data: bytes) -> keras.Model:
         return keras.saving.load_model(path, compile=False)
 
 
-def _inference_copy(model: keras.Model) -> keras.Model:
+def inference_copy(model: keras.Model) -> keras.Model:
     """Uncompiled copy with the same layers, names and weights (no optimizer state)."""
     if not getattr(model, "compiled", False):
         return model
@@ -220,7 +229,7 @@ class _SerializedModel:
     data: bytes
 
 
-def _make_view_batches(
+def make_view_batches(
     views: Any,
     y: np.ndarray,
     sample_weight: np.ndarray | None,
@@ -228,7 +237,10 @@ def _make_view_batches(
     batch_size: int,
     seed: int,
 ) -> Any:
-    """Build the ``PyDataset`` (defined here so ``keras`` is imported lazily)."""
+    """Build the ``PyDataset`` of shuffled, view-drawn batches (``DenseHead.fit`` and the group trainer share it).
+
+    Defined in a function so ``keras`` is imported lazily.
+    """
     import keras
 
     row_bytes = 4 * int(np.prod(tuple(views.shape[2:]), dtype=np.int64))
@@ -348,7 +360,7 @@ def _features(X: Any, *, name: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _FitInputs:
+class FitInputs:
     """What ``DenseHead.fit`` derives from its arguments before any Keras work."""
 
     cfg: dict[str, Any]  # coerced hyperparameters
@@ -505,11 +517,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         """
         import keras
 
-        prep = self._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+        prep = self.prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
         cfg = prep.cfg
-        model = self._build_model(prep)
+        model = self.build_model(prep)
         model.compile(
-            optimizer=_make_optimizer(cfg["optimizer"], cfg["lr"]),
+            optimizer=make_optimizer(cfg["optimizer"], cfg["lr"]),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
@@ -520,7 +532,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 monitor="val_loss", patience=cfg["patience"], restore_best_weights=True
             )
             callbacks.append(stopper)
-        data = _make_view_batches(
+        data = make_view_batches(
             prep.views, prep.y_enc, prep.sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"]
         )
         history = model.fit(
@@ -537,10 +549,14 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         # Keras 3's EarlyStopping restores the best weights at train end whether or not it
         # stopped early, so the kept epoch is always its best_epoch.
         best_epoch = int(best) if best is not None else len(hist.get("loss", [])) - 1
-        return self._set_fitted(prep, model, hist, best_epoch)
+        return self.set_fitted(prep, model, hist, best_epoch)
 
-    def _prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> _FitInputs:
-        """Validate ``fit``'s arguments and derive everything training needs (no Keras work)."""
+    def prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> FitInputs:
+        """Validate ``fit``'s arguments and derive everything training needs (no Keras work).
+
+        ``fit`` and the group trainer (:mod:`featurecache.heads.dense_group`) run it first, then
+        :meth:`build_model`, train, and :meth:`set_fitted`.
+        """
         from sklearn.preprocessing import LabelEncoder
         from sklearn.utils.class_weight import compute_class_weight
         from sklearn.utils.multiclass import check_classification_targets
@@ -616,12 +632,12 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             sample_weight = weights[y_enc]
         elif isinstance(cfg["class_weight"], dict):
             sample_weight = _class_weight_dict(cfg["class_weight"], encoder.classes_)[y_enc]
-        return _FitInputs(
+        return FitInputs(
             cfg=cfg, input_shape=tuple(int(d) for d in X.shape[1:]), pool=pool, views=views, y_enc=y_enc,
             classes=encoder.classes_, validation=validation, sample_weight=sample_weight,
         )
 
-    def _build_model(self, prep: _FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
+    def build_model(self, prep: FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
         """Seed Keras with ``seed`` and build the untrained model (``input_norm``: precomputed moments)."""
         import keras
 
@@ -641,7 +657,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             input_norm=input_norm if cfg["normalize"] else None,
         )
 
-    def _set_fitted(self, prep: _FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> DenseHead:
+    def set_fitted(self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> DenseHead:
         """Store the learned attributes; returns ``self``."""
         self.classes_ = prep.classes
         self.model_ = model
@@ -757,7 +773,8 @@ def _resolve_pool(pool: str, ndim: int) -> str:
     return pool
 
 
-def _make_optimizer(name: str, lr: float) -> Any:
+def make_optimizer(name: str, lr: float) -> Any:
+    """The Keras optimizer named ``name`` (``adam``, ``rmsprop``, else SGD with Nesterov momentum 0.9)."""
     import keras
 
     if name == "adam":

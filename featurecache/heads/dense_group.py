@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import UsageError
-from featurecache.heads.dense import DenseHead, _make_optimizer, _make_view_batches, pooled_moments
+from featurecache.heads.dense import DenseHead, make_optimizer, make_view_batches, pooled_moments
 
 __all__ = ["GROUP_PARAMS", "fit_dense_heads", "group_key", "group_key_of"]
 
@@ -114,16 +114,16 @@ def fit_dense_heads(
         )
     # The data checks, label encoding and class weights depend only on the group key: do them
     # once, then give every head its own hyperparameters.
-    first = heads[0]._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+    first = heads[0].prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     preps = [replace(first, cfg=c) for c in cfgs]
     moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
-    models = [h._build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
-    optimizers = [_make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
+    models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
+    optimizers = [make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
     for opt, model in zip(optimizers, models):
         opt.build(model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     batch_size, seed = first.cfg["batch_size"], first.cfg["seed"]
-    data = _make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=batch_size, seed=seed)
+    data = make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=batch_size, seed=seed)
     n = len(heads)
 
     def head_loss(model: Any, y_true: Any, proba: Any, weight: Any) -> Any:
@@ -236,5 +236,5 @@ def fit_dense_heads(
             kept = len(history[i].get("loss", [])) - 1
         # Compiled like DenseHead.fit leaves it, so the fitted head behaves the same afterwards.
         models[i].compile(optimizer=optimizers[i], loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        head._set_fitted(prep, models[i], history[i], kept)
+        head.set_fitted(prep, models[i], history[i], kept)
     return heads

@@ -108,7 +108,7 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
     import sklearn
     from sklearn.utils.validation import check_is_fitted
 
-    from featurecache.heads.dense import DenseHead, _inference_copy
+    from featurecache.heads.dense import DenseHead, inference_copy
 
     check_is_fitted(est)
     out = Path(dirpath)
@@ -125,7 +125,7 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
         if classes.dtype.kind not in _JSON_KINDS:
             raise RunError(f"dense head classes of dtype {classes.dtype} cannot be saved; use integer or string labels")
         versions["keras"] = keras.__version__
-        _atomic_write(out / "head.keras", lambda tmp: keras.saving.save_model(_inference_copy(est.model_), tmp), suffix=".keras")
+        _atomic_write(out / "head.keras", lambda tmp: keras.saving.save_model(inference_copy(est.model_), tmp), suffix=".keras")
         meta.update(
             kind="keras-dense",
             files=["head.keras"],
