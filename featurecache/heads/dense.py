@@ -359,6 +359,84 @@ def _features(X: Any, *, name: str) -> np.ndarray:
     return arr
 
 
+def _encode_labels(y: Any, *, x_shape: tuple[int, ...]) -> tuple[Any, np.ndarray]:
+    """Check ``y`` holds one class label per row (at least two classes); return the fitted ``LabelEncoder`` and int32 codes."""
+    from sklearn.preprocessing import LabelEncoder
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import column_or_1d
+
+    # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = column_or_1d(y, warn=True)
+    if y.ndim != 1 or y.shape[0] != x_shape[0]:
+        raise UsageError(
+            f"y must have shape ({x_shape[0]},) to match X {x_shape}, got {y.shape}; "
+            "pass one label per sample"
+        )
+    try:
+        check_classification_targets(y)
+    except ValueError as exc:
+        raise UsageError(
+            f"y: {exc}; a head needs class labels (ints or strings), not regression targets"
+        ) from None
+    encoder = LabelEncoder().fit(y)
+    y_enc = encoder.transform(y).astype(np.int32)
+    if len(encoder.classes_) < 2:
+        raise UsageError(
+            f"y has only one class {encoder.classes_.tolist()!r}; a classifier head "
+            "needs at least 2 classes"
+        )
+    return encoder, y_enc
+
+
+def _training_views(X: Any, X_views: Any) -> Any:
+    """The ``(V, n, *feat)`` array training draws from: ``X_views`` checked against ``X``, else ``X[None]``."""
+    if X_views is None:
+        return X[None]
+    vshape = tuple(getattr(X_views, "shape", ()))
+    if len(vshape) != X.ndim + 1 or vshape[1:] != X.shape:
+        raise UsageError(
+            f"X_views must have shape (V, {', '.join(map(str, X.shape))}), got "
+            f"{vshape}; pass views of the same samples as X, view 0 = clean"
+        )
+    return X_views
+
+
+def _validation_pair(X_val: Any, y_val: Any, *, feature_shape: tuple[int, ...], encoder: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(X_val, encoded y_val)`` checked against the training features and classes, or ``None``."""
+    if X_val is None and y_val is None:
+        return None
+    if X_val is None or y_val is None:
+        raise UsageError("pass both X_val and y_val, or neither")
+    Xv = _features(X_val, name="X_val")
+    if Xv.shape[1:] != feature_shape:
+        raise UsageError(
+            f"X_val features have shape {Xv.shape[1:]}, X has {feature_shape}; "
+            "use features from the same backbone/layer/pooling"
+        )
+    yv = np.asarray(y_val)
+    unseen = sorted(set(yv.tolist()) - set(encoder.classes_.tolist()), key=str)
+    if yv.shape != (Xv.shape[0],) or unseen:
+        raise UsageError(
+            f"y_val must hold one label per X_val row from the training classes; "
+            f"got shape {yv.shape}, unseen labels {unseen[:10]!r}"
+        )
+    return Xv, encoder.transform(yv).astype(np.int32)
+
+
+def _sample_weights(class_weight: Any, classes: np.ndarray, y_enc: np.ndarray) -> np.ndarray | None:
+    """Per-sample weights for ``class_weight`` (``None``, ``"balanced"`` or ``{label: weight}``)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if class_weight == "balanced":
+        weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=y_enc).astype(np.float32)
+        return weights[y_enc]
+    if isinstance(class_weight, dict):
+        return _class_weight_dict(class_weight, classes)[y_enc]
+    return None
+
+
 @dataclass(frozen=True)
 class FitInputs:
     """What ``DenseHead.fit`` derives from its arguments before any Keras work."""
@@ -557,11 +635,6 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         ``fit`` and the group trainer (:mod:`featurecache.heads.dense_group`) run it first, then
         :meth:`build_model`, train, and :meth:`set_fitted`.
         """
-        from sklearn.preprocessing import LabelEncoder
-        from sklearn.utils.class_weight import compute_class_weight
-        from sklearn.utils.multiclass import check_classification_targets
-        from sklearn.utils.validation import column_or_1d
-
         cfg = coerce_params("dense", self.param_specs, self.get_params(deep=False))
         if X_views is not None and _is_on_disk(X):
             # Training reads only X_views, batch by batch; X is consulted for its shape alone,
@@ -569,72 +642,14 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             X = _ShapeOnly(tuple(int(d) for d in X.shape))
         else:
             X = _features(X, name="X")
-        # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        if y.ndim != 1 or y.shape[0] != X.shape[0]:
-            raise UsageError(
-                f"y must have shape ({X.shape[0]},) to match X {X.shape}, got {y.shape}; "
-                "pass one label per sample"
-            )
-        try:
-            check_classification_targets(y)
-        except ValueError as exc:
-            raise UsageError(
-                f"y: {exc}; a head needs class labels (ints or strings), not regression targets"
-            ) from None
-        encoder = LabelEncoder().fit(y)
-        y_enc = encoder.transform(y).astype(np.int32)
-        n_classes = len(encoder.classes_)
-        if n_classes < 2:
-            raise UsageError(
-                f"y has only one class {encoder.classes_.tolist()!r}; a classifier head "
-                "needs at least 2 classes"
-            )
+        encoder, y_enc = _encode_labels(y, x_shape=X.shape)
         pool = _resolve_pool(cfg["pool"], X.ndim)
-
-        if X_views is not None:
-            vshape = tuple(getattr(X_views, "shape", ()))
-            if len(vshape) != X.ndim + 1 or vshape[1:] != X.shape:
-                raise UsageError(
-                    f"X_views must have shape (V, {', '.join(map(str, X.shape))}), got "
-                    f"{vshape}; pass views of the same samples as X, view 0 = clean"
-                )
-            views = X_views
-        else:
-            views = X[None]
-
-        validation = None
-        if X_val is not None or y_val is not None:
-            if X_val is None or y_val is None:
-                raise UsageError("pass both X_val and y_val, or neither")
-            Xv = _features(X_val, name="X_val")
-            if Xv.shape[1:] != X.shape[1:]:
-                raise UsageError(
-                    f"X_val features have shape {Xv.shape[1:]}, X has {X.shape[1:]}; "
-                    "use features from the same backbone/layer/pooling"
-                )
-            yv = np.asarray(y_val)
-            unseen = sorted(set(yv.tolist()) - set(encoder.classes_.tolist()), key=str)
-            if yv.shape != (Xv.shape[0],) or unseen:
-                raise UsageError(
-                    f"y_val must hold one label per X_val row from the training classes; "
-                    f"got shape {yv.shape}, unseen labels {unseen[:10]!r}"
-                )
-            validation = (Xv, encoder.transform(yv).astype(np.int32))
-
-        sample_weight = None
-        if cfg["class_weight"] == "balanced":
-            weights = compute_class_weight(
-                "balanced", classes=np.arange(n_classes), y=y_enc
-            ).astype(np.float32)
-            sample_weight = weights[y_enc]
-        elif isinstance(cfg["class_weight"], dict):
-            sample_weight = _class_weight_dict(cfg["class_weight"], encoder.classes_)[y_enc]
+        views = _training_views(X, X_views)
+        validation = _validation_pair(X_val, y_val, feature_shape=X.shape[1:], encoder=encoder)
         return FitInputs(
             cfg=cfg, input_shape=tuple(int(d) for d in X.shape[1:]), pool=pool, views=views, y_enc=y_enc,
-            classes=encoder.classes_, validation=validation, sample_weight=sample_weight,
+            classes=encoder.classes_, validation=validation,
+            sample_weight=_sample_weights(cfg["class_weight"], encoder.classes_, y_enc),
         )
 
     def build_model(self, prep: FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
