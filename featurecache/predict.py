@@ -311,9 +311,10 @@ def evaluate(
     from featurecache.finetune.run_data import label_map
     from featurecache.metrics import classification_metrics
     from featurecache.cache.fsio import write_json
+    from featurecache.runconfig import recorded_dataset
 
     loaded = load_model(model, weights=weights, cache_dir=cache_dir)
-    recorded = _recorded_dataset(loaded.config)
+    recorded = recorded_dataset(loaded.config or {})
     source = data or recorded.get("source")
     if not source:
         raise UsageError(f"{loaded.path} does not record its dataset; pass --data SOURCE")
@@ -347,17 +348,3 @@ def evaluate(
 
         write_report(out_dir, images={split: SplitImages(sp, dataset.classes, where=str(source))})
     return EvaluateResult(model=str(loaded.path), data=str(source), split=split, metrics=metrics, invalid=int((~ok).sum()), out=out_dir)
-
-
-def _recorded_dataset(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Source, limit and seed of the dataset a model's run was made from, if recorded."""
-    if not config:
-        return {}
-    if isinstance(config.get("dataset"), Mapping):  # a fine-tune output
-        return dict(config["dataset"])
-    features = config.get("features") or {}
-    return {
-        "source": features.get("dataset_source"),
-        "limit": features.get("dataset_limit"),
-        "seed": (features.get("spec") or {}).get("seed", 0),
-    }

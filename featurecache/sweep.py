@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache import store, views
-from featurecache.cache.fsio import jsonable, write_json  # atomic, unique temp name per writer
+from featurecache.cache.fsio import jsonable, write_atomic, write_json  # atomic, unique temp name per writer
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
 from featurecache.rundir import clean_leftovers
@@ -533,13 +533,15 @@ def _write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: 
     for r in rows:
         columns += [c for c in r if c not in columns and c not in ("params", "error", "fit_seconds", "seconds")]
     columns += ["fit_seconds", "seconds", "error", "params"]
-    tmp = out / f".leaderboard.csv.{os.getpid()}.partial"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "params": json.dumps(jsonable(r["params"]), sort_keys=True)})
-    os.replace(tmp, out / "leaderboard.csv")
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**r, "params": json.dumps(jsonable(r["params"]), sort_keys=True)})
+
+    write_atomic(out / "leaderboard.csv", write_csv)
     write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
     if any(r["status"] == "ok" for r in rows):
         from featurecache.report import plot_leaderboard

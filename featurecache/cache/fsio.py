@@ -103,18 +103,34 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (through :func:`jsonable`), whole or not at all.
+def write_atomic(path: Path, write: Callable[[Path], object], *, suffix: str = "") -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a temporary sibling that a rename puts in place.
 
-    Write + rename with a temporary name unique to the writer, so concurrent writers into one
-    folder (sweep workers) never share a temporary file. Used for run directories' files.
+    The temporary name ``.<name>.<pid>-<hex>.partial<suffix>`` is unique to the writer, so
+    concurrent writers into one folder (sweep workers) never share one, and no reader takes a
+    ``.partial`` for data; ``suffix`` keeps an extension the writer insists on (Keras wants
+    ``.keras``). The temporary file is removed when ``write`` fails. No fsync: run files, reports
+    and exports are rewritten by running the command again (the cache's own documents use
+    :func:`write_json_atomic`).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial{suffix}")
     try:
-        tmp.write_text(json.dumps(jsonable(obj), indent=2))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (through :func:`jsonable`) with :func:`write_atomic`; used for run directories' files."""
+    text = json.dumps(jsonable(obj), indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def tree_size(path: Path) -> int:

@@ -51,15 +51,14 @@ def export_model(model: Any, out_dir: Path, *, savedmodel: bool = False, classes
     """
     import keras
 
-    path = out_dir / MODEL_FILE
-    tmp = out_dir / f".{MODEL_FILE}.{os.getpid()}.tmp.keras"
-    try:
+    from featurecache.cache.fsio import write_atomic
+
+    def save(tmp: Path) -> None:
         keras.saving.save_model(model, str(tmp))
         if classes:
             _add_metadata(tmp, {"class_names": [str(c) for c in classes]})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    path = write_atomic(out_dir / MODEL_FILE, save, suffix=".keras")
     if savedmodel:
         _export_savedmodel(model, out_dir / "savedmodel", classes)
     return path

@@ -408,7 +408,7 @@ def write_error_analysis(
     dict
         The ``top_losses.json`` document: per split ``top_losses`` rows and ``most_confused``.
     """
-    from featurecache.cache.fsio import write_json
+    from featurecache.cache.fsio import write_atomic, write_json
 
     out = Path(out_dir)
     doc: dict[str, Any] = {}
@@ -422,14 +422,16 @@ def write_error_analysis(
             grid.unlink(missing_ok=True)  # an older grid would no longer match the rows
     for split, pairs in confusions.items():
         doc.setdefault(split, {})["most_confused"] = pairs
-    tmp = out / ".most_confused.csv.partial"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["split", "true", "predicted", "count", "rate"])
-        writer.writeheader()
-        for split, pairs in confusions.items():
-            for pair in pairs:
-                writer.writerow({"split": split, **pair})
-    os.replace(tmp, out / "most_confused.csv")
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["split", "true", "predicted", "count", "rate"])
+            writer.writeheader()
+            for split, pairs in confusions.items():
+                for pair in pairs:
+                    writer.writerow({"split": split, **pair})
+
+    write_atomic(out / "most_confused.csv", write_csv)
     write_json(out / "top_losses.json", doc)
     return doc
 
