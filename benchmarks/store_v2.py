@@ -66,16 +66,16 @@ def _read_speed(fs: Any, repeats: int = 5) -> dict[str, float]:
     vs format 1's contiguous layout of the same rows, written with the same codecs and chunking."""
     import zarr
 
-    from featurecache.cache.store import _codecs, chunk_rows_for
+    from featurecache.cache.store import array_codecs, chunk_rows_for
 
     X, y, ids, ok = fs.features("train"), fs.labels("train"), fs.ids("train"), fs.valid("train")
     tmp = Path(tempfile.mkdtemp())
     rows = chunk_rows_for(X.shape[1:], str(X.dtype))
     g = zarr.open_group(str(tmp / "flat"), mode="w")
-    g.create_array("features", shape=(1, *X.shape), chunks=(1, rows, *X.shape[1:]), dtype=X.dtype, **_codecs())[:] = X[None]
-    g.create_array("labels", shape=y.shape, chunks=(rows,), dtype="int64", **_codecs())[:] = y
-    g.create_array("ids", shape=ids.shape, chunks=(rows,), dtype=str, **_codecs())[:] = ids.astype(str)
-    g.create_array("valid", shape=ok.shape, chunks=(rows,), dtype=bool, **_codecs())[:] = ok
+    g.create_array("features", shape=(1, *X.shape), chunks=(1, rows, *X.shape[1:]), dtype=X.dtype, **array_codecs())[:] = X[None]
+    g.create_array("labels", shape=y.shape, chunks=(rows,), dtype="int64", **array_codecs())[:] = y
+    g.create_array("ids", shape=ids.shape, chunks=(rows,), dtype=str, **array_codecs())[:] = ids.astype(str)
+    g.create_array("valid", shape=ok.shape, chunks=(rows,), dtype=bool, **array_codecs())[:] = ok
     best_view, best_flat = float("inf"), float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

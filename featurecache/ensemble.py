@@ -184,7 +184,7 @@ def _check_out(out_dir: Path) -> None:
         return
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         return
-    from featurecache.finetune.assemble import ENSEMBLE_KIND, read_run_config
+    from featurecache.runconfig import ENSEMBLE_KIND, read_run_config
 
     if read_run_config(out_dir).get("kind") != ENSEMBLE_KIND:
         raise UsageError(f"{out_dir} exists and is not an ensemble directory; pass a new --out, or remove it")
@@ -204,9 +204,9 @@ def _member_name(index: int, name: str) -> str:
 
 def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
     """Check ``run`` is a train-head run whose head loads, and copy it into the ensemble."""
-    from featurecache.finetune.assemble import ENSEMBLE_KIND, read_run_config
+    from featurecache.runconfig import ENSEMBLE_KIND, read_run_config
     from featurecache.finetune.run_data import read_predictions
-    from featurecache.train import load_run
+    from featurecache.rundir import load_run
 
     if read_run_config(run).get("kind") == ENSEMBLE_KIND:
         raise UsageError(f"{run} is itself an ensemble; pass its member runs (in {run / MEMBERS_DIR}) instead")
@@ -223,7 +223,7 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
 def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, cache_dir: Any, plots: bool, notes: list[str]) -> list[_Member]:
     """Refit the ``top`` best trials of a sweep and write each as a run in ``members_dir``."""
     from featurecache.concat import open_recorded_features
-    from featurecache.finetune.assemble import read_run_config
+    from featurecache.runconfig import read_run_config
     from featurecache.finetune.run_data import read_predictions
     from featurecache.train import load_training_data, parse_validation_label, train_head
 
@@ -280,9 +280,9 @@ def _check_compatible(members: Sequence[_Member]) -> None:
 def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, plots: bool) -> tuple[tuple[float, ...] | None, dict[str, Any], list[dict[str, Any]]]:
     """Combine the members' predictions and write the ensemble's own files into ``staging``."""
     from featurecache.versions import library_versions
-    from featurecache.finetune.assemble import ENSEMBLE_KIND
     from featurecache.metrics import classification_metrics
-    from featurecache.train import RUN_FORMAT, _write_json
+    from featurecache.cache.fsio import write_json
+    from featurecache.runconfig import ENSEMBLE_KIND, RUN_FORMAT
 
     first = members[0]
     classes = [str(c) for c in first.config["classes"]]
@@ -310,8 +310,8 @@ def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, p
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
     }
-    _write_json(staging / "config.json", config)
-    _write_json(staging / "metrics.json", metrics)
+    write_json(staging / "config.json", config)
+    write_json(staging / "metrics.json", metrics)
     np.savez(staging / "predictions.npz", **preds)
     board = _leaderboard(metrics, members, method)
     _write_board(staging, board)
@@ -375,7 +375,7 @@ def _leaderboard(metrics: Mapping[str, Any], members: Sequence[_Member], method:
 
 
 def _write_board(staging: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    from featurecache.train import _write_json
+    from featurecache.cache.fsio import write_json
 
     columns: list[str] = []
     for r in rows:
@@ -384,4 +384,4 @@ def _write_board(staging: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    _write_json(staging / "leaderboard.json", {"rows": list(rows)})
+    write_json(staging / "leaderboard.json", {"rows": list(rows)})

@@ -310,10 +310,11 @@ def evaluate(
     from featurecache.finetune.inference import ImagePredictor, image_pool, predict_rows
     from featurecache.finetune.run_data import label_map
     from featurecache.metrics import classification_metrics
-    from featurecache.train import _write_json
+    from featurecache.cache.fsio import write_json
+    from featurecache.runconfig import recorded_dataset
 
     loaded = load_model(model, weights=weights, cache_dir=cache_dir)
-    recorded = _recorded_dataset(loaded.config)
+    recorded = recorded_dataset(loaded.config or {})
     source = data or recorded.get("source")
     if not source:
         raise UsageError(f"{loaded.path} does not record its dataset; pass --data SOURCE")
@@ -337,7 +338,7 @@ def evaluate(
     base = loaded.path if loaded.path.is_dir() else loaded.path.parent
     out_dir = Path(out) if out is not None else base / f"eval-{dataset.name}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "metrics.json", {split: metrics})
+    write_json(out_dir / "metrics.json", {split: metrics})
     np.savez(out_dir / f"predictions_{split}.npz", ids=np.asarray(sp.ids, dtype=str)[ok], y=y, proba=proba[ok])
     if plots:
         from featurecache.report import plot_confusion_matrix
@@ -347,17 +348,3 @@ def evaluate(
 
         write_report(out_dir, images={split: SplitImages(sp, dataset.classes, where=str(source))})
     return EvaluateResult(model=str(loaded.path), data=str(source), split=split, metrics=metrics, invalid=int((~ok).sum()), out=out_dir)
-
-
-def _recorded_dataset(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Source, limit and seed of the dataset a model's run was made from, if recorded."""
-    if not config:
-        return {}
-    if isinstance(config.get("dataset"), Mapping):  # a fine-tune output
-        return dict(config["dataset"])
-    features = config.get("features") or {}
-    return {
-        "source": features.get("dataset_source"),
-        "limit": features.get("dataset_limit"),
-        "seed": (features.get("spec") or {}).get("seed", 0),
-    }

@@ -1,6 +1,10 @@
-"""Write an output directory whole or not at all: build it aside, then swap it in with a rename.
+"""Run directories on disk: written whole or not at all (built aside, swapped in by a rename), and read back.
 
-How it works. :func:`replace_dir` hands the caller a fresh sibling ``.<name>.tmp-<pid>-<hex>``
+:func:`write_run` writes a trained head's run directory (layout in :mod:`featurecache.train`)
+and :func:`load_run` reads it back with its head; what the config records is read by
+:mod:`featurecache.runconfig`, which sits below everything that reads runs.
+
+How a directory is replaced. :func:`replace_dir` hands the caller a fresh sibling ``.<name>.tmp-<pid>-<hex>``
 to fill, then puts it in place of ``<name>``. On Linux the two directories are exchanged with
 one ``renameat2(RENAME_EXCHANGE)`` call, so at every instant ``<name>`` is either the complete
 old directory or the complete new one; elsewhere (or on a filesystem without the flag) the old
@@ -15,14 +19,22 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["clean_leftovers", "replace_dir", "swap_dirs"]
+import numpy as np
+
+from featurecache.cache.fsio import jsonable, write_json
+from featurecache.errors import RunError, UsageError
+from featurecache.runconfig import RUN_FORMAT
+
+__all__ = ["clean_leftovers", "load_run", "replace_dir", "swap_dirs", "write_run"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -142,3 +154,102 @@ def replace_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_run(
+    run_dir: Path,
+    *,
+    estimator: Any,
+    head: str,
+    params: Mapping[str, Any],
+    data: Any,
+    metrics: Mapping[str, Any],
+    predictions: Mapping[str, np.ndarray],
+    seconds: float,
+    plots: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a run directory (see the module docstring), whole or not at all.
+
+    The directory is built aside (``.<name>.tmp-<pid>-<hex>``) and swapped in with a rename
+    (:func:`replace_dir`): a run killed at any point leaves either the previous run
+    directory, complete, or the new one, never a mix (such as one head's config beside
+    another's weights). Files an earlier run left there (plots, evaluations) go with it.
+    ``data`` is the :class:`featurecache.train.TrainingData` the head was trained on (its key,
+    spec, classes and validation are recorded). ``extra`` adds top-level fields to
+    ``config.json`` (a sweep records its trial there).
+
+    Raises
+    ------
+    UsageError
+        ``run_dir`` exists and is not a directory.
+    UntrustedHeadError
+        The fitted head could not be loaded back safely (see ``heads.saving``).
+    """
+    from featurecache.versions import library_versions
+    from featurecache.heads import save_head
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"run directory {run_dir} exists and is a file; pass another --out")
+    config = {
+        "format": RUN_FORMAT,
+        "head": head,
+        "params": jsonable(params),
+        "features": {"key": data.key, "name": data.name, "spec": dict(data.spec), "dataset_source": data.source, **dict(data.source_options)},
+        "classes": list(data.classes),
+        "validation": data.validation,
+        "invalid_skipped": dict(data.n_invalid),
+        "untrained_classes": list(data.untrained_classes),
+        "train_seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": library_versions(),
+        **dict(extra or {}),
+    }
+    with replace_dir(run_dir) as tmp:
+        save_head(estimator, tmp)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "metrics.json", dict(metrics))
+        np.savez(tmp / "predictions.npz", **predictions)
+        if plots:
+            from featurecache.report import plot_confusion_matrix, plot_training_curves
+
+            for split, m in metrics.items():
+                plot_confusion_matrix(m["confusion_matrix"], data.classes, tmp / f"confusion_{split}.png", title=f"{head} on {split}")
+            history = getattr(estimator, "history_", None)
+            if history:
+                plot_training_curves(history, tmp / "training_curves.png", title=head)
+            from featurecache.report.html import write_report
+
+            write_report(tmp)  # top losses (images read back from the dataset) and report.html
+    return run_dir
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
+    """Read a run directory: its config and its fitted head.
+
+    Raises
+    ------
+    RunError
+        The directory, its config or its head is missing or unreadable.
+    UntrustedHeadError
+        The head could run code when loaded (a pickled ``head.joblib`` of an earlier version,
+        or types outside the allow-list); the message gives the conversion command.
+    """
+    from featurecache.heads import load_head
+
+    path = Path(run_dir)
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise RunError(f"run directory {path} does not exist; train a head first with `featurecache train-head --out {path}`")
+    if not cfg_path.is_file():
+        raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {cfg_path} ({exc}); train the head again with `featurecache train-head --out {path}`") from None
+    try:
+        estimator = load_head(path)
+    except FileNotFoundError as exc:
+        raise RunError(f"run {path} has no saved head ({exc.filename or exc}); re-run `featurecache train-head --out {path}`") from None
+    return config, estimator

@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache import store, views
+from featurecache.cache.fsio import jsonable, write_atomic, write_json  # atomic, unique temp name per writer
 from featurecache.cache.keys import digest_of
 from featurecache.errors import SweepError, UsageError, choices
 from featurecache.rundir import clean_leftovers
-from featurecache.train import _write_json  # atomic, unique temp name per writer
 
 __all__ = ["SweepResult", "TrialSpec", "default_sweep_dir", "leaderboard_table", "parse_grid", "plan_trials", "sweep"]
 
@@ -80,9 +80,7 @@ class TrialSpec:
     @property
     def id(self) -> str:
         """12 hex digits identifying (head, params): stable across runs and processes."""
-        from featurecache.train import _jsonable
-
-        return digest_of({"head": self.head, "params": _jsonable(self.params)})[:12]
+        return digest_of({"head": self.head, "params": jsonable(self.params)})[:12]
 
     @property
     def label(self) -> str:
@@ -357,7 +355,7 @@ def _new_record(trial: TrialSpec, data: Any, parent_pid: int) -> dict[str, Any]:
 def _finish_record(record: dict[str, Any], trials_dir: str, seconds: float) -> None:
     record["seconds"] = round(seconds, 4)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_json(Path(trials_dir) / f"{record['trial']}.json", record)
+    write_json(Path(trials_dir) / f"{record['trial']}.json", record)
 
 
 def _run_trial(
@@ -484,15 +482,13 @@ def _read_record(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _row(record: Mapping[str, Any]) -> dict[str, Any]:
-    from featurecache.train import _jsonable
-
     row: dict[str, Any] = {
         "rank": None,
         "trial": record["trial"],
         "name": record.get("label") or record["head"],
         "head": record["head"],
         # JSON types (lists, not tuples) whether the record is fresh or read back from disk.
-        "params": _jsonable(record["params"]),
+        "params": jsonable(record["params"]),
         "status": record["status"],
     }
     for split in ("val", "test"):
@@ -533,20 +529,20 @@ def _rank(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, A
 
 
 def _write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str) -> None:
-    from featurecache.train import _jsonable
-
     columns: list[str] = ["rank", "trial", "head", "name", "status"]
     for r in rows:
         columns += [c for c in r if c not in columns and c not in ("params", "error", "fit_seconds", "seconds")]
     columns += ["fit_seconds", "seconds", "error", "params"]
-    tmp = out / f".leaderboard.csv.{os.getpid()}.partial"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "params": json.dumps(_jsonable(r["params"]), sort_keys=True)})
-    os.replace(tmp, out / "leaderboard.csv")
-    _write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**r, "params": json.dumps(jsonable(r["params"]), sort_keys=True)})
+
+    write_atomic(out / "leaderboard.csv", write_csv)
+    write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
     if any(r["status"] == "ok" for r in rows):
         from featurecache.report import plot_leaderboard
 
@@ -648,10 +644,8 @@ def default_sweep_dir(runs_dir: str | os.PathLike[str], key: str, planned: Seque
 
 def _requests(meta: Mapping[str, Any] | None, request: dict[str, Any]) -> list[Any]:
     """Every distinct request made of this sweep directory, oldest first (a resumed command is not repeated)."""
-    from featurecache.train import _jsonable
-
     earlier = list((meta or {}).get("requests") or ([meta["request"]] if meta and meta.get("request") else []))
-    return earlier if _jsonable(request) in earlier else [*earlier, request]
+    return earlier if jsonable(request) in earlier else [*earlier, request]
 
 
 def _earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]) -> list[TrialSpec]:
@@ -755,7 +749,7 @@ def _broadcast_on_dask(data: Any) -> Any:
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
     """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
-    from featurecache.train import write_run
+    from featurecache.rundir import write_run
 
     return write_run(
         out / BEST_DIR,
@@ -857,19 +851,11 @@ def sweep(
     SweepError
         Every trial failed, or a worker process died (finished trials are kept: run again).
     """
-    from featurecache.train import (
-        load_training_data,
-        resolve_features,
-        validation_label,
-    )
+    from featurecache.train import load_training_data, resolve_features, validation_label
 
     started = time.perf_counter()
     top_k = (1, 3, 5)
-    allowed = _metric_names(top_k)
-    if metric not in allowed:
-        raise UsageError(f"--metric {metric!r} is not a validation metric; use one of {choices(allowed)} (test metrics are reported, never used to choose)")
-    if not isinstance(n_jobs, int) or n_jobs == 0:
-        raise UsageError(f"--jobs must be a positive number of workers or -1 for all cores, got {n_jobs!r}")
+    _check_options(metric=metric, n_jobs=n_jobs, top_k=top_k)
     heads = [h.strip() for h in heads.split(",")] if isinstance(heads, str) else list(heads)
     planned = plan_trials(grid=grid, trials=trials, heads=heads, seed=seed)
     fs = resolve_features(features, cache_dir=cache_dir)
@@ -879,30 +865,16 @@ def sweep(
     trials_dir = out_dir / TRIALS_DIR
     # Trials of earlier calls with other grids stay in the directory's leaderboard and compete for best/.
     earlier = _earlier_trials(meta, trials_dir, fs.key, planned)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     request = {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric}
-    meta = {
-        "format": SWEEP_FORMAT,
-        "features": {"key": fs.key, "name": fs.name},
-        "validation": validation,
-        "created": (meta or {}).get("created", now),
-        "updated": now,
-        "request": request,
-        "requests": _requests(meta, request),
-        "trials": [t.id for t in [*earlier, *planned]],
-    }
+    meta = _sweep_meta(meta, fs=fs, validation=validation, request=request, trials=[*earlier, *planned])
     # sweep.json first, then trials/: a directory with trials/ is always recognisable as a sweep.
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "sweep.json", meta)
+    write_json(out_dir / "sweep.json", meta)
     trials_dir.mkdir(exist_ok=True)
     # A best/ being written when an earlier call was killed (".best-<pid>-*": before rundir).
     clean_leftovers(out_dir / BEST_DIR, also=(f".{BEST_DIR}-",))
 
-    records: dict[str, dict[str, Any]] = {}
-    for t in [*earlier, *planned]:
-        done = _read_record(trials_dir / f"{t.id}.json", fs.key)
-        if done is not None:
-            records[t.id] = done
+    records = _finished_records([*earlier, *planned], trials_dir, fs.key)
     pending = [t for t in planned if t.id not in records]
     skipped = len(records) - len(earlier)
     planned = [*earlier, *planned]
@@ -913,30 +885,10 @@ def sweep(
     session_best: tuple[tuple[Any, ...], str, Any, Any] | None = None  # (sort key, id, estimator, preds)
     if pending:
         data = _shared_arrays(load_training_data(fs, val_fraction=val_fraction, seed=seed))
-        with _Progress(progress, len(pending), f"sweep {fs.key[:12]}") as bar:
-            try:
-                for record, estimator, preds in _results(pending, data, trials_dir=trials_dir, n_jobs=n_jobs, top_k=top_k, together=together):
-                    records[record["trial"]] = record
-                    if getattr(estimator, "history_", None):
-                        histories[record["trial"]] = estimator.history_
-                    status = "failed" if record["status"] != "ok" else ""
-                    if record["status"] == "ok":
-                        key = _sort_key(_row(record), metric)
-                        if session_best is None or key < session_best[0]:
-                            session_best = (key, record["trial"], estimator, preds)
-                    if session_best is not None:
-                        best_value = _row(records[session_best[1]]).get(metric)
-                        status = f"best {metric} {best_value:.4f}" if isinstance(best_value, float) else status
-                    bar.advance(status)
-            except Exception as exc:
-                from joblib.externals.loky.process_executor import TerminatedWorkerError
-
-                if isinstance(exc, TerminatedWorkerError) or type(exc).__name__ == "KilledWorker":
-                    raise SweepError(
-                        f"a sweep worker process died ({str(exc).splitlines()[0][:160]}); {len(records)} finished trials are "
-                        f"saved in {trials_dir}: run the same command again to resume, with fewer --jobs if memory ran out"
-                    ) from None
-                raise
+        session_best = _run_pending(
+            pending, data, records=records, histories=histories, trials_dir=trials_dir, metric=metric, n_jobs=n_jobs,
+            top_k=top_k, together=together, bar=_Progress(progress, len(pending), f"sweep {fs.key[:12]}"),
+        )
 
     rows = _rank([records[t.id] for t in planned], metric)
     _write_leaderboard(out_dir, rows, metric=metric, key=fs.key, name=fs.name)
@@ -948,25 +900,28 @@ def sweep(
     best_row = rows[0]
     best_trial = by_id[best_row["trial"]]
     best_dir = out_dir / BEST_DIR
-    if session_best is not None and session_best[1] == best_trial.id:
-        _, _, estimator, preds = session_best
-        _save_best(out_dir, row=best_row, trial=best_trial, estimator=estimator, preds=preds, record=records[best_trial.id], data=data, metric=metric)
-    elif not _best_is_saved(out_dir, best_trial.id, fs.key):
-        # The best trial ran in an earlier, interrupted call: its head was not kept, refit it.
-        from featurecache.heads import make_head
-        from featurecache.train import evaluate_arrays, fit_head
-
-        if data is None:
-            data = load_training_data(fs, val_fraction=val_fraction, seed=seed)
-        t0 = time.perf_counter()
-        estimator = fit_head(make_head(best_trial.head, best_trial.params), data)
-        fit_seconds = time.perf_counter() - t0
-        metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
-        record = {**records[best_trial.id], "metrics": metrics, "fit_seconds": fit_seconds}
-        _save_best(out_dir, row=best_row, trial=best_trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric)
+    _keep_best(out_dir, row=best_row, trial=best_trial, record=records[best_trial.id], session_best=session_best, data=data, fs=fs,
+               metric=metric, top_k=top_k, val_fraction=val_fraction, seed=seed)
 
     meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(best_dir)}
-    _write_json(out_dir / "sweep.json", meta)
+    write_json(out_dir / "sweep.json", meta)
+    _write_reports(out_dir, tensorboard, rows=rows, records=records, histories=histories, metric=metric)
+    return SweepResult(
+        out_dir=out_dir, leaderboard=rows, best_run=best_dir, seconds=time.perf_counter() - started, skipped=skipped,
+        metric=metric, key=fs.key, failed=failed,
+    )
+
+
+def _write_reports(
+    out_dir: Path,
+    tensorboard: str | os.PathLike[str] | None,
+    *,
+    rows: Sequence[Mapping[str, Any]],
+    records: Mapping[str, Mapping[str, Any]],
+    histories: Mapping[str, Any],
+    metric: str,
+) -> None:
+    """``report.html`` of the sweep and, with ``tensorboard``, its trials as TensorBoard runs."""
     from featurecache.report.html import write_report
 
     write_report(out_dir, analyse=False)  # report.html: leaderboard and the best run (analysed as it was written)
@@ -974,13 +929,120 @@ def sweep(
         from featurecache.report.tensorboard import write_sweep_logs
 
         write_sweep_logs(tensorboard, rows, metrics={t: r.get("metrics") or {} for t, r in records.items()}, histories=histories, metric=metric)
-    return SweepResult(
-        out_dir=out_dir,
-        leaderboard=rows,
-        best_run=best_dir,
-        seconds=time.perf_counter() - started,
-        skipped=skipped,
-        metric=metric,
-        key=fs.key,
-        failed=failed,
-    )
+
+
+def _check_options(*, metric: str, n_jobs: Any, top_k: Sequence[int]) -> None:
+    """Refuse a metric that is not a validation metric and a bad ``n_jobs`` (``UsageError`` naming the option)."""
+    allowed = _metric_names(top_k)
+    if metric not in allowed:
+        raise UsageError(f"--metric {metric!r} is not a validation metric; use one of {choices(allowed)} (test metrics are reported, never used to choose)")
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        raise UsageError(f"--jobs must be a positive number of workers or -1 for all cores, got {n_jobs!r}")
+
+
+def _sweep_meta(meta: Mapping[str, Any] | None, *, fs: Any, validation: str, request: Mapping[str, Any], trials: Sequence[TrialSpec]) -> dict[str, Any]:
+    """``sweep.json`` for this call: the earlier calls' requests kept, this one's added, every trial listed."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {
+        "format": SWEEP_FORMAT,
+        "features": {"key": fs.key, "name": fs.name},
+        "validation": validation,
+        "created": (meta or {}).get("created", now),
+        "updated": now,
+        "request": request,
+        "requests": _requests(meta, dict(request)),
+        "trials": [t.id for t in trials],
+    }
+
+
+def _finished_records(trials: Sequence[TrialSpec], trials_dir: Path, key: str) -> dict[str, dict[str, Any]]:
+    """The records of the trials already finished in ``trials_dir`` (for these features), by trial id."""
+    records: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        done = _read_record(trials_dir / f"{t.id}.json", key)
+        if done is not None:
+            records[t.id] = done
+    return records
+
+
+def _run_pending(
+    pending: Sequence[TrialSpec],
+    data: Any,
+    *,
+    records: dict[str, dict[str, Any]],
+    histories: dict[str, Any],
+    trials_dir: Path,
+    metric: str,
+    n_jobs: int,
+    top_k: Sequence[int],
+    together: bool,
+    bar: Any,
+) -> tuple[tuple[Any, ...], str, Any, Any] | None:
+    """Run the pending trials, adding their records (and dense curves) as they finish.
+
+    Returns the best trial of this call as ``(sort key, id, estimator, predictions)``, or ``None``.
+
+    Raises
+    ------
+    SweepError
+        A worker process died (the finished trials are saved).
+    """
+    session_best: tuple[tuple[Any, ...], str, Any, Any] | None = None
+    with bar:
+        try:
+            for record, estimator, preds in _results(pending, data, trials_dir=trials_dir, n_jobs=n_jobs, top_k=top_k, together=together):
+                records[record["trial"]] = record
+                if getattr(estimator, "history_", None):
+                    histories[record["trial"]] = estimator.history_
+                status = "failed" if record["status"] != "ok" else ""
+                if record["status"] == "ok":
+                    key = _sort_key(_row(record), metric)
+                    if session_best is None or key < session_best[0]:
+                        session_best = (key, record["trial"], estimator, preds)
+                if session_best is not None:
+                    best_value = _row(records[session_best[1]]).get(metric)
+                    status = f"best {metric} {best_value:.4f}" if isinstance(best_value, float) else status
+                bar.advance(status)
+        except Exception as exc:
+            from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+            if isinstance(exc, TerminatedWorkerError) or type(exc).__name__ == "KilledWorker":
+                raise SweepError(
+                    f"a sweep worker process died ({str(exc).splitlines()[0][:160]}); {len(records)} finished trials are "
+                    f"saved in {trials_dir}: run the same command again to resume, with fewer --jobs if memory ran out"
+                ) from None
+            raise
+    return session_best
+
+
+def _keep_best(
+    out_dir: Path,
+    *,
+    row: Mapping[str, Any],
+    trial: TrialSpec,
+    record: Mapping[str, Any],
+    session_best: tuple[tuple[Any, ...], str, Any, Any] | None,
+    data: Any,
+    fs: Any,
+    metric: str,
+    top_k: Sequence[int],
+    val_fraction: float,
+    seed: int,
+) -> None:
+    """Write ``<out>/best`` for the best trial unless it is there already (refitting it if an earlier call ran it)."""
+    if session_best is not None and session_best[1] == trial.id:
+        _, _, estimator, preds = session_best
+        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric)
+    elif not _best_is_saved(out_dir, trial.id, fs.key):
+        # The best trial ran in an earlier, interrupted call: its head was not kept, refit it.
+        from featurecache.heads import make_head
+        from featurecache.train import evaluate_arrays, fit_head, load_training_data
+
+        if data is None:
+            data = load_training_data(fs, val_fraction=val_fraction, seed=seed)
+        t0 = time.perf_counter()
+        estimator = fit_head(make_head(trial.head, trial.params), data)
+        fit_seconds = time.perf_counter() - t0
+        metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
+        refit = {**record, "metrics": metrics, "fit_seconds": fit_seconds}
+        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=refit, data=data, metric=metric)

@@ -1,7 +1,7 @@
 """Stage 2: train one head on cached features and write its run directory.
 
 A run directory holds everything stage 3 needs besides the images; it is written aside and
-swapped in whole (``write_run``)::
+swapped in whole (:func:`featurecache.rundir.write_run`)::
 
     runs/<name>/config.json       head, params, feature-set key and full spec, classes, validation
     runs/<name>/head.json         how the head is stored (written last: a complete save)
@@ -27,10 +27,8 @@ Scikit-learn heads need their whole training matrix at once and are refused with
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +37,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.cache import store, views
+from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
-from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, RunError, UsageError, human_bytes
+from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, UsageError, human_bytes
+from featurecache.rundir import load_run, write_run  # re-exported: the run-directory I/O lives there
+from featurecache.runconfig import CACHED_VAL_LABEL, RUN_FORMAT  # re-exported, as above
 
 if TYPE_CHECKING:
     from featurecache.concat import ConcatFeatures
 
-#: 2: the head is stored as head.skops / head.keras (format 1 pickled it as head.joblib).
-RUN_FORMAT = 2
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
 BLAS_THREADS_ENV = "FEATURECACHE_BLAS_THREADS"
-#: ``validation`` of a run validated on the cached ``val`` split (otherwise a hold-out of train).
-CACHED_VAL_LABEL = "cached val split"
 #: Memory budget for training features when neither ``max_memory`` nor the variable is set.
 DEFAULT_MAX_MEMORY = 4 << 30
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -547,7 +544,7 @@ class TrainResult:
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
         return {
-            "run_dir": str(self.run_dir), "head": self.head, "params": _jsonable(self.params), "metrics": self.metrics,
+            "run_dir": str(self.run_dir), "head": self.head, "params": jsonable(self.params), "metrics": self.metrics,
             "seconds": round(self.seconds, 3), "untrained_classes": list(self.untrained_classes),
         }
 
@@ -555,7 +552,7 @@ class TrainResult:
 def default_run_name(head: str, key: str, params: Mapping[str, Any]) -> str:
     """``<head>-<key8>[-<params6>]``: stable for the same head, features and parameters."""
     name = f"{head.replace(':', '-').replace('.', '-')}-{key[:8]}"
-    return f"{name}-{digest_of({'p': _jsonable(params)})[:6]}" if params else name
+    return f"{name}-{digest_of({'p': jsonable(params)})[:6]}" if params else name
 
 
 def train_head(
@@ -655,126 +652,3 @@ def train_head(
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return " ".join(lines[0].split()) if lines else type(exc).__name__
-
-
-def write_run(
-    run_dir: Path,
-    *,
-    estimator: Any,
-    head: str,
-    params: Mapping[str, Any],
-    data: TrainingData,
-    metrics: Mapping[str, Any],
-    predictions: Mapping[str, np.ndarray],
-    seconds: float,
-    plots: bool = True,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a run directory (see the module docstring), whole or not at all.
-
-    The directory is built aside (``.<name>.tmp-<pid>-<hex>``) and swapped in with a rename
-    (:mod:`featurecache.rundir`): a run killed at any point leaves either the previous run
-    directory, complete, or the new one, never a mix (such as one head's config beside
-    another's weights). Files an earlier run left there (plots, evaluations) go with it.
-    ``extra`` adds top-level fields to ``config.json`` (a sweep records its trial there).
-
-    Raises
-    ------
-    UsageError
-        ``run_dir`` exists and is not a directory.
-    UntrustedHeadError
-        The fitted head could not be loaded back safely (see ``heads.saving``).
-    """
-    from featurecache.versions import library_versions
-    from featurecache.heads import save_head
-    from featurecache.rundir import replace_dir
-
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"run directory {run_dir} exists and is a file; pass another --out")
-    config = {
-        "format": RUN_FORMAT,
-        "head": head,
-        "params": _jsonable(params),
-        "features": {"key": data.key, "name": data.name, "spec": dict(data.spec), "dataset_source": data.source, **dict(data.source_options)},
-        "classes": list(data.classes),
-        "validation": data.validation,
-        "invalid_skipped": dict(data.n_invalid),
-        "untrained_classes": list(data.untrained_classes),
-        "train_seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": library_versions(),
-        **dict(extra or {}),
-    }
-    with replace_dir(run_dir) as tmp:
-        save_head(estimator, tmp)
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "metrics.json", dict(metrics))
-        np.savez(tmp / "predictions.npz", **predictions)
-        if plots:
-            from featurecache.report import plot_confusion_matrix, plot_training_curves
-
-            for split, m in metrics.items():
-                plot_confusion_matrix(m["confusion_matrix"], data.classes, tmp / f"confusion_{split}.png", title=f"{head} on {split}")
-            history = getattr(estimator, "history_", None)
-            if history:
-                plot_training_curves(history, tmp / "training_curves.png", title=head)
-            from featurecache.report.html import write_report
-
-            write_report(tmp)  # top losses (images read back from the dataset) and report.html
-    return run_dir
-
-
-def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
-    """Read a run directory: its config and its fitted head.
-
-    Raises
-    ------
-    RunError
-        The directory, its config or its head is missing or unreadable.
-    UntrustedHeadError
-        The head could run code when loaded (a pickled ``head.joblib`` of an earlier version,
-        or types outside the allow-list); the message gives the conversion command.
-    """
-    from featurecache.heads import load_head
-
-    path = Path(run_dir)
-    cfg_path = path / "config.json"
-    if not path.is_dir():
-        raise RunError(f"run directory {path} does not exist; train a head first with `featurecache train-head --out {path}`")
-    if not cfg_path.is_file():
-        raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {cfg_path} ({exc}); train the head again with `featurecache train-head --out {path}`") from None
-    try:
-        estimator = load_head(path)
-    except FileNotFoundError as exc:
-        raise RunError(f"run {path} has no saved head ({exc.filename or exc}); re-run `featurecache train-head --out {path}`") from None
-    return config, estimator
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON, whole or not at all (write + rename; safe with concurrent writers)."""
-    # A unique temporary name per writer: sweep workers write into the same folder.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial")
-    try:
-        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)

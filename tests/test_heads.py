@@ -517,13 +517,13 @@ def test_convert_legacy_dense_head(fitted, digits, tmp_path):
     import keras
 
     from featurecache.heads import convert_legacy_head
-    from featurecache.heads.dense import _inference_copy
+    from featurecache.heads.dense import inference_copy
 
     _, _, Xt, _ = digits
     head = fitted["dense"]
     run = tmp_path / "old-dense"
     run.mkdir()
-    keras.saving.save_model(_inference_copy(head.model_), run / "head.keras")
+    keras.saving.save_model(inference_copy(head.model_), run / "head.keras")
     shell = DenseHead.__new__(DenseHead)
     shell.__dict__.update({k: v for k, v in head.__dict__.items() if k != "model_"})
     joblib.dump(shell, run / "head.joblib")

@@ -606,7 +606,7 @@ def _format1_entry(root: Path, clean: views.FeatureSet, *, views_: int, complete
         n = clean.layout(split).n
         nviews = spec.views_for(split)
         sg = g.create_group(split)
-        feats = sg.create_array("features", shape=(nviews, n, 1280), chunks=(1, 4, 1280), dtype="float32", fill_value=0, **store._codecs())
+        feats = sg.create_array("features", shape=(nviews, n, 1280), chunks=(1, 4, 1280), dtype="float32", fill_value=0, **store.array_codecs())
         feats[:] = clean.features(split, view=None)[:nviews]
         sg.create_array("labels", shape=(n,), chunks=(4,), dtype="int64", fill_value=-1)[:] = clean.labels(split)
         sg.create_array("ids", shape=(n,), chunks=(4,), dtype=str)[:] = np.asarray(list(clean.ids(split)), dtype=str)

@@ -228,15 +228,15 @@ def test_a_sweep_with_another_grid_keeps_the_first_ones_results(digits: views.Fe
 
 _KILL_WHILE_SAVING_BEST = """
 import os, signal, sys
-import featurecache.train as train
+import featurecache.rundir as rundir
 from featurecache.sweep import sweep
 
-real = train._write_json
+real = rundir.write_json
 def write_json(path, obj):
     if path.name == "config.json" and path.parent.name.startswith(".best"):
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, obj)
-train._write_json = write_json
+rundir.write_json = write_json
 sweep(sys.argv[1], grid=["logreg:C=0.1;max_iter=300"], out=sys.argv[2], cache_dir=sys.argv[3], progress=False)
 """
 

@@ -161,14 +161,15 @@ def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: views.FeatureSe
 
 _KILL_AT_CONFIG = """
 import os, signal, sys
+import featurecache.rundir as rundir
 import featurecache.train as train
 
-real = train._write_json
+real = rundir.write_json
 def write_json(path, obj):
     if path.name == "config.json":  # the head is saved, its config not yet written
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, obj)
-train._write_json = write_json
+rundir.write_json = write_json
 train.train_head(sys.argv[1], head="knn", params={"n_neighbors": 3}, out=sys.argv[2], cache_dir=sys.argv[3], plots=False)
 """
 

@@ -1,4 +1,4 @@
-"""Durable local file writes for the cache: atomic JSON, fsync, and disk-full errors."""
+"""Durable local file writes: atomic JSON (cache documents and run files), fsync, and disk-full errors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import errno
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from featurecache.errors import DiskFullError
 
@@ -81,6 +83,54 @@ def write_json_atomic(path: Path, payload: Any, *, before_rename: Callable[[], N
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NumPy scalars and arrays, tuples and mapping keys made JSON-friendly.
+
+    Anything else that JSON cannot hold becomes its ``str``.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def write_atomic(path: Path, write: Callable[[Path], object], *, suffix: str = "") -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a temporary sibling that a rename puts in place.
+
+    The temporary name ``.<name>.<pid>-<hex>.partial<suffix>`` is unique to the writer, so
+    concurrent writers into one folder (sweep workers) never share one, and no reader takes a
+    ``.partial`` for data; ``suffix`` keeps an extension the writer insists on (Keras wants
+    ``.keras``). The temporary file is removed when ``write`` fails. No fsync: run files, reports
+    and exports are rewritten by running the command again (the cache's own documents use
+    :func:`write_json_atomic`).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.partial{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (through :func:`jsonable`) with :func:`write_atomic`; used for run directories' files."""
+    text = json.dumps(jsonable(obj), indent=2)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def tree_size(path: Path) -> int:

@@ -89,7 +89,8 @@ def _verify_all(st: FeatureStore, view: int, parts: Sequence[tuple[int, np.ndarr
         list(pool.map(lambda p: st._verified(view, *p), parts))
 
 
-def _codecs() -> dict[str, Any]:
+def array_codecs() -> dict[str, Any]:
+    """Compression and checksum codecs of every cached array (``create_array`` keyword arguments)."""
     import zarr.codecs
 
     # CRC32C makes a corrupted chunk fail loudly on read instead of decompressing to plausible
@@ -465,7 +466,7 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
             g = root.require_group(f"v{view}")
             arrays = {
                 "features": dict(shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=spec.dtype, fill_value=0,
-                                 dimension_names=("row", *dims), **_codecs()),
+                                 dimension_names=("row", *dims), **array_codecs()),
                 "digests": dict(shape=(0,), chunks=(chunk_rows,), dtype=str, dimension_names=("row",)),
             }
             if view == 0:

@@ -39,7 +39,7 @@ from featurecache.cache.store import (
     TMP_DIR,
     VIEWS_DIR,
     FeatureStore,
-    _codecs,
+    array_codecs,
     read_group_attrs,
     resolve_cache_dir,
 )
@@ -405,10 +405,10 @@ def write_view(
             n = len(ids)
             chunk = (max(1, min(n, 1 << 16)),)
             g = root.create_group(split)
-            g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **_codecs())
-            g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **_codecs())
-            g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **_codecs())
-            g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **_codecs())
+            g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
+            g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **array_codecs())
+            g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
+            g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **array_codecs())
             if n:
                 g["ids"][:] = np.asarray(list(ids), dtype=str)
                 g["labels"][:] = np.asarray(labels, dtype=np.int64)

@@ -378,7 +378,8 @@ def _walk_files(
 # ---------------------------------------------------------------------------------- CSV
 
 
-def _from_csv(path: Path, text: str, memo_path: Path | None) -> Dataset:
+def _read_manifest(path: Path, text: str) -> tuple[list[list[str]], list[str]]:
+    """The rows of a CSV manifest and its lower-cased header, which must name ``path`` and ``label``."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
@@ -391,6 +392,25 @@ def _from_csv(path: Path, text: str, memo_path: Path | None) -> Dataset:
         raise DatasetError(
             f"CSV manifest {text!r}: the first row must be a header naming the columns path,label[,split]; got {rows[0]!r}"
         )
+    return rows, header
+
+
+def _manifest_item(raw_path: str, base: Path) -> tuple[Path, str]:
+    """A manifest row's image: its absolute path and its id (relative to the manifest's folder when inside it)."""
+    given = Path(raw_path).expanduser()
+    absolute = Path(os.path.normpath(given if given.is_absolute() else base / given))
+    if given.is_absolute():
+        try:
+            item_id = absolute.relative_to(base).as_posix()
+        except ValueError:
+            item_id = absolute.as_posix()
+    else:
+        item_id = Path(os.path.normpath(given)).as_posix()
+    return absolute, item_id
+
+
+def _from_csv(path: Path, text: str, memo_path: Path | None) -> Dataset:
+    rows, header = _read_manifest(path, text)
     col_path, col_label = header.index("path"), header.index("label")
     col_split = header.index("split") if "split" in header else None
     width = max(col_path, col_label, col_split or 0) + 1
@@ -418,15 +438,7 @@ def _from_csv(path: Path, text: str, memo_path: Path | None) -> Dataset:
                 f"CSV manifest {text!r} line {lineno} has split {raw_split!r}; "
                 f"use one of {choices(_SPLIT_ALIASES)} (empty means train)"
             )
-        given = Path(raw_path).expanduser()
-        absolute = Path(os.path.normpath(given if given.is_absolute() else base / given))
-        if given.is_absolute():
-            try:
-                item_id = absolute.relative_to(base).as_posix()
-            except ValueError:
-                item_id = absolute.as_posix()
-        else:
-            item_id = Path(os.path.normpath(given)).as_posix()
+        absolute, item_id = _manifest_item(raw_path, base)
         if absolute.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append((item_id, f"not an image type ({absolute.suffix or 'no extension'})"))
             continue

@@ -206,21 +206,11 @@ def finetune(
     from featurecache.data import AugmentSpec
 
     started = time.perf_counter()
-    if optimizer not in OPTIMIZERS:
-        raise UsageError(f"--optimizer {optimizer!r} is not one of {choices(OPTIMIZERS)}")
-    for name, value, low in (("--epochs", epochs, 0), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not lr > 0:
-        raise UsageError(f"--lr must be > 0, got {lr!r}")
+    _check_options(optimizer=optimizer, epochs=epochs, batch_size=batch_size, patience=patience, lr=lr)
     aug = AugmentSpec.parse(augment)
     log = sys.stderr if progress else None
     if is_assembled(read_run_config(run)):
-        if epochs > 0:
-            raise UsageError(
-                f"{run} is an ensemble or a head on several feature sets, and fine-tuning several backbones end to end is not "
-                "supported; pass --epochs 0 to check it and export it as one model.keras, or fine-tune one member run on its own"
-            )
+        _refuse_training_assembled(run, epochs)
         return _export_assembled(
             run, out=out, tolerance=tolerance, check_samples=check_samples, data=data, limit=limit, weights=weights,
             batch_size=batch_size, savedmodel=savedmodel, plots=plots, cache_dir=cache_dir, log=log, started=started,
@@ -231,7 +221,6 @@ def finetune(
     trainable = unfreeze_blocks(rebuilt, unfreeze)
     predictions = read_predictions(rebuilt.run_dir)
     run_data = load_run_data(rebuilt.config, predictions, data=data, limit=limit, cache_dir=cache_dir)
-    spec = rebuilt.spec
     history: dict[str, list[float]] = {}
     best_epoch = None
     out_dir = Path(out) if out is not None else rebuilt.run_dir.with_name(rebuilt.run_dir.name + "-ft")
@@ -243,38 +232,96 @@ def finetune(
             rebuilt, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size,
             cache_dir=cache_dir, predictor=predictor, pool=pool,
         )
-        if log:
-            print(
-                f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}",
-                file=log,
-            )
-            print(trainable_text(trainable, rebuilt), file=log)
+        _print_check(log, report, tolerance=tolerance, trainable=trainable, rebuilt=rebuilt)
         out_dir.mkdir(parents=True, exist_ok=True)
-        tb_dir = None
-        if tensorboard is not None:
-            from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
-
-            tb_dir = fresh_run_log_dir(tensorboard, out_dir.name)
+        tb_dir, tb_callbacks = _tensorboard_log(tensorboard, out_dir)
         if epochs > 0:
             history, best_epoch = fit_model(
-                rebuilt,
-                run_data,
-                out_dir=out_dir,
-                epochs=epochs,
-                lr=lr,
-                optimizer=optimizer,
-                batch_size=batch_size,
-                augment=None if aug.is_identity() else aug,
-                patience=patience,
-                seed=int(seed),
-                pool=pool,
-                log=log,
-                callbacks=[keras_callback(tb_dir)] if tb_dir is not None else (),
+                rebuilt, run_data, out_dir=out_dir, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size,
+                augment=None if aug.is_identity() else aug, patience=patience, seed=int(seed), pool=pool, log=log,
+                callbacks=tb_callbacks,
             )
         metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
     model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel, classes=rebuilt.classes)
     seconds = time.perf_counter() - started
-    config = {
+    training = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "patience": patience, "seed": seed}
+    config = _finetune_config(
+        rebuilt, run_data, report=report, unfreeze=unfreeze, trainable=trainable, training=training, history=history,
+        best_epoch=best_epoch, metrics=metrics, seconds=seconds,
+    )
+    write_outputs(
+        out_dir, config=config, metrics=metrics, predictions=preds, history=history, classes=rebuilt.classes,
+        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})", plots=plots,
+    )
+    if tb_dir is not None:
+        _write_hparams(tb_dir, head=rebuilt.config.get("head"), unfreeze=unfreeze, training=training, metrics=metrics)
+    return FinetuneResult(
+        out=out_dir, model_path=model_path, equivalence=report, trainable=trainable, history=history, metrics=metrics,
+        seconds=seconds, savedmodel=out_dir / "savedmodel" if savedmodel else None, unfreeze=unfreeze,
+    )
+
+
+def _print_check(log: Any, report: EquivalenceReport, *, tolerance: float, trainable: Mapping[str, Any], rebuilt: Rebuilt) -> None:
+    """Print the equivalence check's result and the trainable layers on ``log`` (nothing without it)."""
+    if log:
+        print(f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}", file=log)
+        print(trainable_text(trainable, rebuilt), file=log)
+
+
+def _refuse_training_assembled(run: str | os.PathLike[str], epochs: int) -> None:
+    """Refuse ``epochs > 0`` for an ensemble or a head on several feature sets (only checked and exported)."""
+    if epochs > 0:
+        raise UsageError(
+            f"{run} is an ensemble or a head on several feature sets, and fine-tuning several backbones end to end is not "
+            "supported; pass --epochs 0 to check it and export it as one model.keras, or fine-tune one member run on its own"
+        )
+
+
+def _tensorboard_log(tensorboard: str | os.PathLike[str] | None, out_dir: Path) -> tuple[Path | None, list[Any]]:
+    """The fine-tune's TensorBoard run directory and Keras callback (``None`` and none without ``tensorboard``)."""
+    if tensorboard is None:
+        return None, []
+    from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+
+    tb_dir = fresh_run_log_dir(tensorboard, out_dir.name)
+    return tb_dir, [keras_callback(tb_dir)]
+
+
+def _write_hparams(tb_dir: Path, *, head: Any, unfreeze: str, training: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+    """Record the fine-tune's settings and final metrics as a TensorBoard HParams run."""
+    from featurecache.report.tensorboard import write_hparams_run
+
+    settings = {"head": head, "unfreeze": unfreeze, **{k: training[k] for k in ("lr", "optimizer", "batch_size", "augment", "epochs")}}
+    write_hparams_run(tb_dir, hparams=settings, metrics=metrics)
+
+
+def _check_options(*, optimizer: str, epochs: int, batch_size: int, patience: int, lr: float) -> None:
+    """Refuse bad training options before any work (``UsageError`` naming the option)."""
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"--optimizer {optimizer!r} is not one of {choices(OPTIMIZERS)}")
+    for name, value, low in (("--epochs", epochs, 0), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not lr > 0:
+        raise UsageError(f"--lr must be > 0, got {lr!r}")
+
+
+def _finetune_config(
+    rebuilt: Rebuilt,
+    run_data: RunData,
+    *,
+    report: Any,
+    unfreeze: str,
+    trainable: Mapping[str, Any],
+    training: Mapping[str, Any],
+    history: Mapping[str, list[float]],
+    best_epoch: int | None,
+    metrics: Mapping[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The fine-tune output's ``config.json``: the base run, dataset, model input, check, training and results."""
+    spec = rebuilt.spec
+    return {
         "format": FINETUNE_FORMAT,
         "kind": "finetune",
         "base_run": str(rebuilt.run_dir.absolute()),
@@ -294,39 +341,13 @@ def finetune(
         "unfreeze": unfreeze,
         "trainable": _trainable_summary(trainable),
         "trainable_layers": {k: v["layers"] for k, v in trainable.items()},
-        "training": {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "patience": patience, "seed": seed},
+        "training": dict(training),
         "history": history_summary(history, best_epoch),
         "metrics": {s: _short_metrics(m) for s, m in metrics.items()},
         "seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
     }
-    write_outputs(
-        out_dir,
-        config=config,
-        metrics=metrics,
-        predictions=preds,
-        history=history,
-        classes=rebuilt.classes,
-        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})",
-        plots=plots,
-    )
-    if tb_dir is not None:
-        from featurecache.report.tensorboard import write_hparams_run
-
-        settings = {"head": rebuilt.config.get("head"), "unfreeze": unfreeze, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "epochs": epochs}
-        write_hparams_run(tb_dir, hparams=settings, metrics=metrics)
-    return FinetuneResult(
-        out=out_dir,
-        model_path=model_path,
-        equivalence=report,
-        trainable=trainable,
-        history=history,
-        metrics=metrics,
-        seconds=seconds,
-        savedmodel=out_dir / "savedmodel" if savedmodel else None,
-        unfreeze=unfreeze,
-    )
 
 
 def _dataset_record(run_data: RunData) -> dict[str, Any]:

@@ -25,7 +25,6 @@ written for one backbone.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,11 +35,10 @@ from featurecache.concat import feature_parts
 from featurecache.errors import RunError, UsageError
 from featurecache.finetune.convert import check_expressible, keras_head
 from featurecache.finetune.rebuild import Branch, build_branch
+from featurecache.runconfig import ENSEMBLE_KIND, is_assembled, read_run_config  # re-exported: config readers live there
 
 __all__ = ["Assembled", "Member", "assemble_run", "is_assembled", "load_members", "read_run_config"]
 
-#: ``config["kind"]`` of an ensemble run directory.
-ENSEMBLE_KIND = "ensemble"
 # Spec fields that make two branches compute the same features from the same images.
 _RECIPE = ("backbone", "weights", "layer", "pooling", "input_size", "resize", "preprocess")
 
@@ -82,34 +80,17 @@ class Assembled:
     classes: tuple[str, ...]
 
 
-def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """A run's ``config.json``, or ``{}`` when there is none or it is unreadable (``load_run`` then says why)."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def is_assembled(config: Mapping[str, Any]) -> bool:
-    """Whether a run config needs :func:`assemble_run`: an ensemble, or a head on several feature sets."""
-    if config.get("kind") == ENSEMBLE_KIND:
-        return True
-    features = config.get("features")
-    return isinstance(features, Mapping) and len(feature_parts(features)) > 1
-
-
 def load_members(run_dir: str | os.PathLike[str], config: Mapping[str, Any] | None = None) -> list[Member]:
     """The fitted heads of a run: its members if it is an ensemble, else its own head.
 
-    Every head is read with :func:`featurecache.train.load_run`.
+    Every head is read with :func:`featurecache.rundir.load_run`.
 
     Raises
     ------
     RunError
         A member directory, its config or its head is missing.
     """
-    from featurecache.train import load_run
+    from featurecache.rundir import load_run
 
     path = Path(run_dir)
     config = read_run_config(path) if config is None else config

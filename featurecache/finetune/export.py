@@ -51,15 +51,14 @@ def export_model(model: Any, out_dir: Path, *, savedmodel: bool = False, classes
     """
     import keras
 
-    path = out_dir / MODEL_FILE
-    tmp = out_dir / f".{MODEL_FILE}.{os.getpid()}.tmp.keras"
-    try:
+    from featurecache.cache.fsio import write_atomic
+
+    def save(tmp: Path) -> None:
         keras.saving.save_model(model, str(tmp))
         if classes:
             _add_metadata(tmp, {"class_names": [str(c) for c in classes]})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    path = write_atomic(out_dir / MODEL_FILE, save, suffix=".keras")
     if savedmodel:
         _export_savedmodel(model, out_dir / "savedmodel", classes)
     return path
@@ -149,11 +148,11 @@ def write_outputs(
     plots
         Write training-curve and confusion-matrix PNGs.
     """
-    from featurecache.train import _jsonable, _write_json
+    from featurecache.cache.fsio import jsonable, write_json
 
-    _write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     np.savez(out_dir / "predictions.npz", **predictions)
-    _write_json(out_dir / "config.json", _jsonable(config))
+    write_json(out_dir / "config.json", jsonable(config))
     if plots:
         from featurecache.report import plot_confusion_matrix, plot_training_curves
 

@@ -122,8 +122,8 @@ class Branch:
 
 
 def _read_run(run: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Any]:
-    from featurecache.finetune.assemble import is_assembled, read_run_config
-    from featurecache.train import load_run
+    from featurecache.rundir import load_run
+    from featurecache.runconfig import is_assembled, read_run_config
 
     run_dir = Path(run)
     if is_assembled(read_run_config(run_dir)):

@@ -88,20 +88,20 @@ def load_run_data(
     """
     from featurecache.cache import store
     from featurecache.data import load_dataset
-    from featurecache.train import CACHED_VAL_LABEL
+    from featurecache.runconfig import recorded_dataset
 
-    features = config["features"]
-    source = data or features.get("dataset_source")
+    recorded = recorded_dataset(config)
+    source = data or recorded["source"]
     if not source:
         raise RunError("the run does not record its dataset source; pass --data SOURCE with the images the features were extracted from")
     if limit is None:
-        limit = features.get("dataset_limit")
-    seed = int(features["spec"].get("seed", 0))
+        limit = recorded["limit"]
+    seed = recorded["seed"]
     dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed)
     labels = label_map(dataset.classes, tuple(str(c) for c in config["classes"]), where=str(source))
     if "train" not in dataset.splits:
         raise RunError(f"dataset {source!r} has no train split; pass --data with the run's images")
-    held_out = str(config.get("validation", "")) != CACHED_VAL_LABEL
+    held_out = recorded["validation"] != "val"
     val_split = "train" if held_out or "val" not in dataset.splits else "val"
     split = dataset.splits[val_split]
     index = {sid: i for i, sid in enumerate(split.ids)}

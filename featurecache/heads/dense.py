@@ -25,17 +25,28 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featurecache.errors import UsageError
+from featurecache.heads.dense_params import DENSE_DEFAULTS, DENSE_PARAMS
+from featurecache.heads.params import ParamSpec, coerce_params
 
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["DenseHead", "build_dense_model", "load_keras_model_bytes", "keras_model_bytes"]
+__all__ = [
+    "DenseHead",
+    "FitInputs",
+    "build_dense_model",
+    "inference_copy",
+    "keras_model_bytes",
+    "load_keras_model_bytes",
+    "make_optimizer",
+    "make_view_batches",
+]
 
 #: Most bytes of on-disk training features read ahead at once (see ``_from_window``).
 _STREAM_WINDOW_BYTES = 256 << 20
@@ -173,7 +184,7 @@ def keras_model_bytes(model: keras.Model) -> bytes:
     # safe when several processes (a joblib sweep) serialise at once.
     with tempfile.TemporaryDirectory(prefix="featurecache-head-") as tmp:
         path = os.path.join(tmp, "head.keras")
-        keras.saving.save_model(_inference_copy(model), path)
+        keras.saving.save_model(inference_copy(model), path)
         with open(path, "rb") as fh:
             return fh.read()
 
@@ -200,7 +211,7 @@ def load_keras_model_bytes(data: bytes) -> keras.Model:
         return keras.saving.load_model(path, compile=False)
 
 
-def _inference_copy(model: keras.Model) -> keras.Model:
+def inference_copy(model: keras.Model) -> keras.Model:
     """Uncompiled copy with the same layers, names and weights (no optimizer state)."""
     if not getattr(model, "compiled", False):
         return model
@@ -218,7 +229,7 @@ class _SerializedModel:
     data: bytes
 
 
-def _make_view_batches(
+def make_view_batches(
     views: Any,
     y: np.ndarray,
     sample_weight: np.ndarray | None,
@@ -226,7 +237,10 @@ def _make_view_batches(
     batch_size: int,
     seed: int,
 ) -> Any:
-    """Build the ``PyDataset`` (defined here so ``keras`` is imported lazily)."""
+    """Build the ``PyDataset`` of shuffled, view-drawn batches (``DenseHead.fit`` and the group trainer share it).
+
+    Defined in a function so ``keras`` is imported lazily.
+    """
     import keras
 
     row_bytes = 4 * int(np.prod(tuple(views.shape[2:]), dtype=np.int64))
@@ -345,8 +359,86 @@ def _features(X: Any, *, name: str) -> np.ndarray:
     return arr
 
 
+def _encode_labels(y: Any, *, x_shape: tuple[int, ...]) -> tuple[Any, np.ndarray]:
+    """Check ``y`` holds one class label per row (at least two classes); return the fitted ``LabelEncoder`` and int32 codes."""
+    from sklearn.preprocessing import LabelEncoder
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import column_or_1d
+
+    # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = column_or_1d(y, warn=True)
+    if y.ndim != 1 or y.shape[0] != x_shape[0]:
+        raise UsageError(
+            f"y must have shape ({x_shape[0]},) to match X {x_shape}, got {y.shape}; "
+            "pass one label per sample"
+        )
+    try:
+        check_classification_targets(y)
+    except ValueError as exc:
+        raise UsageError(
+            f"y: {exc}; a head needs class labels (ints or strings), not regression targets"
+        ) from None
+    encoder = LabelEncoder().fit(y)
+    y_enc = encoder.transform(y).astype(np.int32)
+    if len(encoder.classes_) < 2:
+        raise UsageError(
+            f"y has only one class {encoder.classes_.tolist()!r}; a classifier head "
+            "needs at least 2 classes"
+        )
+    return encoder, y_enc
+
+
+def _training_views(X: Any, X_views: Any) -> Any:
+    """The ``(V, n, *feat)`` array training draws from: ``X_views`` checked against ``X``, else ``X[None]``."""
+    if X_views is None:
+        return X[None]
+    vshape = tuple(getattr(X_views, "shape", ()))
+    if len(vshape) != X.ndim + 1 or vshape[1:] != X.shape:
+        raise UsageError(
+            f"X_views must have shape (V, {', '.join(map(str, X.shape))}), got "
+            f"{vshape}; pass views of the same samples as X, view 0 = clean"
+        )
+    return X_views
+
+
+def _validation_pair(X_val: Any, y_val: Any, *, feature_shape: tuple[int, ...], encoder: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(X_val, encoded y_val)`` checked against the training features and classes, or ``None``."""
+    if X_val is None and y_val is None:
+        return None
+    if X_val is None or y_val is None:
+        raise UsageError("pass both X_val and y_val, or neither")
+    Xv = _features(X_val, name="X_val")
+    if Xv.shape[1:] != feature_shape:
+        raise UsageError(
+            f"X_val features have shape {Xv.shape[1:]}, X has {feature_shape}; "
+            "use features from the same backbone/layer/pooling"
+        )
+    yv = np.asarray(y_val)
+    unseen = sorted(set(yv.tolist()) - set(encoder.classes_.tolist()), key=str)
+    if yv.shape != (Xv.shape[0],) or unseen:
+        raise UsageError(
+            f"y_val must hold one label per X_val row from the training classes; "
+            f"got shape {yv.shape}, unseen labels {unseen[:10]!r}"
+        )
+    return Xv, encoder.transform(yv).astype(np.int32)
+
+
+def _sample_weights(class_weight: Any, classes: np.ndarray, y_enc: np.ndarray) -> np.ndarray | None:
+    """Per-sample weights for ``class_weight`` (``None``, ``"balanced"`` or ``{label: weight}``)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if class_weight == "balanced":
+        weights = compute_class_weight("balanced", classes=np.arange(len(classes)), y=y_enc).astype(np.float32)
+        return weights[y_enc]
+    if isinstance(class_weight, dict):
+        return _class_weight_dict(class_weight, classes)[y_enc]
+    return None
+
+
 @dataclass(frozen=True)
-class _FitInputs:
+class FitInputs:
     """What ``DenseHead.fit`` derives from its arguments before any Keras work."""
 
     cfg: dict[str, Any]  # coerced hyperparameters
@@ -418,24 +510,28 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         ``prod(input_shape_)``.
     """
 
+    #: Type, bounds, default and search range of each parameter (read by the head registry);
+    #: ``fit`` validates the parameters against them, as scikit-learn's ``_parameter_constraints``.
+    param_specs: ClassVar[tuple[ParamSpec, ...]] = DENSE_PARAMS
+
     def __init__(
         self,
         *,
-        pool: str = "auto",
-        hidden: tuple[int, ...] | str = (256,),
-        batchnorm: bool = False,
-        dropout: float = 0.5,
-        activation: str = "relu",
-        l2: float = 0.0,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        batch_size: int = 64,
-        epochs: int = 30,
-        patience: int = 5,
-        class_weight: str | None = None,
-        normalize: bool = True,
-        seed: int = 0,
-        verbose: int = 0,
+        pool: str = DENSE_DEFAULTS["pool"],
+        hidden: tuple[int, ...] | str = DENSE_DEFAULTS["hidden"],
+        batchnorm: bool = DENSE_DEFAULTS["batchnorm"],
+        dropout: float = DENSE_DEFAULTS["dropout"],
+        activation: str = DENSE_DEFAULTS["activation"],
+        l2: float = DENSE_DEFAULTS["l2"],
+        optimizer: str = DENSE_DEFAULTS["optimizer"],
+        lr: float = DENSE_DEFAULTS["lr"],
+        batch_size: int = DENSE_DEFAULTS["batch_size"],
+        epochs: int = DENSE_DEFAULTS["epochs"],
+        patience: int = DENSE_DEFAULTS["patience"],
+        class_weight: str | None = DENSE_DEFAULTS["class_weight"],
+        normalize: bool = DENSE_DEFAULTS["normalize"],
+        seed: int = DENSE_DEFAULTS["seed"],
+        verbose: int = DENSE_DEFAULTS["verbose"],
     ) -> None:
         self.normalize = normalize
         self.pool = pool
@@ -499,11 +595,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         """
         import keras
 
-        prep = self._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+        prep = self.prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
         cfg = prep.cfg
-        model = self._build_model(prep)
+        model = self.build_model(prep)
         model.compile(
-            optimizer=_make_optimizer(cfg["optimizer"], cfg["lr"]),
+            optimizer=make_optimizer(cfg["optimizer"], cfg["lr"]),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
@@ -514,7 +610,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 monitor="val_loss", patience=cfg["patience"], restore_best_weights=True
             )
             callbacks.append(stopper)
-        data = _make_view_batches(
+        data = make_view_batches(
             prep.views, prep.y_enc, prep.sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"]
         )
         history = model.fit(
@@ -531,93 +627,32 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         # Keras 3's EarlyStopping restores the best weights at train end whether or not it
         # stopped early, so the kept epoch is always its best_epoch.
         best_epoch = int(best) if best is not None else len(hist.get("loss", [])) - 1
-        return self._set_fitted(prep, model, hist, best_epoch)
+        return self.set_fitted(prep, model, hist, best_epoch)
 
-    def _prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> _FitInputs:
-        """Validate ``fit``'s arguments and derive everything training needs (no Keras work)."""
-        from sklearn.preprocessing import LabelEncoder
-        from sklearn.utils.class_weight import compute_class_weight
-        from sklearn.utils.multiclass import check_classification_targets
-        from sklearn.utils.validation import column_or_1d
+    def prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> FitInputs:
+        """Validate ``fit``'s arguments and derive everything training needs (no Keras work).
 
-        from featurecache.heads.registry import coerce_head_params
-
-        cfg = coerce_head_params("dense", self.get_params(deep=False))
+        ``fit`` and the group trainer (:mod:`featurecache.heads.dense_group`) run it first, then
+        :meth:`build_model`, train, and :meth:`set_fitted`.
+        """
+        cfg = coerce_params("dense", self.param_specs, self.get_params(deep=False))
         if X_views is not None and _is_on_disk(X):
             # Training reads only X_views, batch by batch; X is consulted for its shape alone,
             # so on-disk features larger than memory are never loaded whole (train.py streams so).
             X = _ShapeOnly(tuple(int(d) for d in X.shape))
         else:
             X = _features(X, name="X")
-        # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        if y.ndim != 1 or y.shape[0] != X.shape[0]:
-            raise UsageError(
-                f"y must have shape ({X.shape[0]},) to match X {X.shape}, got {y.shape}; "
-                "pass one label per sample"
-            )
-        try:
-            check_classification_targets(y)
-        except ValueError as exc:
-            raise UsageError(
-                f"y: {exc}; a head needs class labels (ints or strings), not regression targets"
-            ) from None
-        encoder = LabelEncoder().fit(y)
-        y_enc = encoder.transform(y).astype(np.int32)
-        n_classes = len(encoder.classes_)
-        if n_classes < 2:
-            raise UsageError(
-                f"y has only one class {encoder.classes_.tolist()!r}; a classifier head "
-                "needs at least 2 classes"
-            )
+        encoder, y_enc = _encode_labels(y, x_shape=X.shape)
         pool = _resolve_pool(cfg["pool"], X.ndim)
-
-        if X_views is not None:
-            vshape = tuple(getattr(X_views, "shape", ()))
-            if len(vshape) != X.ndim + 1 or vshape[1:] != X.shape:
-                raise UsageError(
-                    f"X_views must have shape (V, {', '.join(map(str, X.shape))}), got "
-                    f"{vshape}; pass views of the same samples as X, view 0 = clean"
-                )
-            views = X_views
-        else:
-            views = X[None]
-
-        validation = None
-        if X_val is not None or y_val is not None:
-            if X_val is None or y_val is None:
-                raise UsageError("pass both X_val and y_val, or neither")
-            Xv = _features(X_val, name="X_val")
-            if Xv.shape[1:] != X.shape[1:]:
-                raise UsageError(
-                    f"X_val features have shape {Xv.shape[1:]}, X has {X.shape[1:]}; "
-                    "use features from the same backbone/layer/pooling"
-                )
-            yv = np.asarray(y_val)
-            unseen = sorted(set(yv.tolist()) - set(encoder.classes_.tolist()), key=str)
-            if yv.shape != (Xv.shape[0],) or unseen:
-                raise UsageError(
-                    f"y_val must hold one label per X_val row from the training classes; "
-                    f"got shape {yv.shape}, unseen labels {unseen[:10]!r}"
-                )
-            validation = (Xv, encoder.transform(yv).astype(np.int32))
-
-        sample_weight = None
-        if cfg["class_weight"] == "balanced":
-            weights = compute_class_weight(
-                "balanced", classes=np.arange(n_classes), y=y_enc
-            ).astype(np.float32)
-            sample_weight = weights[y_enc]
-        elif isinstance(cfg["class_weight"], dict):
-            sample_weight = _class_weight_dict(cfg["class_weight"], encoder.classes_)[y_enc]
-        return _FitInputs(
+        views = _training_views(X, X_views)
+        validation = _validation_pair(X_val, y_val, feature_shape=X.shape[1:], encoder=encoder)
+        return FitInputs(
             cfg=cfg, input_shape=tuple(int(d) for d in X.shape[1:]), pool=pool, views=views, y_enc=y_enc,
-            classes=encoder.classes_, validation=validation, sample_weight=sample_weight,
+            classes=encoder.classes_, validation=validation,
+            sample_weight=_sample_weights(cfg["class_weight"], encoder.classes_, y_enc),
         )
 
-    def _build_model(self, prep: _FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
+    def build_model(self, prep: FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
         """Seed Keras with ``seed`` and build the untrained model (``input_norm``: precomputed moments)."""
         import keras
 
@@ -637,7 +672,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             input_norm=input_norm if cfg["normalize"] else None,
         )
 
-    def _set_fitted(self, prep: _FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> DenseHead:
+    def set_fitted(self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> DenseHead:
         """Store the learned attributes; returns ``self``."""
         self.classes_ = prep.classes
         self.model_ = model
@@ -753,7 +788,8 @@ def _resolve_pool(pool: str, ndim: int) -> str:
     return pool
 
 
-def _make_optimizer(name: str, lr: float) -> Any:
+def make_optimizer(name: str, lr: float) -> Any:
+    """The Keras optimizer named ``name`` (``adam``, ``rmsprop``, else SGD with Nesterov momentum 0.9)."""
     import keras
 
     if name == "adam":

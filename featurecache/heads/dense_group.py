@@ -22,14 +22,14 @@ and ``pool`` (see :func:`group_key`) fitted on the same data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from featurecache.errors import UsageError
-from featurecache.heads.dense import DenseHead, _make_optimizer, _make_view_batches, pooled_moments
+from featurecache.heads.dense import DenseHead, FitInputs, make_optimizer, make_view_batches, pooled_moments
 
 __all__ = ["GROUP_PARAMS", "fit_dense_heads", "group_key", "group_key_of"]
 
@@ -96,9 +96,56 @@ def fit_dense_heads(
         :func:`group_key` differ; or the data are invalid (as in ``DenseHead.fit``).
     """
     import keras
-    import tensorflow as tf
 
     heads = list(heads)
+    first, preps = _prepare_group(heads, X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+    moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
+    models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
+    optimizers = [make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
+    for opt, model in zip(optimizers, models):
+        opt.build(model.trainable_variables)
+    batch_size, seed = first.cfg["batch_size"], first.cfg["seed"]
+    data = make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=batch_size, seed=seed)
+    head_loss = _head_loss()
+    train_step = _train_steps(models, optimizers, head_loss)
+    val_step = _val_step(models, head_loss)
+    validation = first.validation
+    val_batches = _val_batches(validation, max(batch_size, 256))
+    ones = np.ones(batch_size, dtype=np.float32)  # sample weights when there are none
+    epochs = [p.cfg["epochs"] for p in preps]
+    stoppers = [_EarlyStop(p.cfg["patience"] if validation is not None else 0) for p in preps]
+    history: list[dict[str, list[float]]] = [{} for _ in heads]
+
+    # Keras's fit calls on_epoch_end once before the first epoch (EpochIterator.reset), so a
+    # head fitted alone starts on the draw of epoch counter 1: do the same to match it.
+    data.on_epoch_end()
+    epoch = 0
+    while True:
+        active = tuple(i for i in range(len(heads)) if not stoppers[i].stopped and epoch < epochs[i])
+        if not active:
+            break
+        loss, acc = _train_epoch(train_step(active), data, ones, len(active))
+        for j, i in enumerate(active):
+            history[i].setdefault("accuracy", []).append(float(acc[j]))
+            history[i].setdefault("loss", []).append(float(loss[j]))
+        if validation is not None:
+            vloss, vacc = _val_epoch(val_step, val_batches, n_heads=len(heads), n_val=len(validation[1]))
+            for i in active:
+                history[i].setdefault("val_accuracy", []).append(float(vacc[i]))
+                history[i].setdefault("val_loss", []).append(float(vloss[i]))
+                stoppers[i].update(epoch, float(vloss[i]), models[i])
+        epoch += 1
+
+    for i, (head, prep) in enumerate(zip(heads, preps)):
+        kept = stoppers[i].restore(models[i], n_epochs=len(history[i].get("loss", [])))
+        # Compiled like DenseHead.fit leaves it, so the fitted head behaves the same afterwards.
+        models[i].compile(optimizer=optimizers[i], loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        head.set_fitted(prep, models[i], history[i], kept)
+    return heads
+
+
+def _prepare_group(heads: list[DenseHead], X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> tuple[FitInputs, list[FitInputs]]:
+    """Check the group and its data once; return the shared inputs and each head's (its own hyperparameters)."""
     if not heads:
         raise UsageError("fit_dense_heads needs at least one DenseHead")
     if not all(isinstance(h, DenseHead) for h in heads):
@@ -114,21 +161,27 @@ def fit_dense_heads(
         )
     # The data checks, label encoding and class weights depend only on the group key: do them
     # once, then give every head its own hyperparameters.
-    first = heads[0]._prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
-    preps = [replace(first, cfg=c) for c in cfgs]
-    moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
-    models = [h._build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
-    optimizers = [_make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
-    for opt, model in zip(optimizers, models):
-        opt.build(model.trainable_variables)
+    first = heads[0].prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
+    return first, [replace(first, cfg=c) for c in cfgs]
+
+
+def _head_loss() -> Callable[[Any, Any, Any, Any], Any]:
+    """``head_loss(model, y_true, proba, weight)``: the weighted cross-entropy plus the model's L2 losses."""
+    import keras
+    import tensorflow as tf
+
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    batch_size, seed = first.cfg["batch_size"], first.cfg["seed"]
-    data = _make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=batch_size, seed=seed)
-    n = len(heads)
 
     def head_loss(model: Any, y_true: Any, proba: Any, weight: Any) -> Any:
         loss = loss_fn(y_true, proba, sample_weight=weight)
         return loss + tf.add_n(model.losses) if model.losses else loss  # L2, as Model.compute_loss adds
+
+    return head_loss
+
+
+def _train_steps(models: Sequence[Any], optimizers: Sequence[Any], head_loss: Callable[..., Any]) -> Callable[[tuple[int, ...]], Any]:
+    """``train_step(active)``: the traced step that trains the heads ``active`` on one batch."""
+    import tensorflow as tf
 
     steps: dict[tuple[int, ...], Any] = {}
 
@@ -156,6 +209,13 @@ def fit_dense_heads(
             steps[active] = step
         return steps[active]
 
+    return train_step
+
+
+def _val_step(models: Sequence[Any], head_loss: Callable[..., Any]) -> Any:
+    """The traced step giving every head's validation loss and accuracy on one batch."""
+    import tensorflow as tf
+
     @tf.function(reduce_retracing=True)
     def val_step(x: Any, y_true: Any) -> Any:
         probas = [m(x, training=False) for m in models]
@@ -164,77 +224,76 @@ def fit_dense_heads(
         correct = [tf.reduce_mean(tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32)) for p in probas]
         return tf.stack(losses), tf.stack(correct)
 
-    validation = first.validation
-    val_batch = max(batch_size, 256)
-    ones = np.ones(batch_size, dtype=np.float32)  # sample weights when there are none
-    # Validation batches as tensors once, not once per epoch.
-    val_batches = [] if validation is None else [
+    return val_step
+
+
+def _val_batches(validation: tuple[np.ndarray, np.ndarray] | None, val_batch: int) -> list[tuple[Any, Any]]:
+    """Validation batches as tensors once, not once per epoch."""
+    import tensorflow as tf
+
+    if validation is None:
+        return []
+    return [
         (tf.convert_to_tensor(validation[0][b : b + val_batch], tf.float32), tf.convert_to_tensor(validation[1][b : b + val_batch], tf.int32))
         for b in range(0, len(validation[1]), val_batch)
     ]
-    epochs = [p.cfg["epochs"] for p in preps]
-    patience = [p.cfg["patience"] if validation is not None else 0 for p in preps]
-    history: list[dict[str, list[float]]] = [{} for _ in heads]
-    # EarlyStopping(monitor="val_loss", restore_best_weights=True) per head, as in Keras 3.
-    best: list[float | None] = [None] * n
-    best_epoch = [0] * n
-    best_weights: list[list[np.ndarray] | None] = [None] * n
-    wait = [0] * n
-    stopped = [False] * n
 
-    # Keras's fit calls on_epoch_end once before the first epoch (EpochIterator.reset), so a
-    # head fitted alone starts on the draw of epoch counter 1: do the same to match it.
+
+def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of ``step`` over ``data``: each active head's mean loss and accuracy."""
+    import tensorflow as tf
+
+    sums, accs, seen = np.zeros(n_active), np.zeros(n_active), 0
+    for b in range(len(data)):
+        batch = data[b]
+        xb, yb = batch[0], batch[1]
+        wb = batch[2] if len(batch) > 2 else ones[: len(yb)]
+        losses, acc = step(tf.convert_to_tensor(xb, tf.float32), tf.convert_to_tensor(yb, tf.int32), tf.convert_to_tensor(wb, tf.float32))
+        # Keras's fit averages batch losses and accuracies weighted by batch size.
+        sums += losses.numpy() * len(yb)
+        accs += acc.numpy() * len(yb)
+        seen += len(yb)
     data.on_epoch_end()
-    epoch = 0
-    while True:
-        active = tuple(i for i in range(n) if not stopped[i] and epoch < epochs[i])
-        if not active:
-            break
-        step = train_step(active)
-        sums, accs, seen = np.zeros(len(active)), np.zeros(len(active)), 0
-        for b in range(len(data)):
-            batch = data[b]
-            xb, yb = batch[0], batch[1]
-            wb = batch[2] if len(batch) > 2 else ones[: len(yb)]
-            losses, acc = step(tf.convert_to_tensor(xb, tf.float32), tf.convert_to_tensor(yb, tf.int32), tf.convert_to_tensor(wb, tf.float32))
-            # Keras's fit averages batch losses and accuracies weighted by batch size.
-            sums += losses.numpy() * len(yb)
-            accs += acc.numpy() * len(yb)
-            seen += len(yb)
-        data.on_epoch_end()
-        for j, i in enumerate(active):
-            history[i].setdefault("accuracy", []).append(float(accs[j] / max(seen, 1)))
-            history[i].setdefault("loss", []).append(float(sums[j] / max(seen, 1)))
-        if validation is not None:
-            yv = validation[1]
-            vsums, vaccs = np.zeros(n), np.zeros(n)
-            for xt, yt in val_batches:
-                vl, va = val_step(xt, yt)
-                m = int(yt.shape[0])
-                vsums += vl.numpy() * m
-                vaccs += va.numpy() * m
-            for i in active:
-                current = float(vsums[i] / max(len(yv), 1))
-                history[i].setdefault("val_accuracy", []).append(float(vaccs[i] / max(len(yv), 1)))
-                history[i].setdefault("val_loss", []).append(current)
-                if patience[i] <= 0:
-                    continue
-                if best_weights[i] is None:
-                    best_weights[i], best_epoch[i] = models[i].get_weights(), epoch
-                wait[i] += 1
-                if best[i] is None or current < best[i]:
-                    best[i], best_epoch[i], best_weights[i], wait[i] = current, epoch, models[i].get_weights(), 0
-                elif wait[i] >= patience[i] and epoch > 0:
-                    stopped[i] = True
-        epoch += 1
+    return sums / max(seen, 1), accs / max(seen, 1)
 
-    for i, (head, prep) in enumerate(zip(heads, preps)):
-        if patience[i] > 0 and best_weights[i] is not None:
-            models[i].set_weights(best_weights[i])
-            kept = best_epoch[i]
-        else:
-            kept = len(history[i].get("loss", [])) - 1
-        # Compiled like DenseHead.fit leaves it, so the fitted head behaves the same afterwards.
-        models[i].compile(optimizer=optimizers[i], loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        head._set_fitted(prep, models[i], history[i], kept)
-    return heads
+
+def _val_epoch(val_step: Any, val_batches: Sequence[tuple[Any, Any]], *, n_heads: int, n_val: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every head's validation loss and accuracy, averaged over the rows."""
+    vsums, vaccs = np.zeros(n_heads), np.zeros(n_heads)
+    for xt, yt in val_batches:
+        vl, va = val_step(xt, yt)
+        m = int(yt.shape[0])
+        vsums += vl.numpy() * m
+        vaccs += va.numpy() * m
+    return vsums / max(n_val, 1), vaccs / max(n_val, 1)
+
+
+@dataclass
+class _EarlyStop:
+    """``EarlyStopping(monitor="val_loss", restore_best_weights=True)`` of one head, as in Keras 3 (``patience`` 0: off)."""
+
+    patience: int
+    best: float | None = None
+    best_epoch: int = 0
+    best_weights: list[np.ndarray] | None = None
+    wait: int = 0
+    stopped: bool = False
+
+    def update(self, epoch: int, current: float, model: Any) -> None:
+        """Record epoch ``epoch``'s validation loss; stop after ``patience`` epochs without a better one."""
+        if self.patience <= 0:
+            return
+        if self.best_weights is None:
+            self.best_weights, self.best_epoch = model.get_weights(), epoch
+        self.wait += 1
+        if self.best is None or current < self.best:
+            self.best, self.best_epoch, self.best_weights, self.wait = current, epoch, model.get_weights(), 0
+        elif self.wait >= self.patience and epoch > 0:
+            self.stopped = True
+
+    def restore(self, model: Any, *, n_epochs: int) -> int:
+        """Put the best weights back in ``model``; return the index of the epoch kept."""
+        if self.patience > 0 and self.best_weights is not None:
+            model.set_weights(self.best_weights)
+            return self.best_epoch
+        return n_epochs - 1

@@ -108,7 +108,8 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
     import sklearn
     from sklearn.utils.validation import check_is_fitted
 
-    from featurecache.heads.dense import DenseHead, _inference_copy
+    from featurecache.cache.fsio import write_atomic
+    from featurecache.heads.dense import DenseHead, inference_copy
 
     check_is_fitted(est)
     out = Path(dirpath)
@@ -125,7 +126,7 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
         if classes.dtype.kind not in _JSON_KINDS:
             raise RunError(f"dense head classes of dtype {classes.dtype} cannot be saved; use integer or string labels")
         versions["keras"] = keras.__version__
-        _atomic_write(out / "head.keras", lambda tmp: keras.saving.save_model(_inference_copy(est.model_), tmp), suffix=".keras")
+        write_atomic(out / "head.keras", lambda tmp: keras.saving.save_model(inference_copy(est.model_), str(tmp)), suffix=".keras")
         meta.update(
             kind="keras-dense",
             files=["head.keras"],
@@ -149,13 +150,13 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
                 f"the fitted {type(est).__name__} head holds types featurecache does not load back ({', '.join(untrusted)}): "
                 "loading them could run code; use a registered head (see `featurecache heads`) or another classifier"
             )
-        _atomic_write(out / "head.skops", lambda tmp: Path(tmp).write_bytes(data))
+        write_atomic(out / "head.skops", lambda tmp: tmp.write_bytes(data))
         (out / "head.keras").unlink(missing_ok=True)
         classes = getattr(est, "classes_", None)
         meta.update(kind="sklearn", files=["head.skops"], classes=np.asarray(classes).tolist() if classes is not None else None)
     (out / LEGACY_HEAD_FILE).unlink(missing_ok=True)
     meta.update(estimator=f"{type(est).__module__}.{type(est).__qualname__}", versions=versions)
-    _atomic_write(out / "head.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str) + "\n"))
+    write_atomic(out / "head.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
     return out
 
 
@@ -303,13 +304,3 @@ def convert_legacy_head(dirpath: str | os.PathLike[str], *, trust: bool = False)
         shutil.rmtree(tmp, ignore_errors=True)
     return src
 
-
-def _atomic_write(path: Path, write: Any, *, suffix: str = "") -> None:
-    """Write through ``write(tmp_path)`` then rename, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -16,7 +16,6 @@ import html
 import json
 import math
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -365,10 +364,6 @@ def write_report(
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.partial")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    from featurecache.cache.fsio import write_atomic
+
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

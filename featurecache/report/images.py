@@ -10,32 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from featurecache.errors import RunError
+from featurecache.runconfig import recorded_dataset  # re-exported: it lives with the other config readers
 
-if TYPE_CHECKING:
-    from featurecache.report.losses import TopLosses
-
-__all__ = ["SplitImages", "check_labels", "load_run_dataset", "recorded_dataset", "run_image_loader"]
-
-
-def recorded_dataset(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``source``, ``limit``, ``seed`` and ``validation`` (the dataset split of the run's val rows)."""
-    from featurecache.train import CACHED_VAL_LABEL
-
-    if isinstance(config.get("dataset"), Mapping):  # a fine-tune output records what it loaded
-        d = config["dataset"]
-        return {"source": d.get("source"), "limit": d.get("limit"), "seed": int(d.get("seed") or 0), "validation": d.get("validation")}
-    features = config.get("features") or {}
-    return {
-        "source": features.get("dataset_source"),
-        "limit": features.get("dataset_limit"),
-        "seed": int((features.get("spec") or {}).get("seed", 0)),
-        "validation": "val" if config.get("validation") == CACHED_VAL_LABEL else "train",
-    }
+__all__ = ["SplitImages", "load_run_dataset", "recorded_dataset", "run_image_loader"]
 
 
 def load_run_dataset(
@@ -142,20 +124,3 @@ class SplitImages:
             except ImageDecodeError:
                 out.append(None)
         return out
-
-
-def check_labels(result: TopLosses, images: SplitImages) -> None:
-    """Refuse a dataset whose labels for the shown images differ from the run's (it changed since).
-
-    Raises
-    ------
-    RunError
-        An image's class in the dataset is not the run's true class.
-    """
-    for row in result.rows:
-        now = images.class_of(row["id"])
-        if now != row["true"]:
-            raise RunError(
-                f"image {row['id']!r} is {now!r} in {images.where!r} but {row['true']!r} in the run; the dataset changed "
-                "since the run was made: pass --data with the images the features were extracted from"
-            )

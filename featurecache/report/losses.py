@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import RunError, UsageError, choices
-from featurecache.report.images import SplitImages, check_labels, load_run_dataset, run_image_loader
+from featurecache.report.images import SplitImages, load_run_dataset, run_image_loader
 
 __all__ = [
     "ErrorAnalysis",
     "TopLosses",
     "analyse_run",
+    "check_labels",
     "labelled_splits",
     "most_confused",
     "per_sample_loss",
@@ -325,6 +326,23 @@ def _short(text: str, width: int = 18) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def check_labels(result: TopLosses, images: SplitImages) -> None:
+    """Refuse a dataset whose labels for the shown images differ from the run's (it changed since).
+
+    Raises
+    ------
+    RunError
+        An image's class in the dataset is not the run's true class.
+    """
+    for row in result.rows:
+        now = images.class_of(row["id"])
+        if now != row["true"]:
+            raise RunError(
+                f"image {row['id']!r} is {now!r} in {images.where!r} but {row['true']!r} in the run; the dataset changed "
+                "since the run was made: pass --data with the images the features were extracted from"
+            )
+
+
 def _grid_figure(result: TopLosses, *, columns: int) -> Any:
     from featurecache.report.figures import new_figure
 
@@ -390,7 +408,7 @@ def write_error_analysis(
     dict
         The ``top_losses.json`` document: per split ``top_losses`` rows and ``most_confused``.
     """
-    from featurecache.train import _write_json
+    from featurecache.cache.fsio import write_atomic, write_json
 
     out = Path(out_dir)
     doc: dict[str, Any] = {}
@@ -404,15 +422,17 @@ def write_error_analysis(
             grid.unlink(missing_ok=True)  # an older grid would no longer match the rows
     for split, pairs in confusions.items():
         doc.setdefault(split, {})["most_confused"] = pairs
-    tmp = out / ".most_confused.csv.partial"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["split", "true", "predicted", "count", "rate"])
-        writer.writeheader()
-        for split, pairs in confusions.items():
-            for pair in pairs:
-                writer.writerow({"split": split, **pair})
-    os.replace(tmp, out / "most_confused.csv")
-    _write_json(out / "top_losses.json", doc)
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["split", "true", "predicted", "count", "rate"])
+            writer.writeheader()
+            for split, pairs in confusions.items():
+                for pair in pairs:
+                    writer.writerow({"split": split, **pair})
+
+    write_atomic(out / "most_confused.csv", write_csv)
+    write_json(out / "top_losses.json", doc)
     return doc
 
 
