@@ -51,7 +51,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("resize", ("resize_image", "_resize_into")),
     ("preprocess", ("preprocess_input",)),
     ("augment", ("augment_batch",)),
-    ("backbone", ("_compiled_forward", "forward_in_batches", "tensorflow/", "keras/")),
+    ("backbone", ("compiled_forward", "forward_in_batches", "tensorflow/", "keras/")),
     ("waiting", ("wait (threading", "result (concurrent", "_worker (concurrent", "get (queue", "acquire", "sleep", "select (")),
 )
 

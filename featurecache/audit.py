@@ -23,7 +23,7 @@ from featurecache.cache import maintenance
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.keys import UNKEYED_DEFAULTS
-from featurecache.errors import FeatureCacheError, ImageDecodeError, UsageError
+from featurecache.errors import FeatureCacheError, UsageError
 
 __all__ = ["Difference", "ExplainReport", "Mismatch", "VerifyReport", "explain", "verify"]
 
@@ -164,7 +164,7 @@ def _check_sample(
     from featurecache.data import load_dataset
     from featurecache.cache.store import augment_index
     from featurecache.data import augment_batch
-    from featurecache.extract import compiled_forward, build_model, forward_in_batches, load_resized
+    from featurecache.units import build_model, compiled_forward, forward_in_batches, load_resized
 
     spec = fs.spec
     memo = store_mod.memo_dir(root)
@@ -231,7 +231,7 @@ def _plan_from(fs: views_mod.FeatureSet, dataset: Any, bspec: Any, ref: Any, roo
     """The extraction plan the stored spec describes (the same builder as extraction)."""
     from featurecache.cache.keys import FeatureSpec
     from featurecache.data import AugmentSpec
-    from featurecache.extract import Plan
+    from featurecache.units import Plan
 
     spec = fs.spec
     fields_ = {k: v for k, v in spec.items() if k not in ("format_version", "dataset_name", "dataset_digest")}

@@ -3,7 +3,7 @@
 The process that calls :func:`featurecache.extract.extract` with a ``client`` stays the
 coordinator: it plans, holds the feature store's lease, allocates the units and writes the
 view. Workers only run units, a few consecutive ones per task, through the same pipeline as a
-local run (:func:`featurecache.extract.make_runner`); each worker builds a spec's model once
+local run (:func:`featurecache.units.make_runner`); each worker builds a spec's model once
 and keeps it in a :class:`ModelCache` worker plugin. Tasks go out through a bounded window of
 futures (a worker death then fails at most a window of tasks), and each future is released as
 soon as its result is read. Correctness never rests on Dask's retry counters: after a round,
@@ -28,7 +28,7 @@ from featurecache.errors import FeatureCacheError, IncompleteEntryError, UsageEr
 
 if TYPE_CHECKING:  # pragma: no cover
     from featurecache.cache.store import FeatureStore, Unit
-    from featurecache.extract import Plan
+    from featurecache.units import Plan
 
 PLUGIN_NAME = "featurecache-models"
 #: Rounds of (submit, re-plan from markers) before an extraction gives up.
@@ -93,7 +93,7 @@ class ModelCache(WorkerPlugin):
         st = FeatureStore(store_path)
         key = (p.spec.key, p.dataset.digest(), store_path, st.chunk_rows, st.attrs.get("created"), options)
         if key not in self.runners:
-            from featurecache.extract import make_runner
+            from featurecache.units import make_runner
 
             self.runners[key] = make_runner(
                 p, st, self.model(p), batch_size=options.batch_size,
@@ -116,7 +116,7 @@ def _build_on_event_loop(p: Plan) -> Any:
 
     from distributed import get_worker
 
-    from featurecache.extract import build_model
+    from featurecache.units import build_model
 
     async def build() -> Any:
         return build_model(p)
@@ -144,7 +144,7 @@ def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOption
     """Run ``units`` on this worker; the markers they write are the result that counts."""
     from distributed import get_worker
 
-    from featurecache.extract import unit_record
+    from featurecache.units import unit_record
 
     runner, compute = _plugin().runner(p, store_path, options)
     runner.run(units, progress=False, record=unit_record(compute, worker=get_worker().address))
