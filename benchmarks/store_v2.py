@@ -1,6 +1,6 @@
 """Store v2 figures, side by side in one run: what a changed dataset costs, and reading speed.
 
-    python -m benchmarks.store_v2                 # 10,000 images, ~6 min on 2 cores
+    python -m benchmarks.store_v2                 # 10,000 images, MobileNetV2 @ 96 px, ~6 min on 2 cores
     python -m benchmarks.store_v2 --n 2000        # quicker
 
 Measures (issue 9's "Done when"):
@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10_000, help="images before growing by 10%%")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--backbone", default=OPTIONS["backbone"])
+    ap.add_argument("--size", type=int, default=96, help="input size (96: the backbone, not start-up, dominates a cold run)")
     args = ap.parse_args(argv)
+    OPTIONS.update(backbone=args.backbone, size=args.size)
     work = args.work or Path(tempfile.mkdtemp(prefix="fc-store-v2-"))
     n, grow = args.n, max(1, args.n // 10)
     names = _images(work / "img", n + grow)

@@ -31,6 +31,7 @@ cache useless, and one that silently collides would serve wrong features.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -189,8 +190,12 @@ def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence
     h.update(b'{"classes":' + dumps([str(c) for c in classes]).encode("ascii") + b',"format":' + dumps(DIGEST_FORMAT).encode("ascii") + b',"splits":[')
     for s, (name, ids, digests, labels) in enumerate(splits):
         h.update((b"," if s else b"") + b"[" + dumps(str(name)).encode("ascii") + b",[")
-        for j, (i, d, lab) in enumerate(zip(ids, digests, labels)):
-            h.update((b"," if j else b"") + dumps([str(i), str(d), int(lab)]).encode("ascii"))
+        rows = zip(ids, digests, labels)
+        first = True
+        while batch := [[str(i), str(d), int(lab)] for i, d, lab in itertools.islice(rows, 4096)]:
+            # One encoder call per 4096 rows (the same bytes as row by row, a fraction of the calls).
+            h.update((b"" if first else b",") + dumps(batch)[1:-1].encode("ascii"))
+            first = False
         h.update(b"]]")
     h.update(b"]}")
     return h.hexdigest()
