@@ -674,3 +674,38 @@ def test_migrate_converts_format1_entries_without_running_the_backbone(clean: vi
     want = _all_features(clean)
     for split, x in _all_features(again).items():
         assert np.array_equal(x, want[split]), split
+
+
+def test_rm_of_a_linked_view_unlinks_it_and_frees_nothing(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(fs.path), elsewhere)
+    fs.path.symlink_to(elsewhere, target_is_directory=True)
+    res = CliRunner().invoke(app, ["cache", "rm", fs.name, "--yes", "--cache", str(root)])
+    assert res.exit_code == 0, res.output
+    assert "(0 B freed)" in res.stdout and "nothing it points to was touched" in res.stdout, res.stdout
+    assert not fs.path.is_symlink() and (elsewhere / "zarr.json").is_file(), "the link goes, what it pointed to stays"
+
+
+def test_rm_across_filesystems_deletes_in_place(clean: views.FeatureSet, tmp_path: Path) -> None:
+    """views/ on another filesystem than the cache's .tmp (EXDEV on the rename aside)."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary folder")
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        shutil.move(str(root / views.VIEWS_DIR), other / "views")
+        (root / views.VIEWS_DIR).symlink_to(other / "views", target_is_directory=True)
+        size = sum(p.stat().st_size for p in (other / "views" / fs.name).rglob("*") if p.is_file())
+        res = CliRunner().invoke(app, ["cache", "rm", fs.name, "--yes", "--cache", str(root)])
+        assert res.exit_code == 0, res.output
+        assert not (other / "views" / fs.name).exists()
+        assert f"removed feature set {fs.name}" in res.stdout and "unexpected" not in res.output
+        assert size > 0 and "0 B freed" not in res.stdout
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
