@@ -339,23 +339,24 @@ class FeatureStore:
         )
 
     def _contiguous_units(self, view: int, rows: np.ndarray) -> np.ndarray | None:
-        """``rows`` read in one call when they are exactly whole consecutive units in order (a
-        cold extraction's feature set), each unit verified on a slice of the result; else None."""
+        """``rows`` read in one call when they are consecutive store rows in order (a cold
+        extraction's split), the units they touch read whole and verified; else None."""
         cr = self.chunk_rows
         r0, n = int(rows[0]), len(rows)
-        if r0 % cr or int(rows[-1]) != r0 + n - 1 or not np.array_equal(rows, np.arange(r0, r0 + n)):
+        if int(rows[-1]) != r0 + n - 1 or not np.array_equal(rows, np.arange(r0, r0 + n)):
             return None
         markers = self.markers(view)
         slots = range(r0 // cr, (r0 + n - 1) // cr + 1)
         sizes = [len(markers.get(s, {}).get("digests", ())) for s in slots]
-        if any(m == 0 for m in sizes) or any(m != cr for m in sizes[:-1]) or r0 + n != slots[-1] * cr + sizes[-1]:
+        start, stop = slots[0] * cr, slots[-1] * cr + sizes[-1]
+        if any(m == 0 for m in sizes) or any(m != cr for m in sizes[:-1]) or r0 + n > stop:
             return None
         try:
-            block = np.asarray(self.array(view)[r0 : r0 + n])
+            block = np.asarray(self.array(view)[start:stop])
         except Exception:  # noqa: BLE001 - the per-unit path names the damaged unit
             return None
         _verify_all(self, view, [(slot, block[k * cr : k * cr + sizes[k]], markers[slot]) for k, slot in enumerate(slots)])
-        return block
+        return block[r0 - start : r0 - start + n]
 
     def gather(self, view: int, rows: np.ndarray) -> np.ndarray:
         """Features at store ``rows`` of ``view``, in the given order, every unit verified.
