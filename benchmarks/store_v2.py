@@ -2,6 +2,7 @@
 
     python -m benchmarks.store_v2                 # 10,000 images, MobileNetV2 @ 96 px, ~6 min on 2 cores
     python -m benchmarks.store_v2 --n 2000        # quicker
+    python -m benchmarks.store_v2 --scale 100000  # a hit and a plan on 100,000 files
 
 Measures (issue 9's "Done when"):
 * growing N images by 10%: wall time of the incremental extraction / a cold extraction of the
@@ -91,6 +92,34 @@ def _read_speed(fs: Any, repeats: int = 5) -> dict[str, float]:
     return {"view_s": best_view, "contiguous_s": best_flat, "speed_ratio": best_flat / best_view}
 
 
+def scale(n: int, work: Path) -> dict[str, float]:
+    """A hit and a plan on ``n`` small files: CLI wall time (interpreter start included) and ``plan()``."""
+    import subprocess
+    import sys
+
+    import featurecache as fc
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(10):
+        (work / "scale" / f"c{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(work / "scale" / f"c{i % 10}" / f"{i:06d}.png")
+    args = dict(backbone="mobilenetv2", weights="random", size=32, batch_size=128, progress=False)
+    t0 = time.perf_counter()
+    fc.extract(str(work / "scale"), cache_dir=work / "scale-cache", **args)
+    cold = time.perf_counter() - t0
+    cmd = [sys.executable, "-m", "featurecache", "extract", "--data", str(work / "scale"), "--backbone", "mobilenetv2", "--weights", "random",
+           "--size", "32", "--cache", str(work / "scale-cache"), "--json"]
+    t0 = time.perf_counter()
+    doc = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    hit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fc.plan(str(work / "scale"), cache_dir=work / "scale-cache", backbone="mobilenetv2", weights="random", size=32).key
+    planned = time.perf_counter() - t0
+    return {"files": n, "cold_s": cold, "cli_hit_s": hit, "hit_cached": doc["cached"], "plan_s": planned}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every measurement and print a table."""
     import featurecache as fc
@@ -101,8 +130,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--backbone", default=OPTIONS["backbone"])
     ap.add_argument("--size", type=int, default=96, help="input size (96: the backbone, not start-up, dominates a cold run)")
+    ap.add_argument("--scale", type=int, default=0, help="also time a hit and a plan on this many small files (e.g. 100000)")
     args = ap.parse_args(argv)
     OPTIONS.update(backbone=args.backbone, size=args.size)
+    if args.scale:
+        work = args.work or Path(tempfile.mkdtemp(prefix="fc-store-v2-"))
+        out = scale(args.scale, work)
+        print(f"  {out['files']} files: CLI hit {out['cli_hit_s']:.2f} s (cached: {out['hit_cached']}), plan {out['plan_s']:.2f} s (goal < 2 s), cold extraction {out['cold_s']:.0f} s")
+        shutil.rmtree(work, ignore_errors=True)
+        return out
     work = args.work or Path(tempfile.mkdtemp(prefix="fc-store-v2-"))
     n, grow = args.n, max(1, args.n // 10)
     names = _images(work / "img", n + grow)
