@@ -377,9 +377,11 @@ class FeatureStore:
         if not len(rows):
             return np.empty((0, *self.feature_shape), dtype=self.dtype)
         cr = self.chunk_rows
-        whole = self._contiguous_units(view, rows)
-        if whole is not None:
-            return whole
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        if len(breaks) <= 8:  # a few runs of consecutive rows (a grown dataset): one read per run
+            runs = [self._contiguous_units(view, part) for part in np.split(rows, breaks)]
+            if all(r is not None for r in runs):
+                return runs[0] if len(runs) == 1 else np.concatenate(runs)
         out = np.empty((len(rows), *self.feature_shape), dtype=self.dtype)
         slots = rows // cr
         blocks = self.read_units(view, np.unique(slots).tolist())
