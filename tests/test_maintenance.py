@@ -709,3 +709,25 @@ def test_rm_across_filesystems_deletes_in_place(clean: views.FeatureSet, tmp_pat
         assert size > 0 and "0 B freed" not in res.stdout
     finally:
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_debris_of_a_removal_racing_an_extract_never_blocks_the_key(clean: views.FeatureSet, tmp_path: Path) -> None:
+    """A `cache rm` that raced an extract once left the entry's directory half-recreated (a
+    writer re-made its folders after the rename), and every later extract failed on it. Now
+    neither a view directory without its zarr.json nor a store directory without one blocks
+    the key: the next extract completes them and equals the clean cache."""
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    shutil.rmtree(fs.path)
+    (fs.path / "train" / "ids").mkdir(parents=True)  # what a racing writer could leave behind
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0 and res.key == clean.key
+    again = fc.open_features(res.key, cache_dir=root)
+    np.testing.assert_array_equal(again.features("train", view=None), clean.features("train", view=None))
+    # The same for a feature store: its directory without attributes is completed, not refused.
+    other = tmp_path / "other"
+    st_dir = other / store.STORES_DIR / clean.store.name
+    (st_dir / "v0" / "features").mkdir(parents=True)
+    res = fc.extract("builtin:digits", cache_dir=other, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == _rows(clean)
+    np.testing.assert_array_equal(fc.open_features(res.key, cache_dir=other).features("test"), clean.features("test"))
