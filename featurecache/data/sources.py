@@ -360,7 +360,8 @@ def _walk_files(
             if entry.name.startswith("."):
                 skipped.append((rel_path, "hidden folder" if entry.is_dir() else "hidden file"))
                 continue
-            _check_link(entry.path, rel_path, chain, text)
+            if entry.is_symlink():  # from the directory listing: no system call per plain file
+                _check_link(entry.path, rel_path, chain, text)
             if entry.is_dir():
                 visit(Path(entry.path), rel_path, chain)
             elif not entry.is_file():
