@@ -142,7 +142,30 @@ class Unit:
         return f"{UNITS_GROUP}/v{self.view}/u{self.slot}"
 
 
-class FeatureStore:
+class CacheNode:
+    """Identity shared by feature stores and feature sets: a directory whose Zarr attributes
+    (``featurecache`` namespace) hold its ``key`` and ``spec``."""
+
+    path: Path
+    attrs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """The 64-hex key (a feature spec's, or a feature set's: spec + dataset digest)."""
+        return self.attrs["key"]
+
+    @property
+    def name(self) -> str:
+        """Directory name."""
+        return self.path.name
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The keyed spec fields (a feature set adds ``dataset_digest`` and ``dataset_name``)."""
+        return self.attrs["spec"]
+
+
+class FeatureStore(CacheNode):
     """One feature spec's rows, addressed by image content digest.
 
     Parameters
@@ -169,22 +192,6 @@ class FeatureStore:
         self._markers: dict[int, dict[int, dict[str, Any]]] = {}
         self._arrays: dict[int, Any] = {}
         self._group = None
-
-    # -- identity ------------------------------------------------------------------------
-    @property
-    def key(self) -> str:
-        """The feature spec's 64-hex key."""
-        return self.attrs["key"]
-
-    @property
-    def name(self) -> str:
-        """Directory name."""
-        return self.path.name
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """The keyed spec fields (plus ``weights_label``)."""
-        return self.attrs["spec"]
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

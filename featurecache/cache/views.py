@@ -38,6 +38,7 @@ from featurecache.cache.store import (
     STORES_DIR,
     TMP_DIR,
     VIEWS_DIR,
+    CacheNode,
     FeatureStore,
     array_codecs,
     read_group_attrs,
@@ -103,7 +104,7 @@ class ViewFeatures:
         return self
 
 
-class FeatureSet:
+class FeatureSet(CacheNode):
     """A read view of one dataset over one feature store (what ``--features KEY`` names).
 
     Parameters
@@ -130,22 +131,7 @@ class FeatureSet:
         self.attrs: dict[str, Any] = attrs
         self._checked = False
 
-    # -- identity ------------------------------------------------------------------------
-    @property
-    def key(self) -> str:
-        """The view's 64-hex key (feature spec + dataset digest)."""
-        return self.attrs["key"]
-
-    @property
-    def name(self) -> str:
-        """Directory name."""
-        return self.path.name
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        """The feature spec, plus ``dataset_digest``, ``dataset_name`` and ``weights_label``."""
-        return self.attrs["spec"]
-
+    # -- identity (key, name, spec: CacheNode) ------------------------------------------
     @property
     def classes(self) -> list[str]:
         """Class names; labels index into this list."""
