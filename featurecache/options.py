@@ -147,7 +147,8 @@ class ExtractOptions:
             ("on_error", "--on-error", self.on_error, ON_ERROR),
         ):
             if value not in allowed:
-                raise UsageError(f"{name} {value!r} is not one of {', '.join(allowed)}; pass e.g. {flag} {allowed[0]}")
+                fix = " or ".join(f"{flag} {a}" for a in allowed) if len(allowed) == 2 else f"e.g. {flag} {allowed[0]}"
+                raise UsageError(f"{name} {value!r} is not one of {', '.join(allowed)}; pass {fix}")
         for flag, value in (("--backbone", self.backbone), ("--weights", self.weights)):
             if not isinstance(value, str) or not value:
                 raise UsageError(f"{flag} must be a non-empty string, got {value!r}; pass e.g. {flag} {_default(flag)}")

@@ -108,7 +108,7 @@ def test_cli_rejects_a_bad_option_of_a_lookup_command_in_one_line(tmp_path: Path
         res = CliRunner().invoke(app, [*command, "--data", "builtin:digits", "--precision", "half", "--cache", str(tmp_path)])
         assert res.exit_code == 2, res.output
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        assert lines == ["error: precision 'half' is not one of float32, mixed; pass e.g. --precision float32"], (command, res.stderr)
+        assert lines == ["error: precision 'half' is not one of float32, mixed; pass --precision float32 or --precision mixed"], (command, res.stderr)
 
 
 def test_features_by_options_and_the_printed_command_when_missing(tmp_path: Path) -> None:
