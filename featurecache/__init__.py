@@ -6,6 +6,9 @@ The Python API mirrors the CLI::
     result = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32)
     fs = fc.open_features(result.key)
     X, y = fs.features("train"), fs.labels("train")
+    # or by the options, as the CLI's --data --backbone ...:
+    opts = fc.ExtractOptions(backbone="mobilenetv2", weights="random", size=32)
+    fs = fc.features_for("builtin:digits", opts)
 """
 
 import os as _os
@@ -20,7 +23,8 @@ from featurecache.cache.store import resolve_cache_dir
 from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
 from featurecache.audit import ExplainReport, VerifyReport, explain, verify
 from featurecache.errors import FeatureCacheError
-from featurecache.extract import ExtractResult, extract, plan
+from featurecache.extract import ExtractResult, extract, features_for, plan
+from featurecache.options import ExtractOptions
 from featurecache.sweep import sweep
 from featurecache.ensemble import EnsembleResult, ensemble
 from featurecache.train import train_head
@@ -30,6 +34,7 @@ from featurecache.predict import EvaluateResult, Prediction, evaluate, predict
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExtractOptions",
     "ExtractResult",
     "ExplainReport",
     "VerifyReport",
@@ -44,6 +49,7 @@ __all__ = [
     "evaluate",
     "explain",
     "extract",
+    "features_for",
     "finetune",
     "find_entry",
     "iter_entries",

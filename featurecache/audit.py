@@ -24,6 +24,7 @@ from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.keys import UNKEYED_DEFAULTS
 from featurecache.errors import FeatureCacheError, UsageError
+from featurecache.options import KEYED_FIELDS, ExtractOptions, expands_options
 
 __all__ = ["Difference", "ExplainReport", "Mismatch", "VerifyReport", "explain", "verify"]
 
@@ -338,17 +339,28 @@ def _show(name: str, value: Any) -> str:
     return str(value)
 
 
-def explain(data: str | Any, *, cache_dir: str | os.PathLike[str] | None = None, **options: Any) -> ExplainReport:
-    """Say whether ``extract(data, **options)`` would hit the cache, and what it would compute.
+@expands_options(*KEYED_FIELDS)
+def explain(
+    data: str | Any,
+    options: ExtractOptions | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    **overrides: Any,
+) -> ExplainReport:
+    """Say whether ``extract(data, options)`` would hit the cache, and what it would compute.
 
     Parameters
     ----------
     data
         The dataset source, as for :func:`featurecache.extract`.
+    options
+        The :class:`~featurecache.options.ExtractOptions`; its keyed fields may also be passed
+        (or overridden) as keywords, as for :func:`featurecache.plan`.
     cache_dir
         Cache root.
-    **options
-        The other :func:`featurecache.plan` options.
+    limit
+        At most this many images per split, as for :func:`featurecache.extract`.
 
     Returns
     -------
@@ -363,7 +375,7 @@ def explain(data: str | Any, *, cache_dir: str | os.PathLike[str] | None = None,
     """
     from featurecache.extract import missing_digests, needed_digests, plan
 
-    p = plan(data, cache_dir=cache_dir, **options)
+    p = plan(data, ExtractOptions.merge(options, overrides, allowed=KEYED_FIELDS, caller="explain"), cache_dir=cache_dir, limit=limit)
     if views_mod.find_by_key(p.cache_dir, p.key) is not None:
         return ExplainReport(p.key, p.name, "hit")
     needed = sum(len(d) for d in needed_digests(p).values())

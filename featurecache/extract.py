@@ -29,11 +29,11 @@ from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease
-from featurecache.errors import CacheCorruptError, IncompleteEntryError, UsageError
+from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
+from featurecache.options import KEYED_FIELDS, ExtractOptions, OnError, expands_options
 from featurecache.versions import library_versions
 
 from featurecache.units import (  # noqa: F401 - the pipeline's public pieces stay importable from here
-    OnError,
     Plan,
     UnitRunner,
     build_model,
@@ -43,61 +43,6 @@ from featurecache.units import (  # noqa: F401 - the pipeline's public pieces st
     make_runner,
     unit_record,
 )
-
-# Bounds of the size-like options, checked before anything is read or allocated: unbounded, a
-# typo such as --views 1000000000 grew memory without limit and left an entry of a billion units.
-#: Each view is one more backbone pass over its splits (64 views cost 65 extractions); more
-#: variety than that is cheaper as on-the-fly augmentation (``finetune --augment``).
-MAX_VIEWS = 64
-#: No keras.applications model defaults above 600 px, and one float32 image at 1024 px is 12 MiB.
-MAX_INPUT_SIZE = 1024
-#: More decode threads than this only contend for the same cores and files.
-MAX_WORKERS = 256
-#: ``keras.utils.set_random_seed`` (NumPy's legacy seeding) takes 32-bit seeds.
-MAX_SEED = 2**32 - 1
-
-
-def check_options(
-    *,
-    size: int | None = None,
-    views: int = 0,
-    seed: int = 0,
-    batch_size: int = 32,
-    workers: int | None = None,
-    augment_splits: Sequence[str] = ("train",),
-) -> None:
-    """Reject out-of-range extraction options with one line naming the option and the fix.
-
-    Parameters are those of :func:`extract`.
-
-    Raises
-    ------
-    UsageError
-        A value is not an integer, is out of its range, or names an unknown split.
-    """
-    from featurecache.data.dataset import SPLIT_NAMES
-
-    def bounded(flag: str, value: Any, lo: int, hi: int | None, why: str = "") -> None:
-        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
-        if not ok:
-            span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-            raise UsageError(f"{flag} must be an integer {span}, got {value!r}{why}")
-
-    if size is not None:
-        bounded("--size", size, 1, MAX_INPUT_SIZE, "; omit it for the backbone's default size")
-    bounded("--views", views, 0, MAX_VIEWS, "; each view is another backbone pass, so for more variety augment on the fly with `finetune --augment`")
-    bounded("--seed", seed, 0, MAX_SEED)
-    bounded("--batch-size", batch_size, 1, None, "; it is halved automatically when memory runs out")
-    if workers is not None:
-        bounded("--workers", workers, 1, MAX_WORKERS)
-    if isinstance(augment_splits, str) or any(s not in SPLIT_NAMES for s in augment_splits):
-        raise UsageError(
-            f"--augment-splits {augment_splits!r} must name splits among {', '.join(SPLIT_NAMES)}, e.g. --augment-splits train,val "
-            "(in Python, a list such as ['train', 'val'])"
-        )
-    if views and not augment_splits:
-        raise UsageError(f"--views {views} needs at least one split to augment; pass --augment-splits train")
-
 
 @dataclass(frozen=True)
 class ExtractResult:
@@ -138,29 +83,18 @@ class ExtractResult:
         }
 
 
+@expands_options(*KEYED_FIELDS)
 def plan(
     data: str | Any,
+    options: ExtractOptions | None = None,
     *,
-    backbone: str = "vgg19",
-    weights: str = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    resize: str = "bilinear",
-    augment: str | None = None,
-    views: int = 0,
-    augment_splits: Sequence[str] = ("train",),
-    seed: int = 0,
-    dtype: str = "float32",
-    precision: str = "float32",
-    decode: str = "exact",
-    antialias: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
+    **overrides: Any,
 ) -> Plan:
     """Resolve extraction options into a :class:`Plan` and its key, building no model.
 
-    Parameters are those of :func:`extract`.
+    Parameters are those of :func:`extract`; only the keyed options matter here.
 
     Raises
     ------
@@ -168,41 +102,35 @@ def plan(
         On bad options, with the valid choices in the message.
     """
     from featurecache import backbones
-    from featurecache.data import DECODE_MODES, RESIZE_METHODS, AugmentSpec, Dataset, load_dataset
+    from featurecache.data import AugmentSpec, Dataset, load_dataset
 
-    check_options(size=size, views=views, seed=seed, augment_splits=augment_splits)
+    o = ExtractOptions.merge(options, overrides, allowed=KEYED_FIELDS, caller="plan")  # checks every value
     root = store.resolve_cache_dir(cache_dir)
-    bspec = backbones.get_backbone(backbone)
-    input_size = int(size or bspec.default_size)
+    bspec = backbones.get_backbone(o.backbone)
+    input_size = int(o.size or bspec.default_size)
     backbones.check_input_size(bspec, input_size)
-    if resize not in RESIZE_METHODS:
-        raise UsageError(f"resize method {resize!r} is not one of {', '.join(RESIZE_METHODS)}; pass --resize bilinear")
-    if decode not in DECODE_MODES:
-        raise UsageError(f"decode mode {decode!r} is not one of {', '.join(DECODE_MODES)}; pass --decode exact or --decode fast")
-    aug = AugmentSpec.parse(augment)
-    if views > 0 and aug.is_identity():
-        raise UsageError(f"--views {views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10")
-    ref = backbones.parse_weights(weights, seed=seed)
+    aug = AugmentSpec.parse(o.augment)
+    ref = backbones.parse_weights(o.weights, seed=o.seed)
     dataset = data if isinstance(data, Dataset) else load_dataset(str(data), memo_dir=store.memo_dir(root), limit=limit)
     spec = FeatureSpec(
         backbone=bspec.name,
         weights=backbones.weights_identity(ref, bspec, memo_dir=store.memo_dir(root)),
-        layer=layer or bspec.feature_layer,
-        pooling=pooling,
+        layer=o.layer or bspec.feature_layer,
+        pooling=o.pooling,
         input_size=input_size,
-        resize=resize,
+        resize=o.resize,
         preprocess=f"{bspec.module}:{bspec.preprocess}",
-        augment=aug.canonical() if views else {},
-        views=int(views),
-        augment_splits=tuple(augment_splits) if views else (),
-        seed=int(seed),
-        dtype=dtype,
-        precision=precision,
-        decode=decode,
-        antialias=bool(antialias),
+        augment=aug.canonical() if o.views else {},
+        views=int(o.views),
+        augment_splits=o.augment_splits if o.views else (),
+        seed=int(o.seed),
+        dtype=o.dtype,
+        precision=o.precision,
+        decode=o.decode,
+        antialias=bool(o.antialias),
         weights_label=_weights_label(ref),
     )
-    return Plan(spec=spec, dataset=dataset, backbone=bspec, weights=ref, cache_dir=root, augment=aug, weights_source=str(weights), limit=limit)
+    return Plan(spec=spec, dataset=dataset, backbone=bspec, weights=ref, cache_dir=root, augment=aug, weights_source=str(o.weights), limit=limit)
 
 
 def _weights_label(ref: Any) -> str:
@@ -211,35 +139,20 @@ def _weights_label(ref: Any) -> str:
     return ref.kind
 
 
+@expands_options()
 def extract(
     data: str | Any,
+    options: ExtractOptions | None = None,
     *,
-    backbone: str = "vgg19",
-    weights: str = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    resize: str = "bilinear",
-    augment: str | None = None,
-    views: int = 0,
-    augment_splits: Sequence[str] = ("train",),
-    seed: int = 0,
-    dtype: str = "float32",
-    precision: str = "float32",
-    decode: str = "exact",
-    antialias: bool = False,
-    batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
-    on_error: OnError = "skip",
-    workers: int | None = None,
     chunk_rows: int | None = None,
     lease_timeout: float | None = None,
-    xla: bool | None = None,
     progress: bool = True,
     client: Any = None,
     units_per_task: int = 4,
     shard: tuple[int, int] | None = None,
+    **overrides: Any,
 ) -> ExtractResult:
     """Extract (or find in the cache) the features of ``data`` under ``backbone``.
 
@@ -253,6 +166,10 @@ def extract(
     data
         Dataset source: a folder of class sub-folders, a CSV manifest, an ``.npz``,
         ``keras:cifar10`` etc., ``builtin:digits``, or a loaded ``Dataset``.
+    options
+        An :class:`~featurecache.options.ExtractOptions` holding the options below from
+        ``backbone`` to ``on_error`` (default: all defaults). Each of them may also be passed
+        as a keyword, which wins over ``options``.
     backbone
         A registry name (``featurecache backbones`` lists them).
     weights
@@ -332,15 +249,9 @@ def extract(
         Bad options, unreadable data, offline weights, a full disk, or (with
         ``on_error="fail"``) an undecodable image. Finished units are always kept.
     """
-    if on_error not in ("skip", "fail"):
-        raise UsageError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
-    check_options(batch_size=batch_size, workers=workers)  # plan() checks the keyed options
+    o = ExtractOptions.merge(options, overrides, caller="extract")  # every value checked before any work
     started = time.perf_counter()
-    p = plan(
-        data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
-        augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype,
-        precision=precision, decode=decode, antialias=antialias, cache_dir=cache_dir, limit=limit,
-    )
+    p = plan(data, o, cache_dir=cache_dir, limit=limit)
     hit = views_mod.find_by_key(p.cache_dir, p.key)
     if hit is not None:
         return _result(hit, cached=True, started=started, plan_=p)
@@ -358,7 +269,7 @@ def extract(
 
         return _extract_shard(
             p, shards.check_shard(shard), lease=lease, lease_timeout=lease_timeout, tell=tell, started=started,
-            batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla, progress=progress,
+            batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, chunk_rows=chunk_rows, xla=o.xla, progress=progress,
         )
     lease.wait(timeout=lease_timeout, on_wait=tell)
     try:
@@ -367,13 +278,72 @@ def extract(
         if hit is not None:  # another process made the same view while we waited
             return _result(hit, cached=True, started=started, plan_=p)
         st, computed, compute = _run(
-            p, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla, progress=progress,
+            p, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, chunk_rows=chunk_rows, xla=o.xla, progress=progress,
             client=client, units_per_task=units_per_task,
         )
         fs = _write_view(p, st, computed=computed, compute=compute)
     finally:
         lease.release()
     return _result(fs, cached=False, started=started, plan_=p, computed=computed)
+
+
+@expands_options()
+def features_for(
+    data: str | Any,
+    options: ExtractOptions | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    extract_missing: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> views_mod.FeatureSet:
+    """The cached feature set of ``data`` under these extract options: features by options, not by key.
+
+    A hit costs what a repeated ``extract`` costs (a dataset digest and a lookup; no model, no
+    TensorFlow). ``train-head`` and ``sweep`` use it when given ``--data --backbone ...``
+    instead of ``--features KEY``.
+
+    Parameters
+    ----------
+    data
+        The dataset source (or a loaded ``Dataset``), as for :func:`extract`.
+    options
+        The :class:`~featurecache.options.ExtractOptions` the features were extracted with;
+        its fields may also be passed (or overridden) as keywords, as for :func:`extract`.
+    cache_dir
+        Cache root (default ``$FEATURECACHE_DIR`` or ``./cache``).
+    limit
+        The ``limit`` the features were extracted with.
+    extract_missing
+        Extract the features when they are not cached (only the images the store lacks are
+        computed) instead of raising.
+    progress
+        With ``extract_missing``, show the extraction's progress bar.
+
+    Returns
+    -------
+    FeatureSet
+
+    Raises
+    ------
+    EntryNotFoundError
+        The features are not in the cache (and ``extract_missing`` is False); the message
+        gives the ``featurecache extract ...`` command that makes them.
+    FeatureCacheError
+        Bad options or data, as :func:`extract` raises.
+    """
+    o = ExtractOptions.merge(options, overrides, caller="features_for")
+    p = plan(data, o, cache_dir=cache_dir, limit=limit)
+    fs = views_mod.find_by_key(p.cache_dir, p.key)
+    if fs is not None:
+        return fs
+    if not extract_missing:
+        source = data if isinstance(data, (str, os.PathLike)) else p.dataset.source
+        command = o.to_command(os.fspath(source), limit=limit, cache=cache_dir)
+        raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
+    res = extract(p.dataset, o, cache_dir=p.cache_dir, limit=limit, progress=progress)
+    return views_mod.open_features(res.key, cache_dir=p.cache_dir)
 
 
 def _extract_shard(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +24,8 @@ from featurecache.cache import store
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec, view_key
 from featurecache.errors import CacheCorruptError, ImageDecodeError, UsageError
+from featurecache.options import OnError
 from featurecache.versions import library_versions
-
-OnError = Literal["skip", "fail"]
 
 
 @dataclass(frozen=True)

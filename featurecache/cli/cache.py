@@ -8,24 +8,9 @@ import typer
 
 from pathlib import Path
 
-from featurecache.cli._common import CacheOpt, JsonOpt, cache_flag, csv_items, fail, handle_errors, human_bytes, print_json
-from featurecache.cli.extract import (
-    AntialiasOpt,
-    AugmentOpt,
-    BackboneOpt,
-    DataOpt,
-    DecodeOpt,
-    DtypeOpt,
-    LayerOpt,
-    LimitOpt,
-    PoolingOpt,
-    PrecisionOpt,
-    ResizeOpt,
-    SeedOpt,
-    SizeOpt,
-    ViewsOpt,
-    WeightsOpt,
-)
+from featurecache.cli._common import CacheOpt, JsonOpt, cache_flag, fail, handle_errors, human_bytes, print_json
+from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
+from featurecache.options import ExtractOptions
 
 app = typer.Typer(help="List, inspect, verify and remove cached feature sets.", no_args_is_help=True)
 
@@ -217,22 +202,11 @@ def gc_cmd(
 
 @app.command("explain")
 @handle_errors
+@extract_options()
 def explain_cmd(
+    *,
     data: DataOpt = "builtin:digits",
-    backbone: BackboneOpt = "vgg19",
-    weights: WeightsOpt = "imagenet",
-    size: SizeOpt = None,
-    layer: LayerOpt = None,
-    pooling: PoolingOpt = "avg",
-    resize: ResizeOpt = "bilinear",
-    augment: AugmentOpt = None,
-    views: ViewsOpt = 0,
-    augment_splits: Annotated[str, typer.Option("--augment-splits", help="Comma-separated splits that get augmented views.")] = "train",
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "float32",
-    precision: PrecisionOpt = "float32",
-    decode: DecodeOpt = "exact",
-    antialias: AntialiasOpt = False,
+    options: ExtractOptions,
     limit: LimitOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -240,11 +214,7 @@ def explain_cmd(
     """Given extract options, say whether they hit the cache, how many images are new and reused, or which spec fields differ."""
     from featurecache.audit import explain
 
-    report = explain(
-        data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize, augment=augment,
-        views=views, augment_splits=csv_items(augment_splits), seed=seed,
-        dtype=dtype, precision=precision, decode=decode, antialias=antialias, limit=limit, cache_dir=cache,
-    )
+    report = explain(data, options, limit=limit, cache_dir=cache)
     if json_out:
         print_json(report.to_json())
     else:

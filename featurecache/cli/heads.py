@@ -2,9 +2,10 @@
 
 Both training commands find their features either by ``--features KEY`` (full key, key
 prefix or entry name) or by the very options ``extract`` was given (``--data --backbone
---weights --size ...``), which are turned into a key with ``featurecache.extract.plan``
-without building a model. Features that are not in the cache yet give one line with the
-exact ``featurecache extract`` command to run.
+--weights --size ...``, built by :func:`featurecache.cli.extract_opts.extract_options`),
+which :func:`featurecache.extract.features_for` turns into a key without building a model.
+Features that are not in the cache yet give one line with the exact ``featurecache extract``
+command to run (:meth:`~featurecache.options.ExtractOptions.to_command`).
 """
 
 from __future__ import annotations
@@ -21,27 +22,12 @@ from featurecache.cli._common import (
     TensorBoardOpt,
     csv_items,
     handle_errors,
-    pasteable,
     print_json,
 )
-from featurecache.cli.extract import (
-    AntialiasOpt,
-    AugmentOpt,
-    BackboneOpt,
-    DecodeOpt,
-    DtypeOpt,
-    LayerOpt,
-    LimitOpt,
-    PoolingOpt,
-    PrecisionOpt,
-    ResizeOpt,
-    SeedOpt,
-    SizeOpt,
-    ViewsOpt,
-    WeightsOpt,
-)
+from featurecache.cli.extract_opts import LimitOpt, extract_options
 from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
-from featurecache.errors import EntryNotFoundError, UsageError
+from featurecache.errors import UsageError
+from featurecache.options import ExtractOptions
 
 FeaturesOpt = Annotated[
     str | None,
@@ -56,36 +42,13 @@ DataRefOpt = Annotated[
     str | None,
     typer.Option("--data", "-d", help="Instead of --features: the --data given to `featurecache extract` (with the same --backbone, --weights, ... options).", show_default=False),
 ]
-AugmentSplitsOpt = Annotated[str, typer.Option("--augment-splits", help="Comma-separated splits that got augmented views (as given to extract).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Parent of the default output directory.")]
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Fraction of train held out for validation when the features have no val split.")]
 
 
-def _feature_set(
-    features: str | None,
-    *,
-    data: str | None,
-    backbone: str,
-    weights: str,
-    size: int | None,
-    layer: str | None,
-    pooling: str,
-    resize: str,
-    augment: str | None,
-    views: int,
-    augment_splits: str,
-    seed: int,
-    dtype: str,
-    precision: str,
-    limit: int | None,
-    cache: Path | None,
-    decode: str = "exact",
-    antialias: bool = False,
-) -> Any:
+def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: Path | None) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
-    from featurecache.cache import views as views_mod
-
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
     if features:
@@ -97,28 +60,9 @@ def _feature_set(
             "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "
             "featurecache extract was given, e.g. --data builtin:digits --backbone mobilenetv2 --weights random --size 32"
         )
-    from featurecache.extract import plan
+    from featurecache.extract import features_for
 
-    splits = csv_items(augment_splits)
-    p = plan(
-        data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
-        augment=augment, views=views, augment_splits=splits, seed=seed, dtype=dtype, precision=precision,
-        decode=decode, antialias=antialias, cache_dir=cache, limit=limit,
-    )
-    args = ["featurecache", "extract", "--data", data, "--backbone", backbone, "--weights", weights]
-    optional = [
-        ("--size", size, None), ("--layer", layer, None), ("--pooling", pooling, "avg"), ("--resize", resize, "bilinear"),
-        ("--augment", augment, None), ("--views", views, 0), ("--augment-splits", augment_splits, "train"),
-        ("--seed", seed, 0), ("--dtype", dtype, "float32"), ("--precision", precision, "float32"), ("--limit", limit, None),
-        ("--decode", decode, "exact"),
-    ]
-    args += [str(v) for flag, value, default in optional if value != default for v in (flag, value)]
-    args += ["--antialias"] if antialias else []
-    command = pasteable(*args, cache=cache)
-    fs = views_mod.find_by_key(p.cache_dir, p.key)
-    if fs is None:
-        raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
-    return fs
+    return features_for(data, options, limit=limit, cache_dir=cache)
 
 
 def _params(items: list[str] | None) -> dict[str, str]:
@@ -138,7 +82,9 @@ def _fmt(value: Any) -> str:
 
 
 @handle_errors
+@extract_options()
 def train_head_cmd(
+    *,
     features: FeaturesOpt = None,
     head: Annotated[str, typer.Option("--head", help="Head: logreg, linear-svm, ridge, sgd, knn, dense, or module:Class (see `featurecache heads`).")] = "logreg",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Head parameter NAME=VALUE, repeatable, e.g. -p hidden=256-128 -p dropout=0.5.", show_default=False)] = None,
@@ -149,20 +95,7 @@ def train_head_cmd(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     tensorboard: TensorBoardOpt = None,
     data: DataRefOpt = None,
-    backbone: BackboneOpt = "vgg19",
-    weights: WeightsOpt = "imagenet",
-    size: SizeOpt = None,
-    layer: LayerOpt = None,
-    pooling: PoolingOpt = "avg",
-    resize: ResizeOpt = "bilinear",
-    augment: AugmentOpt = None,
-    views: ViewsOpt = 0,
-    augment_splits: AugmentSplitsOpt = "train",
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "float32",
-    precision: PrecisionOpt = "float32",
-    decode: DecodeOpt = "exact",
-    antialias: AntialiasOpt = False,
+    options: ExtractOptions,
     limit: LimitOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -173,11 +106,7 @@ def train_head_cmd(
 
     params = _params(param)
     coerce_head_params(head, params)  # a bad head or parameter fails before features are looked up
-    fs = _feature_set(
-        features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
-        augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
-        limit=limit, cache=cache, decode=decode, antialias=antialias,
-    )
+    fs = _feature_set(features, data=data, options=options, limit=limit, cache=cache)
     result = train_head(
         fs, head=head, params=params, out=out, runs_dir=runs_dir, val_fraction=val_fraction, seed=val_seed,
         cache_dir=cache, plots=not no_plots, tensorboard=tensorboard,
@@ -198,7 +127,9 @@ def train_head_cmd(
 
 
 @handle_errors
+@extract_options()
 def sweep_cmd(
+    *,
     features: FeaturesOpt = None,
     grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help="HEAD:NAME=V1,V2;NAME=V1,V2 (cartesian product), repeatable, e.g. \"logreg:C=0.01,0.1,1\".", show_default=False)] = None,
     trials: Annotated[int, typer.Option("--trials", "-n", help="Random configurations per head of --heads, from each head's search space.")] = 0,
@@ -219,20 +150,7 @@ def sweep_cmd(
     top: Annotated[int, typer.Option("--top", help="Rows of the leaderboard printed.")] = 20,
     tensorboard: TensorBoardOpt = None,
     data: DataRefOpt = None,
-    backbone: BackboneOpt = "vgg19",
-    weights: WeightsOpt = "imagenet",
-    size: SizeOpt = None,
-    layer: LayerOpt = None,
-    pooling: PoolingOpt = "avg",
-    resize: ResizeOpt = "bilinear",
-    augment: AugmentOpt = None,
-    views: ViewsOpt = 0,
-    augment_splits: AugmentSplitsOpt = "train",
-    seed: SeedOpt = 0,
-    dtype: DtypeOpt = "float32",
-    precision: PrecisionOpt = "float32",
-    decode: DecodeOpt = "exact",
-    antialias: AntialiasOpt = False,
+    options: ExtractOptions,
     limit: LimitOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -247,11 +165,7 @@ def sweep_cmd(
         raise UsageError("--backend dask goes with one of --cluster local:N, --scheduler tcp://host:8786 or --scheduler-file FILE, and they with it")
     head_list = csv_items(heads)
     plan_trials(grid=grid or (), trials=trials, heads=head_list, seed=sweep_seed)  # bad grids fail before the lookup
-    fs = _feature_set(
-        features, data=data, backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling, resize=resize,
-        augment=augment, views=views, augment_splits=augment_splits, seed=seed, dtype=dtype, precision=precision,
-        limit=limit, cache=cache, decode=decode, antialias=antialias,
-    )
+    fs = _feature_set(features, data=data, options=options, limit=limit, cache=cache)
     import contextlib
 
     import joblib
