@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -280,12 +281,14 @@ def test_weights_file_round_trip_and_identity(tmp_path: Path) -> None:
     assert _weights_equal(loaded, source)
 
     memo = tmp_path / "memo"
+    # A file modified within the last 2 s is never memoised (a same-size rewrite could hide).
+    # The mtime is set, not left to the clock: building the model above can take over 2 s.
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, time.time_ns() + 60 * 10**9))
     identity = B.weights_identity(ref, spec, memo_dir=memo)
     assert identity == f"file:sha256={hashlib.sha256(path.read_bytes()).hexdigest()}"
-    # A file written within the last 2 s is never memoised (a same-size rewrite could hide).
     assert not (memo / MEMO_FILENAME).exists()
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10 * 10**9))
+    os.utime(path, ns=(stat.st_atime_ns, time.time_ns() - 10 * 10**9))
     assert B.weights_identity(ref, spec, memo_dir=memo) == identity
     # A second call reads the memo instead of hashing: prove it by planting a value there.
     data = json.loads((memo / MEMO_FILENAME).read_text())

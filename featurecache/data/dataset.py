@@ -21,7 +21,6 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,11 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 
 from featurecache.cache.keys import DIGEST_FORMAT, manifest_digest
+from featurecache.cache.memo import read_memo, write_memo
 from featurecache.data.decode import decode_image, read_image_bytes
 from featurecache.errors import DatasetError, DatasetWarning
 
@@ -477,10 +477,7 @@ def _memo_entry(obj: dict[str, Any]) -> Any:
 
 def _read_memo(memo_path: Path) -> dict[str, tuple[int, int, str]]:
     """The memo as ``{absolute path: (size, mtime_ns, sha256)}``; malformed entries are dropped."""
-    try:
-        doc = json.loads(Path(memo_path).read_text(encoding="utf-8"), object_hook=_memo_entry)
-    except (OSError, ValueError):
-        return {}  # missing or damaged memo: it is only a cache of hashes, so start over
+    doc = read_memo(memo_path, object_hook=_memo_entry)  # None when missing or damaged: start over
     if not isinstance(doc, dict) or doc.get("format") != _MEMO_FORMAT or not isinstance(doc.get("files"), dict):
         return {}
     files: dict[str, Any] = doc["files"]
@@ -490,29 +487,17 @@ def _read_memo(memo_path: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def _update_memo(memo_path: Path, fresh: dict[str, tuple[int, int, str]]) -> None:
-    memo_path = Path(memo_path)
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        # Re-read just before writing so entries another process added meanwhile survive.
-        merged = _read_memo(memo_path)
-        merged.update(fresh)
-        fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=f".{memo_path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the same
-                # entries, written entry by entry instead of from a dict of dicts built whole.
-                f.write('{"files":{')
-                for n, key in enumerate(sorted(merged)):
-                    size, mtime, sha = merged[key]
-                    f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
-                f.write(f'}},"format":{_MEMO_FORMAT}}}')
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, memo_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:
-        # The memo only saves re-reading files; a read-only or full cache must not fail a run.
-        return
+    # Re-read just before writing so entries another process added meanwhile survive.
+    merged = _read_memo(memo_path)
+    merged.update(fresh)
 
+    def write(f: IO[str]) -> None:
+        # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the same
+        # entries, written entry by entry instead of from a dict of dicts built whole.
+        f.write('{"files":{')
+        for n, key in enumerate(sorted(merged)):
+            size, mtime, sha = merged[key]
+            f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
+        f.write(f'}},"format":{_MEMO_FORMAT}}}')
+
+    write_memo(memo_path, write)
