@@ -140,15 +140,15 @@ def _feature_shape_task(p: Plan) -> tuple[int, ...]:
     return tuple(int(d) for d in _plugin().model(p).output_shape[1:])
 
 
-def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOptions) -> dict[str, Any]:
-    """Run ``units`` on this worker; the markers they write are the result that counts."""
+def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOptions) -> int:
+    """Run ``units`` on this worker; the markers they write are the result that counts (rows are returned)."""
     from distributed import get_worker
 
     from featurecache.units import unit_record
 
     runner, compute = _plugin().runner(p, store_path, options)
     runner.run(units, progress=False, record=unit_record(compute, worker=get_worker().address))
-    return {"rows": sum(len(u.digests) for u in units), "compute": compute}
+    return sum(len(u.digests) for u in units)
 
 
 def _has_plugin(dask_worker: Any) -> bool:
@@ -226,7 +226,7 @@ def run_units(
     submissions: Counter[tuple[int, int]] = Counter()
     stats.update(tasks=0, failed=0, rounds=0, submissions=submissions)
     todo = list(units)
-    compute: dict[str, Any] | None = None
+    finished: dict[int, Any] = {}
     last_error: BaseException | None = None
     for _round in range(rounds):
         stats["rounds"] += 1
@@ -239,18 +239,19 @@ def run_units(
         stats["tasks"] += len(batches)
         try:
             calls = [(plan_f, str(st.path), batch, options) for batch in batches]
-            with contextlib.closing(run_windowed(client, _units_task, calls, window=window)) as results:  # closing cancels the rest
+            # Results are not fetched: the markers the units wrote are what counts (and record the compute).
+            with contextlib.closing(run_windowed(client, _units_task, calls, window=window, gather=False)) as results:  # closing cancels the rest
                 for result in results:
                     if isinstance(result, FeatureCacheError):
                         raise result  # fails the same on any worker (bad image with --on-error fail, full disk)
                     if isinstance(result, BaseException):  # KilledWorker, lost connections, worker crashes: re-plan below
                         last_error = result
                         stats["failed"] += 1
-                    else:
-                        compute = result["compute"]
         finally:
             plan_f.release()
-        todo = [u for u in todo if u.slot not in st.markers(u.view, refresh=True)]
+        # One listing per view: refreshed per unit, this read every marker once per unit (quadratic).
+        finished = {view: st.markers(view, refresh=True) for view in {u.view for u in todo}}
+        todo = [u for u in todo if u.slot not in finished[u.view]]
         if not todo:
             break
         print(f"featurecache: {len(todo)} units have no marker after a round on the cluster ({_brief(last_error)}); resubmitting", file=sys.stderr)
@@ -259,20 +260,21 @@ def run_units(
             f"{len(todo)} units of {st.name} still have no completion marker after {rounds} rounds on the cluster "
             f"(last worker error: {_brief(last_error)}); the finished units are kept, so run the same extract command again"
         )
-    for view in range(st.views):
+    for view in set(range(st.views)) - set(finished):
         st.markers(view, refresh=True)  # the workers wrote them; the view is built from this listing
+    compute = next((st.markers(u.view)[u.slot].get("compute") for u in units[:1]), None)
     # Recorded in the view: how the cluster ran it, including how often the busiest unit was sent.
     summary = {"tasks": stats["tasks"], "failed": stats["failed"], "rounds": stats["rounds"], "units_per_task": units_per_task,
                "max_submissions": max(submissions.values(), default=0), "workers": len(client.nthreads())}
     return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
 
 
-def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int) -> Iterator[Any]:
+def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Iterator[Any]:
     """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
 
     A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
-    is released as soon as its result is read (the scheduler then forgets it), and whatever is
-    still in flight is cancelled if the caller stops early.
+    is released as soon as it is read (the scheduler then forgets it), and whatever is still in
+    flight is cancelled if the caller stops early.
 
     Parameters
     ----------
@@ -284,11 +286,15 @@ def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: 
         Positional arguments of each task, in submission order.
     window
         Most tasks in flight.
+    gather
+        Fetch each result. Without it a finished task yields None and only failures cost a
+        round trip: a result is one more message through the scheduler and one more worker
+        connection per task, which the coordinator pays serially.
 
     Yields
     ------
     object
-        Each task's result or exception, in completion order.
+        Each task's result (None without ``gather``) or exception, in completion order.
     """
     from distributed import as_completed
 
@@ -305,7 +311,7 @@ def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: 
     try:
         for fut in done:
             try:
-                result = fut.result()
+                result = fut.result() if gather or fut.status != "finished" else None
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 result = exc
             finally:
