@@ -143,7 +143,7 @@ def measure_loop(workers: int, *, units: int, unit_seconds: float, units_per_tas
     try:
         calls = [(min(units_per_task, units - i), unit_seconds) for i in range(0, units, units_per_task)]
         w = window or 2 * workers
-        list(run_windowed(client, _sleep_units, calls[:workers], window=w))  # warm-up: connections, imports
+        list(run_windowed(client, _sleep_units, calls[:workers], window=w, gather=False))  # warm-up: connections, imports
         out = _timed(client, lambda: list(run_windowed(client, _sleep_units, calls, window=w, gather=False)))
     finally:
         client.close()

@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,17 @@ from featurecache.errors import FeatureCacheError, IncompleteEntryError, UsageEr
 
 if TYPE_CHECKING:  # pragma: no cover
     from featurecache.cache.store import FeatureStore, Unit
+    from featurecache.data.dataset import FileHash, FileHasher
     from featurecache.units import Plan
 
 PLUGIN_NAME = "featurecache-models"
 #: Rounds of (submit, re-plan from markers) before an extraction gives up.
 MAX_ROUNDS = 3
+#: Files missing from the digest memo from which ``extract`` hashes them as tasks on the
+#: cluster: fewer are read sooner by this process's threads than tasks would be scheduled.
+DIGEST_MIN_FILES = 20_000
+#: Files per hashing task: about 2 s of reading for 100 KiB images at 100 MB/s.
+DIGEST_BATCH_FILES = 2_000
 
 
 @dataclass(frozen=True)
@@ -241,7 +247,7 @@ def run_units(
             calls = [(plan_f, str(st.path), batch, options) for batch in batches]
             # Results are not fetched: the markers the units wrote are what counts (and record the compute).
             with contextlib.closing(run_windowed(client, _units_task, calls, window=window, gather=False)) as results:  # closing cancels the rest
-                for result in results:
+                for _, result in results:
                     if isinstance(result, FeatureCacheError):
                         raise result  # fails the same on any worker (bad image with --on-error fail, full disk)
                     if isinstance(result, BaseException):  # KilledWorker, lost connections, worker crashes: re-plan below
@@ -269,7 +275,7 @@ def run_units(
     return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
 
 
-def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Iterator[Any]:
+def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Iterator[tuple[int, Any]]:
     """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
 
     A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
@@ -293,18 +299,22 @@ def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: 
 
     Yields
     ------
-    object
-        Each task's result (None without ``gather``) or exception, in completion order.
+    (int, object)
+        In completion order, each task's index in ``calls`` and its result (None without
+        ``gather``) or exception.
     """
     from distributed import as_completed
 
-    pending = iter(calls)
+    pending = iter(enumerate(calls))
     done = as_completed()
+    index: dict[str, int] = {}
 
     def submit_next() -> None:
-        args = next(pending, None)
-        if args is not None:
-            done.add(client.submit(fn, *args, pure=False))
+        nxt = next(pending, None)
+        if nxt is not None:
+            fut = client.submit(fn, *nxt[1], pure=False)
+            index[fut.key] = nxt[0]
+            done.add(fut)
 
     for _ in range(max(1, window)):
         submit_next()
@@ -317,10 +327,69 @@ def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: 
             finally:
                 fut.release()
             submit_next()
-            yield result
+            yield index.pop(fut.key), result
     finally:
         for fut in list(done.futures):
             fut.cancel()
+
+
+def _hash_task(paths: list[str]) -> list[FileHash]:
+    from featurecache.data.dataset import iter_file_hashes
+
+    return list(iter_file_hashes(paths))
+
+
+def file_hasher(
+    client: Any, *, min_files: int | None = None, batch_files: int = DIGEST_BATCH_FILES, stats: dict[str, int] | None = None
+) -> FileHasher:
+    """A :data:`~featurecache.data.dataset.FileHasher` that reads files as tasks on ``client``'s cluster.
+
+    Hashing a million files is a job of its own; the cluster's workers read them in parallel
+    (through the same shared file system they read the images from). The coordinator keeps
+    the memo: :func:`~featurecache.data.dataset.file_digests` memoises what comes back, and
+    hashes here any file a worker could not read or saw with another size or mtime, so the
+    digests equal those of hashing in one process.
+
+    Parameters
+    ----------
+    client
+        A connected ``dask.distributed.Client``.
+    min_files
+        Fewer files to hash than this are hashed by this process's threads (default
+        :data:`DIGEST_MIN_FILES`, read when called).
+    batch_files
+        Files per task.
+    stats
+        If given, filled with ``tasks`` and ``failed`` (batches hashed here after their task failed).
+
+    Returns
+    -------
+    FileHasher
+        Yields one ``(digest, (size, mtime_ns) or None, read_ns)`` per path, in order.
+    """
+    from featurecache.data.dataset import iter_file_hashes
+
+    def hasher(paths: Sequence[str]) -> Iterator[FileHash]:
+        if len(paths) < (DIGEST_MIN_FILES if min_files is None else min_files):
+            yield from iter_file_hashes(paths)
+            return
+        calls = [(list(paths[b : b + batch_files]),) for b in range(0, len(paths), batch_files)]
+        window = max(2, 2 * sum(client.nthreads().values()))
+        ready: dict[int, list[FileHash]] = {}  # finished out of order, held until their turn
+        turn = failed = 0
+        with contextlib.closing(run_windowed(client, _hash_task, calls, window=window)) as results:
+            for i, result in results:
+                if isinstance(result, BaseException):  # a lost worker: hash its batch here
+                    failed += 1
+                    result = list(iter_file_hashes(calls[i][0]))
+                ready[i] = result
+                while turn in ready:
+                    yield from ready.pop(turn)
+                    turn += 1
+        if stats is not None:
+            stats.update(tasks=len(calls), failed=failed)
+
+    return hasher
 
 
 def _brief(exc: BaseException | None) -> str:
