@@ -17,9 +17,11 @@ the end. Only the worker plugin's runner is replaced (:class:`StandInModels`): i
     python -m benchmarks.cluster_overhead --workers 1,2,4,8 --units 96 --unit-seconds 0.05
 
 Prints one JSON line per worker count: units/s, the efficiency (units/s over N times one
-worker's), the per-unit overhead ``wall / (units / N) - unit_seconds``, and the CPU each unit
-cost the coordinating process (client and scheduler: one process on a LocalCluster) and the
-workers together; CPU per unit holds on a busy machine better than wall time does.
+worker's), the per-unit overhead ``wall / (units / N) - unit_seconds`` (and, for ``units``,
+the same past the round's fixed start, ``round_fixed_s``: plugin check, plan broadcast,
+marker listing, timed on an empty call), and the CPU each unit cost the coordinating process
+(client and scheduler: one process on a LocalCluster) and the workers together; CPU per unit
+holds on a busy machine better than wall time does.
 """
 
 from __future__ import annotations
@@ -127,7 +129,10 @@ def measure_units(
             # Warm-up: connections, imports, the plan on every worker.
             cluster.run_units(client, p, st, todo[:workers], options=opts, units_per_task=1)
             run = todo[workers : workers + units]
+            # A round's fixed cost (plugin check, plan broadcast, marker listing), paid once per call.
+            fixed = _timed(client, lambda: cluster.run_units(client, p, st, [], options=opts))["wall_s"]
             out = _timed(client, lambda: cluster.run_units(client, p, st, run, options=opts, units_per_task=units_per_task, window=window))
+            out["round_fixed_s"] = fixed
             assert all(u.slot in st.markers(u.view) for u in run)
     finally:
         client.close()
@@ -173,6 +178,10 @@ def main() -> None:
         r.update(
             efficiency=r["units_per_s"] / (base * n),
             overhead_ms_per_unit=1000 * (r["wall_s"] / (args.units / n) - args.unit_seconds),
+            **(
+                {"overhead_ms_per_unit_past_round_start": 1000 * ((r["wall_s"] - r["round_fixed_s"]) / (args.units / n) - args.unit_seconds)}
+                if "round_fixed_s" in r else {}
+            ),
             coordinator_cpu_ms_per_unit=1000 * r["coordinator_cpu_s"] / args.units,
             workers_cpu_ms_per_unit=1000 * r["workers_cpu_s"] / args.units,
         )

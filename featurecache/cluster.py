@@ -321,7 +321,8 @@ def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: 
     try:
         for fut in done:
             try:
-                result = fut.result() if gather or fut.status != "finished" else None
+                # "lost": it finished, then its worker died with the (unwanted) result.
+                result = fut.result() if gather or fut.status not in ("finished", "lost") else None
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 result = exc
             finally:
