@@ -303,6 +303,7 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
 
     from featurecache import cluster
     from featurecache.cache.store import memo_dir
+    from featurecache.data import dataset as dataset_mod
     from featurecache.data.dataset import MEMO_FILENAME, file_digests
     from featurecache.extract import extract
 
@@ -313,6 +314,9 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
     paths = sorted(str(f) for f in root.rglob("*.*"))
     here = tmp_path / "here" / MEMO_FILENAME
     expected = file_digests(paths, memo_path=here)  # one process, its threads
+    hashed_here: list[int] = []  # files this process hashes: none, when the workers' reads are used
+    real = dataset_mod.iter_file_hashes
+    monkeypatch.setattr(dataset_mod, "iter_file_hashes", lambda paths, **kw: hashed_here.append(len(paths)) or real(paths, **kw))
     lc, client = local_cluster()
     try:
         stats: dict[str, int] = {}
@@ -321,7 +325,7 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
             # Batches of 3 of 20 files: 7 tasks, finished in any order, digests in path order.
             got = file_digests(paths, memo_path=there, hasher=cluster.file_hasher(client, min_files=1, batch_files=3, stats=stats))
         assert got == expected
-        assert stats == {"tasks": 7, "failed": 0}
+        assert stats == {"tasks": 7, "failed": 0} and hashed_here == []
         assert sum(t["key"].startswith("_hash_task") for t in ts.data) == 7  # the workers read them
         assert json.loads(there.read_text()) == json.loads(here.read_text())  # memoised as by local hashing
 
@@ -362,3 +366,26 @@ def test_writing_a_unit_reads_no_other_marker(tmp_path: Path, monkeypatch: pytes
     assert sorted(fresh.markers(0)) == sorted(u.slot for u in units[:4])  # listed from disk: all four
     write(fresh, units[4])
     assert units[4].slot in fresh.markers(0)  # a listing already read is kept current
+
+
+def test_files_hashed_elsewhere_count_only_if_seen_as_here(tmp_path: Path) -> None:
+    # A worker that cannot read a file, or reads another file at the same path (no shared
+    # file system), must not change a digest: such files are hashed again by this process.
+    import hashlib
+
+    from featurecache.data.dataset import file_digests
+
+    paths = []
+    for i in range(3):
+        f = tmp_path / f"{i}.png"
+        f.write_bytes(bytes([i]) * (100 + i))
+        paths.append(str(f))
+
+    def elsewhere(todo):  # type: ignore[no-untyped-def]
+        yield "unreadable:ENOENT", None, 0  # could not read it
+        yield "0" * 64, (999, 1), 0  # another file there
+        yield "1" * 64, (os.stat(todo[2]).st_size, os.stat(todo[2]).st_mtime_ns), 0  # the same file: taken as read
+
+    got = file_digests(paths, hasher=elsewhere)
+    assert got[:2] == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths[:2]]
+    assert got[2] == "1" * 64
