@@ -6,10 +6,11 @@ view. Workers only run units, a few consecutive ones per task, through the same 
 local run (:func:`featurecache.units.make_runner`); each worker builds a spec's model once
 and keeps it in a :class:`ModelCache` worker plugin. Tasks go out through a bounded window of
 futures (a worker death then fails at most a window of tasks), and each future is released as
-soon as its result is read. Correctness never rests on Dask's retry counters: after a round,
+soon as it finishes; results are not even fetched, since the markers are what counts. Correctness never rests on Dask's retry counters: after a round,
 the coordinator re-plans from the completion markers on disk and resubmits the units that
 have none, for at most ``rounds`` rounds. Units are idempotent, so a unit run twice writes
-the same bytes; the cache root must be a path every worker sees.
+the same bytes; the cache root must be a path every worker sees. Before planning, the files a
+large dataset's digest memo lacks are hashed as tasks too (:func:`file_hasher`).
 """
 
 from __future__ import annotations
