@@ -6,10 +6,11 @@ view. Workers only run units, a few consecutive ones per task, through the same 
 local run (:func:`featurecache.units.make_runner`); each worker builds a spec's model once
 and keeps it in a :class:`ModelCache` worker plugin. Tasks go out through a bounded window of
 futures (a worker death then fails at most a window of tasks), and each future is released as
-soon as its result is read. Correctness never rests on Dask's retry counters: after a round,
+soon as it finishes; results are not even fetched, since the markers are what counts. Correctness never rests on Dask's retry counters: after a round,
 the coordinator re-plans from the completion markers on disk and resubmits the units that
 have none, for at most ``rounds`` rounds. Units are idempotent, so a unit run twice writes
-the same bytes; the cache root must be a path every worker sees.
+the same bytes; the cache root must be a path every worker sees. Before planning, the files a
+large dataset's digest memo lacks are hashed as tasks too (:func:`file_hasher`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +29,17 @@ from featurecache.errors import FeatureCacheError, IncompleteEntryError, UsageEr
 
 if TYPE_CHECKING:  # pragma: no cover
     from featurecache.cache.store import FeatureStore, Unit
+    from featurecache.data.dataset import FileHash, FileHasher
     from featurecache.units import Plan
 
 PLUGIN_NAME = "featurecache-models"
 #: Rounds of (submit, re-plan from markers) before an extraction gives up.
 MAX_ROUNDS = 3
+#: Files missing from the digest memo from which ``extract`` hashes them as tasks on the
+#: cluster: fewer are read sooner by this process's threads than tasks would be scheduled.
+DIGEST_MIN_FILES = 20_000
+#: Files per hashing task: about 2 s of reading for 100 KiB images at 100 MB/s.
+DIGEST_BATCH_FILES = 2_000
 
 
 @dataclass(frozen=True)
@@ -140,15 +147,15 @@ def _feature_shape_task(p: Plan) -> tuple[int, ...]:
     return tuple(int(d) for d in _plugin().model(p).output_shape[1:])
 
 
-def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOptions) -> dict[str, Any]:
-    """Run ``units`` on this worker; the markers they write are the result that counts."""
+def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOptions) -> int:
+    """Run ``units`` on this worker; the markers they write are the result that counts (rows are returned)."""
     from distributed import get_worker
 
     from featurecache.units import unit_record
 
     runner, compute = _plugin().runner(p, store_path, options)
     runner.run(units, progress=False, record=unit_record(compute, worker=get_worker().address))
-    return {"rows": sum(len(u.digests) for u in units), "compute": compute}
+    return sum(len(u.digests) for u in units)
 
 
 def _has_plugin(dask_worker: Any) -> bool:
@@ -226,7 +233,7 @@ def run_units(
     submissions: Counter[tuple[int, int]] = Counter()
     stats.update(tasks=0, failed=0, rounds=0, submissions=submissions)
     todo = list(units)
-    compute: dict[str, Any] | None = None
+    finished: dict[int, Any] = {}
     last_error: BaseException | None = None
     for _round in range(rounds):
         stats["rounds"] += 1
@@ -239,18 +246,19 @@ def run_units(
         stats["tasks"] += len(batches)
         try:
             calls = [(plan_f, str(st.path), batch, options) for batch in batches]
-            with contextlib.closing(run_windowed(client, _units_task, calls, window=window)) as results:  # closing cancels the rest
-                for result in results:
+            # Results are not fetched: the markers the units wrote are what counts (and record the compute).
+            with contextlib.closing(run_windowed(client, _units_task, calls, window=window, gather=False)) as results:  # closing cancels the rest
+                for _, result in results:
                     if isinstance(result, FeatureCacheError):
                         raise result  # fails the same on any worker (bad image with --on-error fail, full disk)
                     if isinstance(result, BaseException):  # KilledWorker, lost connections, worker crashes: re-plan below
                         last_error = result
                         stats["failed"] += 1
-                    else:
-                        compute = result["compute"]
         finally:
             plan_f.release()
-        todo = [u for u in todo if u.slot not in st.markers(u.view, refresh=True)]
+        # One listing per view: refreshed per unit, this read every marker once per unit (quadratic).
+        finished = {view: st.markers(view, refresh=True) for view in {u.view for u in todo}}
+        todo = [u for u in todo if u.slot not in finished[u.view]]
         if not todo:
             break
         print(f"featurecache: {len(todo)} units have no marker after a round on the cluster ({_brief(last_error)}); resubmitting", file=sys.stderr)
@@ -259,20 +267,21 @@ def run_units(
             f"{len(todo)} units of {st.name} still have no completion marker after {rounds} rounds on the cluster "
             f"(last worker error: {_brief(last_error)}); the finished units are kept, so run the same extract command again"
         )
-    for view in range(st.views):
+    for view in set(range(st.views)) - set(finished):
         st.markers(view, refresh=True)  # the workers wrote them; the view is built from this listing
+    compute = next((st.markers(u.view)[u.slot].get("compute") for u in units[:1]), None)
     # Recorded in the view: how the cluster ran it, including how often the busiest unit was sent.
     summary = {"tasks": stats["tasks"], "failed": stats["failed"], "rounds": stats["rounds"], "units_per_task": units_per_task,
                "max_submissions": max(submissions.values(), default=0), "workers": len(client.nthreads())}
     return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
 
 
-def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int) -> Iterator[Any]:
+def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Iterator[tuple[int, Any]]:
     """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
 
     A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
-    is released as soon as its result is read (the scheduler then forgets it), and whatever is
-    still in flight is cancelled if the caller stops early.
+    is released as soon as it is read (the scheduler then forgets it), and whatever is still in
+    flight is cancelled if the caller stops early.
 
     Parameters
     ----------
@@ -284,37 +293,105 @@ def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: 
         Positional arguments of each task, in submission order.
     window
         Most tasks in flight.
+    gather
+        Fetch each result. Without it a finished task yields None and only failures cost a
+        round trip: a result is one more message through the scheduler and one more worker
+        connection per task, which the coordinator pays serially.
 
     Yields
     ------
-    object
-        Each task's result or exception, in completion order.
+    (int, object)
+        In completion order, each task's index in ``calls`` and its result (None without
+        ``gather``) or exception.
     """
     from distributed import as_completed
 
-    pending = iter(calls)
+    pending = iter(enumerate(calls))
     done = as_completed()
+    index: dict[str, int] = {}
 
     def submit_next() -> None:
-        args = next(pending, None)
-        if args is not None:
-            done.add(client.submit(fn, *args, pure=False))
+        nxt = next(pending, None)
+        if nxt is not None:
+            fut = client.submit(fn, *nxt[1], pure=False)
+            index[fut.key] = nxt[0]
+            done.add(fut)
 
     for _ in range(max(1, window)):
         submit_next()
     try:
         for fut in done:
             try:
-                result = fut.result()
+                # "lost": it finished, then its worker died with the (unwanted) result.
+                result = fut.result() if gather or fut.status not in ("finished", "lost") else None
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 result = exc
             finally:
                 fut.release()
             submit_next()
-            yield result
+            yield index.pop(fut.key), result
     finally:
         for fut in list(done.futures):
             fut.cancel()
+
+
+def _hash_task(paths: list[str]) -> list[FileHash]:
+    from featurecache.data.dataset import iter_file_hashes
+
+    return list(iter_file_hashes(paths))
+
+
+def file_hasher(
+    client: Any, *, min_files: int | None = None, batch_files: int = DIGEST_BATCH_FILES, stats: dict[str, int] | None = None
+) -> FileHasher:
+    """A :data:`~featurecache.data.dataset.FileHasher` that reads files as tasks on ``client``'s cluster.
+
+    Hashing a million files is a job of its own; the cluster's workers read them in parallel
+    (through the same shared file system they read the images from). The coordinator keeps
+    the memo: :func:`~featurecache.data.dataset.file_digests` memoises what comes back, and
+    hashes here any file a worker could not read or saw with another size or mtime, so the
+    digests equal those of hashing in one process.
+
+    Parameters
+    ----------
+    client
+        A connected ``dask.distributed.Client``.
+    min_files
+        Fewer files to hash than this are hashed by this process's threads (default
+        :data:`DIGEST_MIN_FILES`, read when called).
+    batch_files
+        Files per task.
+    stats
+        If given, filled with ``tasks`` and ``failed`` (batches hashed here after their task failed).
+
+    Returns
+    -------
+    FileHasher
+        Yields one ``(digest, (size, mtime_ns) or None, read_ns)`` per path, in order.
+    """
+    from featurecache.data.dataset import iter_file_hashes
+
+    def hasher(paths: Sequence[str]) -> Iterator[FileHash]:
+        if len(paths) < (DIGEST_MIN_FILES if min_files is None else min_files):
+            yield from iter_file_hashes(paths)
+            return
+        calls = [(list(paths[b : b + batch_files]),) for b in range(0, len(paths), batch_files)]
+        window = max(2, 2 * sum(client.nthreads().values()))
+        ready: dict[int, list[FileHash]] = {}  # finished out of order, held until their turn
+        turn = failed = 0
+        with contextlib.closing(run_windowed(client, _hash_task, calls, window=window)) as results:
+            for i, result in results:
+                if isinstance(result, BaseException):  # a lost worker: hash its batch here
+                    failed += 1
+                    result = list(iter_file_hashes(calls[i][0]))
+                ready[i] = result
+                while turn in ready:
+                    yield from ready.pop(turn)
+                    turn += 1
+        if stats is not None:
+            stats.update(tasks=len(calls), failed=failed)
+
+    return hasher
 
 
 def _brief(exc: BaseException | None) -> str:

@@ -252,6 +252,10 @@ def extract(
     o = ExtractOptions.merge(options, overrides, caller="extract")  # every value checked before any work
     started = time.perf_counter()
     p = plan(data, o, cache_dir=cache_dir, limit=limit)
+    if client is not None:  # many files not in the digest memo: the cluster reads them
+        from featurecache import cluster
+
+        p.dataset.prefetch_digests(cluster.file_hasher(client))
     hit = views_mod.find_by_key(p.cache_dir, p.key)
     if hit is not None:
         return _result(hit, cached=True, started=started, plan_=p)

@@ -293,3 +293,99 @@ def test_a_bad_image_with_on_error_fail_is_not_retried_on_the_cluster(tmp_path: 
     finally:
         client.close()
         lc.close()
+
+
+def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from conftest import make_image_folder
+    from distributed import get_task_stream
+
+    from featurecache import cluster
+    from featurecache.cache.store import memo_dir
+    from featurecache.data import dataset as dataset_mod
+    from featurecache.data.dataset import MEMO_FILENAME, file_digests
+    from featurecache.extract import extract
+
+    root = make_image_folder(tmp_path / "pets", splits=("train", "val"), per_class=5)
+    old = time.time() - 3600  # past the racily-clean window, so the memo keeps every file
+    for f in root.rglob("*"):
+        os.utime(f, (old, old))
+    paths = sorted(str(f) for f in root.rglob("*.*"))
+    here = tmp_path / "here" / MEMO_FILENAME
+    expected = file_digests(paths, memo_path=here)  # one process, its threads
+    hashed_here: list[int] = []  # files this process hashes: none, when the workers' reads are used
+    real = dataset_mod.iter_file_hashes
+    monkeypatch.setattr(dataset_mod, "iter_file_hashes", lambda paths, **kw: hashed_here.append(len(paths)) or real(paths, **kw))
+    lc, client = local_cluster()
+    try:
+        stats: dict[str, int] = {}
+        there = tmp_path / "there" / MEMO_FILENAME
+        with get_task_stream(client) as ts:
+            # Batches of 3 of 20 files: 7 tasks, finished in any order, digests in path order.
+            got = file_digests(paths, memo_path=there, hasher=cluster.file_hasher(client, min_files=1, batch_files=3, stats=stats))
+        assert got == expected
+        assert stats == {"tasks": 7, "failed": 0} and hashed_here == []
+        assert sum(t["key"].startswith("_hash_task") for t in ts.data) == 7  # the workers read them
+        assert json.loads(there.read_text()) == json.loads(here.read_text())  # memoised as by local hashing
+
+        # extract with a client: the files the memo lacks, past the threshold, go to the cluster.
+        monkeypatch.setattr(cluster, "DIGEST_MIN_FILES", 1)
+        cache = tmp_path / "cache"
+        with get_task_stream(client) as ts, pytest.raises(UsageError, match="not both"):
+            # --shard with a client fails after planning (and hashing), before any model is built.
+            extract(str(root), cache_dir=cache, client=client, shard=(0, 2), backbone="mobilenetv2", weights="random", size=32)
+        assert sum(t["key"].startswith("_hash_task") for t in ts.data) == 1
+    finally:
+        client.close()
+        lc.close()
+    assert json.loads((memo_dir(cache) / MEMO_FILENAME).read_text()) == json.loads(here.read_text())
+
+
+def test_writing_a_unit_reads_no_other_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker opens the store afresh for every task; adding its marker to the store's
+    # listing used to list and read every marker of the view first: quadratic in units.
+    from featurecache.cache import store
+    from featurecache.extract import missing_digests, plan
+
+    p = plan(DATA, cache_dir=tmp_path, backbone="mobilenetv2", weights="random", size=32, limit=10)
+    st = store.create_store(p.cache_dir, p.spec, feature_shape=(3,), chunk_rows=4)
+    units = [u for view, digests in missing_digests(p, st).items() for u in store.allocate_units(st, view, digests)]
+
+    def write(s: store.FeatureStore, u: store.Unit) -> None:
+        store.write_unit(s, u, np.zeros((len(u.digests), 3), np.float32), valid=np.ones(len(u.digests), bool))
+
+    for u in units[:3]:
+        write(st, u)
+    fresh = store.FeatureStore(st.path)
+    reads: list[Path] = []
+    real = store.read_group_attrs
+    monkeypatch.setattr(store, "read_group_attrs", lambda path: reads.append(path) or real(path))
+    write(fresh, units[3])
+    assert reads == []
+    assert sorted(fresh.markers(0)) == sorted(u.slot for u in units[:4])  # listed from disk: all four
+    write(fresh, units[4])
+    assert units[4].slot in fresh.markers(0)  # a listing already read is kept current
+
+
+def test_files_hashed_elsewhere_count_only_if_seen_as_here(tmp_path: Path) -> None:
+    # A worker that cannot read a file, or reads another file at the same path (no shared
+    # file system), must not change a digest: such files are hashed again by this process.
+    import hashlib
+
+    from featurecache.data.dataset import file_digests
+
+    paths = []
+    for i in range(3):
+        f = tmp_path / f"{i}.png"
+        f.write_bytes(bytes([i]) * (100 + i))
+        paths.append(str(f))
+
+    def elsewhere(todo):  # type: ignore[no-untyped-def]
+        yield "unreadable:ENOENT", None, 0  # could not read it
+        yield "0" * 64, (999, 1), 0  # another file there
+        yield "1" * 64, (os.stat(todo[2]).st_size, os.stat(todo[2]).st_mtime_ns), 0  # the same file: taken as read
+
+    got = file_digests(paths, hasher=elsewhere)
+    assert got[:2] == [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths[:2]]
+    assert got[2] == "1" * 64

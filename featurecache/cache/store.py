@@ -588,7 +588,9 @@ def write_unit(
             **(record or {}),
         }
         write_json_atomic(st.path / unit.marker / "zarr.json", group_document(marker), before_rename=lambda: checkpoint("marker_tmp_written"))
-        st.markers(unit.view)[unit.slot] = marker
+        listed = st._markers.get(unit.view)
+        if listed is not None:  # keep a listing already read current; never read every marker to add one
+            listed[unit.slot] = marker
         checkpoint("unit_marker_written")
     except OSError as exc:
         raise_if_disk_full(exc, st.path)

@@ -23,7 +23,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,7 +37,7 @@ from featurecache.cache.memo import read_memo, write_memo
 from featurecache.data.decode import decode_image, read_image_bytes
 from featurecache.errors import DatasetError, DatasetWarning
 
-__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileItems", "Split"]
+__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileHasher", "FileItems", "Split", "iter_file_hashes"]
 
 #: Split names in their canonical order.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -47,6 +47,12 @@ _MEMO_FORMAT = 1
 _RACY_NS = 2_000_000_000  # files modified this recently are hashed but not memoised
 _CHUNK = 1 << 16
 _HASH_BATCH = 1024  # files handed to the hashing threads at a time
+
+#: A file's sha256 (or ``unreadable:...`` identity), its ``(size, mtime_ns)`` as read (None if
+#: unreadable) and the time it was read (``time.time_ns()``, for the racily-clean rule).
+FileHash = tuple[str, tuple[int, int] | None, int]
+#: Hashes files somewhere (threads here, tasks on a cluster): paths in, one FileHash per path, in order.
+FileHasher = Callable[[Sequence[str]], Iterable[FileHash]]
 
 
 class Items(Protocol):
@@ -295,7 +301,7 @@ class Dataset:
 
     def manifest(self) -> dict[str, Any]:
         """The canonical document :meth:`digest` hashes (reads every item's content digest)."""
-        self._prefetch_file_digests()
+        self.prefetch_digests()
         return {
             "format": DIGEST_FORMAT,
             "classes": list(self.classes),
@@ -307,23 +313,35 @@ class Dataset:
 
     def digests_by_split(self) -> dict[str, list[str]]:
         """Each split's per-item content digests, in order (files of all splits hashed in one pass)."""
-        self._prefetch_file_digests()
+        self.prefetch_digests()
         return {name: split.content_digests() for name, split in self.splits.items()}
 
-    def _prefetch_file_digests(self) -> None:
+    def prefetch_digests(self, hasher: FileHasher | None = None) -> None:
         """Digest the files of all splits sharing a memo in one :func:`file_digests` call.
 
         Split by split, a dataset with train/val/test would read and rewrite the memo three
         times; the digests are the same either way and land in each split's own cache.
+
+        Parameters
+        ----------
+        hasher
+            Hashes the files the memo lacks (default: threads in this process); e.g.
+            :func:`featurecache.cluster.file_hasher` hashes them as tasks on a Dask cluster.
+
+        Raises
+        ------
+        DatasetError
+            A file cannot be stat'ed or read.
         """
         groups: dict[Path | None, list[Split]] = {}
         for split in self.splits.values():
             if isinstance(split.items, FileItems) and "_digests" not in split.__dict__:
                 groups.setdefault(split.items.memo_path, []).append(split)
         for memo_path, splits in groups.items():
-            if len(splits) < 2:
-                continue
-            digests = file_digests([p for sp in splits for p in sp.items.paths], memo_path=memo_path)
+            if len(splits) < 2 and hasher is None:
+                continue  # the split digests itself, the same way
+            paths = [p for sp in splits for p in sp.items.paths]
+            digests = file_digests(paths, memo_path=memo_path, hasher=hasher) if hasher else file_digests(paths, memo_path=memo_path)
             at = 0
             for sp in splits:
                 n = len(sp.items.paths)
@@ -381,7 +399,9 @@ def _warn_label_conflicts(dataset: Dataset, manifest: dict[str, Any], shown: int
     )
 
 
-def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | None = None, workers: int = 4) -> list[str]:
+def file_digests(
+    paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | None = None, workers: int = 4, hasher: FileHasher | None = None
+) -> list[str]:
     """sha256 of each file's bytes, reusing ``memo_path`` entries whose size and mtime match.
 
     Parameters
@@ -393,6 +413,11 @@ def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | N
         hashes every file.
     workers
         Threads hashing files that miss the memo (hashlib releases the GIL).
+    hasher
+        Hashes the files that miss the memo elsewhere (a Dask cluster) instead of ``workers``
+        threads here. What it read counts only for a file it saw with the size and mtime this
+        process stat'ed; any other file (unreadable there, changed, another file at the same
+        path) is hashed here, so the digests equal those of hashing here.
 
     Returns
     -------
@@ -428,21 +453,45 @@ def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | N
             missing.append(j)
     if missing:
         fresh: dict[str, tuple[int, int, str]] = {}
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
-            # In batches: pool.map submits every item at once, and a Future per file (~1 KiB
-            # with its condition variable) was the largest per-image cost of the digest.
-            for b in range(0, len(missing), _HASH_BATCH):
-                part = missing[b : b + _HASH_BATCH]
-                hashed = list(pool.map(lambda j: _hash_file(keys[j]), part))
-                now = time.time_ns()
-                for j, (digest, sm_after) in zip(part, hashed):
-                    out[j] = digest
-                    # Memoise only what we know matches: unchanged while hashed and not racily recent.
-                    if sm_after is not None and sm_after == stats[j] and now - sm_after[1] > _RACY_NS:
-                        fresh[keys[j]] = (sm_after[0], sm_after[1], digest)
+        todo = [keys[j] for j in missing]
+        hashed = hasher(todo) if hasher is not None else iter_file_hashes(todo, workers=workers)
+        for j, (digest, sm_after, read_ns) in zip(missing, hashed, strict=True):
+            if hasher is not None and (sm_after is None or sm_after != stats[j]):  # not the file stat'ed here
+                digest, sm_after, read_ns = next(iter_file_hashes([keys[j]], workers=1))
+            out[j] = digest
+            # Memoise only what we know matches: unchanged while hashed and not racily recent.
+            if sm_after is not None and sm_after == stats[j] and read_ns - sm_after[1] > _RACY_NS:
+                fresh[keys[j]] = (sm_after[0], sm_after[1], digest)
         if memo_path is not None and fresh:
             _update_memo(memo_path, fresh)
     return [str(d) for d in out]
+
+
+def iter_file_hashes(paths: Sequence[str], *, workers: int = 4) -> Iterator[FileHash]:
+    """Hash ``paths`` on ``workers`` threads, yielding one :data:`FileHash` per path, in order.
+
+    Parameters
+    ----------
+    paths
+        Absolute file paths.
+    workers
+        Threads (hashlib releases the GIL).
+
+    Yields
+    ------
+    FileHash
+        ``(sha256 hex or "unreadable:<errno>", (size, mtime_ns) as read or None, time read in ns)``.
+    """
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+        # In batches: pool.map submits every item at once, and a Future per file (~1 KiB
+        # with its condition variable) was the largest per-image cost of the digest.
+        for b in range(0, len(paths), _HASH_BATCH):
+            hashed = list(pool.map(_hash_file, paths[b : b + _HASH_BATCH]))
+            now = time.time_ns()
+            for digest, sm_after in hashed:
+                yield digest, sm_after, now
 
 
 def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
