@@ -27,6 +27,32 @@ def choices(values: Iterable[str], limit: int = 60) -> str:
     return shown + (f", ... ({len(vals) - limit} more)" if len(vals) > limit else "")
 
 
+def one_line(exc: BaseException, *, type_name: bool = True, limit: int | None = 300) -> str:
+    """An exception as one line for a record or a message: ``"ValueError: bad value"``.
+
+    Parameters
+    ----------
+    exc
+        The exception.
+    type_name
+        Prefix the exception's class name (``False``: the message alone, or the class name
+        when the message is empty).
+    limit
+        Most characters kept (``None``: all); a long message is cut, never wrapped.
+
+    Returns
+    -------
+    str
+        The message with every run of whitespace (newlines included) collapsed to one space.
+    """
+    text = " ".join(str(exc).split())
+    if type_name:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    else:
+        text = text or type(exc).__name__
+    return text if limit is None else text[:limit]
+
+
 def human_bytes(n: float) -> str:
     """A size for messages and tables: ``1536`` -> ``1.5 KiB`` (binary units, up to GiB)."""
     size = float(n)

@@ -11,7 +11,6 @@ other images share its batch.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec, view_key
 from featurecache.errors import CacheCorruptError, ImageDecodeError, UsageError
 from featurecache.options import OnError
+from featurecache.progress import ProgressBar
 from featurecache.versions import library_versions
 
 
@@ -160,7 +160,7 @@ class UnitRunner:
 
     def run(self, units: list[store.Unit], *, progress: bool, record: dict[str, Any] | None = None) -> None:
         total = sum(len(u.digests) for u in units)
-        with _progress(progress, total, f"extract {self.p.name}") as advance, ThreadPoolExecutor(
+        with ProgressBar(progress, total, f"extract {self.p.name}", rate_unit="img") as advance, ThreadPoolExecutor(
             self.workers, thread_name_prefix="fc-decode"
         ) as pool, ThreadPoolExecutor(1, thread_name_prefix="fc-prep") as prep, ThreadPoolExecutor(
             1, thread_name_prefix="fc-write"
@@ -451,43 +451,3 @@ def compiled_forward(model: Any, size: int, *, jit_compile: bool = False) -> Cal
         jit_compile=bool(jit_compile),
     )
     return lambda x: fn(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
-
-
-class _progress:
-    """A rich progress bar on stderr showing images/s, or nothing."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled = enabled and total > 0
-        self.total = total
-        self.label = label
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} img/s"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self._bar.__enter__()
-        self._task = self._bar.add_task(self.label[:60], total=self.total, rate="-")
-        self._t0 = time.perf_counter()
-        self._done = 0
-
-        def advance(n: int) -> None:
-            self._done += n
-            rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.update(self._task, advance=n, rate=f"{rate:,.0f}")
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)

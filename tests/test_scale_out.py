@@ -194,30 +194,81 @@ def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[st
         assert got[split].tobytes() == reference[split].tobytes(), split
 
 
+@pytest.fixture(scope="module")
+def sweep_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A cache holding the tiny features the dask sweep tests train on, and their key."""
+    from featurecache.extract import extract
+
+    cache = tmp_path_factory.mktemp("sweep-cache")
+    return cache, extract(DATA, cache_dir=cache, **OPTS).key
+
+
+SWEEP_GRID = "logreg:C=0.1,1,10;max_iter=200"
+
+
+@pytest.fixture(scope="module")
+def local_sweep(sweep_features: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
+    """The dask sweeps' reference: the same grid through joblib in this process."""
+    from featurecache.sweep import sweep
+
+    cache, key = sweep_features
+    return sweep(key, grid=[SWEEP_GRID], n_jobs=1, out=tmp_path_factory.mktemp("local-sweep") / "local", cache_dir=cache, progress=False)
+
+
+def assert_same_trials(rows: list[dict], local_rows: list[dict]) -> None:
+    by_trial = {r["trial"]: r for r in rows}
+    assert len(rows) == len(local_rows) == 3
+    for row in local_rows:
+        other = by_trial[row["trial"]]
+        assert other["status"] == row["status"] == "ok"
+        for metric in ("val_accuracy", "val_log_loss", "test_accuracy"):
+            assert other[metric] == row[metric], (row["trial"], metric)
+
+
 @pytest.mark.slow
-def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path) -> None:
+def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path, sweep_features: tuple[Path, str], local_sweep) -> None:
     from typer.testing import CliRunner
 
     from featurecache.cli.main import app
-    from featurecache.extract import extract
-    from featurecache.sweep import sweep
 
-    cache = tmp_path / "cache"
-    key = extract(DATA, cache_dir=cache, **OPTS).key
-    grid = "logreg:C=0.1,1,10;max_iter=200"
-    local = sweep(key, grid=[grid], n_jobs=1, out=tmp_path / "local", cache_dir=cache, progress=False)
+    cache, key = sweep_features
+    grid = SWEEP_GRID
+    local = local_sweep
     res = CliRunner().invoke(
         app, ["sweep", "--features", key, "--grid", grid, "--backend", "dask", "--cluster", "local:2", "--jobs", "2",
               "--out", str(tmp_path / "dask"), "--cache", str(cache), "--json"],
     )
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout)["leaderboard"]
-    by_trial = {r["trial"]: r for r in rows}
-    assert len(rows) == len(local.leaderboard) == 3
-    for row in local.leaderboard:
-        other = by_trial[row["trial"]]
-        for metric in ("val_accuracy", "val_log_loss"):
-            assert other[metric] == row[metric], (row["trial"], metric)
+    assert_same_trials(json.loads(res.stdout)["leaderboard"], local.leaderboard)
+
+
+@pytest.mark.slow
+def test_dask_sweep_resumes_the_trials_of_a_worker_that_died(tmp_path: Path, sweep_features: tuple[Path, str], local_sweep) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    cache, key = sweep_features
+    once = tmp_path / "fault-fired"
+    # The first trial any worker trains ends its worker (os._exit) before its record is written,
+    # once across all processes (the nanny's replacement runs clean). Dask retries nothing
+    # (allowed-failures 0): the sweep itself must run the lost trial again.
+    lc, client = local_cluster(FEATURECACHE_FAULT="trial_fitted:exit", FEATURECACHE_FAULT_ONCE=str(once))
+    try:
+        res = CliRunner().invoke(
+            app, ["sweep", "--features", key, "--grid", SWEEP_GRID, "--backend", "dask", "--scheduler", lc.scheduler_address,
+                  "--jobs", "2", "--out", str(tmp_path / "dask"), "--cache", str(cache), "--json"],
+        )
+    finally:
+        client.close()
+        lc.close()
+    assert once.exists(), "the injected fault never fired: the test proved nothing"
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["lost_tasks"] >= 1 and doc["rounds"] == 2 and doc["failed"] == 0
+    assert_same_trials(doc["leaderboard"], local_sweep.leaderboard)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "dask" / "trials").glob("*.json")]
+    assert len(records) == 3 and {r["status"] for r in records} == {"ok"}
 
 
 def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:

@@ -375,6 +375,35 @@ def test_cli_sweep_error_in_a_real_process(cache: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    # A process worker ends itself (os._exit) in its first trial, before the trial's record is
+    # written, once across all processes: the sweep reads back what the other worker finished
+    # and runs the lost trial again, in the same call, with the same results as in-process.
+    import os
+    import subprocess
+    import sys
+
+    grid = "logreg:C=0.1,1;max_iter=300"
+    once = tmp_path / "fault-fired"
+    env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1]), "FEATURECACHE_FAULT": "trial_fitted:exit",
+           "FEATURECACHE_FAULT_ONCE": str(once)}
+    out = tmp_path / "died"
+    args = ["-f", digits.key, "--cache", str(cache), "--out", str(out), "--jobs", "2", "--json", "-g", grid]
+    proc = subprocess.run([sys.executable, "-m", "featurecache", "sweep", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert once.exists(), "the injected fault never fired: the test proved nothing"
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "a sweep worker died" in proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["rounds"] == 2 and doc["lost_tasks"] >= 1 and doc["failed"] == 0
+    here = sweep(digits, grid=[grid], out=tmp_path / "here", progress=False)
+    rows = {r["trial"]: r for r in doc["leaderboard"]}
+    assert len(rows) == len(here.leaderboard) == 2
+    for row in here.leaderboard:
+        assert (rows[row["trial"]]["val_accuracy"], rows[row["trial"]]["val_log_loss"]) == (row["val_accuracy"], row["val_log_loss"])
+    assert load_run(out / "best")[0]["head"] == "logreg"
+
+
+@pytest.mark.slow
 def test_jobs_do_not_change_results(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
     # --jobs 1 fitted logreg in the calling process with a BLAS thread per core, --jobs 2 in
     # workers with one each: up to 4e-4 apart in validation log loss.

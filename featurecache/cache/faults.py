@@ -13,7 +13,8 @@ to act the ``n``-th time (default 1) ``<point>`` is reached in this process:
 * ``kill`` (default): ``SIGKILL`` to ourselves, so no ``finally`` and no ``atexit`` runs, as
   with the OOM killer, a Slurm pre-emption or a power cut of the process;
 * ``enospc``: raise ``OSError(ENOSPC)`` as a full disk would, through the normal error path;
-* ``stop``: ``SIGSTOP`` to ourselves, a frozen holder (the test resumes or kills it).
+* ``stop``: ``SIGSTOP`` to ourselves, a frozen holder (the test resumes or kills it);
+* ``exit``: ``os._exit(1)``, a process that ends itself abruptly (a native library aborting).
 
 With ``FEATURECACHE_FAULT_ONCE=<path>`` as well, the fault fires only in the one process that
 creates ``<path>`` first (``O_EXCL``): a Dask worker that a nanny restarts with the same
@@ -37,7 +38,7 @@ from featurecache.errors import UsageError
 
 FAULT_ENV = "FEATURECACHE_FAULT"
 FAULT_ONCE_ENV = "FEATURECACHE_FAULT_ONCE"
-ACTIONS: tuple[str, ...] = ("kill", "enospc", "stop")
+ACTIONS: tuple[str, ...] = ("kill", "enospc", "stop", "exit")
 
 #: Every checkpoint name the library calls, so a typo in FEATURECACHE_FAULT fails loudly
 #: instead of silently injecting nothing (a crash test that never crashes passes vacuously).
@@ -55,6 +56,7 @@ POINTS: tuple[str, ...] = (
     "before_seal",
     "sealed",
     "lease_released",
+    "trial_fitted",  # a sweep trial (or group of dense trials) is trained, its record not yet written
 )
 
 
@@ -111,6 +113,8 @@ class _Injector:
             return
         if self.spec.action == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAULT_ENV} at {name})")
+        if self.spec.action == "exit":
+            os._exit(1)
         os.kill(os.getpid(), signal.SIGSTOP if self.spec.action == "stop" else signal.SIGKILL)
 
 

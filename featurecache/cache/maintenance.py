@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -31,13 +32,12 @@ from featurecache.cache import views as views_mod
 from featurecache.cache.fsio import tree_size
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, digest_of
 from featurecache.cache.lease import LOCKS_DIR, Lease
-from featurecache.errors import CacheCorruptError, EntryNotFoundError, FeatureCacheError, UsageError
+from featurecache.errors import CacheCorruptError, EntryNotFoundError, FeatureCacheError, UsageError, one_line
 
 __all__ = ["CheckResult", "GcItem", "GcReport", "check", "find_target", "gc", "parse_age", "repair"]
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+_one_line = functools.partial(one_line, limit=200)
 
 
 # ------------------------------------------------------------------------------- check

@@ -27,6 +27,7 @@ from a thread pool.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from featurecache.errors import ImageDecodeError
+from featurecache.errors import ImageDecodeError, one_line
 
 __all__ = ["DECODE_MODES", "IMAGE_EXTENSIONS", "decode_image", "decode_workers", "draft_size"]
 
@@ -259,6 +260,5 @@ def _orientation(im: Image.Image) -> int:
         raise ImageDecodeError(f"unreadable EXIF orientation: {_one_line(exc)}") from exc
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+#: An exception's message on one line, without its type (the message names the image's problem).
+_one_line = functools.partial(one_line, type_name=False, limit=None)

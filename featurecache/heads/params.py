@@ -20,7 +20,7 @@ from featurecache.errors import HeadParamError, choices
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["CLASS_WEIGHT", "SEED", "ParamSpec", "ParamType", "SearchSpace", "coerce_params"]
+__all__ = ["CLASS_WEIGHT", "SEED", "ParamSpec", "ParamType", "SearchSpace", "coerce_params", "plain_value"]
 
 ParamType = Literal["int", "float", "bool", "str", "choice", "int_tuple", "any", "class_weight"]
 
@@ -62,8 +62,28 @@ class SearchSpace:
                 "numeric kinds need low <= high (and low > 0 for loguniform)"
             )
 
-    def sample(self, rng: np.random.Generator) -> Any:
-        """Draw one value (a plain Python int/float/str/bool/tuple/None).
+    def distribution(self) -> Any:
+        """This range as :class:`sklearn.model_selection.ParameterSampler` takes it.
+
+        Returns
+        -------
+        list or scipy.stats frozen distribution
+            The list of ``choices`` for ``"choice"``; ``scipy.stats.loguniform(low, high)``,
+            ``uniform(low, high - low)`` or ``randint(low, high + 1)`` for the numeric kinds.
+        """
+        if self.kind == "choice":
+            return list(self.choices)
+        from scipy import stats
+
+        low, high = float(self.low or 0.0), float(self.high or 0.0)  # set, see __post_init__
+        if self.kind == "loguniform":
+            return stats.loguniform(low, high)
+        if self.kind == "uniform":
+            return stats.uniform(low, high - low)
+        return stats.randint(int(low), int(high) + 1)
+
+    def sample(self, rng: np.random.Generator | np.random.RandomState) -> Any:
+        """Draw one value (a plain Python int/float/str/bool/tuple/None) from :meth:`distribution`.
 
         Parameters
         ----------
@@ -75,14 +95,10 @@ class SearchSpace:
         Any
             The sampled value, JSON-friendly (tuples become lists in JSON).
         """
-        if self.kind == "choice":
-            return self.choices[int(rng.integers(len(self.choices)))]
-        low, high = float(self.low or 0.0), float(self.high or 0.0)  # set, see __post_init__
-        if self.kind == "loguniform":
-            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-        if self.kind == "uniform":
-            return float(rng.uniform(low, high))
-        return int(rng.integers(int(low), int(high) + 1))
+        dist = self.distribution()
+        if isinstance(dist, list):
+            return dist[int(rng.integers(len(dist)) if hasattr(rng, "integers") else rng.randint(len(dist)))]
+        return plain_value(dist.rvs(random_state=rng))
 
     def describe(self) -> str:
         """Short human form, e.g. ``log-uniform [0.0001, 100]``."""
@@ -209,6 +225,12 @@ class ParamSpec:
             raise ValueError(f"must be < {self.lt:g}")
         if self.le is not None and not value <= self.le:
             raise ValueError(f"must be <= {self.le:g}")
+
+
+def plain_value(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds (what ``scipy.stats`` draws are); anything else as is."""
+    item = getattr(value, "item", None)
+    return item() if item is not None and getattr(value, "ndim", None) == 0 else value
 
 
 def _format_value(value: Any) -> str:

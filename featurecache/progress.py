@@ -1,0 +1,67 @@
+"""Progress bars on stderr: the one rich progress helper every long loop uses (or nothing, when off)."""
+
+from __future__ import annotations
+
+import time
+
+
+class ProgressBar:
+    """A rich progress bar over ``total`` steps on stderr, or nothing.
+
+    Parameters
+    ----------
+    enabled
+        ``False`` (or ``total == 0``): every call is a no-op and rich is not imported.
+    total
+        Steps to completion.
+    label
+        Description shown left of the bar (cut to 60 characters).
+    rate_unit
+        If given (``"img"``), the status column shows the rate, e.g. ``1,234 img/s``, instead
+        of the status text passed to :meth:`advance`.
+
+    Use it as a context manager; calling the bar is :meth:`advance`, so it can be handed to
+    code that only expects ``advance(n)``.
+    """
+
+    def __init__(self, enabled: bool, total: int, label: str, *, rate_unit: str | None = None) -> None:
+        self.enabled = bool(enabled) and total > 0
+        self.total = total
+        self.label = label
+        self.rate_unit = rate_unit
+        self._done = 0
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label[:60], total=self.total, status="")
+            self._t0 = time.perf_counter()
+        return self
+
+    def advance(self, n: int = 1, status: str = "") -> None:
+        """Count ``n`` more steps done; ``status`` replaces the status text (unless a rate is shown)."""
+        if not self.enabled:
+            return
+        self._done += n
+        if self.rate_unit is not None:
+            rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
+            status = f"{rate:,.0f} {self.rate_unit}/s"
+        self._bar.update(self._task, advance=n, status=status)
+
+    __call__ = advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.__exit__(*exc)
