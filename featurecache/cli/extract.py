@@ -83,6 +83,10 @@ def extract_cmd(
         str | None,
         typer.Option("--shard", help="i/N: run this process's share of the units (start N of them); auto inside a Slurm job array.", show_default=False),
     ] = None,
+    no_lease: Annotated[
+        bool,
+        typer.Option("--no-lease", help="Take no lease on the feature store: only for a cache no other process writes meanwhile (object stores without conditional writes)."),
+    ] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -98,6 +102,7 @@ def extract_cmd(
             views=views, augment_splits=csv_items(augment_splits), seed=seed, dtype=dtype, precision=precision,
             decode=decode, antialias=antialias, batch_size=batch_size, xla=xla, cache_dir=cache, limit=limit, on_error=on_error,  # type: ignore[arg-type]
             workers=workers, client=client, units_per_task=units_per_task, shard=shard_, progress=not (quiet or json_out),
+            lease=not no_lease,
         )
     _report(result, json_out=json_out, cache=cache)
 
