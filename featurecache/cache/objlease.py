@@ -53,10 +53,10 @@ class S3Conditional:
         self.fs = loc.remote.fs
         self.bucket, self.key, _ = self.fs.split_path(loc.path)
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         from fsspec.asyn import sync
 
-        return sync(self.fs.loop, coro)
+        return sync(self.fs.loop, func, *args, **kwargs)
 
     def put(self, body: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str | None:
         """PUT ``body``; the new etag, or None when the condition failed (412, or 404 for ``If-Match``)."""
@@ -66,7 +66,7 @@ class S3Conditional:
         if if_match is not None:
             kw["IfMatch"] = if_match
         try:
-            out = self._run(self.fs._call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **kw))
+            out = self._run(self.fs._call_s3, "put_object", Bucket=self.bucket, Key=self.key, Body=body, **kw)
         except (FileExistsError, FileNotFoundError):
             return None
         except OSError as exc:
@@ -90,14 +90,14 @@ class S3Conditional:
             return data, str(resp.get("ETag", ""))
 
         try:
-            return self._run(fetch())
+            return self._run(fetch)
         except FileNotFoundError:
             return None
 
     def delete(self) -> None:
         """Remove the object (absent is fine)."""
         try:
-            self._run(self.fs._call_s3("delete_object", Bucket=self.bucket, Key=self.key))
+            self._run(self.fs._call_s3, "delete_object", Bucket=self.bucket, Key=self.key)
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache(self.loc.path)
