@@ -304,3 +304,31 @@ def test_no_lease_extracts_where_the_lease_is_refused(s3: Endpoint, runs, monkey
         assert all(a.features(s).tobytes() == b.features(s).tobytes() for s in a.splits)
     finally:
         ignoring.stop()
+
+
+# -- cache roots as URLs (no endpoint needed) ----------------------------------------------------
+def test_cache_roots_parse_as_paths_or_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Paths and file:// stay local Paths; s3:// gives a remote location; bad storage options fail in one line."""
+    from featurecache.cache.storage import RemotePath
+    from featurecache.cache.store import resolve_cache_dir
+    from featurecache.errors import UsageError
+
+    monkeypatch.delenv("FEATURECACHE_STORAGE_OPTIONS", raising=False)
+    assert resolve_cache_dir(tmp_path / "c") == tmp_path / "c"
+    assert resolve_cache_dir(f"file://{tmp_path}/c") == tmp_path / "c"
+    remote = resolve_cache_dir("s3://bucket/some/prefix/")
+    assert isinstance(remote, RemotePath) and str(remote) == "s3://bucket/some/prefix"
+    assert str(remote / "views" / "x") == "s3://bucket/some/prefix/views/x" and (remote / "views").parent == remote
+    monkeypatch.setenv("FEATURECACHE_DIR", "s3://bucket/from-env")
+    assert str(resolve_cache_dir()) == "s3://bucket/from-env"
+    monkeypatch.setenv("FEATURECACHE_STORAGE_OPTIONS", "{not json")
+    with pytest.raises(UsageError, match="FEATURECACHE_STORAGE_OPTIONS is not valid JSON"):
+        resolve_cache_dir("s3://bucket/p")
+
+
+def test_cli_keeps_a_cache_url_intact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--cache s3://...` reaches the API as the URL (a Path would collapse it to s3:/...)."""
+    from featurecache.cli._common import _cache_folder
+
+    assert _cache_folder("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert isinstance(_cache_folder("relative/dir"), Path)

@@ -12,14 +12,16 @@ that copy its API) has conditional PUTs, and they give the same guarantees:
   changed for ``stale_after`` seconds (no clock of another machine is compared), or at once
   when the holder provably died on this machine (as for local leases);
 * **break**: the waiter overwrites the stale lease with its own record under ``If-Match: <the
-  etag it judged>``: of several breakers exactly one wins, and a holder that came back to life
-  loses its next heartbeat instead of writing alongside.
+  etag it judged>``: of several breakers exactly one wins, and the old holder's next heartbeat
+  fails (as with a local lease, a frozen holder that wakes up is not stopped; units are
+  idempotent and vouched for by their markers, so that costs work, never wrong bytes).
 
-A store that accepts these headers but ignores them would let two writers in, so before the
-first lease on a bucket a probe writes a scratch object twice with ``If-None-Match: *`` and
-once with a wrong ``If-Match``; if any of them succeeds the lease refuses, with one line naming
-``--no-lease`` (for caches only one process writes at a time). Only ``s3://`` roots (s3fs) are
-supported; others refuse the same way.
+A store that accepts these headers but ignores them would let two writers in, so before its
+first lease on a cache root a process runs a probe: it creates a scratch object with
+``If-None-Match: *``, then tries again with ``If-None-Match: *`` and with a wrong ``If-Match``;
+if either of those succeeds the lease refuses, with one line naming ``--no-lease`` (for caches
+only one process writes at a time). Only ``s3://`` roots (s3fs) are supported; others refuse
+the same way.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _precondition_failed(exc: BaseException) -> bool:
 
 
 def conditional(loc: RemotePath) -> S3Conditional:
-    """Conditional operations on ``loc``, after checking once per bucket that the store honours them.
+    """Conditional operations on ``loc``, after checking (once per root and process) that the store honours them.
 
     Raises
     ------

@@ -257,14 +257,23 @@ class FeatureStore(CacheNode):
 
     def _listed_markers(self) -> dict[int, dict[int, dict[str, Any]]]:
         """Every view's markers from one listing of ``units/`` (object storage: one LIST request
-        per thousand objects, then the markers fetched concurrently; never one HEAD per unit)."""
+        per thousand objects, then the new markers fetched concurrently; never one HEAD per unit).
+
+        A marker is one PUT, written once per slot, so one already read is kept, not fetched again:
+        a refresh costs the listing and the markers written since.
+        """
         base = self.path / UNITS_GROUP
         found: dict[RemotePath, tuple[int, int]] = {}
+        out: dict[int, dict[int, dict[str, Any]]] = {v: {} for v in range(self.views)}
         for rel in storage.find(base):
             parts = rel.split("/")
             if len(parts) == 3 and parts[2] == "zarr.json" and parts[0][:1] == "v" and parts[0][1:].isdigit() and parts[1][:1] == "u" and parts[1][1:].isdigit():
-                found[base / rel] = (int(parts[0][1:]), int(parts[1][1:]))
-        out: dict[int, dict[int, dict[str, Any]]] = {v: {} for v in range(self.views)}
+                view, slot = int(parts[0][1:]), int(parts[1][1:])
+                known = self._markers.get(view, {}).get(slot)
+                if known is not None:
+                    out.setdefault(view, {})[slot] = known
+                else:
+                    found[base / rel] = (view, slot)
         for loc, data in storage.read_many(found).items():
             view, slot = found[loc]
             try:
