@@ -194,6 +194,21 @@ def test_deleted_chunk_is_detected_on_read(runs) -> None:
     assert not report.ok and report.problems
 
 
+def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
+    """`--shard 0/2` then `--shard 1/2` on an s3:// root: the plan is shared through the bucket, the last seals."""
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = f"s3://{BUCKET}/shards-{uuid.uuid4().hex[:6]}"
+    first = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, shard=(0, 2), **OPTS)
+    assert first.pending == 4 and first.computed == 16  # units 0, 2, 4, 6 of 8
+    last = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, shard=(1, 2), **OPTS)
+    assert last.pending == 0 and last.computed == 14 and last.key == runs["local"].key
+    a, b = open_features(last.key, cache_dir=cache), open_features(last.key, cache_dir=runs["tmp"] / "local")
+    assert all(a.features(s).tobytes() == b.features(s).tobytes() for s in a.splits)
+    assert _fs().find(f"{cache[len('s3://'):]}/.shards") == []  # the plan is removed once the view is written
+
+
 # -- the lease on conditional writes (no TensorFlow) ---------------------------------------------
 def test_conditional_lease_admits_exactly_one_of_two(s3: Endpoint) -> None:
     """Two coordinators taking the same lease at once: exactly one gets it; the other sees its record."""
@@ -290,17 +305,29 @@ def test_store_ignoring_conditional_writes_is_refused(s3: Endpoint, monkeypatch:
 
 
 def test_no_lease_extracts_where_the_lease_is_refused(s3: Endpoint, runs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--no-lease` on a store without conditional writes: the extraction runs and equals the local one."""
-    from featurecache.cache.views import open_features
-    from featurecache.extract import extract
+    """On a store without conditional writes `extract` refuses in one line naming --no-lease, and
+    `--no-lease` runs it (here: the feature set over existing rows, so no model is built)."""
+    from typer.testing import CliRunner
 
+    from featurecache.cache.views import open_features
+    from featurecache.cli.main import app
+
+    fs = _fs()
+    copy = f"{BUCKET}/nolease-{uuid.uuid4().hex[:6]}"
+    fs.copy(f"{BUCKET}/resumed", copy, recursive=True)
+    fs.rm(f"{copy}/views", recursive=True)  # the store's rows stay; the feature set is to be written
     ignoring = Endpoint(ignore_conditions=True)
     try:
         monkeypatch.setenv("FEATURECACHE_STORAGE_OPTIONS", json.dumps({"endpoint_url": ignoring.url}))
-        cache = f"s3://{BUCKET}/nolease"
-        res = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, lease=False, **OPTS)
-        assert res.key == runs["local"].key and res.computed == 30
-        a, b = open_features(res.key, cache_dir=cache), open_features(res.key, cache_dir=runs["tmp"] / "local")
+        args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv3small", "--weights", "random", "--size", "32",
+                "--limit", "10", "--cache", f"s3://{copy}", "--json"]
+        refused = CliRunner().invoke(app, args)
+        assert refused.exit_code != 0 and "--no-lease" in refused.output and len(refused.output.strip().splitlines()) == 1, refused.output
+        done = CliRunner().invoke(app, [*args, "--no-lease"])
+        assert done.exit_code == 0, done.output
+        doc = json.loads(done.stdout)
+        assert doc["key"] == runs["local"].key and doc["computed"] == 0 and not doc["cached"]
+        a, b = open_features(doc["key"], cache_dir=f"s3://{copy}"), open_features(doc["key"], cache_dir=runs["tmp"] / "local")
         assert all(a.features(s).tobytes() == b.features(s).tobytes() for s in a.splits)
     finally:
         ignoring.stop()
