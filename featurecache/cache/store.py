@@ -13,8 +13,8 @@ Layout of a store ``<cache>/features/<label>--<key12>/`` (``key`` = the feature 
 
 A *write unit* fills one chunk slot ``S`` of one view: rows ``[S*chunk_rows, S*chunk_rows+m)``
 for ``m`` images that the store did not have. Its data is exactly one chunk per array (Zarr's
-local store writes a chunk through a temporary file and a rename, so it is whole or absent),
-fsynced, and only then is its marker written. A crash between the two leaves data without a
+local store writes a chunk through a temporary file and a rename, so it is whole or absent; on
+object storage a chunk is one PUT), fsynced, and only then is its marker written. A crash between the two leaves data without a
 marker, and the unit is simply planned again. Slots are allocated by the holder of the store's
 lease (:mod:`featurecache.cache.lease`), which also grows the arrays; units themselves are
 idempotent and independent, so any executor can run them.
