@@ -28,7 +28,7 @@ from featurecache.cache import store
 from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
-from featurecache.cache.lease import Lease
+from featurecache.cache.lease import Lease, NoLease
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
 from featurecache.options import KEYED_FIELDS, ExtractOptions, OnError, expands_options
 from featurecache.versions import library_versions
@@ -152,6 +152,7 @@ def extract(
     client: Any = None,
     units_per_task: int = 4,
     shard: tuple[int, int] | None = None,
+    lease: bool = True,
     **overrides: Any,
 ) -> ExtractResult:
     """Extract (or find in the cache) the features of ``data`` under ``backbone``.
@@ -236,6 +237,9 @@ def extract(
         ``(i, N)``: run only the units with index ``i`` modulo ``N`` of a plan shared through
         the cache, for N processes started without a scheduler; the shard that finds every
         unit done writes the view (see :mod:`featurecache.shards`).
+    lease
+        False (``--no-lease``): take no lease on the feature store, for a cache that only this
+        process writes, on an object store without conditional writes.
 
     Returns
     -------
@@ -262,7 +266,7 @@ def extract(
 
     if client is not None and shard is not None:
         raise UsageError("pass either a Dask client (--cluster/--scheduler) or --shard, not both")
-    lease = Lease(p.cache_dir, p.spec.key)
+    lease_ = (Lease if lease else NoLease)(p.cache_dir, p.spec.key)
 
     def tell(holder: dict[str, Any]) -> None:
         if progress:
@@ -272,10 +276,10 @@ def extract(
         from featurecache import shards
 
         return _extract_shard(
-            p, shards.check_shard(shard), lease=lease, lease_timeout=lease_timeout, tell=tell, started=started,
+            p, shards.check_shard(shard), lease=lease_, lease_timeout=lease_timeout, tell=tell, started=started,
             batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, chunk_rows=chunk_rows, xla=o.xla, progress=progress,
         )
-    lease.wait(timeout=lease_timeout, on_wait=tell)
+    lease_.wait(timeout=lease_timeout, on_wait=tell)
     try:
         store.remove_leftovers(p.cache_dir, p.spec.key)  # debris of killed runs of this store; ours now
         hit = views_mod.find_by_key(p.cache_dir, p.key)
@@ -287,7 +291,7 @@ def extract(
         )
         fs = _write_view(p, st, computed=computed, compute=compute)
     finally:
-        lease.release()
+        lease_.release()
     return _result(fs, cached=False, started=started, plan_=p, computed=computed)
 
 
@@ -351,7 +355,7 @@ def features_for(
 
 
 def _extract_shard(
-    p: Plan, shard: tuple[int, int], *, lease: Lease, lease_timeout: float | None, tell: Callable[[dict[str, Any]], None],
+    p: Plan, shard: tuple[int, int], *, lease: Lease | NoLease, lease_timeout: float | None, tell: Callable[[dict[str, Any]], None],
     started: float, batch_size: int, on_error: OnError, workers: int | None, chunk_rows: int | None, xla: bool | None, progress: bool,
 ) -> ExtractResult:
     """One shard of a sharded extraction: agree on the plan, run our units, seal if last."""

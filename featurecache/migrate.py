@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.keys import FeatureSpec, view_key
@@ -40,8 +41,10 @@ class MigrationResult:
 
 
 def legacy_entries(cache_dir: Path) -> list[Path]:
-    """Format-1 entry directories directly under the cache root."""
+    """Format-1 entry directories directly under the cache root (none on object storage, which came later)."""
     out = []
+    if storage.is_remote(cache_dir):
+        return out
     for child in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else ():
         if child.name.startswith((".", "_")) or child.name in (store_mod.STORES_DIR, store_mod.VIEWS_DIR) or not child.is_dir() or child.is_symlink():
             continue
@@ -74,6 +77,7 @@ def migrate(*, cache_dir: str | os.PathLike[str] | None = None, data: str | None
         One per format-1 entry found.
     """
     root = store_mod.resolve_cache_dir(cache_dir)
+    storage.refuse_remote(root, "cache migrate")
     out = []
     for entry in legacy_entries(root):
         try:

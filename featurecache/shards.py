@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from featurecache.cache.fsio import write_json_atomic
+from featurecache.cache import storage
 from featurecache.cache.store import Unit
 from featurecache.errors import UsageError
 
@@ -78,7 +78,7 @@ def check_shard(shard: Any) -> tuple[int, int]:
     return i, n
 
 
-def plan_path(cache_dir: Path, view_key: str) -> Path:
+def plan_path(cache_dir: storage.Location, view_key: str) -> storage.Location:
     """Where the shard plan of the dataset view ``view_key`` lives."""
     return cache_dir / SHARDS_DIR / f"{view_key}.json"
 
@@ -90,7 +90,7 @@ def read_plan(cache_dir: Path, view_key: str, spec_key: str) -> list[Unit] | Non
     lease holder then allocates afresh, which never harms data (unrun slots stay empty).
     """
     try:
-        doc = json.loads(plan_path(cache_dir, view_key).read_text(encoding="utf-8"))
+        doc = json.loads(storage.read_bytes(plan_path(cache_dir, view_key)).decode("utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or doc.get("spec_key") != spec_key:
@@ -107,13 +107,13 @@ def write_plan(cache_dir: Path, view_key: str, spec_key: str, units: list[Unit])
         "units": [{"view": u.view, "slot": u.slot, "digests": list(u.digests)} for u in units],
     }
     path = plan_path(cache_dir, view_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, doc)
+    storage.make_dirs(path.parent)
+    storage.publish_json(path, doc)
 
 
 def remove_plan(cache_dir: Path, view_key: str) -> None:
     """Delete the shard plan once the view is written."""
-    plan_path(cache_dir, view_key).unlink(missing_ok=True)
+    storage.remove_file(plan_path(cache_dir, view_key))
 
 
 def my_units(units: list[Unit], shard: tuple[int, int]) -> list[Unit]:

@@ -188,7 +188,7 @@ def load_training_data(
     except (ValueError, OSError) as exc:  # zarr's checksum mismatch is a bare ValueError
         import shlex
 
-        where = f"{fs.key[:12]} --cache {shlex.quote(str(Path(fs.path).parent))}"
+        where = f"{fs.key[:12]} --cache {shlex.quote(str(fs.path.parent))}"
         raise CacheCorruptError(
             f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); "
             f"check it with `featurecache cache verify {where}`, then remove it (`featurecache cache rm {where} --yes`) and extract again"

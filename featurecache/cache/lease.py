@@ -12,7 +12,9 @@ instead of killing a live lease. A waiter breaks a stale lease by renaming it aw
 one breaker can win.
 
 The lease coordinates who *allocates and seals*; it never guards correctness of the data:
-units are idempotent, and a unit's marker vouches for exactly its bytes.
+units are idempotent, and a unit's marker vouches for exactly its bytes. On an object-store
+root ``Lease(...)`` is an :class:`ObjectLease`, the same protocol on conditional writes
+(:mod:`featurecache.cache.objlease`); :class:`NoLease` is the ``--no-lease`` override.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import raise_if_disk_full
+from featurecache.cache.objlease import ObjectLeaseMixin
+from featurecache.cache.storage import Location, RemotePath
 
 LOCKS_DIR = ".locks"
 
@@ -119,8 +123,14 @@ class Lease:
         Seconds between heartbeats of the holder.
     """
 
-    def __init__(self, cache_dir: Path, key: str, *, stale_after: float = 60.0, heartbeat: float = 5.0) -> None:
-        self.path = Path(cache_dir) / LOCKS_DIR / f"{key}.lease"
+    def __new__(cls, cache_dir: Location, key: str, **kwargs: Any) -> Lease:
+        # Like pathlib.Path: the caller names a lease, the root decides how it is held.
+        if cls is Lease and isinstance(cache_dir, RemotePath):
+            cls = ObjectLease
+        return super().__new__(cls)
+
+    def __init__(self, cache_dir: Location, key: str, *, stale_after: float = 60.0, heartbeat: float = 5.0) -> None:
+        self.path: Any = (cache_dir if isinstance(cache_dir, RemotePath) else Path(cache_dir)) / LOCKS_DIR / f"{key}.lease"
         self.stale_after = stale_after
         self.heartbeat = heartbeat
         self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
@@ -249,6 +259,38 @@ class Lease:
             checkpoint("lease_released")
 
     def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ObjectLease(ObjectLeaseMixin, Lease):
+    """:class:`Lease` on an object-store root, held through conditional writes (see :mod:`featurecache.cache.objlease`)."""
+
+    def __init__(self, cache_dir: RemotePath, key: str, *, stale_after: float = 60.0, heartbeat: float = 5.0) -> None:
+        super().__init__(cache_dir, key, stale_after=stale_after, heartbeat=heartbeat)
+        self._setup_object()
+
+
+class NoLease:
+    """No lease at all (``--no-lease``): for a cache only one process writes at a time, on a store
+    without conditional writes. Same interface as :class:`Lease`; every call succeeds at once."""
+
+    def __init__(self, cache_dir: Location, key: str, **kwargs: Any) -> None:
+        self.path = None
+
+    def try_acquire(self) -> bool:
+        """Always True."""
+        return True
+
+    def wait(self, *, timeout: float | None = None, on_wait: Any = None) -> None:
+        """Return at once."""
+
+    def release(self) -> None:
+        """Nothing to give back."""
+
+    def __enter__(self) -> NoLease:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.fsio import tree_size
@@ -187,6 +188,7 @@ def repair(result: CheckResult, *, cache_dir: Path) -> list[str]:
     list of str
         What was removed, one line each.
     """
+    storage.refuse_remote(cache_dir, "cache verify --repair")
     done = []
     for path in sorted(result.damaged_views):
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
@@ -358,6 +360,7 @@ def gc(
         ``older_than`` is not an age.
     """
     age = parse_age(older_than)
+    storage.refuse_remote(store_mod.resolve_cache_dir(cache_dir), "cache gc")
     root = store_mod.resolve_cache_dir(cache_dir)
     now = time.time()
     items: list[GcItem] = []

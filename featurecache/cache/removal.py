@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.fsio import tree_size
@@ -46,6 +47,7 @@ def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -
         Nothing (or several feature sets) match.
     """
     root = store_mod.resolve_cache_dir(cache_dir)
+    storage.refuse_remote(root, "cache rm")
     for sub in (store_mod.VIEWS_DIR, store_mod.STORES_DIR):
         named = root / sub / ref
         if ref and "/" not in ref and (named.is_symlink() or named.is_dir()):

@@ -13,8 +13,8 @@ Layout of a store ``<cache>/features/<label>--<key12>/`` (``key`` = the feature 
 
 A *write unit* fills one chunk slot ``S`` of one view: rows ``[S*chunk_rows, S*chunk_rows+m)``
 for ``m`` images that the store did not have. Its data is exactly one chunk per array (Zarr's
-local store writes a chunk through a temporary file and a rename, so it is whole or absent),
-fsynced, and only then is its marker written. A crash between the two leaves data without a
+local store writes a chunk through a temporary file and a rename, so it is whole or absent; on
+object storage a chunk is one PUT), fsynced, and only then is its marker written. A crash between the two leaves data without a
 marker, and the unit is simply planned again. Slots are allocated by the holder of the store's
 lease (:mod:`featurecache.cache.lease`), which also grows the arrays; units themselves are
 idempotent and independent, so any executor can run them.
@@ -38,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
-from featurecache.cache.fsio import fsync_file, raise_if_disk_full, tree_size, write_json_atomic
+from featurecache.cache.fsio import fsync_file, raise_if_disk_full
+from featurecache.cache.storage import Location, RemotePath
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec
 from featurecache.errors import CacheCorruptError, DamagedUnitError, UsageError
 
@@ -53,15 +55,24 @@ MEMO_DIR = ".memo"
 TARGET_CHUNK_BYTES = 1 << 20
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache root: ``cache_dir``, else ``$FEATURECACHE_DIR``, else ``./cache``."""
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | RemotePath | None = None) -> Location:
+    """The cache root: ``cache_dir``, else ``$FEATURECACHE_DIR``, else ``./cache``.
+
+    A path (``file://`` URLs included) gives an absolute ``Path``; an fsspec URL such as
+    ``s3://bucket/prefix`` gives a :class:`~featurecache.cache.storage.RemotePath`.
+
+    Raises
+    ------
+    UsageError
+        A URL whose storage options (``$FEATURECACHE_STORAGE_OPTIONS``) are malformed.
+    """
     chosen = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "cache"
-    return Path(chosen).expanduser().absolute()
+    return storage.as_location(chosen)
 
 
-def memo_dir(cache_dir: Path) -> Path:
-    """Where memoised file and weights digests live (never part of a store or view)."""
-    return cache_dir / MEMO_DIR
+def memo_dir(cache_dir: Location) -> Path:
+    """Where memoised file and weights digests live (never part of a store or view; always local)."""
+    return storage.local_dir_for(cache_dir, MEMO_DIR)
 
 
 def chunk_rows_for(feature_shape: Sequence[int], dtype: str, *, batch_size: int = 1) -> int:
@@ -103,7 +114,7 @@ def group_document(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": {"featurecache": dict(attrs)}}
 
 
-def read_group_attrs(path: Path) -> dict[str, Any] | None:
+def read_group_attrs(path: Location) -> dict[str, Any] | None:
     """The ``featurecache`` attributes of the Zarr group at ``path``, or None if it has none.
 
     Raises
@@ -113,11 +124,16 @@ def read_group_attrs(path: Path) -> dict[str, Any] | None:
     """
     meta = path / "zarr.json"
     try:
-        doc = json.loads(meta.read_text(encoding="utf-8"))
+        doc = json.loads(storage.read_bytes(meta).decode("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise CacheCorruptError(f"{meta} is unreadable ({' '.join(str(exc).split())[:80]})") from None
+    return group_attrs(doc)
+
+
+def group_attrs(doc: Any) -> dict[str, Any] | None:
+    """The ``featurecache`` attributes of a parsed group ``zarr.json``, or None."""
     attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
     fc = attrs.get("featurecache") if isinstance(attrs, dict) else None
     return fc if isinstance(fc, dict) else None
@@ -146,7 +162,7 @@ class CacheNode:
     """Identity shared by feature stores and feature sets: a directory whose Zarr attributes
     (``featurecache`` namespace) hold its ``key`` and ``spec``."""
 
-    path: Path
+    path: Location
     attrs: dict[str, Any]
 
     @property
@@ -181,10 +197,10 @@ class FeatureStore(CacheNode):
         Its ``zarr.json`` is unreadable.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str] | RemotePath) -> None:
         from featurecache.errors import EntryNotFoundError
 
-        self.path = Path(path)
+        self.path = as_node_path(path)
         attrs = read_group_attrs(self.path)
         if attrs is None or attrs.get("kind") != "feature-store":
             raise EntryNotFoundError(f"{self.path} is not a featurecache feature store; list them with `featurecache cache ls`")
@@ -216,6 +232,10 @@ class FeatureStore(CacheNode):
     # -- markers -------------------------------------------------------------------------
     def markers(self, view: int, *, refresh: bool = False) -> dict[int, dict[str, Any]]:
         """``{slot: marker}`` of every finished unit of ``view`` (read once, then cached)."""
+        if isinstance(self.path, RemotePath):
+            if refresh or view not in self._markers:
+                self._markers.update(self._listed_markers())
+            return self._markers.setdefault(view, {})
         if refresh or view not in self._markers:
             out: dict[int, dict[str, Any]] = {}
             base = self.path / UNITS_GROUP / f"v{view}"
@@ -234,6 +254,35 @@ class FeatureStore(CacheNode):
                     out[int(name[1:])] = attrs
             self._markers[view] = out
         return self._markers[view]
+
+    def _listed_markers(self) -> dict[int, dict[int, dict[str, Any]]]:
+        """Every view's markers from one listing of ``units/`` (object storage: one LIST request
+        per thousand objects, then the new markers fetched concurrently; never one HEAD per unit).
+
+        A marker is one PUT, written once per slot, so one already read is kept, not fetched again:
+        a refresh costs the listing and the markers written since.
+        """
+        base = self.path / UNITS_GROUP
+        found: dict[RemotePath, tuple[int, int]] = {}
+        out: dict[int, dict[int, dict[str, Any]]] = {v: {} for v in range(self.views)}
+        for rel in storage.find(base):
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[2] == "zarr.json" and parts[0][:1] == "v" and parts[0][1:].isdigit() and parts[1][:1] == "u" and parts[1][1:].isdigit():
+                view, slot = int(parts[0][1:]), int(parts[1][1:])
+                known = self._markers.get(view, {}).get(slot)
+                if known is not None:
+                    out.setdefault(view, {})[slot] = known
+                else:
+                    found[base / rel] = (view, slot)
+        for loc, data in storage.read_many(found).items():
+            view, slot = found[loc]
+            try:
+                attrs = group_attrs(json.loads(bytes(data).decode("utf-8"))) if not isinstance(data, BaseException) else None
+            except ValueError:
+                attrs = None  # a torn marker vouches for nothing: the unit is redone
+            if attrs is not None and attrs.get("slot") == slot:
+                out.setdefault(view, {})[slot] = attrs
+        return out
 
     def index(self, view: int) -> dict[str, int]:
         """``{digest: row}`` of ``view``'s finished rows (the first row, if a digest appears twice)."""
@@ -265,7 +314,7 @@ class FeatureStore(CacheNode):
         if self._group is None:
             import zarr
 
-            self._group = zarr.open_group(str(self.path), mode="r+")
+            self._group = zarr.open_group(storage.zarr_store(self.path), mode="r+", zarr_format=3)
         return self._group
 
     def array(self, view: int):  # -> zarr.Array
@@ -408,7 +457,7 @@ class FeatureStore(CacheNode):
 
     def size_bytes(self) -> int:
         """Bytes on disk (never following links)."""
-        return tree_size(self.path)
+        return storage.tree_size(self.path)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description, as printed by ``cache ls --json``."""
@@ -430,16 +479,25 @@ class FeatureStore(CacheNode):
         return f"FeatureStore({self.name!r})"
 
 
+def as_node_path(path: str | os.PathLike[str] | RemotePath) -> Location:
+    """A store's or view's location from a path, a URL (as Dask workers receive it) or a location."""
+    if isinstance(path, RemotePath):
+        return path
+    if isinstance(path, str) and storage.is_url(path):
+        return storage.as_location(path)
+    return Path(path)
+
+
 # -- writing (the caller holds the store's lease unless said otherwise) --------------------
-def store_path(cache_dir: Path, spec: FeatureSpec) -> Path:
+def store_path(cache_dir: Location, spec: FeatureSpec) -> Location:
     """Where ``spec``'s feature store lives."""
     return cache_dir / STORES_DIR / spec.store_name()
 
 
-def open_store(cache_dir: Path, spec_key: str) -> FeatureStore | None:
+def open_store(cache_dir: Location, spec_key: str) -> FeatureStore | None:
     """The feature store of ``spec_key``, or None when there is none (a damaged one raises)."""
     root = cache_dir / STORES_DIR
-    for child in root.glob(f"*--{spec_key[:12]}") if root.is_dir() else ():
+    for child in storage.glob(root, f"*--{spec_key[:12]}"):
         try:
             st = FeatureStore(child)
         except CacheCorruptError:
@@ -451,7 +509,7 @@ def open_store(cache_dir: Path, spec_key: str) -> FeatureStore | None:
     return None
 
 
-def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[int], chunk_rows: int, extra: Mapping[str, Any] | None = None) -> FeatureStore:
+def create_store(cache_dir: Location, spec: FeatureSpec, *, feature_shape: Sequence[int], chunk_rows: int, extra: Mapping[str, Any] | None = None) -> FeatureStore:
     """Create ``spec``'s empty store in place (holding its lease) and return it.
 
     The group's attributes are written last: until then the directory is not a store, so a
@@ -468,9 +526,9 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
     if existing is not None:
         return existing
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "zarr.json").unlink(missing_ok=True)  # a torn one from a crash or a bad disk
-        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        storage.make_dirs(path)
+        storage.remove_file(path / "zarr.json")  # a torn one from a crash or a bad disk
+        root = zarr.open_group(storage.zarr_store(path), mode="a", zarr_format=3)
         dims = feature_dims(feature_shape)
         for view in range(1 + spec.views):
             g = root.require_group(f"v{view}")
@@ -484,7 +542,7 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
             for name, kw in arrays.items():
                 if not _array_fits(path / f"v{view}" / name, kw["chunks"]):
                     # A torn or mismatched array vouches for nothing: its units' markers go with it.
-                    shutil.rmtree(path / UNITS_GROUP / f"v{view}", ignore_errors=True)
+                    storage.remove_tree(path / UNITS_GROUP / f"v{view}")
                     g.create_array(name, overwrite=True, **kw)
             root.require_group(f"{UNITS_GROUP}/v{view}")
         checkpoint("entry_tmp_created")
@@ -498,7 +556,7 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        write_json_atomic(path / "zarr.json", group_document(attrs))
+        storage.publish_json(path / "zarr.json", group_document(attrs))  # last: now it is a store
         checkpoint("entry_created")
     except OSError as exc:
         raise_if_disk_full(exc, cache_dir)
@@ -506,12 +564,12 @@ def create_store(cache_dir: Path, spec: FeatureSpec, *, feature_shape: Sequence[
     return FeatureStore(path)
 
 
-def _array_fits(path: Path, chunks: tuple[int, ...]) -> bool:
+def _array_fits(path: Location, chunks: tuple[int, ...]) -> bool:
     """Whether an existing array at ``path`` (kept when a store's ``zarr.json`` is rebuilt) has ``chunks``."""
     import zarr
 
     try:
-        return tuple(zarr.open_array(str(path), mode="r").chunks) == tuple(chunks)
+        return tuple(zarr.open_array(storage.zarr_store(path, read_only=True), mode="r", zarr_format=3).chunks) == tuple(chunks)
     except Exception:  # noqa: BLE001 - absent or unreadable: recreate
         return False
 
@@ -560,7 +618,7 @@ def write_unit(
     if features.shape != (m, *st.feature_shape):
         raise UsageError(f"unit {unit.marker} needs features of shape {(m, *st.feature_shape)}, got {features.shape}")
     start = unit.slot * st.chunk_rows
-    group = zarr.open_group(str(st.path), mode="r+")
+    group = zarr.open_group(storage.zarr_store(st.path), mode="r+", zarr_format=3)
     try:
         arr = group[f"v{unit.view}/features"]
         arr[start : start + m] = features
@@ -574,9 +632,10 @@ def write_unit(
             group["v0/valid"][start : start + m] = np.asarray(valid, dtype=bool)
             chunk_files.append(st.path / "v0" / "valid" / arr.metadata.encode_chunk_key((unit.slot,)))
         checkpoint("unit_valid_written")
-        # SIGKILL cannot tear a chunk (each is renamed into place), but a power cut could
-        # persist the marker and not the data it vouches for; syncing the data first orders them.
-        for path in chunk_files:
+        # SIGKILL cannot tear a chunk (each is renamed into place, or one PUT on object storage),
+        # but a power cut could persist the marker and not the data it vouches for; syncing the
+        # data first orders them (an object store acknowledges a PUT only once it is durable).
+        for path in chunk_files if not isinstance(st.path, RemotePath) else ():
             fsync_file(path)
         marker = {
             "view": unit.view,
@@ -587,7 +646,7 @@ def write_unit(
             "written": time.time(),
             **(record or {}),
         }
-        write_json_atomic(st.path / unit.marker / "zarr.json", group_document(marker), before_rename=lambda: checkpoint("marker_tmp_written"))
+        storage.publish_json(st.path / unit.marker / "zarr.json", group_document(marker), before_rename=lambda: checkpoint("marker_tmp_written"))
         listed = st._markers.get(unit.view)
         if listed is not None:  # keep a listing already read current; never read every marker to add one
             listed[unit.slot] = marker
@@ -602,7 +661,11 @@ def remove_units(st: FeatureStore, view: int, slots: Iterable[int]) -> int:
     n = 0
     for slot in slots:
         marker_dir = st.path / UNITS_GROUP / f"v{view}" / f"u{slot}"
-        if marker_dir.is_dir() and not marker_dir.is_symlink():
+        if isinstance(marker_dir, RemotePath):
+            if slot in st.markers(view):
+                storage.remove_file(marker_dir / "zarr.json")
+                n += 1
+        elif marker_dir.is_dir() and not marker_dir.is_symlink():
             shutil.rmtree(marker_dir)
             n += 1
         st.markers(view).pop(slot, None)
@@ -612,17 +675,15 @@ def remove_units(st: FeatureStore, view: int, slots: Iterable[int]) -> int:
             except KeyError:
                 continue
             key = arr.metadata.encode_chunk_key((slot, *([0] * (arr.ndim - 1))))
-            (st.path / f"v{view}" / name / key).unlink(missing_ok=True)
+            storage.remove_file(st.path / f"v{view}" / name / key)
     return n
 
 
-def iter_stores(cache_dir: Path) -> Iterator[FeatureStore | Path]:
+def iter_stores(cache_dir: Location) -> Iterator[FeatureStore | Location]:
     """Every feature store under ``cache_dir``, sorted by name; a damaged one as its Path."""
     root = cache_dir / STORES_DIR
-    if not root.is_dir():
-        return
-    for child in sorted(root.iterdir()):
-        if child.name.startswith(".") or child.is_symlink() or not child.is_dir():
+    for child in storage.children(root):
+        if child.name.startswith(".") or storage.is_link(child) or not storage.is_dir(child):
             continue
         try:
             yield FeatureStore(child)
@@ -632,7 +693,7 @@ def iter_stores(cache_dir: Path) -> Iterator[FeatureStore | Path]:
             yield child
 
 
-def remove_leftovers(cache_dir: Path, spec_key: str) -> list[Path]:
+def remove_leftovers(cache_dir: Location, spec_key: str) -> list[Path]:
     """Delete the temporary files that killed writers of ``spec_key`` left behind.
 
     Call it only while holding the store's lease: then nobody else writes these files, so each
@@ -648,6 +709,8 @@ def remove_leftovers(cache_dir: Path, spec_key: str) -> list[Path]:
     """
     from featurecache.cache.lease import LOCKS_DIR
 
+    if isinstance(cache_dir, RemotePath):
+        return []  # object stores get whole PUTs: no temp files, no views built aside, no moved leases
     removed: list[Path] = []
     debris: list[Path] = []
     tmp = cache_dir / TMP_DIR
@@ -671,19 +734,19 @@ def remove_leftovers(cache_dir: Path, spec_key: str) -> list[Path]:
     return removed
 
 
-def find_store(ref: str, *, cache_dir: Path) -> FeatureStore | None:
+def find_store(ref: str, *, cache_dir: Location) -> FeatureStore | None:
     """A feature store by directory name, full key or key prefix (>= 6 hex digits), or None."""
     root = cache_dir / STORES_DIR
-    if not root.is_dir() or not ref:
+    if not ref or not storage.is_dir(root):
         return None
     named = root / ref
-    if "/" not in ref and not ref.startswith(".") and named.is_dir():
+    if "/" not in ref and not ref.startswith(".") and storage.is_dir(named):
         return FeatureStore(named)
     prefix = ref.lower()
     if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
         return None
     hits = []
-    for child in root.glob(f"*--{prefix[:12]}*"):
+    for child in storage.glob(root, f"*--{prefix[:12]}*"):
         try:
             st = FeatureStore(child)
         except Exception:  # noqa: BLE001 - damaged stores are listed by `cache ls`

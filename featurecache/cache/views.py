@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
-from featurecache.cache.fsio import raise_if_disk_full, tree_size
+from featurecache.cache.fsio import raise_if_disk_full
 from featurecache.cache.keys import FORMAT_VERSION, manifest_digest, view_key
 from featurecache.cache.store import (
     STORES_DIR,
@@ -41,9 +42,11 @@ from featurecache.cache.store import (
     CacheNode,
     FeatureStore,
     array_codecs,
+    as_node_path,
     read_group_attrs,
     resolve_cache_dir,
 )
+from featurecache.cache.storage import Location, RemotePath
 from featurecache.errors import AmbiguousEntryError, CacheCorruptError, DamagedUnitError, EntryNotFoundError, IncompleteEntryError, UsageError
 
 MIN_PREFIX = 6
@@ -120,8 +123,8 @@ class FeatureSet(CacheNode):
         Its ``zarr.json`` is unreadable, or its feature store is gone.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | RemotePath) -> None:
+        self.path = as_node_path(path)
         try:
             attrs = read_group_attrs(self.path)
         except CacheCorruptError as exc:
@@ -176,7 +179,7 @@ class FeatureSet(CacheNode):
         """The view's Zarr group (read-only)."""
         import zarr
 
-        return zarr.open_group(str(self.path), mode="r")
+        return zarr.open_group(storage.zarr_store(self.path, read_only=True), mode="r", zarr_format=3)
 
     def _check_split(self, split: str) -> None:
         if split not in self.attrs["layout"]:
@@ -206,7 +209,7 @@ class FeatureSet(CacheNode):
         from zarr.core.sync import sync
 
         async def read_all() -> list[Any]:
-            group = await zarr_async.open_group(str(self.path), mode="r")
+            group = await zarr_async.open_group(storage.zarr_store(self.path, read_only=True), mode="r", zarr_format=3)
 
             async def one(path: str) -> Any:
                 try:
@@ -336,7 +339,7 @@ class FeatureSet(CacheNode):
 
     def size_bytes(self) -> int:
         """Bytes of the view itself (its rows live in the shared store)."""
-        return tree_size(self.path)
+        return storage.tree_size(self.path)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description, as printed by ``cache ls --json``."""
@@ -363,7 +366,7 @@ class FeatureSet(CacheNode):
 
 # -- writing ---------------------------------------------------------------------------------
 def write_view(
-    cache_dir: Path,
+    cache_dir: Location,
     st: FeatureStore,
     *,
     name: str,
@@ -375,6 +378,9 @@ def write_view(
     extra: Mapping[str, Any] | None = None,
 ) -> FeatureSet:
     """Write a complete view aside and rename it into place (the caller holds the store's lease).
+
+    On object storage, where there is no rename, the view is written in place and its group
+    attributes (``zarr.json``) last: until that one PUT, the folder is no view to any reader.
 
     Parameters
     ----------
@@ -403,42 +409,17 @@ def write_view(
     import zarr
 
     final = cache_dir / VIEWS_DIR / name
+    if isinstance(final, RemotePath):
+        return _write_view_in_place(final, st, key=key, dataset_digest=dataset_digest, classes=classes, splits=splits,
+                                    failures=failures, extra=extra)
     # Named after the store's key: the store's lease holder owns (and cleans) it.
     tmp = cache_dir / TMP_DIR / f"{st.key[:12]}-{key[:12]}-{uuid.uuid4().hex[:8]}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     final.parent.mkdir(parents=True, exist_ok=True)
-    layout = {}
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        for split, (ids, labels, digests, rows) in splits.items():
-            n = len(ids)
-            chunk = (max(1, min(n, 1 << 16)),)
-            g = root.create_group(split)
-            g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
-            g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **array_codecs())
-            g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
-            g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **array_codecs())
-            if n:
-                g["ids"][:] = np.asarray(list(ids), dtype=str)
-                g["labels"][:] = np.asarray(labels, dtype=np.int64)
-                g["digests"][:] = np.asarray(list(digests), dtype=str)
-                g["rows"][:] = np.asarray(rows, dtype=np.int64)
-            layout[split] = {"n": n, "views": int(rows.shape[0])}
-        root.attrs["featurecache"] = {
-            "kind": "view",
-            "format_version": FORMAT_VERSION,
-            "key": key,
-            "store": st.name,
-            "store_key": st.key,
-            "dataset_digest": dataset_digest,
-            "spec": {**st.spec, "dataset_digest": dataset_digest, "dataset_name": (extra or {}).get("dataset_name", "data")},
-            "classes": [str(c) for c in classes],
-            "layout": layout,
-            "feature_shape": list(st.feature_shape),
-            "failures": [list(f) for f in failures],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(extra or {}),
-        }
+        layout = _write_view_arrays(root, splits)
+        root.attrs["featurecache"] = _view_attrs(st, key=key, dataset_digest=dataset_digest, classes=classes, layout=layout, failures=failures, extra=extra)
         checkpoint("before_seal")
         if final.exists() or final.is_symlink():
             _discard(final, cache_dir)  # an older copy of the same view, or debris of a killed rm
@@ -452,8 +433,74 @@ def write_view(
     return FeatureSet(final)
 
 
-def _discard(path: Path, cache_dir: Path) -> None:
+def _write_view_arrays(root: Any, splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]]) -> dict[str, Any]:
+    """Write every split's arrays into the group ``root``; return the ``layout`` attribute."""
+    layout = {}
+    for split, (ids, labels, digests, rows) in splits.items():
+        n = len(ids)
+        chunk = (max(1, min(n, 1 << 16)),)
+        g = root.create_group(split)
+        g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
+        g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **array_codecs())
+        g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
+        g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **array_codecs())
+        if n:
+            g["ids"][:] = np.asarray(list(ids), dtype=str)
+            g["labels"][:] = np.asarray(labels, dtype=np.int64)
+            g["digests"][:] = np.asarray(list(digests), dtype=str)
+            g["rows"][:] = np.asarray(rows, dtype=np.int64)
+        layout[split] = {"n": n, "views": int(rows.shape[0])}
+    return layout
+
+
+def _view_attrs(
+    st: FeatureStore, *, key: str, dataset_digest: str, classes: Sequence[str], layout: Mapping[str, Any],
+    failures: Sequence[tuple[str, str, str, str]], extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``featurecache`` attributes of a view."""
+    return {
+        "kind": "view",
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "store": st.name,
+        "store_key": st.key,
+        "dataset_digest": dataset_digest,
+        "spec": {**st.spec, "dataset_digest": dataset_digest, "dataset_name": (extra or {}).get("dataset_name", "data")},
+        "classes": [str(c) for c in classes],
+        "layout": dict(layout),
+        "feature_shape": list(st.feature_shape),
+        "failures": [list(f) for f in failures],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+
+
+def _write_view_in_place(
+    final: RemotePath, st: FeatureStore, *, key: str, dataset_digest: str, classes: Sequence[str],
+    splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]],
+    failures: Sequence[tuple[str, str, str, str]], extra: Mapping[str, Any] | None,
+) -> FeatureSet:
+    """An object-store view: debris cleared, arrays written, then the attributes (one PUT) last."""
+    import zarr
+
+    from featurecache.cache.store import group_document
+
+    storage.remove_tree(final)  # a torn copy (no attributes) from a killed writer; we hold the lease
+    root = zarr.open_group(storage.zarr_store(final), mode="w", zarr_format=3)
+    layout = _write_view_arrays(root, splits)
+    attrs = _view_attrs(st, key=key, dataset_digest=dataset_digest, classes=classes, layout=layout, failures=failures, extra=extra)
+    checkpoint("before_seal")
+    storage.publish_json(final / "zarr.json", group_document(attrs))  # visible from here on
+    checkpoint("sealed")
+    return FeatureSet(final)
+
+
+def _discard(path: Location, cache_dir: Location) -> None:
     """Move ``path`` aside into ``.tmp`` and delete it (never following a link)."""
+    if isinstance(path, RemotePath):
+        storage.remove_file(path / "zarr.json")  # first: from here on it is no view to any reader
+        storage.remove_tree(path)
+        return
     if path.is_symlink():
         path.unlink()
         return
@@ -469,13 +516,11 @@ def remove_view(fs: FeatureSet) -> None:
 
 
 # -- finding views -------------------------------------------------------------------------------
-def iter_entries(cache_dir: Path, pattern: str = "*") -> Iterator[FeatureSet]:
+def iter_entries(cache_dir: Location, pattern: str = "*") -> Iterator[FeatureSet]:
     """Every readable view under ``cache_dir`` whose name matches ``pattern``, sorted by name."""
     root = cache_dir / VIEWS_DIR
-    if not root.is_dir():
-        return
-    for child in sorted(root.glob(pattern)):
-        if child.name.startswith(".") or child.is_symlink() or not child.is_dir():
+    for child in storage.glob(root, pattern):
+        if child.name.startswith(".") or storage.is_link(child) or not storage.is_dir(child):
             continue
         try:
             yield FeatureSet(child)
@@ -483,11 +528,11 @@ def iter_entries(cache_dir: Path, pattern: str = "*") -> Iterator[FeatureSet]:
             continue
 
 
-def damaged_entries(cache_dir: Path) -> list[Path]:
+def damaged_entries(cache_dir: Location) -> list[Location]:
     """View directories that cannot be opened (torn ``zarr.json``, leftovers of a killed rm)."""
     root = cache_dir / VIEWS_DIR
     out = []
-    for child in sorted(root.iterdir()) if root.is_dir() else ():
+    for child in storage.children(root):
         if child.name.startswith("."):
             continue
         try:
@@ -497,10 +542,10 @@ def damaged_entries(cache_dir: Path) -> list[Path]:
     return out
 
 
-def find_by_key(cache_dir: Path, key: str) -> FeatureSet | None:
+def find_by_key(cache_dir: Location, key: str) -> FeatureSet | None:
     """The view whose full key is ``key``, without scanning the cache."""
     root = cache_dir / VIEWS_DIR
-    for child in root.glob(f"*--{key[:12]}") if root.is_dir() else ():
+    for child in storage.glob(root, f"*--{key[:12]}"):
         try:
             fs = FeatureSet(child)
         except (EntryNotFoundError, CacheCorruptError):
@@ -524,11 +569,11 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> 
     """
     root = resolve_cache_dir(cache_dir)
     ref = ref.strip()
-    path = Path(ref)
-    if ref and path.is_dir() and (path / "zarr.json").exists():
+    path = storage.as_location(ref) if storage.is_url(ref) else Path(ref)
+    if ref and storage.is_dir(path) and storage.exists(path / "zarr.json"):
         return FeatureSet(path)
     named = root / VIEWS_DIR / ref
-    if ref and "/" not in ref and not ref.startswith(".") and named.is_dir():
+    if ref and "/" not in ref and not ref.startswith(".") and storage.is_dir(named):
         return FeatureSet(named)  # an entry name: the directory itself, no scan
     prefix = ref.lower()
     matches: list[FeatureSet] = []

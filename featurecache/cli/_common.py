@@ -20,10 +20,16 @@ from typer.core import TyperGroup
 from featurecache.errors import DEBUG_ENV, FeatureCacheError, FeatureCacheWarning, debug_enabled, human_bytes  # noqa: F401 - re-exported for the commands
 
 
-def _cache_folder(value: Path | None) -> Path | None:
-    """``--cache`` must be a folder, or a path a folder can be created at (checked before any work)."""
-    if value is None:
+def _cache_folder(text: str | None) -> Path | str | None:
+    """``--cache`` must be a folder, or a path a folder can be created at (checked before any work),
+    or an fsspec URL such as ``s3://bucket/prefix`` (kept as the string)."""
+    from featurecache.cache.storage import is_url
+
+    if text is None:
         return None
+    if is_url(text):
+        return text
+    value = Path(text[len("file://") :] if text.startswith("file://") else text)
     probe = value.expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -34,9 +40,10 @@ def _cache_folder(value: Path | None) -> Path | None:
 
 
 CacheOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
-        "--cache", help="Cache directory (default: $FEATURECACHE_DIR or ./cache).", show_default=False, callback=_cache_folder
+        "--cache", help="Cache directory or URL, e.g. s3://bucket/prefix (default: $FEATURECACHE_DIR or ./cache).", show_default=False,
+        callback=_cache_folder,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of text.")]

@@ -26,6 +26,10 @@ def extract_cmd(
         str | None,
         typer.Option("--shard", help="i/N: run this process's share of the units (start N of them); auto inside a Slurm job array.", show_default=False),
     ] = None,
+    no_lease: Annotated[
+        bool,
+        typer.Option("--no-lease", help="Take no lease on the feature store: only for a cache no other process writes meanwhile (object stores without conditional writes)."),
+    ] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -38,7 +42,7 @@ def extract_cmd(
     with dask_client(cluster, scheduler, scheduler_file) as client:
         result = extract(
             data, options, cache_dir=cache, limit=limit, client=client, units_per_task=units_per_task, shard=shard_,
-            progress=not (quiet or json_out),
+            progress=not (quiet or json_out), lease=not no_lease,
         )
     _report(result, json_out=json_out, cache=cache)
 

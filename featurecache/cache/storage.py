@@ -1,0 +1,410 @@
+"""Where the cache's bytes live: a local folder (``pathlib.Path``) or an object store (an fsspec URL).
+
+A cache root is a path (``/data/cache``, ``file:///data/cache``) or an fsspec URL
+(``s3://bucket/prefix``, ``gs://...``). Local roots stay ``pathlib.Path`` objects and every
+function here does, for them, exactly what the cache did before object storage existed (temp
+file + rename, fsync, ``os.listdir``), so local bytes and guarantees are unchanged. Remote roots
+are :class:`RemotePath` objects: the small part of ``pathlib`` the cache uses (``/``, ``name``,
+``parent``, ``str``) over an fsspec file system, so ``cache_dir / "features" / name`` reads the
+same for both, and the operations that differ live here:
+
+* **publish**: locally a synced temp file renamed into place; on object storage one PUT, which
+  is whole or absent. A document that makes something visible (a store's or view's
+  ``zarr.json`` attributes, a unit's marker) is written after everything it vouches for.
+* **listing**: one recursive listing (``find``) instead of a walk, after dropping fsspec's
+  cached listings (s3fs caches them per instance, and other processes write to the bucket).
+* **zarr stores**: a path string for local roots (Zarr's ``LocalStore``, which writes each chunk
+  through a temp file and a rename), a Zarr ``FsspecStore`` (one PUT per chunk) for remote ones.
+
+Storage options come from ``$FEATURECACHE_STORAGE_OPTIONS`` (a JSON object passed to fsspec);
+without it, s3fs reads the usual AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL``, ...). Conditional writes for the lease are in :mod:`featurecache.cache.objlease`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any, Union
+
+from featurecache.errors import UsageError
+
+STORAGE_OPTIONS_ENV = "FEATURECACHE_STORAGE_OPTIONS"
+#: A URL scheme of two or more characters (so a Windows drive letter is never one).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` is an fsspec URL of a non-local file system (``file://`` is local)."""
+    scheme, sep, _ = str(text).partition("://")
+    return bool(sep) and _SCHEME.fullmatch(scheme) is not None and scheme.lower() not in ("file", "local")
+
+
+def storage_options() -> dict[str, Any]:
+    """The fsspec options of remote roots: ``$FEATURECACHE_STORAGE_OPTIONS`` (JSON), plus the
+    S3 endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` when set and not given.
+
+    Raises
+    ------
+    UsageError
+        The variable is not a JSON object.
+    """
+    text = os.environ.get(STORAGE_OPTIONS_ENV, "").strip()
+    try:
+        opts = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise UsageError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({exc}); set it to an object, e.g. '{{\"anon\": false}}'") from None
+    if not isinstance(opts, dict):
+        raise UsageError(f"{STORAGE_OPTIONS_ENV} must be a JSON object of fsspec options, got {text[:60]!r}")
+    return opts
+
+
+class Remote:
+    """One object-store file system: a protocol and its fsspec options (picklable, so Dask
+    workers reopen the same store from the environment they share)."""
+
+    def __init__(self, protocol: str, options: dict[str, Any]) -> None:
+        self.protocol = protocol
+        self.options = dict(options)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Remote, (self.protocol, self.options))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Remote) and (self.protocol, self.options) == (other.protocol, other.options)
+
+    def __hash__(self) -> int:
+        return hash((self.protocol, json.dumps(self.options, sort_keys=True, default=str)))
+
+    def _kwargs(self) -> dict[str, Any]:
+        opts = dict(self.options)
+        if self.protocol in ("s3", "s3a"):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            client_kwargs = dict(opts.get("client_kwargs") or {})
+            if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
+                opts["endpoint_url"] = endpoint
+        return opts
+
+    @cached_property
+    def fs(self) -> Any:
+        """The synchronous fsspec file system (markers, documents, listings, the lease)."""
+        import fsspec
+
+        try:
+            return fsspec.filesystem(self.protocol, **self._kwargs())
+        except (ImportError, ValueError) as exc:
+            hint = " (pip install 'featurecache[s3]')" if self.protocol in ("s3", "s3a") else ""
+            raise UsageError(f"cannot open a {self.protocol}:// cache root: {' '.join(str(exc).split())[:160]}{hint}") from None
+
+    @cached_property
+    def async_fs(self) -> Any:
+        """An asynchronous instance of the same file system, for Zarr's ``FsspecStore``."""
+        import fsspec
+
+        fs = fsspec.filesystem(self.protocol, **{**self._kwargs(), "asynchronous": True}) if self.fs.async_impl else self.fs
+        if not fs.async_impl:
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs = AsyncFileSystemWrapper(fs, asynchronous=True)
+        return fs
+
+
+class RemotePath:
+    """A location under an object-store root: ``protocol://bucket/key/prefix``.
+
+    Supports the part of ``pathlib`` the cache uses to name things (``/``, ``name``, ``parent``,
+    ``str``, ordering); reading and writing go through this module's functions.
+    """
+
+    __slots__ = ("remote", "path")
+
+    def __init__(self, remote: Remote, path: str) -> None:
+        self.remote = remote
+        self.path = path.rstrip("/")
+
+    def __truediv__(self, part: str | os.PathLike[str]) -> RemotePath:
+        part = str(part).strip("/")
+        return RemotePath(self.remote, f"{self.path}/{part}" if part else self.path)
+
+    @property
+    def name(self) -> str:
+        """The last path component."""
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> RemotePath:
+        """The location one level up."""
+        return RemotePath(self.remote, self.path.rsplit("/", 1)[0]) if "/" in self.path else self
+
+    @property
+    def url(self) -> str:
+        """``protocol://path``."""
+        return f"{self.remote.protocol}://{self.path}"
+
+    def with_name(self, name: str) -> RemotePath:
+        """A sibling called ``name``."""
+        return self.parent / name
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and (self.remote, self.path) == (other.remote, other.path)
+
+    def __hash__(self) -> int:
+        return hash((self.remote, self.path))
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return self.path < other.path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemotePath, (self.remote, self.path))
+
+    def expanduser(self) -> RemotePath:
+        """Itself (for code written against ``pathlib``)."""
+        return self
+
+    def absolute(self) -> RemotePath:
+        """Itself (for code written against ``pathlib``)."""
+        return self
+
+
+#: A location in a cache: a local path or an object-store location.
+Location = Union[Path, RemotePath]
+
+
+def as_location(value: str | os.PathLike[str] | RemotePath) -> Location:
+    """A path or URL as a :data:`Location` (``file://`` URLs become local paths).
+
+    Raises
+    ------
+    UsageError
+        Bad storage options, or the URL's file system is not installed.
+    """
+    if isinstance(value, RemotePath):
+        return value
+    text = os.fspath(value) if not isinstance(value, str) else value
+    if text.startswith("file://"):
+        return Path(text[len("file://") :]).expanduser().absolute()
+    if not is_url(text):
+        return Path(text).expanduser().absolute()
+    protocol, _, rest = text.partition("://")
+    if not rest.strip("/"):
+        raise UsageError(f"cache URL {text!r} names no bucket; pass e.g. {protocol}://bucket/featurecache")
+    return RemotePath(_remote(protocol.lower(), json.dumps(storage_options(), sort_keys=True)), rest)
+
+
+@lru_cache(maxsize=16)
+def _remote(protocol: str, options_json: str) -> Remote:
+    # One Remote (hence one pair of file system instances) per root and options in a process.
+    return Remote(protocol, json.loads(options_json))
+
+
+def is_remote(loc: Any) -> bool:
+    """Whether ``loc`` is on object storage."""
+    return isinstance(loc, RemotePath)
+
+
+def refuse_remote(loc: Any, what: str) -> None:
+    """Raise a one-line error when ``what`` (a command) is asked of an object-store cache.
+
+    Raises
+    ------
+    UsageError
+        ``loc`` is a :class:`RemotePath`.
+    """
+    if is_remote(loc):
+        raise UsageError(
+            f"{what} does not work on an object-store cache ({loc}) yet; run it on a local or shared-file-system cache"
+        )
+
+
+# -- reading --------------------------------------------------------------------------------
+def read_bytes(loc: Location) -> bytes:
+    """The file's bytes.
+
+    Raises
+    ------
+    FileNotFoundError
+        There is no such file (or object).
+    """
+    if isinstance(loc, RemotePath):
+        return loc.remote.fs.cat_file(loc.path)
+    return loc.read_bytes()
+
+
+def read_many(locs: Iterable[RemotePath]) -> dict[RemotePath, bytes | BaseException]:
+    """Several objects fetched concurrently (a missing one maps to its exception)."""
+    locs = list(locs)
+    if not locs:
+        return {}
+    fs = locs[0].remote.fs
+    got = fs.cat([loc.path for loc in locs], on_error="return")
+    if not isinstance(got, dict):  # one path: fsspec returns the bytes themselves
+        got = {locs[0].path: got}
+    return {loc: got.get(loc.path, FileNotFoundError(loc.url)) for loc in locs}
+
+
+def is_dir(loc: Location) -> bool:
+    """Whether ``loc`` is a directory (locally following links) or a prefix with objects under it."""
+    if isinstance(loc, RemotePath):
+        fs = loc.remote.fs
+        fs.invalidate_cache(loc.path)
+        try:
+            return bool(fs.isdir(loc.path))
+        except OSError:
+            return False
+    return loc.is_dir()
+
+
+def is_link(loc: Location) -> bool:
+    """Whether ``loc`` is a local symbolic link (object stores have none)."""
+    return not isinstance(loc, RemotePath) and loc.is_symlink()
+
+
+def exists(loc: Location) -> bool:
+    """Whether a file or directory is at ``loc``."""
+    if isinstance(loc, RemotePath):
+        loc.remote.fs.invalidate_cache(loc.path)
+        return bool(loc.remote.fs.exists(loc.path))
+    return loc.exists() or loc.is_symlink()
+
+
+def children(loc: Location) -> list[Location]:
+    """The entries directly under ``loc``, sorted by name (none when it does not exist)."""
+    if isinstance(loc, RemotePath):
+        fs = loc.remote.fs
+        fs.invalidate_cache(loc.path)
+        try:
+            names = fs.ls(loc.path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(RemotePath(loc.remote, str(n)) for n in names if str(n).rstrip("/") != loc.path)
+    try:
+        return sorted(loc.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def glob(loc: Location, pattern: str) -> list[Location]:
+    """The entries directly under ``loc`` whose names match ``pattern`` (``fnmatch``), sorted."""
+    if isinstance(loc, RemotePath):
+        import fnmatch
+
+        return [c for c in children(loc) if fnmatch.fnmatchcase(c.name, pattern)]
+    return sorted(loc.glob(pattern)) if loc.is_dir() else []
+
+
+def find(loc: RemotePath) -> list[str]:
+    """Every object under ``loc``, as paths relative to it, from one fresh recursive listing."""
+    fs = loc.remote.fs
+    fs.invalidate_cache(loc.path)
+    try:
+        found = fs.find(loc.path, detail=False)
+    except FileNotFoundError:
+        return []
+    prefix = loc.path + "/"
+    return [str(p)[len(prefix) :] for p in found if str(p).startswith(prefix)]
+
+
+def tree_size(loc: Location) -> int:
+    """Bytes under ``loc`` (locally never following links)."""
+    if isinstance(loc, RemotePath):
+        fs = loc.remote.fs
+        fs.invalidate_cache(loc.path)
+        try:
+            return int(fs.du(loc.path, total=True))
+        except (FileNotFoundError, OSError):
+            return 0
+    from featurecache.cache.fsio import tree_size as local_tree_size
+
+    return local_tree_size(loc)
+
+
+# -- writing --------------------------------------------------------------------------------
+def publish_json(loc: Location, payload: Any, *, before_rename: Callable[[], None] | None = None) -> None:
+    """Make the JSON document ``payload`` visible at ``loc``, whole or not at all.
+
+    Locally: :func:`~featurecache.cache.fsio.write_json_atomic` (synced temp file, rename).
+    On object storage: one PUT, which is atomic; ``before_rename`` is called just before it, so
+    the crash points of both paths line up.
+    """
+    if isinstance(loc, RemotePath):
+        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        if before_rename is not None:
+            before_rename()
+        loc.remote.fs.pipe_file(loc.path, data)
+        return
+    from featurecache.cache.fsio import write_json_atomic
+
+    write_json_atomic(loc, payload, before_rename=before_rename)
+
+
+def remove_file(loc: Location) -> None:
+    """Delete one file or object if it is there."""
+    if isinstance(loc, RemotePath):
+        try:
+            loc.remote.fs.rm_file(loc.path)
+        except FileNotFoundError:
+            pass
+        return
+    loc.unlink(missing_ok=True)
+
+
+def remove_tree(loc: Location) -> None:
+    """Delete everything under ``loc`` (locally a link is removed, never followed)."""
+    if isinstance(loc, RemotePath):
+        fs = loc.remote.fs
+        fs.invalidate_cache(loc.path)
+        try:
+            fs.rm(loc.path, recursive=True)
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(loc.path)
+        return
+    if loc.is_symlink() or loc.is_file():
+        loc.unlink(missing_ok=True)
+    elif loc.is_dir():
+        shutil.rmtree(loc, ignore_errors=True)
+
+
+def make_dirs(loc: Location) -> None:
+    """Create a local directory and its parents (object stores have no directories)."""
+    if not isinstance(loc, RemotePath):
+        loc.mkdir(parents=True, exist_ok=True)
+
+
+def zarr_store(loc: Location, *, read_only: bool = False) -> Any:
+    """What ``zarr.open_group`` / ``zarr.open_array`` should get for ``loc``.
+
+    A path string for local roots (Zarr's local store, as the cache always used), and an
+    ``FsspecStore`` over the asynchronous file system for remote ones.
+    """
+    if isinstance(loc, RemotePath):
+        from zarr.storage import FsspecStore
+
+        fs = loc.remote.async_fs
+        fs.invalidate_cache(loc.path)
+        return FsspecStore(fs, path=loc.path, read_only=read_only)
+    return str(loc)
+
+
+def local_dir_for(loc: Location, name: str) -> Path:
+    """A local directory for what must stay on this machine (memoised digests of local files).
+
+    For a local root: ``<root>/<name>``. For an object-store root: under
+    ``$XDG_CACHE_HOME/featurecache/`` (default ``~/.cache``), since those digests describe files
+    of this machine, keyed by their path, size and mtime.
+    """
+    if not isinstance(loc, RemotePath):
+        return loc / name
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "featurecache" / name.lstrip(".")
