@@ -34,6 +34,7 @@ from functools import lru_cache
 from typing import Any
 
 from featurecache.cache.faults import checkpoint
+from featurecache.cache.holders import holder_is_dead, process_identity
 from featurecache.cache.storage import RemotePath
 from featurecache.errors import LeaseError
 
@@ -175,8 +176,6 @@ class ObjectLeaseMixin:
         return self._obj
 
     def _record(self) -> bytes:
-        from featurecache.cache.lease import process_identity
-
         return json.dumps({"token": self._token, **process_identity(), "since": time.time(), "beat": uuid.uuid4().hex[:8]}).encode()
 
     def _start_beating(self, etag: str) -> None:
@@ -224,8 +223,6 @@ class ObjectLeaseMixin:
 
     def is_stale(self, judged: dict[str, Any] | None = None) -> bool:
         """Whether the holder is dead on this machine, or its etag has not changed for ``stale_after`` s of our clock."""
-        from featurecache.cache.lease import holder_is_dead
-
         info = self.holder() if judged is None else judged
         if info is None:
             return False
