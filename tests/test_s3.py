@@ -210,6 +210,39 @@ def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
 
 
 # -- the lease on conditional writes (no TensorFlow) ---------------------------------------------
+@pytest.mark.slow
+def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs) -> None:
+    """2 Dask workers writing to S3, one killed inside a unit once: the run re-plans and equals local."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from featurecache.cache.views import open_features
+    from featurecache.extract import extract
+
+    cache = f"s3://{BUCKET}/cluster"
+    once = runs["tmp"] / "cluster-fault-fired"
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "XDG_CACHE_HOME")}
+    # The second unit a worker computes SIGKILLs it after the backbone, before the write; once.
+    env |= {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3",
+            "FEATURECACHE_FAULT": "unit_forward_done@2", "FEATURECACHE_FAULT_ONCE": str(once)}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # no Dask retries: the re-plan must do it
+        lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, env=env)
+    client = Client(lc)
+    try:
+        res = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, client=client, units_per_task=2, **OPTS)
+    finally:
+        client.close()
+        lc.close()
+    assert once.exists(), "the injected fault never fired: the test proved nothing"
+    a = open_features(res.key, cache_dir=cache)
+    b = open_features(runs["local"].key, cache_dir=runs["tmp"] / "local")
+    assert res.key == runs["local"].key
+    for split in b.splits:
+        assert a.features(split).tobytes() == b.features(split).tobytes(), split
+    summary = a.attrs["compute"]["cluster"]
+    assert summary["failed"] >= 1 and summary["max_submissions"] <= 2
+
+
 def test_conditional_lease_admits_exactly_one_of_two(s3: Endpoint) -> None:
     """Two coordinators taking the same lease at once: exactly one gets it; the other sees its record."""
     from featurecache.cache.lease import Lease, ObjectLease
