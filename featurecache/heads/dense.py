@@ -225,9 +225,10 @@ def _features(X: Any, *, name: str) -> np.ndarray:
     try:
         arr = check_array(X, dtype=np.float32, allow_nd=True, ensure_2d=True)
     except ValueError as exc:
-        raise UsageError(
-            f"{name}: {str(exc).splitlines()[0]}; pass features shaped (n_samples, *feature_shape)"
-        ) from None
+        first = str(exc).splitlines()[0].rstrip(":.")
+        # scikit-learn's own advice starts "Reshape your data" (its estimator checks look for it).
+        fix = "Reshape your data to (n_samples, *feature_shape), e.g. X[None] for one sample" if "array, got" in first else "pass finite features shaped (n_samples, *feature_shape)"
+        raise UsageError(f"{name}: {first}; {fix}") from None
     return arr
 
 
@@ -237,6 +238,8 @@ def _encode_labels(y: Any, *, x_shape: tuple[int, ...]) -> tuple[Any, np.ndarray
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import column_or_1d
 
+    if y is None:  # worded as scikit-learn's check_requires_y_none expects
+        raise UsageError("DenseHead requires y to be passed, but the target y is None; pass one class label per sample")
     # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
@@ -534,9 +537,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         X = _features(X, name="X")
         if X.shape[1:] != self.input_shape_:
+            # Worded as scikit-learn words it (its estimator checks match "X has N features").
             raise UsageError(
-                f"X features have shape {X.shape[1:]}, the head was trained on "
-                f"{self.input_shape_}; use features from the same backbone/layer/pooling"
+                f"X has {int(np.prod(X.shape[1:]))} features, but DenseHead is expecting {self.n_features_in_} "
+                f"features as input (shape {X.shape[1:]}, trained on {self.input_shape_}); "
+                "use features from the same backbone/layer/pooling"
             )
         if X.shape[0] == 0:
             return np.zeros((0, len(self.classes_)))
