@@ -54,7 +54,23 @@ def make_view_batches(
 ) -> Any:
     """Build the ``PyDataset`` of shuffled, view-drawn batches the dense-head trainer feeds on.
 
-    Defined in a function so ``keras`` is imported lazily.
+    Parameters
+    ----------
+    views
+        ``(V, n, *feat)`` features, NumPy or on-disk (zarr, h5py, streamed; read a window of
+        batches at a time, at most half of a ``budget`` attribute's bytes).
+    y
+        ``(n,)`` int32 class codes.
+    sample_weight
+        ``(n,)`` weights, or ``None``.
+    batch_size, seed
+        Batch size; the order and view draw of epoch ``e`` come from ``default_rng([seed, e])``.
+
+    Returns
+    -------
+    keras.utils.PyDataset
+        Batches ``(x, y[, w])``; ``on_epoch_end`` moves to the next epoch's draw. The class is
+        defined inside this function so ``keras`` is imported lazily.
     """
     import keras
 
