@@ -146,10 +146,10 @@ def fit_dense_heads(
         When a head's parameter is invalid.
     """
     heads = list(heads)
-    first, preps = _prepare_group(heads, X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     extra = [[] for _ in heads] if callbacks is None else [list(c) for c in callbacks]
     if len(extra) != len(heads):
         raise UsageError(f"callbacks has {len(extra)} entries for {len(heads)} heads; pass one sequence of Keras callbacks per head")
+    first, preps = _prepare_group(heads, X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
     models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
     optimizers = [make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
