@@ -7,7 +7,6 @@ this file fast on a shared 2-core machine.
 from __future__ import annotations
 
 import pickle
-import warnings
 
 import joblib
 import numpy as np
@@ -15,7 +14,6 @@ import pytest
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
-from sklearn.utils import estimator_checks
 from sklearn.utils.validation import check_is_fitted
 
 from featurecache.errors import HeadParamError, UnknownHeadError, UsageError
@@ -175,31 +173,6 @@ def test_dense_invalid_param_is_reported_at_fit(digits):
     head = DenseHead(dropout=1.5)  # constructing never validates (sklearn contract)
     with pytest.raises(HeadParamError, match="dropout=1.5"):
         head.fit(X[:50], y[:50])
-
-
-@pytest.mark.parametrize(
-    "check",
-    [
-        "check_no_attributes_set_in_init",
-        "check_parameters_default_constructible",
-        "check_get_params_invariance",
-        "check_set_params",
-        "check_estimators_unfitted",
-        "check_dont_overwrite_parameters",
-        "check_fit_check_is_fitted",
-        "check_n_features_in",
-        "check_estimators_pickle",
-        "check_classifiers_one_label",
-        "check_classifiers_regression_target",
-        "check_supervised_y_2d",
-        "check_fit2d_1sample",
-    ],
-)
-def test_dense_passes_sklearn_estimator_checks(check):
-    head = DenseHead(hidden=(8,), epochs=2, patience=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        getattr(estimator_checks, check)("DenseHead", head)
 
 
 def test_dense_string_labels_validation_and_early_stopping(digits):

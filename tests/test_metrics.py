@@ -1,4 +1,4 @@
-"""Metrics agree with sklearn.metrics; plots write real PNGs."""
+"""Metrics agree with sklearn.metrics; plots show what they claim (titles, labels, data) in PNGs of the right size."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from sklearn import metrics as skm
 from featurecache.errors import UsageError
 from featurecache.metrics import classification_metrics
 from featurecache.report import plot_confusion_matrix, plot_leaderboard, plot_training_curves
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 def _random_predictions(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -110,44 +107,94 @@ def test_metrics_reject_bad_input(y, proba, classes, match):
         classification_metrics(y, proba, classes=classes)
 
 
-def _assert_png(path):
-    data = path.read_bytes()
-    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+def _assert_png(path, fig_size: tuple[float, float]) -> None:
+    """``path`` is a PNG of ``fig_size`` inches at the report DPI, with more than a blank page in it."""
+    from PIL import Image
+
+    from featurecache.report.figures import DPI
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == (round(fig_size[0] * DPI), round(fig_size[1] * DPI))
+        assert im.convert("RGB").getcolors(20) is None  # over 20 colours (text, colour maps, lines): not a blank canvas
+
+
+def _texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
 
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_plot_confusion_matrix(tmp_path, normalize):
+    from featurecache.report.plots import confusion_figure
+
     y, proba = _random_predictions(200, 5, 4)
     m = classification_metrics(y, proba, classes=list("vwxyz"))
+    cm = np.asarray(m["confusion_matrix"], dtype=float)
     out = plot_confusion_matrix(
         m["confusion_matrix"], list("vwxyz"), tmp_path / "sub" / "cm.png",
         title="val", normalize=normalize,
     )  # fmt: skip
     assert out == tmp_path / "sub" / "cm.png"
-    _assert_png(out)
+    _assert_png(out, (5.75, 4.75))  # 5 classes: 0.45 * 5 + 2.5 inches high, one more wide for the colour bar
+
+    fig = confusion_figure(m["confusion_matrix"], list("vwxyz"), title="val", normalize=normalize)
+    ax, _colourbar = fig.axes
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("val", "predicted", "true")
+    assert [t.get_text() for t in ax.get_xticklabels()] == list("vwxyz") == [t.get_text() for t in ax.get_yticklabels()]
+    shown = cm / cm.sum(axis=1, keepdims=True) if normalize else cm
+    np.testing.assert_allclose(ax.images[0].get_array(), shown)
+    expected = [f"{v:.2f}" if normalize else f"{int(v)}" for v in shown.ravel()]
+    assert _texts(ax) == expected  # one annotation per cell, row by row
+    untitled = confusion_figure(m["confusion_matrix"], list("vwxyz"), normalize=normalize).axes[0].get_title()
+    assert untitled == ("confusion matrix (row-normalised)" if normalize else "confusion matrix")
     with pytest.raises(UsageError, match="cm must have shape"):
         plot_confusion_matrix(m["confusion_matrix"], list("vwx"), tmp_path / "bad.png")
 
 
 def test_plot_confusion_matrix_many_classes(tmp_path):
+    from featurecache.report.plots import confusion_figure
+
     cm = np.random.default_rng(0).integers(0, 5, size=(80, 80))
-    _assert_png(plot_confusion_matrix(cm, [f"c{i}" for i in range(80)], tmp_path / "cm.png"))
+    names = [f"c{i}" for i in range(80)]
+    _assert_png(plot_confusion_matrix(cm, names, tmp_path / "cm.png"), (31.0, 30.0))  # capped at 30 inches
+    (ax, _) = confusion_figure(cm, names).axes
+    # Beyond 60 classes names and numbers would overlap into noise: the heat map alone.
+    assert _texts(ax) == [] and [t.get_text() for t in ax.get_xticklabels()] != names
+    assert ax.images[0].get_array().shape == (80, 80)
 
 
 def test_plot_training_curves(tmp_path):
+    from featurecache.report.plots import training_curves_figure
+
     history = {
         "loss": [1.2, 0.8, 0.6, 0.5],
         "val_loss": [1.1, 0.9, 0.95, 1.0],
         "accuracy": [0.5, 0.7, 0.8, 0.85],
         "val_accuracy": [0.55, 0.65, 0.66, 0.64],
     }
-    _assert_png(plot_training_curves(history, tmp_path / "curves.png", title="dense"))
-    _assert_png(plot_training_curves({"loss": [1.0, 0.5]}, tmp_path / "loss_only.png"))
+    _assert_png(plot_training_curves(history, tmp_path / "curves.png", title="dense"), (10.0, 3.8))
+    fig = training_curves_figure(history, title="dense")
+    assert fig.get_suptitle() == "dense"
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes] == [("epoch", "loss"), ("epoch", "accuracy")]
+    for ax, metric in zip(fig.axes, ("loss", "accuracy")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"training", "validation", "best epoch 2"}  # val_loss is lowest at epoch 2
+        np.testing.assert_array_equal(lines["training"].get_xdata(), [1, 2, 3, 4])
+        np.testing.assert_array_equal(lines["training"].get_ydata(), history[metric])
+        np.testing.assert_array_equal(lines["validation"].get_ydata(), history[f"val_{metric}"])
+        np.testing.assert_array_equal(lines["best epoch 2"].get_xdata(), [2, 2])
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["training", "validation", "best epoch 2"]
+
+    _assert_png(plot_training_curves({"loss": [1.0, 0.5]}, tmp_path / "loss_only.png"), (5.0, 3.8))
+    (ax,) = training_curves_figure({"loss": [1.0, 0.5]}).axes
+    assert [line.get_label() for line in ax.get_lines()] == ["training"] and ax.get_ylabel() == "loss"
     with pytest.raises(UsageError, match="no loss/accuracy"):
         plot_training_curves({"lr": [0.1]}, tmp_path / "none.png")
 
 
 def test_plot_leaderboard(tmp_path):
+    from featurecache.report.plots import leaderboard_figure
+
     rng = np.random.default_rng(0)
     heads = ["logreg", "dense", "knn", "linear-svm"]
     rows = [
@@ -160,8 +207,19 @@ def test_plot_leaderboard(tmp_path):
         for i in range(45)
     ]
     rows.append({"trial": "failed", "head": "dense", "val_accuracy": None})
-    _assert_png(plot_leaderboard(rows, tmp_path / "lb.png", top=30))
-    _assert_png(plot_leaderboard(rows, tmp_path / "lb_loss.png", metric="val_log_loss", top=5))
+    path = plot_leaderboard(rows, tmp_path / "lb.png", top=30)
+    _assert_png(path, (10.0, 1.6 + 0.2 * 30 + 0.1 * 30))  # one line of label per trial
+    for metric, top in (("val_accuracy", 30), ("val_log_loss", 5)):
+        fig = leaderboard_figure(rows, metric=metric, top=top)
+        (ax,) = fig.axes
+        lower_is_better = metric == "val_log_loss"
+        best = sorted(rows[:45], key=lambda r: r[metric], reverse=not lower_is_better)[:top]
+        assert fig.get_suptitle() == f"top {top} of 45 trials by {metric}"  # the failed trial is left out
+        assert ax.get_xlabel() == metric + (" (lower is better)" if lower_is_better else "")
+        assert [t.get_text() for t in ax.get_yticklabels()] == [r["trial"] for r in best]
+        np.testing.assert_allclose([bar.get_width() for bar in ax.patches], [r[metric] for r in best])
+        assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted({r["head"] for r in best})
+    _assert_png(plot_leaderboard(rows, tmp_path / "lb_loss.png", metric="val_log_loss", top=5), (10.0, 1.6 + 0.2 * 5 + 0.1 * 5))
     with pytest.raises(UsageError, match="no row has a finite 'test_accuracy'"):
         plot_leaderboard(rows, tmp_path / "x.png", metric="test_accuracy")
 

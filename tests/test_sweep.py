@@ -136,7 +136,12 @@ def test_sweep_outputs(grid_sweep: SweepResult, digits: views.FeatureSet) -> Non
     assert float(table[0]["val_accuracy"]) == pytest.approx(grid_sweep.best["val_accuracy"])
     doc = json.loads((out / "leaderboard.json").read_text())
     assert doc["metric"] == "val_accuracy" and doc["rows"][0]["trial"] == grid_sweep.best["trial"]
-    assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    from featurecache.report.figures import DPI
+
+    with Image.open(out / "leaderboard.png") as im:  # the leaderboard figure: 10 inches wide, a bar per trial
+        assert im.format == "PNG" and im.size[0] == round(10 * DPI) and im.size[1] >= round((1.6 + 0.3 * 21) * DPI)
     assert sorted(p.stem for p in (out / "trials").glob("*.json")) == sorted(r["trial"] for r in grid_sweep.leaderboard)
     # Process workers received the features memory-mapped, not as a pickled copy per trial.
     workers = [json.loads(p.read_text())["worker"] for p in (out / "trials").glob("*.json")]

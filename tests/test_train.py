@@ -130,8 +130,19 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
         expected |= {"head.skops"}
     assert expected <= files, files
     assert not any(f.endswith(".joblib") for f in files)  # no pickles in a run directory
+    # The plots are the figures they are named after: a confusion matrix's size grows with the
+    # number of classes (one more inch wide for its colour bar), the curves have two panels.
+    from PIL import Image
+
+    from featurecache.report.figures import DPI
+
+    side = max(4.0, 0.45 * N_CLASSES + 2.5)
+    inches = {"confusion_val.png": (side + 1, side), "confusion_test.png": (side + 1, side), "training_curves.png": (10.0, 3.8)}
     for png in (f for f in files if f.endswith(".png")):
-        assert (run.run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(run.run_dir / png) as im:
+            assert im.format == "PNG" and im.convert("RGB").getcolors(20) is None, png  # not a blank canvas
+            if png in inches:
+                assert im.size == (round(inches[png][0] * DPI), round(inches[png][1] * DPI)), png
 
     config, head = load_run(run.run_dir)
     assert config["features"]["key"] == fs.key

@@ -170,6 +170,35 @@ def test_fill_modes(fill):
     assert out.shape == (2, S, S, 3) and np.isfinite(out).all()
 
 
+def test_fill_modes_fill_the_exposed_border_each_their_way():
+    # Images with a one-pixel frame of 100 around values in [150, 250]: a pixel the shift pulls
+    # from outside is 0 with "constant" (no input pixel is 0), exactly the frame's 100 with
+    # "nearest", and mostly inner values with "reflect" and "wrap", which differ from each other.
+    from itertools import combinations
+
+    from featurecache.data.transforms import FILL_MODES
+
+    images = np.random.default_rng(5).uniform(150, 250, (4, S, S, 3)).astype(np.float32)
+    images[:, [0, -1], :, :] = 100.0
+    images[:, :, [0, -1], :] = 100.0
+    spec = AugmentSpec(shift=0.3)
+    out = {fill: augment_batch(images, spec, seed=2, view=1, indices=[0, 1, 2, 3], fill=fill) for fill in FILL_MODES}
+    for a, b in combinations(FILL_MODES, 2):
+        assert not np.array_equal(out[a], out[b]), f"fill {a!r} and {b!r} give the same images"
+    exposed = (out["constant"] == 0).all(axis=-1)
+    inside = (out["constant"] > 0).all(axis=-1)
+    assert exposed.sum() >= 4 * S and inside.sum() >= 4 * S * S // 4, "the shift must expose a border and keep an interior"
+    assert (out["nearest"][exposed] == 100.0).all()
+    for fill in ("reflect", "wrap"):
+        assert (out[fill][exposed] > 100.0).mean() > 0.5, fill  # inner pixels, not the frame, not 0
+    assert not np.array_equal(out["reflect"][exposed], out["wrap"][exposed])
+    # Where no pixel comes from outside, the fill mode changes nothing.
+    far = inside & (np.abs(out["constant"] - out["nearest"]).max(axis=-1) == 0)
+    assert far.sum() >= S
+    for fill in FILL_MODES:
+        np.testing.assert_array_equal(out[fill][far], out["constant"][far], err_msg=fill)
+
+
 def test_augment_batch_errors():
     spec = AugmentSpec(flip=True)
     with pytest.raises(UsageError, match="indices"):

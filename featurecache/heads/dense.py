@@ -4,12 +4,9 @@
 params, validation in ``fit``, learned attributes end in ``_``, ``fit`` returns ``self``)
 so sweeps, ``clone`` and joblib treat it like any sklearn head.
 
-Training data flows through ``_ViewBatches``, a ``keras.utils.PyDataset`` over an array of
-views ``(V, n, *feat)`` (plain ``X`` is the single view ``X[None]``, a no-copy view).  At
-every epoch it draws a fresh permutation and, per sample, one view index from
-``numpy.random.default_rng([seed, epoch])``; batches gather ``views[view[i], i]`` on the
-fly.  Augmented views are therefore sampled, never stacked into ``V * n`` training rows,
-and the draw depends only on (seed, epoch), so training is reproducible.
+Training is :func:`featurecache.heads.dense_group.fit_dense_heads` with a group of one: a
+head trained alone and the heads a sweep trains together share one loop (batches drawing one
+view per sample per epoch, early stopping, class weights, callbacks).
 
 The Keras model built here uses only built-in layers with stable names (``head_pool``,
 ``head_dense_0``, ``head_bn_0``, ``head_act_0``, ``head_dropout_0``, ..., ``predictions``)
@@ -22,7 +19,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +27,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featurecache.errors import UsageError
+from featurecache.heads.dense_batches import pooled_moments
+from featurecache.heads.dense_group import FitInputs, fit_dense_heads
 from featurecache.heads.dense_params import DENSE_DEFAULTS, DENSE_PARAMS
 from featurecache.heads.params import ParamSpec, coerce_params
 
@@ -44,12 +42,7 @@ __all__ = [
     "inference_copy",
     "keras_model_bytes",
     "load_keras_model_bytes",
-    "make_optimizer",
-    "make_view_batches",
 ]
-
-#: Most bytes of on-disk training features read ahead at once (see ``_from_window``).
-_STREAM_WINDOW_BYTES = 256 << 20
 
 
 def build_dense_model(
@@ -145,26 +138,6 @@ def _input_norm_layer(mean: np.ndarray, variance: np.ndarray) -> Any:
     return layer
 
 
-def pooled_moments(views: Any, pool: str, *, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and variance of the clean view after pooling, read in row blocks.
-
-    ``views`` is ``(V, n, *shape)`` (NumPy or Zarr); only view 0 is read, so on-disk
-    features larger than memory are never loaded whole.
-    """
-    total = sq = None
-    n = int(views.shape[1])
-    for start in range(0, n, block):
-        x = np.asarray(views[0, start : start + block], dtype=np.float64)
-        if pool == "avg":
-            x = x.mean(axis=(1, 2))
-        else:
-            x = x.reshape(len(x), -1)
-        s1, s2 = x.sum(axis=0), (x * x).sum(axis=0)
-        total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
-    mean = total / max(n, 1)
-    return mean, np.maximum(sq / max(n, 1) - mean * mean, 0.0)
-
-
 def keras_model_bytes(model: keras.Model) -> bytes:
     """Serialise a model to the bytes of a ``.keras`` archive (architecture + weights).
 
@@ -229,107 +202,6 @@ class _SerializedModel:
     data: bytes
 
 
-def make_view_batches(
-    views: Any,
-    y: np.ndarray,
-    sample_weight: np.ndarray | None,
-    *,
-    batch_size: int,
-    seed: int,
-) -> Any:
-    """Build the ``PyDataset`` of shuffled, view-drawn batches (``DenseHead.fit`` and the group trainer share it).
-
-    Defined in a function so ``keras`` is imported lazily.
-    """
-    import keras
-
-    row_bytes = 4 * int(np.prod(tuple(views.shape[2:]), dtype=np.int64))
-    window_bytes = _STREAM_WINDOW_BYTES
-    budget = getattr(views, "budget", None)  # featurecache.train.LazyFeatures: the memory it may use
-    if isinstance(budget, (int, np.integer)) and budget > 0:
-        window_bytes = min(window_bytes, int(budget) // 2)
-    window = max(1, window_bytes // max(1, row_bytes * batch_size))  # batches read at once from disk
-
-    class _ViewBatches(keras.utils.PyDataset):
-        """One randomly drawn view per sample per epoch; see the module docstring."""
-
-        def __init__(self) -> None:
-            # workers=1, no multiprocessing: batches are cheap numpy gathers and the
-            # per-epoch state (order, view choice) must not be shared across processes.
-            super().__init__(workers=1, use_multiprocessing=False)
-            self._n = int(y.shape[0])
-            self._n_views = int(views.shape[0])
-            self._epoch = 0
-            self._window = window
-            self._cached: tuple[tuple[int, int], np.ndarray] | None = None
-            self._lock = threading.Lock()
-            self._draw()
-
-        def _draw(self) -> None:
-            rng = np.random.default_rng([seed, self._epoch])
-            self._order = rng.permutation(self._n)
-            self._view = (
-                rng.integers(self._n_views, size=self._n)
-                if self._n_views > 1
-                else np.zeros(self._n, dtype=np.int64)
-            )
-
-        @property
-        def num_batches(self) -> int:
-            return -(-self._n // batch_size)
-
-        def __len__(self) -> int:
-            return self.num_batches
-
-        def __getitem__(self, idx: int) -> tuple[np.ndarray, ...]:
-            rows = self._order[idx * batch_size : (idx + 1) * batch_size]
-            if isinstance(views, np.ndarray):
-                xb = _gather(views, self._view[rows], rows)
-            else:
-                xb = self._from_window(idx)
-            if sample_weight is None:
-                return xb, y[rows]
-            return xb, y[rows], sample_weight[rows]
-
-        def _from_window(self, idx: int) -> np.ndarray:
-            # On-disk views: a batch of randomly ordered rows touches ~one chunk per row, so
-            # batch-by-batch reads decompress each chunk many times per epoch. Reading the
-            # rows of several batches at once decompresses each chunk once per window, and the
-            # batches keep exactly the order (and so the training) of the in-memory path.
-            with self._lock:
-                w = idx // self._window
-                if self._cached is None or self._cached[0] != (self._epoch, w):
-                    lo = w * self._window * batch_size
-                    rows = self._order[lo : min(lo + self._window * batch_size, self._n)]
-                    self._cached = ((self._epoch, w), _gather(views, self._view[rows], rows))
-                start = (idx - w * self._window) * batch_size
-                return self._cached[1][start : start + batch_size]
-
-        def on_epoch_end(self) -> None:
-            self._epoch += 1
-            self._draw()
-
-    return _ViewBatches()
-
-
-def _gather(views: Any, view_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows ``views[view_idx[j], rows[j]]`` as one float32 batch.
-
-    NumPy arrays use one advanced-indexing gather.  Other arrays (zarr, h5py) are read
-    one view at a time with sorted row indices -- via ``oindex`` when the array has it
-    (zarr's orthogonal indexing) -- so a batch touches only the chunks it needs.
-    """
-    if isinstance(views, np.ndarray):
-        return np.asarray(views[view_idx, rows], dtype=np.float32)
-    out = np.empty((len(rows), *tuple(views.shape[2:])), dtype=np.float32)
-    for v in np.unique(view_idx):
-        pos = np.flatnonzero(view_idx == v)
-        wanted, inverse = np.unique(rows[pos], return_inverse=True)
-        reader = views.oindex if hasattr(views, "oindex") else views
-        out[pos] = np.asarray(reader[int(v), wanted], dtype=np.float32)[inverse]
-    return out
-
-
 @dataclass(frozen=True)
 class _ShapeOnly:
     """The shape of features ``fit`` does not read (they come through ``X_views``)."""
@@ -353,9 +225,10 @@ def _features(X: Any, *, name: str) -> np.ndarray:
     try:
         arr = check_array(X, dtype=np.float32, allow_nd=True, ensure_2d=True)
     except ValueError as exc:
-        raise UsageError(
-            f"{name}: {str(exc).splitlines()[0]}; pass features shaped (n_samples, *feature_shape)"
-        ) from None
+        first = str(exc).splitlines()[0].rstrip(":.")
+        # scikit-learn's own advice starts "Reshape your data" (its estimator checks look for it).
+        fix = "Reshape your data to (n_samples, *feature_shape), e.g. X[None] for one sample" if "array, got" in first else "pass finite features shaped (n_samples, *feature_shape)"
+        raise UsageError(f"{name}: {first}; {fix}") from None
     return arr
 
 
@@ -365,6 +238,8 @@ def _encode_labels(y: Any, *, x_shape: tuple[int, ...]) -> tuple[Any, np.ndarray
     from sklearn.utils.multiclass import check_classification_targets
     from sklearn.utils.validation import column_or_1d
 
+    if y is None:  # worded as scikit-learn's check_requires_y_none expects
+        raise UsageError("DenseHead requires y to be passed, but the target y is None; pass one class label per sample")
     # A (n, 1) column is accepted with sklearn's DataConversionWarning, like sklearn.
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
@@ -435,20 +310,6 @@ def _sample_weights(class_weight: Any, classes: np.ndarray, y_enc: np.ndarray) -
     if isinstance(class_weight, dict):
         return _class_weight_dict(class_weight, classes)[y_enc]
     return None
-
-
-@dataclass(frozen=True)
-class FitInputs:
-    """What ``DenseHead.fit`` derives from its arguments before any Keras work."""
-
-    cfg: dict[str, Any]  # coerced hyperparameters
-    input_shape: tuple[int, ...]
-    pool: str  # resolved: avg, flatten or none
-    views: Any  # (V, n, *input_shape), NumPy or on-disk
-    y_enc: np.ndarray  # int32 codes into classes
-    classes: np.ndarray
-    validation: tuple[np.ndarray, np.ndarray] | None  # (X_val, encoded y_val)
-    sample_weight: np.ndarray | None
 
 
 class DenseHead(ClassifierMixin, BaseEstimator):
@@ -578,8 +439,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             on-disk array with ``.shape`` and ``oindex`` / ``[int, sorted int array]``
             indexing (zarr, h5py); it is read one batch at a time and never copied whole.
         callbacks : sequence of keras.callbacks.Callback, optional
-            Extra Keras callbacks for ``fit`` (e.g. ``keras.callbacks.TensorBoard``); they
-            observe training, they are not hyperparameters.
+            Extra Keras callbacks (e.g. ``keras.callbacks.TensorBoard``), called as
+            ``Model.fit`` calls them; they observe training, they are not hyperparameters.
 
         Returns
         -------
@@ -593,47 +454,15 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         UsageError
             When shapes or labels are inconsistent.
         """
-        import keras
-
-        prep = self.prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
-        cfg = prep.cfg
-        model = self.build_model(prep)
-        model.compile(
-            optimizer=make_optimizer(cfg["optimizer"], cfg["lr"]),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        callbacks = list(callbacks)
-        stopper = None
-        if cfg["patience"] > 0 and prep.validation is not None:
-            stopper = keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=cfg["patience"], restore_best_weights=True
-            )
-            callbacks.append(stopper)
-        data = make_view_batches(
-            prep.views, prep.y_enc, prep.sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"]
-        )
-        history = model.fit(
-            data,
-            epochs=cfg["epochs"],
-            validation_data=prep.validation,
-            validation_batch_size=max(cfg["batch_size"], 256),
-            callbacks=callbacks,
-            verbose=cfg["verbose"],
-            shuffle=False,  # the PyDataset shuffles itself, seeded by (seed, epoch)
-        )
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        best = getattr(stopper, "best_epoch", None) if stopper is not None else None
-        # Keras 3's EarlyStopping restores the best weights at train end whether or not it
-        # stopped early, so the kept epoch is always its best_epoch.
-        best_epoch = int(best) if best is not None else len(hist.get("loss", [])) - 1
-        return self.set_fitted(prep, model, hist, best_epoch)
+        fit_dense_heads([self], X, y, X_val=X_val, y_val=y_val, X_views=X_views, callbacks=[callbacks])
+        return self
 
     def prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> FitInputs:
         """Validate ``fit``'s arguments and derive everything training needs (no Keras work).
 
-        ``fit`` and the group trainer (:mod:`featurecache.heads.dense_group`) run it first, then
-        :meth:`build_model`, train, and :meth:`set_fitted`.
+        The trainer (:func:`featurecache.heads.dense_group.fit_dense_heads`, which ``fit`` calls
+        with this head alone) runs it first, then :meth:`build_model`, trains, and calls
+        :meth:`set_fitted`.
         """
         cfg = coerce_params("dense", self.param_specs, self.get_params(deep=False))
         if X_views is not None and _is_on_disk(X):
@@ -708,9 +537,11 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         X = _features(X, name="X")
         if X.shape[1:] != self.input_shape_:
+            # Worded as scikit-learn words it (its estimator checks match "X has N features").
             raise UsageError(
-                f"X features have shape {X.shape[1:]}, the head was trained on "
-                f"{self.input_shape_}; use features from the same backbone/layer/pooling"
+                f"X has {int(np.prod(X.shape[1:]))} features, but DenseHead is expecting {self.n_features_in_} "
+                f"features as input (shape {X.shape[1:]}, trained on {self.input_shape_}); "
+                "use features from the same backbone/layer/pooling"
             )
         if X.shape[0] == 0:
             return np.zeros((0, len(self.classes_)))
@@ -787,13 +618,3 @@ def _resolve_pool(pool: str, ndim: int) -> str:
         )
     return pool
 
-
-def make_optimizer(name: str, lr: float) -> Any:
-    """The Keras optimizer named ``name`` (``adam``, ``rmsprop``, else SGD with Nesterov momentum 0.9)."""
-    import keras
-
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=lr)
-    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)

@@ -1,20 +1,21 @@
-"""Train several ``DenseHead`` configurations together, in one pass over the features.
+"""The one training loop of dense heads: a group of them trained in one pass over the features.
 
-A sweep over dense heads usually varies what happens *inside* the head (widths, dropout,
-learning rate, optimizer, L2, ...) while the data the heads see is the same. Trained one
-after another, each configuration pays for its own pass over the features (reading and
-gathering every batch, a Python loop of ``fit``) and for its own ``tf.function`` tracing.
-:func:`fit_dense_heads` trains a group of them in a single loop instead: every batch is
-gathered once and fed to all heads in one traced step, each head with its own optimizer,
-its own early stopping and its own epoch count.
+``DenseHead.fit`` is :func:`fit_dense_heads` with a group of one, so a head trained alone and
+a head trained in a group run the same code. A sweep over dense heads usually varies what
+happens *inside* the head (widths, dropout, learning rate, optimizer, L2, ...) while the data
+the heads see is the same. Trained one after another, each configuration would pay for its
+own pass over the features (reading and gathering every batch) and for its own
+``tf.function`` tracing; here every batch is gathered once and fed to all heads in one traced
+step, each head with its own optimizer, early stopping, epoch count and Keras callbacks.
 
-What "together" preserves. A head of the group gets exactly what ``DenseHead.fit`` would give
-it alone: the same initial weights and dropout seeds (Keras is seeded with the head's
-``seed`` just before its model is built), the same batches in the same order (the batch
-order and view draw depend only on ``seed`` and the epoch), the same loss (the summed loss's
-gradient with respect to one head's weights is that head's own gradient), the same
-validation loss and ``EarlyStopping(patience, restore_best_weights=True)`` rule. The tests
-check that predictions agree with one-at-a-time training to float32 round-off.
+What "together" preserves. A head of the group gets exactly what it gets alone: the same
+initial weights and dropout seeds (Keras is seeded with the head's ``seed`` just before its
+model is built), the same batches in the same order (the batch order and view draw depend
+only on ``seed`` and the epoch), the same loss (the summed loss's gradient with respect to
+one head's weights is that head's own gradient), the same validation loss and the rule of
+Keras's ``EarlyStopping(patience, restore_best_weights=True)``. The tests check that a group
+agrees with its heads trained alone, and a head with Keras's own ``Model.fit``, to float32
+round-off.
 
 Which heads can share a pass: those with the same ``batch_size``, ``seed``, ``class_weight``
 and ``pool`` (see :func:`group_key`) fitted on the same data.
@@ -24,17 +25,55 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from featurecache.errors import UsageError
-from featurecache.heads.dense import DenseHead, FitInputs, make_optimizer, make_view_batches, pooled_moments
+from featurecache.heads.dense_batches import make_view_batches, pooled_moments
+from featurecache.heads.params import ParamSpec, coerce_params
 
-__all__ = ["GROUP_PARAMS", "fit_dense_heads", "group_key", "group_key_of"]
+if TYPE_CHECKING:
+    import keras
+
+__all__ = ["GROUP_PARAMS", "FitInputs", "GroupHead", "fit_dense_heads", "group_key", "group_key_of", "make_optimizer"]
 
 
-def group_key(head: DenseHead) -> tuple[Any, ...]:
+@dataclass(frozen=True)
+class FitInputs:
+    """What a head's ``prepare_fit`` derives from ``fit``'s arguments before any Keras work."""
+
+    cfg: dict[str, Any]  # coerced hyperparameters
+    input_shape: tuple[int, ...]
+    pool: str  # resolved: avg, flatten or none
+    views: Any  # (V, n, *input_shape), NumPy or on-disk
+    y_enc: np.ndarray  # int32 codes into classes
+    classes: np.ndarray
+    validation: tuple[np.ndarray, np.ndarray] | None  # (X_val, encoded y_val)
+    sample_weight: np.ndarray | None
+
+
+@runtime_checkable
+class GroupHead(Protocol):
+    """What the trainer needs of a head (``DenseHead`` is one); the trainer never imports the class."""
+
+    param_specs: tuple[ParamSpec, ...]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]: ...
+
+    def prepare_fit(self, X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> FitInputs: ...
+
+    def build_model(self, prep: FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model: ...
+
+    def set_fitted(self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> Any: ...
+
+
+def _coerced(head: GroupHead) -> dict[str, Any]:
+    """The head's parameters checked against its own schema (``param_specs``)."""
+    return coerce_params("dense", head.param_specs, head.get_params(deep=False))
+
+
+def group_key(head: GroupHead) -> tuple[Any, ...]:
     """The parameters that must be equal for heads to train in one pass over the data.
 
     Parameters
@@ -47,10 +86,13 @@ def group_key(head: DenseHead) -> tuple[Any, ...]:
     tuple
         ``(batch_size, seed, class_weight, pool)`` after coercion: they decide the batches
         (order, size, sample weights) and the input the heads are fed.
-    """
-    from featurecache.heads.registry import coerce_head_params
 
-    return group_key_of(coerce_head_params("dense", head.get_params(deep=False)))
+    Raises
+    ------
+    HeadParamError
+        When one of the head's parameters is invalid.
+    """
+    return group_key_of(_coerced(head))
 
 
 #: The dense parameters that decide the batches and the input, so must match within a group.
@@ -64,14 +106,15 @@ def group_key_of(params: Any) -> tuple[Any, ...]:
 
 
 def fit_dense_heads(
-    heads: Sequence[DenseHead],
+    heads: Sequence[GroupHead],
     X: Any,
     y: Any,
     *,
     X_val: Any = None,
     y_val: Any = None,
     X_views: Any = None,
-) -> list[DenseHead]:
+    callbacks: Sequence[Sequence[Any]] | None = None,
+) -> list[Any]:
     """Fit every head of ``heads`` on the same data in one shared training loop.
 
     Parameters
@@ -79,9 +122,13 @@ def fit_dense_heads(
     heads
         ``DenseHead`` estimators with equal :func:`group_key`; their other parameters
         (hidden, dropout, batchnorm, activation, l2, optimizer, lr, epochs, patience,
-        normalize) may all differ.
+        normalize, verbose) may all differ.
     X, y, X_val, y_val, X_views
         As for :meth:`DenseHead.fit`.
+    callbacks
+        One sequence of extra Keras callbacks per head (``keras.callbacks.TensorBoard``, ...),
+        called as ``Model.fit`` calls them; a callback setting ``model.stop_training`` stops
+        its head. ``None``: none.
 
     Returns
     -------
@@ -93,66 +140,40 @@ def fit_dense_heads(
     ------
     UsageError
         ``heads`` is empty, holds something other than ``DenseHead``, or heads whose
-        :func:`group_key` differ; or the data are invalid (as in ``DenseHead.fit``).
+        :func:`group_key` differ; ``callbacks`` does not have one entry per head; or the data
+        are invalid (as in ``DenseHead.fit``).
+    HeadParamError
+        When a head's parameter is invalid.
     """
-    import keras
-
     heads = list(heads)
+    extra = [[] for _ in heads] if callbacks is None else [list(c) for c in callbacks]
+    if len(extra) != len(heads):
+        raise UsageError(f"callbacks has {len(extra)} entries for {len(heads)} heads; pass one sequence of Keras callbacks per head")
     first, preps = _prepare_group(heads, X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
     models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
     optimizers = [make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
     for opt, model in zip(optimizers, models):
         opt.build(model.trainable_variables)
-    batch_size, seed = first.cfg["batch_size"], first.cfg["seed"]
-    data = make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=batch_size, seed=seed)
-    head_loss = _head_loss()
-    train_step = _train_steps(models, optimizers, head_loss)
-    val_step = _val_step(models, head_loss)
-    validation = first.validation
-    val_batches = _val_batches(validation, max(batch_size, 256))
-    ones = np.ones(batch_size, dtype=np.float32)  # sample weights when there are none
-    epochs = [p.cfg["epochs"] for p in preps]
-    stoppers = [_EarlyStop(p.cfg["patience"] if validation is not None else 0) for p in preps]
-    history: list[dict[str, list[float]]] = [{} for _ in heads]
-
-    # Keras's fit calls on_epoch_end once before the first epoch (EpochIterator.reset), so a
-    # head fitted alone starts on the draw of epoch counter 1: do the same to match it.
-    data.on_epoch_end()
-    epoch = 0
-    while True:
-        active = tuple(i for i in range(len(heads)) if not stoppers[i].stopped and epoch < epochs[i])
-        if not active:
-            break
-        loss, acc = _train_epoch(train_step(active), data, ones, len(active))
-        for j, i in enumerate(active):
-            history[i].setdefault("accuracy", []).append(float(acc[j]))
-            history[i].setdefault("loss", []).append(float(loss[j]))
-        if validation is not None:
-            vloss, vacc = _val_epoch(val_step, val_batches, n_heads=len(heads), n_val=len(validation[1]))
-            for i in active:
-                history[i].setdefault("val_accuracy", []).append(float(vacc[i]))
-                history[i].setdefault("val_loss", []).append(float(vloss[i]))
-                stoppers[i].update(epoch, float(vloss[i]), models[i])
-        epoch += 1
-
-    for i, (head, prep) in enumerate(zip(heads, preps)):
-        kept = stoppers[i].restore(models[i], n_epochs=len(history[i].get("loss", [])))
-        # Compiled like DenseHead.fit leaves it, so the fitted head behaves the same afterwards.
-        models[i].compile(optimizer=optimizers[i], loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        head.set_fitted(prep, models[i], history[i], kept)
+        # Compiled before training, as Model.fit has it: callbacks read model.optimizer, and the
+        # fitted head behaves like one Keras trained.
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.stop_training = False
+    data = make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=first.cfg["batch_size"], seed=first.cfg["seed"])
+    hooks = _callback_lists(models, preps, extra, steps=len(data))
+    histories, kept = _train_group(models, optimizers, preps, data, hooks)
+    for head, prep, model, hist, best in zip(heads, preps, models, histories, kept):
+        head.set_fitted(prep, model, hist, best)
     return heads
 
 
-def _prepare_group(heads: list[DenseHead], X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> tuple[FitInputs, list[FitInputs]]:
+def _prepare_group(heads: list[GroupHead], X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> tuple[FitInputs, list[FitInputs]]:
     """Check the group and its data once; return the shared inputs and each head's (its own hyperparameters)."""
     if not heads:
         raise UsageError("fit_dense_heads needs at least one DenseHead")
-    if not all(isinstance(h, DenseHead) for h in heads):
+    if not all(isinstance(h, GroupHead) for h in heads):
         raise UsageError("fit_dense_heads trains DenseHead estimators only; fit other heads one by one")
-    from featurecache.heads.registry import coerce_head_params
-
-    cfgs = [coerce_head_params("dense", h.get_params(deep=False)) for h in heads]
+    cfgs = [_coerced(h) for h in heads]
     keys = {group_key_of(c) for c in cfgs}
     if len(keys) > 1:
         raise UsageError(
@@ -163,6 +184,82 @@ def _prepare_group(heads: list[DenseHead], X: Any, y: Any, *, X_val: Any, y_val:
     # once, then give every head its own hyperparameters.
     first = heads[0].prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     return first, [replace(first, cfg=c) for c in cfgs]
+
+
+def make_optimizer(name: str, lr: float) -> Any:
+    """The Keras optimizer named ``name`` (``adam``, ``rmsprop``, else SGD with Nesterov momentum 0.9)."""
+    import keras
+
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=lr)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
+
+
+def _callback_lists(models: Sequence[Any], preps: Sequence[FitInputs], extra: Sequence[list[Any]], *, steps: int) -> list[Any]:
+    """Per head, a ``keras.callbacks.CallbackList`` of its callbacks plus a progress bar when ``verbose`` (as ``Model.fit`` builds it), or ``None``."""
+    import keras
+
+    out: list[Any] = []
+    for model, prep, cbs in zip(models, preps, extra):
+        verbose = prep.cfg["verbose"]
+        if not cbs and not verbose:
+            out.append(None)  # nothing observes this head: skip the per-batch hook calls
+            continue
+        out.append(keras.callbacks.CallbackList(cbs, add_progbar=verbose != 0, model=model, verbose=verbose, epochs=prep.cfg["epochs"], steps=steps))
+    return out
+
+
+def _train_group(models: Sequence[Any], optimizers: Sequence[Any], preps: Sequence[FitInputs], data: Any, hooks: Sequence[Any]) -> tuple[list[dict[str, list[float]]], list[int]]:
+    """Train until every head has run its epochs or stopped; return each head's history and kept epoch."""
+    first = preps[0]
+    head_loss = _head_loss()
+    train_step, val_step = _train_steps(models, optimizers, head_loss), _val_step(models, head_loss)
+    validation = first.validation
+    val_batches = _val_batches(validation, max(first.cfg["batch_size"], 256))
+    ones = np.ones(first.cfg["batch_size"], dtype=np.float32)  # sample weights when there are none
+    stoppers = [_EarlyStop(p.cfg["patience"] if validation is not None else 0) for p in preps]
+    history: list[dict[str, list[float]]] = [{} for _ in models]
+    observed = [i for i, h in enumerate(hooks) if h is not None]
+    for i in observed:
+        hooks[i].on_train_begin()
+    # Keras's fit calls on_epoch_end once before the first epoch (EpochIterator.reset), so a
+    # head trained by Model.fit starts on the draw of epoch counter 1: do the same to match it.
+    data.on_epoch_end()
+    epoch = 0
+    while True:
+        active = tuple(i for i, p in enumerate(preps) if epoch < p.cfg["epochs"] and not stoppers[i].stopped and not models[i].stop_training)
+        if not active:
+            break
+        watching = [(j, hooks[i]) for j, i in enumerate(active) if hooks[i] is not None]
+        for _, h in watching:
+            h.on_epoch_begin(epoch)
+        loss, acc = _train_epoch(train_step(active), data, ones, len(active), watching)
+        for j, i in enumerate(active):
+            _record(history[i], accuracy=acc[j], loss=loss[j])
+        if validation is not None:
+            vloss, vacc = _val_epoch(val_step, val_batches, n_heads=len(models), n_val=len(validation[1]))
+            for i in active:
+                _record(history[i], val_accuracy=vacc[i], val_loss=vloss[i])
+                stoppers[i].update(epoch, float(vloss[i]), models[i])
+                if hooks[i] is not None:  # Model.fit validates through evaluate, which calls these
+                    hooks[i].on_test_begin()
+                    hooks[i].on_test_end({"accuracy": float(vacc[i]), "loss": float(vloss[i])})
+        for i in active:
+            if hooks[i] is not None:
+                hooks[i].on_epoch_end(epoch, {k: v[-1] for k, v in history[i].items()})
+        epoch += 1
+    kept = [s.restore(m, n_epochs=len(h.get("loss", []))) for s, m, h in zip(stoppers, models, history)]
+    for i in observed:
+        hooks[i].on_train_end({k: v[-1] for k, v in history[i].items()})
+    return history, kept
+
+
+def _record(history: dict[str, list[float]], **values: float) -> None:
+    """Append one epoch's values to a head's history (keys in ``values`` order, as Keras's)."""
+    for k, v in values.items():
+        history.setdefault(k, []).append(float(v))
 
 
 def _head_loss() -> Callable[[Any, Any, Any, Any], Any]:
@@ -239,12 +336,18 @@ def _val_batches(validation: tuple[np.ndarray, np.ndarray] | None, val_batch: in
     ]
 
 
-def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch of ``step`` over ``data``: each active head's mean loss and accuracy."""
+def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int, watching: Sequence[tuple[int, Any]] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of ``step`` over ``data``: each active head's mean loss and accuracy.
+
+    ``watching``: ``(position among the active heads, CallbackList)`` of the heads whose
+    callbacks see every batch, with the epoch's running means as Keras's fit logs them.
+    """
     import tensorflow as tf
 
     sums, accs, seen = np.zeros(n_active), np.zeros(n_active), 0
     for b in range(len(data)):
+        for _, hook in watching:
+            hook.on_train_batch_begin(b)
         batch = data[b]
         xb, yb = batch[0], batch[1]
         wb = batch[2] if len(batch) > 2 else ones[: len(yb)]
@@ -253,6 +356,8 @@ def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int) -> tuple
         sums += losses.numpy() * len(yb)
         accs += acc.numpy() * len(yb)
         seen += len(yb)
+        for j, hook in watching:
+            hook.on_train_batch_end(b, {"accuracy": float(accs[j] / seen), "loss": float(sums[j] / seen)})
     data.on_epoch_end()
     return sums / max(seen, 1), accs / max(seen, 1)
 

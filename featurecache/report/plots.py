@@ -54,6 +54,11 @@ def plot_confusion_matrix(
     UsageError
         When ``cm`` is not square or does not match ``classes``.
     """
+    return _save(confusion_figure(cm, classes, title=title, normalize=normalize), path)
+
+
+def confusion_figure(cm: Any, classes: Sequence[str], *, title: str = "", normalize: bool = True) -> Any:
+    """The figure behind :func:`plot_confusion_matrix` (so tests can check its content)."""
     mat = np.asarray(cm, dtype=np.float64)
     k = len(classes)
     if mat.ndim != 2 or mat.shape != (k, k):
@@ -94,7 +99,7 @@ def plot_confusion_matrix(
     ax.set_title(
         title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix")
     )
-    return _save(fig, path)
+    return fig
 
 
 def plot_training_curves(
@@ -125,6 +130,11 @@ def plot_training_curves(
     UsageError
         When the history has neither a loss nor an accuracy series.
     """
+    return _save(training_curves_figure(history, title=title), path)
+
+
+def training_curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "") -> Any:
+    """The figure behind :func:`plot_training_curves` (so tests can check its content)."""
     panels = [
         (metric, [s for s in (metric, f"val_{metric}") if len(history.get(s, ())) > 0])
         for metric in ("loss", "accuracy")
@@ -160,7 +170,7 @@ def plot_training_curves(
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def _row_label(row: Mapping[str, Any], index: int) -> str:
