@@ -27,6 +27,7 @@ import numpy as np
 
 from featurecache.errors import UsageError
 from featurecache.finetune.inference import draft_of, load_or_none
+from featurecache.heads.dense_group import make_optimizer
 
 if TYPE_CHECKING:
     from featurecache.finetune.rebuild import Rebuilt
@@ -108,7 +109,7 @@ def fit_model(
     train_split, val_split = ds.splits["train"], ds.splits[run_data.val_split]
     keras.utils.set_random_seed(int(seed))
     trainer = make_trainer(rebuilt.features, rebuilt.head)
-    trainer.compile(optimizer=_make_optimizer(optimizer, lr), loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
+    trainer.compile(optimizer=make_optimizer(optimizer, lr, nesterov=False), loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
     common = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
                   antialias=bool(spec.get("antialias", False)), draft=draft_of(spec))
     train_data = image_batches(train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common)
@@ -225,16 +226,6 @@ def image_batches(
             self._order = self._draw()
 
     return _Batches()
-
-
-def _make_optimizer(name: str, lr: float) -> Any:
-    import keras
-
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=lr)
-    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
 
 
 def _epoch_printer(stream: Any) -> Any:

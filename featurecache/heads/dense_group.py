@@ -186,15 +186,18 @@ def _prepare_group(heads: list[GroupHead], X: Any, y: Any, *, X_val: Any, y_val:
     return first, [replace(first, cfg=c) for c in cfgs]
 
 
-def make_optimizer(name: str, lr: float) -> Any:
-    """The Keras optimizer named ``name`` (``adam``, ``rmsprop``, else SGD with Nesterov momentum 0.9)."""
+def make_optimizer(name: str, lr: float, *, nesterov: bool = True) -> Any:
+    """The Keras optimizer named ``name`` (``adam``, ``rmsprop``, else SGD with momentum 0.9, Nesterov's by default).
+
+    Fine-tuning uses it too, with ``nesterov=False`` (plain momentum, as it always has).
+    """
     import keras
 
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
     if name == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate=lr)
-    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=nesterov)
 
 
 def _callback_lists(models: Sequence[Any], preps: Sequence[FitInputs], extra: Sequence[list[Any]], *, steps: int) -> list[Any]:
