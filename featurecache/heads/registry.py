@@ -1,9 +1,9 @@
-"""Head registry: one frozen ``HeadSpec`` per head name, each with a typed parameter schema.
+"""Head registry: a map of head name -> builder, paired with the schema each head declares.
 
 How it works: every head exposes its hyperparameters under user-facing names (``C``,
 ``hidden``, ``lr``) described by a ``ParamSpec`` (:mod:`featurecache.heads.params`); the
-dense head declares its own (:mod:`featurecache.heads.dense_params`) and the registry reads
-them.  The schema is the single source of truth
+dense head declares its own (:mod:`featurecache.heads.dense_params`), the scikit-learn heads
+theirs (:mod:`featurecache.heads.sklearn_params`), and the registry only pairs names with them.  The schema is the single source of truth
 for three consumers: the CLI (``C=0.1`` strings are coerced by ``ParamSpec.coerce``), docs /
 ``--help`` (``ParamSpec.describe``) and sweeps (``ParamSpec.search`` gives a sensible
 random-search range, sampled by ``SearchSpace.sample``).  ``make_head`` looks the name up,
@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from featurecache.errors import HeadParamError, UnknownHeadError, choices
 from featurecache.heads.dense_params import DENSE_PARAMS
-from featurecache.heads.params import CALIBRATION, CLASS_WEIGHT, CV, SEED, ParamSpec, SearchSpace, coerce_params
+from featurecache.heads.params import ParamSpec, SearchSpace, coerce_params
+from featurecache.heads.sklearn_params import SKLEARN_HEADS
 
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
@@ -80,183 +81,35 @@ class HeadSpec:
         return {p.name: p for p in self.params}
 
 
-# --------------------------------------------------------------------------- builders
-# Thin lazy wrappers: importing sklearn (and Keras for "dense") only when a head is built.
+# --------------------------------------------------------------------------- name -> builder
 
 
-def _build_logreg(**kw: Any) -> BaseEstimator:
-    from featurecache.heads.sklearn_heads import build_logreg
+def _lazy(target: str) -> Callable[..., BaseEstimator]:
+    """A builder that imports ``module:function`` (scikit-learn, Keras) only when a head is built."""
+    module, name = target.split(":")
 
-    return build_logreg(**kw)
+    def build(**kw: Any) -> BaseEstimator:
+        return getattr(importlib.import_module(module), name)(**kw)
 
-
-def _build_linear_svm(**kw: Any) -> BaseEstimator:
-    from featurecache.heads.sklearn_heads import build_linear_svm
-
-    return build_linear_svm(**kw)
-
-
-def _build_ridge(**kw: Any) -> BaseEstimator:
-    from featurecache.heads.sklearn_heads import build_ridge
-
-    return build_ridge(**kw)
+    build.__qualname__ = f"build[{target}]"
+    return build
 
 
-def _build_sgd(**kw: Any) -> BaseEstimator:
-    from featurecache.heads.sklearn_heads import build_sgd
-
-    return build_sgd(**kw)
-
-
-def _build_knn(**kw: Any) -> BaseEstimator:
-    from featurecache.heads.sklearn_heads import build_knn
-
-    return build_knn(**kw)
-
-
-def _build_dense(**kw: Any) -> BaseEstimator:
-    from featurecache.heads.dense import DenseHead
-
-    return DenseHead(**kw)
-
-
-# --------------------------------------------------------------------------- schemas
-
-_SPECS: Mapping[str, HeadSpec] = MappingProxyType(
+#: Head name -> builder; each head's summary and schema come from the head's own module.
+_BUILDERS: Mapping[str, str] = MappingProxyType(
     {
-        "logreg": HeadSpec(
-            "logreg",
-            "multinomial logistic regression (lbfgs) behind a StandardScaler",
-            (
-                ParamSpec(
-                    "C",
-                    "float",
-                    1.0,
-                    "inverse L2 regularisation strength",
-                    gt=0,
-                    search=SearchSpace("loguniform", 1e-4, 1e2),
-                ),
-                ParamSpec("max_iter", "int", 1000, "lbfgs iterations", ge=1),
-                ParamSpec("tol", "float", 1e-4, "stopping tolerance", gt=0),
-                CLASS_WEIGHT,
-            ),
-            _build_logreg,
-        ),
-        "linear-svm": HeadSpec(
-            "linear-svm",
-            "linear SVM (LinearSVC) behind a StandardScaler, probabilities by "
-            "cross-validated calibration",
-            (
-                ParamSpec(
-                    "C",
-                    "float",
-                    1.0,
-                    "inverse regularisation strength",
-                    gt=0,
-                    search=SearchSpace("loguniform", 1e-4, 1e1),
-                ),
-                ParamSpec("max_iter", "int", 2000, "liblinear iterations", ge=1),
-                CLASS_WEIGHT,
-                CALIBRATION,
-                CV,
-                SEED,
-            ),
-            _build_linear_svm,
-        ),
-        "ridge": HeadSpec(
-            "ridge",
-            "ridge classifier behind a StandardScaler, probabilities by "
-            "cross-validated calibration",
-            (
-                ParamSpec(
-                    "alpha",
-                    "float",
-                    1.0,
-                    "L2 regularisation strength",
-                    gt=0,
-                    search=SearchSpace("loguniform", 1e-2, 1e4),
-                ),
-                CLASS_WEIGHT,
-                CALIBRATION,
-                CV,
-            ),
-            _build_ridge,
-        ),
-        "sgd": HeadSpec(
-            "sgd",
-            "logistic regression trained by SGD (SGDClassifier, loss=log_loss) behind "
-            "a StandardScaler",
-            (
-                ParamSpec(
-                    "alpha",
-                    "float",
-                    1e-4,
-                    "regularisation strength",
-                    gt=0,
-                    search=SearchSpace("loguniform", 1e-6, 1e-1),
-                ),
-                ParamSpec(
-                    "penalty",
-                    "choice",
-                    "l2",
-                    "regularisation type",
-                    choices=("l2", "l1", "elasticnet"),
-                    search=SearchSpace("choice", choices=("l2", "elasticnet")),
-                ),
-                ParamSpec(
-                    "l1_ratio",
-                    "float",
-                    0.15,
-                    "L1 share of the elasticnet penalty",
-                    ge=0,
-                    le=1,
-                    search=SearchSpace("uniform", 0.0, 1.0),
-                ),
-                ParamSpec("max_iter", "int", 1000, "epochs over the data", ge=1),
-                ParamSpec("tol", "float", 1e-3, "stopping tolerance", gt=0),
-                CLASS_WEIGHT,
-                SEED,
-            ),
-            _build_sgd,
-        ),
-        "knn": HeadSpec(
-            "knn",
-            "k-nearest neighbours on the raw (unscaled) features",
-            (
-                ParamSpec(
-                    "n_neighbors",
-                    "int",
-                    5,
-                    "number of neighbours",
-                    ge=1,
-                    search=SearchSpace("choice", choices=(1, 3, 5, 7, 11, 15, 25)),
-                ),
-                ParamSpec(
-                    "weights",
-                    "choice",
-                    "uniform",
-                    "neighbour vote weighting",
-                    choices=("uniform", "distance"),
-                    search=SearchSpace("choice", choices=("uniform", "distance")),
-                ),
-                ParamSpec(
-                    "metric",
-                    "choice",
-                    "euclidean",
-                    "distance metric",
-                    choices=("euclidean", "cosine", "manhattan", "minkowski"),
-                    search=SearchSpace("choice", choices=("euclidean", "cosine")),
-                ),
-            ),
-            _build_knn,
-        ),
-        "dense": HeadSpec(
-            "dense",
-            "Keras dense top model (pool -> [Dense -> BN? -> act -> dropout]* -> softmax)",
-            DENSE_PARAMS,  # the head's own schema (featurecache.heads.dense_params)
-            _build_dense,
-        ),
+        "logreg": "featurecache.heads.sklearn_heads:build_logreg",
+        "linear-svm": "featurecache.heads.sklearn_heads:build_linear_svm",
+        "ridge": "featurecache.heads.sklearn_heads:build_ridge",
+        "sgd": "featurecache.heads.sklearn_heads:build_sgd",
+        "knn": "featurecache.heads.sklearn_heads:build_knn",
+        "dense": "featurecache.heads.dense:DenseHead",
     }
+)
+_DENSE_SUMMARY = "Keras dense top model (pool -> [Dense -> BN? -> act -> dropout]* -> softmax)"
+_SCHEMAS: Mapping[str, tuple[str, tuple[ParamSpec, ...]]] = {**SKLEARN_HEADS, "dense": (_DENSE_SUMMARY, DENSE_PARAMS)}
+_SPECS: Mapping[str, HeadSpec] = MappingProxyType(
+    {name: HeadSpec(name, _SCHEMAS[name][0], _SCHEMAS[name][1], _lazy(target)) for name, target in _BUILDERS.items()}
 )
 
 #: Registered head names (import-path heads such as "sklearn.ensemble:RandomForestClassifier"
