@@ -122,6 +122,7 @@ def measure_units(
     """Time ``run_units`` over ``units`` units of a real store on ``workers`` one-thread processes (fastest of ``repeat``)."""
     from featurecache import cluster
     from featurecache.extract import plan, prepare_units
+    from featurecache.options import ExtractOptions
 
     lc, client = _cluster(workers)
     try:
@@ -131,7 +132,7 @@ def measure_units(
             st, todo, _ = prepare_units(p, batch_size=2, chunk_rows=2, client=client)
             if len(todo) < units * repeat + workers:
                 raise SystemExit(f"--units {units} x --repeat {repeat} is more than this dataset's {len(todo) - workers} units (less warm-up)")
-            opts = cluster.UnitOptions(batch_size=4)
+            opts = ExtractOptions(batch_size=4)
             # Warm-up: connections, imports, the plan on every worker.
             cluster.run_units(client, p, st, todo[:workers], options=opts, units_per_task=1)
             runs = []

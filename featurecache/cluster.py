@@ -20,7 +20,6 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distributed import WorkerPlugin
@@ -30,6 +29,7 @@ from featurecache.errors import FeatureCacheError, IncompleteEntryError, UsageEr
 if TYPE_CHECKING:  # pragma: no cover
     from featurecache.cache.store import FeatureStore, Unit
     from featurecache.data.dataset import FileHash, FileHasher
+    from featurecache.options import ExtractOptions
     from featurecache.units import Plan
 
 PLUGIN_NAME = "featurecache-models"
@@ -40,16 +40,6 @@ MAX_ROUNDS = 3
 DIGEST_MIN_FILES = 20_000
 #: Files per hashing task: about 2 s of reading for 100 KiB images at 100 MB/s.
 DIGEST_BATCH_FILES = 2_000
-
-
-@dataclass(frozen=True)
-class UnitOptions:
-    """The options a worker needs, besides the plan, to run units (part of its runner's cache key)."""
-
-    batch_size: int = 32
-    on_error: str = "skip"
-    workers: int | None = None
-    xla: bool | None = None
 
 
 class ModelCache(WorkerPlugin):
@@ -89,7 +79,7 @@ class ModelCache(WorkerPlugin):
             self.models[p.spec.key] = _build_on_event_loop(p)
         return self.models[p.spec.key]
 
-    def runner(self, p: Plan, store_path: str, options: UnitOptions) -> tuple[Any, dict[str, Any]]:
+    def runner(self, p: Plan, store_path: str, options: ExtractOptions) -> tuple[Any, dict[str, Any]]:
         """The unit runner of ``p`` over the store at ``store_path``, built once per worker.
 
         The store is opened afresh on every call: a store removed and recreated since (with
@@ -147,7 +137,7 @@ def _feature_shape_task(p: Plan) -> tuple[int, ...]:
     return tuple(int(d) for d in _plugin().model(p).output_shape[1:])
 
 
-def _units_task(p: Plan, store_path: str, units: list[Unit], options: UnitOptions) -> int:
+def _units_task(p: Plan, store_path: str, units: list[Unit], options: ExtractOptions) -> int:
     """Run ``units`` on this worker; the markers they write are the result that counts (rows are returned)."""
     from distributed import get_worker
 
@@ -185,7 +175,7 @@ def run_units(
     st: FeatureStore,
     units: list[Unit],
     *,
-    options: UnitOptions,
+    options: ExtractOptions,
     units_per_task: int = 4,
     window: int | None = None,
     rounds: int = MAX_ROUNDS,

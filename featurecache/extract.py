@@ -30,7 +30,7 @@ from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease, NoLease
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
-from featurecache.options import KEYED_FIELDS, ExtractOptions, OnError, expands_options
+from featurecache.options import KEYED_FIELDS, ExtractOptions, expands_options
 from featurecache.versions import library_versions
 
 from featurecache.units import (  # noqa: F401 - the pipeline's public pieces stay importable from here
@@ -276,8 +276,8 @@ def extract(
         from featurecache import shards
 
         return _extract_shard(
-            p, shards.check_shard(shard), lease=lease_, lease_timeout=lease_timeout, tell=tell, started=started,
-            batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, chunk_rows=chunk_rows, xla=o.xla, progress=progress,
+            p, shards.check_shard(shard), o, lease=lease_, lease_timeout=lease_timeout, tell=tell, started=started,
+            chunk_rows=chunk_rows, progress=progress,
         )
     lease_.wait(timeout=lease_timeout, on_wait=tell)
     try:
@@ -285,10 +285,7 @@ def extract(
         hit = views_mod.find_by_key(p.cache_dir, p.key)
         if hit is not None:  # another process made the same view while we waited
             return _result(hit, cached=True, started=started, plan_=p)
-        st, computed, compute = _run(
-            p, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, chunk_rows=chunk_rows, xla=o.xla, progress=progress,
-            client=client, units_per_task=units_per_task,
-        )
+        st, computed, compute = _run(p, o, chunk_rows=chunk_rows, progress=progress, client=client, units_per_task=units_per_task)
         fs = _write_view(p, st, computed=computed, compute=compute)
     finally:
         lease_.release()
@@ -355,8 +352,8 @@ def features_for(
 
 
 def _extract_shard(
-    p: Plan, shard: tuple[int, int], *, lease: Lease | NoLease, lease_timeout: float | None, tell: Callable[[dict[str, Any]], None],
-    started: float, batch_size: int, on_error: OnError, workers: int | None, chunk_rows: int | None, xla: bool | None, progress: bool,
+    p: Plan, shard: tuple[int, int], o: ExtractOptions, *, lease: Lease | NoLease, lease_timeout: float | None,
+    tell: Callable[[dict[str, Any]], None], started: float, chunk_rows: int | None, progress: bool,
 ) -> ExtractResult:
     """One shard of a sharded extraction: agree on the plan, run our units, seal if last."""
     from featurecache import shards
@@ -372,7 +369,7 @@ def _extract_shard(
         if units is None or not _slots_allocated(st, units):
             # First shard: nobody writes this store yet, so its debris can go, and we allocate.
             store.remove_leftovers(p.cache_dir, p.spec.key)
-            st, units, model = prepare_units(p, batch_size=batch_size, chunk_rows=chunk_rows)
+            st, units, model = prepare_units(p, batch_size=o.batch_size, chunk_rows=chunk_rows)
             shards.write_plan(p.cache_dir, p.key, p.spec.key, units)
     finally:
         lease.release()
@@ -381,7 +378,7 @@ def _extract_shard(
     mine = [u for u in shards.my_units(units, shard) if u.slot not in done[u.view]]
     computed, compute = 0, None
     if mine:
-        runner, compute = make_runner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=xla)
+        runner, compute = make_runner(p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla)
         runner.run(mine, progress=progress, record=unit_record(compute, shard=f"{shard[0]}/{shard[1]}"))
         computed = sum(len(u.digests) for u in mine)
     # Listed only after our own markers are written: the last shard to get here sees them all.
@@ -458,29 +455,20 @@ def missing_digests(p: Plan, st: store.FeatureStore | None) -> dict[int, list[st
 
 
 def _run(
-    p: Plan,
-    *,
-    batch_size: int,
-    on_error: OnError,
-    workers: int | None,
-    chunk_rows: int | None,
-    xla: bool | None = None,
-    progress: bool,
-    client: Any = None,
-    units_per_task: int = 4,
+    p: Plan, o: ExtractOptions, *, chunk_rows: int | None, progress: bool, client: Any = None, units_per_task: int = 4
 ) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
-    st, units, model = prepare_units(p, batch_size=batch_size, chunk_rows=chunk_rows, client=client)
+    """Compute the units ``p`` lacks, here or on ``client``'s cluster; return the store, images computed, compute record."""
+    st, units, model = prepare_units(p, batch_size=o.batch_size, chunk_rows=chunk_rows, client=client)
     if not units:
         return st, 0, None
     if client is not None:
         from featurecache import cluster
 
         computed, compute = cluster.run_units(
-            client, p, st, units, options=cluster.UnitOptions(batch_size=batch_size, on_error=on_error, workers=workers, xla=xla),
-            units_per_task=units_per_task,
+            client, p, st, units, options=o, units_per_task=units_per_task,
         )
         return st, computed, compute
-    runner, compute = make_runner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=xla)
+    runner, compute = make_runner(p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla)
     runner.run(units, progress=progress, record=unit_record(compute))
     return st, sum(len(u.digests) for u in units), compute
 
