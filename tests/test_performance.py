@@ -159,7 +159,7 @@ def test_mixed_precision_extract_runs_on_cpu_and_keys_differently(cache_dir: Pat
 
     assert keras.config.dtype_policy().name == "float32"
     bad = runner.invoke(app, [*args, "--precision", "half"])
-    assert bad.exit_code != 0 and "float32 or mixed" in bad.output
+    assert bad.exit_code != 0 and "pass --precision float32 or --precision mixed" in bad.output
 
 
 @pytest.mark.slow  # XLA compilation

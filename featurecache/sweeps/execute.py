@@ -287,7 +287,7 @@ def _dask_round(client: Any, items: Sequence[Sequence[TrialSpec]], data: Any, ct
     try:
         calls = [(list(item), data_f, ctx) for item in items]
         with contextlib.closing(run_windowed(client, _run_group, calls, window=window)) as results:
-            for result in results:
+            for _index, result in results:
                 if isinstance(result, BaseException):
                     lost.append(result)
                 else:
