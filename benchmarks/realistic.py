@@ -224,7 +224,7 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
 
     import featurecache as fc
     from featurecache import backbones
-    from featurecache.cache import store
+    from featurecache.cache import views
     from featurecache.data import load_dataset, resize_image
 
     folder = make_folder(work / kind, kind, n, seed=seed)
@@ -257,7 +257,7 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
                          antialias=antialias, cache_dir=cache, progress=False)
         took = time.perf_counter() - t0
         keys[f"{decode}{'-aa' if antialias else ''}"] = res.key
-        feats[f"{decode}{'-aa' if antialias else ''}"] = store.find_by_key(cache, res.key).features("train")  # type: ignore[union-attr]
+        feats[f"{decode}{'-aa' if antialias else ''}"] = views.find_by_key(cache, res.key).features("train")  # type: ignore[union-attr]
         return took
 
     feats: dict[str, np.ndarray] = {}
@@ -310,7 +310,7 @@ def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone:
     from sklearn.preprocessing import StandardScaler
 
     import featurecache as fc
-    from featurecache.cache import store
+    from featurecache.cache import views
 
     folder = make_folder(work / "quality", "camera", n, seed=seed)
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
@@ -324,7 +324,7 @@ def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone:
             res = fc.extract(str(folder), backbone=backbone, weights="random", size=size, decode=decode, antialias=antialias,
                              cache_dir=cache, progress=False)
             took = time.perf_counter() - t0
-            fs = store.find_by_key(cache, res.key)
+            fs = views.find_by_key(cache, res.key)
             x, y = fs.features("train"), fs.labels("train")  # type: ignore[union-attr]
             feats[name] = x
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))

@@ -35,6 +35,7 @@ from featurecache.versions import library_versions
 from featurecache.units import (  # noqa: F401 - the pipeline's public pieces stay importable from here
     OnError,
     Plan,
+    Prefetch,
     UnitRunner,
     build_model,
     compiled_forward,
@@ -491,6 +492,32 @@ def _run(
     client: Any = None,
     units_per_task: int = 4,
 ) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
+    prefetch = _start_prefetch(p, batch_size=batch_size, workers=workers) if client is None else None
+    try:
+        return _run_units(p, prefetch, batch_size=batch_size, on_error=on_error, workers=workers, chunk_rows=chunk_rows, xla=xla,
+                          progress=progress, client=client, units_per_task=units_per_task)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+def _start_prefetch(p: Plan, *, batch_size: int, workers: int | None) -> Prefetch | None:
+    """Start decoding the first images to compute, so they are ready when the model is (``units.Prefetch``)."""
+    st = store.open_store(p.cache_dir, p.spec.key) if _store_readable(p) else None
+    first = missing_digests(p, st).get(0, [])
+    if not first:
+        return None
+    # TensorFlow (which the resize needs) is imported here, once: a first import racing between
+    # the prefetch threads and the model build fails ("Registering two gradient with name ...").
+    import tensorflow  # noqa: F401
+
+    return Prefetch(p, first, workers=workers, batch_size=batch_size)
+
+
+def _run_units(
+    p: Plan, prefetch: Prefetch | None, *, batch_size: int, on_error: OnError, workers: int | None, chunk_rows: int | None,
+    xla: bool | None, progress: bool, client: Any, units_per_task: int,
+) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
     st, units, model = prepare_units(p, batch_size=batch_size, chunk_rows=chunk_rows, client=client)
     if not units:
         return st, 0, None
@@ -502,7 +529,7 @@ def _run(
             units_per_task=units_per_task,
         )
         return st, computed, compute
-    runner, compute = make_runner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=xla)
+    runner, compute = make_runner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=xla, prefetch=prefetch)
     runner.run(units, progress=progress, record=unit_record(compute))
     return st, sum(len(u.digests) for u in units), compute
 
