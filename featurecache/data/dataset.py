@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import warnings
+from array import array
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -405,29 +406,28 @@ def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | N
         A file cannot be stat'ed or read.
     """
     memo = _read_memo(memo_path) if memo_path is not None else {}
-    keys: list[str] = []
-    # (size, mtime_ns) rather than os.stat_result objects (~0.5 KiB each with their fields):
-    # this list lives for the whole pass, and at 100k files it was a visible part of peak RSS.
-    stats: list[tuple[int, int] | None] = []
-    for p in paths:
-        key = os.path.abspath(p)
+    # Per file, this pass keeps only what it must, compactly: at 100k files its transient
+    # Python objects (a fresh absolute path, a (size, mtime) tuple, a memo entry per file)
+    # were ~0.55 KiB per file, the largest per-image peak of an extraction (issue 12).
+    keys = [_absolute(p) for p in paths]
+    sizes, mtimes = array("q", bytes(8 * len(keys))), array("q", bytes(8 * len(keys)))
+    for j, key in enumerate(keys):
         try:
             st = os.stat(key)
-            stats.append((st.st_size, st.st_mtime_ns))
+            sizes[j], mtimes[j] = st.st_size, st.st_mtime_ns
         except OSError:
-            stats.append(None)  # e.g. a dangling link: hashed below as unreadable, decoded as invalid
-        keys.append(key)
-    out: list[str | None] = []
-    missing: list[int] = []
-    for j, (key, sm) in enumerate(zip(keys, stats)):
+            sizes[j] = -1  # e.g. a dangling link: hashed below as unreadable, decoded as invalid
+    out: list[str | None] = [None] * len(keys)
+    missing = array("q")
+    for j, key in enumerate(keys):
         entry = memo.get(key)
-        if sm is not None and entry is not None and entry[:2] == sm:
-            out.append(entry[2])
+        if sizes[j] >= 0 and entry is not None and entry[0] == sizes[j] and entry[1] == mtimes[j]:
+            out[j] = entry[2]
         else:
-            out.append(None)
             missing.append(j)
+    del memo
     if missing:
-        fresh: dict[str, tuple[int, int, str]] = {}
+        memoise = bytearray(len(keys))  # 1: hashed, unchanged meanwhile, and not racily recent
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
             # In batches: pool.map submits every item at once, and a Future per file (~1 KiB
             # with its condition variable) was the largest per-image cost of the digest.
@@ -437,12 +437,19 @@ def file_digests(paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | N
                 now = time.time_ns()
                 for j, (digest, sm_after) in zip(part, hashed):
                     out[j] = digest
-                    # Memoise only what we know matches: unchanged while hashed and not racily recent.
-                    if sm_after is not None and sm_after == stats[j] and now - sm_after[1] > _RACY_NS:
-                        fresh[keys[j]] = (sm_after[0], sm_after[1], digest)
-        if memo_path is not None and fresh:
-            _update_memo(memo_path, fresh)
+                    if sm_after is not None and sm_after == (sizes[j], mtimes[j]) and now - sm_after[1] > _RACY_NS:
+                        memoise[j] = 1
+        if memo_path is not None and any(memoise):
+            fresh = [j for j in missing if memoise[j]]
+            _update_memo(memo_path, keys, fresh, lambda j: (sizes[j], mtimes[j], str(out[j])))
     return [str(d) for d in out]
+
+
+def _absolute(p: str | os.PathLike[str]) -> str:
+    """``os.path.abspath(p)``, without a new string when ``p`` already is one (dataset paths are)."""
+    if isinstance(p, str) and os.path.isabs(p) and os.path.normpath(p) == p:
+        return p
+    return os.path.abspath(p)
 
 
 def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
@@ -462,6 +469,26 @@ def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
         # of stopping the whole run; once it becomes readable its digest, and the key, change.
         return f"unreadable:{errno.errorcode.get(exc.errno or 0, 'EIO')}", None
     return h.hexdigest(), (st.st_size, st.st_mtime_ns)
+
+
+def _merge_sorted(old: dict[str, tuple[int, int, str]], keys: Sequence[str], new: Sequence[int], entry: Any) -> Any:
+    """``(key, (size, mtime, sha))`` of ``old`` updated with the new entries, in key order, each key once."""
+    old_keys = sorted(old)
+    i = 0
+    last = None
+    for j in new:
+        key = keys[j]
+        if key == last:
+            continue  # the same file listed twice: one entry, as a dict would keep
+        while i < len(old_keys) and old_keys[i] < key:
+            yield old_keys[i], old[old_keys[i]]
+            i += 1
+        if i < len(old_keys) and old_keys[i] == key:
+            i += 1  # replaced by the fresh entry
+        yield key, entry(j)
+        last = key
+    for k in old_keys[i:]:
+        yield k, old[k]
 
 
 def _memo_entry(obj: dict[str, Any]) -> Any:
@@ -489,22 +516,24 @@ def _read_memo(memo_path: Path) -> dict[str, tuple[int, int, str]]:
     return files
 
 
-def _update_memo(memo_path: Path, fresh: dict[str, tuple[int, int, str]]) -> None:
+def _update_memo(memo_path: Path, keys: Sequence[str], fresh: Sequence[int], entry: Any) -> None:
+    """Add ``keys[j]: entry(j)`` for each ``j`` in ``fresh`` to the memo (they replace older entries)."""
     memo_path = Path(memo_path)
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         # Re-read just before writing so entries another process added meanwhile survive.
-        merged = _read_memo(memo_path)
-        merged.update(fresh)
+        old = _read_memo(memo_path)
+        new = sorted(fresh, key=keys.__getitem__)
         fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=f".{memo_path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the same
-                # entries, written entry by entry instead of from a dict of dicts built whole.
+                # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the merged
+                # entries, written entry by entry from two sorted runs instead of a merged dict.
                 f.write('{"files":{')
-                for n, key in enumerate(sorted(merged)):
-                    size, mtime, sha = merged[key]
+                n = 0
+                for key, (size, mtime, sha) in _merge_sorted(old, keys, new, entry):
                     f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
+                    n += 1
                 f.write(f'}},"format":{_MEMO_FORMAT}}}')
                 f.flush()
                 os.fsync(f.fileno())
