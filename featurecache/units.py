@@ -10,6 +10,7 @@ other images share its batch.
 
 from __future__ import annotations
 
+import bisect
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -258,20 +259,43 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def source_places(p: Plan, limit: int | None = None, wanted: Sequence[str] | None = None) -> dict[str, tuple[str, int]]:
+class SourcePlaces:
     """Where each digest's image is, as ``(split, row)``: its first occurrence in the dataset.
 
-    With ``wanted``, only those digests are looked up (the scan stops when all are found).
+    One int per digest (its position in the splits laid end to end), not a tuple: this map
+    covers every image for the whole extraction, so it counts towards peak memory per image.
+    With ``wanted``, only those digests are looked up.
     """
-    want = set(wanted) if wanted is not None else None
-    out: dict[str, tuple[str, int]] = {}
-    for name, digests in p.dataset.digests_by_split().items():
-        for i, d in enumerate(digests):
-            if want is None or (d in want and d not in out):
-                out.setdefault(d, (name, i))
-                if want is not None and len(out) == len(want):
-                    return out
-    return out
+
+    def __init__(self, p: Plan, wanted: Sequence[str] | None = None) -> None:
+        want = set(wanted) if wanted is not None else None
+        self._names: list[str] = []
+        self._offsets: list[int] = []
+        self._pos: dict[str, int] = {}
+        offset = 0
+        for name, digests in p.dataset.digests_by_split().items():
+            self._names.append(name)
+            self._offsets.append(offset)
+            for i, d in enumerate(digests):
+                if want is None or d in want:
+                    self._pos.setdefault(d, offset + i)
+            offset += len(digests)
+
+    def __getitem__(self, digest: str) -> tuple[str, int]:
+        at = self._pos[digest]
+        k = bisect.bisect_right(self._offsets, at) - 1
+        return self._names[k], at - self._offsets[k]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._pos
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+
+def source_places(p: Plan, wanted: Sequence[str] | None = None) -> SourcePlaces:
+    """:class:`SourcePlaces` of ``p``'s dataset (of ``wanted`` only, if given)."""
+    return SourcePlaces(p, wanted)
 
 
 def load_places(

@@ -79,3 +79,22 @@ def test_memo_update_replaces_old_entries_and_writes_a_file_listed_twice_once(tm
     assert _read_memo(memo) == merged
     as_dicts = {k: {"size": s, "mtime_ns": m, "sha256": d} for k, (s, m, d) in merged.items()}
     assert memo.read_text() == json.dumps({"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":"))
+
+
+def test_folder_paths_are_joined_from_the_ids_and_equal_the_files(tmp_path: Path) -> None:
+    import pickle
+
+    from featurecache.data import load_dataset
+    from featurecache.data.dataset import JoinedPaths
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "ds", per_class=3)
+    split = load_dataset(str(root)).splits["train"]
+    paths = split.items.paths  # type: ignore[attr-defined]
+    assert isinstance(paths, JoinedPaths) and paths.names is split.ids  # no second string, nor tuple, per file
+    expected = [str((root / i).resolve()) for i in split.ids]
+    assert list(paths) == expected and [paths[i] for i in range(len(paths))] == expected and paths[1:3] == expected[1:3]
+    sub = split.items.subset(np.array([2, 0]))  # type: ignore[attr-defined]
+    assert list(sub.paths) == [expected[2], expected[0]]
+    assert list(pickle.loads(pickle.dumps(sub)).paths) == [expected[2], expected[0]]
+    assert JoinedPaths.of(["/x/a", "/y/b"], "/x/", ["a", "b"]) == ("/x/a", "/y/b")  # not a common prefix: kept as is

@@ -38,7 +38,7 @@ from featurecache.cache.keys import DIGEST_FORMAT, manifest_digest
 from featurecache.data.decode import decode_image, read_image_bytes
 from featurecache.errors import DatasetError, DatasetWarning
 
-__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileItems", "Split"]
+__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileItems", "JoinedPaths", "Split"]
 
 #: Split names in their canonical order.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -68,19 +68,54 @@ class Items(Protocol):
     def subset(self, indices: np.ndarray) -> Items: ...
 
 
+class JoinedPaths(Sequence[str]):
+    """``prefix + name`` for each of ``names``: a folder's file paths, made when asked for.
+
+    A dataset folder's ids already are its files' paths relative to the folder, so keeping an
+    absolute path string per file as well cost ~0.1 KiB per image for the whole extraction.
+    """
+
+    __slots__ = ("names", "prefix")
+
+    def __init__(self, prefix: str, names: Sequence[str]) -> None:
+        self.prefix = prefix
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.prefix + n for n in self.names[i]]
+        return self.prefix + self.names[i]
+
+    def __iter__(self):  # type: ignore[override]
+        prefix = self.prefix
+        return (prefix + n for n in self.names)
+
+    @classmethod
+    def of(cls, paths: Sequence[str], prefix: str, names: Sequence[str]) -> Sequence[str]:
+        """``JoinedPaths(prefix, names)`` if it gives exactly ``paths``, else ``paths`` as a tuple."""
+        if len(paths) == len(names) and all(p == prefix + n for p, n in zip(paths, names)):
+            return cls(prefix, names)
+        return tuple(paths)
+
+
 @dataclass(frozen=True, eq=False)
 class FileItems:
     """Image files; ``paths`` are absolute. Digests are memoised in ``memo_path`` if given.
 
-    Paths are kept as ``str``: a ``pathlib.Path`` holds its parts and cached strings besides
-    (~0.35 KiB each), which at 100k files was the largest record the dataset kept per image.
+    Paths are kept as ``str`` (or a :class:`JoinedPaths`): a ``pathlib.Path`` holds its parts
+    and cached strings besides (~0.35 KiB each), which at 100k files was the largest record
+    the dataset kept per image.
     """
 
-    paths: tuple[str, ...]
+    paths: Sequence[str]
     memo_path: Path | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
+        if not isinstance(self.paths, JoinedPaths):
+            object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,6 +131,9 @@ class FileItems:
         return file_digests(self.paths, memo_path=self.memo_path)
 
     def subset(self, indices: np.ndarray) -> FileItems:
+        if isinstance(self.paths, JoinedPaths):
+            names = self.paths.names
+            return FileItems(JoinedPaths(self.paths.prefix, tuple(names[int(i)] for i in indices)), self.memo_path)
         return FileItems(tuple(self.paths[int(i)] for i in indices), self.memo_path)
 
 
@@ -173,7 +211,8 @@ class Split:
         labels = np.array(self.labels, dtype=np.int64).reshape(-1)
         labels.setflags(write=False)
         object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
+        if not (type(self.ids) is tuple and all(type(i) is str for i in self.ids)):  # else shared, not copied
+            object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
         if not (len(self.ids) == len(labels) == len(self.items)):
             raise DatasetError(
                 f"split {self.name!r} has {len(self.ids)} ids, {len(labels)} labels and {len(self.items)} images; they must match"
