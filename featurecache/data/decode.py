@@ -20,6 +20,10 @@ follows still shrinks; other formats, and JPEGs under twice ``size``, decode in 
 The pixels differ slightly from a full decode followed by the same resize, which is why
 extraction keys this choice (``decode="fast"``).
 
+Large RGB JPEGs are decoded straight into a NumPy buffer of 4-byte pixels and returned as its
+``[..., :3]`` view (:func:`_decode_rgb_direct`): the same pixels, without the copy Pillow's
+``np.asarray`` makes; ``resize_image`` resizes such views without copying them either.
+
 Every failure is an :class:`~featurecache.errors.ImageDecodeError` with a one-line reason;
 extraction marks that image invalid and goes on. Decoding keeps no state, so it is safe to call
 from a thread pool.
@@ -89,7 +93,8 @@ def decode_image(data: bytes | str | Path, *, draft: int | None = None) -> np.nd
     -------
     numpy.ndarray
         ``uint8`` array of shape ``(H, W, 3)``, EXIF orientation applied, transparency
-        composited on white, 16-bit samples scaled to 8 bits.
+        composited on white, 16-bit samples scaled to 8 bits. For RGB JPEGs of at least
+        :data:`DIRECT_MIN_PIXELS` it is a view (pixel stride 4 bytes), not C-contiguous.
 
     Raises
     ------
