@@ -244,9 +244,16 @@ def test_large_truncated_or_greyscale_jpegs_keep_their_behaviour() -> None:
 def test_resizing_the_rgb_view_of_4_byte_pixels_equals_resizing_a_contiguous_copy(method: str) -> None:
     from featurecache.data.transforms import _padded_rgb
 
+    from featurecache.data.decode import aligned_empty
+
     rng = np.random.default_rng(5)
-    padded = rng.integers(0, 256, size=(2, 150, 97, 4), dtype=np.uint8)
-    for view in (padded[0, :, :, :3], padded[..., :3]):  # one image, and a batch
+    padded = aligned_empty((2, 150, 97, 4), np.uint8)  # aligned: TensorFlow reads it in place (DLPack)
+    padded[:] = rng.integers(0, 256, size=padded.shape, dtype=np.uint8)
+    assert padded.ctypes.data % 64 == 0
+    shifted = np.empty(padded.nbytes + 64, np.uint8)[16 : 16 + padded.nbytes].reshape(padded.shape)  # not aligned: copied
+    shifted[:] = padded
+    assert shifted.ctypes.data % 64 != 0
+    for view in (padded[0, :, :, :3], padded[..., :3], shifted[..., :3]):  # one image, a batch, unaligned
         assert _padded_rgb(view) is not None
         for antialias in (False, True):
             for size in (32, 200):  # shrink and enlarge
@@ -255,6 +262,7 @@ def test_resizing_the_rgb_view_of_4_byte_pixels_equals_resizing_a_contiguous_cop
                     resize_image(np.ascontiguousarray(view), size, method=method, antialias=antialias),
                 )
     # Views whose 4-byte pixels would reach past their memory are copied as before, not widened.
-    assert _padded_rgb(padded[..., 1:]) is None
-    assert _padded_rgb(padded[:, :, :50, :3]) is None
+    tight = padded.copy()  # its memory ends right after the last pixel
+    assert _padded_rgb(tight[..., 1:]) is None
+    assert _padded_rgb(tight[:, :, :50, :3]) is None
     assert _padded_rgb(np.ascontiguousarray(padded[..., :3])) is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -214,7 +215,7 @@ def _decode_rgb_direct(im: Image.Image) -> np.ndarray:
     such views without a copy. EXIF orientation is applied as ``ImageOps.exif_transpose``
     does (same tag, same table), on 32-bit pixels. Anything unexpected falls back to the plain path.
     """
-    buf = np.empty((im.height, im.width, 4), dtype=np.uint8)
+    buf = aligned_empty((im.height, im.width, 4), np.uint8)
     try:
         im.im = Image.core.map_buffer(buf, im.size, "raw", 0, ("RGB", 0, 1))
         mapped = im.im
@@ -232,9 +233,24 @@ def _decode_rgb_direct(im: Image.Image) -> np.ndarray:
         raise ImageDecodeError(f"unreadable EXIF orientation: {_one_line(exc)}") from exc
     if method is not None:
         # One 32-bit word per pixel, so a rotation moves whole pixels rather than bytes.
-        turned = np.ascontiguousarray(_TRANSPOSE_VIEWS[method](buf.view(np.uint32)[..., 0]))
+        view = _TRANSPOSE_VIEWS[method](buf.view(np.uint32)[..., 0])
+        turned = aligned_empty(view.shape, np.uint32)
+        np.copyto(turned, view)
         buf = turned.view(np.uint8).reshape(*turned.shape, 4)
     return buf[..., :3]
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, *, alignment: int = 64) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data starts on an ``alignment``-byte boundary.
+
+    TensorFlow reads such arrays without copying them (``featurecache.data.transforms``);
+    NumPy only promises 16 bytes.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 # Pillow's transposes as NumPy views of an (H, W) array (ROTATE_90 turns counter-clockwise).
