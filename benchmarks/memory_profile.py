@@ -80,7 +80,10 @@ def _folder(root: Path, n: int, *, src: int = 32) -> Path:
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         img = base[i % 64].copy()
-        img[0, 0] = (i % 256, (i // 256) % 256, (i // 65536) % 256)  # every file distinct
+        # Every file distinct, even after JPEG rounding: the bits of i as black/white 2x2 blocks.
+        for b in range(17):
+            r, c = 2 * (b // 16), 2 * (b % 16)
+            img[r : r + 2, c : c + 2] = 255 * ((i >> b) & 1)
         Image.fromarray(img).save(root / f"c{i % 10}" / f"img{i:06d}.jpg", quality=90)
     return root
 
@@ -88,9 +91,10 @@ def _folder(root: Path, n: int, *, src: int = 32) -> Path:
 def profile(n: int, *, work: Path, backbone: str, size: int, trace: bool, code: Path = ROOT) -> dict[str, Any]:
     """Stages of one extraction of ``n`` tiny JPEGs in a fresh interpreter (see module doc)."""
     folder = _folder(work / f"imgs-{n}", n)
-    code = _STAGES.format(trace=trace, cache=str(work / f"cache-{n}"), folder=str(folder), backbone=backbone, size=size)
+    script = _STAGES.format(trace=trace, cache=str(work / f"cache-{n}"), folder=str(folder), backbone=backbone, size=size)
+    # The script runs in `code`'s root (python -c puts the working directory first on sys.path).
     env = {"PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=code, env=env, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -168,18 +168,6 @@ def make_folder(folder: str | Path, kind: str, n: int, *, seed: int = 0, offset:
     return folder
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.realistic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=KINDS)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--n", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args()
-    print(make_folder(a.folder, a.kind, a.n, seed=a.seed))
-
-
 # ---------------------------------------------------------------------------------- benchmarks
 
 
@@ -224,7 +212,7 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
 
     import featurecache as fc
     from featurecache import backbones
-    from featurecache.cache import store
+    from featurecache.cache import views
     from featurecache.data import load_dataset, resize_image
 
     folder = make_folder(work / kind, kind, n, seed=seed)
@@ -257,7 +245,7 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
                          antialias=antialias, cache_dir=cache, progress=False)
         took = time.perf_counter() - t0
         keys[f"{decode}{'-aa' if antialias else ''}"] = res.key
-        feats[f"{decode}{'-aa' if antialias else ''}"] = store.find_by_key(cache, res.key).features("train")  # type: ignore[union-attr]
+        feats[f"{decode}{'-aa' if antialias else ''}"] = views.find_by_key(cache, res.key).features("train")  # type: ignore[union-attr]
         return took
 
     feats: dict[str, np.ndarray] = {}
@@ -310,7 +298,7 @@ def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone:
     from sklearn.preprocessing import StandardScaler
 
     import featurecache as fc
-    from featurecache.cache import store
+    from featurecache.cache import views
 
     folder = make_folder(work / "quality", "camera", n, seed=seed)
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
@@ -324,7 +312,7 @@ def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone:
             res = fc.extract(str(folder), backbone=backbone, weights="random", size=size, decode=decode, antialias=antialias,
                              cache_dir=cache, progress=False)
             took = time.perf_counter() - t0
-            fs = store.find_by_key(cache, res.key)
+            fs = views.find_by_key(cache, res.key)
             x, y = fs.features("train"), fs.labels("train")  # type: ignore[union-attr]
             feats[name] = x
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
@@ -338,3 +326,29 @@ def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone:
         v["features_vs_exact"] = _rel_diff(feats["exact"], feats[name]) if name != "exact" else None
     shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.realistic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("folder", type=Path, help="where the images go (with --bench: a scratch folder)")
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bench", action="store_true", help="also run bench_kind: naive vs featurecache exact/fast vs raw, side by side")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--out", type=Path, help="with --bench: write the JSON result here too")
+    a = parser.parse_args()
+    if not a.bench:
+        print(make_folder(a.folder, a.kind, a.n, seed=a.seed))
+    else:
+        import json
+
+        res = bench_kind(a.folder, a.kind, n=a.n, size=a.size, reps=a.reps, seed=a.seed)
+        res["command"] = "python -m benchmarks.realistic " + " ".join(__import__("sys").argv[1:])
+        text = json.dumps(res, indent=1)
+        if a.out:
+            a.out.write_text(text + "\n")
+        print(text)

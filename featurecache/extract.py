@@ -35,6 +35,7 @@ from featurecache.versions import library_versions
 
 from featurecache.units import (  # noqa: F401 - the pipeline's public pieces stay importable from here
     Plan,
+    Prefetch,
     UnitRunner,
     build_model,
     compiled_forward,
@@ -458,6 +459,30 @@ def _run(
     p: Plan, o: ExtractOptions, *, chunk_rows: int | None, progress: bool, client: Any = None, units_per_task: int = 4
 ) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
     """Compute the units ``p`` lacks, here or on ``client``'s cluster; return the store, images computed, compute record."""
+    prefetch = _start_prefetch(p, batch_size=o.batch_size, workers=o.workers) if client is None else None
+    try:
+        return _run_units(p, o, prefetch, chunk_rows=chunk_rows, progress=progress, client=client, units_per_task=units_per_task)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+def _start_prefetch(p: Plan, *, batch_size: int, workers: int | None) -> Prefetch | None:
+    """Start decoding the first images to compute, so they are ready when the model is (``units.Prefetch``)."""
+    st = store.open_store(p.cache_dir, p.spec.key) if _store_readable(p) else None
+    first = missing_digests(p, st).get(0, [])
+    if not first:
+        return None
+    # TensorFlow (which the resize needs) is imported here, once: a first import racing between
+    # the prefetch threads and the model build fails ("Registering two gradient with name ...").
+    import tensorflow  # noqa: F401
+
+    return Prefetch(p, first, workers=workers, batch_size=batch_size)
+
+
+def _run_units(
+    p: Plan, o: ExtractOptions, prefetch: Prefetch | None, *, chunk_rows: int | None, progress: bool, client: Any, units_per_task: int,
+) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
     st, units, model = prepare_units(p, batch_size=o.batch_size, chunk_rows=chunk_rows, client=client)
     if not units:
         return st, 0, None
@@ -468,7 +493,7 @@ def _run(
             client, p, st, units, options=o, units_per_task=units_per_task,
         )
         return st, computed, compute
-    runner, compute = make_runner(p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla)
+    runner, compute = make_runner(p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla, prefetch=prefetch)
     runner.run(units, progress=progress, record=unit_record(compute))
     return st, sum(len(u.digests) for u in units), compute
 

@@ -10,6 +10,7 @@ other images share its batch.
 
 from __future__ import annotations
 
+import bisect
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,7 +56,8 @@ class Plan:
 
 
 def make_runner(
-    p: Plan, st: store.FeatureStore, model: Any = None, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool | None
+    p: Plan, st: store.FeatureStore, model: Any = None, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool | None,
+    prefetch: Prefetch | None = None,
 ) -> tuple[UnitRunner, dict[str, Any]]:
     """The unit pipeline of ``p`` over ``st`` (building the model unless given) and its compute record.
 
@@ -77,7 +79,7 @@ def make_runner(
         )
     gpu = _gpu_visible()
     use_xla = gpu if xla is None else bool(xla)
-    runner = UnitRunner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla)
+    runner = UnitRunner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla, prefetch=prefetch)
     # Not keyed: XLA moves features by float32 round-off only (recorded per unit, for `cache verify`).
     return runner, {"xla": use_xla, "gpu": gpu}
 
@@ -100,7 +102,8 @@ class UnitRunner:
     """Decode → resize → augment → preprocess → backbone → write, overlapped across units."""
 
     def __init__(
-        self, p: Plan, st: store.FeatureStore, model: Any, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool = False
+        self, p: Plan, st: store.FeatureStore, model: Any, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool = False,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self.p = p
         self.st = st
@@ -109,38 +112,31 @@ class UnitRunner:
         from featurecache.data import decode_workers
 
         self.workers = workers or decode_workers()
-        self.forward = compiled_forward(model, p.spec.input_size, jit_compile=xla)
-        # Where each digest's image is: its first occurrence in the dataset.
-        self.source: dict[str, tuple[str, int]] = {}
-        for name, digests in p.dataset.digests_by_split().items():
-            for i, d in enumerate(digests):
-                self.source.setdefault(d, (name, i))
+        self.prefetch = prefetch
+        # Traced now, while the prefetch threads decode, rather than at the first batch.
+        self.forward = compiled_forward(model, p.spec.input_size, jit_compile=xla, trace=True)
+        self.source = source_places(p)
 
     def _load(self, unit: store.Unit, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-        """Decode and resize the unit's images, in runs of consecutive rows of one split."""
-        xs, valids, failures = [], [], []
-        places = [self.source[d] for d in unit.digests]
-        start = 0
-        while start < len(places):
-            split_name, first = places[start]
-            stop = start + 1
-            while stop < len(places) and places[stop] == (split_name, first + stop - start):
-                stop += 1
-            split = self.p.dataset.splits[split_name]
-            spec = self.p.spec
-            x, valid, fails = load_resized(
-                split, first, first + stop - start, size=spec.input_size, method=spec.resize, pool=pool,
-                decode=spec.decode, antialias=spec.antialias,
-            )
-            if fails and self.on_error == "fail":
-                sid, reason = fails[0]
-                raise ImageDecodeError(f"{split_name}/{sid}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on")
-            by_id = dict(fails)
-            failures.extend((unit.digests[start + j], by_id[split.ids[first + j]]) for j in range(stop - start) if not valid[j])
-            xs.append(x)
-            valids.append(valid)
-            start = stop
-        return np.concatenate(xs), np.concatenate(valids), failures
+        """Decode and resize the unit's images: those prefetched, the rest in runs of consecutive rows."""
+        taken = self.prefetch.take_all(unit.digests) if self.prefetch is not None else {}
+        rest = [j for j in range(len(unit.digests)) if j not in taken]
+        x, valid, fails = load_places(self.p, [self.source[unit.digests[j]] for j in rest], pool)
+        if taken:
+            size = self.p.spec.input_size
+            full, full_valid = np.empty((len(unit.digests), size, size, 3), dtype=np.float32), np.ones(len(unit.digests), dtype=bool)
+            full[rest], full_valid[rest] = x, valid
+            fails = [(rest[j], where, reason) for j, where, reason in fails]
+            for j, (row, ok, failure) in taken.items():
+                full[j], full_valid[j] = row, ok
+                if failure is not None:
+                    fails.append((j, *failure))
+            x, valid = full, full_valid
+        fails.sort()
+        if fails and self.on_error == "fail":
+            _j, where, reason = fails[0]
+            raise ImageDecodeError(f"{where}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on")
+        return x, valid, [(unit.digests[j], reason) for j, _where, reason in fails]
 
     def _prepare(self, unit: store.Unit, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         from featurecache import backbones
@@ -260,6 +256,134 @@ def _gpu_visible() -> bool:
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+class SourcePlaces:
+    """Where each digest's image is, as ``(split, row)``: its first occurrence in the dataset.
+
+    One int per digest (its position in the splits laid end to end), not a tuple: this map
+    covers every image for the whole extraction, so it counts towards peak memory per image.
+    With ``wanted``, only those digests are looked up.
+    """
+
+    def __init__(self, p: Plan, wanted: Sequence[str] | None = None) -> None:
+        want = set(wanted) if wanted is not None else None
+        self._names: list[str] = []
+        self._offsets: list[int] = []
+        self._pos: dict[str, int] = {}
+        offset = 0
+        for name, digests in p.dataset.digests_by_split().items():
+            self._names.append(name)
+            self._offsets.append(offset)
+            for i, d in enumerate(digests):
+                if want is None or d in want:
+                    self._pos.setdefault(d, offset + i)
+            offset += len(digests)
+
+    def __getitem__(self, digest: str) -> tuple[str, int]:
+        at = self._pos[digest]
+        k = bisect.bisect_right(self._offsets, at) - 1
+        return self._names[k], at - self._offsets[k]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._pos
+
+    def __len__(self) -> int:
+        return len(self._pos)
+
+
+def source_places(p: Plan, wanted: Sequence[str] | None = None) -> SourcePlaces:
+    """:class:`SourcePlaces` of ``p``'s dataset (of ``wanted`` only, if given)."""
+    return SourcePlaces(p, wanted)
+
+
+def load_places(
+    p: Plan, places: Sequence[tuple[str, int]], pool: ThreadPoolExecutor | None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
+    """Decode and resize the images at ``places`` (``(split, row)`` pairs) as ``p`` says, in runs of consecutive rows.
+
+    Returns
+    -------
+    x : numpy.ndarray
+        ``float32 (len(places), size, size, 3)``; zeros where an image failed.
+    valid : numpy.ndarray
+        ``bool (len(places),)``.
+    failures : list of (position, "split/id", reason)
+    """
+    spec = p.spec
+    x = np.zeros((len(places), spec.input_size, spec.input_size, 3), dtype=np.float32)
+    valid = np.ones(len(places), dtype=bool)
+    failures: list[tuple[int, str, str]] = []
+    start = 0
+    while start < len(places):
+        split_name, first = places[start]
+        stop = start + 1
+        while stop < len(places) and places[stop] == (split_name, first + stop - start):
+            stop += 1
+        split = p.dataset.splits[split_name]
+        x[start:stop], valid[start:stop], fails = load_resized(
+            split, first, first + stop - start, size=spec.input_size, method=spec.resize, pool=pool,
+            decode=spec.decode, antialias=spec.antialias,
+        )
+        by_id = dict(fails)
+        failures.extend(
+            (start + j, f"{split_name}/{split.ids[first + j]}", by_id[split.ids[first + j]]) for j in range(stop - start) if not valid[start + j]
+        )
+        start = stop
+    return x, valid, failures
+
+
+#: At most this many bytes of resized images are prefetched (and at most PREFETCH_ROWS images).
+PREFETCH_BYTES = 64 << 20
+PREFETCH_ROWS = 1024
+
+
+class Prefetch:
+    """The first images an extraction computes, decoded and resized while its model is built.
+
+    Building a Keras model (and tracing it) is seconds of Python holding the GIL on one core,
+    while decoding and resizing release it: without this, the decode threads sat idle through
+    both, and an extraction of a few dozen camera photos was mostly serial. The rows are the
+    bytes ``load_places`` gives (it is what they are made with); the unit that needs a digest
+    takes its row, and the rest of its images are decoded as usual. Memory is bounded by
+    :data:`PREFETCH_BYTES`.
+    """
+
+    def __init__(self, p: Plan, digests: Sequence[str], *, workers: int | None, batch_size: int) -> None:
+        from featurecache.data import decode_workers
+
+        row_bytes = p.spec.input_size**2 * 3 * 4
+        digests = list(digests[: max(1, min(PREFETCH_ROWS, PREFETCH_BYTES // row_bytes))])
+        places = source_places(p, wanted=digests)
+        self._pool = ThreadPoolExecutor(workers or decode_workers(), thread_name_prefix="fc-decode-early")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fc-prefetch")
+        self._rows: dict[str, tuple[Future, int]] = {}
+        step = max(1, int(batch_size))
+        for b in range(0, len(digests), step):  # in batches, so the first unit waits only for its own rows
+            chunk = digests[b : b + step]
+            fut = self._thread.submit(load_places, p, [places[d] for d in chunk], self._pool)
+            self._rows.update((d, (fut, j)) for j, d in enumerate(chunk))
+
+    def take_all(self, digests: Sequence[str]) -> dict[int, tuple[np.ndarray, bool, tuple[str, str] | None]]:
+        """Position in ``digests`` -> (row, valid, ("split/id", reason) or None), for the prefetched ones (removed from here)."""
+        out = {}
+        for j, d in enumerate(digests):
+            entry = self._rows.pop(d, None)
+            if entry is None:
+                continue
+            fut, k = entry
+            x, valid, fails = fut.result()
+            failure = next(((where, reason) for pos, where, reason in fails if pos == k), None)
+            out[j] = (x[k], bool(valid[k]), failure)
+        return out
+
+    def close(self) -> None:
+        """Stop decoding what nobody took and free the threads (idempotent)."""
+        for fut, _ in self._rows.values():
+            fut.cancel()
+        self._rows.clear()
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: Decoded images of at most this many pixels are resized together, one ``tf.image.resize``
@@ -440,8 +564,13 @@ def forward_in_batches(
     return np.concatenate(out, axis=0), batch_size
 
 
-def compiled_forward(model: Any, size: int, *, jit_compile: bool = False) -> Callable[[np.ndarray], Any]:
-    """``model(x, training=False)`` as one traced function for any batch size (XLA-compiled if asked)."""
+def compiled_forward(model: Any, size: int, *, jit_compile: bool = False, trace: bool = False) -> Callable[[np.ndarray], Any]:
+    """``model(x, training=False)`` as one traced function for any batch size (XLA-compiled if asked).
+
+    With ``trace=True`` the function is traced now rather than at its first call (the same
+    graph either way: the signature is fixed), so the caller chooses when that second or so
+    of single-threaded Python happens.
+    """
     import tensorflow as tf
 
     fn = tf.function(
@@ -450,4 +579,6 @@ def compiled_forward(model: Any, size: int, *, jit_compile: bool = False) -> Cal
         reduce_retracing=True,
         jit_compile=bool(jit_compile),
     )
+    if trace:
+        fn.get_concrete_function()
     return lambda x: fn(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()

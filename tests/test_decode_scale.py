@@ -198,3 +198,71 @@ def test_finetune_rebuild_reproduces_fast_antialiased_features(cache_dir: Path, 
     report = check_equivalence(rebuilt, load_run_data(rebuilt.config, preds, cache_dir=cache_dir), preds, cache_dir=cache_dir)
     assert report.passed and report.n == 2
     assert rebuilt.model.get_layer("fc_resize").antialias is True
+
+
+# ------------------------------------------------ large JPEGs decoded straight into NumPy (issue 12)
+
+
+def _plain_decode(raw: bytes) -> np.ndarray:
+    """What featurecache's exact decode always gave (and Keras' load_img + exif): Pillow, transposed, packed."""
+    from PIL import ImageOps
+
+    im = Image.open(io.BytesIO(raw))
+    im = ImageOps.exif_transpose(im)
+    return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_large_jpeg_decodes_straight_into_numpy_with_the_plain_pixels(orientation: int) -> None:
+    from featurecache.data.decode import DIRECT_MIN_PIXELS
+
+    arr = _photo(1280, 832, seed=orientation)  # just over DIRECT_MIN_PIXELS
+    assert 1280 * 832 >= DIRECT_MIN_PIXELS
+    raw = _jpeg(arr, orientation=orientation)
+    out = decode_image(raw)
+    np.testing.assert_array_equal(out, _plain_decode(raw))
+    assert out.dtype == np.uint8 and out.strides[1:] == (4, 1)  # the direct path: a view of 4-byte pixels
+    # The fast path is still a small contiguous array; the exact one resizes as a contiguous copy does.
+    assert decode_image(raw, draft=96).flags.c_contiguous
+    np.testing.assert_array_equal(resize_image(out, 40), resize_image(np.ascontiguousarray(out), 40))
+
+
+def test_large_truncated_or_greyscale_jpegs_keep_their_behaviour() -> None:
+    from featurecache.errors import ImageDecodeError
+
+    raw = _jpeg(_photo(1280, 832))
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(raw[: len(raw) // 2])
+    buf = io.BytesIO()
+    Image.fromarray(_photo(1280, 832)[..., 0]).save(buf, format="JPEG")  # mode L: the plain path
+    grey = decode_image(buf.getvalue())
+    assert grey.flags.c_contiguous and grey.shape == (832, 1280, 3)
+    np.testing.assert_array_equal(grey, _plain_decode(buf.getvalue()))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5"])
+def test_resizing_the_rgb_view_of_4_byte_pixels_equals_resizing_a_contiguous_copy(method: str) -> None:
+    from featurecache.data.transforms import _padded_rgb
+
+    from featurecache.data.decode import aligned_empty
+
+    rng = np.random.default_rng(5)
+    padded = aligned_empty((2, 150, 97, 4), np.uint8)  # aligned: TensorFlow reads it in place (DLPack)
+    padded[:] = rng.integers(0, 256, size=padded.shape, dtype=np.uint8)
+    assert padded.ctypes.data % 64 == 0
+    shifted = np.empty(padded.nbytes + 64, np.uint8)[16 : 16 + padded.nbytes].reshape(padded.shape)  # not aligned: copied
+    shifted[:] = padded
+    assert shifted.ctypes.data % 64 != 0
+    for view in (padded[0, :, :, :3], padded[..., :3], shifted[..., :3]):  # one image, a batch, unaligned
+        assert _padded_rgb(view) is not None
+        for antialias in (False, True):
+            for size in (32, 200):  # shrink and enlarge
+                np.testing.assert_array_equal(
+                    resize_image(view, size, method=method, antialias=antialias),
+                    resize_image(np.ascontiguousarray(view), size, method=method, antialias=antialias),
+                )
+    # Views whose 4-byte pixels would reach past their memory are copied as before, not widened.
+    tight = padded.copy()  # its memory ends right after the last pixel
+    assert _padded_rgb(tight[..., 1:]) is None
+    assert _padded_rgb(tight[:, :, :50, :3]) is None
+    assert _padded_rgb(np.ascontiguousarray(padded[..., :3])) is None

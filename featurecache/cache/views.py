@@ -365,6 +365,12 @@ class FeatureSet(CacheNode):
 
 
 # -- writing ---------------------------------------------------------------------------------
+#: Items per chunk of a view's arrays, and per write: converting ids and digests to string
+#: arrays and encoding them costs ~1 KiB per item, so writing a 100,000-image split at once
+#: set extraction's peak memory (issue 12, flat memory).
+VIEW_CHUNK = 1 << 13
+
+
 def write_view(
     cache_dir: Location,
     st: FeatureStore,
@@ -438,17 +444,19 @@ def _write_view_arrays(root: Any, splits: Mapping[str, tuple[Sequence[str], np.n
     layout = {}
     for split, (ids, labels, digests, rows) in splits.items():
         n = len(ids)
-        chunk = (max(1, min(n, 1 << 16)),)
+        chunk = (max(1, min(n, VIEW_CHUNK)),)
         g = root.create_group(split)
         g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
         g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **array_codecs())
         g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
         g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **array_codecs())
-        if n:
-            g["ids"][:] = np.asarray(list(ids), dtype=str)
-            g["labels"][:] = np.asarray(labels, dtype=np.int64)
-            g["digests"][:] = np.asarray(list(digests), dtype=str)
-            g["rows"][:] = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        for a in range(0, n, chunk[0]):  # chunk by chunk: string arrays cost ~1 KiB per item in flight
+            b = min(n, a + chunk[0])
+            g["ids"][a:b] = np.asarray(list(ids[a:b]), dtype=str)
+            g["labels"][a:b] = np.asarray(labels[a:b], dtype=np.int64)
+            g["digests"][a:b] = np.asarray(list(digests[a:b]), dtype=str)
+            g["rows"][:, a:b] = rows[:, a:b]
         layout[split] = {"n": n, "views": int(rows.shape[0])}
     return layout
 

@@ -23,6 +23,7 @@ import json
 import os
 import time
 import warnings
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from featurecache.cache.memo import read_memo, write_memo
 from featurecache.data.decode import decode_image, read_image_bytes
 from featurecache.errors import DatasetError, DatasetWarning
 
-__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileHasher", "FileItems", "Split", "iter_file_hashes"]
+__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileHasher", "FileItems", "JoinedPaths", "Split", "iter_file_hashes"]
 
 #: Split names in their canonical order.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -73,19 +74,54 @@ class Items(Protocol):
     def subset(self, indices: np.ndarray) -> Items: ...
 
 
+class JoinedPaths(Sequence[str]):
+    """``prefix + name`` for each of ``names``: a folder's file paths, made when asked for.
+
+    A dataset folder's ids already are its files' paths relative to the folder, so keeping an
+    absolute path string per file as well cost ~0.1 KiB per image for the whole extraction.
+    """
+
+    __slots__ = ("names", "prefix")
+
+    def __init__(self, prefix: str, names: Sequence[str]) -> None:
+        self.prefix = prefix
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.prefix + n for n in self.names[i]]
+        return self.prefix + self.names[i]
+
+    def __iter__(self):  # type: ignore[override]
+        prefix = self.prefix
+        return (prefix + n for n in self.names)
+
+    @classmethod
+    def of(cls, paths: Sequence[str], prefix: str, names: Sequence[str]) -> Sequence[str]:
+        """``JoinedPaths(prefix, names)`` if it gives exactly ``paths``, else ``paths`` as a tuple."""
+        if len(paths) == len(names) and all(p == prefix + n for p, n in zip(paths, names)):
+            return cls(prefix, names)
+        return tuple(paths)
+
+
 @dataclass(frozen=True, eq=False)
 class FileItems:
     """Image files; ``paths`` are absolute. Digests are memoised in ``memo_path`` if given.
 
-    Paths are kept as ``str``: a ``pathlib.Path`` holds its parts and cached strings besides
-    (~0.35 KiB each), which at 100k files was the largest record the dataset kept per image.
+    Paths are kept as ``str`` (or a :class:`JoinedPaths`): a ``pathlib.Path`` holds its parts
+    and cached strings besides (~0.35 KiB each), which at 100k files was the largest record
+    the dataset kept per image.
     """
 
-    paths: tuple[str, ...]
+    paths: Sequence[str]
     memo_path: Path | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
+        if not isinstance(self.paths, JoinedPaths):
+            object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,6 +137,9 @@ class FileItems:
         return file_digests(self.paths, memo_path=self.memo_path)
 
     def subset(self, indices: np.ndarray) -> FileItems:
+        if isinstance(self.paths, JoinedPaths):
+            names = self.paths.names
+            return FileItems(JoinedPaths(self.paths.prefix, tuple(names[int(i)] for i in indices)), self.memo_path)
         return FileItems(tuple(self.paths[int(i)] for i in indices), self.memo_path)
 
 
@@ -178,7 +217,8 @@ class Split:
         labels = np.array(self.labels, dtype=np.int64).reshape(-1)
         labels.setflags(write=False)
         object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
+        if not (type(self.ids) is tuple and all(type(i) is str for i in self.ids)):  # else shared, not copied
+            object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
         if not (len(self.ids) == len(labels) == len(self.items)):
             raise DatasetError(
                 f"split {self.name!r} has {len(self.ids)} ids, {len(labels)} labels and {len(self.items)} images; they must match"
@@ -430,40 +470,41 @@ def file_digests(
         A file cannot be stat'ed or read.
     """
     memo = _read_memo(memo_path) if memo_path is not None else {}
-    keys: list[str] = []
-    # (size, mtime_ns) rather than os.stat_result objects (~0.5 KiB each with their fields):
-    # this list lives for the whole pass, and at 100k files it was a visible part of peak RSS.
-    stats: list[tuple[int, int] | None] = []
-    for p in paths:
-        key = os.path.abspath(p)
+    # Per file, this pass keeps only what it must, compactly: at 100k files its transient
+    # Python objects (a fresh absolute path, a (size, mtime) tuple, a memo entry per file)
+    # were ~0.55 KiB per file, the largest per-image peak of an extraction (issue 12).
+    keys = [_absolute(p) for p in paths]
+    sizes, mtimes = array("q", bytes(8 * len(keys))), array("q", bytes(8 * len(keys)))
+    for j, key in enumerate(keys):
         try:
             st = os.stat(key)
-            stats.append((st.st_size, st.st_mtime_ns))
+            sizes[j], mtimes[j] = st.st_size, st.st_mtime_ns
         except OSError:
-            stats.append(None)  # e.g. a dangling link: hashed below as unreadable, decoded as invalid
-        keys.append(key)
-    out: list[str | None] = []
-    missing: list[int] = []
-    for j, (key, sm) in enumerate(zip(keys, stats)):
+            sizes[j] = -1  # e.g. a dangling link: hashed below as unreadable, decoded as invalid
+    out: list[str | None] = [None] * len(keys)
+    missing = array("q")
+    for j, key in enumerate(keys):
         entry = memo.get(key)
-        if sm is not None and entry is not None and entry[:2] == sm:
-            out.append(entry[2])
+        if sizes[j] >= 0 and entry is not None and entry[0] == sizes[j] and entry[1] == mtimes[j]:
+            out[j] = entry[2]
         else:
-            out.append(None)
             missing.append(j)
+    del memo
     if missing:
-        fresh: dict[str, tuple[int, int, str]] = {}
         todo = [keys[j] for j in missing]
         hashed = hasher(todo) if hasher is not None else iter_file_hashes(todo, workers=workers)
+        del todo
+        memoise = bytearray(len(keys))  # 1: hashed, unchanged meanwhile, and not racily recent
         for j, (digest, sm_after, read_ns) in zip(missing, hashed, strict=True):
-            if hasher is not None and (sm_after is None or sm_after != stats[j]):  # not the file stat'ed here
+            seen = (int(sizes[j]), int(mtimes[j]))
+            if hasher is not None and (sm_after is None or sm_after != seen):  # not the file stat'ed here
                 digest, sm_after, read_ns = next(iter_file_hashes([keys[j]], workers=1))
             out[j] = digest
-            # Memoise only what we know matches: unchanged while hashed and not racily recent.
-            if sm_after is not None and sm_after == stats[j] and read_ns - sm_after[1] > _RACY_NS:
-                fresh[keys[j]] = (sm_after[0], sm_after[1], digest)
-        if memo_path is not None and fresh:
-            _update_memo(memo_path, fresh)
+            if sm_after is not None and sm_after == seen and read_ns - sm_after[1] > _RACY_NS:
+                memoise[j] = 1
+        if memo_path is not None and any(memoise):
+            fresh = [j for j in missing if memoise[j]]
+            _update_memo(memo_path, keys, fresh, lambda j: (sizes[j], mtimes[j], str(out[j])))
     return [str(d) for d in out]
 
 
@@ -494,6 +535,13 @@ def iter_file_hashes(paths: Sequence[str], *, workers: int = 4) -> Iterator[File
                 yield digest, sm_after, now
 
 
+def _absolute(p: str | os.PathLike[str]) -> str:
+    """``os.path.abspath(p)``, without a new string when ``p`` already is one (dataset paths are)."""
+    if isinstance(p, str) and os.path.isabs(p) and os.path.normpath(p) == p:
+        return p
+    return os.path.abspath(p)
+
+
 def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
     """sha256 hex of the file and its ``(size, mtime_ns)`` as read, or an ``unreadable:`` identity."""
     try:
@@ -511,6 +559,26 @@ def _hash_file(path: str) -> tuple[str, tuple[int, int] | None]:
         # of stopping the whole run; once it becomes readable its digest, and the key, change.
         return f"unreadable:{errno.errorcode.get(exc.errno or 0, 'EIO')}", None
     return h.hexdigest(), (st.st_size, st.st_mtime_ns)
+
+
+def _merge_sorted(old: dict[str, tuple[int, int, str]], keys: Sequence[str], new: Sequence[int], entry: Any) -> Any:
+    """``(key, (size, mtime, sha))`` of ``old`` updated with the new entries, in key order, each key once."""
+    old_keys = sorted(old)
+    i = 0
+    last = None
+    for j in new:
+        key = keys[j]
+        if key == last:
+            continue  # the same file listed twice: one entry, as a dict would keep
+        while i < len(old_keys) and old_keys[i] < key:
+            yield old_keys[i], old[old_keys[i]]
+            i += 1
+        if i < len(old_keys) and old_keys[i] == key:
+            i += 1  # replaced by the fresh entry
+        yield key, entry(j)
+        last = key
+    for k in old_keys[i:]:
+        yield k, old[k]
 
 
 def _memo_entry(obj: dict[str, Any]) -> Any:
@@ -535,17 +603,17 @@ def _read_memo(memo_path: Path) -> dict[str, tuple[int, int, str]]:
     return files
 
 
-def _update_memo(memo_path: Path, fresh: dict[str, tuple[int, int, str]]) -> None:
+def _update_memo(memo_path: Path, keys: Sequence[str], fresh: Sequence[int], entry: Any) -> None:
+    """Add ``keys[j]: entry(j)`` for each ``j`` in ``fresh`` to the memo (they replace older entries)."""
     # Re-read just before writing so entries another process added meanwhile survive.
-    merged = _read_memo(memo_path)
-    merged.update(fresh)
+    old = _read_memo(memo_path)
+    new = sorted(fresh, key=keys.__getitem__)
 
     def write(f: IO[str]) -> None:
-        # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the same
-        # entries, written entry by entry instead of from a dict of dicts built whole.
+        # The bytes json.dump(sort_keys=True, separators=(",", ":")) wrote for the merged
+        # entries, written entry by entry from two sorted runs instead of a merged dict.
         f.write('{"files":{')
-        for n, key in enumerate(sorted(merged)):
-            size, mtime, sha = merged[key]
+        for n, (key, (size, mtime, sha)) in enumerate(_merge_sorted(old, keys, new, entry)):
             f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
         f.write(f'}},"format":{_MEMO_FORMAT}}}')
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurecache.data.dataset import MEMO_FILENAME, SPLIT_NAMES, ArrayItems, Dataset, FileItems, Split
+from featurecache.data.dataset import MEMO_FILENAME, SPLIT_NAMES, ArrayItems, Dataset, FileItems, JoinedPaths, Split
 from featurecache.data.decode import IMAGE_EXTENSIONS
 from featurecache.errors import DatasetError, DatasetNotFoundError, FeatureCacheError, UsageError, choices
 
@@ -296,11 +296,13 @@ def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
                 skipped.append((layout[split], "split folder has no images"))
             continue
         items.sort(key=lambda t: (index[t[0]], t[1]))
+        ids = tuple(rel for _, rel, _ in items)
         splits[split] = Split(
             split,
-            tuple(rel for _, rel, _ in items),
+            ids,
             np.array([index[c] for c, _, _ in items], dtype=np.int64),
-            FileItems(tuple(p for _, _, p in items), memo_path),
+            # The ids are the paths relative to the folder: no second string per file (issue 12).
+            FileItems(JoinedPaths.of([p for _, _, p in items], top[0] + os.sep, ids), memo_path),
         )
     if not splits:
         raise DatasetError(

@@ -78,8 +78,56 @@ def resize_image(image: np.ndarray, size: int, *, method: str = "bilinear", anti
     # 12 MP photo (144 MB, more time than the resize itself).
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float32, copy=False)
+    padded = _padded_rgb(arr)
+    if padded is not None:
+        # A large decoded JPEG is the first 3 channels of 4-byte pixels (featurecache.data.decode).
+        # Copying that view to 3 contiguous channels costs more than the resize, so the 4
+        # channels are resized and the 4th dropped: every method resizes each channel on its
+        # own, so the 3 kept are bit-identical (tests/test_decode_scale.py checks every method).
+        out = tf.image.resize(_shared_tensor(padded), (int(size), int(size)), method=method, antialias=bool(antialias))
+        return np.ascontiguousarray(out.numpy()[..., :3], dtype=np.float32)
     out = tf.image.resize(tf.convert_to_tensor(arr), (int(size), int(size)), method=method, antialias=bool(antialias))
     return out.numpy().astype(np.float32, copy=False)
+
+
+def _padded_rgb(arr: np.ndarray) -> np.ndarray | None:
+    """The ``(..., H, W, 4)`` uint8 array whose first three channels ``arr`` is, if it is such a view."""
+    base = arr.base
+    if arr.dtype != np.uint8 or arr.flags.c_contiguous or not isinstance(base, np.ndarray) or 0 in arr.shape:
+        return None
+    strides = [4, 1]  # those of a C-contiguous (..., H, W, 4) array, minus its last channel
+    for n in reversed(arr.shape[1:-1]):
+        strides.insert(0, strides[0] * n)
+    if list(arr.strides) != strides:
+        return None
+    low, high = np.lib.array_utils.byte_bounds(base)
+    start = arr.__array_interface__["data"][0]
+    if start < low or start + strides[0] * arr.shape[0] > high:
+        return None  # the 4th byte of the last pixel is outside the memory arr comes from
+    return np.lib.stride_tricks.as_strided(arr, shape=(*arr.shape[:-1], 4), strides=arr.strides, writeable=arr.flags.writeable)
+
+
+#: TensorFlow's kernels require their input's memory aligned to Eigen's maximum alignment
+#: (a failed check aborts the process, it does not raise); 64 bytes covers every build.
+TENSOR_ALIGNMENT = 64
+
+
+def _shared_tensor(arr: np.ndarray) -> Any:
+    """``arr`` as a tensor sharing its memory when that is safe, else a copy (``tf.convert_to_tensor``).
+
+    Copying a decoded 12 MP photo into a tensor took ~17 ms of CPU, ten times the resize
+    itself; DLPack hands TensorFlow the same bytes without a copy. Only C-contiguous, writable
+    (NumPy exports no read-only arrays), 64-byte aligned arrays qualify, which is what
+    ``featurecache.data.decode`` allocates for large JPEGs.
+    """
+    import tensorflow as tf
+
+    if arr.flags.c_contiguous and arr.flags.writeable and arr.ctypes.data % TENSOR_ALIGNMENT == 0:
+        try:
+            return tf.experimental.dlpack.from_dlpack(arr.__dlpack__())
+        except Exception:  # noqa: BLE001 - any refusal: the copy below is always correct
+            pass
+    return tf.convert_to_tensor(arr)
 
 
 # name -> (kind, meaning, upper bound, bound is inclusive)
