@@ -198,7 +198,7 @@ def sweep(
         data = shared_arrays(load_training_data(fs, val_fraction=val_fraction, seed=seed))
         # The same TensorFlow and BLAS threads in every process, whatever the number of workers, so
         # results do not depend on --jobs (train.fit_head and evaluate_arrays set the BLAS threads).
-        ctx = TrialContext(str(trials_dir), os.getpid(), top_k, sweep_tf_threads(), call=uuid.uuid4().hex)
+        ctx = TrialContext(os.path.abspath(trials_dir), os.getpid(), top_k, sweep_tf_threads(), call=uuid.uuid4().hex)
         session_best = run_pending(
             pending, data, ctx, key=fs.key, records=records, histories=histories, metric=metric, n_jobs=n_jobs,
             together=together, bar=ProgressBar(progress, len(pending), f"sweep {fs.key[:12]}"), stats=stats,

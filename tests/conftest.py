@@ -54,3 +54,20 @@ def make_image_folder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog"), 
 def image_folder(tmp_path: Path) -> Path:
     """Two classes of four small images each, mixed PNG and JPEG, varied sizes."""
     return make_image_folder(tmp_path / "pets")
+
+
+#: Test files that run longest (multi-process, end-to-end), in the order the workers should take
+#: them: with ``--dist loadfile`` a file runs whole on one worker, and pytest-xdist's default
+#: order (files with the most tests first) left these for the end, one worker busy and the other
+#: idle. Longest first lets the short files fill in around them (pyproject: --no-loadscope-reorder).
+LONG_FILES_FIRST = (
+    "test_faults.py", "test_scale_out.py", "test_sweep.py", "test_s3.py", "test_pipelines.py", "test_ensemble.py",
+    "test_extract.py", "test_finetune.py", "test_incremental.py", "test_quiet_stderr.py", "test_train.py",
+    "test_dense_group.py", "test_predict.py", "test_report.py", "test_estimator_checks.py", "test_backbone_table.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order whole files longest-first (stable, so each file's own order is kept)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

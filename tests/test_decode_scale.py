@@ -250,7 +250,9 @@ def test_resizing_the_rgb_view_of_4_byte_pixels_equals_resizing_a_contiguous_cop
     padded = aligned_empty((2, 150, 97, 4), np.uint8)  # aligned: TensorFlow reads it in place (DLPack)
     padded[:] = rng.integers(0, 256, size=padded.shape, dtype=np.uint8)
     assert padded.ctypes.data % 64 == 0
-    shifted = np.empty(padded.nbytes + 64, np.uint8)[16 : 16 + padded.nbytes].reshape(padded.shape)  # not aligned: copied
+    raw = np.empty(padded.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + 16  # 16 bytes past a 64-byte boundary, whatever malloc returned
+    shifted = raw[start : start + padded.nbytes].reshape(padded.shape)  # not aligned: copied
     shifted[:] = padded
     assert shifted.ctypes.data % 64 != 0
     for view in (padded[0, :, :, :3], padded[..., :3], shifted[..., :3]):  # one image, a batch, unaligned

@@ -231,6 +231,18 @@ def test_a_sweep_with_another_grid_keeps_the_first_ones_results(digits: views.Fe
     assert len(json.loads((out / "sweep.json").read_text())["requests"]) == 2
 
 
+def test_a_relative_out_follows_the_callers_working_directory(digits: views.FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """joblib reuses its worker processes across calls, and they keep the directory they started
+    in: the workers must get absolute trial paths, or a second call from another directory writes
+    its records into the first one's (found when the demo test ran after a test that chdir'ed)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        res = sweep(digits, grid=["logreg:C=0.1,1;max_iter=300"], out="rel", n_jobs=2, progress=False)
+        assert len(list((tmp_path / name / "rel" / "trials").glob("*.json"))) == 2, name
+        assert res.rounds == 1 and len(res.leaderboard) == 2
+
+
 _KILL_WHILE_SAVING_BEST = """
 import os, signal, sys
 import featurecache.rundir as rundir
