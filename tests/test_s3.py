@@ -392,3 +392,16 @@ def test_cli_keeps_a_cache_url_intact(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert _cache_folder("s3://bucket/prefix") == "s3://bucket/prefix"
     assert isinstance(_cache_folder("relative/dir"), Path)
+
+
+def test_missing_credentials_are_one_line_naming_the_fix(tmp_path: Path) -> None:
+    """No AWS credentials anywhere: the command says which cache and what to set, not a botocore traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEATURECACHE_"))}
+    env |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_CONFIG_FILE": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "featurecache", "cache", "ls", "--cache", f"s3://{BUCKET}/x"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cache s3://{BUCKET}/x cannot be reached"), proc.stderr
+    assert "AWS_ACCESS_KEY_ID" in lines[0] and "Traceback" not in proc.stderr

@@ -103,10 +103,22 @@ def handle_errors(fn: F) -> F:
 _PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR})
 
 
-def _one_line(exc: Exception, cache: Path | None) -> str:
+#: botocore's errors for a cache root on S3 that cannot be reached as configured -> the fix.
+_STORAGE_FIXES = {
+    "NoCredentialsError": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or put them in $FEATURECACHE_STORAGE_OPTIONS as JSON",
+    "PartialCredentialsError": "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or put them in $FEATURECACHE_STORAGE_OPTIONS as JSON",
+    "EndpointConnectionError": "check the network and AWS_ENDPOINT_URL (or endpoint_url in $FEATURECACHE_STORAGE_OPTIONS)",
+}
+
+
+def _one_line(exc: Exception, cache: Path | str | None) -> str:
     """The message for ``exc`` raised by a command that was given ``--cache cache``."""
     if isinstance(exc, FeatureCacheError):
         return with_cache_option(str(exc), cache)
+    fix = _STORAGE_FIXES.get(type(exc).__name__)
+    if fix is not None:
+        where = f"cache {cache}" if cache is not None else "the cache ($FEATURECACHE_DIR)"
+        return f"{where} cannot be reached: {exc}; {fix}"
     if isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS and exc.filename:
         where = Path(str(exc.filename))
         reason = (exc.strerror or "cannot be used").lower()
