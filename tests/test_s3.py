@@ -210,33 +210,62 @@ def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
 
 
 # -- the lease on conditional writes (no TensorFlow) ---------------------------------------------
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 @pytest.mark.slow
-def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs) -> None:
-    """2 Dask workers writing to S3, one killed inside a unit once: the run re-plans and equals local."""
+@pytest.mark.parametrize("death", ["inside", "outside"])
+def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str) -> None:
+    """2 Dask workers writing to S3, one dying in a unit once: the run re-plans from one listing and equals local.
+
+    ``inside``: the worker calls ``os._exit`` after the backbone, before the write. ``outside``:
+    it freezes there (SIGSTOP) and the test SIGKILLs it, as an OOM killer or a lost node would.
+    """
+    import signal
+    import threading
+
     import dask
     from distributed import Client, LocalCluster
 
     from featurecache.cache.views import open_features
     from featurecache.extract import extract
 
-    cache = f"s3://{BUCKET}/cluster"
-    once = runs["tmp"] / "cluster-fault-fired"
+    cache = f"s3://{BUCKET}/cluster-{death}"
+    once = runs["tmp"] / f"cluster-fault-{death}"
     env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "XDG_CACHE_HOME")}
-    # The second unit a worker computes SIGKILLs it after the backbone, before the write; once.
+    fault = "unit_forward_done@2" if death == "inside" else "unit_forward_done:stop"
     env |= {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3",
-            "FEATURECACHE_FAULT": "unit_forward_done@2", "FEATURECACHE_FAULT_ONCE": str(once)}
+            "FEATURECACHE_FAULT": fault, "FEATURECACHE_FAULT_ONCE": str(once)}
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # no Dask retries: the re-plan must do it
         lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, env=env)
     client = Client(lc)
+    out: dict[str, object] = {}
     try:
-        res = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, client=client, units_per_task=2, **OPTS)
+        pids = set(client.run(os.getpid).values())
+        run = lambda: out.update(res=extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, client=client, units_per_task=2, **OPTS))  # noqa: E731
+        runner = threading.Thread(target=run)
+        runner.start()
+        if death == "outside":
+            frozen = None
+            while frozen is None and runner.is_alive():  # waits on a state, never on a duration
+                frozen = next((pid for pid in pids if once.exists() and _proc_state(pid) == "T"), None)
+                runner.join(0.1)
+            assert frozen is not None, "no worker froze: the fault never fired"
+            os.kill(frozen, signal.SIGKILL)
+        runner.join()
     finally:
         client.close()
         lc.close()
     assert once.exists(), "the injected fault never fired: the test proved nothing"
-    a = open_features(res.key, cache_dir=cache)
+    res = out["res"]
+    a = open_features(res.key, cache_dir=cache)  # type: ignore[attr-defined]
     b = open_features(runs["local"].key, cache_dir=runs["tmp"] / "local")
-    assert res.key == runs["local"].key
+    assert res.key == runs["local"].key  # type: ignore[attr-defined]
     for split in b.splits:
         assert a.features(split).tobytes() == b.features(split).tobytes(), split
     summary = a.attrs["compute"]["cluster"]
