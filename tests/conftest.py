@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,3 +72,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Order whole files longest-first (stable, so each file's own order is kept)."""
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def kill_frozen_worker(pids: set[int], fired: Path, runner: Any) -> int:
+    """SIGKILL the worker among ``pids`` that froze itself (a ``:stop`` fault) while ``runner`` runs.
+
+    Waits on states, never on a duration: until the fault's once-file ``fired`` exists and a
+    worker is stopped (``T`` in ``/proc``), or the runner thread ends. Returns the killed pid.
+    """
+    import signal
+
+    def state(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return "gone"
+
+    frozen = None
+    while frozen is None and runner.is_alive():
+        frozen = next((pid for pid in pids if fired.exists() and state(pid) == "T"), None)
+        runner.join(0.1)
+    assert frozen is not None, "no worker froze: the fault never fired"
+    os.kill(frozen, signal.SIGKILL)
+    return frozen

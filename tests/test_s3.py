@@ -210,14 +210,6 @@ def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
 
 
 # -- the lease on conditional writes (no TensorFlow) ---------------------------------------------
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("death", ["inside", "outside"])
 def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str) -> None:
@@ -226,7 +218,6 @@ def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str)
     ``inside``: the worker calls ``os._exit`` after the backbone, before the write. ``outside``:
     it freezes there (SIGSTOP) and the test SIGKILLs it, as an OOM killer or a lost node would.
     """
-    import signal
     import threading
 
     import dask
@@ -251,12 +242,9 @@ def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str)
         runner = threading.Thread(target=run)
         runner.start()
         if death == "outside":
-            frozen = None
-            while frozen is None and runner.is_alive():  # waits on a state, never on a duration
-                frozen = next((pid for pid in pids if once.exists() and _proc_state(pid) == "T"), None)
-                runner.join(0.1)
-            assert frozen is not None, "no worker froze: the fault never fired"
-            os.kill(frozen, signal.SIGKILL)
+            from conftest import kill_frozen_worker
+
+            kill_frozen_worker(pids, once, runner)
         runner.join()
     finally:
         client.close()

@@ -281,18 +281,9 @@ def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:
     assert "--backend dask goes with one of --cluster" in res.output
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
 def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
-    import signal
     import threading
 
     from featurecache.cache.views import open_features
@@ -308,12 +299,9 @@ def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str
         out: dict[str, object] = {}
         runner = threading.Thread(target=lambda: out.update(res=extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)))
         runner.start()
-        frozen = None
-        while frozen is None and runner.is_alive():  # waits on a state, never on a duration
-            frozen = next((pid for pid in pids if once.exists() and _state(pid) == "T"), None)
-            runner.join(0.1)
-        assert frozen is not None, "no worker froze: the fault never fired"
-        os.kill(frozen, signal.SIGKILL)
+        from conftest import kill_frozen_worker
+
+        kill_frozen_worker(pids, once, runner)
         runner.join()
     finally:
         client.close()
