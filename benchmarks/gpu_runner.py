@@ -27,24 +27,12 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.realistic import make_folder, photo_crops
-
-
-def _parallel_folder(folder: Path, kind: str, n: int, *, workers: int) -> Path:
-    """``make_folder`` split over processes (a 12 MP JPEG takes about a second to make)."""
-    per = max(1, -(-n // workers))
-    with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(make_folder, folder, kind, min(per, n - start), seed=1000 + start, offset=start)
-                   for start in range(0, n, per)]
-        for f in futures:
-            f.result()
-    return folder
+from benchmarks.realistic import make_folder_parallel, photo_crops
 
 
 def _npz(path: Path, n: int, *, side: int) -> Path:
@@ -136,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         npz = _npz(work / "images.npz", args.n_npz, side=256 if not args.tiny else 48)
-        web = _parallel_folder(work / "web", "web", args.n_web, workers=cpus)
-        camera = _parallel_folder(work / "camera", "camera", args.n_camera, workers=cpus)
+        web = make_folder_parallel(work / "web", "web", args.n_web, workers=cpus)
+        camera = make_folder_parallel(work / "camera", "camera", args.n_camera, workers=cpus)
         data_s = time.perf_counter() - t0
         print(f"[gpu_runner] data made in {data_s:.0f} s", file=sys.stderr, flush=True)
         rows = []

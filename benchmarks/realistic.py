@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASSES", "KINDS", "bench_kind", "bench_resize_quality", "make_folder", "photo_crops"]
+__all__ = ["CLASSES", "KINDS", "bench_kind", "bench_resize_quality", "make_folder", "make_folder_parallel", "photo_crops"]
 
 KINDS: tuple[str, ...] = ("camera", "web", "screenshot")
 #: photo x horizontal half of the crop centre
@@ -168,6 +168,25 @@ def make_folder(folder: str | Path, kind: str, n: int, *, seed: int = 0, offset:
     return folder
 
 
+def make_folder_parallel(folder: str | Path, kind: str, n: int, *, workers: int | None = None, seed: int = 0) -> Path:
+    """:func:`make_folder` split over processes (a 12 MP JPEG takes about a second to make).
+
+    Each process makes a contiguous range of file numbers with its own seed
+    (``seed + 1000 + first number``), so the result depends on ``n`` and ``workers``.
+    """
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or os.cpu_count() or 1
+    per = max(1, -(-n // workers))
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(make_folder, folder, kind, min(per, n - start), seed=seed + 1000 + start, offset=start)
+                   for start in range(0, n, per)]
+        for f in futures:
+            f.result()
+    return Path(folder)
+
+
 # ---------------------------------------------------------------------------------- benchmarks
 
 
@@ -215,7 +234,7 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
     from featurecache.cache import views
     from featurecache.data import load_dataset, resize_image
 
-    folder = make_folder(work / kind, kind, n, seed=seed)
+    folder = make_folder_parallel(work / kind, kind, n, seed=seed)
     split = load_dataset(str(folder)).splits["train"]
     paths = list(split.items.paths)  # type: ignore[attr-defined]
     spec = backbones.get_backbone(backbone)
