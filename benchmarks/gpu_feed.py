@@ -88,6 +88,13 @@ def _decode(path: str, draft: int | None) -> int:
     return int(decode_image(path, draft=draft).shape[0])
 
 
+def _decode_pixels(path: str, draft: int | None) -> np.ndarray:
+    """As a process pool must: the decoded pixels go back to the caller (pickled through a pipe)."""
+    from featurecache.data import decode_image
+
+    return np.ascontiguousarray(decode_image(path, draft=draft))
+
+
 def _warm(_: int) -> int:
     import featurecache.data  # noqa: F401 - imports outside the timing
 
@@ -109,12 +116,13 @@ def decode_rates(paths: list[str], *, draft: int | None, workers: list[int], rep
     top = max(workers)
     with ProcessPoolExecutor(top) as pool:
         list(pool.map(_warm, range(top * 2)))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            list(pool.map(_decode, paths, [draft] * len(paths), chunksize=4))
-            times.append(time.perf_counter() - t0)
-    out["processes"][str(top)] = round(len(paths) / statistics.median(times), 1)
+        for label, fn in (("processes", _decode), ("processes_pixels_back", _decode_pixels)):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                list(pool.map(fn, paths, [draft] * len(paths), chunksize=4))
+                times.append(time.perf_counter() - t0)
+            out.setdefault(label, {})[str(top)] = round(len(paths) / statistics.median(times), 1)
     return out
 
 
@@ -132,9 +140,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['backbone']} | {row['precision']} | {row['images_per_s']:.0f} | {need} |")
     workers = result["workers"]
     lines += ["", "| data | " + " | ".join(f"{w} thread{'s' if w > 1 else ''}" for w in workers) + f" | {max(workers)} processes |",
-              "| --- |" + " --- |" * (len(workers) + 1)]
+              "| --- |" + " --- |" * (len(workers) + 2)]
+    lines[-2] += " pixels sent back |"
     for kind, rates in result["decode"].items():
-        cells = [f"{rates['threads'][str(w)]:.0f}" for w in workers] + [f"{rates['processes'][str(max(workers))]:.0f}"]
+        top = str(max(workers))
+        cells = [f"{rates['threads'][str(w)]:.0f}" for w in workers] + [f"{rates['processes'][top]:.0f}",
+                                                                          f"{rates.get('processes_pixels_back', {}).get(top, float('nan')):.0f}"]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-web", type=int, default=480)
     parser.add_argument("--n-screenshot", type=int, default=96)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--decode-only", action="store_true", help="skip the backbones (no Keras needed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     size = 32 if args.tiny else 224
@@ -172,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[gpu_feed] {label}: {decode[label]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.decode_only:
+        args.backbones = ""
     import keras
 
     device = "CPU only"
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gpus = tf.config.list_physical_devices("GPU")
         device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU") if gpus else device
     rows = []
-    for name in args.backbones.split(","):
+    for name in filter(None, args.backbones.split(",")):
         for precision in args.precisions.split(","):
             try:
                 rows.append(backbone_rate(name, size=size, precision=precision, n=args.n_backbone, batch_size=args.batch_size))

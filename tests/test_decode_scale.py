@@ -213,18 +213,18 @@ def _plain_decode(raw: bytes) -> np.ndarray:
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_large_jpeg_decodes_straight_into_numpy_with_the_plain_pixels(orientation: int) -> None:
-    from featurecache.data.decode import DIRECT_MIN_PIXELS
-
-    arr = _photo(1280, 832, seed=orientation)  # just over DIRECT_MIN_PIXELS
-    assert 1280 * 832 >= DIRECT_MIN_PIXELS
+@pytest.mark.parametrize("size", [(1280, 832), (500, 375), (37, 23)])
+def test_rgb_jpeg_decodes_straight_into_numpy_with_the_plain_pixels(orientation: int, size: tuple[int, int]) -> None:
+    arr = _photo(*size, seed=orientation)
     raw = _jpeg(arr, orientation=orientation)
     out = decode_image(raw)
     np.testing.assert_array_equal(out, _plain_decode(raw))
     assert out.dtype == np.uint8 and out.strides[1:] == (4, 1)  # the direct path: a view of 4-byte pixels
-    # The fast path is still a small contiguous array; the exact one resizes as a contiguous copy does.
-    assert decode_image(raw, draft=96).flags.c_contiguous
+    # The fast path decodes straight into NumPy too, and resizes as a contiguous copy does.
+    small = decode_image(raw, draft=96)
+    assert small.strides[1:] == (4, 1)
     np.testing.assert_array_equal(resize_image(out, 40), resize_image(np.ascontiguousarray(out), 40))
+    np.testing.assert_array_equal(resize_image(small, 40), resize_image(np.ascontiguousarray(small), 40))
 
 
 def test_large_truncated_or_greyscale_jpegs_keep_their_behaviour() -> None:

@@ -20,9 +20,12 @@ follows still shrinks; other formats, and JPEGs under twice ``size``, decode in 
 The pixels differ slightly from a full decode followed by the same resize, which is why
 extraction keys this choice (``decode="fast"``).
 
-Large RGB JPEGs are decoded straight into a NumPy buffer of 4-byte pixels and returned as its
+RGB JPEGs are decoded straight into a NumPy buffer of 4-byte pixels and returned as its
 ``[..., :3]`` view (:func:`_decode_rgb_direct`): the same pixels, without the copy Pillow's
-``np.asarray`` makes; ``resize_image`` resizes such views without copying them either.
+``np.asarray`` makes; ``resize_image`` resizes such views without copying them either. That
+copy holds the GIL: on 500x375 web photos it was half the decode time (1.70 -> 0.81 ms per
+image) and most of the time a decode thread held the GIL, which capped a 16-core thread pool
+at ~1,900 images/s (``benchmarks/gpu_feed.py``).
 
 Every failure is an :class:`~featurecache.errors.ImageDecodeError` with a one-line reason;
 extraction marks that image invalid and goes on. Decoding keeps no state, so it is safe to call
@@ -55,10 +58,6 @@ _FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 #: How extraction decodes images: ``exact`` decodes in full (the pixels plain Keras sees);
 #: ``fast`` decodes JPEGs at the smallest DCT scale that still covers the input size.
 DECODE_MODES: tuple[str, ...] = ("exact", "fast")
-
-#: JPEGs that decode to at least this many pixels are decoded straight into a NumPy buffer
-#: (:func:`_decode_rgb_direct`); smaller ones are cheap to copy and stay contiguous.
-DIRECT_MIN_PIXELS = 1 << 20
 
 _WHITE = 255  # background that transparent pixels are composited on
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -95,8 +94,8 @@ def decode_image(data: bytes | str | Path, *, draft: int | None = None) -> np.nd
     -------
     numpy.ndarray
         ``uint8`` array of shape ``(H, W, 3)``, EXIF orientation applied, transparency
-        composited on white, 16-bit samples scaled to 8 bits. For RGB JPEGs of at least
-        :data:`DIRECT_MIN_PIXELS` it is a view (pixel stride 4 bytes), not C-contiguous.
+        composited on white, 16-bit samples scaled to 8 bits. For RGB JPEGs it is a
+        view (pixel stride 4 bytes), not C-contiguous (``np.ascontiguousarray`` packs it).
 
     Raises
     ------
@@ -181,7 +180,7 @@ def _decode_bytes(raw: bytes, draft: int | None = None) -> np.ndarray:
             # Square target: both sides must cover it whatever the EXIF orientation. Pillow
             # picks the same scale as draft_size(); mode None keeps the colour conversion.
             im.draft(None, (int(draft), int(draft)))
-        if im.format == "JPEG" and im.mode == "RGB" and im.width * im.height >= DIRECT_MIN_PIXELS:
+        if im.format == "JPEG" and im.mode == "RGB":
             return _decode_rgb_direct(im)
         _load(im)
         if _is_16bit_colour_png(raw):
@@ -206,7 +205,7 @@ def _load(im: Image.Image) -> None:
 
 
 def _decode_rgb_direct(im: Image.Image) -> np.ndarray:
-    """Decode a large RGB JPEG straight into a NumPy buffer: the pixels of the plain path, one copy fewer.
+    """Decode an RGB JPEG straight into a NumPy buffer: the pixels of the plain path, one copy fewer.
 
     Pillow keeps RGB pixels 4 bytes apart (the 4th is padding), so ``np.asarray(im)`` packs
     them through ``tobytes`` (chunked, then joined): ~50 ms per 12 MP photo, as long as a
