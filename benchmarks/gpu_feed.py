@@ -141,7 +141,7 @@ def markdown(result: dict[str, Any]) -> str:
     workers = result["workers"]
     lines += ["", "| data | " + " | ".join(f"{w} thread{'s' if w > 1 else ''}" for w in workers) + f" | {max(workers)} processes |",
               "| --- |" + " --- |" * (len(workers) + 2)]
-    lines[-2] += " pixels sent back |"
+    lines[-2] += f" {max(workers)} processes, pixels sent back |"
     for kind, rates in result["decode"].items():
         top = str(max(workers))
         cells = [f"{rates['threads'][str(w)]:.0f}" for w in workers] + [f"{rates['processes'][top]:.0f}",
