@@ -445,6 +445,7 @@ def load_resized(
         The images that failed to decode.
     """
     from featurecache.data import resize_image
+    from featurecache.data.decode import drop_channels
 
     draft = size if decode == "fast" else None
     n = stop - start
@@ -464,7 +465,9 @@ def load_resized(
             return None, False, str(exc)
         if img.shape[0] * img.shape[1] > max_batch_pixels:
             return resize_image(img, size, method=method, antialias=antialias), True, None
-        return img, False, None
+        # Grouped with others of its shape and resized as one batch: packed here, in the decode
+        # thread, since np.stack of 4-byte-pixel views (decode_image's JPEGs) copies 5x slower.
+        return (img if img.flags.c_contiguous else drop_channels(img)), False, None
 
     rows = range(start, stop)
     loaded = list(pool.map(load, rows)) if pool is not None else [load(i) for i in rows]

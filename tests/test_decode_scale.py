@@ -227,6 +227,18 @@ def test_rgb_jpeg_decodes_straight_into_numpy_with_the_plain_pixels(orientation:
     np.testing.assert_array_equal(resize_image(small, 40), resize_image(np.ascontiguousarray(small), 40))
 
 
+def test_drop_channels_equals_a_contiguous_copy_of_the_first_channels() -> None:
+    from featurecache.data.decode import drop_channels
+
+    rng = np.random.default_rng(9)
+    for arr in (rng.integers(0, 256, size=(5, 7, 4), dtype=np.uint8), rng.random((2, 5, 7, 4), dtype=np.float32)):
+        out = drop_channels(arr)
+        assert out.flags.c_contiguous and out.dtype == arr.dtype
+        np.testing.assert_array_equal(out, np.ascontiguousarray(arr[..., :3]))
+    view = decode_image(_jpeg(_photo(37, 23)))
+    np.testing.assert_array_equal(drop_channels(view), np.ascontiguousarray(view))
+
+
 def test_large_truncated_or_greyscale_jpegs_keep_their_behaviour() -> None:
     from featurecache.errors import ImageDecodeError
 

@@ -51,7 +51,8 @@ def _write_images(folder: Path, shapes: list[tuple[int, int]]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (h, w) in enumerate(shapes):
-        p = folder / f"img{i}.png"
+        # PNGs decode to contiguous arrays; RGB JPEGs to views of 4-byte pixels (packed before grouping).
+        p = folder / f"img{i}.{'jpg' if i % 2 else 'png'}"
         Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
@@ -61,7 +62,7 @@ def _write_images(folder: Path, shapes: list[tuple[int, int]]) -> list[Path]:
 def test_file_resize_grouped_by_shape_is_bit_identical(tmp_path: Path, max_batch_pixels: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    paths = _write_images(tmp_path / "imgs", [(20, 24), (31, 24), (20, 24), (9, 40), (20, 24), (31, 24)])
+    paths = _write_images(tmp_path / "imgs", [(20, 24), (31, 24), (20, 24), (9, 40), (20, 24), (31, 24), (9, 40)])
     broken = tmp_path / "imgs" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     paths.insert(3, broken)
@@ -70,10 +71,11 @@ def test_file_resize_grouped_by_shape_is_bit_identical(tmp_path: Path, max_batch
         x, valid, failures = extract_mod.load_resized(
             split, 0, len(paths), size=16, method="bilinear", pool=pool, max_batch_pixels=max_batch_pixels
         )
-    assert valid.tolist() == [True, True, True, False, True, True, True]
+    assert valid.tolist() == [True, True, True, False, True, True, True, True]
     assert [f[0] for f in failures] == ["broken.png"]
     assert not x[3].any()  # the failed row is zeros
-    for j in (0, 1, 2, 4, 5, 6):
+    assert not split.load(1).flags.c_contiguous and split.load(0).flags.c_contiguous  # both kinds are in the groups
+    for j in (0, 1, 2, 4, 5, 6, 7):
         assert np.array_equal(x[j], resize_image(split.load(j), 16, method="bilinear"))
 
 

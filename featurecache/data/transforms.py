@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.data.decode import drop_channels
 from featurecache.errors import AugmentSpecError, UsageError, choices
 
 __all__ = ["FILL_MODES", "RESIZE_METHODS", "AugmentSpec", "augment_batch", "resize_image"]
@@ -85,7 +86,7 @@ def resize_image(image: np.ndarray, size: int, *, method: str = "bilinear", anti
         # channels are resized and the 4th dropped: every method resizes each channel on its
         # own, so the 3 kept are bit-identical (tests/test_decode_scale.py checks every method).
         out = tf.image.resize(_shared_tensor(padded), (int(size), int(size)), method=method, antialias=bool(antialias))
-        return np.ascontiguousarray(out.numpy()[..., :3], dtype=np.float32)
+        return drop_channels(out.numpy().astype(np.float32, copy=False))
     out = tf.image.resize(tf.convert_to_tensor(arr), (int(size), int(size)), method=method, antialias=bool(antialias))
     return out.numpy().astype(np.float32, copy=False)
 
