@@ -5,6 +5,14 @@ from __future__ import annotations
 import time
 
 
+def fit_label(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters in the middle (``head…tail``), or as it is if it fits."""
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 3
+    return text[: width - 1 - tail] + "…" + (text[-tail:] if tail else "")
+
+
 class ProgressBar:
     """A rich progress bar over ``total`` steps on stderr, or nothing.
 
@@ -15,7 +23,8 @@ class ProgressBar:
     total
         Steps to completion.
     label
-        Description shown left of the bar (cut to 60 characters).
+        Description shown left of the bar: at most 60 characters, fewer on a narrow terminal
+        (cut in the middle, so its start and its end, often a key, both stay readable).
     rate_unit
         If given (``"img"``), the status column shows the rate, e.g. ``1,234 img/s``, instead
         of the status text passed to :meth:`advance`.
@@ -34,19 +43,27 @@ class ProgressBar:
     def __enter__(self) -> ProgressBar:
         if self.enabled:
             from rich.console import Console
+            from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+            console = Console(stderr=True)
+            # Columns right of the label: done/total, a status (e.g. "12,345 img/s"), elapsed,
+            # remaining, and the gaps between the 6 columns. On 80 columns the default 40-wide
+            # bar left rich to squeeze every column to an ellipsis.
+            fixed = 2 * len(str(self.total)) + 1 + 14 + 7 + 7 + 5
+            bar = max(10, min(40, console.width - fixed - 30))
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=bar),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=console,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.label[:60], total=self.total, status="")
+            label = fit_label(self.label, max(12, min(60, console.width - fixed - bar)))
+            self._task = self._bar.add_task(escape(label), total=self.total, status="")
             self._t0 = time.perf_counter()
         return self
 
