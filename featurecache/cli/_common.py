@@ -166,7 +166,27 @@ def with_cache_option(message: str, cache: str | Path | None) -> str:
     return _SUGGESTED.sub(add, message)
 
 
-class OneLineErrorsGroup(TyperGroup):
+class PlainHelpGroup(TyperGroup):
+    """A command group whose help lists each command's whole first sentence, wrapped.
+
+    Help is click's plain layout (``rich_markup_mode=None``): rich's option tables give the
+    help text a fifth of an 80-column terminal and cut every long token (a CSV layout, an
+    augmentation example) to "...". Click's layout wraps instead, but cuts the command list's
+    descriptions to one line; here they wrap too.
+    """
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class OneLineErrorsGroup(PlainHelpGroup):
     """The root command group: a usage error (bad option value, unknown option) is one line too.
 
     Typer would print it in a framed panel of five or more lines, unlike every other error;

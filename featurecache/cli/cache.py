@@ -8,11 +8,13 @@ import typer
 
 from pathlib import Path
 
-from featurecache.cli._common import CacheOpt, JsonOpt, cache_flag, fail, handle_errors, human_bytes, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, PlainHelpGroup, cache_flag, fail, handle_errors, human_bytes, print_json
 from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
 from featurecache.options import ExtractOptions
 
-app = typer.Typer(help="List, inspect, verify and remove cached feature sets.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, inspect, verify and remove cached feature sets.", no_args_is_help=True, rich_markup_mode=None, cls=PlainHelpGroup
+)
 
 RefArg = Annotated[str, typer.Argument(help="Full key, its first 12 characters, or the entry name.")]
 

@@ -24,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     cls=OneLineErrorsGroup,
+    rich_markup_mode=None,
 )
 app.command("extract", no_args_is_help=False)(extract_cli.extract_cmd)
 app.command("backbones")(backbones_cli.backbones_cmd)
