@@ -11,6 +11,28 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# A test that needs an optional component skips with the reason when it is absent
+# (pytest.importorskip, Chromium's skipif). CI installs everything and sets this variable, so
+# there such a skip is a failure: a test skipped in CI checks nothing.
+REQUIRE_ALL = os.environ.get("FEATURECACHE_REQUIRE_ALL") == "1"
+OPTIONAL_SKIP_MARKERS = ("could not import", "is not installed")
+
+
+def _fail_optional_skip(report: Any) -> None:
+    if REQUIRE_ALL and report.skipped and any(m in str(report.longrepr) for m in OPTIONAL_SKIP_MARKERS):
+        report.outcome = "failed"
+        report.longrepr = f"FEATURECACHE_REQUIRE_ALL=1 but an optional component is missing: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    outcome = yield
+    _fail_optional_skip(outcome.get_result())
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _fail_optional_skip(report)
+
 
 
 @pytest.fixture(scope="module")

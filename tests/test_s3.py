@@ -220,6 +220,7 @@ def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str)
     """
     import threading
 
+    pytest.importorskip("distributed")
     import dask
     from distributed import Client, LocalCluster
 

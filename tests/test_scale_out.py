@@ -40,6 +40,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]
 
 
 def local_cluster(**env: str):
+    pytest.importorskip("distributed")
     import dask
     from distributed import Client, LocalCluster
 
@@ -177,6 +178,7 @@ def test_cli_scale_out_options_fail_in_one_line(tmp_path: Path, extra: list[str]
 
 @pytest.mark.slow
 def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+    pytest.importorskip("distributed")
     from typer.testing import CliRunner
 
     from featurecache.cache.views import open_features
@@ -227,6 +229,7 @@ def assert_same_trials(rows: list[dict], local_rows: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path, sweep_features: tuple[Path, str], local_sweep) -> None:
+    pytest.importorskip("distributed")
     from typer.testing import CliRunner
 
     from featurecache.cli.main import app
@@ -337,6 +340,7 @@ def test_a_bad_image_with_on_error_fail_is_not_retried_on_the_cluster(tmp_path: 
 def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
+    pytest.importorskip("distributed")
     from conftest import make_image_folder
     from distributed import get_task_stream
 
