@@ -264,7 +264,7 @@ def finetune(
 def _print_check(log: Any, report: EquivalenceReport, *, tolerance: float, trainable: Mapping[str, Any], rebuilt: Rebuilt) -> None:
     """Print the equivalence check's result and the trainable layers on ``log`` (nothing without it)."""
     if log:
-        print(f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}", file=log)
+        print(f"equivalence: {report.summary()}", file=log)
         print(trainable_text(trainable, rebuilt), file=log)
 
 
@@ -390,7 +390,7 @@ def _export_assembled(
             cache_dir=cache_dir, predictor=predictor, pool=pool,
         )
         if log:
-            print(f"equivalence: {report.n} validation images, max |dp| {report.max_abs_diff:.2g} <= {tolerance:g}", file=log)
+            print(f"equivalence: {report.summary()}", file=log)
         metrics, preds = _evaluate_run_splits(assembled, run_data, predictor=predictor, pool=pool)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = export_model(assembled.model, out_dir, savedmodel=savedmodel)
