@@ -16,6 +16,7 @@ large dataset's digest memo lacks are hashed as tasks too (:func:`file_hasher`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections import Counter
@@ -390,8 +391,14 @@ def _brief(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
 
 
-def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_file: str | None = None) -> Any:
+def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_file: str | None = None, *, verbose: bool = False) -> Any:
     """A Dask client from the CLI's ``--cluster local:N``, ``--scheduler`` or ``--scheduler-file``.
+
+    A ``local:N`` cluster is quiet: Dask's log lines (a worker restarted, one still alive at
+    close, a task's traceback; featurecache reports what matters) are shown only with
+    ``verbose``, and its HTTP server takes a free port instead of
+    8787, which another cluster on the machine may hold. It serves a dashboard only with
+    ``verbose`` (the CLI's ``-v`` prints its link).
 
     Returns
     -------
@@ -413,8 +420,17 @@ def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_
         kind, _, n = cluster.partition(":")
         if kind != "local" or not n.isdigit() or int(n) < 1:
             raise UsageError(f"--cluster {cluster!r} is not understood; pass local:N, e.g. --cluster local:2 for two worker processes")
-        lc = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
-        client = Client(lc)
+        # dashboard_address=None would still bind the scheduler's HTTP server to 8787 (and warn
+        # when that is taken): port 0 lets the system pick a free one.
+        lc = LocalCluster(
+            n_workers=int(n), threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": verbose}, silence_logs=logging.WARNING if verbose else logging.CRITICAL,
+        )
+        try:
+            client = Client(lc)
+        except BaseException:
+            lc.close()
+            raise
         client._featurecache_cluster = lc  # closed by close()
         return client
     if scheduler_file:
@@ -427,6 +443,8 @@ def close(client: Any) -> None:
     if client is None:
         return
     lc = getattr(client, "_featurecache_cluster", None)
-    client.close()
-    if lc is not None:
-        lc.close()
+    try:
+        client.close()
+    finally:
+        if lc is not None:
+            lc.close()

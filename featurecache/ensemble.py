@@ -223,7 +223,8 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
 def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, cache_dir: Any, plots: bool, notes: list[str]) -> list[_Member]:
     """Refit the ``top`` best trials of a sweep and write each as a run in ``members_dir``."""
     from featurecache.concat import open_recorded_features
-    from featurecache.runconfig import read_run_config
+    from featurecache.heads import get_head_spec
+    from featurecache.runconfig import TRIAL_ID, read_run_config, recorded_name
     from featurecache.finetune.run_data import read_predictions
     from featurecache.train import load_training_data, parse_validation_label, train_head
 
@@ -237,6 +238,9 @@ def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, 
     ranked = [r for r in board.get("rows", []) if r.get("status") == "ok"]
     if len(ranked) < top:
         raise UsageError(f"--top {top} but sweep {sweep_dir} has {len(ranked)} successful trials; pass --top {len(ranked)} or fewer")
+    for row in ranked[:top]:  # each names a member directory: checked before anything is refitted
+        recorded_name(row.get("trial"), TRIAL_ID, source=sweep_dir / "leaderboard.json", fix="run the same `featurecache sweep` command again to rewrite it")
+        get_head_spec(str(row.get("head")))  # an unknown head fails before naming a directory (a valid name has no "/")
     fs = open_recorded_features(best["features"], cache_dir=cache_dir)
     fraction, seed = parse_validation_label(best.get("validation", "")) or (0.15, 0)
     data = load_training_data(fs, val_fraction=fraction, seed=seed)

@@ -490,3 +490,16 @@ def test_same_image_under_two_labels_is_a_warning_naming_the_ids(tmp_path: Path)
     assert "train/a/b1-link.png ('a') = train/b/b1.png ('b')" in message
     assert "train/a/b2-copy.png ('a') = train/b/b2.png ('b')" in message
     assert len(digest) == 64  # a warning, not an error: the dataset still loads
+
+
+def test_the_label_warning_names_split_folder_ids_once(tmp_path: Path) -> None:
+    # Ids in split folders start with the folder ("val/b/b1.png"): the split is not prefixed again.
+    root = tmp_path / "pets"
+    _png(root / "train" / "a" / "a1.png", 1)
+    _png(root / "val" / "b" / "b1.png", 2)
+    shutil.copy(root / "val" / "b" / "b1.png", root / "train" / "a" / "b1-copy.png")
+    with pytest.warns(DatasetWarning) as record:
+        load_dataset(str(root)).digest()
+    message = str(record[0].message)
+    assert "train/a/b1-copy.png ('a') = val/b/b1.png ('b')" in message, message
+    assert "train/train/" not in message and "val/val/" not in message

@@ -203,6 +203,24 @@ def test_ensemble_refuses_runs_validated_on_other_images_and_fine_tuning(env: di
     assert nested.exit_code == 2 and "itself an ensemble" in _error_line(nested)
 
 
+@pytest.mark.parametrize("member", ["../outside", "/tmp", "members/0-a/../../../outside", 3])
+def test_an_ensembles_member_directories_stay_inside_it(tmp_path: Path, member: object) -> None:
+    """The member directories an ensemble's config.json names are checked before they are joined (issue 20)."""
+    from featurecache.errors import RunError
+    from featurecache.finetune.assemble import load_members
+
+    ens = tmp_path / "ens"
+    (tmp_path / "outside").mkdir()  # what a path out of the ensemble would reach
+    ens.mkdir()
+    (ens / "config.json").write_text(json.dumps({"kind": "ensemble", "members": [{"dir": member}]}))
+    with pytest.raises(RunError) as err:
+        load_members(ens)
+    assert str(err.value) == (
+        f"{ens / 'config.json'} names member directory {member!r}, but a member directory is members/<i>-<name>; "
+        "make the ensemble again with `featurecache ensemble`"
+    )
+
+
 @pytest.fixture(scope="module")
 def ens(env: dict) -> Path:
     """A weighted ensemble of members on backbone A, on backbone B, and on A+B side by side."""

@@ -117,3 +117,33 @@ def test_dataset_warning_is_one_line_on_stderr(tmp_path: Path) -> None:
         "warning: dataset 'pets': 1 image(s) appear under two labels with the same bytes: "
         "train/a/b-again.png ('a') = train/b/b.png ('b'); remove the duplicates or fix their labels"
     ]
+
+
+@pytest.mark.slow
+def test_dask_extract_shows_dasks_lines_only_when_asked(tmp_path: Path) -> None:
+    # distributed printed "Port 8787 is already in use" (its HTTP server took 8787 even with no
+    # dashboard) and "Restarting worker" when a worker died (issue 20): here both happen.
+    pytest.importorskip("distributed")
+    import socket
+
+    cache = tmp_path / "cache"
+    fired = tmp_path / "fault-fired"
+    cluster = ["--cache", str(cache), "--cluster", "local:1", "--units-per-task", "1"]
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen()
+        except OSError:
+            pass  # another process holds it: just as good
+        # The worker SIGKILLs itself in its first unit, once: its nanny restarts it.
+        proc = _featurecache([*QUIET_EXTRACT, *cluster], tmp_path, FEATURECACHE_FAULT="unit_forward_done", FEATURECACHE_FAULT_ONCE=str(fired))
+        assert proc.returncode == 0, proc.stderr
+        assert fired.exists(), "the injected fault never fired: the test proved nothing"
+        # Only featurecache's own line about resubmitting the lost unit may remain.
+        assert [ln for ln in proc.stderr.splitlines() if not ln.startswith("featurecache: ")] == [], proc.stderr
+
+        verbose = _featurecache([*QUIET_EXTRACT, *cluster, "-v"], tmp_path)  # a cache hit: the cluster starts all the same
+        assert verbose.returncode == 0, verbose.stderr
+        links = [ln for ln in verbose.stderr.splitlines() if ln.startswith("Dask dashboard: ")]
+        assert len(links) == 1 and links[0].startswith("Dask dashboard: http://127.0.0.1:"), verbose.stderr
+        assert ":8787/" not in links[0] and "8787 is already in use" not in verbose.stderr

@@ -285,6 +285,28 @@ def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_local_cluster_is_closed_even_when_closing_its_client_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cluster left running on an error path leaves its event loop's tasks pending at exit (issue 20).
+    pytest.importorskip("distributed")
+    from distributed.core import Status
+
+    from featurecache import cluster
+
+    client = cluster.connect("local:1")
+    lc = client._featurecache_cluster
+    real_close = client.close
+
+    def failing_close(*args: object, **kwargs: object) -> None:
+        real_close()
+        raise OSError("connection reset while closing")
+
+    monkeypatch.setattr(client, "close", failing_close)
+    with pytest.raises(OSError, match="connection reset"):
+        cluster.close(client)
+    assert lc.status == Status.closed
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
 def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
     import threading

@@ -302,6 +302,54 @@ def test_loss_metric_ranks_ascending(digits: views.FeatureSet, tmp_path: Path) -
         sweep(digits, grid=["logreg"], metric="test_accuracy", out=tmp_path / "x", progress=False)
 
 
+def _edit_json(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    """Trial ids come back from trials/, sweep.json and leaderboard.json: each is checked against
+    the form a sweep writes before it names a file or a directory (issue 20)."""
+    import shutil
+
+    from featurecache.errors import RunError
+
+    grid = ["logreg:C=0.1,1;max_iter=300"]
+    first = sweep(digits, grid=grid, out=tmp_path / "sw", progress=False)
+    ids = [r["trial"] for r in first.leaderboard]
+
+    def copy(name: str) -> Path:
+        shutil.copytree(first.out_dir, tmp_path / name)
+        return tmp_path / name
+
+    board = copy("board")
+    _edit_json(board / "leaderboard.json", lambda d: d["rows"][0].update(trial="/../../../../x"))
+    res = CliRunner().invoke(app, ["ensemble", "--from-sweep", str(board), "--top", "2", "--out", str(tmp_path / "ens"), "--cache", str(cache)])
+    assert res.exit_code == 1, res.output
+    line = _error_line(res)
+    assert f"{board / 'leaderboard.json'} names trial id '/../../../../x', but a trial id is 12 hex digits" in line
+    assert not (tmp_path / "ens").exists() and not list(tmp_path.glob(".ens-*"))
+
+    meta = copy("meta")
+    _edit_json(meta / "sweep.json", lambda d: d["trials"].append("../../../x"))
+    with pytest.raises(RunError, match=r"sweep\.json names trial id '\.\./\.\./\.\./x'"):
+        sweep(digits, grid=["logreg:C=10;max_iter=300"], out=meta, progress=False)
+
+    record = copy("record")
+    _edit_json(record / "trials" / f"{ids[0]}.json", lambda d: d.update(trial="../../x"))
+    with pytest.raises(RunError, match=f"{ids[0]}\\.json names trial id '\\.\\./\\.\\./x'.*remove .* to run that trial again") as err:
+        sweep(digits, grid=grid, out=record, progress=False)
+    assert "\n" not in str(err.value)
+
+    # A well-formed id that is not its file's: not this trial's record, so the trial runs again.
+    other = copy("other")
+    _edit_json(other / "trials" / f"{ids[0]}.json", lambda d: d.update(trial=ids[1]))
+    again = sweep(digits, grid=grid, out=other, progress=False)
+    assert again.skipped == 1 and sorted(r["trial"] for r in again.leaderboard) == sorted(ids)
+    assert json.loads((other / "trials" / f"{ids[0]}.json").read_text())["trial"] == ids[0]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

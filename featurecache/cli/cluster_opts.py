@@ -16,11 +16,14 @@ ClusterOpt = Annotated[
 ]
 SchedulerOpt = Annotated[str | None, typer.Option("--scheduler", help="An existing Dask scheduler, e.g. tcp://host:8786.", show_default=False)]
 SchedulerFileOpt = Annotated[str | None, typer.Option("--scheduler-file", help="The Dask scheduler described by this file.", show_default=False)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="With a Dask cluster: show Dask's log lines and print its dashboard link.")]
 
 
 @contextlib.contextmanager
-def dask_client(cluster: str | None, scheduler: str | None, scheduler_file: str | None) -> Iterator[Any]:
+def dask_client(cluster: str | None, scheduler: str | None, scheduler_file: str | None, *, verbose: bool = False) -> Iterator[Any]:
     """A connected ``distributed.Client`` for the options given (None for none), closed on exit.
+
+    With ``verbose`` (``-v``), Dask's log lines are shown and the dashboard link is printed on stderr.
 
     Raises
     ------
@@ -34,8 +37,10 @@ def dask_client(cluster: str | None, scheduler: str | None, scheduler_file: str 
         from featurecache import cluster as cluster_mod
     except ImportError:
         raise UsageError("--cluster, --scheduler and --scheduler-file need Dask; install it with `pip install 'featurecache[dask]'`") from None
-    client = cluster_mod.connect(cluster, scheduler, scheduler_file)
+    client = cluster_mod.connect(cluster, scheduler, scheduler_file, verbose=verbose)
     try:
+        if verbose:
+            typer.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         yield client
     finally:
         cluster_mod.close(client)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
+from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, pasteable, print_json
 from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
 from featurecache.options import ExtractOptions
@@ -33,13 +33,14 @@ def extract_cmd(
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a frozen backbone once over a dataset and cache its features (a repeat is a cache hit)."""
     from featurecache.extract import extract
     from featurecache.shards import parse_shard
 
     shard_ = parse_shard(shard)
-    with dask_client(cluster, scheduler, scheduler_file) as client:
+    with dask_client(cluster, scheduler, scheduler_file, verbose=verbose) as client:
         result = extract(
             data, options, cache_dir=cache, limit=limit, client=client, units_per_task=units_per_task, shard=shard_,
             progress=not (quiet or json_out), lease=not no_lease,

@@ -25,7 +25,7 @@ from featurecache.cli._common import (
     print_json,
 )
 from featurecache.cli.extract_opts import LimitOpt, extract_options
-from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
+from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
 from featurecache.errors import UsageError
 from featurecache.options import ExtractOptions
 
@@ -155,6 +155,7 @@ def sweep_cmd(
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Grid or random search over heads on cached features; ranks them and saves the best as a run (resumable)."""
     from featurecache.sweep import leaderboard_table, plan_trials, sweep
@@ -170,7 +171,7 @@ def sweep_cmd(
 
     import joblib
 
-    with dask_client(cluster, scheduler, scheduler_file) as client:
+    with dask_client(cluster, scheduler, scheduler_file, verbose=verbose) as client:
         # Trials go through joblib; its dask backend takes them to the client's cluster.
         with joblib.parallel_config(backend="dask") if client is not None else contextlib.nullcontext():
             result = sweep(

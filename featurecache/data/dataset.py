@@ -421,7 +421,8 @@ def _warn_label_conflicts(dataset: Dataset, manifest: dict[str, Any], shown: int
         for item_id, digest, label in items:
             if digest.startswith("unreadable:"):
                 continue  # a stand-in identity shared by all unreadable files, not their bytes
-            where = f"{split}/{item_id}"
+            # Ids of split folders already start with the split's folder ("train/cat/1.png").
+            where = item_id if item_id.startswith(f"{split}/") else f"{split}/{item_id}"
             seen = first.setdefault(digest, (where, label))
             if seen[1] != label:
                 conflicts.append((*seen, where, label))

@@ -36,6 +36,7 @@ from featurecache.errors import RunError, UsageError
 from featurecache.finetune.convert import check_expressible, keras_head
 from featurecache.finetune.rebuild import Branch, build_branch
 from featurecache.runconfig import ENSEMBLE_KIND, is_assembled, read_run_config  # re-exported: config readers live there
+from featurecache.runconfig import MEMBER_DIR, recorded_name
 
 __all__ = ["Assembled", "Member", "assemble_run", "is_assembled", "load_members", "read_run_config"]
 
@@ -99,7 +100,8 @@ def load_members(run_dir: str | os.PathLike[str], config: Mapping[str, Any] | No
         return [Member(path, cfg, estimator)]
     members = []
     for record in config.get("members", []):
-        member_dir = path / str(record["dir"])
+        name = recorded_name(record.get("dir"), MEMBER_DIR, source=path / "config.json", fix="make the ensemble again with `featurecache ensemble`")
+        member_dir = path / name
         if not member_dir.is_dir():
             raise RunError(f"ensemble {path} lacks its member {record['dir']}; copy the whole ensemble directory, or make it again with `featurecache ensemble`")
         cfg, estimator = load_run(member_dir)

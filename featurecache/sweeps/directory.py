@@ -19,6 +19,7 @@ from typing import Any
 from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
 from featurecache.errors import UsageError
+from featurecache.runconfig import TRIAL_ID, recorded_name
 from featurecache.sweeps.grid import TrialSpec
 from featurecache.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, read_record
 
@@ -96,7 +97,9 @@ def earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, p
     """Trials an earlier call recorded in this sweep directory that this call did not plan."""
     ids = {t.id for t in planned}
     out: list[TrialSpec] = []
+    meta_path = trials_dir.parent / "sweep.json"
     for tid in (meta or {}).get("trials", []):
+        tid = recorded_name(tid, TRIAL_ID, source=meta_path, fix="remove that entry of its trials list, or pass another --out")
         if tid in ids:
             continue
         record = read_record(trials_dir / f"{tid}.json", key)

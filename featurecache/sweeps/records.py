@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache.fsio import write_json
+from featurecache.runconfig import TRIAL_ID, recorded_name
 from featurecache.sweeps.grid import TrialSpec
 
 __all__ = ["SWEEP_FORMAT", "TRIALS_DIR", "finish_record", "finished_records", "new_record", "read_record"]
@@ -90,16 +91,24 @@ def read_record(path: Path, key: str, *, call: str | None = None) -> dict[str, A
     Returns
     -------
     dict or None
-        A successful record (or this call's failed one), else None.
+        A successful record (or this call's failed one), else None. A record of another
+        trial than its file names is not this trial's: None, so the trial runs again.
+
+    Raises
+    ------
+    RunError
+        The record names its trial with something other than a trial id.
     """
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("key") != key:
+    if not isinstance(record, dict) or record.get("key") != key:
         return None
     if record.get("status") == "ok" or (call and record.get("call") == call and record.get("status") == "failed"):
-        return record
+        # Its id names the leaderboard row, the TensorBoard run and an ensemble's member directory.
+        trial = recorded_name(record.get("trial"), TRIAL_ID, source=path, fix=f"remove {path} to run that trial again")
+        return record if trial == path.stem else None
     return None
 
 
