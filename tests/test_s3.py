@@ -194,6 +194,30 @@ def test_deleted_chunk_is_detected_on_read(runs) -> None:
     assert not report.ok and report.problems
 
 
+def test_missing_bucket_is_one_line_naming_it(s3: Endpoint) -> None:
+    """A cache URL whose bucket does not exist: every command says so in one line with the endpoint
+    (not "no feature sets", not "ignores conditional writes", not an unexpected FileNotFoundError)."""
+    from typer.testing import CliRunner
+
+    from featurecache.cache.lease import Lease
+    from featurecache.cache.store import resolve_cache_dir
+    from featurecache.cli.main import app
+    from featurecache.errors import BucketNotFoundError
+
+    cache = "s3://no-such-bucket/team"
+    with pytest.raises(BucketNotFoundError, match=f"bucket 'no-such-bucket' does not exist at {s3.url}"):
+        Lease(resolve_cache_dir(cache), "b" * 64).try_acquire()
+    extract = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv3small", "--weights", "random", "--size", "32", "--limit", "2"]
+    for args in (["cache", "ls"], extract, [*extract, "--no-lease"]):
+        out = CliRunner().invoke(app, [*args, "--cache", cache])
+        lines = out.output.strip().splitlines()
+        assert out.exit_code != 0 and len(lines) == 1, out.output
+        assert f"bucket 'no-such-bucket' does not exist at {s3.url}" in lines[0] and "aws s3 mb s3://no-such-bucket" in lines[0], lines[0]
+    import boto3
+
+    assert "no-such-bucket" not in [b["Name"] for b in boto3.client("s3", endpoint_url=s3.url).list_buckets()["Buckets"]]
+
+
 def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
     """`--shard 0/2` then `--shard 1/2` on an s3:// root: the plan is shared through the bucket, the last seals."""
     from featurecache.cache.views import open_features

@@ -32,11 +32,13 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Union
 
-from featurecache.errors import UsageError
+from featurecache.errors import BucketNotFoundError, UsageError
 
 STORAGE_OPTIONS_ENV = "FEATURECACHE_STORAGE_OPTIONS"
 #: A URL scheme of two or more characters (so a Windows drive letter is never one).
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+#: File systems whose first path component is a bucket (or container) that must exist beforehand.
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def is_url(text: str) -> bool:
@@ -71,6 +73,7 @@ class Remote:
     def __init__(self, protocol: str, options: dict[str, Any]) -> None:
         self.protocol = protocol
         self.options = dict(options)
+        self.buckets_seen: set[str] = set()  # buckets known to exist (they are not deleted under a cache)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Remote, (self.protocol, self.options))
@@ -100,6 +103,11 @@ class Remote:
         except (ImportError, ValueError) as exc:
             hint = " (pip install 'featurecache[s3]')" if self.protocol in ("s3", "s3a") else ""
             raise UsageError(f"cannot open a {self.protocol}:// cache root: {' '.join(str(exc).split())[:160]}{hint}") from None
+
+    def endpoint(self) -> str | None:
+        """The endpoint URL requests go to, when one is configured (else the provider's default)."""
+        opts = self._kwargs()
+        return opts.get("endpoint_url") or dict(opts.get("client_kwargs") or {}).get("endpoint_url")
 
     @cached_property
     def async_fs(self) -> Any:
@@ -227,6 +235,36 @@ def refuse_remote(loc: Any, what: str) -> None:
         )
 
 
+def check_bucket(loc: RemotePath) -> None:
+    """Raise a one-line error when the bucket of ``loc`` does not exist.
+
+    Called where an object store answered "not found" (an empty listing, a refused write):
+    without it a missing bucket reads as an empty cache, a store that "ignores conditional
+    writes", or a bare ``FileNotFoundError``. A bucket seen once is not asked about again.
+
+    Raises
+    ------
+    BucketNotFoundError
+        The bucket does not exist at the endpoint used.
+    """
+    remote = loc.remote
+    bucket = loc.path.split("/", 1)[0]
+    if remote.protocol not in _BUCKET_PROTOCOLS or bucket in remote.buckets_seen:
+        return
+    fs = remote.fs
+    fs.invalidate_cache(bucket)
+    if fs.exists(bucket):
+        remote.buckets_seen.add(bucket)
+        return
+    endpoint = remote.endpoint()
+    where = f"at {endpoint}" if endpoint else "at the provider's default endpoint"
+    create = f"create it (`aws s3 mb s3://{bucket}`)" if remote.protocol in ("s3", "s3a") else "create it"
+    raise BucketNotFoundError(
+        f"bucket {bucket!r} does not exist {where} (asked for {loc.url}); {create}, "
+        "or check the URL and the endpoint (AWS_ENDPOINT_URL or endpoint_url in $FEATURECACHE_STORAGE_OPTIONS)"
+    )
+
+
 # -- reading --------------------------------------------------------------------------------
 def read_bytes(loc: Location) -> bytes:
     """The file's bytes.
@@ -259,9 +297,12 @@ def is_dir(loc: Location) -> bool:
         fs = loc.remote.fs
         fs.invalidate_cache(loc.path)
         try:
-            return bool(fs.isdir(loc.path))
+            found = bool(fs.isdir(loc.path))
         except OSError:
-            return False
+            found = False
+        if not found:
+            check_bucket(loc)
+        return found
     return loc.is_dir()
 
 
@@ -286,6 +327,7 @@ def children(loc: Location) -> list[Location]:
         try:
             names = fs.ls(loc.path, detail=False)
         except FileNotFoundError:
+            check_bucket(loc)
             return []
         return sorted(RemotePath(loc.remote, str(n)) for n in names if str(n).rstrip("/") != loc.path)
     try:
@@ -310,6 +352,7 @@ def find(loc: RemotePath) -> list[str]:
     try:
         found = fs.find(loc.path, detail=False)
     except FileNotFoundError:
+        check_bucket(loc)
         return []
     prefix = loc.path + "/"
     return [str(p)[len(prefix) :] for p in found if str(p).startswith(prefix)]
