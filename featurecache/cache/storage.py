@@ -358,6 +358,27 @@ def find(loc: RemotePath) -> list[str]:
     return [str(p)[len(prefix) :] for p in found if str(p).startswith(prefix)]
 
 
+def newest_mtime(loc: RemotePath) -> float:
+    """The newest modification time (seconds since the epoch) of the objects under ``loc``, or of
+    the object ``loc`` itself; 0.0 when there are none."""
+    fs = loc.remote.fs
+    fs.invalidate_cache(loc.path)
+    try:
+        found = fs.find(loc.path, detail=True)
+    except (FileNotFoundError, OSError):
+        return 0.0
+    newest = 0.0
+    for info in found.values():
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("updated")
+        if hasattr(stamp, "timestamp"):
+            stamp = stamp.timestamp()
+        try:
+            newest = max(newest, float(stamp))
+        except (TypeError, ValueError):
+            continue
+    return newest
+
+
 def tree_size(loc: Location) -> int:
     """Bytes under ``loc`` (locally never following links)."""
     if isinstance(loc, RemotePath):
@@ -403,9 +424,15 @@ def remove_file(loc: Location) -> None:
 
 
 def remove_tree(loc: Location) -> None:
-    """Delete everything under ``loc`` (locally a link is removed, never followed)."""
+    """Delete everything under ``loc`` (locally a link is removed, never followed).
+
+    On object storage, where nothing can be renamed aside first, the ``zarr.json`` directly
+    under ``loc`` (what makes a store or view visible) goes first: from then on no reader takes
+    the half-deleted rest for an entry.
+    """
     if isinstance(loc, RemotePath):
         fs = loc.remote.fs
+        remove_file(loc / "zarr.json")
         fs.invalidate_cache(loc.path)
         try:
             fs.rm(loc.path, recursive=True)
