@@ -253,9 +253,11 @@ def check_bucket(loc: RemotePath) -> None:
         return
     fs = remote.fs
     fs.invalidate_cache(bucket)
-    if fs.exists(bucket):
-        remote.buckets_seen.add(bucket)
-        return
+    found = _bucket_exists(fs, remote.protocol, bucket)
+    if found is not False:
+        if found:
+            remote.buckets_seen.add(bucket)
+        return  # None: the store would not say (forbidden, unreachable); the operation's own error says it
     endpoint = remote.endpoint()
     where = f"at {endpoint}" if endpoint else "at the provider's default endpoint"
     create = f"create it (`aws s3 mb s3://{bucket}`)" if remote.protocol in ("s3", "s3a") else "create it"
@@ -263,6 +265,21 @@ def check_bucket(loc: RemotePath) -> None:
         f"bucket {bucket!r} does not exist {where} (asked for {loc.url}); {create}, "
         "or check the URL and the endpoint (AWS_ENDPOINT_URL or endpoint_url in $FEATURECACHE_STORAGE_OPTIONS)"
     )
+
+
+def _bucket_exists(fs: Any, protocol: str, bucket: str) -> bool | None:
+    """Whether ``bucket`` exists; None when the store does not say (a refusal, a network error)."""
+    if protocol not in ("s3", "s3a"):
+        return bool(fs.exists(bucket))
+    from fsspec.asyn import sync
+
+    try:
+        sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)  # s3fs turns a 404 into FileNotFoundError
+    except FileNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - forbidden, no credentials, unreachable: not an answer
+        return None
+    return True
 
 
 # -- reading --------------------------------------------------------------------------------
