@@ -203,8 +203,9 @@ def _copy_of_resumed(name: str) -> tuple[str, str]:
 
 
 def test_verify_repair_on_s3_then_extract_recomputes_exactly_the_damage(runs) -> None:
-    """A deleted chunk and a marker that vouches for other bytes: `verify --repair` drops those two
-    units and the feature set; the same extract then recomputes only their rows, equal to local bit for bit."""
+    """A deleted chunk, a marker that vouches for other bytes and a torn marker: `verify --repair` drops
+    those three units and the feature set; the same extract then recomputes only their rows, equal to
+    local bit for bit."""
     from typer.testing import CliRunner
 
     from featurecache.audit import verify
@@ -216,20 +217,21 @@ def test_verify_repair_on_s3_then_extract_recomputes_exactly_the_damage(runs) ->
     copy, cache = _copy_of_resumed("repair")
     key = runs["resumed"].key
     markers = {p: json.loads(fs.cat_file(p)) for p in fs.find(f"{copy}/features") if "/units/v0/u" in p and p.endswith("/zarr.json")}
-    full = sorted((p for p, doc in markers.items() if len(doc["attributes"]["featurecache"]["digests"]) == 4), key=len)[:2]
+    full = sorted((p for p, doc in markers.items() if len(doc["attributes"]["featurecache"]["digests"]) == 4), key=len)[:3]
     chunk_of = {p: p.replace("/units/v0/u", "/v0/features/c/").replace("/zarr.json", "/0") for p in full}
     fs.rm_file(chunk_of[full[0]])  # a missing chunk: Zarr would read zeros
     doc = markers[full[1]]
     doc["attributes"]["featurecache"]["sha256"] = "0" * 64  # a marker whose digest disagrees with the bytes
     fs.pipe_file(full[1], json.dumps(doc).encode())
+    fs.pipe_file(full[2], b'{"zarr_format": 3, "attri')  # a marker cut short
     assert extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS).cached  # the damage is not seen by a hit
 
     out = CliRunner().invoke(app, ["cache", "verify", key[:12], "--sample", "0", "--repair", "--cache", cache])
-    assert "repaired: removed 2 damaged unit(s) of view 0" in out.output and "does not work" not in out.output, out.output
-    assert fs.find(f"{copy}/views") == [] and not fs.exists(chunk_of[full[1]]) and not fs.exists(full[1])
+    assert "repaired: removed 3 damaged unit(s) of view 0" in out.output and "does not work" not in out.output, out.output
+    assert fs.find(f"{copy}/views") == [] and not any(fs.exists(p) or fs.exists(chunk_of[p]) for p in full)
 
     again = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS)
-    assert not again.cached and again.computed == 8 and again.reused == 30 - 8 and again.key == key
+    assert not again.cached and again.computed == 12 and again.reused == 30 - 12 and again.key == key
     assert verify(key, sample=0, cache_dir=cache).ok
     a, b = open_features(key, cache_dir=cache), open_features(key, cache_dir=runs["tmp"] / "local")
     for split in b.splits:
