@@ -119,6 +119,10 @@ class EntryNotFoundError(CacheError, LookupError):
     """No cache entry matches the given key, key prefix or name."""
 
 
+class BucketNotFoundError(CacheError, LookupError):
+    """The bucket of an object-store cache root does not exist (at the endpoint that was asked)."""
+
+
 class AmbiguousEntryError(CacheError, LookupError):
     """A key prefix or name matches several cache entries."""
 

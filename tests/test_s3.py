@@ -152,7 +152,7 @@ def test_second_run_is_a_hit(runs) -> None:
 
 
 def test_cache_ls_verify_and_refusals_on_s3(runs) -> None:
-    """`cache ls` and `cache verify` work on an s3:// root; gc and migrate refuse in one line, touching nothing."""
+    """`cache ls` and `cache verify` work on an s3:// root; migrate refuses in one line, touching nothing."""
     from typer.testing import CliRunner
 
     from featurecache.cli.main import app
@@ -166,9 +166,8 @@ def test_cache_ls_verify_and_refusals_on_s3(runs) -> None:
     verified = runner.invoke(app, ["cache", "verify", runs["resumed"].key[:12], "--sample", "0", "--cache", runs["cache"]])
     assert verified.exit_code == 0, verified.output
     assert "ok " in verified.stdout
-    for cmd in (["cache", "gc", "--yes"], ["cache", "migrate"]):
-        out = runner.invoke(app, [*cmd, "--cache", runs["cache"]])
-        assert out.exit_code != 0 and "object-store cache" in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    out = runner.invoke(app, ["cache", "migrate", "--cache", runs["cache"]])
+    assert out.exit_code != 0 and "object-store cache" in out.output and len(out.output.strip().splitlines()) == 1, out.output
     assert runner.invoke(app, ["cache", "ls", "--json", "--cache", runs["cache"]]).stdout == listed.stdout
 
 
@@ -192,6 +191,144 @@ def test_deleted_chunk_is_detected_on_read(runs) -> None:
 
     report = verify(runs["resumed"].key, sample=0, cache_dir=f"s3://{copy}")
     assert not report.ok and report.problems
+
+
+def _copy_of_resumed(name: str) -> tuple[str, str]:
+    """A copy of the resumed S3 cache under a fresh prefix: its bucket path and its URL."""
+    fs = _fs()
+    copy = f"{BUCKET}/{name}-{uuid.uuid4().hex[:6]}"
+    fs.copy(f"{BUCKET}/resumed", copy, recursive=True)
+    fs.invalidate_cache()
+    return copy, f"s3://{copy}"
+
+
+def test_verify_repair_on_s3_then_extract_recomputes_exactly_the_damage(runs) -> None:
+    """A deleted chunk, a marker that vouches for other bytes and a torn marker: `verify --repair` drops
+    those three units and the feature set; the same extract then recomputes only their rows, equal to
+    local bit for bit."""
+    from typer.testing import CliRunner
+
+    from featurecache.audit import verify
+    from featurecache.cache.views import open_features
+    from featurecache.cli.main import app
+    from featurecache.extract import extract
+
+    fs = _fs()
+    copy, cache = _copy_of_resumed("repair")
+    key = runs["resumed"].key
+    markers = {p: json.loads(fs.cat_file(p)) for p in fs.find(f"{copy}/features") if "/units/v0/u" in p and p.endswith("/zarr.json")}
+    full = sorted((p for p, doc in markers.items() if len(doc["attributes"]["featurecache"]["digests"]) == 4), key=len)[:3]
+    chunk_of = {p: p.replace("/units/v0/u", "/v0/features/c/").replace("/zarr.json", "/0") for p in full}
+    fs.rm_file(chunk_of[full[0]])  # a missing chunk: Zarr would read zeros
+    doc = markers[full[1]]
+    doc["attributes"]["featurecache"]["sha256"] = "0" * 64  # a marker whose digest disagrees with the bytes
+    fs.pipe_file(full[1], json.dumps(doc).encode())
+    fs.pipe_file(full[2], b'{"zarr_format": 3, "attri')  # a marker cut short
+    assert extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS).cached  # the damage is not seen by a hit
+
+    out = CliRunner().invoke(app, ["cache", "verify", key[:12], "--sample", "0", "--repair", "--cache", cache])
+    assert "repaired: removed 3 damaged unit(s) of view 0" in out.output and "does not work" not in out.output, out.output
+    assert fs.find(f"{copy}/views") == [] and not any(fs.exists(p) or fs.exists(chunk_of[p]) for p in full)
+
+    again = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS)
+    assert not again.cached and again.computed == 12 and again.reused == 30 - 12 and again.key == key
+    assert verify(key, sample=0, cache_dir=cache).ok
+    a, b = open_features(key, cache_dir=cache), open_features(key, cache_dir=runs["tmp"] / "local")
+    for split in b.splits:
+        assert a.features(split).tobytes() == b.features(split).tobytes(), split
+        assert list(a.ids(split)) == list(b.ids(split)) and np.array_equal(a.labels(split), b.labels(split))
+
+
+def test_rm_and_gc_on_s3(runs) -> None:
+    """`cache rm` of a feature set keeps its rows until `cache gc --yes` removes them; a torn feature
+    set is collected; `cache rm` of the store removes the rest and gives its lease back."""
+    from typer.testing import CliRunner
+
+    from featurecache.cache.store import FeatureStore
+    from featurecache.cache.views import open_features
+    from featurecache.cli.main import app
+
+    fs = _fs()
+    runner = CliRunner()
+    copy, cache = _copy_of_resumed("rmgc")
+    key = runs["resumed"].key
+    store_path = open_features(key, cache_dir=cache).store.path
+    view = fs.find(f"{copy}/views")[0].split("/views/", 1)[1].split("/", 1)[0]
+    fs.copy(f"{copy}/views/{view}", f"{copy}/views/torn", recursive=True)
+    fs.rm_file(f"{copy}/views/torn/zarr.json")  # a feature set whose writer died before sealing it
+
+    planned = runner.invoke(app, ["cache", "rm", key[:12], "--dry-run", "--cache", cache])
+    assert planned.exit_code == 0 and f"would remove feature set {view}" in planned.output, planned.output
+    removed = runner.invoke(app, ["cache", "rm", key[:12], "--yes", "--cache", cache])
+    assert removed.exit_code == 0 and f"removed feature set {view}" in removed.output, removed.output
+    assert fs.find(f"{copy}/views/{view}") == []
+    assert FeatureStore(store_path).rows(0) == 30  # rows stay for other feature sets until gc
+
+    young = runner.invoke(app, ["cache", "gc", "--json", "--cache", cache])  # --older-than 24h: the torn view is too young
+    assert young.exit_code == 0 and [i["kind"] for i in json.loads(young.stdout)["items"]] == ["unused rows"], young.output
+    dry = runner.invoke(app, ["cache", "gc", "--older-than", "0s", "--json", "--cache", cache])
+    assert dry.exit_code == 0, dry.output
+    kinds = {i["kind"]: i for i in json.loads(dry.stdout)["items"]}
+    assert set(kinds) == {"unused rows", "damaged view"} and kinds["unused rows"]["size_bytes"] > 0, kinds
+    assert kinds["damaged view"]["path"] == f"{cache}/views/torn"
+    assert fs.find(f"{copy}/views/torn") != []  # a dry run touches nothing
+    done = runner.invoke(app, ["cache", "gc", "--older-than", "0s", "--yes", "--cache", cache])
+    assert done.exit_code == 0, done.output
+    st = FeatureStore(store_path)
+    assert st.rows(0) == 0 and fs.find(f"{copy}/views") == []
+    assert not any("/c/" in p for p in fs.find(f"{st.path.path}/v0"))  # the unused rows' chunks are gone
+
+    gone = runner.invoke(app, ["cache", "rm", st.name, "--yes", "--cache", cache])
+    assert gone.exit_code == 0 and f"feature store {st.name}" in gone.output, gone.output
+    assert fs.find(copy) == []  # no store, no lease left behind
+
+
+def test_gc_on_s3_breaks_the_lease_of_a_dead_holder(s3: Endpoint, tmp_path: Path) -> None:
+    """A process that took an S3 lease and died: `cache gc --yes` removes its lease, a live one stays."""
+    from typer.testing import CliRunner
+
+    from featurecache.cache.lease import Lease
+    from featurecache.cache.store import resolve_cache_dir
+    from featurecache.cli.main import app
+
+    cache = f"s3://{BUCKET}/gclease-{uuid.uuid4().hex[:6]}"
+    code = f"import os\nfrom featurecache.cache.lease import Lease\nfrom featurecache.cache.store import resolve_cache_dir\nassert Lease(resolve_cache_dir({cache!r}), 'd' * 64).try_acquire()\nos._exit(0)\n"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    live = Lease(resolve_cache_dir(cache), "l" * 64)
+    assert live.try_acquire()
+    try:
+        out = CliRunner().invoke(app, ["cache", "gc", "--yes", "--json", "--cache", cache])
+        assert out.exit_code == 0, out.output
+        items = json.loads(out.stdout)["items"]
+        assert [(i["kind"], i["path"]) for i in items] == [("stale lease", f"{cache}/.locks/{'d' * 64}.lease")]
+        assert Lease(resolve_cache_dir(cache), "d" * 64).holder() is None
+        assert live.holder()["token"] == live._token
+    finally:
+        live.release()
+
+
+def test_missing_bucket_is_one_line_naming_it(s3: Endpoint) -> None:
+    """A cache URL whose bucket does not exist: every command says so in one line with the endpoint
+    (not "no feature sets", not "ignores conditional writes", not an unexpected FileNotFoundError)."""
+    from typer.testing import CliRunner
+
+    from featurecache.cache.lease import Lease
+    from featurecache.cache.store import resolve_cache_dir
+    from featurecache.cli.main import app
+    from featurecache.errors import BucketNotFoundError
+
+    cache = "s3://no-such-bucket/team"
+    with pytest.raises(BucketNotFoundError, match=f"bucket 'no-such-bucket' does not exist at {s3.url}"):
+        Lease(resolve_cache_dir(cache), "b" * 64).try_acquire()
+    extract = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv3small", "--weights", "random", "--size", "32", "--limit", "2"]
+    for args in (["cache", "ls"], ["cache", "gc", "--yes"], ["cache", "rm", "abcdef123456", "--yes"], extract, [*extract, "--no-lease"]):
+        out = CliRunner().invoke(app, [*args, "--cache", cache])
+        lines = out.output.strip().splitlines()
+        assert out.exit_code != 0 and len(lines) == 1, out.output
+        assert f"bucket 'no-such-bucket' does not exist at {s3.url}" in lines[0] and "aws s3 mb s3://no-such-bucket" in lines[0], lines[0]
+    import boto3
+
+    assert "no-such-bucket" not in [b["Name"] for b in boto3.client("s3", endpoint_url=s3.url).list_buckets()["Buckets"]]
 
 
 def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:

@@ -11,6 +11,10 @@
 * :func:`gc` removes what nobody needs: rows (units) that no view references, views and stores
   that never finished or were torn, leases of dead holders, and temporary files. Anything
   under a live lease is left alone; symbolic links are never followed.
+
+Both work on object-store roots through :mod:`featurecache.cache.storage` (there, an object
+lease is judged stale only when its holder provably died on this machine: one look cannot
+tell a silent holder from a live one without comparing clocks).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,9 +33,9 @@ import numpy as np
 from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
-from featurecache.cache.fsio import tree_size
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, digest_of
 from featurecache.cache.lease import LOCKS_DIR, Lease
+from featurecache.cache.storage import Location, RemotePath, tree_size
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, FeatureCacheError, UsageError, one_line
 
 __all__ = ["CheckResult", "GcItem", "GcReport", "check", "find_target", "gc", "parse_age", "repair"]
@@ -178,7 +181,7 @@ def check(target: views_mod.FeatureSet | store_mod.FeatureStore) -> CheckResult:
     return result
 
 
-def repair(result: CheckResult, *, cache_dir: Path) -> list[str]:
+def repair(result: CheckResult, *, cache_dir: Location) -> list[str]:
     """Drop the damaged units of ``result`` and every view that reads them.
 
     The next extract of any dataset over the store then recomputes exactly those images.
@@ -188,12 +191,11 @@ def repair(result: CheckResult, *, cache_dir: Path) -> list[str]:
     list of str
         What was removed, one line each.
     """
-    storage.refuse_remote(cache_dir, "cache verify --repair")
     done = []
     for path in sorted(result.damaged_views):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        storage.remove_tree(path)
         done.append(f"removed feature set {path.name} (its ids, labels or rows are damaged; it is rebuilt by the extract command)")
-    by_store: dict[Path, set[tuple[int, int]]] = {}
+    by_store: dict[Location, set[tuple[int, int]]] = {}
     for path, view, slot in result.damaged:
         by_store.setdefault(path, set()).add((view, slot))
     for path, units in by_store.items():
@@ -236,7 +238,7 @@ def _view_slots(fs: views_mod.FeatureSet, chunk_rows: int) -> set[tuple[int, int
 class GcItem:
     """One thing :func:`gc` removes (or would remove)."""
 
-    path: Path
+    path: Location
     kind: str
     size_bytes: int
     reason: str
@@ -247,7 +249,7 @@ class GcItem:
 class GcReport:
     """What :func:`gc` found; ``removed`` is False for a dry run."""
 
-    cache_dir: Path
+    cache_dir: Location
     items: tuple[GcItem, ...]
     removed: bool
 
@@ -288,7 +290,9 @@ def parse_age(value: str | float | int) -> float:
     return float(m.group(1)) * _AGE_UNITS[m.group(2).lower()]
 
 
-def _newest_mtime(path: Path) -> float:
+def _newest_mtime(path: Location) -> float:
+    if isinstance(path, RemotePath):
+        return storage.newest_mtime(path)
     try:
         newest = path.lstat().st_mtime
     except OSError:
@@ -303,22 +307,22 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def _real_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink()
+def _real_dir(path: Location) -> bool:
+    return storage.is_dir(path) and not storage.is_link(path)
 
 
-def _live_leases(root: Path) -> set[str]:
+def _live_leases(root: Location) -> set[str]:
     """Keys whose lease is held by a live holder."""
     live = set()
     locks = root / LOCKS_DIR
-    for lease_file in locks.glob("*.lease") if _real_dir(locks) else ():
+    for lease_file in storage.glob(locks, "*.lease") if _real_dir(locks) else ():
         key = lease_file.name[: -len(".lease")]
         if not Lease(root, key).is_stale():
             live.add(key)
     return live
 
 
-def _unused_units(st: store_mod.FeatureStore, root: Path) -> list[tuple[int, int]]:
+def _unused_units(st: store_mod.FeatureStore, root: Location) -> list[tuple[int, int]]:
     used: set[tuple[int, int]] = set()
     for fs in views_mod.iter_entries(root):
         if fs.attrs.get("store") == st.name:
@@ -360,32 +364,31 @@ def gc(
         ``older_than`` is not an age.
     """
     age = parse_age(older_than)
-    storage.refuse_remote(store_mod.resolve_cache_dir(cache_dir), "cache gc")
     root = store_mod.resolve_cache_dir(cache_dir)
     now = time.time()
     items: list[GcItem] = []
-    if not root.is_dir():
+    if not storage.is_dir(root):
         return GcReport(root, (), removed=not dry_run)
     live = _live_leases(root)
     live12 = {k[:12] for k in live}
 
-    def old(path: Path) -> bool:
+    def old(path: Location) -> bool:
         return now - _newest_mtime(path) >= age
 
     locks = root / LOCKS_DIR
     if _real_dir(locks):
-        for lease_file in sorted(locks.glob("*.lease")):
+        for lease_file in storage.glob(locks, "*.lease"):
             key = lease_file.name[: -len(".lease")]
             if key not in live:
                 holder = Lease(root, key).holder() or {}
                 items.append(GcItem(lease_file, "stale lease", tree_size(lease_file), f"holder pid {holder.get('pid', '?')} on {holder.get('host', '?')} is gone or silent"))
-        for aside in sorted(locks.glob("*.lease.stale-*")):
+        for aside in storage.glob(locks, "*.lease.stale-*"):
             items.append(GcItem(aside, "temporary", tree_size(aside), "lease moved aside by a breaker that did not finish"))
     tmp = root / store_mod.TMP_DIR
-    if tmp.is_symlink():
+    if storage.is_link(tmp):
         items.append(GcItem(tmp, "left alone", 0, "the temporary folder is a symbolic link; featurecache never follows it (remove the link by hand)"))
-    elif tmp.is_dir():
-        for child in sorted(tmp.iterdir()):
+    elif storage.is_dir(tmp):
+        for child in storage.children(tmp):
             owner = child.name.removeprefix("rm-").split("-", 1)[0]
             if owner not in live12 and old(child):
                 what = "removal that did not finish" if child.name.startswith("rm-") else "view built aside and never renamed into place"
@@ -398,7 +401,7 @@ def gc(
         if old(damaged):
             items.append(GcItem(damaged, "damaged view", tree_size(damaged), "its zarr.json is missing or unreadable"))
     for st in store_mod.iter_stores(root):
-        if isinstance(st, Path):
+        if not isinstance(st, store_mod.FeatureStore):
             if st.name.rsplit("--", 1)[-1] not in live12 and old(st):
                 items.append(GcItem(st, "damaged store", tree_size(st), "a store that never finished being created, or whose zarr.json is torn"))
             continue
@@ -407,7 +410,8 @@ def gc(
         unused = _unused_units(st, root)
         if unused:
             items.append(GcItem(st.path, "unused rows", _units_size(st, unused), f"{len(unused)} unit(s) no view references", tuple(unused)))
-        for dirpath, _dirs, files in os.walk(st.path, followlinks=False):
+        # Object stores get whole PUTs: no temp files to look for (and no listing of every chunk).
+        for dirpath, _dirs, files in os.walk(st.path, followlinks=False) if not isinstance(st.path, RemotePath) else ():
             for name in files:
                 partial = Path(dirpath) / name
                 if name.endswith(".partial") and old(partial):
@@ -428,7 +432,7 @@ def _units_size(st: store_mod.FeatureStore, units: list[tuple[int, int]]) -> int
     return total
 
 
-def _remove(item: GcItem, root: Path) -> None:
+def _remove(item: GcItem, root: Location) -> None:
     path = item.path
     if item.kind == "left alone":
         return
@@ -446,9 +450,9 @@ def _remove(item: GcItem, root: Path) -> None:
     elif item.kind == "stale lease":
         lease = Lease(root, path.name[: -len(".lease")])
         judged = lease.holder()
-        if lease.is_stale(judged):  # judged again: a live process may have taken it since the scan
-            lease.break_stale(judged)
-    elif path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        # Judged again: a live process may have taken it since the scan. An object lease is
+        # broken by taking it over, so it is then given back (a no-op for a local one).
+        if lease.is_stale(judged) and lease.break_stale(judged):
+            lease.release()
     else:
-        path.unlink(missing_ok=True)
+        storage.remove_tree(path)

@@ -35,7 +35,7 @@ from typing import Any
 
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.holders import holder_is_dead, process_identity
-from featurecache.cache.storage import RemotePath
+from featurecache.cache.storage import RemotePath, check_bucket
 from featurecache.errors import LeaseError
 
 #: The flag that turns the lease off, named in every refusal.
@@ -144,6 +144,7 @@ def _probe(remote: Any, bucket: str, where: RemotePath) -> str:
     try:
         first = obj.put(b"probe", if_none_match=True)
         if first is None:
+            check_bucket(where)  # a missing bucket answers 404 too: say so, not that the store ignores conditions
             return "a new object was refused as existing"
         if obj.put(b"probe again", if_none_match=True) is not None:
             return "a second PUT with If-None-Match: * replaced the object"

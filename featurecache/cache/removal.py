@@ -4,7 +4,8 @@ Removing a feature set (a dataset view) never removes rows: other views may read
 ``cache gc`` reclaims the rows no view references. Removing a feature store takes its lease
 (an extract writing into it is never pulled out from under) and removes the views over it
 first. Directories are renamed aside inside the cache before deletion, so no reader sees half
-of one; where that rename cannot work (another filesystem), they are deleted in place. A
+of one; where that rename cannot work (another filesystem, or an object store, which has no
+rename), they are deleted in place, the ``zarr.json`` that makes them an entry first. A
 symbolic link is unlinked, never followed, and frees nothing.
 """
 
@@ -15,13 +16,12 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
-from featurecache.cache.fsio import tree_size
 from featurecache.cache.lease import Lease
+from featurecache.cache.storage import Location, RemotePath
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, LeaseError
 
 
@@ -30,12 +30,12 @@ class RemovalPlan:
     """What ``cache rm`` will remove."""
 
     what: str
-    root: Path
-    paths: tuple[Path, ...]
+    root: Location
+    paths: tuple[Location, ...]
     size_bytes: int
     note: str = ""
     lease_key: str | None = None
-    views: tuple[Path, ...] = field(default=())
+    views: tuple[Location, ...] = field(default=())
 
 
 def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> RemovalPlan:
@@ -47,11 +47,10 @@ def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -
         Nothing (or several feature sets) match.
     """
     root = store_mod.resolve_cache_dir(cache_dir)
-    storage.refuse_remote(root, "cache rm")
     for sub in (store_mod.VIEWS_DIR, store_mod.STORES_DIR):
         named = root / sub / ref
-        if ref and "/" not in ref and (named.is_symlink() or named.is_dir()):
-            if named.is_symlink():
+        if ref and "/" not in ref and (storage.is_link(named) or storage.is_dir(named)):
+            if storage.is_link(named):
                 return RemovalPlan(f"the link {named}", root, (named,), 0, " (a symbolic link: nothing it points to was touched)")
             try:
                 if sub == store_mod.VIEWS_DIR:
@@ -59,7 +58,7 @@ def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -
                 else:
                     store_mod.FeatureStore(named)
             except (EntryNotFoundError, CacheCorruptError):
-                return RemovalPlan(f"the damaged entry {named.name}", root, (named,), tree_size(named))
+                return RemovalPlan(f"the damaged entry {named.name}", root, (named,), storage.tree_size(named))
     try:
         fs = views_mod.find_entry(ref, cache_dir=root)
     except EntryNotFoundError:
@@ -67,7 +66,7 @@ def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -
         if st is None:
             raise
         over = tuple(v.path for v in views_mod.iter_entries(root) if v.attrs.get("store") == st.name)
-        size = st.size_bytes() + sum(tree_size(p) for p in over)
+        size = st.size_bytes() + sum(storage.tree_size(p) for p in over)
         return RemovalPlan(f"feature store {st.name} and its {len(over)} feature set(s)", root, (*over, st.path), size, lease_key=st.key, views=over)
     return RemovalPlan(
         f"feature set {fs.name}", root, (fs.path,), fs.size_bytes(),
@@ -100,11 +99,15 @@ def remove(plan: RemovalPlan) -> int:
             lease.release()
 
 
-def _delete(path: Path, root: Path) -> int:
+def _delete(path: Location, root: Location) -> int:
+    if isinstance(path, RemotePath):
+        size = storage.tree_size(path)
+        storage.remove_tree(path)  # no rename on object storage: its zarr.json goes first
+        return size
     if path.is_symlink():
         path.unlink()
         return 0
-    size = tree_size(path)
+    size = storage.tree_size(path)
     trash = root / store_mod.TMP_DIR / f"rm-{path.name}-{uuid.uuid4().hex[:6]}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -32,11 +32,13 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Union
 
-from featurecache.errors import UsageError
+from featurecache.errors import BucketNotFoundError, UsageError
 
 STORAGE_OPTIONS_ENV = "FEATURECACHE_STORAGE_OPTIONS"
 #: A URL scheme of two or more characters (so a Windows drive letter is never one).
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+")
+#: File systems whose first path component is a bucket (or container) that must exist beforehand.
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 def is_url(text: str) -> bool:
@@ -71,6 +73,7 @@ class Remote:
     def __init__(self, protocol: str, options: dict[str, Any]) -> None:
         self.protocol = protocol
         self.options = dict(options)
+        self.buckets_seen: set[str] = set()  # buckets known to exist (they are not deleted under a cache)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Remote, (self.protocol, self.options))
@@ -100,6 +103,11 @@ class Remote:
         except (ImportError, ValueError) as exc:
             hint = " (pip install 'featurecache[s3]')" if self.protocol in ("s3", "s3a") else ""
             raise UsageError(f"cannot open a {self.protocol}:// cache root: {' '.join(str(exc).split())[:160]}{hint}") from None
+
+    def endpoint(self) -> str | None:
+        """The endpoint URL requests go to, when one is configured (else the provider's default)."""
+        opts = self._kwargs()
+        return opts.get("endpoint_url") or dict(opts.get("client_kwargs") or {}).get("endpoint_url")
 
     @cached_property
     def async_fs(self) -> Any:
@@ -227,6 +235,53 @@ def refuse_remote(loc: Any, what: str) -> None:
         )
 
 
+def check_bucket(loc: RemotePath) -> None:
+    """Raise a one-line error when the bucket of ``loc`` does not exist.
+
+    Called where an object store answered "not found" (an empty listing, a refused write):
+    without it a missing bucket reads as an empty cache, a store that "ignores conditional
+    writes", or a bare ``FileNotFoundError``. A bucket seen once is not asked about again.
+
+    Raises
+    ------
+    BucketNotFoundError
+        The bucket does not exist at the endpoint used.
+    """
+    remote = loc.remote
+    bucket = loc.path.split("/", 1)[0]
+    if remote.protocol not in _BUCKET_PROTOCOLS or bucket in remote.buckets_seen:
+        return
+    fs = remote.fs
+    fs.invalidate_cache(bucket)
+    found = _bucket_exists(fs, remote.protocol, bucket)
+    if found is not False:
+        if found:
+            remote.buckets_seen.add(bucket)
+        return  # None: the store would not say (forbidden, unreachable); the operation's own error says it
+    endpoint = remote.endpoint()
+    where = f"at {endpoint}" if endpoint else "at the provider's default endpoint"
+    create = f"create it (`aws s3 mb s3://{bucket}`)" if remote.protocol in ("s3", "s3a") else "create it"
+    raise BucketNotFoundError(
+        f"bucket {bucket!r} does not exist {where} (asked for {loc.url}); {create}, "
+        "or check the URL and the endpoint (AWS_ENDPOINT_URL or endpoint_url in $FEATURECACHE_STORAGE_OPTIONS)"
+    )
+
+
+def _bucket_exists(fs: Any, protocol: str, bucket: str) -> bool | None:
+    """Whether ``bucket`` exists; None when the store does not say (a refusal, a network error)."""
+    if protocol not in ("s3", "s3a"):
+        return bool(fs.exists(bucket))
+    from fsspec.asyn import sync
+
+    try:
+        sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)  # s3fs turns a 404 into FileNotFoundError
+    except FileNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - forbidden, no credentials, unreachable: not an answer
+        return None
+    return True
+
+
 # -- reading --------------------------------------------------------------------------------
 def read_bytes(loc: Location) -> bytes:
     """The file's bytes.
@@ -259,9 +314,12 @@ def is_dir(loc: Location) -> bool:
         fs = loc.remote.fs
         fs.invalidate_cache(loc.path)
         try:
-            return bool(fs.isdir(loc.path))
+            found = bool(fs.isdir(loc.path))
         except OSError:
-            return False
+            found = False
+        if not found:
+            check_bucket(loc)
+        return found
     return loc.is_dir()
 
 
@@ -286,6 +344,7 @@ def children(loc: Location) -> list[Location]:
         try:
             names = fs.ls(loc.path, detail=False)
         except FileNotFoundError:
+            check_bucket(loc)
             return []
         return sorted(RemotePath(loc.remote, str(n)) for n in names if str(n).rstrip("/") != loc.path)
     try:
@@ -310,9 +369,31 @@ def find(loc: RemotePath) -> list[str]:
     try:
         found = fs.find(loc.path, detail=False)
     except FileNotFoundError:
+        check_bucket(loc)
         return []
     prefix = loc.path + "/"
     return [str(p)[len(prefix) :] for p in found if str(p).startswith(prefix)]
+
+
+def newest_mtime(loc: RemotePath) -> float:
+    """The newest modification time (seconds since the epoch) of the objects under ``loc``, or of
+    the object ``loc`` itself; 0.0 when there are none."""
+    fs = loc.remote.fs
+    fs.invalidate_cache(loc.path)
+    try:
+        found = fs.find(loc.path, detail=True)
+    except (FileNotFoundError, OSError):
+        return 0.0
+    newest = 0.0
+    for info in found.values():
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("updated")
+        if hasattr(stamp, "timestamp"):
+            stamp = stamp.timestamp()
+        try:
+            newest = max(newest, float(stamp))
+        except (TypeError, ValueError):
+            continue
+    return newest
 
 
 def tree_size(loc: Location) -> int:
@@ -360,9 +441,15 @@ def remove_file(loc: Location) -> None:
 
 
 def remove_tree(loc: Location) -> None:
-    """Delete everything under ``loc`` (locally a link is removed, never followed)."""
+    """Delete everything under ``loc`` (locally a link is removed, never followed).
+
+    On object storage, where nothing can be renamed aside first, the ``zarr.json`` directly
+    under ``loc`` (what makes a store or view visible) goes first: from then on no reader takes
+    the half-deleted rest for an entry.
+    """
     if isinstance(loc, RemotePath):
         fs = loc.remote.fs
+        remove_file(loc / "zarr.json")
         fs.invalidate_cache(loc.path)
         try:
             fs.rm(loc.path, recursive=True)

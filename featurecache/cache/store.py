@@ -662,7 +662,8 @@ def remove_units(st: FeatureStore, view: int, slots: Iterable[int]) -> int:
     for slot in slots:
         marker_dir = st.path / UNITS_GROUP / f"v{view}" / f"u{slot}"
         if isinstance(marker_dir, RemotePath):
-            if slot in st.markers(view):
+            # A torn marker is listed as no unit, yet its object is there: it goes too.
+            if slot in st.markers(view) or storage.exists(marker_dir / "zarr.json"):
                 storage.remove_file(marker_dir / "zarr.json")
                 n += 1
         elif marker_dir.is_dir() and not marker_dir.is_symlink():
