@@ -1,0 +1,79 @@
+"""Griffe extension: show ExtractOptions fields in the signatures of the functions that take them.
+
+``extract``, ``plan`` and ``features_for`` receive the extract options through ``**overrides``;
+at run time ``featurecache.options.expands_options`` rewrites their reported signature to list
+every field as a keyword-only parameter (so ``help(fc.extract)`` shows them). Griffe reads the
+source without importing it, so it sees only ``**overrides`` and warns that the documented
+parameters are not in the signature. This extension does statically what the decorator does at
+run time: for each function decorated with ``expands_options(...)`` it inserts the named fields
+(all of them when none are named) before ``**overrides``, with the field's annotation and its
+default (the first argument of the ``_option(...)`` call that declares the field);
+``expands_options(*KEYED_FIELDS)`` lists the fields not declared ``keyed=False``.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import griffe
+
+_DECORATOR = "expands_options"
+
+
+def _functions(obj: Any) -> Any:
+    for member in obj.members.values():
+        if member.is_alias:
+            continue
+        if member.is_function:
+            yield member
+        elif member.is_module or member.is_class:
+            yield from _functions(member)
+
+
+class ExpandOptions(griffe.Extension):
+    """Insert the ExtractOptions fields into the signatures of ``@expands_options`` functions."""
+
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        if pkg.name != "featurecache":
+            return
+        options = pkg["options.ExtractOptions"]
+        fields = {
+            name: attr for name, attr in options.members.items() if attr.is_attribute and "dataclass-field" in attr.labels
+        } or {name: attr for name, attr in options.members.items() if attr.is_attribute and attr.annotation is not None}
+        for func in _functions(pkg):
+            for decorator in func.decorators:
+                text = str(decorator.value)
+                if not text.split("(", 1)[0].endswith(_DECORATOR):
+                    continue
+                call = ast.parse(text, mode="eval").body
+                names = []
+                for arg in getattr(call, "args", []):
+                    if isinstance(arg, ast.Starred) and getattr(arg.value, "id", "") == "KEYED_FIELDS":
+                        names += [n for n, a in fields.items() if "keyed=False" not in str(a.value).replace(" ", "")]
+                    elif isinstance(arg, ast.Constant):
+                        names.append(arg.value)
+                    else:
+                        raise ValueError(f"{func.path}: cannot read {text} statically; teach {__file__} this form")
+                names = names or list(fields)
+                self._expand(func, [(n, fields[n]) for n in names])
+
+    @staticmethod
+    def _expand(func: griffe.Function, fields: list[tuple[str, Any]]) -> None:
+        params = list(func.parameters)
+        at = next(
+            i
+            for i, p in enumerate(params)
+            if p.kind in (griffe.ParameterKind.keyword_only, griffe.ParameterKind.var_keyword)
+        )
+        taken = {p.name for p in params}
+        extra = []
+        for name, attr in fields:
+            if name in taken:
+                continue
+            value = attr.value
+            default = value.arguments[0] if isinstance(value, griffe.ExprCall) and value.arguments else value
+            extra.append(
+                griffe.Parameter(name, annotation=attr.annotation, kind=griffe.ParameterKind.keyword_only, default=default)
+            )
+        func.parameters = griffe.Parameters(*params[:at], *extra, *params[at:])
