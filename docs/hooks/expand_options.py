@@ -7,7 +7,8 @@ source without importing it, so it sees only ``**overrides`` and warns that the 
 parameters are not in the signature. This extension does statically what the decorator does at
 run time: for each function decorated with ``expands_options(...)`` it inserts the named fields
 (all of them when none are named) before ``**overrides``, with the field's annotation and its
-default (the first argument of the ``_option(...)`` call that declares the field);
+default (the first argument of the ``_option(...)`` call that declares the field, which is also
+what ``ExtractOptions``'s own signature shows);
 ``expands_options(*KEYED_FIELDS)`` lists the fields not declared ``keyed=False``.
 """
 
@@ -31,6 +32,13 @@ def _functions(obj: Any) -> Any:
             yield from _functions(member)
 
 
+def _default(value: Any) -> Any:
+    """The default of a field declared ``_option(default, flag, help, ...)`` (or a plain default)."""
+    if isinstance(value, griffe.ExprCall) and str(value.function) == "_option" and value.arguments:
+        return value.arguments[0]
+    return value
+
+
 class ExpandOptions(griffe.Extension):
     """Insert the ExtractOptions fields into the signatures of ``@expands_options`` functions."""
 
@@ -41,6 +49,14 @@ class ExpandOptions(griffe.Extension):
         fields = {
             name: attr for name, attr in options.members.items() if attr.is_attribute and "dataclass-field" in attr.labels
         } or {name: attr for name, attr in options.members.items() if attr.is_attribute and attr.annotation is not None}
+        # The class's own signature shows each field's default, not the _option(...) call declaring it.
+        for attr in fields.values():
+            attr.value = _default(attr.value)
+        init = options.members.get("__init__")
+        if init is not None and init.is_function:
+            for param in init.parameters:
+                if param.name in fields:
+                    param.default = fields[param.name].value
         for func in _functions(pkg):
             for decorator in func.decorators:
                 text = str(decorator.value)
@@ -71,8 +87,7 @@ class ExpandOptions(griffe.Extension):
         for name, attr in fields:
             if name in taken:
                 continue
-            value = attr.value
-            default = value.arguments[0] if isinstance(value, griffe.ExprCall) and value.arguments else value
+            default = _default(attr.value)
             extra.append(
                 griffe.Parameter(name, annotation=attr.annotation, kind=griffe.ParameterKind.keyword_only, default=default)
             )
