@@ -37,7 +37,9 @@ def test_every_readme_example_is_in_the_docs() -> None:
     readme = _blocks((REPO / "README.md").read_text(encoding="utf-8"))
     assert len(readme) >= 25  # the parser found the README's examples
     missing = [b for b in readme if not any(b.strip("\n") in d for d in docs)]
-    assert not missing, "README examples missing from docs/ (add them to the page of their section):\n" + "\n---\n".join(missing)
+    assert not missing, (
+        "README examples missing from docs/ (add them to the page of their section):\n" + "\n---\n".join(missing)
+    )
 
 
 def test_tested_snippets_keep_their_markers_in_the_docs() -> None:
@@ -70,7 +72,11 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "WARNING" not in out.stderr, out.stderr[-4000:]

@@ -46,9 +46,8 @@ class ExpandOptions(griffe.Extension):
         if pkg.name != "featurecache":
             return
         options = pkg["options.ExtractOptions"]
-        fields = {
-            name: attr for name, attr in options.members.items() if attr.is_attribute and "dataclass-field" in attr.labels
-        } or {name: attr for name, attr in options.members.items() if attr.is_attribute and attr.annotation is not None}
+        # A dataclass's fields: its annotated class attributes.
+        fields = {n: a for n, a in options.members.items() if a.is_attribute and a.annotation is not None}
         # The class's own signature shows each field's default, not the _option(...) call declaring it.
         for attr in fields.values():
             attr.value = _default(attr.value)
@@ -89,6 +88,8 @@ class ExpandOptions(griffe.Extension):
                 continue
             default = _default(attr.value)
             extra.append(
-                griffe.Parameter(name, annotation=attr.annotation, kind=griffe.ParameterKind.keyword_only, default=default)
+                griffe.Parameter(
+                    name, annotation=attr.annotation, kind=griffe.ParameterKind.keyword_only, default=default
+                )
             )
         func.parameters = griffe.Parameters(*params[:at], *extra, *params[at:])

@@ -1,5 +1,7 @@
 """Griffe extension: render the Sphinx roles of the docstrings (``:func:`x```) as inline code.
 
+Also drops reST's literal-block marker (``text::``) to ``text:``.
+
 The docstrings are numpydoc, read by ``help()`` and editors as well as by this site, and they name
 other objects the Sphinx way (``:class:`~featurecache.options.ExtractOptions```). mkdocstrings does
 not interpret reStructuredText roles, so they would show as raw text. This turns each into inline
@@ -15,6 +17,9 @@ from typing import Any
 
 import griffe
 
+# reST's "text::" before an indented block means "text:" + a literal block; Markdown shows the
+# indented block as code already, so only the doubled colon goes.
+_LITERAL = re.compile(r"(?<=\S)::(?=\n\s*\n)")
 _ROLE = re.compile(r":(?:py:)?(?:class|func|mod|meth|attr|data|exc|obj):`(~?)([^`]+)`")
 
 
@@ -36,4 +41,4 @@ class SphinxRoles(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         for obj in _objects(pkg):
             if obj.docstring is not None:
-                obj.docstring.value = _ROLE.sub(_plain, obj.docstring.value)
+                obj.docstring.value = _LITERAL.sub(":", _ROLE.sub(_plain, obj.docstring.value))
