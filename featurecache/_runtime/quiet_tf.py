@@ -11,8 +11,8 @@ The ``featurecache`` command calls :func:`install` once at start-up. It adds an 
 the first ``import tensorflow`` anywhere (featurecache imports it lazily in many places, and
 ``import keras`` imports it too) runs silenced and initialises the device platforms while still
 silenced; later imports are dictionary look-ups. ``install`` also sets :data:`QUIET_ENV`, which
-process workers (sweeps) inherit and act on when they import featurecache. With
-``FEATURECACHE_DEBUG=1`` nothing is silenced.
+process workers (sweeps, local Dask workers) inherit and act on before their first TensorFlow
+import (:func:`install_inherited`). With ``FEATURECACHE_DEBUG=1`` nothing is silenced.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from featurecache.errors import debug_enabled
 
 __all__ = ["QUIET_ENV", "install", "native_stderr_silenced"]
 
-#: Set to ``1`` by :func:`install`; child processes that import featurecache install the hook too.
+#: Set to ``1`` by :func:`install`; child processes install the hook too (:func:`install_inherited`).
 QUIET_ENV = "FEATURECACHE_QUIET_TF"
 
 
@@ -105,3 +105,9 @@ def install() -> None:
     if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+def install_inherited() -> None:
+    """:func:`install` in a worker (sweep, local Dask) whose parent, the ``featurecache`` command, did."""
+    if os.environ.get(QUIET_ENV) == "1":
+        install()

@@ -9,7 +9,7 @@ import typer
 from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, pasteable, print_json
 from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
-from featurecache.options import ExtractOptions
+from featurecache.extraction.options import ExtractOptions
 
 @handle_errors
 @extract_options(run=True)
@@ -35,8 +35,8 @@ def extract_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Run a frozen backbone once over a dataset and cache its features (a repeat is a cache hit)."""
-    from featurecache.extract import extract
-    from featurecache.shards import parse_shard
+    from featurecache.extraction.extract import extract
+    from featurecache.extraction.shards import parse_shard
 
     shard_ = parse_shard(shard)
     with dask_client(cluster, scheduler, scheduler_file) as client:

@@ -63,7 +63,7 @@ def finetune_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Rebuild backbone + head from a run, check it reproduces the head, fine-tune it, export model.keras."""
-    from featurecache.finetune import finetune
+    from featurecache.finetuning.finetune import finetune
 
     result = finetune(
         run,
@@ -114,7 +114,7 @@ def evaluate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Metrics (accuracy, log loss, kappa, macro F1, confusion matrix) of a model on a dataset split."""
-    from featurecache.predict import evaluate
+    from featurecache.finetuning.predict import evaluate
 
     result = evaluate(model, data=data, split=split, limit=limit, out=out, plots=not no_plots, batch_size=batch_size, weights=weights, cache_dir=cache)
     if json_out:
@@ -137,7 +137,7 @@ def predict_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Classify images: the top-k class names and probabilities of each."""
-    from featurecache.predict import predict
+    from featurecache.finetuning.predict import predict
 
     preds = predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights, cache_dir=cache)
     if json_out:

@@ -25,7 +25,7 @@ def run_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Run extract → sweep → finetune as declared in a pipeline file."""
-    from featurecache.pipeline import run_pipeline
+    from featurecache.pipelines.run import run_pipeline
 
     res = run_pipeline(file, overrides=tuple(set_ or ()), limit=limit, cache_dir=cache, runs_dir=runs, progress=not (quiet or json_out))
     if json_out:
@@ -55,7 +55,7 @@ def demo_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """All three stages on scikit-learn's bundled digits, offline, in a few minutes."""
-    from featurecache.demo import run_demo
+    from featurecache.pipelines.demo import run_demo
 
     res = run_demo(cache_dir=cache, runs_dir=runs, overrides=tuple(set_ or ()), limit=limit, progress=not (quiet or json_out))
     if json_out:

@@ -27,7 +27,7 @@ from featurecache.cli._common import (
 from featurecache.cli.extract_opts import LimitOpt, extract_options
 from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, dask_client
 from featurecache.errors import UsageError
-from featurecache.options import ExtractOptions
+from featurecache.extraction.options import ExtractOptions
 
 FeaturesOpt = Annotated[
     str | None,
@@ -52,7 +52,7 @@ def _feature_set(features: str | None, *, data: str | None, options: ExtractOpti
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
     if features:
-        from featurecache.train import resolve_features
+        from featurecache.training.train import resolve_features
 
         return resolve_features(features, cache_dir=cache)
     if not data:
@@ -60,13 +60,13 @@ def _feature_set(features: str | None, *, data: str | None, options: ExtractOpti
             "no features chosen; pass --features KEY (list them with `featurecache cache ls`) or the options "
             "featurecache extract was given, e.g. --data builtin:digits --backbone mobilenetv2 --weights random --size 32"
         )
-    from featurecache.extract import features_for
+    from featurecache.extraction.extract import features_for
 
     return features_for(data, options, limit=limit, cache_dir=cache)
 
 
 def _params(items: list[str] | None) -> dict[str, str]:
-    from featurecache.heads import parse_param
+    from featurecache.training.heads import parse_param
 
     out: dict[str, str] = {}
     for item in items or []:
@@ -101,8 +101,8 @@ def train_head_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Train one head on cached features and write its run directory (head, config, metrics, plots)."""
-    from featurecache.heads import coerce_head_params
-    from featurecache.train import train_head
+    from featurecache.training.heads import coerce_head_params
+    from featurecache.training.train import train_head
 
     params = _params(param)
     coerce_head_params(head, params)  # a bad head or parameter fails before features are looked up
@@ -157,7 +157,7 @@ def sweep_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Grid or random search over heads on cached features; ranks them and saves the best as a run (resumable)."""
-    from featurecache.sweep import leaderboard_table, plan_trials, sweep
+    from featurecache.training.sweeps.sweep import leaderboard_table, plan_trials, sweep
 
     if backend not in ("local", "dask"):
         raise UsageError(f"--backend must be local or dask, got {backend!r}")
@@ -195,7 +195,7 @@ def heads_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """List the heads and their parameters: type, default, search range."""
-    from featurecache.heads import HEAD_NAMES, get_head_spec
+    from featurecache.training.heads import HEAD_NAMES, get_head_spec
 
     names = [name] if name else list(HEAD_NAMES)
     specs = [get_head_spec(n) for n in names]
@@ -243,7 +243,7 @@ def convert_run_cmd(
     trust: Annotated[bool, typer.Option("--trust", help="Unpickle head.joblib (it can run any code: only for runs you made or trust).")] = False,
 ) -> None:
     """Rewrite an old run directory's pickled head in the safe format (head.skops / head.keras)."""
-    from featurecache.heads import convert_legacy_head
+    from featurecache.training.heads import convert_legacy_head
 
     out = convert_legacy_head(run, trust=trust)
     typer.echo(f"converted {out}: its head now loads without running code")

@@ -24,7 +24,7 @@ from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.keys import UNKEYED_DEFAULTS
 from featurecache.errors import FeatureCacheError, UsageError
-from featurecache.options import KEYED_FIELDS, ExtractOptions, expands_options
+from featurecache.extraction.options import KEYED_FIELDS, ExtractOptions, expands_options
 
 __all__ = ["Difference", "ExplainReport", "Mismatch", "VerifyReport", "explain", "verify"]
 
@@ -165,7 +165,7 @@ def _check_sample(
     from featurecache.data import load_dataset
     from featurecache.cache.store import augment_index
     from featurecache.data import augment_batch
-    from featurecache.units import build_model, compiled_forward, forward_in_batches, load_resized
+    from featurecache.extraction.pipeline import build_model, compiled_forward, forward_in_batches, load_resized
 
     spec = fs.spec
     memo = store_mod.memo_dir(root)
@@ -232,7 +232,7 @@ def _plan_from(fs: views_mod.FeatureSet, dataset: Any, bspec: Any, ref: Any, roo
     """The extraction plan the stored spec describes (the same builder as extraction)."""
     from featurecache.cache.keys import FeatureSpec
     from featurecache.data import AugmentSpec
-    from featurecache.units import Plan
+    from featurecache.extraction.pipeline import Plan
 
     spec = fs.spec
     fields_ = {k: v for k, v in spec.items() if k not in ("format_version", "dataset_name", "dataset_digest")}
@@ -242,7 +242,7 @@ def _plan_from(fs: views_mod.FeatureSet, dataset: Any, bspec: Any, ref: Any, roo
 
 
 def _mismatch_line(fs: views_mod.FeatureSet, mismatches: list[Mismatch], k: int) -> str:
-    from featurecache.versions import library_versions
+    from featurecache._runtime.versions import library_versions
 
     then, now = fs.attrs.get("versions", {}), library_versions()
     changed = {key: f"{then.get(key)} -> {now.get(key)}" for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)}
@@ -373,7 +373,7 @@ def explain(
     FeatureCacheError
         The options are invalid (as ``extract`` would raise).
     """
-    from featurecache.extract import missing_digests, needed_digests, plan
+    from featurecache.extraction.extract import missing_digests, needed_digests, plan
 
     p = plan(data, ExtractOptions.merge(options, overrides, allowed=KEYED_FIELDS, caller="explain"), cache_dir=cache_dir, limit=limit)
     if views_mod.find_by_key(p.cache_dir, p.key) is not None:

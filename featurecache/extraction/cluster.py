@@ -29,8 +29,8 @@ from featurecache.errors import FeatureCacheError, IncompleteEntryError, UsageEr
 if TYPE_CHECKING:  # pragma: no cover
     from featurecache.cache.store import FeatureStore, Unit
     from featurecache.data.dataset import FileHash, FileHasher
-    from featurecache.options import ExtractOptions
-    from featurecache.units import Plan
+    from featurecache.extraction.options import ExtractOptions
+    from featurecache.extraction.pipeline import Plan
 
 PLUGIN_NAME = "featurecache-models"
 #: Rounds of (submit, re-plan from markers) before an extraction gives up.
@@ -67,6 +67,9 @@ class ModelCache(WorkerPlugin):
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # several workers may share a device
+        from featurecache._runtime import quiet_tf
+
+        quiet_tf.install_inherited()  # a --cluster local:N worker: as quiet as its command
 
     def teardown(self, worker: Any) -> None:
         """Drop the models (the worker process is going away or the plugin is replaced)."""
@@ -90,7 +93,7 @@ class ModelCache(WorkerPlugin):
         st = FeatureStore(store_path)
         key = (p.spec.key, p.dataset.digest(), store_path, st.chunk_rows, st.attrs.get("created"), options)
         if key not in self.runners:
-            from featurecache.units import make_runner
+            from featurecache.extraction.pipeline import make_runner
 
             self.runners[key] = make_runner(
                 p, st, self.model(p), batch_size=options.batch_size,
@@ -113,7 +116,7 @@ def _build_on_event_loop(p: Plan) -> Any:
 
     from distributed import get_worker
 
-    from featurecache.units import build_model
+    from featurecache.extraction.pipeline import build_model
 
     async def build() -> Any:
         return build_model(p)
@@ -141,7 +144,7 @@ def _units_task(p: Plan, store_path: str, units: list[Unit], options: ExtractOpt
     """Run ``units`` on this worker; the markers they write are the result that counts (rows are returned)."""
     from distributed import get_worker
 
-    from featurecache.units import unit_record
+    from featurecache.extraction.pipeline import unit_record
 
     runner, compute = _plugin().runner(p, store_path, options)
     runner.run(units, progress=False, record=unit_record(compute, worker=get_worker().address))

@@ -30,10 +30,10 @@ from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease, NoLease
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
-from featurecache.options import KEYED_FIELDS, ExtractOptions, expands_options
-from featurecache.versions import library_versions
+from featurecache.extraction.options import KEYED_FIELDS, ExtractOptions, expands_options
+from featurecache._runtime.versions import library_versions
 
-from featurecache.units import (  # noqa: F401 - the pipeline's public pieces stay importable from here
+from featurecache.extraction.pipeline import (  # noqa: F401 - the pipeline's public pieces stay importable from here
     Plan,
     Prefetch,
     UnitRunner,
@@ -258,7 +258,7 @@ def extract(
     started = time.perf_counter()
     p = plan(data, o, cache_dir=cache_dir, limit=limit)
     if client is not None:  # many files not in the digest memo: the cluster reads them
-        from featurecache import cluster
+        from featurecache.extraction import cluster
 
         p.dataset.prefetch_digests(cluster.file_hasher(client))
     hit = views_mod.find_by_key(p.cache_dir, p.key)
@@ -274,7 +274,7 @@ def extract(
             print(f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting with {p.spec.store_name()}", file=sys.stderr)
 
     if shard is not None:
-        from featurecache import shards
+        from featurecache.extraction import shards
 
         return _extract_shard(
             p, shards.check_shard(shard), o, lease=lease_, lease_timeout=lease_timeout, tell=tell, started=started,
@@ -357,7 +357,7 @@ def _extract_shard(
     tell: Callable[[dict[str, Any]], None], started: float, chunk_rows: int | None, progress: bool,
 ) -> ExtractResult:
     """One shard of a sharded extraction: agree on the plan, run our units, seal if last."""
-    from featurecache import shards
+    from featurecache.extraction import shards
 
     model = None
     lease.wait(timeout=lease_timeout, on_wait=tell)
@@ -487,7 +487,7 @@ def _run_units(
     if not units:
         return st, 0, None
     if client is not None:
-        from featurecache import cluster
+        from featurecache.extraction import cluster
 
         computed, compute = cluster.run_units(
             client, p, st, units, options=o, units_per_task=units_per_task,
@@ -516,7 +516,7 @@ def prepare_units(
     model = None
     if st is None:
         if client is not None:
-            from featurecache import cluster
+            from featurecache.extraction import cluster
 
             feature_shape = cluster.feature_shape(client, p)
         else:

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from featurecache.concat import feature_parts
+from featurecache.cache.concat import feature_parts
 from featurecache.errors import RunError, UsageError
-from featurecache.finetune.convert import check_expressible, keras_head
-from featurecache.finetune.rebuild import Branch, build_branch
-from featurecache.runconfig import ENSEMBLE_KIND, is_assembled, read_run_config  # re-exported: config readers live there
+from featurecache.finetuning.convert import check_expressible, keras_head
+from featurecache.finetuning.rebuild import Branch, build_branch
+from featurecache.training.runconfig import ENSEMBLE_KIND, is_assembled, read_run_config  # re-exported: config readers live there
 
 __all__ = ["Assembled", "Member", "assemble_run", "is_assembled", "load_members", "read_run_config"]
 
@@ -90,7 +90,7 @@ def load_members(run_dir: str | os.PathLike[str], config: Mapping[str, Any] | No
     RunError
         A member directory, its config or its head is missing.
     """
-    from featurecache.rundir import load_run
+    from featurecache.training.rundir import load_run
 
     path = Path(run_dir)
     config = read_run_config(path) if config is None else config
@@ -173,7 +173,7 @@ def assemble_run(
     probas = [_member_head(i, m, [branches[_recipe(p["spec"])].features for p in member_parts], len(classes))
               for i, (m, member_parts) in enumerate(zip(members, parts))]
     if config.get("kind") == ENSEMBLE_KIND:
-        from featurecache.combine import keras_combine
+        from featurecache.training.combine import keras_combine
 
         ens = config.get("ensemble", {})
         outputs = keras_combine(probas, str(ens.get("method")), ens.get("weights"))

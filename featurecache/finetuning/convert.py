@@ -139,7 +139,7 @@ def _unpack_pipeline(estimator: Any) -> tuple[bool, Any, Any]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-    from featurecache.heads.sklearn_heads import flatten_features
+    from featurecache.training.heads.sklearn_heads import flatten_features
 
     if not isinstance(estimator, Pipeline):
         return False, None, estimator
@@ -171,7 +171,7 @@ def check_expressible(estimator: Any) -> None:
     UsageError
         The head is not Keras-expressible (the message names the heads that are).
     """
-    from featurecache.heads.dense import DenseHead
+    from featurecache.training.heads.dense import DenseHead
 
     if isinstance(estimator, DenseHead):
         return
@@ -209,7 +209,7 @@ def keras_head(estimator: Any, *, feature_shape: Sequence[int], n_classes: int, 
     """
     import keras
 
-    from featurecache.heads.dense import DenseHead
+    from featurecache.training.heads.dense import DenseHead
 
     if isinstance(estimator, DenseHead):
         return _dense_head(estimator, feature_shape=feature_shape, n_classes=n_classes)

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.errors import EquivalenceError, UsageError
-from featurecache.finetune.inference import ImagePredictor, model_draft, load_images
+from featurecache.finetuning.inference import ImagePredictor, model_draft, load_images
 
 if TYPE_CHECKING:
-    from featurecache.finetune.assemble import Assembled
-    from featurecache.finetune.rebuild import Rebuilt
-    from featurecache.finetune.run_data import RunData
+    from featurecache.finetuning.assemble import Assembled
+    from featurecache.finetuning.rebuild import Rebuilt
+    from featurecache.finetuning.run_data import RunData
 
 __all__ = ["EquivalenceReport", "check_equivalence"]
 

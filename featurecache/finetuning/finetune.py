@@ -43,16 +43,16 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import UsageError, choices
-from featurecache.versions import library_versions
-from featurecache.finetune.assemble import Assembled, assemble_run, is_assembled, read_run_config
-from featurecache.finetune.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
-from featurecache.finetune.equivalence import EquivalenceReport, check_equivalence
-from featurecache.finetune.export import MODEL_FILE, export_model, write_outputs
-from featurecache.finetune.inference import ImagePredictor, model_draft, image_pool, predict_rows
-from featurecache.finetune.rebuild import Rebuilt, preprocess_layers, rebuild_model
-from featurecache.finetune.run_data import RunData, load_run_data, read_predictions
-from featurecache.finetune.training import OPTIMIZERS, fit_model, history_summary, make_trainer
-from featurecache.finetune.unfreeze import resolve_unfreeze, trainable_text, unfreeze_blocks
+from featurecache._runtime.versions import library_versions
+from featurecache.finetuning.assemble import Assembled, assemble_run, is_assembled, read_run_config
+from featurecache.finetuning.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
+from featurecache.finetuning.equivalence import EquivalenceReport, check_equivalence
+from featurecache.finetuning.export import MODEL_FILE, export_model, write_outputs
+from featurecache.finetuning.inference import ImagePredictor, model_draft, image_pool, predict_rows
+from featurecache.finetuning.rebuild import Rebuilt, preprocess_layers, rebuild_model
+from featurecache.finetuning.run_data import RunData, load_run_data, read_predictions
+from featurecache.finetuning.training import OPTIMIZERS, fit_model, history_summary, make_trainer
+from featurecache.finetuning.unfreeze import resolve_unfreeze, trainable_text, unfreeze_blocks
 
 # A name tests imported from the single-module ``featurecache.finetune`` before it became a
 # package; kept so those imports keep working.
@@ -434,7 +434,7 @@ def _export_assembled(
 
 def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, predictor: ImagePredictor, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions of the model on the run's validation rows and the test split."""
-    from featurecache.metrics import classification_metrics
+    from featurecache.training.metrics import classification_metrics
 
     ds = run_data.dataset
     todo = [("val", ds.splits[run_data.val_split], run_data.val_rows)]

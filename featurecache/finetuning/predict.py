@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from featurecache.errors import ImageDecodeError, RunError, UsageError, choices
-from featurecache.finetune.export import MODEL_FILE, model_class_names
+from featurecache.finetuning.export import MODEL_FILE, model_class_names
 
 __all__ = ["EvaluateResult", "LoadedModel", "Prediction", "evaluate", "load_model", "predict"]
 
@@ -102,12 +102,12 @@ def load_model(
             raise RunError(f"{path} has neither model.keras nor config.json; {what}")
         if "head" not in config:
             raise RunError(f"{path}/config.json is not a train-head run and there is no model.keras; {what}")
-        from featurecache.finetune.assemble import assemble_run, is_assembled
+        from featurecache.finetuning.assemble import assemble_run, is_assembled
 
         if is_assembled(config):  # an ensemble, or a head on several feature sets
             built = assemble_run(path, weights=weights, cache_dir=cache_dir)
             return LoadedModel(model=built.model, classes=built.classes, path=path, kind="run", config=built.config)
-        from featurecache.finetune.rebuild import rebuild_model
+        from featurecache.finetuning.rebuild import rebuild_model
 
         rebuilt = rebuild_model(path, weights=weights, cache_dir=cache_dir)
         return LoadedModel(model=rebuilt.model, classes=rebuilt.classes, path=path, kind="run", config=rebuilt.config)
@@ -202,7 +202,7 @@ def predict(
         No images, or ``top_k < 1``.
     """
     from featurecache.data import IMAGE_EXTENSIONS, decode_image
-    from featurecache.finetune.inference import ImagePredictor, image_pool
+    from featurecache.finetuning.inference import ImagePredictor, image_pool
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k must be an integer >= 1, got {top_k!r}")
@@ -307,11 +307,11 @@ def evaluate(
     """
     from featurecache.cache import store
     from featurecache.data import load_dataset
-    from featurecache.finetune.inference import ImagePredictor, image_pool, predict_rows
-    from featurecache.finetune.run_data import label_map
-    from featurecache.metrics import classification_metrics
+    from featurecache.finetuning.inference import ImagePredictor, image_pool, predict_rows
+    from featurecache.finetuning.run_data import label_map
+    from featurecache.training.metrics import classification_metrics
     from featurecache.cache.fsio import write_json
-    from featurecache.runconfig import recorded_dataset
+    from featurecache.training.runconfig import recorded_dataset
 
     loaded = load_model(model, weights=weights, cache_dir=cache_dir)
     recorded = recorded_dataset(loaded.config or {})

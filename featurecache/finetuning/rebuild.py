@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.errors import EquivalenceError, RunError, UsageError, choices
-from featurecache.finetune.convert import check_expressible, keras_head
+from featurecache.finetuning.convert import check_expressible, keras_head
 
 if TYPE_CHECKING:
     import keras
@@ -122,14 +122,14 @@ class Branch:
 
 
 def _read_run(run: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Any]:
-    from featurecache.rundir import load_run
-    from featurecache.runconfig import is_assembled, read_run_config
+    from featurecache.training.rundir import load_run
+    from featurecache.training.runconfig import is_assembled, read_run_config
 
     run_dir = Path(run)
     if is_assembled(read_run_config(run_dir)):
         raise RunError(
             f"{run_dir} is an ensemble or a head on several feature sets, which has no single backbone to rebuild; "
-            "use featurecache.finetune.assemble_run (predict, evaluate and `finetune --epochs 0` do)"
+            "use featurecache.finetuning.assemble.assemble_run (predict, evaluate and `finetune --epochs 0` do)"
         )
     config, estimator = load_run(run_dir)
     if "features" not in config or "spec" not in config.get("features", {}) or "classes" not in config:

@@ -88,7 +88,7 @@ def load_run_data(
     """
     from featurecache.cache import store
     from featurecache.data import load_dataset
-    from featurecache.runconfig import recorded_dataset
+    from featurecache.training.runconfig import recorded_dataset
 
     recorded = recorded_dataset(config)
     source = data or recorded["source"]

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.errors import UsageError
-from featurecache.finetune.inference import draft_of, load_or_none
-from featurecache.heads.dense_group import make_optimizer
+from featurecache.finetuning.inference import draft_of, load_or_none
+from featurecache.training.heads.dense_group import make_optimizer
 
 if TYPE_CHECKING:
-    from featurecache.finetune.rebuild import Rebuilt
-    from featurecache.finetune.run_data import RunData
+    from featurecache.finetuning.rebuild import Rebuilt
+    from featurecache.finetuning.run_data import RunData
 
 __all__ = ["OPTIMIZERS", "fit_model", "history_summary", "image_batches", "make_trainer"]
 

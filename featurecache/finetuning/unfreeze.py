@@ -20,7 +20,7 @@ import numpy as np
 from featurecache.errors import UsageError, choices
 
 if TYPE_CHECKING:
-    from featurecache.finetune.rebuild import Rebuilt
+    from featurecache.finetuning.rebuild import Rebuilt
 
 __all__ = ["resolve_unfreeze", "trainable_text", "unfreeze_blocks"]
 

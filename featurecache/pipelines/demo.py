@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurecache.pipeline import PipelineResult, run_pipeline
+from featurecache.pipelines.run import PipelineResult, run_pipeline
 
 DEMO_PIPELINE: dict[str, Any] = {
     "pipeline": {"name": "digits_demo"},

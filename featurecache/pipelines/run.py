@@ -133,9 +133,9 @@ def _stage_functions() -> dict[str, Any]:
     ``finetune`` attributes share their names with submodules, so which one they hold depends
     on import order.
     """
-    from featurecache.extract import extract
-    from featurecache.finetune import finetune
-    from featurecache.sweep import sweep
+    from featurecache.extraction.extract import extract
+    from featurecache.finetuning.finetune import finetune
+    from featurecache.training.sweeps.sweep import sweep
 
     return {"extract": extract, "sweep": sweep, "finetune": finetune}
 

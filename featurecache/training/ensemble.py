@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache.keys import digest_of
-from featurecache.combine import check_method, combine, fit_weights
+from featurecache.training.combine import check_method, combine, fit_weights
 from featurecache.errors import RunError, UsageError
 
 __all__ = ["EnsembleResult", "ensemble"]
@@ -184,7 +184,7 @@ def _check_out(out_dir: Path) -> None:
         return
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         return
-    from featurecache.runconfig import ENSEMBLE_KIND, read_run_config
+    from featurecache.training.runconfig import ENSEMBLE_KIND, read_run_config
 
     if read_run_config(out_dir).get("kind") != ENSEMBLE_KIND:
         raise UsageError(f"{out_dir} exists and is not an ensemble directory; pass a new --out, or remove it")
@@ -204,9 +204,9 @@ def _member_name(index: int, name: str) -> str:
 
 def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
     """Check ``run`` is a train-head run whose head loads, and copy it into the ensemble."""
-    from featurecache.runconfig import ENSEMBLE_KIND, read_run_config
-    from featurecache.finetune.run_data import read_predictions
-    from featurecache.rundir import load_run
+    from featurecache.training.runconfig import ENSEMBLE_KIND, read_run_config
+    from featurecache.finetuning.run_data import read_predictions
+    from featurecache.training.rundir import load_run
 
     if read_run_config(run).get("kind") == ENSEMBLE_KIND:
         raise UsageError(f"{run} is itself an ensemble; pass its member runs (in {run / MEMBERS_DIR}) instead")
@@ -222,10 +222,10 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
 
 def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, cache_dir: Any, plots: bool, notes: list[str]) -> list[_Member]:
     """Refit the ``top`` best trials of a sweep and write each as a run in ``members_dir``."""
-    from featurecache.concat import open_recorded_features
-    from featurecache.runconfig import read_run_config
-    from featurecache.finetune.run_data import read_predictions
-    from featurecache.train import load_training_data, parse_validation_label, train_head
+    from featurecache.cache.concat import open_recorded_features
+    from featurecache.training.runconfig import read_run_config
+    from featurecache.finetuning.run_data import read_predictions
+    from featurecache.training.train import load_training_data, parse_validation_label, train_head
 
     try:
         board = json.loads((sweep_dir / "leaderboard.json").read_text())
@@ -279,10 +279,10 @@ def _check_compatible(members: Sequence[_Member]) -> None:
 
 def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, plots: bool) -> tuple[tuple[float, ...] | None, dict[str, Any], list[dict[str, Any]]]:
     """Combine the members' predictions and write the ensemble's own files into ``staging``."""
-    from featurecache.versions import library_versions
-    from featurecache.metrics import classification_metrics
+    from featurecache._runtime.versions import library_versions
+    from featurecache.training.metrics import classification_metrics
     from featurecache.cache.fsio import write_json
-    from featurecache.runconfig import ENSEMBLE_KIND, RUN_FORMAT
+    from featurecache.training.runconfig import ENSEMBLE_KIND, RUN_FORMAT
 
     first = members[0]
     classes = [str(c) for c in first.config["classes"]]
@@ -338,7 +338,7 @@ def _member_record(m: _Member, staging: Path, weight: float | None) -> dict[str,
 
 def _features_record(members: Sequence[_Member]) -> dict[str, Any]:
     """Every feature set the members read (``spec.parts``), and the dataset they share."""
-    from featurecache.concat import feature_parts
+    from featurecache.cache.concat import feature_parts
 
     parts: dict[str, dict[str, Any]] = {}
     for m in members:

@@ -37,7 +37,7 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def is_assembled(config: Mapping[str, Any]) -> bool:
     """Whether a run config needs :func:`featurecache.finetune.assemble_run`: an ensemble, or a head on several feature sets."""
-    from featurecache.concat import feature_parts
+    from featurecache.cache.concat import feature_parts
 
     if config.get("kind") == ENSEMBLE_KIND:
         return True

@@ -32,7 +32,7 @@ import numpy as np
 
 from featurecache.cache.fsio import jsonable, write_json
 from featurecache.errors import RunError, UsageError
-from featurecache.runconfig import RUN_FORMAT
+from featurecache.training.runconfig import RUN_FORMAT
 
 __all__ = ["clean_leftovers", "load_run", "replace_dir", "swap_dirs", "write_run"]
 
@@ -186,8 +186,8 @@ def write_run(
     UntrustedHeadError
         The fitted head could not be loaded back safely (see ``heads.saving``).
     """
-    from featurecache.versions import library_versions
-    from featurecache.heads import save_head
+    from featurecache._runtime.versions import library_versions
+    from featurecache.training.heads import save_head
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -236,7 +236,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
         The head could run code when loaded (a pickled ``head.joblib`` of an earlier version,
         or types outside the allow-list); the message gives the conversion command.
     """
-    from featurecache.heads import load_head
+    from featurecache.training.heads import load_head
 
     path = Path(run_dir)
     cfg_path = path / "config.json"

@@ -40,11 +40,11 @@ from featurecache.cache import store, views
 from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
 from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, UsageError, human_bytes
-from featurecache.rundir import load_run, write_run  # re-exported: the run-directory I/O lives there
-from featurecache.runconfig import CACHED_VAL_LABEL, RUN_FORMAT  # re-exported, as above
+from featurecache.training.rundir import load_run, write_run  # re-exported: the run-directory I/O lives there
+from featurecache.training.runconfig import CACHED_VAL_LABEL, RUN_FORMAT  # re-exported, as above
 
 if TYPE_CHECKING:
-    from featurecache.concat import ConcatFeatures
+    from featurecache.cache.concat import ConcatFeatures
 
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
 BLAS_THREADS_ENV = "FEATURECACHE_BLAS_THREADS"
@@ -108,7 +108,7 @@ def resolve_features(
     Several references (``"KEY1,KEY2"`` or a list) give one :class:`~featurecache.concat.ConcatFeatures`
     whose vectors are the parts' side by side (checked to be the same images).
     """
-    from featurecache.concat import ConcatFeatures, open_concat, split_feature_refs
+    from featurecache.cache.concat import ConcatFeatures, open_concat, split_feature_refs
 
     if isinstance(features, ConcatFeatures):
         return features
@@ -463,7 +463,7 @@ def fit_head(estimator: Any, data: TrainingData, *, callbacks: Sequence[Any] = (
     """
     from threadpoolctl import threadpool_limits
 
-    from featurecache.heads import DenseHead
+    from featurecache.training.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
         return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views, callbacks=callbacks)
@@ -487,7 +487,7 @@ def fit_dense_together(estimators: Sequence[Any], data: TrainingData) -> list[An
     Each gets what :func:`fit_head` would give it alone (tested to be identical); the batches
     are gathered once for all of them, and one traced step trains them all.
     """
-    from featurecache.heads.dense_group import fit_dense_heads
+    from featurecache.training.heads.dense_group import fit_dense_heads
 
     return fit_dense_heads(estimators, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
 
@@ -513,7 +513,7 @@ def evaluate_arrays(estimator: Any, data: TrainingData, *, top_k: Sequence[int] 
     """Metrics and predictions on validation and (if cached) test (with :func:`blas_threads` BLAS threads)."""
     from threadpoolctl import threadpool_limits
 
-    from featurecache.metrics import classification_metrics
+    from featurecache.training.metrics import classification_metrics
 
     metrics: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
@@ -614,7 +614,7 @@ def train_head(
     MemoryBudgetError
         A scikit-learn head on training features over the memory budget.
     """
-    from featurecache.heads import coerce_head_params, make_head
+    from featurecache.training.heads import coerce_head_params, make_head
 
     started = time.perf_counter()
     coerced = coerce_head_params(head, params or {})
@@ -626,7 +626,7 @@ def train_head(
     tb_dir = None
     callbacks: list[Any] = []
     if tensorboard is not None:
-        from featurecache.heads import DenseHead
+        from featurecache.training.heads import DenseHead
         from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
 
         tb_dir = fresh_run_log_dir(tensorboard, run_dir.name)

@@ -29,7 +29,7 @@ from featurecache.errors import UsageError
 
 pytestmark = pytest.mark.slow  # real processes killed at every checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 20 images per split, chunks of 5 rows: train has 2 views x 4 units, val and test 4 units each.
 OPTIONS = dict(backbone="mobilenetv2", weights="random", size=32, limit=20, views=1, augment="flip,rotation=10", batch_size=4, chunk_rows=5)
 RUNNER = (

@@ -208,7 +208,7 @@ def _damage(fs: views.FeatureSet, how: str) -> set[tuple[int, int]]:
 
 @pytest.mark.parametrize("how", ["labels", "ids", "delete", "swap", "rows"])
 def test_damage_fails_verify_and_training_refuses(clean: views.FeatureSet, tmp_path: Path, how: str) -> None:
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     fs = _copy(clean, tmp_path)
     root = _root(fs)
@@ -261,7 +261,7 @@ def test_repair_then_extract_recomputes_only_the_damage(clean: views.FeatureSet,
 
 def test_repair_removes_a_view_whose_labels_are_damaged(clean: views.FeatureSet, tmp_path: Path) -> None:
     """Issue 9: the next extract after ``verify --repair`` must not be a hit on the damaged view."""
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     fs = _copy(clean, tmp_path)
     root = _root(fs)
@@ -636,7 +636,7 @@ def _format1_entry(root: Path, clean: views.FeatureSet, *, views_: int, complete
 
 
 def test_migrate_converts_format1_entries_without_running_the_backbone(clean: views.FeatureSet, tmp_path: Path) -> None:
-    from featurecache.migrate import legacy_entries, migrate
+    from featurecache.cache.migrate import legacy_entries, migrate
 
     root = tmp_path / "cache"
     root.mkdir()

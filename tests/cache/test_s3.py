@@ -92,7 +92,7 @@ def _fs():
 def _interrupted_run(cache: str, tmp: Path) -> subprocess.CompletedProcess:
     """An extraction killed (SIGKILL) right after its second unit's marker, in its own process."""
     code = (
-        "from featurecache.extract import extract\n"
+        "from featurecache.extraction.extract import extract\n"
         f"extract('builtin:digits', cache_dir={cache!r}, chunk_rows=4, progress=False, **{OPTS!r})\n"
     )
     env = {**os.environ, "FEATURECACHE_FAULT": "unit_marker_written@2", "FEATURECACHE_FAULT_ONCE": str(tmp / "fault-once")}
@@ -103,7 +103,7 @@ def _interrupted_run(cache: str, tmp: Path) -> subprocess.CompletedProcess:
 def runs(s3: Endpoint, tmp_path_factory: pytest.TempPathFactory):
     """An S3 extraction killed after 2 of 8 units, its planning requests, its resume; and a local run."""
     from featurecache.cache import store
-    from featurecache.extract import extract, missing_digests, plan
+    from featurecache.extraction.extract import extract, missing_digests, plan
 
     tmp = tmp_path_factory.mktemp("s3runs")
     cache = f"s3://{BUCKET}/resumed"
@@ -145,7 +145,7 @@ def test_s3_extraction_equals_local_bit_for_bit(runs) -> None:
 
 def test_second_run_is_a_hit(runs) -> None:
     """The same command again finds the view on S3 and computes nothing."""
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     again = extract("builtin:digits", cache_dir=runs["cache"], chunk_rows=4, progress=False, **OPTS)
     assert again.cached and again.computed == 0 and again.key == runs["resumed"].key
@@ -188,7 +188,7 @@ def test_deleted_chunk_is_detected_on_read(runs) -> None:
     with pytest.raises(CacheCorruptError, match="cache verify"):
         for split in fset.splits:
             fset.features(split)
-    from featurecache.audit import verify
+    from featurecache.extraction.audit import verify
 
     report = verify(runs["resumed"].key, sample=0, cache_dir=f"s3://{copy}")
     assert not report.ok and report.problems
@@ -197,7 +197,7 @@ def test_deleted_chunk_is_detected_on_read(runs) -> None:
 def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
     """`--shard 0/2` then `--shard 1/2` on an s3:// root: the plan is shared through the bucket, the last seals."""
     from featurecache.cache.views import open_features
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     cache = f"s3://{BUCKET}/shards-{uuid.uuid4().hex[:6]}"
     first = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, shard=(0, 2), **OPTS)
@@ -225,7 +225,7 @@ def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str)
     from distributed import Client, LocalCluster
 
     from featurecache.cache.views import open_features
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     cache = f"s3://{BUCKET}/cluster-{death}"
     once = runs["tmp"] / f"cluster-fault-{death}"

@@ -21,7 +21,7 @@ from featurecache.cache import store, views
 from featurecache.cache.keys import FORMAT_VERSION, manifest_digest, view_key
 from featurecache.cache.lease import Lease, holder_is_dead, process_identity
 from featurecache.errors import AmbiguousEntryError, CacheCorruptError, DiskFullError, EntryNotFoundError, LeaseError
-from tests.test_keys import BASE
+from tests.cache.test_keys import BASE
 
 CLASSES = ["a", "b", "c"]
 SHAPE = (8,)

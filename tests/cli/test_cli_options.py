@@ -20,7 +20,7 @@ import featurecache as fc
 from featurecache.cli import _common
 from featurecache.cli.main import app
 from featurecache.errors import PipelineError, UsageError
-from featurecache.pipeline import load_pipeline, run_pipeline
+from featurecache.pipelines.run import load_pipeline, run_pipeline
 
 SMALL = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "20"]
 SMALL_API = dict(backbone="mobilenetv2", weights="random", size=32, limit=20)
@@ -232,7 +232,7 @@ def test_pipeline_value_of_the_wrong_type_is_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "[sweep] features is set by" in _error_line(res)
 
 
-PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 
 def test_shipped_pipelines_pass_the_type_check() -> None:

@@ -128,7 +128,7 @@ def test_antialias_differs_from_bilinear_and_matches_tensorflow_and_keras() -> N
 
 
 def test_load_resized_fast_decodes_at_the_draft_and_differs_from_exact(tmp_path: Path) -> None:
-    from featurecache.extract import load_resized
+    from featurecache.extraction.extract import load_resized
 
     for c in ("a", "b"):
         (tmp_path / "ds" / c).mkdir(parents=True)
@@ -148,7 +148,7 @@ def test_load_resized_fast_decodes_at_the_draft_and_differs_from_exact(tmp_path:
 
 
 def test_plan_rejects_an_unknown_decode_mode(cache_dir: Path) -> None:
-    from featurecache.extract import plan
+    from featurecache.extraction.extract import plan
 
     with pytest.raises(UsageError, match="--decode exact or --decode fast"):
         plan("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=5, decode="quick", cache_dir=cache_dir)
@@ -182,8 +182,8 @@ def test_cli_extract_fast_antialias_is_its_own_entry_and_train_head_finds_it(cac
 def test_finetune_rebuild_reproduces_fast_antialiased_features(cache_dir: Path, tmp_path: Path) -> None:
     """The rebuilt model decodes at the same draft and antialiases, so the equivalence check passes."""
     from featurecache import extract
-    from featurecache.finetune import check_equivalence, load_run_data, rebuild_model
-    from featurecache.train import train_head
+    from featurecache.finetuning.finetune import check_equivalence, load_run_data, rebuild_model
+    from featurecache.training.train import train_head
 
     folder = tmp_path / "photos"
     for c in ("a", "b"):

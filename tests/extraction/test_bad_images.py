@@ -27,7 +27,7 @@ from featurecache.cli.main import app
 from featurecache.data import load_dataset
 from featurecache.errors import ImageDecodeError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Pillow warns before we refuse the 10000 x 10000 image; the refusal is what is tested.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 SIZE = 32

@@ -24,7 +24,7 @@ import featurecache as fc
 from featurecache.cache import store, views
 
 OPTIONS = dict(backbone="mobilenetv2", weights="random", size=32, views=1, augment="flip,rotation=10", batch_size=4, chunk_rows=6, progress=False)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _images(folder: Path, n: int, *, start: int = 0) -> list[str]:

@@ -23,7 +23,7 @@ from featurecache.cache.keys import UNKEYED_DEFAULTS
 from featurecache.cli.extract_opts import to_options
 from featurecache.cli.main import app
 from featurecache.errors import EntryNotFoundError, UsageError
-from featurecache.options import FIELDS, KEYED_FIELDS, ExtractOptions
+from featurecache.extraction.options import FIELDS, KEYED_FIELDS, ExtractOptions
 
 SMALL = dict(backbone="mobilenetv2", weights="random", size=32)
 

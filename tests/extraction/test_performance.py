@@ -6,21 +6,19 @@ No timings are asserted here (benchmarks/run.py measures them); only behaviour.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import featurecache.extraction.extract as extract_mod
+import featurecache.training.train as train_mod
 from featurecache.cache import store, views
 from featurecache.cache.keys import FeatureSpec
 from featurecache.data import RESIZE_METHODS, Split, resize_image
 from featurecache.data.dataset import ArrayItems, FileItems
 from featurecache.errors import MemoryBudgetError, OutOfMemoryError, UsageError
-
-extract_mod = importlib.import_module("featurecache.extract")  # the package re-exports a function of that name
-train_mod = importlib.import_module("featurecache.train")
 
 
 # ------------------------------------------------------------------ batched resize
@@ -223,7 +221,7 @@ def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> views.Featur
     [(0, True, 1), (2, False, 1), (0, True, "100KiB")],  # 100 KiB: streamed, read ahead 3 batches at a time
 )
 def test_dense_head_streams_from_zarr_and_matches_in_memory_training(cache_dir: Path, views: int, with_val: bool, budget: object) -> None:
-    from featurecache.heads import make_head
+    from featurecache.training.heads import make_head
 
     fs = _feature_set(cache_dir, views=views, with_val=with_val)
     in_memory = train_mod.load_training_data(fs)

@@ -10,8 +10,8 @@ from tests.conftest import make_image_folder
 
 
 def test_prefetched_rows_are_the_rows_a_unit_decodes_with_their_failures(tmp_path: Path, cache_dir: Path) -> None:
-    from featurecache.extract import needed_digests, plan
-    from featurecache.units import Prefetch, load_places, source_places
+    from featurecache.extraction.extract import needed_digests, plan
+    from featurecache.extraction.pipeline import Prefetch, load_places, source_places
 
     folder = make_image_folder(tmp_path / "ds", per_class=5, size=40)
     (folder / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")  # sorts first in its class
@@ -35,12 +35,10 @@ def test_prefetched_rows_are_the_rows_a_unit_decodes_with_their_failures(tmp_pat
 
 
 def test_extraction_with_prefetch_equals_one_without(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
-    import importlib
-
     import featurecache as fc
-    from featurecache import units
+    import featurecache.extraction.extract as extract_module
+    from featurecache.extraction import pipeline as units
 
-    extract_module = importlib.import_module("featurecache.extract")
     folder = make_image_folder(tmp_path / "ds", per_class=6, size=24)
     kw = dict(backbone="mobilenetv2", weights="random", size=32, chunk_rows=4, batch_size=4, progress=False)
     with monkeypatch.context() as m:

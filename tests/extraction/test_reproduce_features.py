@@ -15,7 +15,7 @@ from PIL import Image
 
 import featurecache as fc
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Reproducing cached features outside featurecache"
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from featurecache.errors import UsageError
-from featurecache.shards import parse_shard
+from featurecache.extraction.shards import parse_shard
 
 # 30 images (10 per split) in units of 4 rows: 8 units, so tasks of 2 units make 4 tasks.
 OPTS = dict(backbone="mobilenetv2", weights="random", size=32, limit=10, chunk_rows=4, batch_size=4, progress=False)
@@ -32,7 +32,7 @@ def all_features(fs) -> dict[str, np.ndarray]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     """The features of a plain single-process run."""
     from featurecache.cache.views import open_features
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     cache = tmp_path_factory.mktemp("ref-cache")
     res = extract(DATA, cache_dir=cache, **OPTS)
@@ -59,7 +59,7 @@ def local_cluster(**env: str):
 def test_cluster_extraction_is_bit_identical_and_records_where(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
     from featurecache.cache.store import open_store
     from featurecache.cache.views import open_features
-    from featurecache.extract import extract, plan
+    from featurecache.extraction.extract import extract, plan
 
     cache = tmp_path / "cache"
     lc, client = local_cluster()
@@ -87,7 +87,7 @@ def test_cluster_extraction_is_bit_identical_and_records_where(tmp_path: Path, r
 @pytest.mark.slow
 def test_worker_dying_inside_a_unit_is_replanned_from_markers(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
     from featurecache.cache.views import open_features
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     cache = tmp_path / "cache"
     once = tmp_path / "fault-fired"
@@ -111,7 +111,7 @@ def test_worker_dying_inside_a_unit_is_replanned_from_markers(tmp_path: Path, re
 
 SHARD_SCRIPT = """
 import json, sys
-from featurecache.extract import extract
+from featurecache.extraction.extract import extract
 res = extract({data!r}, cache_dir=sys.argv[1], shard=(int(sys.argv[2]), 2), **{opts!r})
 print(json.dumps({{"pending": res.pending, "cached": res.cached, "computed": res.computed}}))
 """
@@ -120,8 +120,8 @@ print(json.dumps({{"pending": res.pending, "cached": res.cached, "computed": res
 @pytest.mark.slow
 def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
     from featurecache.cache.views import open_features
-    from featurecache.extract import plan
-    from featurecache.shards import plan_path
+    from featurecache.extraction.extract import plan
+    from featurecache.extraction.shards import plan_path
 
     cache = tmp_path / "cache"
     script = SHARD_SCRIPT.format(data=DATA, opts=OPTS)
@@ -199,7 +199,7 @@ def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[st
 @pytest.fixture(scope="module")
 def sweep_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A cache holding the tiny features the dask sweep tests train on, and their key."""
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     cache = tmp_path_factory.mktemp("sweep-cache")
     return cache, extract(DATA, cache_dir=cache, **OPTS).key
@@ -211,7 +211,7 @@ SWEEP_GRID = "logreg:C=0.1,1,10;max_iter=200"
 @pytest.fixture(scope="module")
 def local_sweep(sweep_features: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
     """The dask sweeps' reference: the same grid through joblib in this process."""
-    from featurecache.sweep import sweep
+    from featurecache.training.sweeps.sweep import sweep
 
     cache, key = sweep_features
     return sweep(key, grid=[SWEEP_GRID], n_jobs=1, out=tmp_path_factory.mktemp("local-sweep") / "local", cache_dir=cache, progress=False)
@@ -290,7 +290,7 @@ def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str
     import threading
 
     from featurecache.cache.views import open_features
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     cache = tmp_path / "cache"
     once = tmp_path / "fault-fired"
@@ -323,7 +323,7 @@ def test_a_bad_image_with_on_error_fail_is_not_retried_on_the_cluster(tmp_path: 
     from conftest import make_image_folder
 
     from featurecache.errors import ImageDecodeError
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     root = make_image_folder(tmp_path / "pets")
     (root / "cat" / "broken.png").write_bytes(b"not a png")
@@ -344,11 +344,11 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
     from conftest import make_image_folder
     from distributed import get_task_stream
 
-    from featurecache import cluster
+    from featurecache.extraction import cluster
     from featurecache.cache.store import memo_dir
     from featurecache.data import dataset as dataset_mod
     from featurecache.data.dataset import MEMO_FILENAME, file_digests
-    from featurecache.extract import extract
+    from featurecache.extraction.extract import extract
 
     root = make_image_folder(tmp_path / "pets", splits=("train", "val"), per_class=5)
     old = time.time() - 3600  # past the racily-clean window, so the memo keeps every file
@@ -389,7 +389,7 @@ def test_writing_a_unit_reads_no_other_marker(tmp_path: Path, monkeypatch: pytes
     # A worker opens the store afresh for every task; adding its marker to the store's
     # listing used to list and read every marker of the view first: quadratic in units.
     from featurecache.cache import store
-    from featurecache.extract import missing_digests, plan
+    from featurecache.extraction.extract import missing_digests, plan
 
     p = plan(DATA, cache_dir=tmp_path, backbone="mobilenetv2", weights="random", size=32, limit=10)
     st = store.create_store(p.cache_dir, p.spec, feature_shape=(3,), chunk_rows=4)

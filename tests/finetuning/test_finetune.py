@@ -14,7 +14,7 @@ import pytest
 
 import featurecache as fc
 from featurecache.errors import EquivalenceError, UsageError
-from featurecache.finetune import (
+from featurecache.finetuning.finetune import (
     EquivalenceReport,
     _make_trainer,
     check_equivalence,
@@ -31,7 +31,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     """One cached digits feature set (MobileNetV2 has BatchNorm) and a few heads trained on it."""
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     root = tmp_path_factory.mktemp("ft")
     cache = root / "cache"
@@ -137,7 +137,7 @@ def test_equivalence_fails_loudly_on_features_cached_at_another_size(env: dict) 
 
 
 def test_non_keras_head_is_refused(env: dict) -> None:
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     run = train_head(env["key"], head="knn", params={"n_neighbors": 1}, out=env["root"] / "runs" / "knn", cache_dir=env["cache"], plots=False).run_dir
     with pytest.raises(UsageError, match=r"Keras can express.*KNeighborsClassifier.*dense, logreg"):
@@ -271,7 +271,7 @@ def test_export_loads_without_featurecache_and_matches_predict_cli(tuned: dict, 
 
 def test_folder_with_holdout_binary_head_and_caffe_preprocessing(image_folder: Path, tmp_path: Path) -> None:
     """Images of varied sizes, no val split (the run holds out part of train), a 2-class head, VGG16."""
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     cache = tmp_path / "cache"
     res = fc.extract(str(image_folder), backbone="vgg16", weights="random", size=SIZE, cache_dir=cache, progress=False)
@@ -294,8 +294,8 @@ def test_linear_heads_convert_to_keras_exactly(head: str, params: dict, n_classe
     """Every linear head, binary and multi-class, becomes Keras layers with the same probabilities."""
     import keras
 
-    from featurecache.finetune.convert import keras_head
-    from featurecache.heads import make_head
+    from featurecache.finetuning.convert import keras_head
+    from featurecache.training.heads import make_head
 
     rng = np.random.default_rng(n_classes)
     y = np.arange(90) % n_classes

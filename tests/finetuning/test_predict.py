@@ -24,7 +24,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A logreg run on digits features, its export (epochs=0: the rebuilt model), and images."""
     from PIL import Image
 
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     root = tmp_path_factory.mktemp("pred")
     cache = root / "cache"
@@ -180,7 +180,7 @@ def test_crafted_pickle_head_is_refused_in_every_command(env: dict, command: str
 def test_cli_convert_run_then_predict(env: dict) -> None:
     import joblib
 
-    from featurecache.train import load_run
+    from featurecache.training.train import load_run
 
     run = env["root"] / "legacy-run"
     shutil.copytree(env["run"], run)
@@ -220,7 +220,7 @@ def _tiny_image_model():  # noqa: ANN202
 
 
 def test_a_copied_model_keras_names_its_classes(env: dict, tmp_path: Path) -> None:
-    from featurecache.finetune.export import export_model, model_class_names
+    from featurecache.finetuning.export import export_model, model_class_names
 
     assert model_class_names(env["exported"] / "model.keras") == tuple(str(i) for i in range(10))
     export_model(_tiny_image_model(), tmp_path, classes=("cat", "dog"))
@@ -243,7 +243,7 @@ def test_a_copied_model_keras_names_its_classes(env: dict, tmp_path: Path) -> No
 def test_savedmodel_takes_uint8_images_and_names_classes(tmp_path: Path) -> None:
     import tensorflow as tf
 
-    from featurecache.finetune.export import export_model
+    from featurecache.finetuning.export import export_model
 
     model = _tiny_image_model()
     export_model(model, tmp_path, savedmodel=True, classes=("cat", "dog"))

@@ -10,12 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from featurecache.cli.main import app
-from featurecache.demo import DEMO_PIPELINE
+from featurecache.pipelines.demo import DEMO_PIPELINE
 from featurecache.errors import PipelineError
-from featurecache.pipeline import load_pipeline, run_pipeline
+from featurecache.pipelines.run import load_pipeline, run_pipeline
 from tests.conftest import make_image_folder
 
-PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 SMALL = ["extract.weights=random", "extract.size=32", "extract.batch_size=16", "finetune.epochs=1", "sweep.n_jobs=1"]
 
 

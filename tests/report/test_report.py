@@ -25,8 +25,8 @@ from featurecache.cli.main import app
 from featurecache.data import load_dataset
 from featurecache.errors import RunError
 from featurecache.report import most_confused, top_losses, write_report
-from featurecache.sweep import SweepResult, sweep
-from featurecache.train import TrainResult, train_head
+from featurecache.training.sweeps.sweep import SweepResult, sweep
+from featurecache.training.train import TrainResult, train_head
 
 DIGITS = {"backbone": "mobilenetv2", "weights": "random", "size": 32, "limit": 80}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -339,7 +339,7 @@ def test_train_head_dense_tensorboard_uses_keras_callback(digits: store.FeatureS
 
 
 def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path: Path, cache: Path) -> None:
-    from featurecache.predict import evaluate
+    from featurecache.finetuning.predict import evaluate
 
     res = evaluate(logreg_run.run_dir, split="test", out=tmp_path / "eval", cache_dir=cache)
     with np.load(tmp_path / "eval" / "predictions_test.npz") as npz:
@@ -355,7 +355,7 @@ def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path
 
 @pytest.mark.slow
 def test_finetune_tensorboard_and_report(logreg_run: TrainResult, tmp_path: Path, cache: Path) -> None:
-    from featurecache.finetune import finetune
+    from featurecache.finetuning.finetune import finetune
 
     log_dir = tmp_path / "tb"
     res = finetune(logreg_run.run_dir, unfreeze="top:1", epochs=2, patience=0, out=tmp_path / "ft", cache_dir=cache, progress=False, tensorboard=log_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from featurecache.progress import ProgressBar, fit_label
+from featurecache._runtime.progress import ProgressBar, fit_label
 
 
 def test_fit_label_cuts_in_the_middle_and_keeps_short_labels() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUIET_EXTRACT = [
     "extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32",
     "--limit", "20", "-q",
@@ -54,7 +54,7 @@ def test_native_stderr_silenced_discards_c_level_writes_and_restores_the_descrip
     # os.write(2, ...) is what TensorFlow's C++ logging amounts to: below sys.stderr.
     code = (
         "import os, sys\n"
-        "from featurecache.quiet_tf import native_stderr_silenced\n"
+        "from featurecache._runtime.quiet_tf import native_stderr_silenced\n"
         "print('before', file=sys.stderr)\n"
         "with native_stderr_silenced():\n"
         "    os.write(2, b'native noise\\n')\n"
@@ -75,7 +75,7 @@ def test_debug_keeps_tensorflow_unfiltered(tmp_path: Path) -> None:
     # With FEATURECACHE_DEBUG=1 the hook is not installed and the log level is left alone.
     code = (
         "import os, sys\n"
-        "from featurecache import quiet_tf\n"
+        "from featurecache._runtime import quiet_tf\n"
         "quiet_tf.install()\n"
         "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), os.environ.get(quiet_tf.QUIET_ENV),\n"
         "      any(type(f).__name__ == '_QuietTensorFlowFinder' for f in sys.meta_path))\n"

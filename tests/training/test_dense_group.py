@@ -7,9 +7,9 @@ import pytest
 from sklearn.datasets import load_digits
 
 from featurecache.errors import UsageError
-from featurecache.heads import DenseHead
-from featurecache.heads.dense_group import fit_dense_heads, group_key
-from featurecache.sweep import TrialSpec, parse_grid, plan_work
+from featurecache.training.heads import DenseHead
+from featurecache.training.heads.dense_group import fit_dense_heads, group_key
+from featurecache.training.sweeps.sweep import TrialSpec, parse_grid, plan_work
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def _keras_model_fit(head: DenseHead, X: np.ndarray, y: np.ndarray, X_val: np.nd
     """The head trained by Keras's own ``Model.fit`` (what ``DenseHead.fit`` did before it became the group trainer)."""
     import keras
 
-    from featurecache.heads.dense_batches import make_view_batches
-    from featurecache.heads.dense_group import make_optimizer
+    from featurecache.training.heads.dense_batches import make_view_batches
+    from featurecache.training.heads.dense_group import make_optimizer
 
     prep = head.prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=None)
     cfg = prep.cfg

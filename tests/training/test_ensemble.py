@@ -26,7 +26,7 @@ BACKBONES = ("mobilenetv2", "mobilenetv3small")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, one_blas_thread: None) -> dict:
     """Digits features of two backbones, one more of the second on other images, and a few runs."""
-    from featurecache.train import train_head
+    from featurecache.training.train import train_head
 
     root = tmp_path_factory.mktemp("ens")
     cache = root / "cache"
@@ -53,7 +53,7 @@ def _error_line(result: object) -> str:
 
 
 def test_concatenated_features_of_two_backbones_train_a_head_in_one_command(env: dict) -> None:
-    from featurecache.train import load_run
+    from featurecache.training.train import load_run
 
     out = env["root"] / "runs" / "concat-cli"
     k1, k2 = env["keys"]
@@ -68,8 +68,8 @@ def test_concatenated_features_of_two_backbones_train_a_head_in_one_command(env:
 
 
 def test_concatenation_is_the_parts_side_by_side_in_memory_and_streamed(env: dict) -> None:
-    from featurecache.concat import ConcatFeatures, open_concat
-    from featurecache.train import LazyFeatures, load_training_data
+    from featurecache.cache.concat import ConcatFeatures, open_concat
+    from featurecache.training.train import LazyFeatures, load_training_data
 
     k1, k2 = env["keys"]
     cat = open_concat([k1, k2], cache_dir=env["cache"])
@@ -85,8 +85,8 @@ def test_concatenation_is_the_parts_side_by_side_in_memory_and_streamed(env: dic
 
 
 def test_augmented_views_are_joined_only_when_every_part_made_them_alike(env: dict) -> None:
-    from featurecache.concat import open_concat
-    from featurecache.train import load_training_data
+    from featurecache.cache.concat import open_concat
+    from featurecache.training.train import load_training_data
 
     flipped = [
         fc.extract("builtin:digits", backbone=b, weights="random", size=SIZE, limit=20, views=1, augment="flip", cache_dir=env["cache"], progress=False).key
@@ -121,7 +121,7 @@ def test_mismatched_feature_sets_give_one_clear_line(env: dict) -> None:
 def test_combination_layers_equal_the_numpy_rule_and_load_in_safe_mode(method: str, tmp_path: Path) -> None:
     import keras
 
-    from featurecache.combine import combine, fit_weights, keras_combine
+    from featurecache.training.combine import combine, fit_weights, keras_combine
 
     rng = np.random.default_rng(0)
     probas = []
@@ -145,7 +145,7 @@ def test_combination_layers_equal_the_numpy_rule_and_load_in_safe_mode(method: s
 
 
 def test_weights_favour_the_member_that_predicts_the_validation_labels() -> None:
-    from featurecache.combine import fit_weights
+    from featurecache.training.combine import fit_weights
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, 200)
@@ -221,7 +221,7 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(en
     import keras
     from PIL import Image
 
-    from featurecache.predict import evaluate
+    from featurecache.finetuning.predict import evaluate
 
     exported = fc.finetune(ens, epochs=0, out=env["root"] / "ens-export", cache_dir=env["cache"], progress=False)
     assert exported.equivalence.passed and exported.equivalence.max_abs_diff < 1e-4

@@ -15,7 +15,7 @@ from typing import Any
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featurecache.heads import DenseHead
+from featurecache.training.heads import DenseHead
 
 HEADS = [DenseHead(hidden=(8,), dropout=0.0, lr=0.05, epochs=3, batch_size=32, patience=0)]
 

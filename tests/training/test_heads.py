@@ -17,7 +17,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from featurecache.errors import HeadParamError, UnknownHeadError, UsageError
-from featurecache.heads import (
+from featurecache.training.heads import (
     HEAD_NAMES,
     DenseHead,
     coerce_head_params,
@@ -27,7 +27,7 @@ from featurecache.heads import (
     parse_param,
     save_head,
 )
-from featurecache.heads.registry import SearchSpace
+from featurecache.training.heads.registry import SearchSpace
 
 # Small, quick settings per head; accuracy floors are well above chance (0.1).
 FAST = {
@@ -470,7 +470,7 @@ def test_skops_head_naming_an_untrusted_type_is_refused(tmp_path):
 
 def test_convert_legacy_head_needs_trust_then_loads_safely(fitted, digits, tmp_path):
     from featurecache.errors import UsageError
-    from featurecache.heads import convert_legacy_head
+    from featurecache.training.heads import convert_legacy_head
 
     _, _, Xt, _ = digits
     head = fitted["logreg"]
@@ -489,8 +489,8 @@ def test_convert_legacy_head_needs_trust_then_loads_safely(fitted, digits, tmp_p
 def test_convert_legacy_dense_head(fitted, digits, tmp_path):
     import keras
 
-    from featurecache.heads import convert_legacy_head
-    from featurecache.heads.dense import inference_copy
+    from featurecache.training.heads import convert_legacy_head
+    from featurecache.training.heads.dense import inference_copy
 
     _, _, Xt, _ = digits
     head = fitted["dense"]

@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from featurecache.errors import UsageError
-from featurecache.metrics import classification_metrics
+from featurecache.training.metrics import classification_metrics
 from featurecache.report import plot_confusion_matrix, plot_leaderboard, plot_training_curves
 
 def _random_predictions(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

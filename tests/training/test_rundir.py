@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from featurecache import rundir
+from featurecache.training import rundir
 
 
 def _fill(d: Path, text: str) -> None:

@@ -14,8 +14,8 @@ import featurecache as fc
 from featurecache.cache import store, views
 from featurecache.cli.main import app
 from featurecache.errors import HeadParamError, SweepError, UnknownHeadError, UsageError
-from featurecache.sweep import SweepResult, parse_grid, plan_trials, sweep
-from featurecache.train import load_run
+from featurecache.training.sweeps.sweep import SweepResult, parse_grid, plan_trials, sweep
+from featurecache.training.train import load_run
 
 # 12 logreg + 8 dense = 20 configurations, plus one that fails (more neighbours than training samples).
 GRID = (
@@ -245,8 +245,8 @@ def test_a_relative_out_follows_the_callers_working_directory(digits: views.Feat
 
 _KILL_WHILE_SAVING_BEST = """
 import os, signal, sys
-import featurecache.rundir as rundir
-from featurecache.sweep import sweep
+import featurecache.training.rundir as rundir
+from featurecache.training.sweeps.sweep import sweep
 
 real = rundir.write_json
 def write_json(path, obj):

@@ -20,8 +20,8 @@ import featurecache as fc
 from featurecache.cache import store, views
 from featurecache.cli.main import app
 from featurecache.errors import CacheCorruptError
-from featurecache.heads import DenseHead, make_head
-from featurecache.train import (
+from featurecache.training.heads import DenseHead, make_head
+from featurecache.training.train import (
     TrainResult,
     fit_head,
     load_run,
@@ -172,8 +172,8 @@ def test_rewriting_a_run_directory_drops_stale_plots(vgg_digits: views.FeatureSe
 
 _KILL_AT_CONFIG = """
 import os, signal, sys
-import featurecache.rundir as rundir
-import featurecache.train as train
+import featurecache.training.rundir as rundir
+import featurecache.training.train as train
 
 real = rundir.write_json
 def write_json(path, obj):

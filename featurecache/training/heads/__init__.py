@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from featurecache.heads.registry import (
+from featurecache.training.heads.registry import (
     HEAD_NAMES,
     IMPORT_PATH_PACKAGES,
     HeadSpec,
@@ -28,10 +28,10 @@ from featurecache.heads.registry import (
     make_head,
     parse_param,
 )
-from featurecache.heads.saving import HEAD_FILES, convert_legacy_head, load_head, save_head
+from featurecache.training.heads.saving import HEAD_FILES, convert_legacy_head, load_head, save_head
 
 if TYPE_CHECKING:
-    from featurecache.heads.dense import DenseHead
+    from featurecache.training.heads.dense import DenseHead
 
 __all__ = [
     "HEAD_FILES",
@@ -55,7 +55,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # PEP 562: defer the scikit-learn import that dense.py needs until DenseHead is used.
     if name == "DenseHead":
-        from featurecache.heads.dense import DenseHead
+        from featurecache.training.heads.dense import DenseHead
 
         return DenseHead
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

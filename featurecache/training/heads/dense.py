@@ -27,10 +27,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featurecache.errors import UsageError
-from featurecache.heads.dense_batches import pooled_moments
-from featurecache.heads.dense_group import FitInputs, fit_dense_heads
-from featurecache.heads.dense_params import DENSE_DEFAULTS, DENSE_PARAMS
-from featurecache.heads.params import ParamSpec, coerce_params
+from featurecache.training.heads.dense_batches import pooled_moments
+from featurecache.training.heads.dense_group import FitInputs, fit_dense_heads
+from featurecache.training.heads.dense_params import DENSE_DEFAULTS, DENSE_PARAMS
+from featurecache.training.heads.params import ParamSpec, coerce_params
 
 if TYPE_CHECKING:
     import keras

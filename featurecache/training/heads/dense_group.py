@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from featurecache.errors import UsageError
-from featurecache.heads.dense_batches import make_view_batches, pooled_moments
-from featurecache.heads.params import ParamSpec, coerce_params
+from featurecache.training.heads.dense_batches import make_view_batches, pooled_moments
+from featurecache.training.heads.params import ParamSpec, coerce_params
 
 if TYPE_CHECKING:
     import keras
@@ -178,7 +178,7 @@ def _prepare_group(heads: list[GroupHead], X: Any, y: Any, *, X_val: Any, y_val:
     if len(keys) > 1:
         raise UsageError(
             f"heads trained together need the same batch_size, seed, class_weight and pool, got {sorted(keys, key=str)}; "
-            "group them with featurecache.heads.dense_group.group_key"
+            "group them with featurecache.training.heads.dense_group.group_key"
         )
     # The data checks, label encoding and class weights depend only on the group key: do them
     # once, then give every head its own hyperparameters.

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from featurecache.heads.params import CLASS_WEIGHT, SEED, ParamSpec, SearchSpace
+from featurecache.training.heads.params import CLASS_WEIGHT, SEED, ParamSpec, SearchSpace
 
 __all__ = ["DENSE_DEFAULTS", "DENSE_PARAMS"]
 

@@ -30,9 +30,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from featurecache.errors import HeadParamError, UnknownHeadError, choices
-from featurecache.heads.dense_params import DENSE_PARAMS
-from featurecache.heads.params import ParamSpec, SearchSpace, coerce_params
-from featurecache.heads.sklearn_params import SKLEARN_HEADS
+from featurecache.training.heads.dense_params import DENSE_PARAMS
+from featurecache.training.heads.params import ParamSpec, SearchSpace, coerce_params
+from featurecache.training.heads.sklearn_params import SKLEARN_HEADS
 
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
@@ -98,12 +98,12 @@ def _lazy(target: str) -> Callable[..., BaseEstimator]:
 #: Head name -> builder; each head's summary and schema come from the head's own module.
 _BUILDERS: Mapping[str, str] = MappingProxyType(
     {
-        "logreg": "featurecache.heads.sklearn_heads:build_logreg",
-        "linear-svm": "featurecache.heads.sklearn_heads:build_linear_svm",
-        "ridge": "featurecache.heads.sklearn_heads:build_ridge",
-        "sgd": "featurecache.heads.sklearn_heads:build_sgd",
-        "knn": "featurecache.heads.sklearn_heads:build_knn",
-        "dense": "featurecache.heads.dense:DenseHead",
+        "logreg": "featurecache.training.heads.sklearn_heads:build_logreg",
+        "linear-svm": "featurecache.training.heads.sklearn_heads:build_linear_svm",
+        "ridge": "featurecache.training.heads.sklearn_heads:build_ridge",
+        "sgd": "featurecache.training.heads.sklearn_heads:build_sgd",
+        "knn": "featurecache.training.heads.sklearn_heads:build_knn",
+        "dense": "featurecache.training.heads.dense:DenseHead",
     }
 )
 _DENSE_SUMMARY = "Keras dense top model (pool -> [Dense -> BN? -> act -> dropout]* -> softmax)"
@@ -310,7 +310,7 @@ def _import_path_spec(path: str) -> HeadSpec:
     params = tuple(_spec_from_default(k, v) for k, v in defaults.items())
 
     def build(**kw: Any) -> BaseEstimator:
-        from featurecache.heads.sklearn_heads import build_import_path
+        from featurecache.training.heads.sklearn_heads import build_import_path
 
         return build_import_path(cls, path=path, params=kw)
 

@@ -49,7 +49,8 @@ SAVE_FORMAT = 2
 #: NumPy): what the registered heads and the usual import-path classifiers keep once fitted.
 #: A fixed list on purpose: trusting "whatever the file names" would make the check pointless.
 TRUSTED_TYPES: tuple[str, ...] = (
-    "featurecache.heads.sklearn_heads.flatten_features",
+    "featurecache.training.heads.sklearn_heads.flatten_features",
+    "featurecache.heads.sklearn_heads.flatten_features",  # heads saved before 0.2 (the featurecache.heads alias)
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",
@@ -109,7 +110,7 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
     from sklearn.utils.validation import check_is_fitted
 
     from featurecache.cache.fsio import write_atomic
-    from featurecache.heads.dense import DenseHead, inference_copy
+    from featurecache.training.heads.dense import DenseHead, inference_copy
 
     check_is_fitted(est)
     out = Path(dirpath)
@@ -230,7 +231,7 @@ def _load_dense(src: Path, meta: dict[str, Any]) -> BaseEstimator:
     import keras
     import numpy as np
 
-    from featurecache.heads.dense import DenseHead
+    from featurecache.training.heads.dense import DenseHead
 
     fields = meta.get("dense") or {}
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from featurecache.heads.params import CALIBRATION, CLASS_WEIGHT, CV, SEED, ParamSpec, SearchSpace
+from featurecache.training.heads.params import CALIBRATION, CLASS_WEIGHT, CV, SEED, ParamSpec, SearchSpace
 
 __all__ = ["SKLEARN_HEADS"]
 

@@ -19,8 +19,8 @@ from typing import Any
 from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
 from featurecache.errors import UsageError
-from featurecache.sweeps.grid import TrialSpec
-from featurecache.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, read_record
+from featurecache.training.sweeps.grid import TrialSpec
+from featurecache.training.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, read_record
 
 __all__ = ["BEST_DIR", "check_sweep_dir", "default_sweep_dir", "earlier_trials", "keep_best", "sweep_meta"]
 
@@ -108,7 +108,7 @@ def earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, p
 
 def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
     """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
-    from featurecache.rundir import write_run
+    from featurecache.training.rundir import write_run
 
     return write_run(
         out / BEST_DIR,
@@ -156,8 +156,8 @@ def keep_best(
     elif not _best_is_saved(out_dir, trial.id, fs.key):
         # The best trial ran in an earlier, interrupted call (or on a worker that died after
         # writing its record): its head was not kept, refit it.
-        from featurecache.heads import make_head
-        from featurecache.train import evaluate_arrays, fit_head, load_training_data
+        from featurecache.training.heads import make_head
+        from featurecache.training.train import evaluate_arrays, fit_head, load_training_data
 
         if data is None:
             data = load_training_data(fs, val_fraction=val_fraction, seed=seed)

@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from featurecache._runtime import quiet_tf
 from featurecache.cache.faults import checkpoint
 from featurecache.errors import SweepError, UsageError, one_line
-from featurecache.sweeps.grid import TrialSpec
-from featurecache.sweeps.leaderboard import row, sort_key
-from featurecache.sweeps.records import finish_record, finished_records, new_record
+from featurecache.training.sweeps.grid import TrialSpec
+from featurecache.training.sweeps.leaderboard import row, sort_key
+from featurecache.training.sweeps.records import finish_record, finished_records, new_record
 
 __all__ = ["MAX_GROUP", "MAX_ROUNDS", "TF_THREADS_ENV", "TrialContext", "plan_work", "run_pending", "shared_arrays", "sweep_tf_threads"]
 
@@ -105,6 +106,7 @@ def _limit_tf_threads(threads: int) -> int:
     It only works before TensorFlow runs its first op in the process; a process that already
     did keeps its setting, and the trial record shows it (``worker.tf_threads``).
     """
+    quiet_tf.install_inherited()  # a sweep worker's first TensorFlow import: as quiet as its command
     import tensorflow as tf
 
     if threads > 0:
@@ -123,8 +125,8 @@ def _run_trial(trial: TrialSpec, data: Any, ctx: TrialContext) -> tuple[dict[str
     failed record: one bad configuration must not stop the sweep. A dense trial runs with
     ``ctx.tf_threads`` TensorFlow threads, in a worker or in the caller.
     """
-    from featurecache.heads import make_head
-    from featurecache.train import evaluate_arrays, fit_head
+    from featurecache.training.heads import make_head
+    from featurecache.training.train import evaluate_arrays, fit_head
 
     record = new_record(trial, data, ctx.parent_pid, ctx.call)
     if trial.head == "dense":
@@ -152,8 +154,8 @@ def _run_group(trials: Sequence[TrialSpec], data: Any, ctx: TrialContext) -> lis
     group's training time. If the group fails as a whole, each trial runs alone, so one bad
     configuration still fails only itself.
     """
-    from featurecache.heads import make_head
-    from featurecache.train import evaluate_arrays, fit_dense_together
+    from featurecache.training.heads import make_head
+    from featurecache.training.train import evaluate_arrays, fit_dense_together
 
     if len(trials) == 1:
         return [_run_trial(trials[0], data, ctx)]
@@ -202,7 +204,7 @@ def plan_work(pending: Sequence[TrialSpec], workers: int, *, together: bool = Tr
     list of list of TrialSpec
         Work items in a stable order (groups first, largest first, then single trials).
     """
-    from featurecache.heads.dense_group import group_key_of
+    from featurecache.training.heads.dense_group import group_key_of
 
     groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
     singles: list[list[TrialSpec]] = []
@@ -281,7 +283,7 @@ def _dask_round(client: Any, items: Sequence[Sequence[TrialSpec]], data: Any, ct
     round (joblib's automatic scatter would put it on one worker, whose death fails every
     trial); a worker that replaced a dead one fetches it from a peer.
     """
-    from featurecache.cluster import run_windowed
+    from featurecache.extraction.cluster import run_windowed
 
     [data_f] = client.scatter([data], broadcast=True, hash=False)
     try:

@@ -56,7 +56,7 @@ class TrialSpec:
     @property
     def label(self) -> str:
         """``dense hidden=512-128 dropout=0.2``: the head and the parameters that were set."""
-        from featurecache.heads import head_param_schema
+        from featurecache.training.heads import head_param_schema
 
         schema = head_param_schema(self.head)
         parts = [f"{k}={schema[k].format(v) if k in schema else v}" for k, v in self.given.items()]
@@ -65,7 +65,7 @@ class TrialSpec:
 
 def _split_head(text: str) -> tuple[str, str]:
     """``(head, body)`` of a grid string; an import path ``package.module:Class[:params]`` has one more colon."""
-    from featurecache.heads import HEAD_NAMES
+    from featurecache.training.heads import HEAD_NAMES
 
     head, sep, body = str(text).strip().partition(":")
     if sep and head.strip() not in HEAD_NAMES and "=" not in head:
@@ -77,7 +77,7 @@ def _split_head(text: str) -> tuple[str, str]:
 
 def _grid_axes(text: str, head: str, body: str) -> dict[str, list[Any]]:
     """Each parameter of a grid string's body and its typed values, in the order written."""
-    from featurecache.heads import coerce_head_params, parse_param
+    from featurecache.training.heads import coerce_head_params, parse_param
 
     axes: dict[str, list[Any]] = {}
     for part in body.split(";"):
@@ -99,8 +99,8 @@ def _grid_axes(text: str, head: str, body: str) -> dict[str, list[Any]]:
 
 def _unique(head: str, drawn: Any, order: Sequence[str], limit: int | None = None) -> list[TrialSpec]:
     """Trials of ``head`` for each parameter dict of ``drawn``, duplicates (same id) dropped, at most ``limit``."""
-    from featurecache.heads import coerce_head_params
-    from featurecache.heads.params import plain_value
+    from featurecache.training.heads import coerce_head_params
+    from featurecache.training.heads.params import plain_value
 
     out: list[TrialSpec] = []
     seen: set[str] = set()
@@ -142,7 +142,7 @@ def parse_grid(text: str) -> list[TrialSpec]:
     """
     from sklearn.model_selection import ParameterGrid
 
-    from featurecache.heads import get_head_spec
+    from featurecache.training.heads import get_head_spec
 
     example = "write it like 'logreg:C=0.01,0.1,1' or 'dense:hidden=256,512-128;dropout=0.2,0.5'"
     head, body = _split_head(text)
@@ -178,7 +178,7 @@ def sample_head(head: str, n: int, seed: int) -> list[TrialSpec]:
     """
     from sklearn.model_selection import ParameterGrid, ParameterSampler
 
-    from featurecache.heads import coerce_head_params, get_head_spec
+    from featurecache.training.heads import coerce_head_params, get_head_spec
 
     spaces = {p.name: p.search.distribution() for p in get_head_spec(head).params if p.search is not None}
     if not spaces:
@@ -225,7 +225,7 @@ def plan_trials(
     UsageError, UnknownHeadError, HeadParamError
         As :func:`parse_grid`; ``trials < 0``; no heads.
     """
-    from featurecache.heads import coerce_head_params, get_head_spec
+    from featurecache.training.heads import coerce_head_params, get_head_spec
 
     grid = (grid,) if isinstance(grid, str) else tuple(grid)
     heads = tuple(h.strip() for h in heads.split(",")) if isinstance(heads, str) else tuple(heads)

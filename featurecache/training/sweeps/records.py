@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache.fsio import write_json
-from featurecache.sweeps.grid import TrialSpec
+from featurecache.training.sweeps.grid import TrialSpec
 
 __all__ = ["SWEEP_FORMAT", "TRIALS_DIR", "finish_record", "finished_records", "new_record", "read_record"]
 

@@ -28,13 +28,13 @@ from typing import Any
 from featurecache.cache import views
 from featurecache.cache.fsio import write_json  # atomic, unique temp name per writer
 from featurecache.errors import SweepError, UsageError, choices
-from featurecache.progress import ProgressBar
-from featurecache.rundir import clean_leftovers
-from featurecache.sweeps.directory import BEST_DIR, check_sweep_dir, default_sweep_dir, earlier_trials, keep_best, sweep_meta
-from featurecache.sweeps.execute import MAX_GROUP, TF_THREADS_ENV, TrialContext, plan_work, run_pending, shared_arrays, sweep_tf_threads
-from featurecache.sweeps.grid import TrialSpec, parse_grid, plan_trials
-from featurecache.sweeps.leaderboard import leaderboard_table, metric_names, rank, write_leaderboard
-from featurecache.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, finished_records
+from featurecache._runtime.progress import ProgressBar
+from featurecache.training.rundir import clean_leftovers
+from featurecache.training.sweeps.directory import BEST_DIR, check_sweep_dir, default_sweep_dir, earlier_trials, keep_best, sweep_meta
+from featurecache.training.sweeps.execute import MAX_GROUP, TF_THREADS_ENV, TrialContext, plan_work, run_pending, shared_arrays, sweep_tf_threads
+from featurecache.training.sweeps.grid import TrialSpec, parse_grid, plan_trials
+from featurecache.training.sweeps.leaderboard import leaderboard_table, metric_names, rank, write_leaderboard
+from featurecache.training.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, finished_records
 
 __all__ = [
     "BEST_DIR",
@@ -173,7 +173,7 @@ def sweep(
         rounds (a round that loses a worker is followed by one over its unfinished trials; the
         finished trials are kept: run again).
     """
-    from featurecache.train import load_training_data, resolve_features, validation_label
+    from featurecache.training.train import load_training_data, resolve_features, validation_label
 
     started = time.perf_counter()
     top_k = (1, 3, 5)
