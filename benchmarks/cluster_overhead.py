@@ -4,7 +4,7 @@ A device busy on a unit's batches costs the host no CPU, so each unit's decode a
 are stood in for by a fixed sleep, and a 2-core machine can show how throughput scales with
 workers and what each unit costs on top of its compute. Two paths:
 
-``--path units`` (default) goes through :func:`featurecache.cluster.run_units` exactly as
+``--path units`` (default) goes through :func:`featurecache.extraction.cluster.run_units` exactly as
 ``extract(..., client=...)`` does: the plan scattered to every worker, tasks of
 ``--units-per-task`` units through the bounded window, a real feature store on disk, every
 unit's chunks and completion marker really written (through ``store.write_unit``, overlapped
@@ -12,7 +12,7 @@ with the next unit as the real runner does), and the coordinator's re-plan from 
 the end. Only the worker plugin's runner is replaced (:class:`StandInModels`): it sleeps
 ``--unit-seconds`` per unit instead of decoding and calling a backbone.
 
-``--path loop`` times the submission loop alone (:func:`featurecache.cluster.run_windowed`).
+``--path loop`` times the submission loop alone (:func:`featurecache.extraction.cluster.run_windowed`).
 
     python -m benchmarks.cluster_overhead --workers 1,2,4,8 --unit-seconds 0.05 --units-per-task 4
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from featurecache.cluster import PLUGIN_NAME, ModelCache
+from featurecache.extraction.cluster import PLUGIN_NAME, ModelCache
 
 FEATURES = 16
 
@@ -120,9 +120,9 @@ def measure_units(
     workers: int, *, units: int, unit_seconds: float, units_per_task: int, window: int | None, repeat: int = 1, store_dir: str | None = None
 ) -> dict[str, float]:
     """Time ``run_units`` over ``units`` units of a real store on ``workers`` one-thread processes (fastest of ``repeat``)."""
-    from featurecache import cluster
-    from featurecache.extract import plan, prepare_units
-    from featurecache.options import ExtractOptions
+    from featurecache.extraction import cluster
+    from featurecache.extraction.extract import plan, prepare_units
+    from featurecache.extraction.options import ExtractOptions
 
     lc, client = _cluster(workers)
     try:
@@ -153,7 +153,7 @@ def measure_loop(
     workers: int, *, units: int, unit_seconds: float, units_per_task: int, window: int | None, repeat: int = 1
 ) -> dict[str, float]:
     """Time the submission loop ``run_windowed`` alone over sleeping tasks (fastest of ``repeat``)."""
-    from featurecache.cluster import run_windowed
+    from featurecache.extraction.cluster import run_windowed
 
     lc, client = _cluster(workers)
     try:

@@ -35,11 +35,11 @@ def main() -> None:
 
     from featurecache import extract
     from featurecache.cache.views import open_features
-    from featurecache.finetune import load_run_data, rebuild_model
-    from featurecache.finetune.convert import keras_head
-    from featurecache.finetune.equivalence import ImagePredictor, load_images, model_draft, roundoff_bound
-    from featurecache.rundir import load_run
-    from featurecache.train import train_head
+    from featurecache.finetuning.finetune import load_run_data, rebuild_model
+    from featurecache.finetuning.convert import keras_head
+    from featurecache.finetuning.equivalence import ImagePredictor, load_images, model_draft, roundoff_bound
+    from featurecache.training.rundir import load_run
+    from featurecache.training.train import train_head
 
     tmp = Path(tempfile.mkdtemp(prefix="fc-roundoff-"))
     cache, folder = tmp / "cache", tmp / "photos"

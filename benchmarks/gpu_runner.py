@@ -53,7 +53,7 @@ def _raw_rate(backbone: str, *, size: int, precision: str, n: int, batch_size: i
     import tensorflow as tf
 
     from featurecache import backbones
-    from featurecache.extract import build_model, plan
+    from featurecache.extraction.extract import build_model, plan
 
     p = plan("builtin:digits", backbone=backbone, weights="random", size=size, precision=precision, limit=2)
     model = build_model(p)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"[gpu_runner] {backbone} {precision} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from featurecache.extract import library_versions
+    from featurecache.extraction.extract import library_versions
 
     result = {"benchmark": "featurecache.gpu_runner", "tiny": args.tiny, "device": device, "cpus": cpus, "size": size,
               "batch_size": args.batch_size, "n": {"npz": args.n_npz, "web": args.n_web, "camera": args.n_camera},

@@ -1,6 +1,6 @@
 """How much faster a dense head trains on cached features than behind the frozen backbone.
 
-Both runs train the *same* head (``featurecache.heads.dense.build_dense_model``, the model
+Both runs train the *same* head (``featurecache.training.heads.dense.build_dense_model``, the model
 ``DenseHead`` trains, same seed so the same initial weights) for the same epochs on the same
 preprocessed images with the same batch size and optimizer:
 
@@ -98,7 +98,7 @@ class _EpochTimer:
 def _head(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...], seed: int) -> Any:
     import keras
 
-    from featurecache.heads.dense import build_dense_model
+    from featurecache.training.heads.dense import build_dense_model
 
     # Same seed before each build: both runs start from identical head weights.
     keras.utils.set_random_seed(seed)
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import keras
 
     from featurecache import backbones
-    from featurecache.extract import library_versions
+    from featurecache.extraction.extract import library_versions
 
     spec = backbones.get_backbone(args.backbone)
     backbones.check_input_size(spec, args.size)

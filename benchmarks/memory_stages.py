@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -26,12 +25,12 @@ def run(n: int, work: Path, *, backbone: str = "mobilenetv2", size: int = 32) ->
     """``(stage, MiB at entry, peak MiB inside, MiB at exit)`` per call, in call order."""
     import featurecache as fc
     from benchmarks.memory_profile import _folder
-    from featurecache import units
+    from featurecache.extraction import pipeline as units
     from featurecache.cache import store, views
     from featurecache.cache.store import FeatureStore
     from featurecache.data.dataset import Dataset
 
-    ex = importlib.import_module("featurecache.extract")
+    import featurecache.extraction.extract as ex
     folder = work / f"imgs-{n}"
     if not folder.exists():
         _folder(folder, n)

@@ -464,7 +464,7 @@ def bench_memory(work: Path, *, n: int, size: int, backbone: str, stream_rows: i
     for mode, budget in (("streamed", f"{budget_mib}MiB"), ("in_memory", "64GiB")):
         code = (
             "import json, time, featurecache as fc\n"
-            "from featurecache.train import train_head, load_training_data, resolve_features\n"
+            "from featurecache.training.train import train_head, load_training_data, resolve_features\n"
             f"fs = resolve_features({fs.key!r}, cache_dir={str(cache)!r})\n"
             f"d = load_training_data(fs, max_memory={budget!r})\n"
             "t = time.perf_counter()\n"
@@ -479,7 +479,7 @@ def bench_memory(work: Path, *, n: int, size: int, backbone: str, stream_rows: i
     code = (
         "import json\n"
         "from featurecache.errors import MemoryBudgetError\n"
-        "from featurecache.train import train_head\n"
+        "from featurecache.training.train import train_head\n"
         f"try:\n    train_head({fs.key!r}, cache_dir={str(cache)!r}, head='logreg', max_memory='{budget_mib}MiB', out={str(work / 'run-logreg')!r}, plots=False)\n"
         "    print(json.dumps({'error': None}))\n"
         "except MemoryBudgetError as exc:\n    print(json.dumps({'error': str(exc)}))"
@@ -610,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["section_seconds"] = timings
     result["load_after"] = _load()
     result["children_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-    from featurecache.extract import library_versions
+    from featurecache.extraction.extract import library_versions
 
     result["versions"] = library_versions()
     table = markdown(result)

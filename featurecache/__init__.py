@@ -9,55 +9,76 @@ The Python API mirrors the CLI::
     # or by the options, as the CLI's --data --backbone ...:
     opts = fc.ExtractOptions(backbone="mobilenetv2", weights="random", size=32)
     fs = fc.features_for("builtin:digits", opts)
+
+The public functions are verbs and the packages nouns, one per stage over shared infrastructure:
+``cache`` (the store, keys, views), ``data``, ``backbones``, ``extraction`` (stage 1),
+``training`` (stage 2: heads, sweeps, ensembles), ``finetuning`` (stage 3, predict), ``report``,
+``pipelines`` and ``cli``. Each name below is imported on first use, so ``import featurecache``
+imports neither TensorFlow nor Keras and changes nothing in the process.
 """
 
-import os as _os
+from __future__ import annotations
 
-from featurecache import quiet_tf as _quiet_tf
-
-# A process started by the featurecache command (a sweep worker) keeps TensorFlow as quiet as it.
-if _os.environ.get(_quiet_tf.QUIET_ENV) == "1":
-    _quiet_tf.install()
-
-from featurecache.cache.store import resolve_cache_dir
-from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
-from featurecache.audit import ExplainReport, VerifyReport, explain, verify
-from featurecache.errors import FeatureCacheError
-from featurecache.extract import ExtractResult, extract, features_for, plan
-from featurecache.options import ExtractOptions
-from featurecache.sweep import sweep
-from featurecache.ensemble import EnsembleResult, ensemble
-from featurecache.train import train_head
-from featurecache.finetune import FinetuneResult, finetune
-from featurecache.predict import EvaluateResult, Prediction, evaluate, predict
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ExtractOptions",
-    "ExtractResult",
-    "ExplainReport",
-    "VerifyReport",
-    "EnsembleResult",
-    "EvaluateResult",
-    "FeatureCacheError",
-    "FeatureSet",
-    "FinetuneResult",
-    "Prediction",
-    "__version__",
-    "ensemble",
-    "evaluate",
-    "explain",
-    "extract",
-    "features_for",
-    "finetune",
-    "find_entry",
-    "iter_entries",
-    "open_features",
-    "plan",
-    "predict",
-    "resolve_cache_dir",
-    "verify",
-    "sweep",
-    "train_head",
-]
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "ExtractOptions": "featurecache.extraction.options",
+    "ExtractResult": "featurecache.extraction.extract",
+    "extract": "featurecache.extraction.extract",
+    "features_for": "featurecache.extraction.extract",
+    "plan": "featurecache.extraction.extract",
+    "ExplainReport": "featurecache.extraction.audit",
+    "VerifyReport": "featurecache.extraction.audit",
+    "explain": "featurecache.extraction.audit",
+    "verify": "featurecache.extraction.audit",
+    "FeatureCacheError": "featurecache.errors",
+    "FeatureSet": "featurecache.cache.views",
+    "find_entry": "featurecache.cache.views",
+    "iter_entries": "featurecache.cache.views",
+    "open_features": "featurecache.cache.views",
+    "resolve_cache_dir": "featurecache.cache.store",
+    "train_head": "featurecache.training.train",
+    "sweep": "featurecache.training.sweeps.sweep",
+    "EnsembleResult": "featurecache.training.ensemble",
+    "ensemble": "featurecache.training.ensemble",
+    "FinetuneResult": "featurecache.finetuning.finetune",
+    "finetune": "featurecache.finetuning.finetune",
+    "EvaluateResult": "featurecache.finetuning.predict",
+    "Prediction": "featurecache.finetuning.predict",
+    "evaluate": "featurecache.finetuning.predict",
+    "predict": "featurecache.finetuning.predict",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access (PEP 562) and keep the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featurecache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
+    from featurecache.cache.store import resolve_cache_dir
+    from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
+    from featurecache.errors import FeatureCacheError
+    from featurecache.extraction.audit import ExplainReport, VerifyReport, explain, verify
+    from featurecache.extraction.extract import ExtractResult, extract, features_for, plan
+    from featurecache.extraction.options import ExtractOptions
+    from featurecache.finetuning.finetune import FinetuneResult, finetune
+    from featurecache.finetuning.predict import EvaluateResult, Prediction, evaluate, predict
+    from featurecache.training.ensemble import EnsembleResult, ensemble
+    from featurecache.training.sweeps.sweep import sweep
+    from featurecache.training.train import train_head

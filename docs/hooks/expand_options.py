@@ -1,7 +1,7 @@
 """Griffe extension: show ExtractOptions fields in the signatures of the functions that take them.
 
 ``extract``, ``plan`` and ``features_for`` receive the extract options through ``**overrides``;
-at run time ``featurecache.options.expands_options`` rewrites their reported signature to list
+at run time ``featurecache.extraction.options.expands_options`` rewrites their reported signature to list
 every field as a keyword-only parameter (so ``help(fc.extract)`` shows them). Griffe reads the
 source without importing it, so it sees only ``**overrides`` and warns that the documented
 parameters are not in the signature. This extension does statically what the decorator does at

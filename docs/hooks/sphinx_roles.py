@@ -3,7 +3,7 @@
 Also drops reST's literal-block marker (``text::``) to ``text:``.
 
 The docstrings are numpydoc, read by ``help()`` and editors as well as by this site, and they name
-other objects the Sphinx way (``:class:`~featurecache.options.ExtractOptions```). mkdocstrings does
+other objects the Sphinx way (``:class:`~featurecache.extraction.options.ExtractOptions```). mkdocstrings does
 not interpret reStructuredText roles, so they would show as raw text. This turns each into inline
 code: ``~a.b.C`` shows ``C`` (the Sphinx meaning of the tilde), anything else its full name. Plain
 code rather than a link, because a link to an object the reference does not render would fail

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from featurecache.cli._common import CacheOpt, JsonOpt, PlainHelpGroup, cache_flag, fail, handle_errors, human_bytes, print_json
 from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
-from featurecache.options import ExtractOptions
+from featurecache.extraction.options import ExtractOptions
 
 app = typer.Typer(
     help="List, inspect, verify and remove cached feature sets.", no_args_is_help=True, rich_markup_mode=None, cls=PlainHelpGroup
@@ -24,7 +24,7 @@ RefArg = Annotated[str, typer.Argument(help="Full key, its first 12 characters, 
 def ls_cmd(cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
     """List feature stores (spec, rows, size) and the feature sets (dataset views) over each."""
     from featurecache.cache import store, views
-    from featurecache.migrate import legacy_entries
+    from featurecache.cache.migrate import legacy_entries
 
     root = store.resolve_cache_dir(cache)
     stores, damaged = [], []
@@ -140,7 +140,7 @@ def verify_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Check a feature set or store: manifest, every unit's bytes against its marker, a recomputed sample."""
-    from featurecache.audit import verify
+    from featurecache.extraction.audit import verify
 
     report = verify(ref, sample=sample, seed=seed, data=data, weights=weights, rtol=rtol, repair=repair, cache_dir=cache)
     if json_out:
@@ -169,7 +169,7 @@ def migrate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Convert format-1 entries into feature-store rows and feature sets, without running the backbone."""
-    from featurecache.migrate import migrate
+    from featurecache.cache.migrate import migrate
 
     results = migrate(cache_dir=cache, data=data, dry_run=dry_run)
     if json_out:
@@ -214,7 +214,7 @@ def explain_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Given extract options, say whether they hit the cache, how many images are new and reused, or which spec fields differ."""
-    from featurecache.audit import explain
+    from featurecache.extraction.audit import explain
 
     report = explain(data, options, limit=limit, cache_dir=cache)
     if json_out:

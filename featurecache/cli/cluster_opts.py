@@ -34,7 +34,7 @@ def dask_client(cluster: str | None, scheduler: str | None, scheduler_file: str 
         yield None
         return
     try:
-        from featurecache import cluster as cluster_mod
+        from featurecache.extraction import cluster as cluster_mod
     except ImportError:
         raise UsageError("--cluster, --scheduler and --scheduler-file need Dask; install it with `pip install 'featurecache[dask]'`") from None
     client = cluster_mod.connect(cluster, scheduler, scheduler_file, verbose=verbose)

@@ -27,7 +27,7 @@ def ensemble_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Combine trained heads (runs, or a sweep's best) by mean, vote or fitted weights; writes a run directory."""
-    from featurecache.ensemble import ensemble
+    from featurecache.training.ensemble import ensemble
 
     result = ensemble(runs or (), from_sweep=from_sweep, top=top, method=method, out=out, runs_dir=runs_dir, cache_dir=cache, plots=not no_plots)
     for note in result.notes:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from featurecache.options import FIELDS, KEYED_FIELDS, ExtractOptions
+from featurecache.extraction.options import FIELDS, KEYED_FIELDS, ExtractOptions
 
 DataOpt = Annotated[
     str,

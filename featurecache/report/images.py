@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import RunError
-from featurecache.runconfig import recorded_dataset  # re-exported: it lives with the other config readers
+from featurecache.training.runconfig import recorded_dataset  # re-exported: it lives with the other config readers
 
 __all__ = ["SplitImages", "load_run_dataset", "recorded_dataset", "run_image_loader"]
 

@@ -1,0 +1,307 @@
+"""Stage 3: rebuild equals the head, tampering is caught, only the unfrozen block trains, the export stands alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featurecache as fc
+from featurecache.errors import EquivalenceError, UsageError
+from featurecache.finetuning.finetune import (
+    EquivalenceReport,
+    _make_trainer,
+    check_equivalence,
+    load_run_data,
+    preprocess_layers,
+    rebuild_model,
+    resolve_unfreeze,
+)
+
+LIMIT = 20  # images per split of builtin:digits: 10 classes x 2
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+    """One cached digits feature set (MobileNetV2 has BatchNorm) and a few heads trained on it."""
+    from featurecache.training.train import train_head
+
+    root = tmp_path_factory.mktemp("ft")
+    cache = root / "cache"
+    res = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=SIZE, limit=LIMIT, cache_dir=cache, progress=False)
+    runs = {}
+    for head, params in (("logreg", {}), ("dense", {"hidden": "16", "epochs": 2, "dropout": 0.0}), ("sgd", {}), ("ridge", {"cv": 2})):
+        runs[head] = train_head(res.key, head=head, params=params, out=root / "runs" / head, cache_dir=cache, plots=False).run_dir
+    return {"root": root, "cache": cache, "key": res.key, **{f"run_{h}": p for h, p in runs.items()}}
+
+
+def _predictions(run: Path) -> dict[str, np.ndarray]:
+    with np.load(run / "predictions.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _check(run: Path, cache: Path, **kw: object) -> EquivalenceReport:
+    rebuilt = rebuild_model(run, cache_dir=cache)
+    preds = _predictions(run)
+    data = load_run_data(rebuilt.config, preds, cache_dir=cache)
+    return check_equivalence(rebuilt, data, preds, cache_dir=cache, **kw)
+
+
+# ------------------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize(
+    "mode,module,exact",
+    [("tf", "mobilenet_v2", False), ("torch", "densenet", False), ("caffe", "vgg16", True), ("none", "efficientnet", True)],
+)
+def test_preprocess_layers_equal_keras_preprocess_input(mode: str, module: str, exact: bool) -> None:
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, 9, 7, 3)).astype(np.float32)
+    expected = getattr(keras.applications, module).preprocess_input(x.copy())
+    got = x
+    for layer in preprocess_layers(mode):
+        got = layer(got)
+    got = np.asarray(got)
+    if exact:
+        assert np.array_equal(got, expected)  # caffe: a 0/1 permutation kernel and a bias add
+    else:
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_resolve_unfreeze() -> None:
+    blocks = ["stem", "block_1", "block_2", "top"]
+    assert resolve_unfreeze("top:2", blocks) == ("block_2", "top")
+    assert resolve_unfreeze("top, block_1", blocks) == ("block_1", "top")
+    assert resolve_unfreeze("all", blocks) == ("all",)
+    assert resolve_unfreeze("none", blocks) == ()
+    with pytest.raises(UsageError, match=r"unknown block 'block9'.*'block_1'.*'top:N' \(N = 1\.\.4\)"):
+        resolve_unfreeze("block_1,block9", blocks)
+    with pytest.raises(UsageError, match="comes after the run's feature layer"):
+        resolve_unfreeze("block_3", blocks, cut_away=["block_3"])
+    with pytest.raises(UsageError, match="from 1 to 4"):
+        resolve_unfreeze("top:5", blocks)
+
+
+# ------------------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("head", ["dense", "logreg", "sgd", "ridge"])
+def test_rebuilt_model_reproduces_head_predictions(env: dict, head: str) -> None:
+    report = _check(env[f"run_{head}"], env["cache"])
+    assert report.passed and report.n == LIMIT
+    assert report.max_abs_diff <= 1e-4
+    assert report.top1_agreement == 1.0
+
+
+def test_rebuilt_model_layout(env: dict) -> None:
+    rebuilt = rebuild_model(env["run_logreg"], cache_dir=env["cache"])
+    names = [layer.name for layer in rebuilt.model.layers]
+    assert names == ["image", "fc_resize", "fc_preprocess", "mobilenetv2", "fc_pool", "head_logits", "predictions"]
+    assert rebuilt.model.input_shape == (None, None, None, 3)
+    # Any input size: the model resizes itself.
+    assert rebuilt.model(np.zeros((1, 50, 17, 3), np.float32)).shape == (1, 10)
+
+
+def _tampered(env: dict, name: str, **spec: object) -> Path:
+    run = env["root"] / "tampered" / name
+    shutil.copytree(env["run_logreg"], run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["features"]["spec"].update(spec)
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def test_equivalence_fails_loudly_on_other_preprocessing(env: dict) -> None:
+    run = _tampered(env, "preprocess", preprocess="mobilenet_v2:torch")
+    with pytest.raises(EquivalenceError) as info:
+        _check(run, env["cache"])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "max |dp| =" in msg and "at validation image" in msg
+    assert "preprocessing 'mobilenet_v2:torch' is not mobilenetv2's 'mobilenet_v2:tf'" in msg
+
+
+def test_equivalence_fails_loudly_on_features_cached_at_another_size(env: dict) -> None:
+    run = _tampered(env, "size", input_size=40)
+    with pytest.raises(EquivalenceError, match=r"features differ from the cached ones .*to 40 px") as info:
+        _check(run, env["cache"])
+    assert "\n" not in str(info.value)
+
+
+def test_non_keras_head_is_refused(env: dict) -> None:
+    from featurecache.training.train import train_head
+
+    run = train_head(env["key"], head="knn", params={"n_neighbors": 1}, out=env["root"] / "runs" / "knn", cache_dir=env["cache"], plots=False).run_dir
+    with pytest.raises(UsageError, match=r"Keras can express.*KNeighborsClassifier.*dense, logreg"):
+        rebuild_model(run, cache_dir=env["cache"])
+
+
+def test_training_wrapper_keeps_backbone_in_inference_mode(env: dict) -> None:
+    rebuilt = rebuild_model(env["run_logreg"], cache_dir=env["cache"])
+    bn = next(layer for layer in rebuilt.backbone.layers if type(layer).__name__ == "BatchNormalization")
+    bn.trainable = True  # in training mode it would now normalise with batch statistics
+    x = np.random.default_rng(1).uniform(0, 255, size=(4, 8, 8, 3)).astype(np.float32)
+    inference = np.asarray(rebuilt.model(x, training=False))
+    stats = [np.array(w) for w in bn.get_weights()]
+    # Keras 3 overrides the functional training=False with the caller's flag (and the BN then
+    # updates its moving statistics, which we put back) ...
+    assert not np.allclose(np.asarray(rebuilt.model(x, training=True)), inference, atol=1e-6)
+    bn.set_weights(stats)
+    # ... which the fine-tuning wrapper never passes to the backbone.
+    trainer = _make_trainer(rebuilt.features, rebuilt.head)
+    np.testing.assert_allclose(np.asarray(trainer(x, training=True)), inference, atol=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(bn.get_weights(), stats))
+
+
+# ------------------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def tuned(env: dict) -> dict:
+    """Fine-tune the dense run with only block_16 unfrozen; keep the weights from before."""
+    before = rebuild_model(env["run_dense"], cache_dir=env["cache"])
+    weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in before.backbone.layers}
+    head_before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in before.head.layers}
+    result = fc.finetune(
+        env["run_dense"],
+        unfreeze="block_16",
+        epochs=2,
+        # Random MobileNetV2 activations at 32 px are ~1e-11, and so are the gradients: Adam's
+        # normalised steps still move every trainable weight visibly.
+        lr=1e-2,
+        optimizer="adam",
+        batch_size=8,
+        augment="flip,rotation=10",
+        patience=0,
+        out=env["root"] / "tuned",
+        cache_dir=env["cache"],
+        progress=False,
+    )
+    return {"result": result, "before": weights, "head_before": head_before, "spec": before.backbone_spec}
+
+
+@pytest.mark.slow  # end to end: a real fine-tune (the `tuned` fixture)
+def test_finetune_changes_only_the_unfrozen_block_and_the_head(tuned: dict) -> None:
+    import keras
+
+    from featurecache import backbones
+
+    result = tuned["result"]
+    model = keras.saving.load_model(result.model_path)
+    backbone = model.get_layer("mobilenetv2")
+    in_block = set(backbones.block_layers(backbone, tuned["spec"])["block_16"])
+    changed_block = []
+    for layer in backbone.layers:
+        after = layer.get_weights()
+        same = all(np.array_equal(a, b) for a, b in zip(after, tuned["before"][layer.name]))
+        if isinstance(layer, keras.layers.BatchNormalization) or layer.name not in in_block:
+            # Frozen layers, and every BatchNorm (gamma, beta and moving statistics), are bit-identical.
+            assert same, f"{layer.name} changed but is frozen"
+        elif after:
+            changed_block.append(not same)
+    assert changed_block and all(changed_block), "every weighted non-BN layer of block_16 should have trained"
+    for name in ("head_dense_0", "predictions"):
+        after = model.get_layer(name).get_weights()
+        assert not all(np.array_equal(a, b) for a, b in zip(after, tuned["head_before"][name]))
+    cfg = json.loads((result.out / "config.json").read_text())
+    assert cfg["trainable"]["block_16"]["layers"] == 3 and cfg["trainable"]["block_16"]["batchnorm_frozen"] == 3
+    assert sorted(cfg["trainable_layers"]) == ["block_16", "head"]
+    assert cfg["history"]["epochs_run"] == 2 and cfg["equivalence"]["passed"]
+    for name in ("metrics.json", "history.csv", "training_curves.png", "confusion_val.png", "confusion_test.png"):
+        assert (result.out / name).is_file(), name
+
+
+@pytest.mark.slow  # end to end: fine-tune, export, load in a bare process
+def test_export_loads_without_featurecache_and_matches_predict_cli(tuned: dict, tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    model_file = tmp_path / "isolated" / "model.keras"
+    model_file.parent.mkdir()
+    shutil.copy(tuned["result"].model_path, model_file)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((8, 8), (40, 24), (8, 8))]
+    files = []
+    for i, img in enumerate(images):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(img).save(files[-1])
+    np.save(tmp_path / "images.npy", np.array(images, dtype=object), allow_pickle=True)
+
+    # -I: no PYTHONPATH, no user site, no cwd on sys.path; -S: no .pth files, so the editable
+    # install's import hook is never installed. Only the site-packages directories are added.
+    code = (
+        "import sys, json; sys.path.extend(json.loads(sys.argv[1]))\n"
+        "import importlib.util; assert importlib.util.find_spec('featurecache') is None, 'featurecache is importable'\n"
+        "import numpy as np, keras\n"
+        "model = keras.saving.load_model(sys.argv[2])\n"  # safe_mode stays on
+        "images = np.load(sys.argv[3], allow_pickle=True)\n"
+        "proba = [model.predict(img[None].astype('float32'), verbose=0)[0].tolist() for img in images]\n"
+        "print(json.dumps({'proba': proba, 'featurecache_loaded': any(m.startswith('featurecache') for m in sys.modules)}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, json.dumps(site.getsitepackages()), str(model_file), str(tmp_path / "images.npy")],
+        cwd=model_file.parent,
+        env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    isolated = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not isolated["featurecache_loaded"]
+
+    result = CliRunner().invoke(app, ["predict", str(tuned["result"].out), *map(str, files), "--top-k", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    for row, expected in zip(rows, isolated["proba"]):
+        got = {int(t["class"]): t["probability"] for t in row["top"]}
+        np.testing.assert_allclose([got[c] for c in range(10)], expected, atol=1e-6)
+        assert [t["probability"] for t in row["top"]] == sorted((t["probability"] for t in row["top"]), reverse=True)
+
+
+def test_folder_with_holdout_binary_head_and_caffe_preprocessing(image_folder: Path, tmp_path: Path) -> None:
+    """Images of varied sizes, no val split (the run holds out part of train), a 2-class head, VGG16."""
+    from featurecache.training.train import train_head
+
+    cache = tmp_path / "cache"
+    res = fc.extract(str(image_folder), backbone="vgg16", weights="random", size=SIZE, cache_dir=cache, progress=False)
+    run = train_head(res.key, head="logreg", out=tmp_path / "run", cache_dir=cache, plots=False, val_fraction=0.25).run_dir
+    result = fc.finetune(run, unfreeze="block5", epochs=1, lr=1e-4, batch_size=4, out=tmp_path / "ft", cache_dir=cache, plots=False, progress=False)
+    assert result.equivalence.passed and result.equivalence.n == 2
+    cfg = json.loads((result.out / "config.json").read_text())
+    assert cfg["dataset"]["validation"] == "train" and (cfg["dataset"]["n_train"], cfg["dataset"]["n_val"]) == (6, 2)
+    with np.load(run / "predictions.npz") as npz:
+        held_out = set(npz["val_ids"].tolist())
+    with np.load(result.out / "predictions.npz") as npz:
+        assert set(npz["val_ids"].tolist()) == held_out
+    preds = fc.predict(result.out, [image_folder / "cat" / "cat_1.jpg"], top_k=5)
+    assert sorted(c for c, _ in preds[0].top) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("head,params", [("logreg", {}), ("sgd", {}), ("linear-svm", {"cv": 2}), ("ridge", {"cv": 2})])
+def test_linear_heads_convert_to_keras_exactly(head: str, params: dict, n_classes: int) -> None:
+    """Every linear head, binary and multi-class, becomes Keras layers with the same probabilities."""
+    import keras
+
+    from featurecache.finetuning.convert import keras_head
+    from featurecache.training.heads import make_head
+
+    rng = np.random.default_rng(n_classes)
+    y = np.arange(90) % n_classes
+    X = (rng.normal(0, 1, (90, 6)) + y[:, None]).astype(np.float32)
+    est = make_head(head, params).fit(X, y)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras_head(est, feature_shape=(6,), n_classes=n_classes)(inp))
+    got = np.asarray(model.predict(X, verbose=0), dtype=np.float64)
+    np.testing.assert_allclose(got, est.predict_proba(X), atol=1e-5)
