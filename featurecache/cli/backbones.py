@@ -41,10 +41,14 @@ def backbones_cmd(
     if json_out:
         print_json(rows)
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "params", "feature dim", "default size", "min size", "preprocess", title="keras.applications backbones")
+    from featurecache._runtime.tables import console
+
+    table = Table(title="keras.applications backbones")
+    table.add_column("name", no_wrap=True)  # the names users type: never cut to an ellipsis
+    for header in ("params", "feature dim", "default size", "min size", "preprocess"):
+        table.add_column(header)
     for r in rows:
         table.add_row(str(r["name"]), f"{r['params'] / 1e6:.1f}M", str(r["feature_dim"]), str(r["default_size"]), str(r.get("min_size", "")), str(r.get("preprocess", "")))
-    Console().print(table)
+    console().print(table)

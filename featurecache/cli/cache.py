@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import typer
 
@@ -42,24 +43,39 @@ def ls_cmd(cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
     if not stores and not entries and not damaged and not legacy:
         typer.echo(f"no feature sets in {root}")
         return
-    from rich.console import Console
-    from rich.table import Table
+    import functools
 
-    console = Console()
+    from featurecache._runtime.tables import console, fit_last_column
+
+    out = console()
     for s in stores:
-        rows = " ".join(f"{v}:{n}" for v, n in s["rows"].items())
-        table = Table("key", "splits", "size", title=f"{s['name']}  ({rows} rows, {human_bytes(s['size_bytes'])})", title_justify="left")
-        table.add_column("feature set", overflow="fold")  # the name is what users copy: never truncate it
-        for r in entries:
-            if r["store"] != s["name"]:
-                continue
-            splits = " ".join(f"{k}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for k, d in r["splits"].items())
-            table.add_row(r["key"][:12], splits, human_bytes(r["size_bytes"]), r["name"])
-        console.print(table)
+        members = [r for r in entries if r["store"] == s["name"]]
+        out.print(fit_last_column(functools.partial(_store_table, s, members), [r["name"] for r in members], optional=("key",)))
     for path in damaged:
         typer.echo(f"damaged: {path} (remove it with `featurecache cache rm {Path(path).name} --yes{cache_flag(cache)}`)")
     if legacy:
         typer.echo(f"{len(legacy)} entries in the old format 1: convert them with `featurecache cache migrate{cache_flag(cache)}`")
+
+
+def _store_table(s: dict[str, Any], members: list[dict[str, Any]], names: Sequence[str], dropped: frozenset[str]) -> Any:
+    """The table of one feature store's feature sets in `cache ls`.
+
+    The name is what users copy: last and whole (see featurecache._runtime.tables); the key column (a
+    name ends with its key's first 12 digits) gives way first on a narrow terminal.
+    """
+    from rich.table import Table
+
+    rows = " ".join(f"{v}:{n}" for v, n in s["rows"].items())
+    table = Table(title=f"{s['name']}  ({rows} rows, {human_bytes(s['size_bytes'])})", title_justify="left")
+    if "key" not in dropped:
+        table.add_column("key", no_wrap=True)
+    table.add_column("splits", no_wrap=True)
+    table.add_column("size", no_wrap=True)
+    table.add_column("feature set", no_wrap=True)
+    for r, name in zip(members, names, strict=True):
+        splits = "\n".join(f"{k}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for k, d in r["splits"].items())
+        table.add_row(*([] if "key" in dropped else [r["key"][:12]]), splits, human_bytes(r["size_bytes"]), name)
+    return table
 
 
 @app.command("info")

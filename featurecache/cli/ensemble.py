@@ -36,19 +36,30 @@ def ensemble_cmd(
         print_json(result.to_json())
         return
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"{method} ensemble", title_justify="left")
-    table.add_column("", no_wrap=True)
-    table.add_column("run", overflow="fold", ratio=1, min_width=16)
-    for col in ("val acc", "val loss", "test acc", "weight"):
-        table.add_column(col, justify="right", no_wrap=True)
+    from featurecache._runtime.tables import console, fit_last_column
+
     weights = list(result.weights) if result.weights is not None else None
-    for i, row in enumerate(result.leaderboard):
-        weight = "" if weights is None or i == 0 else f"{weights[i - 1]:.3f}"
-        table.add_row("=" if i == 0 else str(i), row["name"], _fmt(row.get("val_accuracy")), _fmt(row.get("val_log_loss")), _fmt(row.get("test_accuracy")), weight)
-    Console().print(table)
+
+    def build(texts: list[str], dropped: frozenset[str]) -> Table:
+        # The run's name goes last, wrapped between its tokens: it is what users copy. Columns
+        # give way to it on a narrow terminal (leaderboard.csv has them all).
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"{method} ensemble", title_justify="left")
+        table.add_column("", no_wrap=True)
+        cols = [("val acc", "val_accuracy"), ("val loss", "val_log_loss"), ("test acc", "test_accuracy")]
+        cols = [(header, key) for header, key in cols if header not in dropped]
+        for header, _ in cols:
+            table.add_column(header, justify="right", no_wrap=True)
+        if weights is not None:
+            table.add_column("weight", justify="right", no_wrap=True)
+        table.add_column("run", no_wrap=True)
+        for i, (row, text) in enumerate(zip(result.leaderboard, texts, strict=True)):
+            weight = [] if weights is None else ["" if i == 0 else f"{weights[i - 1]:.3f}"]
+            table.add_row("=" if i == 0 else str(i), *(_fmt(row.get(key)) for _, key in cols), *weight, text)
+        return table
+
+    console().print(fit_last_column(build, [str(row["name"]) for row in result.leaderboard], optional=("val loss", "test acc")))
     if result.method == "weighted":
         typer.echo("(weights were fitted on val: the ensemble's val metrics are optimistic, its test metrics are not)")
     typer.echo(f"run {result.run_dir}")

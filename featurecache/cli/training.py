@@ -219,19 +219,24 @@ def heads_cmd(
             }
         )
         return
-    from rich.console import Console
+    from rich import box
     from rich.table import Table
 
-    console = Console()
+    from featurecache._runtime.tables import console as make_console, token_width
+
+    console = make_console()
     for s in specs:
-        table = Table(title=f"{s.name}: {s.summary}", title_justify="left", show_edge=False)
-        table.add_column("parameter", style="bold")
-        table.add_column("type", overflow="fold")
-        table.add_column("default")
-        table.add_column("search (--trials)", overflow="fold")
-        table.add_column("meaning", overflow="fold")
-        for p in s.params:
-            table.add_row(p.name, p.type_name, p.format(p.default), p.search.describe() if p.search else "", p.help)
+        rows = [(p.name, p.type_name, p.format(p.default), p.search.describe() if p.search else "", p.help) for p in s.params]
+        table = Table(title=f"{s.name}: {s.summary}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        # Names and values are typed back: never cut; the text columns wrap between words only
+        # (a column is never narrower than its longest word).
+        table.add_column("parameter", style="bold", no_wrap=True)
+        table.add_column("type", min_width=token_width(r[1] for r in rows))
+        table.add_column("default", no_wrap=True)
+        table.add_column("search (--trials)", min_width=token_width(r[3] for r in rows))
+        table.add_column("meaning", min_width=token_width(r[4] for r in rows))
+        for r in rows:
+            table.add_row(*r)
         console.print(table)
         console.print()
     if not name:

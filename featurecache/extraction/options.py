@@ -90,7 +90,11 @@ class ExtractOptions:
     pooling: str = _option("avg", "--pooling", "avg, max, flatten or none (keep the spatial map).")
     resize: str = _option("bilinear", "--resize", "Resize method: bilinear, nearest, bicubic, area, lanczos3, ...")
     augment: str | None = _option(
-        None, "--augment", "Augmentation of views 1..K, e.g. flip,rotation=15,zoom=0.1,shift=0.1,shear=5,brightness=0.2,contrast=0.2."
+        None, "--augment", (
+            # Each example token fits the help column of an 80-column terminal (click breaks it otherwise).
+            "Augmentation of views 1..K, comma-separated: flip, rotation=DEG, zoom=F, shift=F, shear=DEG, "
+            "brightness=F, contrast=F; e.g. flip,rotation=15,zoom=0.1."
+        )
     )
     views: int = _option(0, "--views", "Augmented views per image of --augment-splits, at most 64 (view 0 is always the clean image).")
     augment_splits: tuple[str, ...] = _option(("train",), "--augment-splits", "Comma-separated splits that get augmented views.")

@@ -133,10 +133,21 @@ _METRIC_COLUMNS = ("n", "accuracy", "log_loss", "macro_f1", "cohen_kappa")
 def _metrics_section(metrics: Mapping[str, Any]) -> str:
     if not metrics:
         return ""
-    ks = sorted({k for m in metrics.values() for k in (m.get("top_k_accuracy") or {})}, key=int)
+    from featurecache.training.metrics import wilson_interval
+    from featurecache.training.sweeps.leaderboard import format_interval
+
+    # Top-1 accuracy is the accuracy column: listed once.
+    ks = sorted({k for m in metrics.values() for k in (m.get("top_k_accuracy") or {}) if k != "1"}, key=int)
     headers = ["split", *_METRIC_COLUMNS, *(f"top-{k} accuracy" for k in ks)]
-    rows = [[split, *(m.get(c) for c in _METRIC_COLUMNS), *((m.get("top_k_accuracy") or {}).get(k) for k in ks)] for split, m in metrics.items()]
-    return "<h2>Metrics</h2>" + _table(headers, rows)
+    headers.insert(headers.index("accuracy") + 1, "accuracy 95% CI")
+    rows = []
+    for split, m in metrics.items():
+        span = wilson_interval(m["accuracy"], m["n"]) if isinstance(m.get("n"), int) and isinstance(m.get("accuracy"), float) else None
+        cells = [split, *(m.get(c) for c in _METRIC_COLUMNS), *((m.get("top_k_accuracy") or {}).get(k) for k in ks)]
+        cells.insert(headers.index("accuracy") + 1, (format_interval(span, 4), span[0] if span else None))
+        rows.append(cells)
+    note = '<p class="muted">CI: 95% Wilson interval of the accuracy on the split\'s n images.</p>'
+    return "<h2>Metrics</h2>" + _table(headers, rows) + note
 
 
 def _confusion_section(run: Path, metrics: Mapping[str, Any], classes: Sequence[str]) -> str:
@@ -224,12 +235,14 @@ def render_run(run_dir: str | os.PathLike[str], *, note: str = "", title: str | 
     if not config and not metrics:
         raise RunError(f"{run} has neither config.json nor metrics.json; point to a run, sweep, finetune or evaluate directory")
     classes = [str(c) for c in config.get("classes") or next((list(m.get("per_class") or {}) for m in metrics.values()), [])]
-    kind = "fine-tune" if config.get("kind") == "finetune" else ("evaluation" if not config else "run")
-    heading = title or f"{kind} {run.resolve().name}" + (f" - {config.get('head')}" if config.get("head") else "")
+    kind = {"finetune": "fine-tune", "ensemble": "ensemble"}.get(config.get("kind", ""), "evaluation" if not config else "run")
+    heading = title or f"{kind} {_run_name(run)}" + (f" - {config.get('head')}" if config.get("head") and kind != "ensemble" else "")
+    subtitle = [str(config.get("created") or ""), f"{len(classes)} classes: " + ", ".join(classes[:12]) + (" ..." if len(classes) > 12 else "")]
     sections = [
         f"<h{level}>{_e(heading)}</h{level}>",
-        f'<p class="muted">{_e(config.get("created", ""))} &middot; {len(classes)} classes: {_e(", ".join(classes[:12]))}{_e(" ..." if len(classes) > 12 else "")}</p>',
+        f'<p class="muted">{" &middot; ".join(_e(part) for part in subtitle if part)}</p>',
         _metrics_section(metrics),
+        _members_section(run, config),
         ("<h2>Training curves</h2>" + _img(run / "training_curves.png", "training curves")) if (run / "training_curves.png").is_file() else "",
         _confusion_section(run, metrics, classes),
         _losses_section(run, _read_json(run / "top_losses.json"), note),
@@ -239,32 +252,91 @@ def render_run(run_dir: str | os.PathLike[str], *, note: str = "", title: str | 
     return _page(heading, sections) if level == 1 else "\n".join(s for s in sections if s)
 
 
+def _run_name(run: Path) -> str:
+    """The directory's name as the user knows it: never the temporary one it is built in; a sweep's best run says whose."""
+    from featurecache.training.rundir import final_name
+
+    name = final_name(run)
+    parent = run.resolve().parent
+    return f"{final_name(parent)}/{name}" if name == "best" and (parent / "leaderboard.json").is_file() else name
+
+
+def _members_section(run: Path, config: Mapping[str, Any]) -> str:
+    """An ensemble's leaderboard: the ensemble next to each member."""
+    from featurecache.training.sweeps.leaderboard import format_interval, interval, tied_with_best
+
+    board = _read_json(run / "leaderboard.json") if config.get("kind") == "ensemble" else None
+    rows = (board or {}).get("rows") or []
+    if not rows:
+        return ""
+    metric_cols = [c for c in ("val_log_loss", "val_macro_f1", "test_accuracy") if any(c in r for r in rows)]
+    # tied_with_best compares with the first row: the best one, so rank a copy by accuracy.
+    order = sorted(range(len(rows)), key=lambda i: -(rows[i].get("val_accuracy") or 0.0))
+    tied = dict(zip(order, tied_with_best([rows[i] for i in order]), strict=True))
+    table_rows = []
+    for i, r in enumerate(rows):
+        span = interval(r)
+        table_rows.append([r.get("name"), r.get("kind"), r.get("val_accuracy"), (format_interval(span, 4), span[0] if span else None), "yes" if tied[i] else "", *(r.get(c) for c in metric_cols)])
+    headers = ["run", "kind", "val_accuracy", "val_accuracy 95% CI", "tied with best", *metric_cols]
+    note = '<p class="muted">\u201ctied with best\u201d: its 95% Wilson interval overlaps the most accurate one\'s, so the two are not distinguishable on this validation set.</p>'
+    return "<h2>Ensemble and members</h2>" + note + _table(headers, table_rows, sortable=True, text_cols=2)
+
+
 def _leaderboard_section(board: Mapping[str, Any]) -> str:
+    from featurecache.training.sweeps.leaderboard import format_interval, interval, tied_with_best
+
     rows = board.get("rows") or []
     metric = board.get("metric", "val_accuracy")
     skip = {"rank", "trial", "name", "head", "status", "params", "error", "fit_seconds", "seconds"}
-    others = {k for r in rows for k in r if k not in skip and k != metric}
-    # The ranking metric, then the other validation metrics, then test: the order people read in.
+    others = {k for r in rows for k in r if k not in skip and k != metric and not k.endswith("_n")}
+    # The ranking metric, then the other validation metrics, then test: the order people read in,
+    # before any parameter (a sweep page is read for its scores first).
     metric_cols = [metric, *sorted(others, key=lambda k: (not k.startswith("val_"), k))]
+    ci_of = metric if metric.endswith("accuracy") else "val_accuracy"
+    spans = [interval(r, ci_of) for r in rows]
+    tied = tied_with_best(rows, metric) if metric.endswith("accuracy") else [False] * len(rows)
+    ci_cols = [f"{ci_of} 95% CI", "tied with best"] if any(spans) else []
     # One column per (head, parameter): heads share names (class_weight) with other meanings.
-    params = sorted({(r["head"], k) for r in rows for k in (r.get("params") or {})})
-    headers = ["rank", "trial", "head", *(f"{h}.{k}" for h, k in params), *metric_cols, "status", "fit s", "error"]
-    table_rows = []
+    # A parameter every trial of its head shares says nothing about the ranking: it is listed
+    # once above the table instead of as a column.
+    values: dict[tuple[str, str], set[str]] = {}
     for r in rows:
+        for k, v in (r.get("params") or {}).items():
+            values.setdefault((r["head"], k), set()).add(json.dumps(v, sort_keys=True))
+    params = sorted(hk for hk, vs in values.items() if len(vs) > 1)
+    constant = sorted(hk for hk, vs in values.items() if len(vs) == 1)
+    # The interval and the tie beside the ranking metric: visible without scrolling sideways.
+    headers = ["rank", "trial", metric_cols[0], *ci_cols, *metric_cols[1:], "head", *(f"{h}.{k}" for h, k in params), "status", "fit s", "error"]
+    table_rows = []
+    for r, span, tie in zip(rows, spans, tied, strict=True):
         p = r.get("params") or {}
         rank = r.get("rank")
         cells = [
             (str(rank) if rank is not None else "-", rank if rank is not None else 1e9),  # failed trials sort last
             (r["trial"][:8], r["trial"]),
+            r.get(metric),
+            *([(format_interval(span, 4), span[0] if span else None), "yes" if tie else ""] if ci_cols else []),
+            *(r.get(c) for c in metric_cols[1:]),
             r.get("head"),
             *(_param_text(p[k]) if h == r.get("head") and k in p else "" for h, k in params),
-            *(r.get(c) for c in metric_cols),
             r.get("status"),
             r.get("fit_seconds"),
             r.get("error") or "",
         ]
         table_rows.append(cells)
-    return f"<h2>Leaderboard ({len(rows)} trials, ranked by {_e(metric)})</h2><p class=\"muted\">Click a column to sort (or open the page with #sort=N or #sort=N-desc, N = column number from 0).</p>" + _table(headers, table_rows, sortable=True, table_id="leaderboard", text_cols=0)
+    notes = ['Click a column to sort (or open the page with #sort=N or #sort=N-desc, N = column number from 0).']
+    if ci_cols:
+        n = next(r.get(f"{ci_of.split('_', 1)[0]}_n") for r, sp in zip(rows, spans, strict=True) if sp)
+        notes.append(
+            f"CI: 95% Wilson interval of {ci_of} on {n} images (one image moves it by {1 / n:.3g}). "
+            "\u201ctied with best\u201d: the interval overlaps the best trial's, so the two are not distinguishable on this validation set."
+        )
+    if constant:
+        same = {hk: json.loads(next(iter(values[hk]))) for hk in constant}
+        shown = ", ".join(f"{h}.{k}={v if isinstance(v, str) else json.dumps(v)}" for (h, k), v in same.items())
+        notes.append(f"Same in every trial of its head: {shown}.")
+    text = "".join(f'<p class="muted">{_e(note)}</p>' for note in notes)
+    return f"<h2>Leaderboard ({len(rows)} trials, ranked by {_e(metric)})</h2>{text}" + _table(headers, table_rows, sortable=True, table_id="leaderboard", text_cols=0)
 
 
 def _param_text(value: Any) -> Any:
@@ -348,7 +420,8 @@ def write_report(
     target = Path(path)
     if not target.is_dir():
         raise RunError(f"{target} is not a directory; pass a run, finetune, evaluate or sweep directory")
-    sweep = (target / "leaderboard.json").is_file()
+    # An ensemble's directory has a leaderboard.json too (its members), but it is a run.
+    sweep = (target / "leaderboard.json").is_file() and not (target / "config.json").is_file()
     run = target / "best" if sweep else target
     note = ""
     has_predictions = (run / "predictions.npz").is_file() or any(run.glob("predictions_*.npz"))

@@ -323,7 +323,11 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _short(text: str, width: int = 18) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """``text`` in ``width`` characters, cut in the middle: a file name's end (``..._0042.jpg``) tells images apart."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
 
 
 def check_labels(result: TopLosses, images: SplitImages) -> None:

@@ -224,8 +224,16 @@ _LABEL_WIDTH = 44
 
 
 def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: int) -> Any:
-    """The figure behind :func:`plot_leaderboard` (so tests can check its layout)."""
+    """The figure behind :func:`plot_leaderboard` (so tests can check its layout).
+
+    Accuracies carry their 95% Wilson interval as an error bar (rows need ``<split>_n``), and
+    the trials whose interval overlaps the best one's are drawn solid, the others faded: on a
+    small validation set those are not distinguishable from the best. The value axis is zoomed
+    to the data, and its label says where it starts.
+    """
     import textwrap
+
+    from featurecache.training.sweeps.leaderboard import interval, tied_with_best
 
     if top < 1:
         raise UsageError(f"top must be >= 1, got {top!r}")
@@ -233,7 +241,7 @@ def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: i
     for i, row in enumerate(rows):
         value = row.get(metric)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            scored.append((float(value), _row_label(row, i), str(row.get("head", "?"))))
+            scored.append((float(value), _row_label(row, i), str(row.get("head", "?")), row))
     if not scored:
         present = sorted({k for row in rows for k in row})
         raise UsageError(
@@ -242,34 +250,50 @@ def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: i
         )
     lower_is_better = "loss" in metric
     scored.sort(key=lambda t: t[0], reverse=not lower_is_better)
+    tied = tied_with_best([r for *_, r in scored], metric)
     shown = scored[:top]
-    heads = sorted({h for _, _, h in shown})
+    spans = [interval(r, metric) for *_, r in shown]
+    heads = sorted({h for _, _, h, _ in shown})
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if len(heads) <= 10 else "tab20"]
     colour = {h: cmap(i % cmap.N) for i, h in enumerate(heads)}
-    # Long labels (random-search trials list every drawn parameter) wrap instead of overlapping;
-    # each row gets the height its lines need.
-    labels = [textwrap.fill(label, _LABEL_WIDTH, break_long_words=True) for _, label, _ in shown]
+    # Long labels (random-search trials list every drawn parameter) wrap between tokens instead
+    # of overlapping; each row gets the height its lines need, every bar the same thickness.
+    labels = [textwrap.fill(label, _LABEL_WIDTH, break_long_words=False, break_on_hyphens=False) for _, label, _, _ in shown]
     lines = [label.count("\n") + 1 for label in labels]
-    fig = _figure(10.0, 1.6 + 0.2 * sum(lines) + 0.1 * len(shown))
+    fig = _figure(10.0, 1.6 + 0.2 * sum(lines) + 0.1 * len(shown) + (0.2 if any(spans) else 0.0))  # a line to explain the intervals
     ax = fig.add_subplot()
     centres = np.cumsum(lines) - np.asarray(lines) / 2  # one unit of height per text line
-    values = [v for v, _, _ in shown]
-    ax.barh(centres, values, height=np.asarray(lines) * 0.8, color=[colour[h] for _, _, h in shown])
+    values = [v for v, _, _, _ in shown]
+    alpha = [1.0 if tie or not any(tied) else 0.35 for tie in tied[: len(shown)]]
+    ax.barh(centres, values, height=0.7, color=[(*colour[h][:3], a) for (_, _, h, _), a in zip(shown, alpha, strict=True)])
+    if any(spans):
+        lo = [v - s[0] if s else 0.0 for v, s in zip(values, spans, strict=True)]
+        hi = [s[1] - v if s else 0.0 for v, s in zip(values, spans, strict=True)]
+        ax.errorbar(values, centres, xerr=[lo, hi], fmt="none", ecolor="black", elinewidth=1, capsize=3)
     ax.set_yticks(centres, labels, fontsize=7)
     ax.set_ylim(float(sum(lines)), 0.0)  # best trial on top
-    # The axis starts at 0: a zoomed axis (it used to start near 0.90) makes a 0.01 difference
-    # look like a factor of ten. The values are printed beside the bars for the fine print.
-    high = max(values)
-    ax.set_xlim(0.0, 1.0 if (not lower_is_better and high <= 1) else high * 1.15 or 1.0)
-    for y, v in zip(centres, values, strict=True):
-        ax.text(v, y, f" {v:.4g}", va="center", fontsize=7)
+    # Zoomed to the data (intervals included): from 0, 0.958 and 1.0 looked the same. The axis
+    # label says where it starts, so the bars' lengths are not read as ratios.
+    ends = [*values, *(x for s in spans if s for x in s)]
+    low, high = min(ends), max(ends)
+    pad = max(0.05 * (high - low), 0.005 if high <= 1 else 0.0)
+    left = max(0.0, low - 2 * pad) if low >= 0 else low - 2 * pad
+    ax.set_xlim(left, high + pad)
+    for y, v, a in zip(centres, values, alpha, strict=True):
+        # Inside the bar, at its start: past its end the value would leave the axes at 1.0.
+        ax.text(left, y, f" {v:.4f}", va="center", fontsize=7, color="white" if a == 1.0 else "black", fontweight="bold")
     from matplotlib.patches import Patch
 
     # Outside the axes, below them: a legend inside covered a bar.
     fig.legend(handles=[Patch(color=colour[h], label=h) for h in heads], fontsize=8, loc="outside lower center", ncols=min(len(heads), 6), frameon=False)
-    ax.set_xlabel(metric + (" (lower is better)" if lower_is_better else ""))
+    zoom = f" (axis starts at {left:.3g}, not 0)" if left > 0 else ""
+    xlabel = metric + (" (lower is better)" if lower_is_better else "") + zoom
+    if any(spans):
+        n = next(r.get(f"{metric.split('_', 1)[0]}_n") for (*_, r), s in zip(shown, spans, strict=True) if s)
+        xlabel += f"\nbars: 95% Wilson interval on {n} images; faded: interval does not reach the best's"
+    ax.set_xlabel(xlabel)
     fig.suptitle(f"top {len(shown)} of {len(scored)} trials by {metric}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return fig

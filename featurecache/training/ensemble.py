@@ -152,7 +152,8 @@ def ensemble(
     out_dir = Path(out) if out is not None else _default_out(paths, from_sweep, top, method, Path(runs_dir))
     _check_out(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    # Named as rundir's temporary directories, so pages written inside are titled with out_dir's name.
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         (staging / MEMBERS_DIR).mkdir(parents=True)
         members = [_copy_run(p, staging / MEMBERS_DIR, i) for i, p in enumerate(paths)]
@@ -161,6 +162,10 @@ def ensemble(
             members += _sweep_members(Path(from_sweep), top, staging / MEMBERS_DIR, start=len(members), cache_dir=cache_dir, plots=plots, notes=notes)
         _check_compatible(members)
         result = _write_ensemble(staging, members, method=method, plots=plots)
+        if plots:
+            from featurecache.report.html import write_report
+
+            write_report(staging, cache_dir=cache_dir)  # top losses of the combination and report.html, as train-head
         _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -363,6 +368,8 @@ def _leaderboard(metrics: Mapping[str, Any], members: Sequence[_Member], method:
     def row(name: str, kind: str, m: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"name": name, "kind": kind}
         for split in ("val", "test"):
+            if split in m:
+                out[f"{split}_n"] = m[split].get("n")  # for the accuracy's confidence interval
             for k in _BOARD_METRICS:
                 if split in m:
                     out[f"{split}_{k}"] = m[split].get(k)

@@ -17,7 +17,7 @@ import numpy as np
 
 from featurecache.errors import UsageError
 
-__all__ = ["classification_metrics"]
+__all__ = ["classification_metrics", "wilson_interval"]
 
 # Row sums further than this from 1 mean the caller passed scores, not probabilities.
 _PROBA_SUM_TOL = 1e-3
@@ -133,3 +133,42 @@ def _top_k_accuracy(y: np.ndarray, proba: np.ndarray, k: int) -> float:
     """
     ranked = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :k]
     return float((ranked == y[:, None]).any(axis=1).mean())
+
+
+def wilson_interval(accuracy: float, n: int, *, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on ``n`` items (95% by default).
+
+    On a small validation set one item moves the accuracy by ``1/n`` (0.02 at 48 images), so a
+    score alone cannot rank trials; this interval says how far the true accuracy may be. Unlike
+    the normal approximation it stays inside [0, 1] and is not empty at 0 or 1 (100% on 48
+    images gives 0.926-1).
+
+    Parameters
+    ----------
+    accuracy
+        Fraction of the ``n`` items that are right (``correct / n``; rounded to a count).
+    n
+        Number of items scored.
+    z
+        Normal quantile of the confidence level (1.96 for 95%).
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``.
+
+    Raises
+    ------
+    UsageError
+        When ``n < 1`` or ``accuracy`` is outside [0, 1].
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UsageError(f"n must be a positive number of scored items, got {n!r}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise UsageError(f"accuracy must be in [0, 1], got {accuracy!r}")
+    p = round(accuracy * n) / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At 0 and 1 the bound is exact; floating point would leave 0.9999999999999999.
+    return (0.0 if p == 0 else max(0.0, centre - half)), (1.0 if p == 1 else min(1.0, centre + half))

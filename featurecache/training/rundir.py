@@ -21,6 +21,7 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -34,7 +35,7 @@ from featurecache.cache.fsio import jsonable, write_json
 from featurecache.errors import RunError, UsageError
 from featurecache.training.runconfig import RUN_FORMAT
 
-__all__ = ["clean_leftovers", "load_run", "replace_dir", "swap_dirs", "write_run"]
+__all__ = ["clean_leftovers", "final_name", "load_run", "replace_dir", "swap_dirs", "write_run"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -72,6 +73,17 @@ def swap_dirs(new: Path, dest: Path) -> Path | None:
     os.rename(dest, aside)
     os.rename(new, dest)
     return aside
+
+
+def final_name(path: Path) -> str:
+    """The name ``path`` has once swapped in: ``runs/.vgg16-top.tmp-12580-2e2898`` -> ``vgg16-top``.
+
+    A page or plot written while the directory is built aside (see :func:`replace_dir`) is
+    titled with this, never with the temporary name.
+    """
+    name = Path(path).resolve().name
+    match = re.fullmatch(r"\.(.+)\.tmp-\d+-[0-9a-f]+", name)
+    return match.group(1) if match else name
 
 
 def _pid_of(name: str) -> int | None:

@@ -24,6 +24,7 @@ from featurecache.cache import store
 from featurecache.cli.main import app
 from featurecache.data import load_dataset
 from featurecache.errors import RunError
+from featurecache.training.metrics import wilson_interval
 from featurecache.report import most_confused, top_losses, write_report
 from featurecache.training.sweeps.sweep import SweepResult, sweep
 from featurecache.training.train import TrainResult, train_head
@@ -257,6 +258,49 @@ def test_report_command_rerenders_with_options(logreg_run: TrainResult, tmp_path
     assert result.exit_code != 0 and "is not a directory" in result.output
 
 
+def test_pages_are_titled_with_the_directory_name_not_the_temporary_one(logreg_run: TrainResult, tb_sweep: tuple[SweepResult, Path]) -> None:
+    # Both pages were written while their directory was still .<name>.tmp-<pid>-<hex>.
+    page = (logreg_run.run_dir / "report.html").read_text()
+    assert re.search(r"<h1>([^<]*)</h1>", page).group(1) == "run logreg - logreg"
+    best = (tb_sweep[0].out_dir / "best" / "report.html").read_text()
+    assert re.search(r"<h1>([^<]*)</h1>", best).group(1).startswith("run sweep/best - ")
+    assert ".tmp-" not in page and ".tmp-" not in best
+
+
+def test_sweep_page_shows_scores_first_and_only_the_parameters_that_vary(tb_sweep: tuple[SweepResult, Path]) -> None:
+    result, _ = tb_sweep
+    page = (result.out_dir / "report.html").read_text()
+    table = page[page.index('id="leaderboard"') : page.index("</table>", page.index('id="leaderboard"'))]
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    assert headers[:5] == ["rank", "trial", "val_accuracy", "val_accuracy 95% CI", "tied with best"]
+    first_param = min(i for i, h in enumerate(headers) if "." in h)
+    assert all(i < first_param for i, h in enumerate(headers) if h.startswith(("val_", "test_")))
+    # GRID varies logreg.C and dense.hidden; the rest is the same in every trial: no column for it.
+    assert [h for h in headers if "." in h] == ["dense.hidden", "logreg.C"]
+    assert "dense.epochs=2" in page and "logreg.max_iter=" in page
+    n = result.leaderboard[0]["val_n"]
+    for r in result.leaderboard:
+        low, high = wilson_interval(r["val_accuracy"], n)
+        assert f">{low:.4f}-{high:.4f}<" in table
+    # "tied with best" is overlapping intervals with the best trial's.
+    best = wilson_interval(result.leaderboard[0]["val_accuracy"], n)
+    ties = [wilson_interval(r["val_accuracy"], n)[1] >= best[0] for r in result.leaderboard]
+    assert table.count(">yes<") == sum(ties) >= 1
+
+
+def test_top_loss_captions_cut_long_ids_in_the_middle() -> None:
+    from featurecache.report import top_losses_from_arrays
+
+    ids = [f"photos/2024/holiday/camera-roll/IMG_20240101_{i:06d}.jpg" for i in range(4)]
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    fig = top_losses_from_arrays(ids, np.array([1, 0, 1, 0]), proba, ["cat", "dog"], n=4).figure()
+    captions = [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
+    assert len(captions) == 4
+    # The end tells the images apart: it is kept, and the start, the middle is elided.
+    assert sorted(c[-10:] for c in captions) == sorted(i[-10:] for i in ids)
+    assert all(c.startswith("photos/2024") and "…" in c and len(c) <= 26 for c in captions)
+
+
 def test_write_report_of_a_sweep_embeds_the_leaderboard(tb_sweep: tuple[SweepResult, Path]) -> None:
     result, _ = tb_sweep
     path = write_report(result.out_dir, top=4)
@@ -351,6 +395,12 @@ def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path
     assert (res.out / "top_losses_test.png").is_file()
     page = (res.out / "report.html").read_text()
     assert "Top losses" in page and page.count('src="data:image/png;base64,') == 2
+    # An evaluate directory has no config: the subtitle starts with the classes, not a separator,
+    # and top-1 accuracy is the accuracy column, listed once.
+    subtitle = re.search(r'<p class="muted">([^<]*)</p>', page).group(1)
+    assert subtitle.startswith("10 classes: 0, 1, 2"), subtitle
+    assert "top-1 accuracy" not in page and "<th>top-3 accuracy</th>" in page
+    assert "<th>accuracy 95% CI</th>" in page
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import site
 import subprocess
@@ -190,7 +191,7 @@ def test_ensemble_refuses_runs_validated_on_other_images_and_fine_tuning(env: di
     result = _invoke(["ensemble", str(env["logreg_a"]), str(env["logreg_other"]), "--out", str(env["root"] / "bad"), "--cache", str(env["cache"])])
     assert result.exit_code == 2
     assert "different val images" in _error_line(result)
-    assert not (env["root"] / "bad").exists() and not list(env["root"].glob(".bad-*"))
+    assert not (env["root"] / "bad").exists() and not list(env["root"].glob(".bad*"))
     one = _invoke(["ensemble", str(env["logreg_a"]), "--cache", str(env["cache"])])
     assert one.exit_code == 2 and "at least two members" in _error_line(one)
 
@@ -219,6 +220,46 @@ def test_an_ensembles_member_directories_stay_inside_it(tmp_path: Path, member: 
         f"{ens / 'config.json'} names member directory {member!r}, but a member directory is members/<i>-<name>; "
         "make the ensemble again with `featurecache ensemble`"
     )
+
+
+def _whole_at_80(text: str, names: list[str]) -> None:
+    assert all(len(line) <= 80 for line in text.splitlines()), [line for line in text.splitlines() if len(line) > 80]
+    assert "…" not in text
+    missing = {token for name in names for token in name.split()} - set(text.split())
+    assert not missing, (missing, text)
+
+
+def test_ensemble_table_and_report_at_80_columns(env: dict) -> None:
+    import re
+
+    other = fc.train_head(env["keys"][1], head="logreg", params={"class_weight": "balanced"}, out=env["root"] / "runs" / "logreg-b-balanced", cache_dir=env["cache"], plots=False).run_dir
+    out = env["root"] / "ens80"
+    made = CliRunner().invoke(app, ["ensemble", str(env["logreg_a"]), str(other), "--out", str(out), "--cache", str(env["cache"])], env={"COLUMNS": "80"})
+    assert made.exit_code == 0, made.output
+    board = json.loads((out / "leaderboard.json").read_text())["rows"]
+    table = made.stdout[: made.stdout.index("run " + str(out))]  # the path after it is as long as it is
+    _whole_at_80(table, [r["name"] for r in board])
+    assert next(line for line in table.splitlines() if "val acc" in line).split()[-1] == "run"  # names go last
+
+    # Its report is written like a run's, titled with its name, with the members beside it.
+    page = (out / "report.html").read_text()
+    assert re.search(r"<h1>([^<]*)</h1>", page).group(1) == "ensemble ens80" and ".tmp-" not in page
+    assert "<h2>Ensemble and members</h2>" in page and "val_accuracy 95% CI" in page
+    (out / "report.html").unlink()
+    again = CliRunner().invoke(app, ["report", str(out), "--cache", str(env["cache"])])  # was: unexpected KeyError: 'trial'
+    assert again.exit_code == 0, again.output
+    assert (out / "report.html").is_file() and (out / "top_losses_val.png").is_file()
+
+    # `cache ls` keeps each feature set's name whole, in-process and in a real process.
+    names = [fc.open_features(k, cache_dir=env["cache"]).name for k in (*env["keys"], env["other"])]
+    listed = CliRunner().invoke(app, ["cache", "ls", "--cache", str(env["cache"])], env={"COLUMNS": "80"})
+    assert listed.exit_code == 0, listed.output
+    _whole_at_80(listed.stdout, names)
+    real = subprocess.run(
+        [sys.executable, "-m", "featurecache", "cache", "ls", "--cache", str(env["cache"])],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=300, check=True,
+    )
+    _whole_at_80(real.stdout, names)
 
 
 @pytest.fixture(scope="module")

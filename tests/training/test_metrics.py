@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from featurecache.errors import UsageError
-from featurecache.training.metrics import classification_metrics
+from featurecache.training.metrics import classification_metrics, wilson_interval
 from featurecache.report import plot_confusion_matrix, plot_leaderboard, plot_training_curves
 
 def _random_predictions(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +215,8 @@ def test_plot_leaderboard(tmp_path):
         lower_is_better = metric == "val_log_loss"
         best = sorted(rows[:45], key=lambda r: r[metric], reverse=not lower_is_better)[:top]
         assert fig.get_suptitle() == f"top {top} of 45 trials by {metric}"  # the failed trial is left out
-        assert ax.get_xlabel() == metric + (" (lower is better)" if lower_is_better else "")
+        left = ax.get_xlim()[0]
+        assert ax.get_xlabel() == metric + (" (lower is better)" if lower_is_better else "") + f" (axis starts at {left:.3g}, not 0)"
         assert [t.get_text() for t in ax.get_yticklabels()] == [r["trial"] for r in best]
         np.testing.assert_allclose([bar.get_width() for bar in ax.patches], [r[metric] for r in best])
         assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted({r["head"] for r in best})
@@ -241,7 +242,8 @@ def test_leaderboard_plot_of_random_trials_is_readable(tmp_path):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     (ax,) = fig.axes
-    assert ax.get_xlim()[0] == 0.0  # not zoomed in on 0.92..0.96
+    # Zoomed in on 0.92..0.96 (from 0 the differences vanished), and the axis label says so.
+    assert 0.9 < ax.get_xlim()[0] < min(r["val_accuracy"] for r in rows) and "axis starts at" in ax.get_xlabel()
     figure_box = fig.bbox
     title = fig._suptitle.get_window_extent(renderer)
     assert figure_box.x0 <= title.x0 and title.x1 <= figure_box.x1 and title.y1 <= figure_box.y1  # not cut
@@ -251,3 +253,45 @@ def test_leaderboard_plot_of_random_trials_is_readable(tmp_path):
     legend = fig.legends[0].get_window_extent(renderer)
     assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches)
     assert not any(legend.overlaps(lb) for lb in labels)
+
+
+def test_wilson_interval_matches_the_textbook_values() -> None:
+    # Wilson (1927) / Newcombe (1998) table: 5 of 10 -> 0.2366-0.7634; 0 of 20 -> 0-0.1611.
+    assert wilson_interval(0.5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert wilson_interval(0.0, 20) == pytest.approx((0.0, 0.161125), abs=1e-6)
+    # 48 of 48: not a point; one image is 0.02, and the interval is wider than that.
+    low, high = wilson_interval(1.0, 48)
+    assert high == 1.0 and low == pytest.approx(48 / (48 + 1.959963984540054**2))
+    assert wilson_interval(47 / 48, 48)[1] > low  # 47/48 cannot be told apart from 48/48
+    for bad in ((0.5, 0), (1.5, 10), (0.5, 2.5)):
+        with pytest.raises(UsageError):
+            wilson_interval(*bad)
+
+
+def test_leaderboard_plot_shows_intervals_zoomed_with_even_bars(tmp_path):
+    """48 validation images: five trials tie at 1.0; the plot shows why a ranking among them is noise."""
+    from featurecache.report.plots import leaderboard_figure
+
+    accs = [1.0] * 5 + [47 / 48, 46 / 48, 40 / 48]
+    rows = [
+        {"name": f"dense hidden=none dropout=0.{i} lr=0.001 epochs=30 patience=3 optimizer=adam batchnorm=false" if i % 2 else f"logreg C={i}",
+         "head": ("logreg", "dense")[i % 2], "trial": f"t{i}", "val_accuracy": a, "val_n": 48, "status": "ok"}
+        for i, a in enumerate(accs)
+    ]
+    assert plot_leaderboard(rows, tmp_path / "lb.png").is_file()
+    fig = leaderboard_figure(rows, metric="val_accuracy", top=30)
+    (ax,) = fig.axes
+    left, right = ax.get_xlim()
+    assert 0.6 < left < 40 / 48 and right > 1.0 and "axis starts at" in ax.get_xlabel() and "48 images" in ax.get_xlabel()
+    bars = ax.patches
+    assert len({round(bar.get_height(), 9) for bar in bars}) == 1  # one thickness, however many lines a label has
+    assert [t.get_text().strip() for t in ax.texts] == [f"{a:.4f}" for a in accs]  # 1.0000 next to 0.9792
+    assert not any(t.get_text().endswith("hidden=") or "hidden= " in t.get_text() for t in ax.get_yticklabels())
+    # Error bars: one interval per trial, from the Wilson bounds.
+    (bars_x,) = [c for c in ax.collections]
+    segments = bars_x.get_segments()
+    assert len(segments) == len(accs)
+    assert segments[0][0][0] == pytest.approx(wilson_interval(1.0, 48)[0])
+    # Faded: the trials whose interval misses the best one's (only 40/48 here).
+    faded = [bar.get_facecolor()[3] < 1 for bar in bars]
+    assert faded == [wilson_interval(a, 48)[1] < wilson_interval(1.0, 48)[0] for a in accs]

@@ -391,6 +391,50 @@ def test_cli_sweep_table(digits: views.FeatureSet, cache: Path, tmp_path: Path) 
     assert "knn n_neighbors=1" in res.stdout and "best:" in res.stdout and str(tmp_path / "t" / "best") in res.stdout
 
 
+def _assert_whole_at_80(text: str, names: list[str]) -> None:
+    """``text`` fits 80 columns, cuts nothing to an ellipsis, and holds every token of ``names`` whole."""
+    assert all(len(line) <= 80 for line in text.splitlines()), [line for line in text.splitlines() if len(line) > 80]
+    assert "…" not in text
+    words = set(text.split())
+    missing = {token for name in names for token in name.split()} - words
+    assert not missing, (missing, text)
+
+
+def test_cli_sweep_table_keeps_configurations_whole_at_80_columns(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+    grid = ["-g", "logreg:C=0.1,1;class_weight=none,balanced", "-g", "knn:n_neighbors=1,3;weights=uniform,distance"]
+    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], *grid, "--out", str(tmp_path / "t"), "--cache", str(cache), "-q"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    board = json.loads((tmp_path / "t" / "leaderboard.json").read_text())["rows"]
+    table = res.stdout[: res.stdout.index(f"{len(board)} trials in")]  # the summary after it names paths
+    _assert_whole_at_80(table, [r["name"] for r in board])
+    header = next(line for line in res.stdout.splitlines() if "configuration" in line)
+    assert header.split()[-1] == "configuration"  # configuration goes last
+    assert "95% Wilson interval of acc on" in " ".join(res.stdout.split())
+
+
+def test_leaderboard_table_marks_trials_tied_with_the_best() -> None:
+    from rich.console import Console
+
+    from featurecache.training.sweeps.leaderboard import leaderboard_table, tied_with_best
+
+    # 48 validation images: 1 image is 0.02; five trials at 1.0, and 47/48 is within noise of them.
+    accs = [1.0] * 5 + [47 / 48, 40 / 48]
+    rows = [
+        {"rank": i + 1, "trial": f"{i:012x}", "name": f"dense hidden=none batchnorm=false dropout=0.{i} optimizer=adam", "head": "dense",
+         "status": "ok", "val_accuracy": a, "val_n": 48, "val_log_loss": 0.1, "val_macro_f1": a, "val_kappa": a, "fit_seconds": 1.0}
+        for i, a in enumerate(accs)
+    ]
+    assert tied_with_best(rows) == [True] * 6 + [False]
+    assert tied_with_best(rows, "val_log_loss") == [False] * 7  # a loss has no interval
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(leaderboard_table(rows, width=80))
+    text = console.export_text()
+    _assert_whole_at_80(text, [r["name"] for r in rows])
+    marks = [line.split()[0] for line in text.splitlines() if line.strip()[:1].isdigit() and len(line.split()) > 3]
+    assert marks == ["1*", "2*", "3*", "4*", "5*", "6*", "7"]
+    assert "0.93-1.00" in text and "6 trial(s) whose interval overlaps the best's" in " ".join(text.split())
+
+
 @pytest.mark.parametrize(
     "args,needle,code",
     [

@@ -180,7 +180,8 @@ class ParamSpec:
     def format(self, value: Any) -> str:
         """Render ``value`` in the CLI's ``NAME=VALUE`` syntax (inverse of ``coerce``)."""
         if self.type == "int_tuple" and isinstance(value, (tuple, list)):
-            return "-".join(str(int(v)) for v in value)
+            # "none", not "": `hidden=` read as a cut-off label; coerce() reads "none" back as ().
+            return "-".join(str(int(v)) for v in value) if value else "none"
         return _format_value(value)
 
     def coerce(self, value: Any, *, head: str) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 from featurecache.cache.fsio import jsonable, write_atomic, write_json
 from featurecache.errors import UsageError
 
-__all__ = ["METRIC_COLUMNS", "leaderboard_table", "metric_names", "rank", "row", "sort_key", "write_leaderboard"]
+__all__ = ["METRIC_COLUMNS", "format_interval", "interval", "leaderboard_table", "metric_names", "rank", "row", "sort_key", "tied_with_best", "write_leaderboard"]
 
 #: Metric columns per split, in display order (top-k columns are added per k).
 METRIC_COLUMNS = ("accuracy", "log_loss", "macro_f1", "kappa")
@@ -38,6 +38,7 @@ def row(record: Mapping[str, Any]) -> dict[str, Any]:
         m = (record.get("metrics") or {}).get(split)
         if not m:
             continue
+        out[f"{split}_n"] = m.get("n")  # for the accuracy's confidence interval
         out[f"{split}_accuracy"] = m["accuracy"]
         out[f"{split}_log_loss"] = m["log_loss"]
         out[f"{split}_macro_f1"] = m["macro_f1"]
@@ -74,6 +75,38 @@ def rank(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, An
     return ok + [r for r in rows if r["status"] != "ok"]
 
 
+def interval(r: Mapping[str, Any], metric: str = "val_accuracy") -> tuple[float, float] | None:
+    """The 95% Wilson interval of an accuracy column of a row (``None``: not an accuracy, or no ``<split>_n``).
+
+    Every leaderboard (sweep table, plot, HTML page, ensemble) takes its intervals from here.
+    """
+    from featurecache.training.metrics import wilson_interval
+
+    n, value = r.get(f"{metric.split('_', 1)[0]}_n"), r.get(metric)
+    if not metric.endswith("accuracy") or not isinstance(n, int) or n < 1 or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        return None
+    return wilson_interval(float(value), n)
+
+
+def tied_with_best(rows: Sequence[Mapping[str, Any]], metric: str = "val_accuracy") -> list[bool]:
+    """Per row: is it statistically indistinguishable from the best row on ``metric``?
+
+    The test is overlapping 95% Wilson intervals (a conservative one: trials whose intervals
+    overlap are never called different). The best is the first row with an interval, as rows are
+    ranked; the best itself is marked. All ``False`` when ``metric`` has no interval (a loss).
+    """
+    spans = [interval(r, metric) if r.get("status", "ok") == "ok" else None for r in rows]
+    best = next((s for s in spans if s is not None), None)
+    if best is None:
+        return [False] * len(rows)
+    return [s is not None and s[1] >= best[0] and s[0] <= best[1] for s in spans]
+
+
+def format_interval(span: tuple[float, float] | None, digits: int = 3) -> str:
+    """``0.926-1.000`` (``-`` when there is no interval)."""
+    return "-" if span is None else f"{span[0]:.{digits}f}-{span[1]:.{digits}f}"
+
+
 def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str) -> None:
     """Write ``leaderboard.csv``, ``leaderboard.json`` and (when a trial succeeded) ``leaderboard.png`` in ``out``."""
     columns: list[str] = ["rank", "trial", "head", "name", "status"]
@@ -101,8 +134,12 @@ def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: s
             (out / "leaderboard.png").unlink(missing_ok=True)
 
 
-def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_accuracy", top: int = 20, title: str | None = None) -> Any:
+def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_accuracy", top: int = 20, title: str | None = None, width: int | None = None) -> Any:
     """A rich table of the best ``top`` trials (failed trials are summarised in the caption).
+
+    The configuration goes last, wrapped between its tokens to the terminal's width (kappa, F1,
+    the trial id and the loss give way, in that order, when it would not fit otherwise); accuracy comes with its 95% Wilson
+    interval, and ``*`` marks the trials whose interval overlaps the best one's.
 
     Parameters
     ----------
@@ -114,6 +151,8 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
         Number of ranked rows shown.
     title
         Table title.
+    width
+        Terminal width (default: the console's).
 
     Returns
     -------
@@ -122,6 +161,8 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
     from rich import box
     from rich.table import Table
 
+    from featurecache._runtime.tables import fit_last_column
+
     def fmt(v: Any, digits: int = 4) -> str:
         return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
@@ -129,21 +170,47 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
     short = {"val_accuracy": "acc", "val_log_loss": "loss", "val_macro_f1": "F1", "val_kappa": "kappa", "test_accuracy": "test"}
     ranked = [r for r in rows if r.get("rank") is not None]
     failed = [r for r in rows if r.get("rank") is None]
+    shown = ranked[:top]
     columns = ["val_accuracy", "val_log_loss", "val_macro_f1", "val_kappa"]
     if metric not in columns:
         columns.append(metric)
     if any("test_accuracy" in r for r in ranked):
         columns.append("test_accuracy")
+    # The interval of the ranking metric when it is an accuracy, else of the validation accuracy.
+    ci_of = metric if metric.endswith("accuracy") else "val_accuracy"
+    spans = [interval(r, ci_of) for r in shown]
+    tied = tied_with_best(ranked, metric)[: len(shown)] if metric.endswith("accuracy") else [False] * len(shown)
     caption = f"validation metrics; {min(top, len(ranked))} of {len(ranked)} trials ranked by {metric}"
+    if any(s is not None for s in spans):
+        n = next(r.get(f"{ci_of.split('_', 1)[0]}_n") for r, s in zip(shown, spans, strict=True) if s is not None)
+        caption += f"; CI: 95% Wilson interval of {short.get(ci_of, ci_of)} on {n} images"
+        if any(tied):
+            caption += f"; *: {sum(tied)} trial(s) whose interval overlaps the best's (not distinguishable)"
     if failed:
         caption += f"; {len(failed)} failed (see leaderboard.csv)"
-    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), caption_justify="left")
-    table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("trial", no_wrap=True)
-    table.add_column("configuration", overflow="fold", ratio=1, min_width=14)
-    for c in columns:
-        table.add_column(short.get(c, c.replace("_", " ")), justify="right", no_wrap=True, style="bold" if c == metric else None)
-    table.add_column("fit s", justify="right", no_wrap=True)
-    for r in ranked[:top]:
-        table.add_row(str(r["rank"]), r["trial"][:8], r["name"], *(fmt(r.get(c), 3) for c in columns), fmt(r.get("fit_seconds"), 1))
-    return table
+
+    def build(texts: Sequence[str], dropped: frozenset[str]) -> Any:
+        kept = [c for c in columns if c not in dropped]
+        left_out = [short.get(c, c) for c in ("trial", *columns) if c in dropped]
+        note = f"; {', '.join(left_out)}: in leaderboard.csv (too wide here)" if left_out else ""
+        table = Table(title=title, caption=caption + note, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), caption_justify="left", title_justify="left")
+        table.add_column("#", justify="right", no_wrap=True)
+        if "trial" not in dropped:
+            table.add_column("trial", no_wrap=True)
+        for c in kept:
+            table.add_column(short.get(c, c.replace("_", " ")), justify="right", no_wrap=True, style="bold" if c == metric else None)
+            if c == ci_of and any(s is not None for s in spans):
+                table.add_column("CI", justify="right", no_wrap=True)
+        table.add_column("fit s", justify="right", no_wrap=True)
+        table.add_column("configuration", no_wrap=True)
+        for r, span, tie, text in zip(shown, spans, tied, texts, strict=True):
+            cells = []
+            for c in kept:
+                cells.append(fmt(r.get(c), 3))
+                if c == ci_of and any(s is not None for s in spans):
+                    cells.append(format_interval(span, 2))
+            trial = [] if "trial" in dropped else [r["trial"][:8]]
+            table.add_row(str(r["rank"]) + ("*" if tie else " "), *trial, *cells, fmt(r.get("fit_seconds"), 1), text)
+        return table
+
+    return fit_last_column(build, [str(r["name"]) for r in shown], optional=("val_kappa", "val_macro_f1", "trial", "val_log_loss"), width=width)
