@@ -45,7 +45,7 @@ class ExpandOptions(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         if pkg.name != "featurecache":
             return
-        options = pkg["options.ExtractOptions"]
+        options = pkg["extraction.options.ExtractOptions"]
         # A dataclass's fields: its annotated class attributes.
         fields = {n: a for n, a in options.members.items() if a.is_attribute and a.annotation is not None}
         # The class's own signature shows each field's default, not the _option(...) call declaring it.
