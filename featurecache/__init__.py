@@ -15,8 +15,9 @@ import os as _os
 
 from featurecache import quiet_tf as _quiet_tf
 
-# A process started by the featurecache command (a sweep worker) keeps TensorFlow as quiet as it.
-if _os.environ.get(_quiet_tf.QUIET_ENV) == "1":
+# The Python API keeps TensorFlow's native start-up lines off stderr as the command does (they
+# came twice: at import and at the first device query); FEATURECACHE_QUIET_TF=0 keeps them.
+if _os.environ.get(_quiet_tf.QUIET_ENV) != "0":
     _quiet_tf.install()
 
 from featurecache.cache.store import resolve_cache_dir

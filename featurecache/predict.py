@@ -297,7 +297,7 @@ class EvaluateResult:
     model: str
     data: str
     split: str
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = field(repr=False)
     invalid: int
     out: Path | None
 

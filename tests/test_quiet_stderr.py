@@ -117,3 +117,20 @@ def test_dataset_warning_is_one_line_on_stderr(tmp_path: Path) -> None:
         "warning: dataset 'pets': 1 image(s) appear under two labels with the same bytes: "
         "train/a/b-again.png ('a') = train/b/b.png ('b'); remove the duplicates or fix their labels"
     ]
+
+
+def test_python_api_prints_nothing_on_stderr_and_results_have_short_reprs(tmp_path: Path) -> None:
+    # Importing featurecache silences TensorFlow's start-up lines as the command does (they came
+    # twice), and printing a result does not dump its metrics (2 KB of per-class tables).
+    code = (
+        "import featurecache as fc\n"
+        "r = fc.extract('builtin:digits', backbone='mobilenetv2', weights='random', size=32, limit=20, cache_dir='cache', progress=False)\n"
+        "t = fc.train_head(r.key, head='logreg', out='run', cache_dir='cache', plots=False)\n"
+        "print(repr(r)); print(repr(t))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    extract_repr, train_repr = proc.stdout.splitlines()
+    assert extract_repr.startswith("ExtractResult(key=") and len(extract_repr) < 600, extract_repr
+    assert train_repr.startswith("TrainResult(run_dir=") and "confusion" not in train_repr and len(train_repr) < 300, train_repr

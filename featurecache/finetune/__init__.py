@@ -89,14 +89,14 @@ class FinetuneResult:
 
     out: Path
     model_path: Path
-    equivalence: EquivalenceReport
-    trainable: dict[str, dict[str, Any]]
-    history: dict[str, list[float]]
-    metrics: dict[str, Any]
+    equivalence: EquivalenceReport = field(repr=False)
+    trainable: dict[str, dict[str, Any]] = field(repr=False)
+    history: dict[str, list[float]] = field(repr=False)
+    metrics: dict[str, Any] = field(repr=False)
     seconds: float
     savedmodel: Path | None = None
     unfreeze: str = ""  # the --unfreeze request as given
-    before: dict[str, Any] = field(default_factory=dict)  # the head's metrics per split (its metrics.json)
+    before: dict[str, Any] = field(default_factory=dict, repr=False)  # the head's metrics per split (its metrics.json)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document (metrics without per-class tables)."""
