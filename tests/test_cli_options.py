@@ -307,7 +307,7 @@ def test_run_hints_sweep_no_plots_and_offline_imagenet(tmp_path: Path) -> None:
     (run / "head.json").unlink()
     res = CliRunner().invoke(app, ["finetune", "--run", str(run), "--epochs", "0", "--cache", str(cache)])
     words = _pasted(_error_line(res))
-    assert words[:2] == ["train-head", "--features"] and "C=0.5" in words and words[-2:] == ["--cache", str(cache)]
+    assert words[0] == "train-head" and "--features" in words and "C=0.5" in words and words[words.index("--cache") + 1] == str(cache)
     assert CliRunner().invoke(app, words).exit_code == 0
     assert (run / "head.json").is_file()
 

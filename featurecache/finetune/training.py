@@ -128,8 +128,9 @@ def fit_model(
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=max(1, patience // 2), min_lr=lr / 100))
     callbacks.extend(extra_callbacks)
     with ProgressBar(bool(log), epochs * len(train_data), "fine-tune") as bar:
+        if log and before:
+            bar.line(epoch_line(0, epochs, before) + " (the head)", log)
         if log:
-            bar.line(epoch_line(0, epochs, before or {}) + " (the head)", log)
             callbacks.append(_epoch_printer(bar, log, epochs))
         fitted = trainer.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=0)
     history = {k: [float(v) for v in vals] for k, vals in fitted.history.items()}
@@ -240,12 +241,13 @@ _SHORT = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accura
 
 
 def epoch_line(epoch: int, epochs: int, logs: Mapping[str, Any]) -> str:
-    """``epoch 2/10  loss 0.4312  acc 0.8750  val_loss 0.5120  val_acc 0.8333  lr 1e-05`` (known keys only)."""
+    """``epoch 2/10  loss 0.4312  acc 0.875  val_loss 0.512  val_acc 0.833  lr 1e-05`` (known keys only)."""
     parts = [f"epoch {epoch}/{epochs}"]
     for key, short in _SHORT.items():
         value = logs.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parts.append(f"{short} {value:.0e}" if key == "learning_rate" else f"{short} {value:.4f}")
+            text = f"{value:.0e}" if key == "learning_rate" else f"{value:.3f}" if key.endswith("accuracy") else f"{value:.4g}"
+            parts.append(f"{short} {text}")
     return "  ".join(parts)
 
 
