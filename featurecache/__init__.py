@@ -61,9 +61,24 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'featurecache' has no attribute {name!r}")
+    _quiet_tensorflow()
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def _quiet_tensorflow() -> None:
+    """Keep TensorFlow's native start-up lines off stderr in the Python API, as the command does.
+
+    Done when a public name is first used (it may import TensorFlow), never at import, so
+    ``import featurecache`` changes nothing in the process. ``FEATURECACHE_QUIET_TF=0`` keeps them.
+    """
+    import os
+
+    from featurecache._runtime import quiet_tf
+
+    if os.environ.get(quiet_tf.QUIET_ENV) != "0":
+        quiet_tf.install()
 
 
 def __dir__() -> list[str]:

@@ -102,6 +102,8 @@ class WeightsUnavailableError(FeatureCacheError, OSError):
 class DatasetError(FeatureCacheError, ValueError):
     """A dataset cannot be read or is malformed."""
 
+    exit_code = 2  # a bad --data is a bad argument (README "Errors": 2 for a bad option or argument)
+
 
 class DatasetNotFoundError(DatasetError, FileNotFoundError):
     """The dataset path or name does not exist."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 
 def fit_label(text: str, width: int) -> str:
@@ -78,6 +79,13 @@ class ProgressBar:
         self._bar.update(self._task, advance=n, status=status)
 
     __call__ = advance
+
+    def line(self, text: str, file: Any) -> None:
+        """Print ``text`` as one line above the bar (on ``file`` when the bar is off)."""
+        if self.enabled:
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text, file=file, flush=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -100,7 +101,9 @@ def build_base(spec: BackboneSpec, weights: WeightsRef, *, input_size: int) -> k
     with _canonical_layer_names():
         if weights.kind == "imagenet":
             try:
-                model = constructor(weights="imagenet", **options)
+                # Keras prints "Downloading data from ..." on stdout, which is for results (--json).
+                with contextlib.redirect_stdout(sys.stderr):
+                    model = constructor(weights="imagenet", **options)
             except Exception as error:  # get_file raises a bare Exception on a failed download
                 offline = offline_error(spec, error)
                 if offline is None:

@@ -370,6 +370,10 @@ def get_backbone(name: str) -> BackboneSpec:
     UnknownBackboneError
         If no backbone has this name; the message lists every valid name.
     """
+    if str(name).endswith(".keras"):  # a user's model file (backbones.custom)
+        from featurecache.backbones.custom import custom_backbone
+
+        return custom_backbone(str(name))
     key = _normalise_name(name)
     if key in _REGISTRY:
         return _REGISTRY[key]

@@ -94,6 +94,8 @@ def finetune_cmd(
     typer.echo(f"rebuilt model matches the head on {eq.n} validation images (max |dp| {eq.max_abs_diff:.2g})")
     n_epochs = len(result.history.get("loss", []))
     typer.echo(f"fine-tuned {n_epochs} epochs in {result.seconds:.1f} s: {_metric_line(result.metrics)}")
+    if result.change_line():
+        typer.echo(f"{result.change_line()} (head -> fine-tuned)")
     typer.echo(f"model {result.model_path}" + (f", SavedModel {result.savedmodel}" if result.savedmodel else ""))
 
 
@@ -104,7 +106,7 @@ def evaluate_cmd(
         str | None,
         typer.Option("--data", "-d", help="Dataset source (default: the one the model's run was extracted from).", show_default=False),
     ] = None,
-    split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val or test.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val (without a val split: the run's hold-out of train) or test.")] = "test",
     limit: LimitOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default: <model dir>/eval-<dataset>-<split>).", show_default=False)] = None,
     batch_size: BatchOpt = 32,
@@ -129,19 +131,27 @@ def evaluate_cmd(
 @handle_errors
 def predict_cmd(
     model: ModelArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).", show_default=False)],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes shown per image.")] = 3,
+    csv_out: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Also write image,class_1,probability_1,... rows to this CSV file.", show_default=False),
+    ] = None,
     batch_size: BatchOpt = 32,
     weights: WeightsOpt = None,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Classify images: the top-k class names and probabilities of each."""
-    from featurecache.finetuning.predict import predict
+    from featurecache.finetuning.predict import predict, write_predictions_csv
 
     preds = predict(model, images, top_k=top_k, batch_size=batch_size, weights=weights, cache_dir=cache)
+    if csv_out is not None:
+        write_predictions_csv(preds, csv_out)
     if json_out:
         print_json([p.to_json() for p in preds])
         return
     for p in preds:
         typer.echo(f"{p.image}: " + ", ".join(f"{c} {prob:.3f}" for c, prob in p.top))
+    if csv_out is not None:
+        typer.echo(f"wrote {csv_out} ({len(preds)} images)")

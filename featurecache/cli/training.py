@@ -148,6 +148,7 @@ def sweep_cmd(
     val_fraction: ValFractionOpt = 0.15,
     sweep_seed: Annotated[int, typer.Option("--sweep-seed", help="Seed of the random --trials draws and of the validation hold-out.")] = 0,
     top: Annotated[int, typer.Option("--top", help="Rows of the leaderboard printed.")] = 20,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots and report.html.")] = False,
     tensorboard: TensorBoardOpt = None,
     data: DataRefOpt = None,
     options: ExtractOptions,
@@ -177,7 +178,7 @@ def sweep_cmd(
             result = sweep(
                 fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
                 val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, together=together, progress=not (quiet or json_out),
-                tensorboard=tensorboard,
+                tensorboard=tensorboard, plots=not no_plots,
             )
     if json_out:
         print_json(result.to_json())

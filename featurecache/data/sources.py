@@ -25,7 +25,7 @@ from featurecache.data.dataset import MEMO_FILENAME, SPLIT_NAMES, ArrayItems, Da
 from featurecache.data.decode import IMAGE_EXTENSIONS
 from featurecache.errors import DatasetError, DatasetNotFoundError, FeatureCacheError, UsageError, choices
 
-__all__ = ["ACCEPTED_FORMS", "BUILTIN_DATASETS", "KERAS_DATASETS", "load_dataset", "stratified_choice"]
+__all__ = ["ACCEPTED_FORMS", "BUILTIN_DATASETS", "KERAS_DATASETS", "image_files", "load_dataset", "stratified_choice"]
 
 ACCEPTED_FORMS = (
     "accepted forms: a folder of class sub-folders (optionally inside train/ val/ test/), "
@@ -347,6 +347,12 @@ def _check_link(path: str, rel: str, chain: tuple[str, ...], text: str) -> None:
             f"dataset folder {text!r}: link {rel!r} -> {os.readlink(path)!r} points to a folder that contains it, "
             "so it would list images again under another label or loop forever; remove the link"
         )
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, in name order, walked as a dataset folder is
+    (hidden entries and other file types skipped, links checked)."""
+    return [Path(path) for _, path in _walk_files(folder, folder.name, [], (), str(folder))]
 
 
 def _walk_files(

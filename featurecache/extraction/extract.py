@@ -29,7 +29,7 @@ from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease, NoLease
-from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
+from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError, WeightsUnavailableError
 from featurecache.extraction.options import KEYED_FIELDS, ExtractOptions, expands_options
 from featurecache._runtime.versions import library_versions
 
@@ -60,7 +60,7 @@ class ExtractResult:
     cached: bool
     splits: dict[str, dict[str, Any]]
     seconds: float
-    failures: list[dict[str, str]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list, repr=False)
     skipped_files: int = 0
     computed: int = 0
     reused: int = 0
@@ -340,7 +340,13 @@ def features_for(
         Bad options or data, as :func:`extract` raises.
     """
     o = ExtractOptions.merge(options, overrides, caller="features_for")
-    p = plan(data, o, cache_dir=cache_dir, limit=limit)
+    try:
+        p = plan(data, o, cache_dir=cache_dir, limit=limit)
+    except WeightsUnavailableError as exc:
+        hint = _other_weights_hint(o, cache_dir)
+        if not hint:
+            raise
+        raise WeightsUnavailableError(f"{exc}; {hint}") from None
     fs = views_mod.find_by_key(p.cache_dir, p.key)
     if fs is not None:
         return fs
@@ -350,6 +356,23 @@ def features_for(
         raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
     res = extract(p.dataset, o, cache_dir=p.cache_dir, limit=limit, progress=progress)
     return views_mod.open_features(res.key, cache_dir=p.cache_dir)
+
+
+def _other_weights_hint(o: ExtractOptions, cache_dir: str | os.PathLike[str] | None) -> str:
+    """When weights cannot be had (offline ImageNet): the cached feature sets of the same backbone with other weights."""
+    from featurecache import backbones
+
+    name = backbones.get_backbone(o.backbone).name
+    found = []
+    for fs in views_mod.iter_entries(store.resolve_cache_dir(cache_dir)):
+        spec = fs.attrs.get("spec") or {}
+        label = str(spec.get("weights_label") or spec.get("weights", "")).split(":")[0]
+        if spec.get("backbone") == name and label and label != o.weights:
+            found.append(f"{fs.path.name} (--weights {label} --size {spec.get('input_size')})")
+    if not found:
+        return ""
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return f"no {name} features with weights={o.weights} are cached; cached: {', '.join(found[:3])}{more}: pass those options, or --features KEY"
 
 
 def _extract_shard(

@@ -126,6 +126,7 @@ def write_outputs(
     classes: Sequence[str],
     title: str,
     plots: bool,
+    before: Mapping[str, float] | None = None,
 ) -> None:
     """Write ``metrics.json``, ``predictions.npz``, ``config.json`` and the plots beside the model.
 
@@ -147,6 +148,8 @@ def write_outputs(
         Title of the training-curve plot.
     plots
         Write training-curve and confusion-matrix PNGs.
+    before
+        The head's validation metrics, drawn as epoch 0 of the curves.
     """
     from featurecache.cache.fsio import jsonable, write_json
 
@@ -157,7 +160,7 @@ def write_outputs(
         from featurecache.report import plot_confusion_matrix, plot_training_curves
 
         if history.get("loss"):
-            plot_training_curves(history, out_dir / "training_curves.png", title=title)
+            plot_training_curves(history, out_dir / "training_curves.png", title=title, before=before)
         for split, m in metrics.items():
             plot_confusion_matrix(m["confusion_matrix"], classes, out_dir / f"confusion_{split}.png", title=f"fine-tuned on {split}")
         from featurecache.report.html import write_report

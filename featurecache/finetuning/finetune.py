@@ -34,15 +34,16 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featurecache.errors import UsageError, choices
+from featurecache.errors import FeatureCacheWarning, UsageError, choices
 from featurecache._runtime.versions import library_versions
 from featurecache.finetuning.assemble import Assembled, assemble_run, is_assembled, read_run_config
 from featurecache.finetuning.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
@@ -88,13 +89,14 @@ class FinetuneResult:
 
     out: Path
     model_path: Path
-    equivalence: EquivalenceReport
-    trainable: dict[str, dict[str, Any]]
-    history: dict[str, list[float]]
-    metrics: dict[str, Any]
+    equivalence: EquivalenceReport = field(repr=False)
+    trainable: dict[str, dict[str, Any]] = field(repr=False)
+    history: dict[str, list[float]] = field(repr=False)
+    metrics: dict[str, Any] = field(repr=False)
     seconds: float
     savedmodel: Path | None = None
     unfreeze: str = ""  # the --unfreeze request as given
+    before: dict[str, Any] = field(default_factory=dict, repr=False)  # the head's metrics per split (its metrics.json)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document (metrics without per-class tables)."""
@@ -107,8 +109,15 @@ class FinetuneResult:
             "trainable": _trainable_summary(self.trainable),
             "epochs": len(self.history.get("loss", [])),
             "metrics": {s: _short_metrics(m) for s, m in self.metrics.items()},
+            "before": self.before,
             "seconds": round(self.seconds, 3),
         }
+
+    def change_line(self) -> str:
+        """``val accuracy 0.948 -> 0.922, log loss 0.173 -> 0.245``: the head, then the fine-tuned model."""
+        old, new = self.before.get("val", {}), self.metrics.get("val", {})
+        parts = [f"{name.replace('_', ' ')} {old[name]:.3f} -> {new[name]:.3f}" for name in ("accuracy", "log_loss") if name in old and name in new]
+        return "val " + ", ".join(parts) if parts else ""
 
 
 def _short_metrics(m: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,6 +225,11 @@ def finetune(
             batch_size=batch_size, savedmodel=savedmodel, plots=plots, cache_dir=cache_dir, log=log, started=started,
         )
 
+    import keras
+
+    # Seeded before the rebuild: loading the head creates its Dropout layers' seed generators,
+    # which otherwise draw from an unseeded global state (two identical runs then differed).
+    keras.utils.set_random_seed(int(seed))
     rebuilt = rebuild_model(run, weights=weights, cache_dir=cache_dir)
     # Fail on a bad --unfreeze before the (slower) image loading and check.
     trainable = unfreeze_blocks(rebuilt, unfreeze)
@@ -223,6 +237,8 @@ def finetune(
     run_data = load_run_data(rebuilt.config, predictions, data=data, limit=limit, cache_dir=cache_dir)
     history: dict[str, list[float]] = {}
     best_epoch = None
+    before = _head_metrics(rebuilt.run_dir)
+    curve_before = {f"val_{k}": before["val"][m] for k, m in (("loss", "log_loss"), ("accuracy", "accuracy")) if m in before.get("val", {})}
     out_dir = Path(out) if out is not None else rebuilt.run_dir.with_name(rebuilt.run_dir.name + "-ft")
     # One pool of decode threads and one traced predictor for the check and the final
     # evaluation (the trace reads the model's variables, so it sees the fine-tuned weights).
@@ -239,7 +255,7 @@ def finetune(
             history, best_epoch = fit_model(
                 rebuilt, run_data, out_dir=out_dir, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size,
                 augment=None if aug.is_identity() else aug, patience=patience, seed=int(seed), pool=pool, log=log,
-                callbacks=tb_callbacks,
+                callbacks=tb_callbacks, before=curve_before,
             )
         metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
     model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel, classes=rebuilt.classes)
@@ -249,16 +265,43 @@ def finetune(
         rebuilt, run_data, report=report, unfreeze=unfreeze, trainable=trainable, training=training, history=history,
         best_epoch=best_epoch, metrics=metrics, seconds=seconds,
     )
+    config["before"] = before
     write_outputs(
         out_dir, config=config, metrics=metrics, predictions=preds, history=history, classes=rebuilt.classes,
-        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})", plots=plots,
+        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})", plots=plots, before=curve_before,
     )
     if tb_dir is not None:
         _write_hparams(tb_dir, head=rebuilt.config.get("head"), unfreeze=unfreeze, training=training, metrics=metrics)
-    return FinetuneResult(
+    result = FinetuneResult(
         out=out_dir, model_path=model_path, equivalence=report, trainable=trainable, history=history, metrics=metrics,
-        seconds=seconds, savedmodel=out_dir / "savedmodel" if savedmodel else None, unfreeze=unfreeze,
+        seconds=seconds, savedmodel=out_dir / "savedmodel" if savedmodel else None, unfreeze=unfreeze, before=before,
     )
+    _warn_if_worse(result, epochs)
+    return result
+
+
+def _head_metrics(run_dir: Path) -> dict[str, Any]:
+    """The head's short metrics per split from the run's ``metrics.json`` (empty if it has none)."""
+    import json
+
+    try:
+        recorded = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {s: _short_metrics(m) for s, m in recorded.items() if isinstance(m, Mapping)} if isinstance(recorded, Mapping) else {}
+
+
+def _warn_if_worse(result: FinetuneResult, epochs: int) -> None:
+    """Warn when the fine-tuned model's validation accuracy ends below the head's."""
+    old, new = result.before.get("val", {}).get("accuracy"), result.metrics.get("val", {}).get("accuracy")
+    if epochs > 0 and old is not None and new is not None and new < old:
+        warnings.warn(
+            FeatureCacheWarning(
+                f"fine-tuning ended worse than the head ({result.change_line()}); the head's run is unchanged: "
+                "keep it, or try a lower --lr, fewer --unfreeze blocks or --augment"
+            ),
+            stacklevel=3,
+        )
 
 
 def _print_check(log: Any, report: EquivalenceReport, *, tolerance: float, trainable: Mapping[str, Any], rebuilt: Rebuilt) -> None:

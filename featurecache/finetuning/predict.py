@@ -30,7 +30,7 @@ import numpy as np
 from featurecache.errors import ImageDecodeError, RunError, UsageError, choices
 from featurecache.finetuning.export import MODEL_FILE, model_class_names
 
-__all__ = ["EvaluateResult", "LoadedModel", "Prediction", "evaluate", "load_model", "predict"]
+__all__ = ["EvaluateResult", "LoadedModel", "Prediction", "evaluate", "load_model", "predict", "write_predictions_csv"]
 
 ModelKind = Literal["model", "finetune", "run"]
 
@@ -179,7 +179,8 @@ def predict(
     model
         A ``.keras`` file, fine-tune output directory, run directory, or :class:`LoadedModel`.
     images
-        Image file paths (any size; decoded like the datasets: EXIF orientation, alpha on white).
+        Image files (any size; decoded like the datasets: EXIF orientation, alpha on white) or
+        folders, whose images are found recursively (in name order, as a dataset folder).
     top_k
         Classes reported per image (at most the number of classes).
     batch_size
@@ -199,16 +200,16 @@ def predict(
     RunError
         The model cannot be loaded.
     UsageError
-        No images, or ``top_k < 1``.
+        No images (a folder without any), or ``top_k < 1``.
     """
     from featurecache.data import IMAGE_EXTENSIONS, decode_image
     from featurecache.finetuning.inference import ImagePredictor, image_pool
 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k must be an integer >= 1, got {top_k!r}")
-    paths = [Path(p) for p in images]
+    paths = _expand_folders([Path(p) for p in images], IMAGE_EXTENSIONS)
     if not paths:
-        raise UsageError("no images given; pass one or more image files")
+        raise UsageError("no images given; pass one or more image files or folders")
     # Decode everything first: a bad file fails in a second, not after the model has loaded.
     # Decoded in parallel; map raises the first failure in input order, as a loop would.
     try:
@@ -226,6 +227,64 @@ def predict(
     return out
 
 
+def _held_out_rows(loaded: LoadedModel, dataset: Any) -> np.ndarray | None:
+    """Rows of ``train`` the model's run held out for validation (its ``predictions.npz`` ``val_ids``), or ``None``."""
+    folder = loaded.path if loaded.path.is_dir() else loaded.path.parent
+    try:
+        with np.load(folder / "predictions.npz", allow_pickle=False) as npz:
+            val_ids = [str(v) for v in npz["val_ids"]]
+    except (OSError, KeyError, ValueError):
+        return None
+    index = {sid: i for i, sid in enumerate(dataset.splits["train"].ids)}
+    if not val_ids or any(v not in index for v in val_ids):
+        return None
+    return np.array([index[v] for v in val_ids], dtype=np.int64)
+
+
+def _expand_folders(paths: Sequence[Path], extensions: frozenset[str]) -> list[Path]:
+    """``paths`` with each folder replaced by the image files under it (recursively)."""
+    from featurecache.data.sources import image_files
+
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        found = image_files(path)
+        if not found:
+            raise UsageError(f"folder {path} has no images ({', '.join(sorted(extensions))}, searched recursively); pass a folder that has some")
+        out.extend(found)
+    return out
+
+
+def write_predictions_csv(predictions: Sequence[Prediction], path: str | os.PathLike[str]) -> Path:
+    """Write ``image,class_1,probability_1,...,class_k,probability_k``, one row per image.
+
+    Parameters
+    ----------
+    predictions
+        From :func:`predict`.
+    path
+        The CSV file (its folder is created).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    import csv
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    k = max((len(p.top) for p in predictions), default=0)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("class", "probability"))])
+        for p in predictions:
+            writer.writerow([p.image, *(v for c, prob in p.top for v in (c, f"{prob:.6g}"))])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
@@ -238,7 +297,7 @@ class EvaluateResult:
     model: str
     data: str
     split: str
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = field(repr=False)
     invalid: int
     out: Path | None
 
@@ -277,7 +336,8 @@ def evaluate(
     data
         Dataset source; default the one the model's run was extracted from.
     split
-        ``train``, ``val`` or ``test``.
+        ``train``, ``val`` or ``test``. ``val`` of a model whose run held part of ``train`` out
+        for validation (the dataset has no ``val`` split) is that same hold-out.
     limit, seed
         Images per split and its seed; default what the run recorded when ``data`` is the
         run's own dataset, else all images.
@@ -324,11 +384,13 @@ def evaluate(
     if seed is None:
         seed = int(recorded.get("seed", 0)) if same else 0
     dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed)
-    if split not in dataset.splits:
+    held_out = _held_out_rows(loaded, dataset) if split == "val" and "val" not in dataset.splits and same and recorded.get("validation") == "train" else None
+    if split not in dataset.splits and held_out is None:
         raise UsageError(f"dataset {source!r} has no {split!r} split; pass --split one of {choices(dataset.splits)}")
     labels = label_map(dataset.classes, loaded.classes, where=str(source))
-    sp = dataset.splits[split]
-    rows = np.arange(len(sp))
+    # A run without a val split validated on a fraction of train: evaluate that same fraction.
+    sp = dataset.splits[split] if held_out is None else dataset.splits["train"]
+    rows = np.arange(len(sp)) if held_out is None else held_out
     with image_pool("fc-eval") as pool:
         proba, ok = predict_rows(ImagePredictor(loaded.model, batch_size=batch_size), sp, rows, pool=pool)
     if not ok.any():
@@ -339,7 +401,7 @@ def evaluate(
     out_dir = Path(out) if out is not None else base / f"eval-{dataset.name}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", {split: metrics})
-    np.savez(out_dir / f"predictions_{split}.npz", ids=np.asarray(sp.ids, dtype=str)[ok], y=y, proba=proba[ok])
+    np.savez(out_dir / f"predictions_{split}.npz", ids=np.asarray(sp.ids, dtype=str)[rows][ok], y=y, proba=proba[ok])
     if plots:
         from featurecache.report import plot_confusion_matrix
 

@@ -263,7 +263,13 @@ def build_branch(
     from featurecache import backbones
 
     spec = features["spec"]
-    bspec = backbones.get_backbone(str(spec["backbone"]))
+    name = str(spec["backbone"])
+    if name == "custom":  # a user's .keras file, found where its weights are (backbones.custom)
+        source = next((str(w) for w in (weights, features.get("weights_source")) if w and str(w).endswith(".keras")), None)
+        if source is None:
+            raise RunError("the run does not record its custom backbone's .keras file; pass --weights PATH to that file")
+        name = source
+    bspec = backbones.get_backbone(name)
     ref = _resolve_weights(features, bspec, override=weights, cache_dir=cache_dir)
     size = int(spec["input_size"])
     base = backbones.build_base(bspec, ref, input_size=size)

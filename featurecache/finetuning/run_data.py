@@ -170,15 +170,17 @@ def read_predictions(run_dir: Path) -> dict[str, np.ndarray]:
     RunError
         The file is missing, unreadable (truncated, altered) or lacks ``val_ids`` / ``val_proba``.
     """
+    from featurecache.training.rundir import retrain_hint
+
     path = run_dir / "predictions.npz"
     if not path.is_file():
-        raise RunError(f"run {run_dir} has no predictions.npz, which the equivalence check needs; re-run `featurecache train-head --out {run_dir}`")
+        raise RunError(f"run {run_dir} has no predictions.npz, which the equivalence check needs; {retrain_hint(run_dir)}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             preds = {k: npz[k] for k in npz.files}
     except Exception as exc:  # a truncated or altered file: BadZipFile, EOFError, ValueError, zlib.error, ...
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise RunError(f"cannot read {path} ({type(exc).__name__}: {reason}); re-run `featurecache train-head --out {run_dir}`") from None
+        raise RunError(f"cannot read {path} ({type(exc).__name__}: {reason}); {retrain_hint(run_dir)}") from None
     if "val_ids" not in preds or "val_proba" not in preds:
-        raise RunError(f"{path} lacks val_ids / val_proba; re-run `featurecache train-head --out {run_dir}`")
+        raise RunError(f"{path} lacks val_ids / val_proba; {retrain_hint(run_dir)}")
     return preds

@@ -107,6 +107,7 @@ def plot_training_curves(
     path: str | os.PathLike[str],
     *,
     title: str = "",
+    before: Mapping[str, float] | None = None,
 ) -> Path:
     """Plot loss and accuracy per epoch (training and validation).
 
@@ -119,6 +120,9 @@ def plot_training_curves(
         Output PNG path.
     title
         Figure title.
+    before
+        Values before the first epoch, drawn at epoch 0 (a fine-tune's head: ``val_loss``,
+        ``val_accuracy``).
 
     Returns
     -------
@@ -130,10 +134,10 @@ def plot_training_curves(
     UsageError
         When the history has neither a loss nor an accuracy series.
     """
-    return _save(training_curves_figure(history, title=title), path)
+    return _save(training_curves_figure(history, title=title, before=before), path)
 
 
-def training_curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "") -> Any:
+def training_curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "", before: Mapping[str, float] | None = None) -> Any:
     """The figure behind :func:`plot_training_curves` (so tests can check its content)."""
     panels = [
         (metric, [s for s in (metric, f"val_{metric}") if len(history.get(s, ())) > 0])
@@ -154,8 +158,11 @@ def training_curves_figure(history: Mapping[str, Sequence[float]], *, title: str
     for ax, (metric, series) in zip(axes, panels, strict=True):
         for name in series:
             values = list(history[name])
+            start = 1
+            if before is not None and name in before:
+                values, start = [float(before[name]), *values], 0
             ax.plot(
-                range(1, len(values) + 1),
+                range(start, start + len(values)),
                 values,
                 marker="o" if len(values) <= 30 else None,
                 markersize=3,

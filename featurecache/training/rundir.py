@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 import uuid
@@ -35,7 +36,7 @@ from featurecache.cache.fsio import jsonable, write_json
 from featurecache.errors import RunError, UsageError
 from featurecache.training.runconfig import RUN_FORMAT
 
-__all__ = ["clean_leftovers", "final_name", "load_run", "replace_dir", "swap_dirs", "write_run"]
+__all__ = ["clean_leftovers", "final_name", "load_run", "replace_dir", "retrain_hint", "swap_dirs", "write_run"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -253,15 +254,39 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
     path = Path(run_dir)
     cfg_path = path / "config.json"
     if not path.is_dir():
-        raise RunError(f"run directory {path} does not exist; train a head first with `featurecache train-head --out {path}`")
+        raise RunError(f"run directory {path} does not exist; {retrain_hint(path)}")
     if not cfg_path.is_file():
         raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`")
     try:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {cfg_path} ({exc}); train the head again with `featurecache train-head --out {path}`") from None
+        raise RunError(f"cannot read {cfg_path} ({exc}); {retrain_hint(path)}") from None
     try:
         estimator = load_head(path)
     except FileNotFoundError as exc:
-        raise RunError(f"run {path} has no saved head ({exc.filename or exc}); re-run `featurecache train-head --out {path}`") from None
+        raise RunError(f"run {path} has no saved head ({exc.filename or exc}); {retrain_hint(path)}") from None
     return config, estimator
+
+
+def retrain_hint(run_dir: str | os.PathLike[str]) -> str:
+    """How to (re)write ``run_dir``: the ``train-head`` command its ``config.json`` records, else where to find features.
+
+    Every command it prints works when pasted (the CLI adds the ``--cache`` it was given).
+    """
+    path = Path(run_dir)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        key, head = str(config["features"]["key"]), str(config["head"])
+        from featurecache.training.heads import head_param_schema
+
+        schema = head_param_schema(head)
+        params = [
+            f"-p {shlex.quote(f'{k}={schema[k].format(v)}')}"
+            for k, v in (config.get("params") or {}).items()
+            if k in schema and schema[k].format(v) != schema[k].format(schema[k].default)
+        ]
+    except Exception:  # noqa: BLE001 - no readable record: the generic hint
+        return f"list the feature sets with `featurecache cache ls` and train a head into it with train-head --features KEY --out {shlex.quote(str(path))}"
+    command = " ".join(["featurecache train-head --features", key, "--head", shlex.quote(head), *params, "--out", shlex.quote(str(path))])
+    return f"train it again with `{command}`"
+

@@ -535,7 +535,7 @@ class TrainResult:
     run_dir: Path
     head: str
     params: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = field(repr=False)  # per-class tables and confusion matrices: kilobytes
     seconds: float
     estimator: Any = field(repr=False, compare=False)
     #: Classes with no valid training sample (the head never predicts them).

@@ -364,3 +364,38 @@ def test_custom_backbone(tmp_path: Path) -> None:
     with pytest.raises(BackboneError, match="'c2'"):
         B.custom_backbone(str(path), layer="c22")
 
+
+
+def _readme_block(after: str, lang: str) -> str:
+    """The first ```lang block of README.md after the line starting with ``after``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rest = text[text.index(after):]
+    start = rest.index(f"```{lang}\n") + len(lang) + 4
+    return rest[start : rest.index("```", start)]
+
+
+@pytest.mark.slow  # the README's commands end to end: extract, train, fine-tune, predict
+def test_readme_custom_keras_backbone_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEATURECACHE_DIR", raising=False)
+    exec(compile(_readme_block("**Your own model as a backbone**", "python"), "README.md", "exec"), {})
+    assert (tmp_path / "my_backbone.keras").is_file()
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    for i, size in enumerate((20, 40)):
+        Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(tmp_path / "images" / "sub" / f"{i}.png")
+    commands = [shlex.split(line) for line in _readme_block("**Your own model as a backbone**", "bash").splitlines() if line.strip()]
+    assert [c[1] for c in commands] == ["extract", "train-head", "finetune", "predict"]
+    for words in commands:
+        res = CliRunner().invoke(app, words[1:])
+        assert res.exit_code == 0, (words, res.output)
+    config = json.loads((tmp_path / "runs" / "mine-ft" / "config.json").read_text())
+    assert config["features"]["spec"]["backbone"] == "custom" and config["trainable"]["backbone"]["layers"] == 2
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "image,class_1,probability_1,class_2,probability_2,class_3,probability_3" and len(rows) == 3

@@ -264,3 +264,65 @@ def test_pipeline_cache_dir_and_cache_option_together(tmp_path: Path) -> None:
     f.write_text(f'[extract]\ncache_dir = "{from_file}"\n[sweep]\ncache_dir = "{from_option}"\n')
     with pytest.raises(PipelineError, match="different cache_dir values"):
         load_pipeline(f)
+
+
+# ------------------------------------------------------------------------------ issue 20, item 17
+
+
+def test_grid_with_comma_between_parameters_says_to_use_a_semicolon() -> None:
+    from featurecache.training.sweeps.grid import parse_grid
+
+    res = CliRunner().invoke(app, ["sweep", "--features", "0123456789ab", "--grid", "dense:hidden=256,dropout=0.5"])
+    assert res.exit_code == 2
+    line = _error_line(res)
+    assert "parameters are separated by ';' and values by ','" in line and "'dense:hidden=256;dropout=0.5'" in line
+    assert len(parse_grid("dense:hidden=256;dropout=0.5")) == 1  # the suggestion is a valid grid
+
+
+def test_bad_data_exits_2_as_the_readme_says(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["extract", "--data", str(tmp_path / "no-such-folder"), "--cache", str(tmp_path / "cache")])
+    assert res.exit_code == 2
+    assert "no-such-folder" in _error_line(res)
+
+
+def test_missing_run_hint_works_when_pasted(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, ["finetune", "--run", str(tmp_path / "nope"), "--cache", str(cache)])
+    line = _error_line(res)
+    assert "train-head --out" not in line  # without --features it only said "no features chosen"
+    pasted = CliRunner().invoke(app, _pasted(line))
+    assert pasted.exit_code == 0, pasted.output
+
+
+@pytest.mark.slow  # an extraction, a sweep and a real process that tries to download weights
+def test_run_hints_sweep_no_plots_and_offline_imagenet(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, ["extract", *SMALL, "-q", "--cache", str(cache)]).exit_code == 0
+    assert CliRunner().invoke(app, ["train-head", *SMALL, "--head", "logreg", "-p", "C=0.5", "--out", str(run), "--no-plots", "--cache", str(cache)]).exit_code == 0
+    # A run that lost its head: the hint is the run's own train-head command, and it works.
+    (run / "head.json").unlink()
+    res = CliRunner().invoke(app, ["finetune", "--run", str(run), "--epochs", "0", "--cache", str(cache)])
+    words = _pasted(_error_line(res))
+    assert words[0] == "train-head" and "--features" in words and "C=0.5" in words and words[words.index("--cache") + 1] == str(cache)
+    assert CliRunner().invoke(app, words).exit_code == 0
+    assert (run / "head.json").is_file()
+
+    res = CliRunner().invoke(app, ["sweep", *SMALL, "--grid", "logreg:C=1", "--no-plots", "--out", str(tmp_path / "sw"), "-q", "--cache", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "sw" / "leaderboard.csv").is_file()
+    assert not list((tmp_path / "sw").rglob("*.png")) and not list((tmp_path / "sw").rglob("report.html"))
+
+    # Offline (a proxy that refuses), ImageNet weights for features that exist only with random ones.
+    args = [a for a in SMALL if a not in ("--weights", "random")]
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "KERAS_HOME": str(tmp_path / "keras")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "featurecache", "train-head", *args, "--json", "--cache", str(cache)], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""  # Keras's "Downloading data from" is not on stdout
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: cannot download ImageNet weights") and "--weights random --size 32" in error, proc.stderr
+    assert "mobilenetv2-random-32-avg--digits--" in error

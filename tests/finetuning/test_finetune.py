@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import featurecache as fc
-from featurecache.errors import EquivalenceError, UsageError
+from featurecache.errors import EquivalenceError, FeatureCacheWarning, UsageError
 from featurecache.finetuning.finetune import (
     EquivalenceReport,
     _make_trainer,
@@ -305,3 +305,74 @@ def test_linear_heads_convert_to_keras_exactly(head: str, params: dict, n_classe
     model = keras.Model(inp, keras_head(est, feature_shape=(6,), n_classes=n_classes)(inp))
     got = np.asarray(model.predict(X, verbose=0), dtype=np.float64)
     np.testing.assert_allclose(got, est.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.slow  # two real fine-tunes
+def test_two_identical_finetunes_give_identical_weights_and_metrics(env: dict, tmp_path: Path) -> None:
+    """The seed fixes the batch order, augmentation and the head's dropout (random-weight backbone)."""
+    import keras
+
+    from featurecache.training.train import train_head
+
+    run = train_head(
+        env["key"], head="dense", params={"hidden": "16", "epochs": 1, "dropout": 0.5}, out=tmp_path / "run", cache_dir=env["cache"], plots=False,
+    ).run_dir
+    results = [
+        fc.finetune(
+            run, unfreeze="top:1", epochs=2, lr=1e-2, batch_size=8, augment="flip", patience=0, seed=7, out=tmp_path / f"ft{i}",
+            cache_dir=env["cache"], plots=False, progress=False,
+        )
+        for i in range(2)
+    ]
+    assert results[0].history == results[1].history
+    assert results[0].metrics["val"]["log_loss"] == results[1].metrics["val"]["log_loss"]
+    a, b = (keras.saving.load_model(r.model_path).get_weights() for r in results)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_epoch_lines_fit_80_columns() -> None:
+    from featurecache.finetuning.training import epoch_line
+
+    logs = {"accuracy": 0.875, "loss": 123.456789, "val_accuracy": 0.8333, "val_loss": 10.5, "learning_rate": 1e-5}
+    line = epoch_line(10, 10, logs)
+    assert line == "epoch 10/10  loss 123.5  acc 0.875  val_loss 10.5  val_acc 0.833  lr 1e-05"
+    assert len(line) <= 80
+    assert epoch_line(0, 10, {"val_loss": 10.5, "val_accuracy": 0.8333}) == "epoch 0/10  val_loss 10.5  val_acc 0.833"
+
+
+def test_training_curves_draw_the_head_as_epoch_0() -> None:
+    from featurecache.report.plots import training_curves_figure
+
+    history = {"loss": [1.0, 0.5], "val_loss": [0.9, 0.7], "accuracy": [0.5, 0.7], "val_accuracy": [0.6, 0.65]}
+    fig = training_curves_figure(history, before={"val_loss": 0.8, "val_accuracy": 0.62})
+    lines = {(ax.get_ylabel(), ln.get_label()): ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("best")}
+    assert list(lines["loss", "validation"].get_xdata()) == [0, 1, 2]
+    assert list(lines["loss", "validation"].get_ydata()) == [0.8, 0.9, 0.7]
+    assert list(lines["accuracy", "validation"].get_ydata())[0] == 0.62
+    assert list(lines["loss", "training"].get_xdata()) == [1, 2]  # no training loss is known before
+
+
+@pytest.mark.slow  # a real fine-tune through the CLI
+def test_finetune_cli_shows_epochs_from_the_head_and_warns_when_worse(env: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from featurecache.cli.main import app
+
+    run = tmp_path / "run"
+    shutil.copytree(env["run_dense"], run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["val"].update(accuracy=1.0, log_loss=0.01)  # a head no fine-tune can beat
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    # pytest records warnings itself; outside it the command prints this one as a "warning: ..." line.
+    with pytest.warns(FeatureCacheWarning, match=r"fine-tuning ended worse than the head \(val accuracy 1\.000 -> "):
+        res = CliRunner().invoke(
+            app, ["finetune", "--run", str(run), "--epochs", "1", "--batch-size", "8", "--patience", "0", "--out", str(tmp_path / "ft"), "--cache", str(env["cache"])],
+        )
+    assert res.exit_code == 0, res.output
+    err = res.stderr.splitlines()
+    assert "epoch 0/1  val_loss 0.01  val_acc 1.000 (the head)" in err, res.stderr
+    assert any(ln.startswith("epoch 1/1  loss ") and len(ln) <= 80 for ln in err), res.stderr
+    after = json.loads((tmp_path / "ft" / "metrics.json").read_text())["val"]["accuracy"]
+    assert f"val accuracy 1.000 -> {after:.3f}" in res.stdout
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["before"]["val"]["accuracy"] == 1.0

@@ -255,3 +255,37 @@ def test_savedmodel_takes_uint8_images_and_names_classes(tmp_path: Path) -> None
     assert [c.decode() for c in loaded.class_names().numpy()] == ["cat", "dog"]
     sig = loaded.signatures["serving_default"]
     assert sig.structured_input_signature[1]["image"].dtype == tf.uint8
+
+
+# ------------------------------------------------------------------ folders and hold-outs
+
+
+def test_predict_a_folder_recursively_with_a_csv(env: dict, image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "notes.txt").write_text("not an image, skipped")
+    csv_file = tmp_path / "out" / "predictions.csv"
+    result = CliRunner().invoke(app, ["predict", str(env["exported"]), str(image_folder), "--top-k", "2", "--csv", str(csv_file)])
+    assert result.exit_code == 0, result.output
+    expected = sorted(str(p) for p in image_folder.rglob("*_*.*"))
+    rows = csv_file.read_text().splitlines()
+    assert rows[0] == "image,class_1,probability_1,class_2,probability_2"
+    assert sorted(r.split(",")[0] for r in rows[1:]) == expected and len(expected) == 8
+    assert sum(line.startswith(str(image_folder)) for line in result.stdout.splitlines()) == 8
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out = _cli("predict", str(env["exported"]), str(empty))
+    assert code == 2
+    _one_line_error(out, f"folder {empty} has no images")
+
+
+def test_evaluate_val_of_a_run_that_held_out_part_of_train(image_folder: Path, tmp_path: Path) -> None:
+    from featurecache.training.train import train_head
+
+    cache = tmp_path / "cache"
+    res = fc.extract(str(image_folder), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False)
+    run = train_head(res.key, head="logreg", out=tmp_path / "run", cache_dir=cache, plots=False, val_fraction=0.25).run_dir
+    head_val = json.loads((run / "metrics.json").read_text())["val"]
+    result = fc.evaluate(run, split="val", cache_dir=cache, plots=False)
+    assert result.metrics["n"] == head_val["n"] == 2
+    assert result.metrics["confusion_matrix"] == head_val["confusion_matrix"]
+    with np.load(run / "predictions.npz") as npz, np.load(result.out / "predictions_val.npz") as got:
+        assert sorted(got["ids"].tolist()) == sorted(npz["val_ids"].tolist())

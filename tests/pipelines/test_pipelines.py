@@ -32,11 +32,11 @@ def _cifar_like_npz(path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cifar10_resnet50", "animals_vgg19", "efficientnet_folder"])
+@pytest.mark.parametrize("name", ["cifar10_resnet50", "cifar10_resnet50_flatten", "animals_vgg19", "efficientnet_folder"])
 def test_shipped_pipeline_runs_small_and_offline(name: str, tmp_path: Path) -> None:
     # The real pipelines read keras:cifar10 or a user's folder at 224 px with ImageNet
     # weights; here the same stages run on generated data of the same shape, small.
-    if name == "cifar10_resnet50":
+    if name.startswith("cifar10_"):
         data = _cifar_like_npz(tmp_path / "cifar_like.npz")
     else:
         data = make_image_folder(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=6, size=24)
@@ -51,6 +51,16 @@ def test_shipped_pipeline_runs_small_and_offline(name: str, tmp_path: Path) -> N
     assert Path(ft["model"]).is_file()
     doc = load_pipeline(PIPELINES / f"{name}.toml")
     assert doc["extract"]["weights"] == "imagenet"  # the shipped file is the real experiment
+    if name == "cifar10_resnet50_flatten":  # the seed experiment's head, as trained and exported
+        import keras
+
+        run = json.loads((Path(ft["model"]).parent / "config.json").read_text())
+        assert run["features"]["spec"]["pooling"] == "flatten" and run["params"]["hidden"] == [256, 128, 64]
+        layers = [layer.name for layer in keras.saving.load_model(ft["model"]).layers]
+        assert [n for n in layers if n.startswith(("head_dense", "head_bn", "head_dropout"))] == [
+            f"head_{kind}_{i}" for i in range(3) for kind in ("dense", "bn", "dropout")
+        ]
+        assert layers[-1] == "predictions"
 
 
 @pytest.mark.slow

@@ -147,3 +147,20 @@ def test_dask_extract_shows_dasks_lines_only_when_asked(tmp_path: Path) -> None:
         links = [ln for ln in verbose.stderr.splitlines() if ln.startswith("Dask dashboard: ")]
         assert len(links) == 1 and links[0].startswith("Dask dashboard: http://127.0.0.1:"), verbose.stderr
         assert ":8787/" not in links[0] and "8787 is already in use" not in verbose.stderr
+
+
+def test_python_api_prints_nothing_on_stderr_and_results_have_short_reprs(tmp_path: Path) -> None:
+    # Importing featurecache silences TensorFlow's start-up lines as the command does (they came
+    # twice), and printing a result does not dump its metrics (2 KB of per-class tables).
+    code = (
+        "import featurecache as fc\n"
+        "r = fc.extract('builtin:digits', backbone='mobilenetv2', weights='random', size=32, limit=20, cache_dir='cache', progress=False)\n"
+        "t = fc.train_head(r.key, head='logreg', out='run', cache_dir='cache', plots=False)\n"
+        "print(repr(r)); print(repr(t))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    extract_repr, train_repr = proc.stdout.splitlines()
+    assert extract_repr.startswith("ExtractResult(key=") and len(extract_repr) < 600, extract_repr
+    assert train_repr.startswith("TrainResult(run_dir=") and "confusion" not in train_repr and len(train_repr) < 300, train_repr

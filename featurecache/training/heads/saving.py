@@ -188,14 +188,15 @@ def load_head(dirpath: str | os.PathLike[str]) -> BaseEstimator:
     if not meta_path.is_file():
         if legacy:
             raise UntrustedHeadError(f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}), which can run code when loaded; {_convert_hint(src)}")
-        raise RunError(
-            f"no saved head in {str(src)!r} (head.json missing); point to a run directory "
-            "written by `featurecache train-head` (e.g. runs/<name>) or train the head again"
-        )
+        from featurecache.training.rundir import retrain_hint
+
+        raise RunError(f"no saved head in {str(src)!r} (head.json missing); point to a run directory written by train-head, or {retrain_hint(src)}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {meta_path} ({exc}); train the head again") from None
+        from featurecache.training.rundir import retrain_hint
+
+        raise RunError(f"cannot read {meta_path} ({exc}); {retrain_hint(src)}") from None
     kind = meta.get("format"), meta.get("kind")
     if kind[0] == 1 and legacy:
         raise UntrustedHeadError(f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}, format 1), which can run code when loaded; {_convert_hint(src)}")

@@ -109,7 +109,9 @@ def earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, p
     return out
 
 
-def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str) -> Path:
+def _save_best(
+    out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str, plots: bool = True
+) -> Path:
     """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
     from featurecache.training.rundir import write_run
 
@@ -123,6 +125,7 @@ def _save_best(out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator
         predictions=preds,
         seconds=float(record.get("fit_seconds") or 0.0),
         extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
+        plots=plots,
     )
 
 
@@ -151,11 +154,12 @@ def keep_best(
     top_k: Sequence[int],
     val_fraction: float,
     seed: int,
+    plots: bool = True,
 ) -> None:
     """Write ``<out>/best`` for the best trial unless it is there already (refitting it if an earlier call ran it)."""
     if session_best is not None and session_best[1] == trial.id:
         _, _, estimator, preds = session_best
-        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric)
+        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric, plots=plots)
     elif not _best_is_saved(out_dir, trial.id, fs.key):
         # The best trial ran in an earlier, interrupted call (or on a worker that died after
         # writing its record): its head was not kept, refit it.
@@ -169,4 +173,4 @@ def keep_best(
         fit_seconds = time.perf_counter() - t0
         metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
         refit = {**record, "metrics": metrics, "fit_seconds": fit_seconds}
-        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=refit, data=data, metric=metric)
+        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=refit, data=data, metric=metric, plots=plots)

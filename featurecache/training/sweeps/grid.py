@@ -13,6 +13,7 @@ for a seed whatever other heads are swept.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,10 @@ def _split_head(text: str) -> tuple[str, str]:
     return head.strip(), body
 
 
+# A comma followed by ``name=``: a parameter separated with ',' instead of ';'.
+_NEXT_PARAM = r",\s*(?=[A-Za-z_]\w*\s*=)"
+
+
 def _grid_axes(text: str, head: str, body: str) -> dict[str, list[Any]]:
     """Each parameter of a grid string's body and its typed values, in the order written."""
     from featurecache.training.heads import coerce_head_params, parse_param
@@ -87,6 +92,9 @@ def _grid_axes(text: str, head: str, body: str) -> dict[str, list[Any]]:
         if name in axes:
             raise UsageError(f"grid {text!r} gives parameter {name!r} twice; list all its values once: {name}=V1,V2")
         typed: list[Any] = []
+        if re.search(_NEXT_PARAM, values):
+            fixed = re.sub(_NEXT_PARAM, ";", str(text))
+            raise UsageError(f"grid {text!r}: parameters are separated by ';' and values by ','; write it as {fixed!r}")
         for value in values.split(","):
             # Coercing through the head's schema rejects unknown names and bad values here,
             # before any feature is read, with the schema's own one-line message.

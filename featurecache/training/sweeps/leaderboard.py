@@ -107,8 +107,8 @@ def format_interval(span: tuple[float, float] | None, digits: int = 3) -> str:
     return "-" if span is None else f"{span[0]:.{digits}f}-{span[1]:.{digits}f}"
 
 
-def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str) -> None:
-    """Write ``leaderboard.csv``, ``leaderboard.json`` and (when a trial succeeded) ``leaderboard.png`` in ``out``."""
+def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str, plots: bool = True) -> None:
+    """Write ``leaderboard.csv``, ``leaderboard.json`` and (with ``plots``, when a trial succeeded) ``leaderboard.png`` in ``out``."""
     columns: list[str] = ["rank", "trial", "head", "name", "status"]
     for r in rows:
         columns += [c for c in r if c not in columns and c not in ("params", "error", "fit_seconds", "seconds")]
@@ -123,7 +123,7 @@ def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: s
 
     write_atomic(out / "leaderboard.csv", write_csv)
     write_json(out / "leaderboard.json", {"metric": metric, "key": key, "features": name, "rows": list(rows)})
-    if any(r["status"] == "ok" for r in rows):
+    if plots and any(r["status"] == "ok" for r in rows):
         from featurecache.report import plot_leaderboard
 
         try:

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class SweepResult:
     """
 
     out_dir: Path
-    leaderboard: list[dict[str, Any]]
+    leaderboard: list[dict[str, Any]] = field(repr=False)
     best_run: Path
     seconds: float
     skipped: int
@@ -112,6 +112,7 @@ def sweep(
     together: bool = True,
     progress: bool = True,
     tensorboard: str | os.PathLike[str] | None = None,
+    plots: bool = True,
 ) -> SweepResult:
     """Train many heads on one cached feature set, rank them, save the best as a run.
 
@@ -155,6 +156,8 @@ def sweep(
         Also write TensorBoard logs there: one HParams session per trial (head, parameters,
         final metrics) and the curves of the dense trials trained in this call
         (:mod:`featurecache.report.tensorboard`).
+    plots
+        Write the PNG plots (leaderboard, the best run's) and ``report.html``.
 
     Returns
     -------
@@ -205,7 +208,7 @@ def sweep(
         )
 
     rows = rank([records[t.id] for t in every], metric)
-    write_leaderboard(out_dir, rows, metric=metric, key=fs.key, name=fs.name)
+    write_leaderboard(out_dir, rows, metric=metric, key=fs.key, name=fs.name, plots=plots)
     failed = sum(1 for r in rows if r["status"] != "ok")
     if not rows or rows[0]["status"] != "ok":
         first = rows[0]["error"] if rows else "no trials"
@@ -214,10 +217,10 @@ def sweep(
     best_row = rows[0]
     best_trial = next(t for t in every if t.id == best_row["trial"])
     keep_best(out_dir, row=best_row, trial=best_trial, record=records[best_trial.id], session_best=session_best, data=data, fs=fs,
-              metric=metric, top_k=top_k, val_fraction=val_fraction, seed=seed)
+              metric=metric, top_k=top_k, val_fraction=val_fraction, seed=seed, plots=plots)
     meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(out_dir / BEST_DIR)}
     write_json(out_dir / "sweep.json", meta)
-    _write_reports(out_dir, tensorboard, rows=rows, records=records, histories=histories, metric=metric)
+    _write_reports(out_dir, tensorboard, rows=rows, records=records, histories=histories, metric=metric, plots=plots)
     return SweepResult(
         out_dir=out_dir, leaderboard=rows, best_run=out_dir / BEST_DIR, seconds=time.perf_counter() - started, skipped=skipped,
         metric=metric, key=fs.key, failed=failed, rounds=stats["rounds"], lost_tasks=stats["lost_tasks"],
@@ -253,11 +256,13 @@ def _write_reports(
     records: Mapping[str, Mapping[str, Any]],
     histories: Mapping[str, Any],
     metric: str,
+    plots: bool = True,
 ) -> None:
-    """``report.html`` of the sweep and, with ``tensorboard``, its trials as TensorBoard runs."""
+    """``report.html`` of the sweep (with ``plots``) and, with ``tensorboard``, its trials as TensorBoard runs."""
     from featurecache.report.html import write_report
 
-    write_report(out_dir, analyse=False)  # report.html: leaderboard and the best run (analysed as it was written)
+    if plots:
+        write_report(out_dir, analyse=False)  # report.html: leaderboard and the best run (analysed as it was written)
     if tensorboard is not None:
         from featurecache.report.tensorboard import write_sweep_logs
 
