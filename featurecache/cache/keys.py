@@ -201,6 +201,24 @@ def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence
     return h.hexdigest()
 
 
+#: Fields a store's or a view's recorded spec holds besides the keyed ones (names, the dataset).
+RECORDED_ONLY: tuple[str, ...] = ("weights_label", "dataset_digest", "dataset_name")
+
+
+def recorded_spec_key(spec: Mapping[str, Any]) -> str:
+    """The feature spec key a store's or a view's recorded ``spec`` hashes to.
+
+    Readers compare it with the key that names the entry: a spec edited in a ``zarr.json``
+    (say ``input_size`` 32 -> 48) no longer hashes to it, so it is never trusted or copied.
+
+    Raises
+    ------
+    UsageError
+        The recorded spec holds a value with no canonical form.
+    """
+    return digest_of({k: v for k, v in spec.items() if k not in RECORDED_ONLY})
+
+
 def view_key(spec_key: str, dataset_digest: str) -> str:
     """Key of the dataset view of ``dataset_digest``'s manifest over the store ``spec_key``.
 

@@ -5,9 +5,11 @@
   and hashes to the sha256 its marker recorded (so a deleted chunk, which Zarr would read as
   zeros, or two swapped chunks, each with a valid CRC, are found); that a view's ids, labels,
   digests and class names hash back to its dataset digest and key, and that every row it
-  points at holds the image digest it claims. ``featurecache.audit.verify`` adds a recomputed
-  sample on top. :func:`repair` drops damaged units (and the views that read them), so the
-  next extract recomputes only what was damaged.
+  points at holds the image digest it claims; that a view's name, recorded spec, store and
+  failures list agree with its key and its store. ``featurecache.audit.verify`` adds a
+  recomputed sample on top. :func:`repair` drops damaged units (and the views that read them)
+  and views whose metadata were edited, and restores an edited store spec from a view over the
+  store, so the next extract recomputes only what was damaged.
 * :func:`gc` removes what nobody needs: rows (units) that no view references, views and stores
   that never finished or were torn, leases of dead holders, and temporary files. Anything
   under a live lease is left alone; symbolic links are never followed.
@@ -59,6 +61,12 @@ class CheckResult:
         Units whose chunk was read back and hashed.
     damaged
         ``(store path, view, slot)`` of each damaged unit.
+    damaged_views
+        Views to drop (the extract command rewrites them from the store's rows).
+    altered_specs
+        Stores whose recorded spec no longer hashes to their key (restored from a view).
+    fixable
+        The problems :func:`repair` addresses; ``unrepaired`` says which of them it could not.
     """
 
     name: str
@@ -67,6 +75,20 @@ class CheckResult:
     units_checked: int = 0
     damaged: set[tuple[Path, int, int]] = field(default_factory=set)
     damaged_views: set[Path] = field(default_factory=set)
+    altered_specs: set[Path] = field(default_factory=set)
+    fixable: set[str] = field(default_factory=set)
+    unrepaired: list[str] = field(default_factory=list)
+
+    def flag_view(self, problem: str, path: Path) -> None:
+        """Record a problem that dropping the view at ``path`` repairs."""
+        self.problems.append(problem)
+        self.fixable.add(problem)
+        self.damaged_views.add(path)
+
+    @property
+    def needs_repair(self) -> bool:
+        """Whether :func:`repair` has anything to do."""
+        return bool(self.damaged or self.damaged_views or self.altered_specs)
 
 
 def find_target(ref: str, *, cache_dir: Path) -> views_mod.FeatureSet | store_mod.FeatureStore:
@@ -86,18 +108,16 @@ def find_target(ref: str, *, cache_dir: Path) -> views_mod.FeatureSet | store_mo
         return st
 
 
-def _check_spec(st: store_mod.FeatureStore) -> list[str]:
+def _check_spec(st: store_mod.FeatureStore, result: CheckResult) -> None:
     fix = f"remove the store with `featurecache cache rm {st.name} --yes`"
+    altered = st.spec_problem()
+    if altered is not None:
+        result.problems.append(altered)
+        result.fixable.add(altered)
+        result.altered_specs.add(st.path)
+        return
+    out = [p for p in [st.name_problem("feature store")] if p]
     fields_ = {k: v for k, v in st.spec.items() if k != "weights_label"}
-    out = []
-    try:
-        recomputed = digest_of(fields_)
-    except FeatureCacheError as exc:
-        return [f"the stored spec of {st.name} cannot be hashed ({exc}); {fix}"]
-    if recomputed != st.key:
-        out.append(f"the spec of {st.name} hashes to {recomputed[:12]}, not to its key {st.key[:12]}: the spec or the key was altered; {fix}")
-    if not st.name.endswith(f"--{st.key[:12]}"):
-        out.append(f"the store directory {st.name!r} does not end with its key's first 12 digits {st.key[:12]!r}; it was renamed or copied by hand")
     version = fields_.pop("format_version", None)
     if version != FORMAT_VERSION:
         out.append(f"{st.name} has format version {version!r} but this featurecache writes {FORMAT_VERSION}; {fix}")
@@ -108,7 +128,7 @@ def _check_spec(st: store_mod.FeatureStore) -> list[str]:
     else:
         if version == FORMAT_VERSION and rebuilt.key != st.key:
             out.append(f"the stored spec's FeatureSpec key is {rebuilt.key[:12]}, not {st.key[:12]}")
-    return out
+    result.problems.extend(out)
 
 
 def _check_units(st: store_mod.FeatureStore, units: Iterable[tuple[int, int]], result: CheckResult) -> None:
@@ -118,6 +138,7 @@ def _check_units(st: store_mod.FeatureStore, units: Iterable[tuple[int, int]], r
             block = st.read_unit(view, slot, marker=marker)
         except CacheCorruptError as exc:
             result.problems.append(str(exc))
+            result.fixable.add(str(exc))
             result.damaged.add((st.path, view, slot))
             continue
         result.units_checked += 1
@@ -142,19 +163,23 @@ def check(target: views_mod.FeatureSet | store_mod.FeatureStore) -> CheckResult:
         ``result.problems`` is empty when everything holds.
     """
     if isinstance(target, store_mod.FeatureStore):
-        result = CheckResult(target.name, target.key, _check_spec(target))
+        result = CheckResult(target.name, target.key)
+        _check_spec(target, result)
         _check_units(target, [(v, s) for v in range(target.views) for s in target.markers(v, refresh=True)], result)
         return result
     fs = target
     result = CheckResult(fs.name, fs.key)
+    for problem in fs.identity_problems():  # its name, key, spec, layout and store link (metadata only)
+        result.flag_view(problem, fs.path)
+    if result.problems:
+        return result
     try:
         st = fs.store
         arrays = fs.arrays()  # hashes the manifest back into the dataset digest and the key
     except (CacheCorruptError, UsageError) as exc:
-        result.problems.append(str(exc))
-        result.damaged_views.add(fs.path)
+        result.flag_view(str(exc), fs.path)
         return result
-    result.problems.extend(_check_spec(st))
+    _check_spec(st, result)
     cr = st.chunk_rows
     needed: set[tuple[int, int]] = set()
     for split, a in arrays.items():
@@ -167,34 +192,38 @@ def check(target: views_mod.FeatureSet | store_mod.FeatureStore) -> CheckResult:
                 digests = markers.get(slot, {}).get("digests", [])
                 local = int(row) - slot * cr
                 if slot in markers and (local >= len(digests) or digests[local] != a["digests"][j]):
-                    result.problems.append(
+                    result.flag_view(
                         f"{split}/{a['ids'][j]} view {view} of {fs.name} points at store row {int(row)}, which holds another image; "
-                        f"remove the view with `featurecache cache rm {fs.name} --yes` and extract again"
+                        f"remove the view with `featurecache cache rm {fs.name} --yes` and extract again",
+                        fs.path,
                     )
-                    result.damaged_views.add(fs.path)
                     break
     _check_units(st, needed, result)
-    stored = {d: r for d, r in st.failures().items()}
-    for split, ident, digest, _reason in fs.failure_rows():
-        if digest not in stored:
-            result.problems.append(f"{split}/{ident} is listed as undecodable by {fs.name} but not by the store's markers")
+    try:
+        fs.check_failures(arrays)
+    except CacheCorruptError as exc:
+        result.flag_view(str(exc), fs.path)
     return result
 
 
 def repair(result: CheckResult, *, cache_dir: Location) -> list[str]:
-    """Drop the damaged units of ``result`` and every view that reads them.
+    """Restore altered store specs, drop the damaged views, units and every view that reads them.
 
-    The next extract of any dataset over the store then recomputes exactly those images.
+    The next extract of any dataset over the store then rewrites the dropped views from the
+    store's rows and recomputes exactly the images of the dropped units. What could not be
+    repaired is added to ``result.unrepaired``.
 
     Returns
     -------
     list of str
-        What was removed, one line each.
+        What was restored or removed, one line each.
     """
     done = []
+    for path in sorted(result.altered_specs):
+        done.append(_restore_spec(store_mod.FeatureStore(path), cache_dir, result))
     for path in sorted(result.damaged_views):
         storage.remove_tree(path)
-        done.append(f"removed feature set {path.name} (its ids, labels or rows are damaged; it is rebuilt by the extract command)")
+        done.append(f"removed feature set {path.name} (its metadata, ids, labels or rows are damaged); the same extract command rewrites it from the store's rows")
     by_store: dict[Location, set[tuple[int, int]]] = {}
     for path, view, slot in result.damaged:
         by_store.setdefault(path, set()).add((view, slot))
@@ -203,6 +232,7 @@ def repair(result: CheckResult, *, cache_dir: Location) -> list[str]:
         lease = Lease(cache_dir, st.key)
         if not lease.try_acquire():
             done.append(f"skipped {st.name}: an extract holds its lease; repair again when it is done")
+            result.unrepaired.append(done[-1])
             continue
         try:
             cr = st.chunk_rows
@@ -213,11 +243,38 @@ def repair(result: CheckResult, *, cache_dir: Location) -> list[str]:
                     views_mod.remove_view(fs)
                     done.append(f"removed view {fs.name} (it reads damaged units)")
             for view in sorted({v for v, _ in units}):
-                n = store_mod.remove_units(st, view, sorted(s for v, s in units if v == view))
-                done.append(f"removed {n} damaged unit(s) of view {view} from {st.name}")
+                slots = sorted(s for v, s in units if v == view)
+                images = sum(len(st.markers(view).get(s, {}).get("digests", [])) for s in slots)
+                n = store_mod.remove_units(st, view, slots)
+                done.append(f"removed {n} damaged unit(s) of view {view} from {st.name}; the next extract over it recomputes their {images} image(s)")
         finally:
             lease.release()
     return done
+
+
+def _restore_spec(st: store_mod.FeatureStore, cache_dir: Location, result: CheckResult) -> str:
+    """Rewrite an altered store spec from a view over the store whose recorded spec hashes to the store's key."""
+    from featurecache.cache.keys import RECORDED_ONLY, recorded_spec_key
+
+    spec, source = None, ""
+    for fs in views_mod.iter_entries(cache_dir):
+        if fs.attrs.get("store") == st.name and fs.attrs.get("store_key") == st.key and not fs.identity_problems():
+            spec, source = {k: v for k, v in fs.spec.items() if k not in RECORDED_ONLY or k == "weights_label"}, fs.name
+            break
+    if spec is None or recorded_spec_key(spec) != st.key:
+        line = (f"could not restore the spec of {st.name}: no feature set over it records one that hashes to its key; "
+                "the extract command that made it rewrites it and keeps its rows")
+        result.unrepaired.append(line)
+        return line
+    lease = Lease(cache_dir, st.key)
+    if not lease.try_acquire():
+        result.unrepaired.append(f"skipped {st.name}: an extract holds its lease; repair again when it is done")
+        return result.unrepaired[-1]
+    try:
+        storage.publish_json(st.path / "zarr.json", store_mod.group_document({**st.attrs, "spec": spec}))
+    finally:
+        lease.release()
+    return f"restored the spec of {st.name} from feature set {source} (its zarr.json had been edited); nothing is recomputed"
 
 
 def _view_slots(fs: views_mod.FeatureSet, chunk_rows: int) -> set[tuple[int, int]]:

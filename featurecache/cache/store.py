@@ -42,8 +42,8 @@ from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import fsync_file, raise_if_disk_full
 from featurecache.cache.storage import Location, RemotePath
-from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec
-from featurecache.errors import CacheCorruptError, DamagedUnitError, UsageError
+from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, recorded_spec_key
+from featurecache.errors import CacheCorruptError, DamagedUnitError, FeatureCacheError, UsageError
 
 CACHE_ENV = "FEATURECACHE_DIR"
 STORES_DIR = "features"
@@ -180,6 +180,40 @@ class CacheNode:
         """The keyed spec fields (a feature set adds ``dataset_digest`` and ``dataset_name``)."""
         return self.attrs["spec"]
 
+    def identity_problems(self) -> list[str]:
+        """What in ``zarr.json`` contradicts the key that names this entry, one line each (no array is read)."""
+        raise NotImplementedError
+
+    def check_identity(self) -> None:
+        """Refuse an entry whose recorded spec, key or name disagree (a digest over metadata only).
+
+        Raises
+        ------
+        CacheCorruptError
+            The first of :meth:`identity_problems`.
+        """
+        problems = self.identity_problems()
+        if problems:
+            raise CacheCorruptError(problems[0])
+
+    def spec_key_problem(self, what: str, key: str, fix: str) -> str | None:
+        """Why the recorded spec does not hash to ``key`` (the feature spec key), or None."""
+        try:
+            got = recorded_spec_key(self.attrs["spec"])
+        except (KeyError, TypeError, AttributeError, FeatureCacheError) as exc:
+            return f"the spec recorded in {what} {self.name} cannot be hashed ({' '.join(str(exc).split())[:80]}); {fix}"
+        if got != key:
+            return f"the spec recorded in {what} {self.name} hashes to {got[:12]}, not to its key {str(key)[:12]}: its zarr.json was edited; {fix}"
+        return None
+
+    def name_problem(self, what: str) -> str | None:
+        """Why the directory name (``...--<key12>``) does not name the recorded key, or None."""
+        key = str(self.attrs.get("key"))
+        if self.name.endswith(f"--{key[:12]}"):
+            return None
+        return (f"the name of {what} {self.name} does not end with the first 12 digits of the key its zarr.json records ({key[:12]}): "
+                f"it was renamed or its zarr.json edited; remove it with `featurecache cache rm {self.name} --yes`")
+
 
 class FeatureStore(CacheNode):
     """One feature spec's rows, addressed by image content digest.
@@ -213,6 +247,16 @@ class FeatureStore(CacheNode):
     def feature_shape(self) -> tuple[int, ...]:
         """Shape of one image's features."""
         return tuple(self.attrs["feature_shape"])
+
+    def identity_problems(self) -> list[str]:
+        """Whether the recorded spec hashes to the key, and the key to the directory name."""
+        return [p for p in (self.spec_problem(), self.name_problem("feature store")) if p]
+
+    def spec_problem(self) -> str | None:
+        """Why the recorded spec does not hash to the store's key (with how to restore it), or None."""
+        fix = (f"run `featurecache cache verify {self.name} --repair` to restore it from a feature set over the store, "
+               "or the extract command that made it, which rewrites it and keeps the rows")
+        return self.spec_key_problem("feature store", str(self.attrs.get("key")), fix)
 
     @property
     def dtype(self) -> str:
@@ -505,6 +549,7 @@ def open_store(cache_dir: Location, spec_key: str) -> FeatureStore | None:
         except Exception:  # noqa: BLE001 - not a store (EntryNotFoundError)
             continue
         if st.key == spec_key:
+            st.check_identity()  # an edited spec is never copied into a new view
             return st
     return None
 
@@ -523,7 +568,7 @@ def create_store(cache_dir: Location, spec: FeatureSpec, *, feature_shape: Seque
         existing = FeatureStore(path)
     except Exception:  # noqa: BLE001 - absent, or damaged zarr.json: (re)create below
         existing = None
-    if existing is not None:
+    if existing is not None and not existing.identity_problems():
         return existing
     try:
         storage.make_dirs(path)

@@ -15,6 +15,10 @@ dataset order (:class:`FeatureSet`), exactly as before store version 2. On first
 digests, labels and class names are hashed back into the dataset digest and compared with the
 recorded one (and that with the view key), so a flipped label or id is refused, not trained on;
 the features are checked unit by unit against their markers (:meth:`FeatureStore.read_unit`).
+Opening one (:func:`open_features`) also checks, from metadata alone, that its name ends with
+its key, that its recorded spec hashes to its store's key (so an edited ``input_size`` is never
+recorded by a run), and the store's spec to the same; and that the failures list is the one the
+store's markers give (again before any validity or feature is read, for a view opened directly).
 """
 
 from __future__ import annotations
@@ -155,6 +159,50 @@ class FeatureSet(CacheNode):
         """Always True: a view is written only once every row it refers to exists."""
         return True
 
+    def identity_problems(self) -> list[str]:
+        """What in the view's ``zarr.json`` contradicts its key and name, one line each (no array is read).
+
+        The name ends with the key's first 12 digits; the key is :func:`view_key` of the feature
+        spec key and the dataset digest; the recorded spec hashes to that spec key, and it is
+        the key of the store this view reads (whose shape and views it must have). So an
+        edited spec, key, store or layout is refused before anything is read or recorded.
+        """
+        fix = f"run `featurecache cache verify {self.name} --repair` and the same extract command, which rewrites it from the store's rows"
+        store_key, digest = str(self.attrs.get("store_key")), str(self.attrs.get("dataset_digest"))
+        out = [p for p in (self.name_problem("feature set"), self.spec_key_problem("feature set", store_key, fix)) if p]
+        if view_key(store_key, digest) != self.key:
+            out.append(f"feature set {self.name} does not hash to its key {self.key[:12]} (its store key or dataset digest was edited); {fix}")
+        if out:
+            return out
+        spec = self.spec
+        if spec.get("dataset_digest") != digest:
+            out.append(f"the spec of feature set {self.name} names dataset {str(spec.get('dataset_digest'))[:12]}, not its {digest[:12]}; {fix}")
+        for split, d in dict(self.attrs.get("layout") or {}).items():
+            views = 1 + (int(spec["views"]) if split in spec["augment_splits"] else 0)
+            got = d.get("views") if isinstance(d, dict) else None
+            if got != views:
+                out.append(f"the layout of feature set {self.name} gives {split} {got} view(s), but its spec {views}; {fix}")
+        try:
+            st = self.store
+        except CacheCorruptError as exc:
+            return [*out, str(exc)]
+        if st.key != store_key:
+            out.append(f"feature set {self.name} reads feature store {st.name}, whose key is {st.key[:12]}, not the {store_key[:12]} it records; {fix}")
+        elif st.feature_shape != self.feature_shape:
+            out.append(f"feature set {self.name} records features of shape {self.feature_shape}, but its store holds {st.feature_shape}; {fix}")
+        return out
+
+    def check_identity(self) -> None:
+        """Refuse a view (or the store it reads) whose metadata disagree with its key.
+
+        Raises
+        ------
+        CacheCorruptError
+            The first of :meth:`identity_problems`, or of the store's.
+        """
+        super().check_identity()
+        self.store.check_identity()
+
     def layout(self, split: str) -> SplitLayout:
         """The shape of ``split``'s arrays."""
         self._check_split(split)
@@ -257,7 +305,7 @@ class FeatureSet(CacheNode):
         if view_key(str(self.attrs.get("store_key")), digest) != self.key:
             raise CacheCorruptError(f"feature set {self.name} does not hash to its key {self.key[:12]}; {fix}")
         for split, a in arrays.items():
-            if a["rows"].shape != (self.layout(split).views, len(a["ids"])):
+            if a["rows"].shape != (self.layout(split).views, len(a["ids"])) or self.layout(split).n != len(a["ids"]):
                 raise CacheCorruptError(f"{split}/rows of feature set {self.name} has shape {a['rows'].shape}; {fix}")
 
     def check_rows(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
@@ -294,6 +342,27 @@ class FeatureSet(CacheNode):
                         f"{split}/{a['ids'][j]} view {view} of feature set {self.name} points at store row {int(rows[j])}, which does not hold "
                         f"its image (a unit is missing or the view's rows were altered); {fix}"
                     )
+        self.check_failures(arrays)
+
+    def check_failures(self, arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        """Check the recorded failures list against the store's view-0 markers (which :meth:`valid` follows).
+
+        Raises
+        ------
+        CacheCorruptError
+            The list names an image the markers do not, misses one they do, or gives another reason.
+        """
+        arrays = arrays if arrays is not None else self._arrays
+        failed = self.store.failures()
+        want = {(s, str(i), str(d), failed[str(d)]) for s, a in arrays.items() for i, d in zip(a["ids"], a["digests"]) if str(d) in failed}
+        have = {tuple(str(x) for x in f) for f in self.attrs.get("failures", [])}
+        if have != want:
+            odd = sorted(have ^ want)[0]
+            raise CacheCorruptError(
+                f"the failures list of feature set {self.name} disagrees with its store's markers at {odd[0]}/{odd[1]} "
+                f"(it lists {len(have)} undecodable images, the markers {len(want)}): its zarr.json was edited; "
+                f"run `featurecache cache verify {self.name} --repair` and the same extract command, which rewrites it"
+            )
 
     def labels(self, split: str) -> np.ndarray:
         """Integer labels ``(n,)`` indexing :attr:`classes`."""
@@ -313,16 +382,20 @@ class FeatureSet(CacheNode):
     def valid(self, split: str) -> np.ndarray:
         """``(n,)`` bool: False where the image failed to decode (its features are zeros)."""
         self._check_split(split)
+        self._check_rows_once()
         bad = {str(d) for _, _, d, _ in self.failure_rows()}
         return np.asarray([str(d) not in bad for d in self._arrays[split]["digests"]], dtype=bool)
 
     def feature_array(self, split: str) -> ViewFeatures:
         """The lazy ``(views, n, *feature_shape)`` features, for streaming reads."""
         self._check_split(split)
-        if not self._checked:  # once, before any feature is read
+        self._check_rows_once()
+        return ViewFeatures(self.store, self._arrays[split]["rows"], owner=self.name, key=self.key)
+
+    def _check_rows_once(self) -> None:
+        if not self._checked:  # once, before any feature or validity is read
             self.check_rows()
             self._checked = True
-        return ViewFeatures(self.store, self._arrays[split]["rows"], owner=self.name, key=self.key)
 
     def features(self, split: str, view: int | None = 0) -> np.ndarray:
         """Features of ``split``: ``(n, *shape)`` for one view, ``(views, n, *shape)`` for ``view=None``."""
@@ -556,10 +629,11 @@ def find_by_key(cache_dir: Location, key: str) -> FeatureSet | None:
     for child in storage.glob(root, f"*--{key[:12]}"):
         try:
             fs = FeatureSet(child)
+            if fs.key == key:
+                fs.check_identity()  # an edited one is no hit: the extract rewrites it from the store's rows
+                return fs
         except (EntryNotFoundError, CacheCorruptError):
             continue
-        if fs.key == key:
-            return fs
     return None
 
 
@@ -587,7 +661,8 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> 
     matches: list[FeatureSet] = []
     if len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix):
         # View names end in "--" + the key's first 12 digits: only those directories can match.
-        matches = [e for e in iter_entries(root, f"*--{prefix[:12]}*") if e.key.startswith(prefix)]
+        # One whose recorded key disagrees with its name is matched by name, so verify names it.
+        matches = [e for e in iter_entries(root, f"*--{prefix[:12]}*") if e.key.startswith(prefix) or e.name_problem("feature set")]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
@@ -603,11 +678,18 @@ def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, 
 
     Raises
     ------
-    EntryNotFoundError, AmbiguousEntryError, CacheCorruptError
+    EntryNotFoundError, AmbiguousEntryError
         As :func:`find_entry`.
+    CacheCorruptError
+        The view is damaged, or its name, key, spec, store, classes, ids, labels or failures
+        disagree (:meth:`FeatureSet.check_identity`, :meth:`FeatureSet.check_manifest`,
+        :meth:`FeatureSet.check_failures`).
     """
     del require_complete
     fs = find_entry(ref, cache_dir=cache_dir)
+    fs.check_identity()  # the name, key, spec and store agree (metadata only)
+    fs.arrays()  # classes, ids, digests and labels hash back to the key (no feature is read)
+    fs.check_failures()  # the undecodable images are the store's (its view-0 markers, read once)
     if not fs.complete:  # pragma: no cover - views are written whole
         raise IncompleteEntryError(f"feature set {fs.name} is incomplete; run the same `featurecache extract` command again")
     return fs

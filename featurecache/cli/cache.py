@@ -151,7 +151,7 @@ def verify_cmd(
     data: Annotated[str | None, typer.Option("--data", "-d", help="The images, if they moved since extraction.", show_default=False)] = None,
     weights: Annotated[str | None, typer.Option("--weights", "-w", help="The weights, if the file moved since extraction.", show_default=False)] = None,
     rtol: Annotated[float | None, typer.Option("--rtol", help="Allowed difference relative to a vector's largest value (default: 1e-4, float16: 2e-3).", show_default=False)] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Remove damaged units and the feature sets that read them, so the next extract recomputes exactly those images.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Remove damaged units and the feature sets that read them (or whose metadata were edited) and restore edited store specs, so the next extract recomputes exactly those images.")] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -169,11 +169,15 @@ def verify_cmd(
         for line in report.repaired:
             typer.echo(f"  repaired: {line}", err=True)
     if not report.ok:
-        n = len(report.problems)
+        n = len(report.left)
         hint = "" if repair else f"; `featurecache cache verify {ref} --repair{cache_flag(cache)}` drops the damaged units so the next extract recomputes them"
-        raise fail(f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'} (listed above){hint}")
+        left = " left" if report.repaired else ""
+        raise fail(f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'}{left} (listed above){hint}")
     if not json_out:
-        typer.echo(f"ok {report.name}")
+        n = len(report.problems)
+        removed = any(line.startswith("removed") for line in report.repaired)
+        rebuild = "; run the same extract command to rebuild what was removed (listed above)" if removed else ""
+        typer.echo(f"ok {report.name}: repaired {n} problem{'' if n == 1 else 's'}{rebuild}" if n else f"ok {report.name}")
 
 
 @app.command("migrate")

@@ -46,7 +46,12 @@ class Mismatch:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What :func:`verify` checked and what it found (``ok`` when ``problems`` is empty)."""
+    """What :func:`verify` checked and what it found.
+
+    ``problems`` lists everything found; ``remaining`` those that ``repair`` did not fix (all of
+    them without ``repair``). ``ok`` is True when none remains: a repair that fixed everything
+    leaves the cache correct.
+    """
 
     name: str
     key: str
@@ -56,11 +61,17 @@ class VerifyReport:
     max_abs_diff: float | None
     mismatches: tuple[Mismatch, ...] = ()
     repaired: tuple[str, ...] = ()
+    remaining: tuple[str, ...] | None = None
+
+    @property
+    def left(self) -> tuple[str, ...]:
+        """The problems still there (``problems`` less what ``repair`` fixed)."""
+        return self.problems if self.remaining is None else self.remaining
 
     @property
     def ok(self) -> bool:
-        """True when no check failed."""
-        return not self.problems
+        """True when no problem is left (none was found, or ``repair`` fixed every one)."""
+        return not self.left
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
@@ -74,6 +85,7 @@ class VerifyReport:
             "max_abs_diff": self.max_abs_diff,
             "mismatches": [m.__dict__ for m in self.mismatches],
             "repaired": list(self.repaired),
+            "remaining": list(self.left),
         }
 
 
@@ -111,15 +123,18 @@ def verify(
     batch_size
         Backbone batch size of the recomputation.
     repair
-        Remove damaged units and the views that read them, so the next extract recomputes
-        exactly those images.
+        Remove damaged units and the views that read them, and views whose metadata were
+        edited, and restore an edited store spec from a view over the store, so the next
+        extract rewrites those views from the store's rows and recomputes exactly the images
+        of the removed units.
     cache_dir
         Cache root.
 
     Returns
     -------
     VerifyReport
-        ``report.ok`` is False when anything failed; ``report.problems`` says what.
+        ``report.ok`` is False when a problem is left; ``report.problems`` says what was found,
+        ``report.repaired`` what was restored or removed, ``report.remaining`` what is left.
 
     Raises
     ------
@@ -145,7 +160,8 @@ def verify(
             problems.extend(more)
         except FeatureCacheError as exc:
             problems.append(f"cannot recompute samples: {exc}")
-    repaired = tuple(maintenance.repair(result, cache_dir=root)) if repair and (result.damaged or result.damaged_views) else ()
+    repaired = tuple(maintenance.repair(result, cache_dir=root)) if repair and result.needs_repair else ()
+    remaining = [p for p in problems if p not in result.fixable] + result.unrepaired if repaired else None
     return VerifyReport(
         name=result.name,
         key=result.key,
@@ -155,6 +171,7 @@ def verify(
         max_abs_diff=max_diff,
         mismatches=tuple(mismatches),
         repaired=repaired,
+        remaining=None if remaining is None else tuple(remaining),
     )
 
 

@@ -20,6 +20,7 @@ from featurecache.cache.keys import (
     FeatureSpec,
     canonical_json,
     manifest_digest,
+    recorded_spec_key,
     view_key,
 )
 from featurecache.errors import UsageError
@@ -132,6 +133,14 @@ def test_key_is_stable_across_processes() -> None:
 
 def _pythonpath() -> dict[str, str]:
     return {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+
+
+def test_a_recorded_spec_hashes_to_its_key_unless_edited() -> None:
+    """What a store or a view records (names and dataset beside the keyed fields) re-derives the key."""
+    for spec in (BASE, dataclasses.replace(BASE, precision="mixed", weights_label="imagenet")):
+        recorded = {**spec.key_fields(), "weights_label": spec.weights_label, "dataset_digest": "d" * 64, "dataset_name": "digits"}
+        assert recorded_spec_key(recorded) == spec.key
+        assert recorded_spec_key({**recorded, "input_size": 48}) != spec.key
 
 
 def test_view_key_changes_with_the_dataset_digest_and_the_spec() -> None:

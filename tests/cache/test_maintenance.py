@@ -239,7 +239,7 @@ def test_repair_then_extract_recomputes_only_the_damage(clean: views.FeatureSet,
     damaged_rows = sum(len(st.markers(v)[s]["digests"]) for v, s in damaged)
     assert damaged_rows == 4 * len(damaged)
     report = fc.verify(fs.key[:12], sample=0, repair=True, cache_dir=root)
-    assert not report.ok
+    assert report.problems and report.ok and report.remaining == (), "a repair that fixed everything leaves the cache correct"
     assert any(f"removed view {fs.name}" in line for line in report.repaired), report.repaired
     assert any(f"removed {len(damaged)} damaged unit(s) of view 0" in line for line in report.repaired), report.repaired
     assert not fs.path.exists(), "the view reading damaged units is removed"
@@ -267,7 +267,7 @@ def test_repair_removes_a_view_whose_labels_are_damaged(clean: views.FeatureSet,
     root = _root(fs)
     _damage(fs, "labels")
     report = fc.verify(fs.name, sample=0, repair=True, cache_dir=root)
-    assert not report.ok
+    assert report.problems and report.ok
     assert not fs.path.exists(), f"verify --repair left the view with damaged labels in place (repaired: {report.repaired})"
     res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
     assert not res.cached and res.computed == 0 and res.reused == _rows(clean)
@@ -304,6 +304,144 @@ def test_torn_store_zarr_json_is_rebuilt_without_serving_or_keeping_wrong_rows(c
     want = _all_features(clean)
     for split, x in _all_features(fc.open_features(res.key, cache_dir=root)).items():
         assert np.array_equal(x, want[split]), split
+
+
+# -- edited metadata (issue 20): what a reader relies on is covered by the key ----------------
+def _edit_attrs(path: Path, edit) -> None:
+    """Apply ``edit`` to the ``featurecache`` attributes in ``path/zarr.json``, as a hand edit would."""
+    doc = json.loads((path / "zarr.json").read_text())
+    edit(doc["attributes"]["featurecache"])
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+def _refused(tmp_path: Path, root: Path, ref: str, *want: str) -> None:
+    """train-head on ``ref`` fails (API and CLI) with one line naming ``want``, and writes no run."""
+    from featurecache.training.train import train_head
+
+    with pytest.raises(CacheCorruptError) as info:
+        train_head(ref, cache_dir=root, out=tmp_path / "run", plots=False)
+    assert all(w in str(info.value) for w in want) and "\n" not in str(info.value), str(info.value)
+    res = CliRunner().invoke(app, ["train-head", "--features", ref, "--cache", str(root), "--out", str(tmp_path / "run"), "--no-plots"])
+    assert res.exit_code != 0
+    (line,) = _errors(res.stderr)
+    assert all(w in line for w in want), line
+    assert not (tmp_path / "run").exists(), "nothing is trained on, or recorded from, an edited entry"
+
+
+def _size(fs: views.FeatureSet) -> int:
+    return int(json.loads((fs.path / "zarr.json").read_text())["attributes"]["featurecache"]["spec"]["input_size"])
+
+
+def test_an_edited_view_spec_is_refused_named_by_verify_and_rewritten(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    _edit_attrs(fs.path, lambda a: a["spec"].update(input_size=48))
+    _refused(tmp_path, root, fs.key[:12], f"spec recorded in feature set {fs.name}", "zarr.json was edited", "cache verify")
+    report = fc.verify(fs.key[:12], sample=4, cache_dir=root)
+    assert not report.ok and report.sampled == 0, "nothing is recomputed from an edited spec"
+    assert [p for p in report.problems if f"spec recorded in feature set {fs.name} hashes to" in p], report.problems
+    assert not [p for p in report.problems if "stored values were altered" in p], "the features are not blamed"
+    res = CliRunner().invoke(app, ["cache", "verify", fs.name, "--repair", "--cache", str(root)])
+    assert res.exit_code == 0, res.output
+    assert f"ok {fs.name}: repaired 1 problem" in res.stdout and "run the same extract command" in res.stdout
+    assert f"repaired: removed feature set {fs.name}" in res.stderr and "rewrites it from the store's rows" in res.stderr
+    assert not _errors(res.stderr) and not fs.path.exists()
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0 and res.key == clean.key
+    again = fc.open_features(res.key, cache_dir=root)
+    assert _size(again) == 32 and fc.verify(res.key, sample=2, cache_dir=root).ok
+
+
+def test_the_next_extract_is_no_hit_on_an_edited_view_and_rewrites_it(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    _edit_attrs(fs.path, lambda a: a["spec"].update(input_size=48))
+    assert fc.explain("builtin:digits", cache_dir=root, **PLAN).status == "reuse"
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0 and res.reused == _rows(clean)
+    assert _size(fc.open_features(clean.key, cache_dir=root)) == 32
+
+
+def test_an_edited_store_spec_is_refused_and_restored_by_repair(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    st = fs.store
+    _edit_attrs(st.path, lambda a: a["spec"].update(input_size=48))
+    _refused(tmp_path, root, fs.name, f"spec recorded in feature store {st.name}", "cache verify")
+    report = fc.verify(fs.name, sample=4, cache_dir=root)
+    assert not report.ok and report.sampled == 0 and report.units_checked == len(_slots(clean))
+    assert [p for p in report.problems if f"feature store {st.name} hashes to" in p and "--repair` to restore it" in p], report.problems
+    report = fc.verify(st.name, sample=0, repair=True, cache_dir=root)
+    assert report.ok and report.remaining == () and fs.path.exists(), report
+    assert [r for r in report.repaired if f"restored the spec of {st.name} from feature set {fs.name}" in r], report.repaired
+    assert store.FeatureStore(st.path).spec == clean.store.spec
+    assert fc.verify(fs.key, sample=2, cache_dir=root).ok
+    assert fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS).cached
+
+
+def test_an_edited_store_spec_without_views_is_left_to_the_extract_that_rewrites_it(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    st = fs.store
+    views.remove_view(fs)
+    _edit_attrs(st.path, lambda a: a["spec"].update(input_size=48))
+    res = CliRunner().invoke(app, ["cache", "verify", st.name, "--repair", "--sample", "0", "--cache", str(root)])
+    assert res.exit_code == 1, res.output
+    assert "could not restore the spec" in res.stderr and "keeps its rows" in res.stderr
+    (line,) = _errors(res.stderr)
+    assert f"{st.name} failed verification with 1 problem" in line
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0, "the extract rewrites the spec and keeps every row"
+    assert store.FeatureStore(st.path).spec == clean.store.spec
+    assert fc.verify(res.key, sample=2, cache_dir=root).ok
+
+
+def test_an_edited_failures_list_is_refused_before_validity_is_read(clean: views.FeatureSet, tmp_path: Path) -> None:
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    first = (str(fs.ids("train")[0]), str(fs.digests("train")[0]))
+    _edit_attrs(fs.path, lambda a: a["failures"].append(["train", *first, "undecodable"]))
+    with pytest.raises(CacheCorruptError, match="failures list"):
+        fc.open_features(fs.key, cache_dir=root)
+    with pytest.raises(CacheCorruptError, match="failures list"):
+        views.FeatureSet(fs.path).valid("train")
+    _refused(tmp_path, root, fs.key, "failures list", "cache verify")
+    report = fc.verify(fs.key, sample=0, repair=True, cache_dir=root)
+    assert report.ok and [p for p in report.problems if f"failures list of feature set {fs.name}" in p], report
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0
+    assert fc.open_features(res.key, cache_dir=root).valid("train").all()
+
+
+def test_a_relabelled_view_with_a_recomputed_key_is_not_served_by_its_old_name(clean: views.FeatureSet, tmp_path: Path) -> None:
+    """Labels edited, dataset digest and key recomputed to match, the directory name kept."""
+    import zarr
+
+    from featurecache.cache.keys import manifest_digest, view_key
+
+    fs = _copy(clean, tmp_path)
+    root = _root(fs)
+    labels = zarr.open_array(str(fs.path / "train" / "labels"), mode="r+")
+    labels[:] = (np.asarray(labels[:]) + 1) % len(fs.classes)
+    arrays = {s: (s, clean.ids(s), clean.digests(s), np.asarray(zarr.open_array(str(fs.path / s / "labels"), mode="r")[:])) for s in fs.splits}
+    digest = manifest_digest(fs.classes, list(arrays.values()))
+    key = view_key(fs.attrs["store_key"], digest)
+
+    def forge(a: dict) -> None:
+        a.update(dataset_digest=digest, key=key)
+        a["spec"]["dataset_digest"] = digest
+
+    _edit_attrs(fs.path, forge)
+    assert views.FeatureSet(fs.path).arrays(), "the forged view is self-consistent: only its name gives it away"
+    for ref in (fs.name, str(fs.path), clean.key[:12], clean.key):
+        with pytest.raises(CacheCorruptError, match=f"name of feature set {fs.name}"):
+            fc.open_features(ref, cache_dir=root)
+    _refused(tmp_path, root, fs.name, f"name of feature set {fs.name}", key[:12])
+    res = CliRunner().invoke(app, ["cache", "verify", clean.key[:12], "--repair", "--cache", str(root)])
+    assert res.exit_code == 0 and f"ok {fs.name}: repaired" in res.stdout, res.output
+    res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
+    assert not res.cached and res.computed == 0 and res.key == clean.key
+    assert np.array_equal(fc.open_features(clean.key, cache_dir=root).labels("train"), clean.labels("train"))
 
 
 # -- gc ---------------------------------------------------------------------------------
