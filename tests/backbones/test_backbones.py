@@ -367,8 +367,8 @@ def test_custom_backbone(tmp_path: Path) -> None:
 
 
 def _readme_block(after: str, lang: str) -> str:
-    """The first ```lang block of README.md after the line starting with ``after``."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The first ```lang block of the stage 1 guide (docs/guide/extract.md) after the line starting with ``after``."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "extract.md").read_text()
     rest = text[text.index(after):]
     start = rest.index(f"```{lang}\n") + len(lang) + 4
     return rest[start : rest.index("```", start)]
@@ -385,7 +385,7 @@ def test_readme_custom_keras_backbone_example_runs(tmp_path: Path, monkeypatch: 
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FEATURECACHE_DIR", raising=False)
-    exec(compile(_readme_block("**Your own model as a backbone**", "python"), "README.md", "exec"), {})
+    exec(compile(_readme_block("**Your own model as a backbone**", "python"), "extract.md", "exec"), {})
     assert (tmp_path / "my_backbone.keras").is_file()
     (tmp_path / "images" / "sub").mkdir(parents=True)
     for i, size in enumerate((20, 40)):

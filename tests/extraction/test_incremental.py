@@ -165,11 +165,11 @@ def test_two_processes_on_overlapping_datasets_compute_shared_images_once(data: 
 
 
 def test_layout_reads_with_plain_zarr_and_xarray(data: tuple[Path, list]) -> None:
-    """The README's snippet, run as written: no featurecache import."""
+    """The cache guide's snippet (docs/guide/cache.md), run as written: no featurecache import."""
     root, rows = data
     cache = root / "cache"
     res = _extract(_manifest(root / "a.csv", rows), cache)
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "guide" / "cache.md").read_text()
     snippet = readme.split("<!-- plain-zarr -->", 2)[1].split("```python", 1)[1].split("```", 1)[0]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = f"CACHE, KEY = {str(cache)!r}, {res.key!r}\n" + snippet + "\nimport json; print(json.dumps({'shape': list(X.shape), 'labels': y.tolist()}))"

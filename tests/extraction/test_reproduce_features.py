@@ -1,4 +1,4 @@
-"""The README's recipe for computing cached features without featurecache matches the cache.
+"""The docs' recipe (docs/guide/reproducing.md) for computing cached features without featurecache matches the cache.
 
 The test runs the README's own code block (not a copy), so the documentation cannot drift from
 what extraction does: decode (Pillow, EXIF orientation, RGB, transparency on white), resize
@@ -15,8 +15,8 @@ from PIL import Image
 
 import featurecache as fc
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Reproducing cached features outside featurecache"
+README = Path(__file__).resolve().parents[2] / "docs" / "guide" / "reproducing.md"
+SECTION = "# Reproducing cached features outside featurecache"
 
 
 def _recipe() -> str:
