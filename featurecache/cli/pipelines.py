@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -61,16 +62,28 @@ def demo_cmd(
     if json_out:
         print_json(res.to_json())
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from featurecache._runtime.tables import console, fit_last_column
 
     def pct(v: float | None) -> str:
         return "" if v is None else f"{100 * v:.1f}%"
 
-    table = Table("stage", "what", "val acc", "test acc", "time", title="featurecache demo: builtin:digits")
+    def build(texts: Sequence[str], dropped: frozenset[str]) -> Table:
+        table = Table(title="featurecache demo: builtin:digits")
+        for name in ("stage", "val acc", "test acc", "time"):
+            table.add_column(name, no_wrap=True)
+        table.add_column("what", no_wrap=True)
+        for r, what in zip(res.rows, texts, strict=True):
+            table.add_row(r["stage"], pct(r["val_accuracy"]), pct(r["test_accuracy"]), f"{r['seconds']:.1f} s", what)
+        return table
+
+    # A feature set's name is what users copy: it gets a line of its own below the table, whole.
+    whats = [r["what"].replace(r["features"], "features below") if r.get("features") else r["what"] for r in res.rows]
+    out = console()
+    out.print(fit_last_column(build, whats))
     for r in res.rows:
-        table.add_row(r["stage"], r["what"], pct(r["val_accuracy"]), pct(r["test_accuracy"]), f"{r['seconds']:.1f} s")
-    console = Console()
-    console.print(table)
+        if r.get("features"):
+            out.print(f"features: {r['features']}", soft_wrap=True)
     for p in res.plots:
-        console.print(f"plot: {p}")
+        out.print(f"plot: {p}", soft_wrap=True)

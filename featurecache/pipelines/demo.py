@@ -74,7 +74,7 @@ def run_demo(
     best = st["sweep"]["best"]
     ft = st["finetune"]["metrics"]
     rows = [
-        {"stage": "extract", "what": f"{st['extract']['name']} ({'cache hit' if st['extract']['cached'] else 'extracted'})", "val_accuracy": None, "test_accuracy": None, "seconds": st["extract"]["seconds"]},
+        {"stage": "extract", "what": f"{st['extract']['name']} ({'cache hit' if st['extract']['cached'] else 'extracted'})", "features": st["extract"]["name"], "val_accuracy": None, "test_accuracy": None, "seconds": st["extract"]["seconds"]},
         {"stage": "sweep", "what": f"best of {st['sweep']['trials']}: {best.get('name', best['head'])}", "val_accuracy": best.get("val_accuracy"), "test_accuracy": best.get("test_accuracy"), "seconds": st["sweep"]["seconds"]},
         {"stage": "finetune", "what": f"unfreeze {st['finetune']['unfreeze']}", "val_accuracy": ft.get("val", {}).get("accuracy"), "test_accuracy": ft.get("test", {}).get("accuracy"), "seconds": st["finetune"]["seconds"]},
     ]

@@ -82,6 +82,14 @@ def test_demo_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     fell_back = "ImageNet weights are not available offline" in res.stderr and "using random weights instead" in res.stderr
     assert name.startswith("mobilenetv2-random-" if fell_back else "mobilenetv2-imagenet-"), (name, res.stderr)
 
+    # The summary at 80 columns: nothing cut to an ellipsis, the feature set's name whole on its line.
+    args = ["demo", "--limit", "20", "--cache", str(tmp_path / "cache"), "--set", "finetune.epochs=1", "--set", "finetune.unfreeze=top:2"]
+    shown = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert f"features: {name}" in lines and "…" not in shown.stdout, shown.stdout
+    assert all(len(line) <= 80 for line in lines if not line.startswith(("features: ", "plot: "))), shown.stdout
+
 
 def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
     doc = load_pipeline(PIPELINES / "digits_demo.toml", overrides=["finetune.epochs=2", "extract.weights=random", "sweep.n_jobs=1"], limit=7)
