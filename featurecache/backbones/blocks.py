@@ -15,7 +15,7 @@ import re
 from typing import TYPE_CHECKING
 
 from featurecache.backbones.build import build_base
-from featurecache.backbones.registry import BackboneSpec
+from featurecache.backbones.spec import BackboneSpec
 from featurecache.backbones.weights import WeightsRef
 from featurecache.errors import BackboneError
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from featurecache.backbones.custom import build_custom
-from featurecache.backbones.registry import BackboneSpec, unknown_layer_error
+from featurecache.backbones.spec import BackboneSpec, unknown_layer_error
 from featurecache.backbones.weights import WeightsRef, load_weights_file, offline_error
 from featurecache.cache.keys import POOLINGS
 from featurecache.errors import BackboneError, UsageError, choices

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featurecache.backbones.registry import PREPROCESS_MODES, BackboneSpec, unknown_layer_error
+from featurecache.backbones.spec import PREPROCESS_MODES, BackboneSpec, unknown_layer_error
 from featurecache.backbones.weights import WeightsRef, load_weights_file
 from featurecache.errors import BackboneError, UsageError, WeightsUnavailableError, choices
 

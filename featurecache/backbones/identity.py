@@ -21,7 +21,7 @@ import numpy as np
 
 from featurecache.backbones.build import build_base
 from featurecache.backbones.custom import check_custom_weights
-from featurecache.backbones.registry import BackboneSpec
+from featurecache.backbones.spec import BackboneSpec
 from featurecache.backbones.weights import WeightsRef
 from featurecache.cache.memo import read_memo, write_memo
 from featurecache.errors import WeightsUnavailableError

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from featurecache.backbones.registry import BackboneSpec
+from featurecache.backbones.spec import BackboneSpec
 from featurecache.errors import WeightsUnavailableError, choices
 
 if TYPE_CHECKING:

@@ -170,7 +170,7 @@ def read_predictions(run_dir: Path) -> dict[str, np.ndarray]:
     RunError
         The file is missing, unreadable (truncated, altered) or lacks ``val_ids`` / ``val_proba``.
     """
-    from featurecache.training.rundir import retrain_hint
+    from featurecache.training.heads.saving import retrain_hint
 
     path = run_dir / "predictions.npz"
     if not path.is_file():

@@ -134,7 +134,7 @@ def _metrics_section(metrics: Mapping[str, Any]) -> str:
     if not metrics:
         return ""
     from featurecache.training.metrics import wilson_interval
-    from featurecache.training.sweeps.leaderboard import format_interval
+    from featurecache.training.metrics import format_interval
 
     # Top-1 accuracy is the accuracy column: listed once.
     ks = sorted({k for m in metrics.values() for k in (m.get("top_k_accuracy") or {}) if k != "1"}, key=int)
@@ -254,7 +254,7 @@ def render_run(run_dir: str | os.PathLike[str], *, note: str = "", title: str | 
 
 def _run_name(run: Path) -> str:
     """The directory's name as the user knows it: never the temporary one it is built in; a sweep's best run says whose."""
-    from featurecache.training.rundir import final_name
+    from featurecache.training.runconfig import final_name
 
     name = final_name(run)
     parent = run.resolve().parent
@@ -263,7 +263,7 @@ def _run_name(run: Path) -> str:
 
 def _members_section(run: Path, config: Mapping[str, Any]) -> str:
     """An ensemble's leaderboard: the ensemble next to each member."""
-    from featurecache.training.sweeps.leaderboard import format_interval, interval, tied_with_best
+    from featurecache.training.metrics import format_interval, interval, tied_with_best
 
     board = _read_json(run / "leaderboard.json") if config.get("kind") == "ensemble" else None
     rows = (board or {}).get("rows") or []
@@ -283,7 +283,7 @@ def _members_section(run: Path, config: Mapping[str, Any]) -> str:
 
 
 def _leaderboard_section(board: Mapping[str, Any]) -> str:
-    from featurecache.training.sweeps.leaderboard import format_interval, interval, tied_with_best
+    from featurecache.training.metrics import format_interval, interval, tied_with_best
 
     rows = board.get("rows") or []
     metric = board.get("metric", "val_accuracy")

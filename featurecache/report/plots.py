@@ -240,7 +240,7 @@ def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: i
     """
     import textwrap
 
-    from featurecache.training.sweeps.leaderboard import interval, tied_with_best
+    from featurecache.training.metrics import interval, tied_with_best
 
     if top < 1:
         raise UsageError(f"top must be >= 1, got {top!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,3 +172,33 @@ def wilson_interval(accuracy: float, n: int, *, z: float = 1.959963984540054) ->
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     # At 0 and 1 the bound is exact; floating point would leave 0.9999999999999999.
     return (0.0 if p == 0 else max(0.0, centre - half)), (1.0 if p == 1 else min(1.0, centre + half))
+
+
+def interval(r: Mapping[str, Any], metric: str = "val_accuracy") -> tuple[float, float] | None:
+    """The 95% Wilson interval of an accuracy column of a row (``None``: not an accuracy, or no ``<split>_n``).
+
+    Every leaderboard (sweep table, plot, HTML page, ensemble) takes its intervals from here.
+    """
+    n, value = r.get(f"{metric.split('_', 1)[0]}_n"), r.get(metric)
+    if not metric.endswith("accuracy") or not isinstance(n, int) or n < 1 or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        return None
+    return wilson_interval(float(value), n)
+
+
+def tied_with_best(rows: Sequence[Mapping[str, Any]], metric: str = "val_accuracy") -> list[bool]:
+    """Per row: is it statistically indistinguishable from the best row on ``metric``?
+
+    The test is overlapping 95% Wilson intervals (a conservative one: trials whose intervals
+    overlap are never called different). The best is the first row with an interval, as rows are
+    ranked; the best itself is marked. All ``False`` when ``metric`` has no interval (a loss).
+    """
+    spans = [interval(r, metric) if r.get("status", "ok") == "ok" else None for r in rows]
+    best = next((s for s in spans if s is not None), None)
+    if best is None:
+        return [False] * len(rows)
+    return [s is not None and s[1] >= best[0] and s[0] <= best[1] for s in spans]
+
+
+def format_interval(span: tuple[float, float] | None, digits: int = 3) -> str:
+    """``0.926-1.000`` (``-`` when there is no interval)."""
+    return "-" if span is None else f"{span[0]:.{digits}f}-{span[1]:.{digits}f}"

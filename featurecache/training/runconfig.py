@@ -16,10 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = [
-    "CACHED_VAL_LABEL", "ENSEMBLE_KIND", "MEMBER_DIR", "RUN_FORMAT", "TRIAL_ID", "NameForm", "is_assembled", "read_run_config",
-    "recorded_dataset", "recorded_name",
-]
+__all__ = ["CACHED_VAL_LABEL", "ENSEMBLE_KIND", "MEMBER_DIR", "NameForm", "RUN_FORMAT", "TRIAL_ID", "final_name", "is_assembled", "read_run_config", "recorded_dataset", "recorded_name"]
 
 #: ``config["format"]`` of the run directories this version writes. 2: the head is stored as
 #: head.skops / head.keras (format 1 pickled it as head.joblib).
@@ -110,3 +107,14 @@ def recorded_dataset(config: Mapping[str, Any]) -> dict[str, Any]:
         "seed": int((features.get("spec") or {}).get("seed", 0)),
         "validation": "val" if config.get("validation") == CACHED_VAL_LABEL else "train",
     }
+
+
+def final_name(path: Path) -> str:
+    """The name ``path`` has once swapped in: ``runs/.vgg16-top.tmp-12580-2e2898`` -> ``vgg16-top``.
+
+    A page or plot written while the directory is built aside (see :func:`replace_dir`) is
+    titled with this, never with the temporary name.
+    """
+    name = Path(path).resolve().name
+    match = re.fullmatch(r"\.(.+)\.tmp-\d+-[0-9a-f]+", name)
+    return match.group(1) if match else name

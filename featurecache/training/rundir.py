@@ -21,8 +21,6 @@ import ctypes.util
 import errno
 import json
 import os
-import re
-import shlex
 import shutil
 import time
 import uuid
@@ -36,7 +34,7 @@ from featurecache.cache.fsio import jsonable, write_json
 from featurecache.errors import RunError, UsageError
 from featurecache.training.runconfig import RUN_FORMAT
 
-__all__ = ["clean_leftovers", "final_name", "load_run", "replace_dir", "retrain_hint", "swap_dirs", "write_run"]
+__all__ = ["clean_leftovers", "load_run", "replace_dir", "swap_dirs", "write_run"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -74,17 +72,6 @@ def swap_dirs(new: Path, dest: Path) -> Path | None:
     os.rename(dest, aside)
     os.rename(new, dest)
     return aside
-
-
-def final_name(path: Path) -> str:
-    """The name ``path`` has once swapped in: ``runs/.vgg16-top.tmp-12580-2e2898`` -> ``vgg16-top``.
-
-    A page or plot written while the directory is built aside (see :func:`replace_dir`) is
-    titled with this, never with the temporary name.
-    """
-    name = Path(path).resolve().name
-    match = re.fullmatch(r"\.(.+)\.tmp-\d+-[0-9a-f]+", name)
-    return match.group(1) if match else name
 
 
 def _pid_of(name: str) -> int | None:
@@ -250,6 +237,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
         or types outside the allow-list); the message gives the conversion command.
     """
     from featurecache.training.heads import load_head
+    from featurecache.training.heads.saving import retrain_hint
 
     path = Path(run_dir)
     cfg_path = path / "config.json"
@@ -267,26 +255,4 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
         raise RunError(f"run {path} has no saved head ({exc.filename or exc}); {retrain_hint(path)}") from None
     return config, estimator
 
-
-def retrain_hint(run_dir: str | os.PathLike[str]) -> str:
-    """How to (re)write ``run_dir``: the ``train-head`` command its ``config.json`` records, else where to find features.
-
-    Every command it prints works when pasted (the CLI adds the ``--cache`` it was given).
-    """
-    path = Path(run_dir)
-    try:
-        config = json.loads((path / "config.json").read_text())
-        key, head = str(config["features"]["key"]), str(config["head"])
-        from featurecache.training.heads import head_param_schema
-
-        schema = head_param_schema(head)
-        params = [
-            f"-p {shlex.quote(f'{k}={schema[k].format(v)}')}"
-            for k, v in (config.get("params") or {}).items()
-            if k in schema and schema[k].format(v) != schema[k].format(schema[k].default)
-        ]
-    except Exception:  # noqa: BLE001 - no readable record: the generic hint
-        return f"list the feature sets with `featurecache cache ls` and train a head into it with train-head --features KEY --out {shlex.quote(str(path))}"
-    command = " ".join(["featurecache train-head --features", key, "--head", shlex.quote(head), *params, "--out", shlex.quote(str(path))])
-    return f"train it again with `{command}`"
 

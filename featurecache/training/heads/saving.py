@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import uuid
 from pathlib import Path
@@ -37,7 +38,7 @@ from featurecache.errors import RunError, UntrustedHeadError
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
-__all__ = ["HEAD_FILES", "LEGACY_HEAD_FILE", "TRUSTED_TYPES", "convert_legacy_head", "load_head", "save_head"]
+__all__ = ["HEAD_FILES", "LEGACY_HEAD_FILE", "TRUSTED_TYPES", "convert_legacy_head", "load_head", "retrain_hint", "save_head"]
 
 #: File names inside a saved head directory.
 HEAD_FILES: tuple[str, ...] = ("head.json", "head.skops", "head.keras")
@@ -188,13 +189,11 @@ def load_head(dirpath: str | os.PathLike[str]) -> BaseEstimator:
     if not meta_path.is_file():
         if legacy:
             raise UntrustedHeadError(f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}), which can run code when loaded; {_convert_hint(src)}")
-        from featurecache.training.rundir import retrain_hint
 
         raise RunError(f"no saved head in {str(src)!r} (head.json missing); point to a run directory written by train-head, or {retrain_hint(src)}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-        from featurecache.training.rundir import retrain_hint
 
         raise RunError(f"cannot read {meta_path} ({exc}); {retrain_hint(src)}") from None
     kind = meta.get("format"), meta.get("kind")
@@ -306,3 +305,25 @@ def convert_legacy_head(dirpath: str | os.PathLike[str], *, trust: bool = False)
         shutil.rmtree(tmp, ignore_errors=True)
     return src
 
+
+def retrain_hint(run_dir: str | os.PathLike[str]) -> str:
+    """How to (re)write ``run_dir``: the ``train-head`` command its ``config.json`` records, else where to find features.
+
+    Every command it prints works when pasted (the CLI adds the ``--cache`` it was given).
+    """
+    path = Path(run_dir)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        key, head = str(config["features"]["key"]), str(config["head"])
+        from featurecache.training.heads.registry import head_param_schema
+
+        schema = head_param_schema(head)
+        params = [
+            f"-p {shlex.quote(f'{k}={schema[k].format(v)}')}"
+            for k, v in (config.get("params") or {}).items()
+            if k in schema and schema[k].format(v) != schema[k].format(schema[k].default)
+        ]
+    except Exception:  # noqa: BLE001 - no readable record: the generic hint
+        return f"list the feature sets with `featurecache cache ls` and train a head into it with train-head --features KEY --out {shlex.quote(str(path))}"
+    command = " ".join(["featurecache train-head --features", key, "--head", shlex.quote(head), *params, "--out", shlex.quote(str(path))])
+    return f"train it again with `{command}`"

@@ -11,6 +11,7 @@ from typing import Any
 
 from featurecache.cache.fsio import jsonable, write_atomic, write_json
 from featurecache.errors import UsageError
+from featurecache.training.metrics import format_interval, interval, tied_with_best
 
 __all__ = ["METRIC_COLUMNS", "format_interval", "interval", "leaderboard_table", "metric_names", "rank", "row", "sort_key", "tied_with_best", "write_leaderboard"]
 
@@ -73,38 +74,6 @@ def rank(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, An
     for i, r in enumerate(ok, start=1):
         r["rank"] = i
     return ok + [r for r in rows if r["status"] != "ok"]
-
-
-def interval(r: Mapping[str, Any], metric: str = "val_accuracy") -> tuple[float, float] | None:
-    """The 95% Wilson interval of an accuracy column of a row (``None``: not an accuracy, or no ``<split>_n``).
-
-    Every leaderboard (sweep table, plot, HTML page, ensemble) takes its intervals from here.
-    """
-    from featurecache.training.metrics import wilson_interval
-
-    n, value = r.get(f"{metric.split('_', 1)[0]}_n"), r.get(metric)
-    if not metric.endswith("accuracy") or not isinstance(n, int) or n < 1 or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        return None
-    return wilson_interval(float(value), n)
-
-
-def tied_with_best(rows: Sequence[Mapping[str, Any]], metric: str = "val_accuracy") -> list[bool]:
-    """Per row: is it statistically indistinguishable from the best row on ``metric``?
-
-    The test is overlapping 95% Wilson intervals (a conservative one: trials whose intervals
-    overlap are never called different). The best is the first row with an interval, as rows are
-    ranked; the best itself is marked. All ``False`` when ``metric`` has no interval (a loss).
-    """
-    spans = [interval(r, metric) if r.get("status", "ok") == "ok" else None for r in rows]
-    best = next((s for s in spans if s is not None), None)
-    if best is None:
-        return [False] * len(rows)
-    return [s is not None and s[1] >= best[0] and s[0] <= best[1] for s in spans]
-
-
-def format_interval(span: tuple[float, float] | None, digits: int = 3) -> str:
-    """``0.926-1.000`` (``-`` when there is no interval)."""
-    return "-" if span is None else f"{span[0]:.{digits}f}-{span[1]:.{digits}f}"
 
 
 def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str, plots: bool = True) -> None:
