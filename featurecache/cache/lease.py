@@ -26,14 +26,14 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import raise_if_disk_full
 from featurecache.cache.holders import holder_is_dead, process_identity
 from featurecache.cache.objlease import ObjectLeaseMixin
-from featurecache.cache.storage import Location, RemotePath
+from featurecache.cache.storage import Location
 
 LOCKS_DIR = ".locks"
 
@@ -54,13 +54,14 @@ class Lease:
     """
 
     def __new__(cls, cache_dir: Location, key: str, **kwargs: Any) -> Lease:
-        # Like pathlib.Path: the caller names a lease, the root decides how it is held.
-        if cls is Lease and isinstance(cache_dir, RemotePath):
+        # Like pathlib.Path: the caller names a lease, the root decides how it is held. Without a
+        # rename (to break a stale lease with) the root is an object store: conditional writes.
+        if cls is Lease and not storage.supports_rename(cache_dir):
             cls = ObjectLease
         return super().__new__(cls)
 
     def __init__(self, cache_dir: Location, key: str, *, stale_after: float = 60.0, heartbeat: float = 5.0) -> None:
-        self.path: Any = (cache_dir if isinstance(cache_dir, RemotePath) else Path(cache_dir)) / LOCKS_DIR / f"{key}.lease"
+        self.path: Any = storage.as_location(cache_dir, resolve=False) / LOCKS_DIR / f"{key}.lease"
         self.stale_after = stale_after
         self.heartbeat = heartbeat
         self._token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
@@ -198,7 +199,7 @@ class Lease:
 class ObjectLease(ObjectLeaseMixin, Lease):
     """:class:`Lease` on an object-store root, held through conditional writes (see :mod:`featurecache.cache.objlease`)."""
 
-    def __init__(self, cache_dir: RemotePath, key: str, *, stale_after: float = 60.0, heartbeat: float = 5.0) -> None:
+    def __init__(self, cache_dir: Location, key: str, *, stale_after: float = 60.0, heartbeat: float = 5.0) -> None:
         super().__init__(cache_dir, key, stale_after=stale_after, heartbeat=heartbeat)
         self._setup_object()
 

@@ -37,7 +37,7 @@ from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, digest_of
 from featurecache.cache.lease import LOCKS_DIR, Lease
-from featurecache.cache.storage import Location, RemotePath, tree_size
+from featurecache.cache.storage import Location, tree_size
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, FeatureCacheError, UsageError, one_line
 
 __all__ = ["CheckResult", "GcItem", "GcReport", "check", "find_target", "gc", "parse_age", "repair"]
@@ -347,23 +347,6 @@ def parse_age(value: str | float | int) -> float:
     return float(m.group(1)) * _AGE_UNITS[m.group(2).lower()]
 
 
-def _newest_mtime(path: Location) -> float:
-    if isinstance(path, RemotePath):
-        return storage.newest_mtime(path)
-    try:
-        newest = path.lstat().st_mtime
-    except OSError:
-        return 0.0
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirs, files in os.walk(path, followlinks=False):
-            for name in (*dirs, *files):
-                try:
-                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-                except OSError:
-                    pass
-    return newest
-
-
 def _real_dir(path: Location) -> bool:
     return storage.is_dir(path) and not storage.is_link(path)
 
@@ -430,7 +413,7 @@ def gc(
     live12 = {k[:12] for k in live}
 
     def old(path: Location) -> bool:
-        return now - _newest_mtime(path) >= age
+        return now - storage.newest_mtime(path) >= age
 
     locks = root / LOCKS_DIR
     if _real_dir(locks):
@@ -467,12 +450,9 @@ def gc(
         unused = _unused_units(st, root)
         if unused:
             items.append(GcItem(st.path, "unused rows", _units_size(st, unused), f"{len(unused)} unit(s) no view references", tuple(unused)))
-        # Object stores get whole PUTs: no temp files to look for (and no listing of every chunk).
-        for dirpath, _dirs, files in os.walk(st.path, followlinks=False) if not isinstance(st.path, RemotePath) else ():
-            for name in files:
-                partial = Path(dirpath) / name
-                if name.endswith(".partial") and old(partial):
-                    items.append(GcItem(partial, "temporary", tree_size(partial), "temp file of a killed writer"))
+        for partial in storage.temp_files(st.path):
+            if old(partial):
+                items.append(GcItem(partial, "temporary", tree_size(partial), "temp file of a killed writer"))
     if not dry_run:
         for item in items:
             _remove(item, root)

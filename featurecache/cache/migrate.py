@@ -25,6 +25,7 @@ from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.keys import FeatureSpec, view_key
 from featurecache.cache.lease import Lease
+from featurecache.cache.storage import Location
 from featurecache.errors import FeatureCacheError
 
 __all__ = ["MigrationResult", "legacy_entries", "migrate"]
@@ -40,11 +41,11 @@ class MigrationResult:
     note: str
 
 
-def legacy_entries(cache_dir: Path) -> list[Path]:
+def legacy_entries(cache_dir: Location) -> list[Path]:
     """Format-1 entry directories directly under the cache root (none on object storage, which came later)."""
     out = []
-    if storage.is_remote(cache_dir):
-        return out
+    if not storage.supports_rename(cache_dir):
+        return out  # format 1 predates object storage
     for child in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else ():
         if child.name.startswith((".", "_")) or child.name in (store_mod.STORES_DIR, store_mod.VIEWS_DIR) or not child.is_dir() or child.is_symlink():
             continue

@@ -11,17 +11,14 @@ symbolic link is unlinked, never followed, and frees nothing.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 
 from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
 from featurecache.cache.lease import Lease
-from featurecache.cache.storage import Location, RemotePath
+from featurecache.cache.storage import Location
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, LeaseError
 
 
@@ -100,21 +97,6 @@ def remove(plan: RemovalPlan) -> int:
 
 
 def _delete(path: Location, root: Location) -> int:
-    if isinstance(path, RemotePath):
-        size = storage.tree_size(path)
-        storage.remove_tree(path)  # no rename on object storage: its zarr.json goes first
-        return size
-    if path.is_symlink():
-        path.unlink()
-        return 0
-    size = storage.tree_size(path)
-    trash = root / store_mod.TMP_DIR / f"rm-{path.name}-{uuid.uuid4().hex[:6]}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(path, trash)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        trash = path  # another filesystem: delete in place (readers may see it go, never see it change)
-    shutil.rmtree(trash, ignore_errors=True)
+    size = 0 if storage.is_link(path) else storage.tree_size(path)
+    storage.discard(path, trash_dir=root / store_mod.TMP_DIR)
     return size

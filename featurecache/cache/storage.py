@@ -1,5 +1,11 @@
 """Where the cache's bytes live: a local folder (``pathlib.Path``) or an object store (an fsspec URL).
 
+This module is the cache's one storage interface: every function takes a :data:`Location` of
+either kind, and only this module (with :mod:`~featurecache.cache.fsio` for local files and
+:mod:`~featurecache.cache.objlease` for conditional writes) tells the two apart. Where the
+callers' algorithm itself differs (build aside and rename into place, or write in place and
+publish last), they ask :func:`supports_rename` instead of testing a type.
+
 A cache root is a path (``/data/cache``, ``file:///data/cache``) or an fsspec URL
 (``s3://bucket/prefix``, ``gs://...``). Local roots stay ``pathlib.Path`` objects and every
 function here does, for them, exactly what the cache did before object storage existed (temp
@@ -13,6 +19,9 @@ same for both, and the operations that differ live here:
   ``zarr.json`` attributes, a unit's marker) is written after everything it vouches for.
 * **listing**: one recursive listing (``find``) instead of a walk, after dropping fsspec's
   cached listings (s3fs caches them per instance, and other processes write to the bucket).
+* **renaming**: local writers build aside and rename into place (and leave ``*.partial`` temp
+  files when killed); object stores cannot rename, so there a writer removes what it replaces
+  and publishes its ``zarr.json`` last (:func:`supports_rename`, :func:`discard`).
 * **zarr stores**: a path string for local roots (Zarr's ``LocalStore``, which writes each chunk
   through a temp file and a rename), a Zarr ``FsspecStore`` (one PUT per chunk) for remote ones.
 
@@ -23,14 +32,16 @@ without it, s3fs reads the usual AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_P
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Iterable
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeGuard, Union
 
 from featurecache.errors import BucketNotFoundError, UsageError
 
@@ -189,8 +200,10 @@ class RemotePath:
 Location = Union[Path, RemotePath]
 
 
-def as_location(value: str | os.PathLike[str] | RemotePath) -> Location:
+def as_location(value: str | os.PathLike[str] | RemotePath, *, resolve: bool = True) -> Location:
     """A path or URL as a :data:`Location` (``file://`` URLs become local paths).
+
+    ``resolve=False`` keeps a local path as given (not made absolute, ``~`` not expanded).
 
     Raises
     ------
@@ -200,10 +213,9 @@ def as_location(value: str | os.PathLike[str] | RemotePath) -> Location:
     if isinstance(value, RemotePath):
         return value
     text = os.fspath(value) if not isinstance(value, str) else value
-    if text.startswith("file://"):
-        return Path(text[len("file://") :]).expanduser().absolute()
-    if not is_url(text):
-        return Path(text).expanduser().absolute()
+    if text.startswith("file://") or not is_url(text):
+        local = Path(text[len("file://") :] if text.startswith("file://") else text)
+        return local.expanduser().absolute() if resolve else local
     protocol, _, rest = text.partition("://")
     if not rest.strip("/"):
         raise UsageError(f"cache URL {text!r} names no bucket; pass e.g. {protocol}://bucket/featurecache")
@@ -219,6 +231,16 @@ def _remote(protocol: str, options_json: str) -> Remote:
 def is_remote(loc: Any) -> bool:
     """Whether ``loc`` is on object storage."""
     return isinstance(loc, RemotePath)
+
+
+def supports_rename(loc: Location) -> TypeGuard[Path]:
+    """Whether ``loc`` is on a file system with an atomic rename (a local folder).
+
+    There, what is built aside is renamed into place, a stale lease is broken by renaming it
+    away, and a killed writer leaves ``*.partial`` temp files. On object storage nothing can be
+    renamed; each PUT is whole or absent instead, so writers write in place and publish last.
+    """
+    return not isinstance(loc, RemotePath)
 
 
 def refuse_remote(loc: Any, what: str) -> None:
@@ -296,16 +318,25 @@ def read_bytes(loc: Location) -> bytes:
     return loc.read_bytes()
 
 
-def read_many(locs: Iterable[RemotePath]) -> dict[RemotePath, bytes | BaseException]:
-    """Several objects fetched concurrently (a missing one maps to its exception)."""
+def read_many(locs: Iterable[Location]) -> dict[Location, bytes | BaseException]:
+    """Several files' bytes (objects fetched concurrently); a missing or unreadable one maps to its exception."""
     locs = list(locs)
     if not locs:
         return {}
-    fs = locs[0].remote.fs
-    got = fs.cat([loc.path for loc in locs], on_error="return")
+    remote = [loc for loc in locs if isinstance(loc, RemotePath)]
+    if len(remote) < len(locs):  # local files: read one by one
+        out: dict[Location, bytes | BaseException] = {}
+        for loc in locs:
+            try:
+                out[loc] = read_bytes(loc)
+            except OSError as exc:
+                out[loc] = exc
+        return out
+    fs = remote[0].remote.fs
+    got = fs.cat([loc.path for loc in remote], on_error="return")
     if not isinstance(got, dict):  # one path: fsspec returns the bytes themselves
-        got = {locs[0].path: got}
-    return {loc: got.get(loc.path, FileNotFoundError(loc.url)) for loc in locs}
+        got = {remote[0].path: got}
+    return {loc: got.get(loc.path, FileNotFoundError(loc.url)) for loc in remote}
 
 
 def is_dir(loc: Location) -> bool:
@@ -362,8 +393,15 @@ def glob(loc: Location, pattern: str) -> list[Location]:
     return sorted(loc.glob(pattern)) if loc.is_dir() else []
 
 
-def find(loc: RemotePath) -> list[str]:
-    """Every object under ``loc``, as paths relative to it, from one fresh recursive listing."""
+def find(loc: Location) -> list[str]:
+    """Every file (object) under ``loc``, as ``/``-separated paths relative to it, from one fresh
+    recursive listing (locally a walk that follows no link)."""
+    if not isinstance(loc, RemotePath):
+        out: list[str] = []
+        for dirpath, _dirs, files in os.walk(loc, followlinks=False):
+            rel = Path(dirpath).relative_to(loc).as_posix()
+            out.extend(name if rel == "." else f"{rel}/{name}" for name in files)
+        return sorted(out)
     fs = loc.remote.fs
     fs.invalidate_cache(loc.path)
     try:
@@ -375,9 +413,22 @@ def find(loc: RemotePath) -> list[str]:
     return [str(p)[len(prefix) :] for p in found if str(p).startswith(prefix)]
 
 
-def newest_mtime(loc: RemotePath) -> float:
-    """The newest modification time (seconds since the epoch) of the objects under ``loc``, or of
-    the object ``loc`` itself; 0.0 when there are none."""
+def newest_mtime(loc: Location) -> float:
+    """The newest modification time (seconds since the epoch) of ``loc`` and everything under it
+    (locally never following links); 0.0 when there is nothing."""
+    if not isinstance(loc, RemotePath):
+        try:
+            newest = loc.lstat().st_mtime
+        except OSError:
+            return 0.0
+        if loc.is_dir() and not loc.is_symlink():
+            for dirpath, dirs, files in os.walk(loc, followlinks=False):
+                for name in (*dirs, *files):
+                    try:
+                        newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                    except OSError:
+                        pass
+        return newest
     fs = loc.remote.fs
     fs.invalidate_cache(loc.path)
     try:
@@ -408,6 +459,19 @@ def tree_size(loc: Location) -> int:
     from featurecache.cache.fsio import tree_size as local_tree_size
 
     return local_tree_size(loc)
+
+
+def temp_files(loc: Location) -> list[Path]:
+    """The ``*.partial`` temp files that killed writers left under ``loc`` (never following a link).
+
+    None on object storage: every write there is one whole PUT (and no chunk is listed to learn it).
+    """
+    if isinstance(loc, RemotePath) or loc.is_symlink():
+        return []
+    out: list[Path] = []
+    for dirpath, _dirs, files in os.walk(loc, followlinks=False):
+        out.extend(Path(dirpath) / name for name in files if name.endswith(".partial"))
+    return out
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -461,6 +525,59 @@ def remove_tree(loc: Location) -> None:
         loc.unlink(missing_ok=True)
     elif loc.is_dir():
         shutil.rmtree(loc, ignore_errors=True)
+
+
+def make_durable(locs: Iterable[Location]) -> None:
+    """Flush local files (and their directory entries) to disk, so that what vouches for them
+    can be written next; an object store acknowledges a PUT only once it is durable."""
+    from featurecache.cache.fsio import fsync_file
+
+    for loc in locs:
+        if not isinstance(loc, RemotePath):
+            fsync_file(loc)
+
+
+def remove_group(loc: Location, *, listed: bool = False) -> bool:
+    """Delete the Zarr group at ``loc`` whose only document is its ``zarr.json`` (a unit's marker);
+    whether there was one.
+
+    Locally its directory goes (with a temp file a killed writer left in it; a link is not
+    followed). On object storage the group is that one object, deleted without listing the
+    prefix; it is asked about (one HEAD) only when the caller has not ``listed`` it already.
+    """
+    if isinstance(loc, RemotePath):
+        if not (listed or exists(loc / "zarr.json")):
+            return False
+        remove_file(loc / "zarr.json")
+        return True
+    if not loc.is_dir() or loc.is_symlink():
+        return False
+    shutil.rmtree(loc)
+    return True
+
+
+def discard(loc: Location, *, trash_dir: Location) -> None:
+    """Delete the directory ``loc`` so that no reader sees it half deleted.
+
+    Locally it is first renamed to ``trash_dir/rm-<name>-<hex>`` (across file systems it is
+    deleted in place), and a link is removed, never followed. On object storage, which cannot
+    rename, :func:`remove_tree` deletes its ``zarr.json`` first.
+    """
+    if isinstance(loc, RemotePath) or isinstance(trash_dir, RemotePath):
+        remove_tree(loc)
+        return
+    if loc.is_symlink():
+        loc.unlink()
+        return
+    trash = trash_dir / f"rm-{loc.name}-{uuid.uuid4().hex[:6]}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(loc, trash)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        trash = loc  # another file system: delete in place (readers may see it go, never see it change)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def make_dirs(loc: Location) -> None:

@@ -40,8 +40,8 @@ import numpy as np
 
 from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
-from featurecache.cache.fsio import fsync_file, raise_if_disk_full
-from featurecache.cache.storage import Location, RemotePath
+from featurecache.cache.fsio import raise_if_disk_full
+from featurecache.cache.storage import Location
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, recorded_spec_key
 from featurecache.errors import CacheCorruptError, DamagedUnitError, FeatureCacheError, UsageError
 
@@ -55,11 +55,12 @@ MEMO_DIR = ".memo"
 TARGET_CHUNK_BYTES = 1 << 20
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | RemotePath | None = None) -> Location:
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | Location | None = None) -> Location:
     """The cache root: ``cache_dir``, else ``$FEATURECACHE_DIR``, else ``./cache``.
 
     A path (``file://`` URLs included) gives an absolute ``Path``; an fsspec URL such as
-    ``s3://bucket/prefix`` gives a :class:`~featurecache.cache.storage.RemotePath`.
+    ``s3://bucket/prefix`` gives an object-store location: from here on every read and write
+    goes through :mod:`featurecache.cache.storage`, which serves both.
 
     Raises
     ------
@@ -231,7 +232,7 @@ class FeatureStore(CacheNode):
         Its ``zarr.json`` is unreadable.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | RemotePath) -> None:
+    def __init__(self, path: str | os.PathLike[str] | Location) -> None:
         from featurecache.errors import EntryNotFoundError
 
         self.path = as_node_path(path)
@@ -276,38 +277,19 @@ class FeatureStore(CacheNode):
     # -- markers -------------------------------------------------------------------------
     def markers(self, view: int, *, refresh: bool = False) -> dict[int, dict[str, Any]]:
         """``{slot: marker}`` of every finished unit of ``view`` (read once, then cached)."""
-        if isinstance(self.path, RemotePath):
-            if refresh or view not in self._markers:
-                self._markers.update(self._listed_markers())
-            return self._markers.setdefault(view, {})
         if refresh or view not in self._markers:
-            out: dict[int, dict[str, Any]] = {}
-            base = self.path / UNITS_GROUP / f"v{view}"
-            try:
-                names = os.listdir(base)
-            except FileNotFoundError:
-                names = []
-            for name in names:
-                if not name.startswith("u") or not name[1:].isdigit():
-                    continue
-                try:
-                    attrs = read_group_attrs(base / name)
-                except CacheCorruptError:
-                    continue  # a torn marker vouches for nothing: the unit is redone
-                if attrs is not None and attrs.get("slot") == int(name[1:]):
-                    out[int(name[1:])] = attrs
-            self._markers[view] = out
-        return self._markers[view]
+            self._markers.update(self._listed_markers())
+        return self._markers.setdefault(view, {})
 
     def _listed_markers(self) -> dict[int, dict[int, dict[str, Any]]]:
-        """Every view's markers from one listing of ``units/`` (object storage: one LIST request
+        """Every view's markers from one listing of ``units/`` (on object storage one LIST request
         per thousand objects, then the new markers fetched concurrently; never one HEAD per unit).
 
         A marker is one PUT, written once per slot, so one already read is kept, not fetched again:
         a refresh costs the listing and the markers written since.
         """
         base = self.path / UNITS_GROUP
-        found: dict[RemotePath, tuple[int, int]] = {}
+        found: dict[Location, tuple[int, int]] = {}
         out: dict[int, dict[int, dict[str, Any]]] = {v: {} for v in range(self.views)}
         for rel in storage.find(base):
             parts = rel.split("/")
@@ -523,13 +505,9 @@ class FeatureStore(CacheNode):
         return f"FeatureStore({self.name!r})"
 
 
-def as_node_path(path: str | os.PathLike[str] | RemotePath) -> Location:
+def as_node_path(path: str | os.PathLike[str] | Location) -> Location:
     """A store's or view's location from a path, a URL (as Dask workers receive it) or a location."""
-    if isinstance(path, RemotePath):
-        return path
-    if isinstance(path, str) and storage.is_url(path):
-        return storage.as_location(path)
-    return Path(path)
+    return storage.as_location(path, resolve=False)
 
 
 # -- writing (the caller holds the store's lease unless said otherwise) --------------------
@@ -680,8 +658,7 @@ def write_unit(
         # SIGKILL cannot tear a chunk (each is renamed into place, or one PUT on object storage),
         # but a power cut could persist the marker and not the data it vouches for; syncing the
         # data first orders them (an object store acknowledges a PUT only once it is durable).
-        for path in chunk_files if not isinstance(st.path, RemotePath) else ():
-            fsync_file(path)
+        storage.make_durable(chunk_files)
         marker = {
             "view": unit.view,
             "slot": unit.slot,
@@ -706,13 +683,8 @@ def remove_units(st: FeatureStore, view: int, slots: Iterable[int]) -> int:
     n = 0
     for slot in slots:
         marker_dir = st.path / UNITS_GROUP / f"v{view}" / f"u{slot}"
-        if isinstance(marker_dir, RemotePath):
-            # A torn marker is listed as no unit, yet its object is there: it goes too.
-            if slot in st.markers(view) or storage.exists(marker_dir / "zarr.json"):
-                storage.remove_file(marker_dir / "zarr.json")
-                n += 1
-        elif marker_dir.is_dir() and not marker_dir.is_symlink():
-            shutil.rmtree(marker_dir)
+        # A torn marker is listed as no unit, yet it is there: it goes too.
+        if storage.remove_group(marker_dir, listed=slot in st.markers(view)):
             n += 1
         st.markers(view).pop(slot, None)
         for name in ("features", "digests", "valid"):
@@ -755,7 +727,7 @@ def remove_leftovers(cache_dir: Location, spec_key: str) -> list[Path]:
     """
     from featurecache.cache.lease import LOCKS_DIR
 
-    if isinstance(cache_dir, RemotePath):
+    if not storage.supports_rename(cache_dir):
         return []  # object stores get whole PUTs: no temp files, no views built aside, no moved leases
     removed: list[Path] = []
     debris: list[Path] = []
@@ -767,10 +739,7 @@ def remove_leftovers(cache_dir: Location, spec_key: str) -> list[Path]:
         debris.extend(locks.glob(f"{spec_key}.lease.stale-*"))
     root = cache_dir / STORES_DIR
     for st_dir in root.glob(f"*--{spec_key[:12]}") if root.is_dir() else ():
-        if st_dir.is_symlink():
-            continue
-        for dirpath, _dirs, files in os.walk(st_dir, followlinks=False):
-            debris.extend(Path(dirpath) / f for f in files if f.endswith(".partial"))
+        debris.extend(storage.temp_files(st_dir))
     for path in debris:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

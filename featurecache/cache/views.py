@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ from featurecache.cache.store import (
     read_group_attrs,
     resolve_cache_dir,
 )
-from featurecache.cache.storage import Location, RemotePath
+from featurecache.cache.storage import Location
 from featurecache.errors import AmbiguousEntryError, CacheCorruptError, DamagedUnitError, EntryNotFoundError, IncompleteEntryError, UsageError
 
 MIN_PREFIX = 6
@@ -127,7 +126,7 @@ class FeatureSet(CacheNode):
         Its ``zarr.json`` is unreadable, or its feature store is gone.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | RemotePath) -> None:
+    def __init__(self, path: str | os.PathLike[str] | Location) -> None:
         self.path = as_node_path(path)
         try:
             attrs = read_group_attrs(self.path)
@@ -487,10 +486,10 @@ def write_view(
     """
     import zarr
 
+    if not storage.supports_rename(cache_dir):
+        return _write_view_in_place(cache_dir / VIEWS_DIR / name, st, key=key, dataset_digest=dataset_digest,
+                                    classes=classes, splits=splits, failures=failures, extra=extra)
     final = cache_dir / VIEWS_DIR / name
-    if isinstance(final, RemotePath):
-        return _write_view_in_place(final, st, key=key, dataset_digest=dataset_digest, classes=classes, splits=splits,
-                                    failures=failures, extra=extra)
     # Named after the store's key: the store's lease holder owns (and cleans) it.
     tmp = cache_dir / TMP_DIR / f"{st.key[:12]}-{key[:12]}-{uuid.uuid4().hex[:8]}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -557,7 +556,7 @@ def _view_attrs(
 
 
 def _write_view_in_place(
-    final: RemotePath, st: FeatureStore, *, key: str, dataset_digest: str, classes: Sequence[str],
+    final: Location, st: FeatureStore, *, key: str, dataset_digest: str, classes: Sequence[str],
     splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]],
     failures: Sequence[tuple[str, str, str, str]], extra: Mapping[str, Any] | None,
 ) -> FeatureSet:
@@ -577,18 +576,8 @@ def _write_view_in_place(
 
 
 def _discard(path: Location, cache_dir: Location) -> None:
-    """Move ``path`` aside into ``.tmp`` and delete it (never following a link)."""
-    if isinstance(path, RemotePath):
-        storage.remove_file(path / "zarr.json")  # first: from here on it is no view to any reader
-        storage.remove_tree(path)
-        return
-    if path.is_symlink():
-        path.unlink()
-        return
-    trash = cache_dir / TMP_DIR / f"rm-{path.name}-{uuid.uuid4().hex[:6]}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    """Delete ``path`` (moved aside into ``.tmp`` first where the storage can rename; never following a link)."""
+    storage.discard(path, trash_dir=cache_dir / TMP_DIR)
 
 
 def remove_view(fs: FeatureSet) -> None:
@@ -651,7 +640,7 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> 
     """
     root = resolve_cache_dir(cache_dir)
     ref = ref.strip()
-    path = storage.as_location(ref) if storage.is_url(ref) else Path(ref)
+    path = storage.as_location(ref, resolve=False)
     if ref and storage.is_dir(path) and storage.exists(path / "zarr.json"):
         return FeatureSet(path)
     named = root / VIEWS_DIR / ref
