@@ -1,8 +1,15 @@
-"""Shared fixtures: a temporary cache and tiny generated image datasets."""
+"""Shared fixtures: a temporary cache, tiny generated image datasets, and digits features
+extracted once per session."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +86,96 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "pets")
 
 
+# -- digits features, extracted once per session ----------------------------------------------
+# A real TensorFlow extraction costs seconds, and most tests of training, reports and
+# fine-tuning only need features to exist. Each set of options is extracted once per session
+# (under pytest-xdist: once per worker process) into a cache of its own, so what a test reads
+# never depends on which other files ran before it. Tests only read these caches; a test that
+# damages or adds to a cache works on a copy (``DigitsFeatures.copy``, ``*_copy`` fixtures).
+
+#: The options the digits fixtures extract with: tiny, fast, nothing downloaded.
+DIGITS = {"backbone": "mobilenetv2", "weights": "random", "size": 32}
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsFeatures:
+    """builtin:digits features alone in their cache ``cache``; ``result`` is what extract returned."""
+
+    cache: Path
+    result: Any  # featurecache.ExtractResult
+
+    @property
+    def key(self) -> str:
+        return self.result.key
+
+    def open(self) -> Any:
+        """The feature set (a ``featurecache.cache.views.FeatureSet``)."""
+        import featurecache as fc
+
+        return fc.open_features(self.key, cache_dir=self.cache)
+
+    def copy(self, cache: Path) -> DigitsFeatures:
+        """The whole cache copied to ``cache``: far cheaper than extracting again."""
+        shutil.copytree(self.cache, cache, symlinks=True)
+        path = cache / Path(self.result.path).relative_to(self.cache)
+        return DigitsFeatures(cache, dataclasses.replace(self.result, path=path))
+
+
+@pytest.fixture(scope="session")
+def digits_features_for(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DigitsFeatures]:
+    """``digits_features_for(**options)``: builtin:digits extracted with ``DIGITS`` updated by
+    ``options``, once per session for each set of options."""
+    made: dict[str, DigitsFeatures] = {}
+
+    def get(**options: Any) -> DigitsFeatures:
+        import featurecache as fc
+
+        options = {**DIGITS, **options}
+        tag = json.dumps(options, sort_keys=True)
+        if tag not in made:
+            cache = tmp_path_factory.mktemp("digits-features")
+            made[tag] = DigitsFeatures(cache, fc.extract("builtin:digits", cache_dir=cache, progress=False, **options))
+        return made[tag]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def digits_features(digits_features_for: Callable[..., DigitsFeatures]) -> DigitsFeatures:
+    """All 1797 digits (train 1257, val 270, test 270) with ``DIGITS``."""
+    return digits_features_for()
+
+
+@pytest.fixture(scope="session")
+def digits(digits_features: DigitsFeatures) -> Any:
+    """The feature set of ``digits_features``."""
+    return digits_features.open()
+
+
+@pytest.fixture(scope="session")
+def digits_cache(digits_features: DigitsFeatures) -> Path:
+    """The cache holding ``digits_features`` (and nothing else): read it, never write to it."""
+    return digits_features.cache
+
+
+@pytest.fixture
+def digits_features_copy(digits_features: DigitsFeatures, tmp_path: Path) -> DigitsFeatures:
+    """``digits_features`` in a copy of its cache under ``tmp_path``, for a test to alter."""
+    return digits_features.copy(tmp_path / "digits-cache")
+
+
+@pytest.fixture(scope="session")
+def digits_features_20(digits_features_for: Callable[..., DigitsFeatures]) -> DigitsFeatures:
+    """20 digits per split (10 classes x 2) with ``DIGITS``."""
+    return digits_features_for(limit=20)
+
+
+@pytest.fixture
+def digits_features_20_copy(digits_features_20: DigitsFeatures, tmp_path: Path) -> DigitsFeatures:
+    """``digits_features_20`` in a copy of its cache under ``tmp_path``, for a test to alter."""
+    return digits_features_20.copy(tmp_path / "digits-cache")
+
+
 #: Test files that run longest (multi-process, end-to-end), in the order the workers should take
 #: them: with ``--dist loadfile`` a file runs whole on one worker, and pytest-xdist's default
 #: order (files with the most tests first) left these for the end, one worker busy and the other
@@ -118,3 +215,13 @@ def kill_frozen_worker(pids: set[int], fired: Path, runner: Any) -> int:
     assert frozen is not None, "no worker froze: the fault never fired"
     os.kill(frozen, signal.SIGKILL)
     return frozen
+
+
+def wait_on_exit(proc: subprocess.Popen, seconds: float) -> None:
+    """The pause between two checks of a polling loop, spent waiting for ``proc`` to exit.
+
+    It ends at once when ``proc`` exits, so a loop that polls a state (with its own deadline)
+    never waits a fixed time past the state change that ends it.
+    """
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=seconds)

@@ -26,6 +26,7 @@ from featurecache.cache import faults, store, views
 from featurecache.cache.lease import LOCKS_DIR, Lease
 from featurecache.cache.maintenance import gc
 from featurecache.errors import UsageError
+from tests.conftest import wait_on_exit
 
 pytestmark = pytest.mark.slow  # real processes killed at every checkpoint
 
@@ -87,7 +88,7 @@ def _run_cli(cache: Path, fault: str, **env: str) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> views.FeatureSet:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> views.FeatureSet:
     """One uninterrupted extraction, in this process."""
     root = tmp_path_factory.mktemp("reference")
     res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
@@ -186,7 +187,7 @@ def _plant_zarr_partial(root: Path) -> Path | None:
 
 
 @pytest.mark.parametrize("point,state", KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
-def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcome], reference: views.FeatureSet, point: str, state: str) -> None:
+def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcome], uninterrupted: views.FeatureSet, point: str, state: str) -> None:
     out = faulted[point]
     assert out.returncode == -signal.SIGKILL, f"expected death by SIGKILL at {point}, got rc {out.returncode}: {out.stderr[-2000:]}"
     _check_state_after_kill(out.cache, state)
@@ -194,7 +195,7 @@ def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcom
 
     res = fc.extract("builtin:digits", cache_dir=out.cache, progress=False, **OPTIONS)
     assert res.cached == (state == "complete")
-    assert_identical(fc.open_features(res.key, cache_dir=out.cache), reference)
+    assert_identical(fc.open_features(res.key, cache_dir=out.cache), uninterrupted)
     if torn is not None and state != "complete":
         assert not torn.exists()
     # A run that died after sealing is a cache hit, which never touches leases; gc reclaims it.
@@ -203,7 +204,7 @@ def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcom
     gc(older_than=0, dry_run=False, cache_dir=out.cache)
     assert not list((out.cache / LOCKS_DIR).glob("*"))
     assert_no_debris(out.cache)
-    assert_identical(fc.open_features(res.key, cache_dir=out.cache), reference)
+    assert_identical(fc.open_features(res.key, cache_dir=out.cache), uninterrupted)
 
 
 def test_disk_full_is_one_line_keeps_finished_units_and_resumes(faulted: dict[str, Outcome], tmp_path: Path) -> None:
@@ -238,14 +239,14 @@ def _popen(cache: Path, *, fault: str | None = None, stderr_path: Path | None = 
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=REPO)
 
 
-def test_two_processes_on_the_same_key_make_one_correct_entry(tmp_path: Path, reference: views.FeatureSet) -> None:
+def test_two_processes_on_the_same_key_make_one_correct_entry(tmp_path: Path, uninterrupted: views.FeatureSet) -> None:
     procs = [_popen(tmp_path), _popen(tmp_path)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     docs = [json.loads(o) for o in outs]
     assert sorted(d["cached"] for d in docs) == [False, True], "one extracts, the other waits and gets a hit"
     assert len(list(views.iter_entries(tmp_path))) == 1
-    assert_identical(_entry(tmp_path), reference)
+    assert_identical(_entry(tmp_path), uninterrupted)
     assert not list((tmp_path / LOCKS_DIR).glob("*.lease"))
     assert_no_debris(tmp_path)
 
@@ -254,25 +255,25 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def test_killed_lease_holder_is_taken_over_by_the_waiter(tmp_path: Path, reference: views.FeatureSet) -> None:
+def test_killed_lease_holder_is_taken_over_by_the_waiter(tmp_path: Path, uninterrupted: views.FeatureSet) -> None:
     # The holder freezes itself mid-extraction (after 3 unit markers), holding the lease.
     holder = _popen(tmp_path, fault="unit_marker_written@3:stop")
     deadline = time.monotonic() + 240
     while _state(holder.pid) != "T":
         assert holder.poll() is None and time.monotonic() < deadline, "the holder should stop itself at the 3rd marker"
-        time.sleep(0.1)
+        wait_on_exit(holder, 0.1)
     log = tmp_path / "waiter.err"
     waiter = _popen(tmp_path, stderr_path=log, progress=True)
     while "waiting for another process" not in log.read_text():
         assert waiter.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+        wait_on_exit(waiter, 0.1)
     assert _entry(tmp_path) is None and _marked(_store(tmp_path)) == 3
     holder.send_signal(signal.SIGKILL)
     holder.wait()  # reaped, so its pid is gone and the waiter sees the lease as stale
     out, _ = waiter.communicate(timeout=240)
     assert waiter.returncode == 0, log.read_text()
     assert json.loads(out)["cached"] is False
-    assert_identical(_entry(tmp_path), reference)
+    assert_identical(_entry(tmp_path), uninterrupted)
     assert not list((tmp_path / LOCKS_DIR).glob("*.lease"))
     assert_no_debris(tmp_path)
 

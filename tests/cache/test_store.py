@@ -451,7 +451,9 @@ def test_heartbeat_keeps_a_live_lease_fresh(cache_dir: Path) -> None:
     try:
         old = time.time() - 100
         os.utime(held.path, (old, old))
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while held.path.stat().st_mtime <= old + 1 and held._thread.is_alive() and time.monotonic() < deadline:
+            held._thread.join(0.05)  # until the heartbeat touches the lease (or its thread ends)
         assert time.time() - held.path.stat().st_mtime < 5
         assert not Lease(cache_dir, BASE.key, stale_after=10).is_stale()
     finally:

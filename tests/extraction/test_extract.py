@@ -15,6 +15,7 @@ import pytest
 
 import featurecache as fc
 from featurecache.cache import store, views
+from tests.conftest import wait_on_exit
 
 # (registry name, keras.applications constructor, preprocess module)
 REFERENCE = [
@@ -116,7 +117,8 @@ def test_local_weights_file_is_keyed_by_content(cache_dir: Path, tmp_path: Path)
     base = dict(backbone="mobilenetv2", weights=str(path), size=32, limit=4, cache_dir=cache_dir)
     k0 = fc.plan("builtin:digits", **base).key
     model.layers[-3].set_weights([w + 1 for w in model.layers[-3].get_weights()])
-    time.sleep(0.01)
+    # No wait: the digest memo re-hashes a file whose size or mtime differ, or that changed
+    # within the last 2 s (featurecache.data.dataset.file_digests).
     model.save_weights(path)
     assert fc.plan("builtin:digits", **base).key != k0
     res = fc.extract("builtin:digits", **base, progress=False)
@@ -150,9 +152,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     # Completion markers only (zarr.json renamed into place), never their temp files.
     marker_glob = "features/*/units/v*/u*/zarr.json"
     while time.monotonic() < deadline:
-        if len(list(killed.glob(marker_glob))) >= 3:
+        if len(list(killed.glob(marker_glob))) >= 3 or proc.poll() is not None:
             break
-        time.sleep(0.05)
+        wait_on_exit(proc, 0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     total = 30 + 10  # 180 images in units of 6, plus the 60 training images' augmented view

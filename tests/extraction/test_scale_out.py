@@ -29,14 +29,21 @@ def all_features(fs) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
-    """The features of a plain single-process run."""
-    from featurecache.cache.views import open_features
+def single_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A plain single-process run: its cache (tests only read it) and its key."""
     from featurecache.extraction.extract import extract
 
     cache = tmp_path_factory.mktemp("ref-cache")
-    res = extract(DATA, cache_dir=cache, **OPTS)
-    return all_features(open_features(res.key, cache_dir=cache))
+    return cache, extract(DATA, cache_dir=cache, **OPTS).key
+
+
+@pytest.fixture(scope="module")
+def reference(single_process: tuple[Path, str]) -> dict[str, np.ndarray]:
+    """The features of a plain single-process run."""
+    from featurecache.cache.views import open_features
+
+    cache, key = single_process
+    return all_features(open_features(key, cache_dir=cache))
 
 
 def local_cluster(**env: str):
@@ -197,12 +204,9 @@ def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[st
 
 
 @pytest.fixture(scope="module")
-def sweep_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def sweep_features(single_process: tuple[Path, str]) -> tuple[Path, str]:
     """A cache holding the tiny features the dask sweep tests train on, and their key."""
-    from featurecache.extraction.extract import extract
-
-    cache = tmp_path_factory.mktemp("sweep-cache")
-    return cache, extract(DATA, cache_dir=cache, **OPTS).key
+    return single_process
 
 
 SWEEP_GRID = "logreg:C=0.1,1,10;max_iter=200"

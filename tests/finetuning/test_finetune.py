@@ -29,13 +29,13 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+def ft_env(tmp_path_factory: pytest.TempPathFactory, digits_features_for) -> dict[str, Path | str]:
     """One cached digits feature set (MobileNetV2 has BatchNorm) and a few heads trained on it."""
     from featurecache.training.train import train_head
 
     root = tmp_path_factory.mktemp("ft")
-    cache = root / "cache"
-    res = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=SIZE, limit=LIMIT, cache_dir=cache, progress=False)
+    features = digits_features_for(backbone="mobilenetv2", size=SIZE, limit=LIMIT)  # the session's: read only
+    cache, res = features.cache, features.result
     runs = {}
     for head, params in (("logreg", {}), ("dense", {"hidden": "16", "epochs": 2, "dropout": 0.0}), ("sgd", {}), ("ridge", {"cv": 2})):
         runs[head] = train_head(res.key, head=head, params=params, out=root / "runs" / head, cache_dir=cache, plots=False).run_dir
@@ -94,15 +94,15 @@ def test_resolve_unfreeze() -> None:
 
 
 @pytest.mark.parametrize("head", ["dense", "logreg", "sgd", "ridge"])
-def test_rebuilt_model_reproduces_head_predictions(env: dict, head: str) -> None:
-    report = _check(env[f"run_{head}"], env["cache"])
+def test_rebuilt_model_reproduces_head_predictions(ft_env: dict, head: str) -> None:
+    report = _check(ft_env[f"run_{head}"], ft_env["cache"])
     assert report.passed and report.n == LIMIT
     assert report.max_abs_diff <= 1e-4
     assert report.top1_agreement == 1.0
 
 
-def test_rebuilt_model_layout(env: dict) -> None:
-    rebuilt = rebuild_model(env["run_logreg"], cache_dir=env["cache"])
+def test_rebuilt_model_layout(ft_env: dict) -> None:
+    rebuilt = rebuild_model(ft_env["run_logreg"], cache_dir=ft_env["cache"])
     names = [layer.name for layer in rebuilt.model.layers]
     assert names == ["image", "fc_resize", "fc_preprocess", "mobilenetv2", "fc_pool", "head_logits", "predictions"]
     assert rebuilt.model.input_shape == (None, None, None, 3)
@@ -119,33 +119,33 @@ def _tampered(env: dict, name: str, **spec: object) -> Path:
     return run
 
 
-def test_equivalence_fails_loudly_on_other_preprocessing(env: dict) -> None:
-    run = _tampered(env, "preprocess", preprocess="mobilenet_v2:torch")
+def test_equivalence_fails_loudly_on_other_preprocessing(ft_env: dict) -> None:
+    run = _tampered(ft_env, "preprocess", preprocess="mobilenet_v2:torch")
     with pytest.raises(EquivalenceError) as info:
-        _check(run, env["cache"])
+        _check(run, ft_env["cache"])
     msg = str(info.value)
     assert "\n" not in msg
     assert "max |dp| =" in msg and "at validation image" in msg
     assert "preprocessing 'mobilenet_v2:torch' is not mobilenetv2's 'mobilenet_v2:tf'" in msg
 
 
-def test_equivalence_fails_loudly_on_features_cached_at_another_size(env: dict) -> None:
-    run = _tampered(env, "size", input_size=40)
+def test_equivalence_fails_loudly_on_features_cached_at_another_size(ft_env: dict) -> None:
+    run = _tampered(ft_env, "size", input_size=40)
     with pytest.raises(EquivalenceError, match=r"features differ from the cached ones .*to 40 px") as info:
-        _check(run, env["cache"])
+        _check(run, ft_env["cache"])
     assert "\n" not in str(info.value)
 
 
-def test_non_keras_head_is_refused(env: dict) -> None:
+def test_non_keras_head_is_refused(ft_env: dict) -> None:
     from featurecache.training.train import train_head
 
-    run = train_head(env["key"], head="knn", params={"n_neighbors": 1}, out=env["root"] / "runs" / "knn", cache_dir=env["cache"], plots=False).run_dir
+    run = train_head(ft_env["key"], head="knn", params={"n_neighbors": 1}, out=ft_env["root"] / "runs" / "knn", cache_dir=ft_env["cache"], plots=False).run_dir
     with pytest.raises(UsageError, match=r"Keras can express.*KNeighborsClassifier.*dense, logreg"):
-        rebuild_model(run, cache_dir=env["cache"])
+        rebuild_model(run, cache_dir=ft_env["cache"])
 
 
-def test_training_wrapper_keeps_backbone_in_inference_mode(env: dict) -> None:
-    rebuilt = rebuild_model(env["run_logreg"], cache_dir=env["cache"])
+def test_training_wrapper_keeps_backbone_in_inference_mode(ft_env: dict) -> None:
+    rebuilt = rebuild_model(ft_env["run_logreg"], cache_dir=ft_env["cache"])
     bn = next(layer for layer in rebuilt.backbone.layers if type(layer).__name__ == "BatchNormalization")
     bn.trainable = True  # in training mode it would now normalise with batch statistics
     x = np.random.default_rng(1).uniform(0, 255, size=(4, 8, 8, 3)).astype(np.float32)
@@ -165,13 +165,13 @@ def test_training_wrapper_keeps_backbone_in_inference_mode(env: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def tuned(env: dict) -> dict:
+def tuned(ft_env: dict) -> dict:
     """Fine-tune the dense run with only block_16 unfrozen; keep the weights from before."""
-    before = rebuild_model(env["run_dense"], cache_dir=env["cache"])
+    before = rebuild_model(ft_env["run_dense"], cache_dir=ft_env["cache"])
     weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in before.backbone.layers}
     head_before = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in before.head.layers}
     result = fc.finetune(
-        env["run_dense"],
+        ft_env["run_dense"],
         unfreeze="block_16",
         epochs=2,
         # Random MobileNetV2 activations at 32 px are ~1e-11, and so are the gradients: Adam's
@@ -181,8 +181,8 @@ def tuned(env: dict) -> dict:
         batch_size=8,
         augment="flip,rotation=10",
         patience=0,
-        out=env["root"] / "tuned",
-        cache_dir=env["cache"],
+        out=ft_env["root"] / "tuned",
+        cache_dir=ft_env["cache"],
         progress=False,
     )
     return {"result": result, "before": weights, "head_before": head_before, "spec": before.backbone_spec}

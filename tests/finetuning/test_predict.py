@@ -20,15 +20,14 @@ REPO = Path(fc.__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def pred_env(tmp_path_factory: pytest.TempPathFactory, digits_features_20) -> dict[str, Path]:
     """A logreg run on digits features, its export (epochs=0: the rebuilt model), and images."""
     from PIL import Image
 
     from featurecache.training.train import train_head
 
     root = tmp_path_factory.mktemp("pred")
-    cache = root / "cache"
-    res = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=20, cache_dir=cache, progress=False)
+    cache, res = digits_features_20.cache, digits_features_20.result  # the session's: read only
     run = train_head(res.key, head="logreg", out=root / "run", cache_dir=cache, plots=False).run_dir
     exported = fc.finetune(run, epochs=0, out=root / "exported", cache_dir=cache, plots=False, progress=False).out
     rng = np.random.default_rng(0)
@@ -41,10 +40,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "cache": cache, "run": run, "exported": exported, "images": images, "bad": bad}
 
 
-def test_predict_run_and_export_agree(env: dict) -> None:
-    from_run = fc.predict(env["run"], env["images"], top_k=3, cache_dir=env["cache"])
-    from_file = fc.predict(env["exported"] / "model.keras", env["images"], top_k=3)
-    assert [p.image for p in from_file] == [str(p) for p in env["images"]]
+def test_predict_run_and_export_agree(pred_env: dict) -> None:
+    from_run = fc.predict(pred_env["run"], pred_env["images"], top_k=3, cache_dir=pred_env["cache"])
+    from_file = fc.predict(pred_env["exported"] / "model.keras", pred_env["images"], top_k=3)
+    assert [p.image for p in from_file] == [str(p) for p in pred_env["images"]]
     for a, b in zip(from_run, from_file):
         assert len(a.top) == 3 and [c for c, _ in a.top] == [c for c, _ in b.top]
         np.testing.assert_allclose([p for _, p in a.top], [p for _, p in b.top], atol=1e-6)
@@ -52,24 +51,24 @@ def test_predict_run_and_export_agree(env: dict) -> None:
         assert a.top[0][1] >= a.top[1][1] >= a.top[2][1]
 
 
-def test_evaluate_reproduces_the_head_metrics(env: dict) -> None:
-    head_metrics = json.loads((env["run"] / "metrics.json").read_text())
-    on_val = fc.evaluate(env["run"], split="val", cache_dir=env["cache"], out=env["root"] / "eval-run")
+def test_evaluate_reproduces_the_head_metrics(pred_env: dict) -> None:
+    head_metrics = json.loads((pred_env["run"] / "metrics.json").read_text())
+    on_val = fc.evaluate(pred_env["run"], split="val", cache_dir=pred_env["cache"], out=pred_env["root"] / "eval-run")
     assert on_val.metrics["accuracy"] == head_metrics["val"]["accuracy"]
     assert on_val.metrics["confusion_matrix"] == head_metrics["val"]["confusion_matrix"]
     assert on_val.metrics["log_loss"] == pytest.approx(head_metrics["val"]["log_loss"], abs=1e-4)
-    on_test = fc.evaluate(env["exported"], split="test", cache_dir=env["cache"])
+    on_test = fc.evaluate(pred_env["exported"], split="test", cache_dir=pred_env["cache"])
     assert on_test.metrics["accuracy"] == head_metrics["test"]["accuracy"]
-    assert on_test.out == env["exported"] / "eval-digits-test"
+    assert on_test.out == pred_env["exported"] / "eval-digits-test"
     assert json.loads((on_test.out / "metrics.json").read_text())["test"]["n"] == 20
     assert (on_test.out / "confusion_test.png").is_file()
 
 
-def test_api_errors(env: dict) -> None:
+def test_api_errors(pred_env: dict) -> None:
     with pytest.raises(ImageDecodeError, match=r"bad\.jpg.*not an image"):
-        fc.predict(env["exported"], [env["images"][0], env["bad"]])
+        fc.predict(pred_env["exported"], [pred_env["images"][0], pred_env["bad"]])
     with pytest.raises(RunError, match="does not exist"):
-        fc.predict(env["root"] / "nowhere", env["images"])
+        fc.predict(pred_env["root"] / "nowhere", pred_env["images"])
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -86,46 +85,46 @@ def _one_line_error(output: str, *fragments: str) -> None:
 
 
 @pytest.mark.slow  # three real processes, each importing TensorFlow
-def test_cli_predict_and_evaluate(env: dict) -> None:
-    code, out = _cli("predict", str(env["exported"]), *map(str, env["images"]), "--top-k", "2", "--json")
+def test_cli_predict_and_evaluate(pred_env: dict) -> None:
+    code, out = _cli("predict", str(pred_env["exported"]), *map(str, pred_env["images"]), "--top-k", "2", "--json")
     assert code == 0, out
     rows = json.loads(out)
     assert len(rows) == 3 and all(len(r["top"]) == 2 for r in rows)
-    code, out = _cli("predict", str(env["exported"] / "model.keras"), str(env["images"][0]))
-    assert code == 0 and out.startswith(f"{env['images'][0]}: "), out
-    code, out = _cli("evaluate", str(env["exported"]), "--split", "val", "--json", "--no-plots", "--cache", str(env["cache"]))
+    code, out = _cli("predict", str(pred_env["exported"] / "model.keras"), str(pred_env["images"][0]))
+    assert code == 0 and out.startswith(f"{pred_env['images'][0]}: "), out
+    code, out = _cli("evaluate", str(pred_env["exported"]), "--split", "val", "--json", "--no-plots", "--cache", str(pred_env["cache"]))
     assert code == 0, out
     assert json.loads(out)["metrics"]["n"] == 20
 
 
-def test_cli_bad_image(env: dict) -> None:
-    code, out = _cli("predict", str(env["exported"]), str(env["images"][0]), str(env["bad"]))
+def test_cli_bad_image(pred_env: dict) -> None:
+    code, out = _cli("predict", str(pred_env["exported"]), str(pred_env["images"][0]), str(pred_env["bad"]))
     assert code != 0
-    _one_line_error(out, str(env["bad"]), "not an image")
-    code, out = _cli("predict", str(env["exported"]), str(env["root"] / "missing.png"))
+    _one_line_error(out, str(pred_env["bad"]), "not an image")
+    code, out = _cli("predict", str(pred_env["exported"]), str(pred_env["root"] / "missing.png"))
     assert code != 0
     _one_line_error(out, "missing.png", "No such file")
 
 
-def test_cli_run_without_head(env: dict) -> None:
-    broken = env["root"] / "broken-run"
-    shutil.copytree(env["run"], broken)
+def test_cli_run_without_head(pred_env: dict) -> None:
+    broken = pred_env["root"] / "broken-run"
+    shutil.copytree(pred_env["run"], broken)
     (broken / "head.json").unlink()
-    code, out = _cli("predict", str(broken), str(env["images"][0]), "--cache", str(env["cache"]))
+    code, out = _cli("predict", str(broken), str(pred_env["images"][0]), "--cache", str(pred_env["cache"]))
     assert code != 0
     _one_line_error(out, "no saved head", str(broken))
 
 
-def test_cli_unknown_unfreeze_block_lists_valid_ones(env: dict) -> None:
-    code, out = _cli("finetune", "--run", str(env["run"]), "--unfreeze", "block99", "--epochs", "0", "--out", str(env["root"] / "x"), "--cache", str(env["cache"]))
+def test_cli_unknown_unfreeze_block_lists_valid_ones(pred_env: dict) -> None:
+    code, out = _cli("finetune", "--run", str(pred_env["run"]), "--unfreeze", "block99", "--epochs", "0", "--out", str(pred_env["root"] / "x"), "--cache", str(pred_env["cache"]))
     assert code == 2
     _one_line_error(out, "unknown block 'block99'", "'block_16'", "'top'", "'all'", "'top:N'")
-    assert not (env["root"] / "x").exists()
+    assert not (pred_env["root"] / "x").exists()
 
 
-def test_cli_error_in_a_real_process(env: dict) -> None:
+def test_cli_error_in_a_real_process(pred_env: dict) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "featurecache", "predict", str(env["exported"]), str(env["bad"])],
+        [sys.executable, "-m", "featurecache", "predict", str(pred_env["exported"]), str(pred_env["bad"])],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -164,26 +163,26 @@ def _crafted_run(env: dict, name: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("command", ["finetune", "evaluate", "predict"])
-def test_crafted_pickle_head_is_refused_in_every_command(env: dict, command: str) -> None:
-    run, marker = _crafted_run(env, f"crafted-{command}")
+def test_crafted_pickle_head_is_refused_in_every_command(pred_env: dict, command: str) -> None:
+    run, marker = _crafted_run(pred_env, f"crafted-{command}")
     args = {
-        "finetune": ["finetune", "--run", str(run), "--epochs", "0", "--out", str(env["root"] / f"ft-{command}")],
+        "finetune": ["finetune", "--run", str(run), "--epochs", "0", "--out", str(pred_env["root"] / f"ft-{command}")],
         "evaluate": ["evaluate", str(run), "--split", "val"],
-        "predict": ["predict", str(run), str(env["images"][0])],
+        "predict": ["predict", str(run), str(pred_env["images"][0])],
     }[command]
-    code, out = _cli(*args, "--cache", str(env["cache"]))
+    code, out = _cli(*args, "--cache", str(pred_env["cache"]))
     assert code != 0
     _one_line_error(out, str(run), "head.joblib", f"featurecache convert-run {run} --trust")
     assert not marker.exists()
 
 
-def test_cli_convert_run_then_predict(env: dict) -> None:
+def test_cli_convert_run_then_predict(pred_env: dict) -> None:
     import joblib
 
     from featurecache.training.train import load_run
 
-    run = env["root"] / "legacy-run"
-    shutil.copytree(env["run"], run)
+    run = pred_env["root"] / "legacy-run"
+    shutil.copytree(pred_env["run"], run)
     _, estimator = load_run(run)
     (run / "head.skops").unlink()
     joblib.dump(estimator, run / "head.joblib")  # a run directory as format 1 wrote it
@@ -193,16 +192,16 @@ def test_cli_convert_run_then_predict(env: dict) -> None:
     _one_line_error(out, "--trust", "runs any code")
     code, out = _cli("convert-run", str(run), "--trust")
     assert code == 0, out
-    expected = fc.predict(env["run"], env["images"], cache_dir=env["cache"])
-    assert fc.predict(run, env["images"], cache_dir=env["cache"]) == expected
+    expected = fc.predict(pred_env["run"], pred_env["images"], cache_dir=pred_env["cache"])
+    assert fc.predict(run, pred_env["images"], cache_dir=pred_env["cache"]) == expected
 
 
-def test_truncated_predictions_npz_is_a_one_line_error(env: dict) -> None:
-    run = env["root"] / "truncated-preds"
-    shutil.copytree(env["run"], run)
+def test_truncated_predictions_npz_is_a_one_line_error(pred_env: dict) -> None:
+    run = pred_env["root"] / "truncated-preds"
+    shutil.copytree(pred_env["run"], run)
     data = (run / "predictions.npz").read_bytes()
     (run / "predictions.npz").write_bytes(data[: len(data) // 2])
-    code, out = _cli("finetune", "--run", str(run), "--epochs", "0", "--out", str(env["root"] / "ft-trunc"), "--cache", str(env["cache"]))
+    code, out = _cli("finetune", "--run", str(run), "--epochs", "0", "--out", str(pred_env["root"] / "ft-trunc"), "--cache", str(pred_env["cache"]))
     assert code != 0
     _one_line_error(out, str(run / "predictions.npz"), "train-head")
 
@@ -219,10 +218,10 @@ def _tiny_image_model():  # noqa: ANN202
     return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
 
 
-def test_a_copied_model_keras_names_its_classes(env: dict, tmp_path: Path) -> None:
+def test_a_copied_model_keras_names_its_classes(pred_env: dict, tmp_path: Path) -> None:
     from featurecache.finetuning.export import export_model, model_class_names
 
-    assert model_class_names(env["exported"] / "model.keras") == tuple(str(i) for i in range(10))
+    assert model_class_names(pred_env["exported"] / "model.keras") == tuple(str(i) for i in range(10))
     export_model(_tiny_image_model(), tmp_path, classes=("cat", "dog"))
     copy = tmp_path / "elsewhere" / "pets.keras"  # no config.json beside it
     copy.parent.mkdir()
@@ -236,7 +235,7 @@ def test_a_copied_model_keras_names_its_classes(env: dict, tmp_path: Path) -> No
     )
     proc = subprocess.run([sys.executable, "-c", script, str(copy)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "cat,dog", proc.stderr[-2000:]
-    (pred,) = fc.predict(copy, [env["images"][0]], top_k=2)
+    (pred,) = fc.predict(copy, [pred_env["images"][0]], top_k=2)
     assert {c for c, _ in pred.top} == {"cat", "dog"}
 
 

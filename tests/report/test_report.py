@@ -2,7 +2,8 @@
 headless Chromium, ``featurecache report``, and TensorBoard logs read back with TensorBoard's
 own reader.
 
-Features: MobileNetV2, random weights, 32 px, 80 digits per split, extracted once per module.
+Features: MobileNetV2, random weights, 32 px, 80 digits per split, extracted once per session
+(``digits_features_for`` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -36,19 +37,20 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def digits_80(digits_features_for) -> store.FeatureSet:
+    """``DIGITS``' feature set, extracted once per session (tests/conftest.py)."""
+    return digits_features_for(**DIGITS).open()
 
 
 @pytest.fixture(scope="module")
-def digits(cache: Path) -> store.FeatureSet:
-    res = fc.extract("builtin:digits", **DIGITS, cache_dir=cache, progress=False)
-    return fc.open_features(res.key, cache_dir=cache)
+def digits_80_cache(digits_80: store.FeatureSet) -> Path:
+    """The session's cache holding ``digits_80``: read it, never write to it."""
+    return digits_80.path.parents[1]
 
 
 @pytest.fixture(scope="module")
-def logreg_run(digits: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    return train_head(digits, head="logreg", params={"C": "1"}, out=tmp_path_factory.mktemp("runs") / "logreg")
+def logreg_run_80(digits_80: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    return train_head(digits_80, head="logreg", params={"C": "1"}, out=tmp_path_factory.mktemp("runs") / "logreg")
 
 
 # A 6-trial sweep with TensorBoard logs: 3 logreg, 3 dense trials (trained together).
@@ -56,25 +58,25 @@ GRID = ["logreg:C=0.1,1,10", "dense:hidden=16,32,64;epochs=2"]
 
 
 @pytest.fixture(scope="module")
-def tb_sweep(digits: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepResult, Path]:
+def tb_sweep(digits_80: store.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepResult, Path]:
     root = tmp_path_factory.mktemp("sweeps")
-    result = sweep(digits, grid=GRID, n_jobs=1, out=root / "sweep", progress=False, tensorboard=root / "tb")
+    result = sweep(digits_80, grid=GRID, n_jobs=1, out=root / "sweep", progress=False, tensorboard=root / "tb")
     return result, root / "tb"
 
 
 # ----------------------------------------------------------------------------- top losses
 
 
-def test_top_losses_are_the_highest_recomputed_losses(logreg_run: TrainResult, digits: store.FeatureSet) -> None:
+def test_top_losses_are_the_highest_recomputed_losses(logreg_run_80: TrainResult, digits_80: store.FeatureSet) -> None:
     # Independently: the head's probabilities on the cached val features, per-sample log loss.
-    ok = digits.valid("val")
-    X, y, ids = digits.features("val", view=0)[ok], digits.labels("val")[ok], digits.ids("val")[ok]
-    proba = np.asarray(logreg_run.estimator.predict_proba(X), dtype=np.float64)
+    ok = digits_80.valid("val")
+    X, y, ids = digits_80.features("val", view=0)[ok], digits_80.labels("val")[ok], digits_80.ids("val")[ok]
+    proba = np.asarray(logreg_run_80.estimator.predict_proba(X), dtype=np.float64)
     proba /= proba.sum(axis=1, keepdims=True)
     losses = np.array([skm.log_loss([t], [p], labels=range(10)) for t, p in zip(y, proba)])
     expected = [str(ids[i]) for i in np.argsort(-losses, kind="stable")[:12]]
 
-    worst = top_losses(logreg_run.run_dir, split="val", n=12)
+    worst = top_losses(logreg_run_80.run_dir, split="val", n=12)
     assert worst.ids == expected
     np.testing.assert_allclose([r["loss"] for r in worst.rows], np.sort(losses)[::-1][:12], rtol=1e-6)
     assert [r["true"] for r in worst.rows] == [str(y[list(ids).index(i)]) for i in expected]
@@ -87,15 +89,15 @@ def test_top_losses_are_the_highest_recomputed_losses(logreg_run: TrainResult, d
     assert [ax.get_xlabel() for ax in fig.axes[:12]] == expected
 
     # The run directory got the same rows, the grid PNG and the confused pairs (CSV and JSON).
-    doc = json.loads((logreg_run.run_dir / "top_losses.json").read_text())
+    doc = json.loads((logreg_run_80.run_dir / "top_losses.json").read_text())
     assert [r["id"] for r in doc["val"]["top_losses"][:12]] == expected
-    assert (logreg_run.run_dir / "top_losses_val.png").stat().st_size > 10_000
-    cm = json.loads((logreg_run.run_dir / "metrics.json").read_text())["val"]["confusion_matrix"]
+    assert (logreg_run_80.run_dir / "top_losses_val.png").stat().st_size > 10_000
+    cm = json.loads((logreg_run_80.run_dir / "metrics.json").read_text())["val"]["confusion_matrix"]
     pairs = doc["val"]["most_confused"]
     assert pairs == most_confused(cm, [str(c) for c in range(10)])
     off = np.array(cm) - np.diag(np.diag(cm))
     assert pairs[0]["count"] == off.max() and sum(p["count"] for p in pairs) == off.sum()
-    with open(logreg_run.run_dir / "most_confused.csv") as fh:
+    with open(logreg_run_80.run_dir / "most_confused.csv") as fh:
         assert len([r for r in csv.DictReader(fh) if r["split"] == "val"]) == len(pairs)
 
 
@@ -107,14 +109,14 @@ def test_most_confused_orders_pairs_and_rates() -> None:
     assert most_confused(cm, ["a", "b", "c"], min_count=2, top=1) == pairs[:1]
 
 
-def test_top_losses_refuses_a_different_dataset(logreg_run: TrainResult, tmp_path: Path) -> None:
+def test_top_losses_refuses_a_different_dataset(logreg_run_80: TrainResult, tmp_path: Path) -> None:
     from tests.conftest import make_image_folder
 
     other = make_image_folder(tmp_path / "other", classes=tuple(str(c) for c in range(10)), per_class=2)
     with pytest.raises(RunError, match="are not in the (val|train) split"):
-        top_losses(logreg_run.run_dir, split="val", data=str(other))
+        top_losses(logreg_run_80.run_dir, split="val", data=str(other))
     with pytest.raises(RunError, match="no predictions for split 'train'"):
-        top_losses(logreg_run.run_dir, split="train")
+        top_losses(logreg_run_80.run_dir, split="train")
 
 
 def _sources(root: Path) -> dict[str, Path]:
@@ -144,11 +146,11 @@ def _sources(root: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_top_losses_read_images_back_from_folder_csv_and_npz(tmp_path: Path, cache: Path) -> None:
+def test_top_losses_read_images_back_from_folder_csv_and_npz(tmp_path: Path, cache_dir: Path) -> None:
     for kind, source in _sources(tmp_path).items():
-        res = fc.extract(str(source), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False)
-        run = train_head(res.key, head="logreg", out=tmp_path / f"run-{kind}", cache_dir=cache, val_fraction=0.5)
-        worst = top_losses(run.run_dir, split="val", n=3, cache_dir=cache)
+        res = fc.extract(str(source), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache_dir, progress=False)
+        run = train_head(res.key, head="logreg", out=tmp_path / f"run-{kind}", cache_dir=cache_dir, val_fraction=0.5)
+        worst = top_losses(run.run_dir, split="val", n=3, cache_dir=cache_dir)
         dataset = load_dataset(str(source))
         split = dataset.splits["train"]  # no val split: the run held out half of train
         assert len(worst.rows) == 3, kind
@@ -187,8 +189,8 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not in
 
 
 @needs_chromium
-def test_run_report_in_headless_chromium(logreg_run: TrainResult, tmp_path: Path) -> None:
-    page = logreg_run.run_dir / "report.html"
+def test_run_report_in_headless_chromium(logreg_run_80: TrainResult, tmp_path: Path) -> None:
+    page = logreg_run_80.run_dir / "report.html"
     dom, console = _chromium(page, tmp_path)
     assert console == []
     body = _body(dom)
@@ -197,12 +199,12 @@ def test_run_report_in_headless_chromium(logreg_run: TrainResult, tmp_path: Path
     assert body["data-images"] == "4"
     assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == 4
     assert "<h2>Metrics</h2>" in dom and "Confusion matrix" in dom and "Top losses" in dom
-    accuracy = json.loads((logreg_run.run_dir / "metrics.json").read_text())["val"]["accuracy"]
+    accuracy = json.loads((logreg_run_80.run_dir / "metrics.json").read_text())["val"]["accuracy"]
     assert f"{accuracy:.4f}" in dom
     # The top-loss table lists the highest-loss ids first, as the recomputation in the test above.
-    worst = json.loads((logreg_run.run_dir / "top_losses.json").read_text())["val"]["top_losses"]
+    worst = json.loads((logreg_run_80.run_dir / "top_losses.json").read_text())["val"]["top_losses"]
     assert dom.index(f">{worst[0]['id']}<") < dom.index(f">{worst[1]['id']}<")
-    assert json.loads((logreg_run.run_dir / "config.json").read_text())["features"]["key"] in dom
+    assert json.loads((logreg_run_80.run_dir / "config.json").read_text())["features"]["key"] in dom
     assert "http://" not in page.read_text().replace("http://www.w3.org", "") and "https://" not in page.read_text()
 
 
@@ -235,9 +237,9 @@ def test_sweep_report_in_headless_chromium(tb_sweep: tuple[SweepResult, Path], t
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_report_command_rerenders_with_options(logreg_run: TrainResult, tmp_path: Path) -> None:
+def test_report_command_rerenders_with_options(logreg_run_80: TrainResult, tmp_path: Path) -> None:
     run = tmp_path / "copy"
-    shutil.copytree(logreg_run.run_dir, run)
+    shutil.copytree(logreg_run_80.run_dir, run)
     (run / "report.html").unlink()
     (run / "top_losses_test.png").unlink()
     result = CliRunner().invoke(app, ["report", str(run), "--top", "5", "--split", "val", "--json"])
@@ -258,9 +260,9 @@ def test_report_command_rerenders_with_options(logreg_run: TrainResult, tmp_path
     assert result.exit_code != 0 and "is not a directory" in result.output
 
 
-def test_pages_are_titled_with_the_directory_name_not_the_temporary_one(logreg_run: TrainResult, tb_sweep: tuple[SweepResult, Path]) -> None:
+def test_pages_are_titled_with_the_directory_name_not_the_temporary_one(logreg_run_80: TrainResult, tb_sweep: tuple[SweepResult, Path]) -> None:
     # Both pages were written while their directory was still .<name>.tmp-<pid>-<hex>.
-    page = (logreg_run.run_dir / "report.html").read_text()
+    page = (logreg_run_80.run_dir / "report.html").read_text()
     assert re.search(r"<h1>([^<]*)</h1>", page).group(1) == "run logreg - logreg"
     best = (tb_sweep[0].out_dir / "best" / "report.html").read_text()
     assert re.search(r"<h1>([^<]*)</h1>", best).group(1).startswith("run sweep/best - ")
@@ -371,10 +373,10 @@ def test_sweep_tensorboard_has_one_hparams_run_per_trial(tb_sweep: tuple[SweepRe
         assert _epochs(log_dir, f"{run}/validation", "epoch_accuracy") == 2
 
 
-def test_train_head_dense_tensorboard_uses_keras_callback(digits: store.FeatureSet, tmp_path: Path) -> None:
+def test_train_head_dense_tensorboard_uses_keras_callback(digits_80: store.FeatureSet, tmp_path: Path) -> None:
     log_dir = tmp_path / "tb"
     for _ in range(2):  # a run written again replaces its curves instead of adding to them
-        run = train_head(digits, head="dense", params={"hidden": "16", "epochs": "3", "patience": "0"}, out=tmp_path / "dense", plots=False, tensorboard=log_dir)
+        run = train_head(digits_80, head="dense", params={"hidden": "16", "epochs": "3", "patience": "0"}, out=tmp_path / "dense", plots=False, tensorboard=log_dir)
     assert _epochs(log_dir, "dense/train", "epoch_loss") == 3
     assert _epochs(log_dir, "dense/validation", "epoch_loss") == 3
     sessions, metrics, _ = _tensorboard_sessions(log_dir)
@@ -382,10 +384,10 @@ def test_train_head_dense_tensorboard_uses_keras_callback(digits: store.FeatureS
     assert metrics["dense"]["val_accuracy"] == pytest.approx(run.metrics["val"]["accuracy"])
 
 
-def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path: Path, cache: Path) -> None:
+def test_evaluate_writes_top_losses_and_report(logreg_run_80: TrainResult, tmp_path: Path, digits_80_cache: Path) -> None:
     from featurecache.finetuning.predict import evaluate
 
-    res = evaluate(logreg_run.run_dir, split="test", out=tmp_path / "eval", cache_dir=cache)
+    res = evaluate(logreg_run_80.run_dir, split="test", out=tmp_path / "eval", cache_dir=digits_80_cache)
     with np.load(tmp_path / "eval" / "predictions_test.npz") as npz:
         ids, y, proba = npz["ids"], npz["y"], npz["proba"]
     losses = -np.log(np.clip(proba[np.arange(len(y)), y], np.finfo(np.float64).eps, 1))
@@ -404,11 +406,11 @@ def test_evaluate_writes_top_losses_and_report(logreg_run: TrainResult, tmp_path
 
 
 @pytest.mark.slow
-def test_finetune_tensorboard_and_report(logreg_run: TrainResult, tmp_path: Path, cache: Path) -> None:
+def test_finetune_tensorboard_and_report(logreg_run_80: TrainResult, tmp_path: Path, digits_80_cache: Path) -> None:
     from featurecache.finetuning.finetune import finetune
 
     log_dir = tmp_path / "tb"
-    res = finetune(logreg_run.run_dir, unfreeze="top:1", epochs=2, patience=0, out=tmp_path / "ft", cache_dir=cache, progress=False, tensorboard=log_dir)
+    res = finetune(logreg_run_80.run_dir, unfreeze="top:1", epochs=2, patience=0, out=tmp_path / "ft", cache_dir=digits_80_cache, progress=False, tensorboard=log_dir)
     assert _epochs(log_dir, "ft/train", "epoch_loss") == 2
     assert _epochs(log_dir, "ft/validation", "epoch_accuracy") == 2
     sessions, metrics, _ = _tensorboard_sessions(log_dir)

@@ -13,7 +13,7 @@ from featurecache.training.sweeps.sweep import TrialSpec, parse_grid, plan_work
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, ...]:
+def raw_digits() -> tuple[np.ndarray, ...]:
     X, y = load_digits(return_X_y=True)
     X = X.astype(np.float32)
     return X[:1200], y[:1200], X[1200:], y[1200:]
@@ -41,8 +41,8 @@ def _assert_same(alone: DenseHead, together: DenseHead, X: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("class_weight", [None, "balanced"])
-def test_heads_trained_together_equal_heads_trained_alone(digits: tuple[np.ndarray, ...], class_weight: str | None) -> None:
-    Xtr, ytr, Xva, yva = digits
+def test_heads_trained_together_equal_heads_trained_alone(raw_digits: tuple[np.ndarray, ...], class_weight: str | None) -> None:
+    Xtr, ytr, Xva, yva = raw_digits
     configs = [{**c, "class_weight": class_weight} for c in CONFIGS]
     alone = [DenseHead(**c).fit(Xtr, ytr, X_val=Xva, y_val=yva) for c in configs]
     together = fit_dense_heads([DenseHead(**c) for c in configs], Xtr, ytr, X_val=Xva, y_val=yva)
@@ -51,8 +51,8 @@ def test_heads_trained_together_equal_heads_trained_alone(digits: tuple[np.ndarr
         _assert_same(a, t, Xva)
 
 
-def test_together_with_augmented_views_and_no_validation(digits: tuple[np.ndarray, ...]) -> None:
-    Xtr, ytr, Xva, _ = digits
+def test_together_with_augmented_views_and_no_validation(raw_digits: tuple[np.ndarray, ...]) -> None:
+    Xtr, ytr, Xva, _ = raw_digits
     rng = np.random.default_rng(0)
     views = np.stack([Xtr, Xtr + rng.normal(0, 1, Xtr.shape).astype(np.float32), Xtr[:, ::-1].copy()])
     configs = [dict(hidden="32", epochs=3), dict(hidden="", lr=1e-2, epochs=2)]
@@ -106,10 +106,10 @@ def _keras_model_fit(head: DenseHead, X: np.ndarray, y: np.ndarray, X_val: np.nd
 
 
 @pytest.mark.parametrize("config", [{**CONFIGS[1], "class_weight": "balanced"}, {**CONFIGS[3], "l2": 1e-4}], ids=["bn-rmsprop-balanced", "adam-l2-early-stop"])
-def test_dense_fit_equals_keras_model_fit(digits: tuple[np.ndarray, ...], config: dict) -> None:
+def test_dense_fit_equals_keras_model_fit(raw_digits: tuple[np.ndarray, ...], config: dict) -> None:
     # The one loop (a group of one) reproduces Keras's fit to float32 round-off: weights, early
     # stopping, history. (Bit for bit with relu; gelu's kernels differ in the last bits.)
-    Xtr, ytr, Xva, yva = digits
+    Xtr, ytr, Xva, yva = raw_digits
     proba, history, best = _keras_model_fit(DenseHead(**config), Xtr, ytr, Xva, yva)
     head = DenseHead(**config).fit(Xtr, ytr, X_val=Xva, y_val=yva)
     np.testing.assert_allclose(head.predict_proba(Xva), proba, rtol=0, atol=1e-6)
@@ -119,7 +119,7 @@ def test_dense_fit_equals_keras_model_fit(digits: tuple[np.ndarray, ...], config
         np.testing.assert_allclose(head.history_[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_callbacks_and_verbose_are_called_as_keras_fit_calls_them(digits: tuple[np.ndarray, ...], capsys: pytest.CaptureFixture[str]) -> None:
+def test_callbacks_and_verbose_are_called_as_keras_fit_calls_them(raw_digits: tuple[np.ndarray, ...], capsys: pytest.CaptureFixture[str]) -> None:
     import keras
 
     class Recorder(keras.callbacks.Callback):
@@ -142,7 +142,7 @@ def test_callbacks_and_verbose_are_called_as_keras_fit_calls_them(digits: tuple[
         def on_train_end(self, logs=None):
             self.calls.append(("train_end", None))
 
-    Xtr, ytr, Xva, yva = digits
+    Xtr, ytr, Xva, yva = raw_digits
     alone = Recorder(stop_after=1)
     head = DenseHead(hidden="16", epochs=5, patience=0, batch_size=512, verbose=2).fit(Xtr, ytr, X_val=Xva, y_val=yva, callbacks=[alone])
     assert len(head.history_["loss"]) == 2, "a callback setting model.stop_training stops the head"

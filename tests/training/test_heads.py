@@ -49,7 +49,7 @@ MIN_ACCURACY = {
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def scaled_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     X, y = load_digits(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(y))
     X = (X[order] / 16.0).astype(np.float32)
@@ -58,8 +58,8 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def fitted(digits):
-    X, y, _, _ = digits
+def fitted(scaled_digits):
+    X, y, _, _ = scaled_digits
     return {name: make_head(name, FAST[name]).fit(X, y) for name in HEAD_NAMES}
 
 
@@ -68,8 +68,8 @@ def test_head_names_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
-def test_head_predicts_well_above_chance(name, fitted, digits):
-    _, _, Xt, yt = digits
+def test_head_predicts_well_above_chance(name, fitted, scaled_digits):
+    _, _, Xt, yt = scaled_digits
     head = fitted[name]
     proba = head.predict_proba(Xt)
     assert proba.shape == (len(yt), 10)
@@ -111,8 +111,8 @@ def test_sklearn_heads_are_pipelines_with_flatten_first():
     ("name", "params"),
     [("logreg", {}), ("knn", {}), ("dense", {**FAST["dense"], "pool": "flatten"})],
 )
-def test_spatial_features_are_accepted_as_trained(name, params, digits):
-    X, y, Xt, yt = digits
+def test_spatial_features_are_accepted_as_trained(name, params, scaled_digits):
+    X, y, Xt, yt = scaled_digits
     Xs, Xts = X.reshape(-1, 4, 4, 4), Xt.reshape(-1, 4, 4, 4)
     head = make_head(name, params).fit(Xs, y)
     proba = head.predict_proba(Xts)
@@ -120,8 +120,8 @@ def test_spatial_features_are_accepted_as_trained(name, params, digits):
     assert head.score(Xts, yt) > 0.85
 
 
-def test_dense_pool_auto_is_avg_for_4d_and_none_for_2d(fitted, digits):
-    X, y, _, _ = digits
+def test_dense_pool_auto_is_avg_for_4d_and_none_for_2d(fitted, scaled_digits):
+    X, y, _, _ = scaled_digits
     names_2d = [layer.name for layer in fitted["dense"].model_.layers]
     assert names_2d == ["head_input", "head_input_norm", "head_dense_0", "head_act_0", "head_dropout_0", "predictions"]
     head = DenseHead(hidden="", epochs=1, patience=0).fit(X[:200].reshape(-1, 4, 4, 4), y[:200])
@@ -139,8 +139,8 @@ def test_dense_pool_auto_is_avg_for_4d_and_none_for_2d(fitted, digits):
         DenseHead(pool="avg", epochs=1).fit(X[:50], y[:50])
 
 
-def test_dense_layer_names_with_batchnorm(digits):
-    X, y, _, _ = digits
+def test_dense_layer_names_with_batchnorm(scaled_digits):
+    X, y, _, _ = scaled_digits
     head = DenseHead(hidden="16-8", batchnorm=True, dropout=0.2, l2=1e-4, epochs=1, patience=0)
     head.fit(X[:128], y[:128])
     assert [layer.name for layer in head.model_.layers] == [
@@ -153,8 +153,8 @@ def test_dense_layer_names_with_batchnorm(digits):
     assert head.model_.dtype == "float32"
 
 
-def test_dense_init_only_stores_params_and_fit_returns_self(digits):
-    X, y, _, _ = digits
+def test_dense_init_only_stores_params_and_fit_returns_self(scaled_digits):
+    X, y, _, _ = scaled_digits
     head = DenseHead(hidden="32-16", batchnorm="true", epochs=2, patience=0)
     assert head.hidden == "32-16" and head.batchnorm == "true"  # stored unchanged
     with pytest.raises(NotFittedError):
@@ -168,15 +168,15 @@ def test_dense_init_only_stores_params_and_fit_returns_self(digits):
     assert len(head.history_["loss"]) == 2
 
 
-def test_dense_invalid_param_is_reported_at_fit(digits):
-    X, y, _, _ = digits
+def test_dense_invalid_param_is_reported_at_fit(scaled_digits):
+    X, y, _, _ = scaled_digits
     head = DenseHead(dropout=1.5)  # constructing never validates (sklearn contract)
     with pytest.raises(HeadParamError, match="dropout=1.5"):
         head.fit(X[:50], y[:50])
 
 
-def test_dense_string_labels_validation_and_early_stopping(digits):
-    X, y, Xt, yt = digits
+def test_dense_string_labels_validation_and_early_stopping(scaled_digits):
+    X, y, Xt, yt = scaled_digits
     names = np.array([f"digit-{d}" for d in range(10)])
     head = DenseHead(hidden=(32,), epochs=40, patience=2, lr=1e-2, class_weight="balanced")
     head.fit(X, names[y], X_val=Xt, y_val=names[yt])
@@ -190,8 +190,8 @@ def test_dense_string_labels_validation_and_early_stopping(digits):
         DenseHead(epochs=1).fit(X[:50], y[:50], X_val=Xt[:5], y_val=np.full(5, 99))
 
 
-def test_dense_is_deterministic_given_seed(digits):
-    X, y, Xt, _ = digits
+def test_dense_is_deterministic_given_seed(scaled_digits):
+    X, y, Xt, _ = scaled_digits
     params = {"hidden": (16,), "epochs": 2, "patience": 0}
     a = DenseHead(**params, seed=3).fit(X[:300], y[:300]).predict_proba(Xt)
     b = DenseHead(**params, seed=3).fit(X[:300], y[:300]).predict_proba(Xt)
@@ -200,11 +200,11 @@ def test_dense_is_deterministic_given_seed(digits):
     assert np.abs(a - c).max() > 1e-3
 
 
-def test_dense_x_views_draws_a_different_view_each_epoch(digits):
+def test_dense_x_views_draws_a_different_view_each_epoch(scaled_digits):
     # View 0 shows only the first 32 pixels, view 1 only the last 32.  A head that really
     # samples both views per epoch classifies either half; one trained on view 0 alone
     # has never updated the weights of the last 32 inputs and is near chance on view 1.
-    X, y, Xt, yt = digits
+    X, y, Xt, yt = scaled_digits
     first = np.r_[np.ones(32), np.zeros(32)].astype(np.float32)
     second = 1.0 - first
     views = np.stack([X * first, X * second])
@@ -221,11 +221,11 @@ def test_dense_x_views_draws_a_different_view_each_epoch(digits):
         DenseHead(epochs=1).fit(X, y, X_views=views[:, :10])
 
 
-def test_dense_x_views_streams_from_zarr_like_numpy(digits):
+def test_dense_x_views_streams_from_zarr_like_numpy(scaled_digits):
     # Phase 2 passes the cache's (views, n, *feat) zarr array straight through.
     import zarr
 
-    X, y, Xt, _ = digits
+    X, y, Xt, _ = scaled_digits
     views = np.stack([X[:300], X[:300] * 0.5, X[:300] + 0.1]).reshape(3, 300, 4, 4, 4)
     stored = zarr.create_array(store={}, shape=views.shape, chunks=(1, 64, 4, 4, 4), dtype="f4")
     stored[:] = views
@@ -238,8 +238,8 @@ def test_dense_x_views_streams_from_zarr_like_numpy(digits):
     )
 
 
-def test_dense_single_view_equals_plain_training(digits):
-    X, y, Xt, _ = digits
+def test_dense_single_view_equals_plain_training(scaled_digits):
+    X, y, Xt, _ = scaled_digits
     params = {"hidden": (16,), "epochs": 2, "patience": 0}
     plain = DenseHead(**params).fit(X[:300], y[:300]).predict_proba(Xt)
     viewed = DenseHead(**params).fit(X[:300], y[:300], X_views=X[None, :300]).predict_proba(Xt)
@@ -247,8 +247,8 @@ def test_dense_single_view_equals_plain_training(digits):
 
 
 @pytest.mark.parametrize("name", ["logreg", "knn", "dense"])
-def test_save_load_round_trip(name, fitted, digits, tmp_path):
-    _, _, Xt, _ = digits
+def test_save_load_round_trip(name, fitted, scaled_digits, tmp_path):
+    _, _, Xt, _ = scaled_digits
     head = fitted[name]
     out = save_head(head, tmp_path / "head")
     assert (out / "head.json").is_file() and not (out / "head.joblib").exists()
@@ -262,10 +262,10 @@ def test_save_load_round_trip(name, fitted, digits, tmp_path):
         assert loaded.get_params() == head.get_params()
 
 
-def test_saved_head_keras_is_a_plain_keras_model(fitted, digits, tmp_path):
+def test_saved_head_keras_is_a_plain_keras_model(fitted, scaled_digits, tmp_path):
     import keras
 
-    _, _, Xt, _ = digits
+    _, _, Xt, _ = scaled_digits
     head = fitted["dense"]
     out = save_head(head, tmp_path / "head")
     model = keras.saving.load_model(out / "head.keras")  # no custom_objects
@@ -288,8 +288,8 @@ def test_save_unfitted_head_raises(tmp_path):
         save_head(make_head("logreg"), tmp_path)
 
 
-def test_fitted_dense_survives_joblib_pickle_and_clone(fitted, digits, tmp_path):
-    _, _, Xt, _ = digits
+def test_fitted_dense_survives_joblib_pickle_and_clone(fitted, scaled_digits, tmp_path):
+    _, _, Xt, _ = scaled_digits
     head = fitted["dense"]
     expected = head.predict_proba(Xt)
     joblib.dump(head, tmp_path / "dense.joblib")
@@ -370,8 +370,8 @@ def test_unknown_head_lists_heads():
     assert isinstance(info.value, ValueError)
 
 
-def test_import_path_heads(digits):
-    X, y, Xt, yt = digits
+def test_import_path_heads(scaled_digits):
+    X, y, Xt, yt = scaled_digits
     rf = make_head(
         "sklearn.ensemble:RandomForestClassifier",
         {"n_estimators": "30", "max_depth": "none", "random_state": "0"},
@@ -468,11 +468,11 @@ def test_skops_head_naming_an_untrusted_type_is_refused(tmp_path):
         load_head(run)
 
 
-def test_convert_legacy_head_needs_trust_then_loads_safely(fitted, digits, tmp_path):
+def test_convert_legacy_head_needs_trust_then_loads_safely(fitted, scaled_digits, tmp_path):
     from featurecache.errors import UsageError
     from featurecache.training.heads import convert_legacy_head
 
-    _, _, Xt, _ = digits
+    _, _, Xt, _ = scaled_digits
     head = fitted["logreg"]
     run = tmp_path / "old-run"
     run.mkdir()
@@ -486,13 +486,13 @@ def test_convert_legacy_head_needs_trust_then_loads_safely(fitted, digits, tmp_p
     np.testing.assert_array_equal(load_head(run).predict_proba(Xt), head.predict_proba(Xt))
 
 
-def test_convert_legacy_dense_head(fitted, digits, tmp_path):
+def test_convert_legacy_dense_head(fitted, scaled_digits, tmp_path):
     import keras
 
     from featurecache.training.heads import convert_legacy_head
     from featurecache.training.heads.dense import inference_copy
 
-    _, _, Xt, _ = digits
+    _, _, Xt, _ = scaled_digits
     head = fitted["dense"]
     run = tmp_path / "old-dense"
     run.mkdir()
@@ -505,9 +505,9 @@ def test_convert_legacy_dense_head(fitted, digits, tmp_path):
     np.testing.assert_allclose(load_head(run).predict_proba(Xt), head.predict_proba(Xt), atol=1e-6)
 
 
-def test_import_path_heads_are_scaled_and_seeded(digits):
+def test_import_path_heads_are_scaled_and_seeded(scaled_digits):
     # Features of scale ~1e-11 (random-weight backbones): trees saw constants and sat at chance.
-    X, y, Xt, yt = digits
+    X, y, Xt, yt = scaled_digits
     tiny, tiny_t = X * 1e-11, Xt * 1e-11
     a = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
     assert a.score(tiny_t, yt) > 0.85
@@ -517,10 +517,10 @@ def test_import_path_heads_are_scaled_and_seeded(digits):
     assert make_head("sklearn.ensemble:RandomForestClassifier", {"random_state": "none"}).named_steps["clf"].random_state is None
 
 
-def test_dense_head_takes_a_class_weight_dict_like_sklearn(digits):
+def test_dense_head_takes_a_class_weight_dict_like_sklearn(scaled_digits):
     from sklearn.utils.class_weight import compute_class_weight
 
-    X, y, Xt, _ = digits
+    X, y, Xt, _ = scaled_digits
     X, y = X[:300], y[:300]
     balanced = compute_class_weight("balanced", classes=np.unique(y), y=y)
     as_dict = {int(c): float(w) for c, w in zip(np.unique(y), balanced)}

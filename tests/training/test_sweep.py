@@ -29,17 +29,8 @@ GRID = (
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def digits(cache: Path) -> views.FeatureSet:
-    res = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False)
-    return fc.open_features(res.key, cache_dir=cache)
-
-
+# ``digits`` (MobileNetV2, random weights, 32 px, all 1797 images) and ``digits_cache`` are the
+# session's (tests/conftest.py).
 @pytest.fixture(scope="module")
 def grid_sweep(digits: views.FeatureSet, tmp_path_factory: pytest.TempPathFactory) -> SweepResult:
     out = tmp_path_factory.mktemp("sweeps") / "grid"
@@ -258,18 +249,18 @@ sweep(sys.argv[1], grid=["logreg:C=0.1;max_iter=300"], out=sys.argv[2], cache_di
 """
 
 
-def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(digits_cache)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert [p.name for p in out.iterdir() if p.name.startswith(".best")]  # the killed writer's temp dir
     (out / ".best-999999999-abcdef").mkdir()  # what versions before this one left (pid long gone)
-    again = sweep(digits, grid=["logreg:C=0.1;max_iter=300"], out=out, cache_dir=cache, progress=False)
+    again = sweep(digits, grid=["logreg:C=0.1;max_iter=300"], out=out, cache_dir=digits_cache, progress=False)
     assert again.skipped == 1 and load_run(again.best_run)[0]["head"] == "logreg"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
@@ -281,7 +272,8 @@ def test_a_sweep_killed_before_sweep_json_is_resumed(digits: views.FeatureSet, t
     assert res.best_run.is_dir() and (out / "sweep.json").is_file()
 
 
-def test_resume_refuses_other_features(digits: views.FeatureSet, cache: Path, grid_sweep: SweepResult) -> None:
+def test_resume_refuses_other_features(digits: views.FeatureSet, digits_features_copy, grid_sweep: SweepResult) -> None:
+    cache = digits_features_copy.cache  # extracting 40 per split adds a feature set: not to the session's cache
     other = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=40, cache_dir=cache, progress=False)
     with pytest.raises(UsageError, match="was made for features") as info:
         sweep(other.key, grid=["logreg"], out=grid_sweep.out_dir, cache_dir=cache, progress=False)
@@ -308,7 +300,7 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(doc))
 
 
-def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     """Trial ids come back from trials/, sweep.json and leaderboard.json: each is checked against
     the form a sweep writes before it names a file or a directory (issue 20)."""
     import shutil
@@ -325,7 +317,7 @@ def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.F
 
     board = copy("board")
     _edit_json(board / "leaderboard.json", lambda d: d["rows"][0].update(trial="/../../../../x"))
-    res = CliRunner().invoke(app, ["ensemble", "--from-sweep", str(board), "--top", "2", "--out", str(tmp_path / "ens"), "--cache", str(cache)])
+    res = CliRunner().invoke(app, ["ensemble", "--from-sweep", str(board), "--top", "2", "--out", str(tmp_path / "ens"), "--cache", str(digits_cache)])
     assert res.exit_code == 1, res.output
     line = _error_line(res)
     assert f"{board / 'leaderboard.json'} names trial id '/../../../../x', but a trial id is 12 hex digits" in line
@@ -360,8 +352,8 @@ def _error_line(result) -> str:
     return lines[0]
 
 
-def test_cli_sweep_json_random_trials(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
-    args = ["sweep", "-f", digits.key[:12], "--trials", "2", "--heads", "logreg", "--out", str(tmp_path / "cli"), "--cache", str(cache), "--json"]
+def test_cli_sweep_json_random_trials(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
+    args = ["sweep", "-f", digits.key[:12], "--trials", "2", "--heads", "logreg", "--out", str(tmp_path / "cli"), "--cache", str(digits_cache), "--json"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     doc = json.loads(first.stdout)
@@ -373,10 +365,10 @@ def test_cli_sweep_json_random_trials(digits: views.FeatureSet, cache: Path, tmp
 
 
 @pytest.mark.parametrize("flag,grouped", [("--together", True), ("--one-by-one", False)])
-def test_cli_sweep_together_flag(digits: views.FeatureSet, cache: Path, tmp_path: Path, flag: str, grouped: bool) -> None:
+def test_cli_sweep_together_flag(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path, flag: str, grouped: bool) -> None:
     out = tmp_path / "cli-dense"
     args = ["sweep", "-f", digits.key[:12], "--grid", "dense:hidden=,16;epochs=1;patience=0;batch_size=256", flag,
-            "--out", str(out), "--cache", str(cache), "--json"]
+            "--out", str(out), "--cache", str(digits_cache), "--json"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     records = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
@@ -384,9 +376,9 @@ def test_cli_sweep_together_flag(digits: views.FeatureSet, cache: Path, tmp_path
     assert all(("trained_together" in r) == grouped for r in records)
 
 
-def test_cli_sweep_table(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_sweep_table(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
-    res = CliRunner().invoke(app, ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(cache), "-q"])
+    res = CliRunner().invoke(app, ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(digits_cache), "-q"])
     assert res.exit_code == 0, res.output
     assert "knn n_neighbors=1" in res.stdout and "best:" in res.stdout and str(tmp_path / "t" / "best") in res.stdout
 
@@ -400,9 +392,9 @@ def _assert_whole_at_80(text: str, names: list[str]) -> None:
     assert not missing, (missing, text)
 
 
-def test_cli_sweep_table_keeps_configurations_whole_at_80_columns(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_sweep_table_keeps_configurations_whole_at_80_columns(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     grid = ["-g", "logreg:C=0.1,1;class_weight=none,balanced", "-g", "knn:n_neighbors=1,3;weights=uniform,distance"]
-    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], *grid, "--out", str(tmp_path / "t"), "--cache", str(cache), "-q"], env={"COLUMNS": "80"})
+    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], *grid, "--out", str(tmp_path / "t"), "--cache", str(digits_cache), "-q"], env={"COLUMNS": "80"})
     assert res.exit_code == 0, res.output
     board = json.loads((tmp_path / "t" / "leaderboard.json").read_text())["rows"]
     table = res.stdout[: res.stdout.index(f"{len(board)} trials in")]  # the summary after it names paths
@@ -446,20 +438,20 @@ def test_leaderboard_table_marks_trials_tied_with_the_best() -> None:
         (["-g", "knn:n_neighbors=5000"], "all 1 trials failed", 1),
     ],
 )
-def test_cli_sweep_errors(digits: views.FeatureSet, cache: Path, tmp_path: Path, args: list[str], needle: str, code: int) -> None:
-    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], "--cache", str(cache), "--out", str(tmp_path / "e"), "-q", *args])
+def test_cli_sweep_errors(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path, args: list[str], needle: str, code: int) -> None:
+    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], "--cache", str(digits_cache), "--out", str(tmp_path / "e"), "-q", *args])
     assert res.exit_code == code, res.output
     assert needle in _error_line(res)
 
 
-def test_cli_sweep_missing_or_incomplete_features(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["sweep", "-f", "feedfacecafe", "--cache", str(cache)])
+def test_cli_sweep_missing_or_incomplete_features(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["sweep", "-f", "feedfacecafe", "--cache", str(digits_cache)])
     assert res.exit_code == 1 and "no feature set 'feedfacecafe'" in _error_line(res)
 
     opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "36"]
-    res = CliRunner().invoke(app, ["sweep", *opts, "--cache", str(cache)])
+    res = CliRunner().invoke(app, ["sweep", *opts, "--cache", str(digits_cache)])
     assert res.exit_code == 1
-    assert f"extract them first: featurecache extract {' '.join(opts)} --cache {cache}" in _error_line(res)
+    assert f"extract them first: featurecache extract {' '.join(opts)} --cache {digits_cache}" in _error_line(res)
 
     import shutil
 
@@ -472,19 +464,19 @@ def test_cli_sweep_missing_or_incomplete_features(digits: views.FeatureSet, cach
     assert "are not in cache" in line and "extract them first: featurecache extract" in line and line.count("--size 32") == 1
 
 
-def test_cli_sweep_error_in_a_real_process(cache: Path) -> None:
+def test_cli_sweep_error_in_a_real_process(digits_cache: Path) -> None:
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "FEATURECACHE_DEBUG": ""}
-    res = subprocess.run([sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(cache)], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(digits_cache)], capture_output=True, text=True, env=env)
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {cache}; list them with `featurecache cache ls --cache {cache}`"]
+    assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {digits_cache}; list them with `featurecache cache ls --cache {digits_cache}`"]
 
 
 @pytest.mark.slow
-def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     # A process worker ends itself (os._exit) in its first trial, before the trial's record is
     # written, once across all processes: the sweep reads back what the other worker finished
     # and runs the lost trial again, in the same call, with the same results as in-process.
@@ -497,7 +489,7 @@ def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views
     env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1]), "FEATURECACHE_FAULT": "trial_fitted:exit",
            "FEATURECACHE_FAULT_ONCE": str(once)}
     out = tmp_path / "died"
-    args = ["-f", digits.key, "--cache", str(cache), "--out", str(out), "--jobs", "2", "--json", "-g", grid]
+    args = ["-f", digits.key, "--cache", str(digits_cache), "--out", str(out), "--jobs", "2", "--json", "-g", grid]
     proc = subprocess.run([sys.executable, "-m", "featurecache", "sweep", *args], env=env, capture_output=True, text=True, timeout=600)
     assert once.exists(), "the injected fault never fired: the test proved nothing"
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -513,7 +505,7 @@ def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views
 
 
 @pytest.mark.slow
-def test_jobs_do_not_change_results(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_jobs_do_not_change_results(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     # --jobs 1 fitted logreg in the calling process with a BLAS thread per core, --jobs 2 in
     # workers with one each: up to 4e-4 apart in validation log loss.
     import os
@@ -525,7 +517,7 @@ def test_jobs_do_not_change_results(digits: views.FeatureSet, cache: Path, tmp_p
     boards = {}
     for jobs in (1, 2):
         out = tmp_path / f"j{jobs}"
-        args = ["-f", digits.key, "--cache", str(cache), "--out", str(out), "--jobs", str(jobs), "--json"]
+        args = ["-f", digits.key, "--cache", str(digits_cache), "--out", str(out), "--jobs", str(jobs), "--json"]
         grid = ["-g", "dense:hidden=64,128-32;lr=1e-3,1e-2;epochs=3;patience=1", "-g", "logreg:C=0.1;max_iter=300"]
         proc = subprocess.run([sys.executable, "-m", "featurecache", "sweep", *args, *grid], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]

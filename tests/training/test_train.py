@@ -1,7 +1,7 @@
 """train_head on real cached features: accuracy, metrics vs scikit-learn, run directories,
 augmented views, and the ``train-head`` / ``heads`` CLI.
 
-Features are extracted once per module (random weights, 32 px): MobileNetV2 as the main
+Features are extracted once per session (tests/conftest.py; random weights, 32 px): MobileNetV2 as the main
 set, VGG19 for the dense head (see ``test_dense_head_on_mobilenetv2_features`` for why).
 """
 
@@ -29,8 +29,8 @@ from featurecache.training.train import (
     predict_full_proba,
     train_head,
 )
+from tests.conftest import DIGITS
 
-DIGITS = {"backbone": "mobilenetv2", "weights": "random", "size": 32}
 N_CLASSES = 10
 
 
@@ -38,21 +38,10 @@ N_CLASSES = 10
 pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
+# ``digits`` (MobileNetV2) and ``digits_cache`` are the session's (tests/conftest.py).
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def digits(cache: Path) -> views.FeatureSet:
-    res = fc.extract("builtin:digits", **DIGITS, cache_dir=cache, progress=False)
-    return fc.open_features(res.key, cache_dir=cache)
-
-
-@pytest.fixture(scope="module")
-def vgg_digits(cache: Path) -> views.FeatureSet:
-    res = fc.extract("builtin:digits", backbone="vgg19", weights="random", size=32, cache_dir=cache, progress=False)
-    return fc.open_features(res.key, cache_dir=cache)
+def vgg_digits(digits_features_for) -> views.FeatureSet:
+    return digits_features_for(backbone="vgg19").open()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +174,7 @@ train.train_head(sys.argv[1], head="knn", params={"n_neighbors": 3}, out=sys.arg
 """
 
 
-def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: views.FeatureSet, logreg_run, cache: Path, tmp_path: Path) -> None:
+def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: views.FeatureSet, logreg_run, digits_cache: Path, tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
@@ -194,7 +183,7 @@ def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: views.Fe
     shutil.copytree(logreg_run.run_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_CONFIG, digits.key, str(out), str(cache)], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_CONFIG, digits.key, str(out), str(digits_cache)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     # The old run is untouched: same files, same bytes, and its config matches its head.
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -218,9 +207,8 @@ def test_default_run_name_is_stable(digits: views.FeatureSet, tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def views_digits(cache: Path) -> views.FeatureSet:
-    res = fc.extract("builtin:digits", **DIGITS, views=2, augment="rotation=15,zoom=0.1", limit=120, cache_dir=cache, progress=False)
-    return fc.open_features(res.key, cache_dir=cache)
+def views_digits(digits_features_for) -> views.FeatureSet:
+    return digits_features_for(views=2, augment="rotation=15,zoom=0.1", limit=120).open()
 
 
 def test_views_stack_for_sklearn_and_validation_uses_view_0(views_digits: views.FeatureSet, tmp_path: Path) -> None:
@@ -257,14 +245,14 @@ def test_dense_head_draws_views(views_digits: views.FeatureSet) -> None:
     assert not np.array_equal(with_views, clean_only)  # the augmented views were trained on
 
 
-def test_holdout_without_val_split_uses_view_0(cache: Path, tmp_path: Path) -> None:
+def test_holdout_without_val_split_uses_view_0(cache_dir: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 10)
     x = rng.integers(0, 256, size=(20, 16, 16, 3), dtype=np.uint8)
     x[y == 1] //= 4  # two visibly different classes
     np.savez(tmp_path / "tiny.npz", x=x, y=y)
-    res = fc.extract(str(tmp_path / "tiny.npz"), **DIGITS, views=1, augment="flip", cache_dir=cache, progress=False)
-    fs = fc.open_features(res.key, cache_dir=cache)
+    res = fc.extract(str(tmp_path / "tiny.npz"), **DIGITS, views=1, augment="flip", cache_dir=cache_dir, progress=False)
+    fs = fc.open_features(res.key, cache_dir=cache_dir)
     assert fs.splits == ["train"]
     data = load_training_data(fs, val_fraction=0.25, seed=1)
     assert data.validation == "stratified 0.25 of train (seed 1)"
@@ -286,10 +274,10 @@ def _error_line(result) -> str:
     return lines[0]
 
 
-def test_cli_train_head_json(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_train_head_json(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-run"
     res = CliRunner().invoke(
-        app, ["train-head", "--features", digits.key[:12], "--head", "logreg", "--param", "C=0.5", "--out", str(out), "--cache", str(cache), "--json", "--no-plots"]
+        app, ["train-head", "--features", digits.key[:12], "--head", "logreg", "--param", "C=0.5", "--out", str(out), "--cache", str(digits_cache), "--json", "--no-plots"]
     )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -298,9 +286,9 @@ def test_cli_train_head_json(digits: views.FeatureSet, cache: Path, tmp_path: Pa
     assert (out / "head.json").is_file()
 
 
-def test_cli_train_head_text_by_extract_options(digits: views.FeatureSet, cache: Path, tmp_path: Path) -> None:
+def test_cli_train_head_text_by_extract_options(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     args = ["train-head", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
-    res = CliRunner().invoke(app, [*args, "--head", "knn", "-p", "n_neighbors=3", "--out", str(tmp_path / "r"), "--cache", str(cache)])
+    res = CliRunner().invoke(app, [*args, "--head", "knn", "-p", "n_neighbors=3", "--out", str(tmp_path / "r"), "--cache", str(digits_cache)])
     assert res.exit_code == 0, res.output
     assert "val: accuracy" in res.stdout and "test: accuracy" in res.stdout and "kappa" in res.stdout and "macro F1" in res.stdout
     assert f"run {tmp_path / 'r'}" in res.stdout
@@ -327,25 +315,25 @@ def test_cli_heads_lists_params() -> None:
         (["--head", "logreg", "-p", "C"], "is not NAME=VALUE", 2),
     ],
 )
-def test_cli_train_head_bad_head_or_param(digits: views.FeatureSet, cache: Path, args: list[str], needle: str, code: int) -> None:
-    res = CliRunner().invoke(app, ["train-head", "--features", digits.key[:12], "--cache", str(cache), *args])
+def test_cli_train_head_bad_head_or_param(digits: views.FeatureSet, digits_cache: Path, args: list[str], needle: str, code: int) -> None:
+    res = CliRunner().invoke(app, ["train-head", "--features", digits.key[:12], "--cache", str(digits_cache), *args])
     assert res.exit_code == code
     assert needle in _error_line(res)
 
 
-def test_cli_train_head_missing_features(cache: Path) -> None:
-    res = CliRunner().invoke(app, ["train-head", "--features", "0123456789ab", "--cache", str(cache)])
+def test_cli_train_head_missing_features(digits_cache: Path) -> None:
+    res = CliRunner().invoke(app, ["train-head", "--features", "0123456789ab", "--cache", str(digits_cache)])
     assert res.exit_code == 1
     assert "no feature set '0123456789ab'" in _error_line(res)
 
     # Named by extract options that were never extracted: the fix is the exact command.
     opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "40"]
-    res = CliRunner().invoke(app, ["train-head", *opts, "--cache", str(cache)])
+    res = CliRunner().invoke(app, ["train-head", *opts, "--cache", str(digits_cache)])
     assert res.exit_code == 1
     line = _error_line(res)
-    assert f"extract them first: featurecache extract {' '.join(opts)} --cache {cache}" in line
+    assert f"extract them first: featurecache extract {' '.join(opts)} --cache {digits_cache}" in line
 
-    res = CliRunner().invoke(app, ["train-head", "--cache", str(cache)])
+    res = CliRunner().invoke(app, ["train-head", "--cache", str(digits_cache)])
     assert res.exit_code == 2 and "pass --features KEY" in _error_line(res)
 
 
@@ -381,9 +369,8 @@ def test_sklearn_heads_fit_with_one_blas_thread(digits: views.FeatureSet, tmp_pa
         assert set(seen) == {2}
 
 
-def test_damaged_features_are_a_one_line_error_naming_the_entry(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    res = fc.extract("builtin:digits", **DIGITS, limit=20, cache_dir=cache, progress=False)
+def test_damaged_features_are_a_one_line_error_naming_the_entry(digits_features_20_copy, tmp_path: Path) -> None:
+    cache, res = digits_features_20_copy.cache, digits_features_20_copy.result
     fs = fc.open_features(res.key, cache_dir=cache)
     chunk = next(p for p in (fs.store.path / "v0" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
