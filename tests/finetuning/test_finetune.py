@@ -308,19 +308,19 @@ def test_linear_heads_convert_to_keras_exactly(head: str, params: dict, n_classe
 
 
 @pytest.mark.slow  # two real fine-tunes
-def test_two_identical_finetunes_give_identical_weights_and_metrics(env: dict, tmp_path: Path) -> None:
+def test_two_identical_finetunes_give_identical_weights_and_metrics(ft_env: dict, tmp_path: Path) -> None:
     """The seed fixes the batch order, augmentation and the head's dropout (random-weight backbone)."""
     import keras
 
     from featurecache.training.train import train_head
 
     run = train_head(
-        env["key"], head="dense", params={"hidden": "16", "epochs": 1, "dropout": 0.5}, out=tmp_path / "run", cache_dir=env["cache"], plots=False,
+        ft_env["key"], head="dense", params={"hidden": "16", "epochs": 1, "dropout": 0.5}, out=tmp_path / "run", cache_dir=ft_env["cache"], plots=False,
     ).run_dir
     results = [
         fc.finetune(
             run, unfreeze="top:1", epochs=2, lr=1e-2, batch_size=8, augment="flip", patience=0, seed=7, out=tmp_path / f"ft{i}",
-            cache_dir=env["cache"], plots=False, progress=False,
+            cache_dir=ft_env["cache"], plots=False, progress=False,
         )
         for i in range(2)
     ]
@@ -353,20 +353,20 @@ def test_training_curves_draw_the_head_as_epoch_0() -> None:
 
 
 @pytest.mark.slow  # a real fine-tune through the CLI
-def test_finetune_cli_shows_epochs_from_the_head_and_warns_when_worse(env: dict, tmp_path: Path) -> None:
+def test_finetune_cli_shows_epochs_from_the_head_and_warns_when_worse(ft_env: dict, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from featurecache.cli.main import app
 
     run = tmp_path / "run"
-    shutil.copytree(env["run_dense"], run)
+    shutil.copytree(ft_env["run_dense"], run)
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["val"].update(accuracy=1.0, log_loss=0.01)  # a head no fine-tune can beat
     (run / "metrics.json").write_text(json.dumps(metrics))
     # pytest records warnings itself; outside it the command prints this one as a "warning: ..." line.
     with pytest.warns(FeatureCacheWarning, match=r"fine-tuning ended worse than the head \(val accuracy 1\.000 -> "):
         res = CliRunner().invoke(
-            app, ["finetune", "--run", str(run), "--epochs", "1", "--batch-size", "8", "--patience", "0", "--out", str(tmp_path / "ft"), "--cache", str(env["cache"])],
+            app, ["finetune", "--run", str(run), "--epochs", "1", "--batch-size", "8", "--patience", "0", "--out", str(tmp_path / "ft"), "--cache", str(ft_env["cache"])],
         )
     assert res.exit_code == 0, res.output
     err = res.stderr.splitlines()

@@ -259,10 +259,10 @@ def test_savedmodel_takes_uint8_images_and_names_classes(tmp_path: Path) -> None
 # ------------------------------------------------------------------ folders and hold-outs
 
 
-def test_predict_a_folder_recursively_with_a_csv(env: dict, image_folder: Path, tmp_path: Path) -> None:
+def test_predict_a_folder_recursively_with_a_csv(pred_env: dict, image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "notes.txt").write_text("not an image, skipped")
     csv_file = tmp_path / "out" / "predictions.csv"
-    result = CliRunner().invoke(app, ["predict", str(env["exported"]), str(image_folder), "--top-k", "2", "--csv", str(csv_file)])
+    result = CliRunner().invoke(app, ["predict", str(pred_env["exported"]), str(image_folder), "--top-k", "2", "--csv", str(csv_file)])
     assert result.exit_code == 0, result.output
     expected = sorted(str(p) for p in image_folder.rglob("*_*.*"))
     rows = csv_file.read_text().splitlines()
@@ -271,7 +271,7 @@ def test_predict_a_folder_recursively_with_a_csv(env: dict, image_folder: Path, 
     assert sum(line.startswith(str(image_folder)) for line in result.stdout.splitlines()) == 8
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, out = _cli("predict", str(env["exported"]), str(empty))
+    code, out = _cli("predict", str(pred_env["exported"]), str(empty))
     assert code == 2
     _one_line_error(out, f"folder {empty} has no images")
 
