@@ -61,7 +61,7 @@ def block_layers(model: keras.Model, spec: BackboneSpec) -> dict[str, list[str]]
         else:
             following = owner[i]
     groups: dict[str, list[str]] = {block: [] for block in spec.blocks}
-    for name, j in zip(names, owner):
+    for name, j in zip(names, owner, strict=True):
         groups[spec.blocks[j]].append(name)  # type: ignore[index]
     return groups
 

@@ -24,8 +24,8 @@ from featurecache.cli._common import (
     handle_errors,
     print_json,
 )
-from featurecache.cli.extract_opts import LimitOpt, extract_options
 from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
+from featurecache.cli.extract_opts import LimitOpt, extract_options
 from featurecache.errors import UsageError
 from featurecache.extraction.options import ExtractOptions
 
@@ -222,7 +222,8 @@ def heads_cmd(
     from rich import box
     from rich.table import Table
 
-    from featurecache._runtime.tables import console as make_console, token_width
+    from featurecache._runtime.tables import console as make_console
+    from featurecache._runtime.tables import token_width
 
     console = make_console()
     for s in specs:

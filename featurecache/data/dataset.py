@@ -102,7 +102,7 @@ class JoinedPaths(Sequence[str]):
     @classmethod
     def of(cls, paths: Sequence[str], prefix: str, names: Sequence[str]) -> Sequence[str]:
         """``JoinedPaths(prefix, names)`` if it gives exactly ``paths``, else ``paths`` as a tuple."""
-        if len(paths) == len(names) and all(p == prefix + n for p, n in zip(paths, names)):
+        if len(paths) == len(names) and all(p == prefix + n for p, n in zip(paths, names, strict=True)):
             return cls(prefix, names)
         return tuple(paths)
 
@@ -346,7 +346,7 @@ class Dataset:
             "format": DIGEST_FORMAT,
             "classes": list(self.classes),
             "splits": [
-                [name, [[i, d, int(lab)] for i, d, lab in zip(split.ids, split.content_digests(), split.labels)]]
+                [name, [[i, d, int(lab)] for i, d, lab in zip(split.ids, split.content_digests(), split.labels, strict=True)]]
                 for name, split in self.splits.items()
             ],
         }
@@ -406,7 +406,7 @@ class Dataset:
     @cached_property
     def _digest(self) -> str:
         digests = self.digests_by_split()
-        _warn_label_conflicts(self, {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist())] for n, s in self.splits.items()]})
+        _warn_label_conflicts(self, {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist(), strict=True)] for n, s in self.splits.items()]})
         return manifest_digest(self.classes, [(n, s.ids, digests[n], s.labels) for n, s in self.splits.items()])
 
 

@@ -310,7 +310,7 @@ def sample_parameters(spec: AugmentSpec, *, seed: int, view: int, index: int) ->
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise UsageError(f"augmentation {name} must be a non-negative int, got {value!r}")
     u = np.random.default_rng([int(seed), int(view), int(index)]).random(len(_DRAWS))
-    d = dict(zip(_DRAWS, (2.0 * u - 1.0).tolist()))
+    d = dict(zip(_DRAWS, (2.0 * u - 1.0).tolist(), strict=True))
     return {
         "flip": 1.0 if spec.flip and u[0] < 0.5 else 0.0,
         "rotation": d["rotation"] * spec.rotation,

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache._runtime.versions import library_versions
 from featurecache.cache import store
 from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
@@ -31,8 +32,6 @@ from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease, NoLease
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
 from featurecache.extraction.options import KEYED_FIELDS, ExtractOptions, expands_options
-from featurecache._runtime.versions import library_versions
-
 from featurecache.extraction.pipeline import (  # noqa: F401 - the pipeline's public pieces stay importable from here
     Plan,
     Prefetch,
@@ -44,6 +43,7 @@ from featurecache.extraction.pipeline import (  # noqa: F401 - the pipeline's pu
     make_runner,
     unit_record,
 )
+
 
 @dataclass(frozen=True)
 class ExtractResult:
@@ -556,7 +556,7 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict
             except KeyError as exc:  # pragma: no cover - every unit was run or raised above
                 raise IncompleteEntryError(f"image {exc} has no features in {st.name} view {view}; run the same extract command again") from None
         splits[name] = (split.ids, split.labels, digests, rows)
-        failures.extend((name, i, d, failed[d]) for i, d in zip(split.ids, digests) if d in failed)
+        failures.extend((name, i, d, failed[d]) for i, d in zip(split.ids, digests, strict=True) if d in failed)
     return views_mod.write_view(
         p.cache_dir,
         st,

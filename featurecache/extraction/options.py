@@ -303,7 +303,7 @@ def expands_options(*names: str) -> Callable[[F], F]:
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n], annotation=hints[n]) for n in shown]
         at = next(i for i, p in enumerate(params) if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD))
         kept = [p for p in params if p is not var_kw]
-        setattr(fn, "__signature__", sig.replace(parameters=[*kept[:at], *extra, *kept[at:]]))
+        setattr(fn, "__signature__", sig.replace(parameters=[*kept[:at], *extra, *kept[at:]]))  # noqa: B010 - typeshed gives functions no __signature__
         fn.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != var_kw.name} | {n: hints[n] for n in shown}
         return fn
 

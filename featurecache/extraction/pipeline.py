@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from featurecache._runtime.progress import ProgressBar
+from featurecache._runtime.versions import library_versions
 from featurecache.cache import store
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec, view_key
 from featurecache.errors import CacheCorruptError, ImageDecodeError, UsageError
 from featurecache.extraction.options import OnError
-from featurecache._runtime.progress import ProgressBar
-from featurecache._runtime.versions import library_versions
 
 
 @dataclass(frozen=True)

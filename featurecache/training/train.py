@@ -39,9 +39,18 @@ import numpy as np
 from featurecache.cache import store, views
 from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
-from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, UsageError, human_bytes
-from featurecache.training.rundir import load_run, write_run  # re-exported: the run-directory I/O lives there
-from featurecache.training.runconfig import CACHED_VAL_LABEL, RUN_FORMAT  # re-exported, as above
+from featurecache.errors import (
+    CacheCorruptError,
+    FeatureCacheError,
+    HeadParamError,
+    MemoryBudgetError,
+    UsageError,
+    human_bytes,
+)
+from featurecache.training.runconfig import CACHED_VAL_LABEL
+from featurecache.training.runconfig import RUN_FORMAT as RUN_FORMAT  # re-exported, as load_run
+from featurecache.training.rundir import load_run as load_run  # re-exported: the run-directory I/O lives there
+from featurecache.training.rundir import write_run
 
 if TYPE_CHECKING:
     from featurecache.cache.concat import ConcatFeatures
@@ -626,8 +635,8 @@ def train_head(
     tb_dir = None
     callbacks: list[Any] = []
     if tensorboard is not None:
-        from featurecache.training.heads import DenseHead
         from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+        from featurecache.training.heads import DenseHead
 
         tb_dir = fresh_run_log_dir(tensorboard, run_dir.name)
         callbacks = [keras_callback(tb_dir)] if isinstance(estimator, DenseHead) else []

@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 import featurecache as fc
-from featurecache.cache import store, views
+from featurecache.cache import views
 from featurecache.cli.main import app
 from featurecache.errors import CacheCorruptError
 from featurecache.training.heads import DenseHead, make_head
