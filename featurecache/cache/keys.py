@@ -190,7 +190,7 @@ def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence
     h.update(b'{"classes":' + dumps([str(c) for c in classes]).encode("ascii") + b',"format":' + dumps(DIGEST_FORMAT).encode("ascii") + b',"splits":[')
     for s, (name, ids, digests, labels) in enumerate(splits):
         h.update((b"," if s else b"") + b"[" + dumps(str(name)).encode("ascii") + b",[")
-        rows = zip(ids, digests, labels)
+        rows = zip(ids, digests, labels, strict=True)
         first = True
         while batch := [[str(i), str(d), int(lab)] for i, d, lab in itertools.islice(rows, 4096)]:
             # One encoder call per 4096 rows (the same bytes as row by row, a fraction of the calls).

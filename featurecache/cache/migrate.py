@@ -142,7 +142,7 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
             for split, ds in dataset.splits.items():
                 ds_digests = digests[split]
                 splits[split] = (ds.ids, ds.labels, ds_digests, np.asarray([[index[d] for d in ds_digests]], dtype=np.int64))
-                fails.extend((split, i, d, failed[d]) for i, d in zip(ds.ids, ds_digests) if d in failed)
+                fails.extend((split, i, d, failed[d]) for i, d in zip(ds.ids, ds_digests, strict=True) if d in failed)
             fs = views_mod.write_view(
                 root, st, name=spec.view_name(dataset.name, dataset.digest()), key=view_key(spec.key, dataset.digest()),
                 dataset_digest=dataset.digest(), classes=dataset.classes, splits=splits, failures=fails,

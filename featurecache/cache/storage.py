@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from featurecache.errors import BucketNotFoundError, UsageError
 
@@ -186,7 +186,7 @@ class RemotePath:
 
 
 #: A location in a cache: a local path or an object-store location.
-Location = Union[Path, RemotePath]
+Location = Path | RemotePath
 
 
 def as_location(value: str | os.PathLike[str] | RemotePath) -> Location:

@@ -41,8 +41,8 @@ import numpy as np
 from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import fsync_file, raise_if_disk_full
-from featurecache.cache.storage import Location, RemotePath
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec
+from featurecache.cache.storage import Location, RemotePath
 from featurecache.errors import CacheCorruptError, DamagedUnitError, UsageError
 
 CACHE_ENV = "FEATURECACHE_DIR"

@@ -35,6 +35,7 @@ from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import raise_if_disk_full
 from featurecache.cache.keys import FORMAT_VERSION, manifest_digest, view_key
+from featurecache.cache.storage import Location, RemotePath
 from featurecache.cache.store import (
     STORES_DIR,
     TMP_DIR,
@@ -46,8 +47,14 @@ from featurecache.cache.store import (
     read_group_attrs,
     resolve_cache_dir,
 )
-from featurecache.cache.storage import Location, RemotePath
-from featurecache.errors import AmbiguousEntryError, CacheCorruptError, DamagedUnitError, EntryNotFoundError, IncompleteEntryError, UsageError
+from featurecache.errors import (
+    AmbiguousEntryError,
+    CacheCorruptError,
+    DamagedUnitError,
+    EntryNotFoundError,
+    IncompleteEntryError,
+    UsageError,
+)
 
 MIN_PREFIX = 6
 
@@ -189,7 +196,7 @@ class FeatureSet(CacheNode):
     def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
         names = ("ids", "labels", "digests", "rows")
         paths = [f"{split}/{name}" for split in self.splits for name in names]
-        values = dict(zip(paths, self._read_small(paths)))
+        values = dict(zip(paths, self._read_small(paths), strict=True))
         out = {}
         for split in self.splits:
             out[split] = {
@@ -221,7 +228,7 @@ class FeatureSet(CacheNode):
             return await asyncio.gather(*(one(p) for p in paths))
 
         out = sync(read_all())
-        for path, value in zip(paths, out):
+        for path, value in zip(paths, out, strict=True):
             if isinstance(value, BaseException):
                 split, name = path.split("/", 1)
                 self._check_split(split)
@@ -693,7 +700,7 @@ def write_arrays(
         for s, (ids, labels, _feats, _valid) in splits.items():
             rows = np.asarray([[st.index(v)[d] for d in digests[s]] for v in range(spec.views_for(s))], dtype=np.int64).reshape(spec.views_for(s), len(ids))
             out[s] = (ids, labels, digests[s], rows)
-            failures.extend((s, i, d, failed[d]) for i, d in zip(ids, digests[s]) if d in failed)
+            failures.extend((s, i, d, failed[d]) for i, d in zip(ids, digests[s], strict=True) if d in failed)
         return write_view(root, st, name=spec.view_name(dataset_name, dataset_digest), key=key, dataset_digest=dataset_digest,
                           classes=classes, splits=out, failures=failures, extra={"dataset_name": dataset_name, **(extra or {})})
     finally:
