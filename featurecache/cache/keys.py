@@ -36,7 +36,10 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from featurecache.errors import UsageError
 
@@ -163,7 +166,9 @@ class FeatureSpec:
 DIGEST_FORMAT = "featurecache.dataset/1"
 
 
-def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence[str], Sequence[str], Sequence[int]]]) -> str:
+def manifest_digest(
+    classes: Sequence[str], splits: Iterable[tuple[str, Sequence[str] | np.ndarray, Sequence[str] | np.ndarray, Sequence[int] | np.ndarray]]
+) -> str:
     """The dataset digest: sha256 of the canonical manifest of classes and items.
 
     The one definition both sides use: :meth:`featurecache.data.Dataset.digest` hashes a

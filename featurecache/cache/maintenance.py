@@ -65,11 +65,11 @@ class CheckResult:
     key: str
     problems: list[str] = field(default_factory=list)
     units_checked: int = 0
-    damaged: set[tuple[Path, int, int]] = field(default_factory=set)
-    damaged_views: set[Path] = field(default_factory=set)
+    damaged: set[tuple[Location, int, int]] = field(default_factory=set)
+    damaged_views: set[Location] = field(default_factory=set)
 
 
-def find_target(ref: str, *, cache_dir: Path) -> views_mod.FeatureSet | store_mod.FeatureStore:
+def find_target(ref: str, *, cache_dir: Location) -> views_mod.FeatureSet | store_mod.FeatureStore:
     """A view (by key, prefix, name or path) or else a feature store (by name, key or prefix).
 
     Raises
@@ -120,6 +120,7 @@ def _check_units(st: store_mod.FeatureStore, units: Iterable[tuple[int, int]], r
             result.problems.append(str(exc))
             result.damaged.add((st.path, view, slot))
             continue
+        assert marker is not None  # read_unit raised without one
         result.units_checked += 1
         if not np.isfinite(block).all():
             result.problems.append(f"unit v{view}/u{slot} of {st.name} holds NaN or infinite values")

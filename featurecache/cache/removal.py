@@ -100,7 +100,7 @@ def remove(plan: RemovalPlan) -> int:
 
 
 def _delete(path: Location, root: Location) -> int:
-    if isinstance(path, RemotePath):
+    if isinstance(path, RemotePath) or isinstance(root, RemotePath):  # both, or neither
         size = storage.tree_size(path)
         storage.remove_tree(path)  # no rename on object storage: its zarr.json goes first
         return size

@@ -221,18 +221,19 @@ def is_remote(loc: Any) -> bool:
     return isinstance(loc, RemotePath)
 
 
-def refuse_remote(loc: Any, what: str) -> None:
-    """Raise a one-line error when ``what`` (a command) is asked of an object-store cache.
+def refuse_remote(loc: Location, what: str) -> Path:
+    """``loc``, a local root; a one-line error when ``what`` (a command) is asked of an object-store cache.
 
     Raises
     ------
     UsageError
         ``loc`` is a :class:`RemotePath`.
     """
-    if is_remote(loc):
+    if isinstance(loc, RemotePath):
         raise UsageError(
             f"{what} does not work on an object-store cache ({loc}) yet; run it on a local or shared-file-system cache"
         )
+    return loc
 
 
 def check_bucket(loc: RemotePath) -> None:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from featurecache.cache.fsio import fsync_file, raise_if_disk_full
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec
 from featurecache.cache.storage import Location, RemotePath
 from featurecache.errors import CacheCorruptError, DamagedUnitError, UsageError
+
+if TYPE_CHECKING:
+    import zarr
 
 CACHE_ENV = "FEATURECACHE_DIR"
 STORES_DIR = "features"
@@ -207,7 +210,7 @@ class FeatureStore(CacheNode):
         self.attrs: dict[str, Any] = attrs
         self._markers: dict[int, dict[int, dict[str, Any]]] = {}
         self._arrays: dict[int, Any] = {}
-        self._group = None
+        self._group: zarr.Group | None = None
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -234,7 +237,7 @@ class FeatureStore(CacheNode):
         """``{slot: marker}`` of every finished unit of ``view`` (read once, then cached)."""
         if isinstance(self.path, RemotePath):
             if refresh or view not in self._markers:
-                self._markers.update(self._listed_markers())
+                self._markers.update(self._listed_markers(self.path))
             return self._markers.setdefault(view, {})
         if refresh or view not in self._markers:
             out: dict[int, dict[str, Any]] = {}
@@ -255,14 +258,14 @@ class FeatureStore(CacheNode):
             self._markers[view] = out
         return self._markers[view]
 
-    def _listed_markers(self) -> dict[int, dict[int, dict[str, Any]]]:
+    def _listed_markers(self, root: RemotePath) -> dict[int, dict[int, dict[str, Any]]]:
         """Every view's markers from one listing of ``units/`` (object storage: one LIST request
         per thousand objects, then the new markers fetched concurrently; never one HEAD per unit).
 
         A marker is one PUT, written once per slot, so one already read is kept, not fetched again:
         a refresh costs the listing and the markers written since.
         """
-        base = self.path / UNITS_GROUP
+        base = root / UNITS_GROUP
         found: dict[RemotePath, tuple[int, int]] = {}
         out: dict[int, dict[int, dict[str, Any]]] = {v: {} for v in range(self.views)}
         for rel in storage.find(base):
@@ -436,8 +439,9 @@ class FeatureStore(CacheNode):
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         if len(breaks) <= 8:  # a few runs of consecutive rows (a grown dataset): one read per run
             runs = [self._contiguous_units(view, part) for part in np.split(rows, breaks)]
-            if all(r is not None for r in runs):
-                return runs[0] if len(runs) == 1 else np.concatenate(runs)
+            found = [r for r in runs if r is not None]
+            if len(found) == len(runs):
+                return found[0] if len(found) == 1 else np.concatenate(found)
         out = np.empty((len(rows), *self.feature_shape), dtype=self.dtype)
         slots = rows // cr
         blocks = self.read_units(view, np.unique(slots).tolist())
@@ -620,23 +624,24 @@ def write_unit(
     start = unit.slot * st.chunk_rows
     group = zarr.open_group(storage.zarr_store(st.path), mode="r+", zarr_format=3)
     try:
-        arr = group[f"v{unit.view}/features"]
+        arr = cast("zarr.Array", group[f"v{unit.view}/features"])  # the store's layout: arrays, never groups, at these paths
         arr[start : start + m] = features
-        group[f"v{unit.view}/digests"][start : start + m] = np.asarray(unit.digests, dtype=str)
+        cast("zarr.Array", group[f"v{unit.view}/digests"])[start : start + m] = np.asarray(unit.digests, dtype=str)
         checkpoint("unit_data_written")
         chunk_files = [
             st.path / f"v{unit.view}" / "features" / arr.metadata.encode_chunk_key((unit.slot, *([0] * len(st.feature_shape)))),
             st.path / f"v{unit.view}" / "digests" / arr.metadata.encode_chunk_key((unit.slot,)),
         ]
         if valid is not None:
-            group["v0/valid"][start : start + m] = np.asarray(valid, dtype=bool)
+            cast("zarr.Array", group["v0/valid"])[start : start + m] = np.asarray(valid, dtype=bool)
             chunk_files.append(st.path / "v0" / "valid" / arr.metadata.encode_chunk_key((unit.slot,)))
         checkpoint("unit_valid_written")
         # SIGKILL cannot tear a chunk (each is renamed into place, or one PUT on object storage),
         # but a power cut could persist the marker and not the data it vouches for; syncing the
         # data first orders them (an object store acknowledges a PUT only once it is durable).
-        for path in chunk_files if not isinstance(st.path, RemotePath) else ():
-            fsync_file(path)
+        for path in chunk_files:
+            if isinstance(path, Path):  # local roots only
+                fsync_file(path)
         marker = {
             "view": unit.view,
             "slot": unit.slot,

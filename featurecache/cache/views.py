@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -112,6 +112,35 @@ class ViewFeatures:
     def oindex(self) -> ViewFeatures:
         """Orthogonal indexing (the same as plain indexing here)."""
         return self
+
+
+class FeatureSource(Protocol):
+    """What readers of a feature set use: a :class:`FeatureSet`, or several of one dataset read as
+    one (:class:`~featurecache.cache.concat.ConcatFeatures`)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def spec(self) -> Mapping[str, Any]: ...
+    @property
+    def attrs(self) -> Mapping[str, Any]: ...
+    @property
+    def classes(self) -> Sequence[str]: ...
+    @property
+    def splits(self) -> Sequence[str]: ...
+    @property
+    def feature_shape(self) -> tuple[int, ...]: ...
+    def layout(self, split: str) -> SplitLayout: ...
+    def feature_array(self, split: str) -> Any: ...
+    def features(self, split: str, view: int | None = 0) -> np.ndarray: ...
+    def labels(self, split: str) -> np.ndarray: ...
+    def ids(self, split: str) -> np.ndarray: ...
+    def valid(self, split: str) -> np.ndarray: ...
+    def failures(self) -> list[dict[str, str]]: ...
 
 
 class FeatureSet(CacheNode):
@@ -212,6 +241,7 @@ class FeatureSet(CacheNode):
         """Read several small arrays in one pass of Zarr's event loop (concurrently, not one by one)."""
         import asyncio
 
+        import zarr
         import zarr.api.asynchronous as zarr_async
         from zarr.core.sync import sync
 
@@ -221,6 +251,8 @@ class FeatureSet(CacheNode):
             async def one(path: str) -> Any:
                 try:
                     array = await group.getitem(path)
+                    if not isinstance(array, zarr.AsyncArray):
+                        raise TypeError("a group where an array belongs")
                     return await array.getitem(slice(None))
                 except Exception as exc:  # noqa: BLE001 - zarr's checksum errors have their own types
                     return exc
@@ -338,7 +370,7 @@ class FeatureSet(CacheNode):
 
     def failure_rows(self) -> list[tuple[str, str, str, str]]:
         """``(split, id, digest, reason)`` of each image that failed to decode."""
-        return [tuple(f) for f in self.attrs.get("failures", [])]  # type: ignore[misc]
+        return [tuple(f) for f in self.attrs.get("failures", [])]
 
     def failures(self) -> list[dict[str, str]]:
         """Images that failed to decode: ``[{split, id, reason}]``."""
@@ -421,10 +453,10 @@ def write_view(
     """
     import zarr
 
-    final = cache_dir / VIEWS_DIR / name
-    if isinstance(final, RemotePath):
-        return _write_view_in_place(final, st, key=key, dataset_digest=dataset_digest, classes=classes, splits=splits,
+    if isinstance(cache_dir, RemotePath):
+        return _write_view_in_place(cache_dir / VIEWS_DIR / name, st, key=key, dataset_digest=dataset_digest, classes=classes, splits=splits,
                                     failures=failures, extra=extra)
+    final = cache_dir / VIEWS_DIR / name
     # Named after the store's key: the store's lease holder owns (and cleans) it.
     tmp = cache_dir / TMP_DIR / f"{st.key[:12]}-{key[:12]}-{uuid.uuid4().hex[:8]}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -512,7 +544,7 @@ def _write_view_in_place(
 
 def _discard(path: Location, cache_dir: Location) -> None:
     """Move ``path`` aside into ``.tmp`` and delete it (never following a link)."""
-    if isinstance(path, RemotePath):
+    if isinstance(path, RemotePath) or isinstance(cache_dir, RemotePath):  # both, or neither
         storage.remove_file(path / "zarr.json")  # first: from here on it is no view to any reader
         storage.remove_tree(path)
         return
@@ -570,7 +602,7 @@ def find_by_key(cache_dir: Location, key: str) -> FeatureSet | None:
     return None
 
 
-def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> FeatureSet:
+def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | RemotePath | None = None) -> FeatureSet:
     """Resolve a full key, a key prefix (>= 6 hex digits, 12 recommended), a name or a path.
 
     Raises
@@ -678,7 +710,7 @@ def write_arrays(
         st = store_mod.open_store(root, spec.key) or store_mod.create_store(
             root, spec, feature_shape=feature_shape, chunk_rows=chunk_rows or store_mod.chunk_rows_for(feature_shape, spec.dtype)
         )
-        failures = []
+        failures: list[tuple[str, str, str, str]] = []
         for view in range(st.views):
             have = st.index(view)
             todo: dict[str, tuple[np.ndarray, bool]] = {}

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featurecache._runtime.progress import ProgressBar
 from featurecache.cache import views
@@ -50,6 +50,9 @@ from featurecache.training.sweeps.execute import (
 from featurecache.training.sweeps.grid import TrialSpec, parse_grid, plan_trials
 from featurecache.training.sweeps.leaderboard import leaderboard_table, metric_names, rank, write_leaderboard
 from featurecache.training.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, finished_records
+
+if TYPE_CHECKING:
+    from featurecache.cache.concat import ConcatFeatures
 
 __all__ = [
     "BEST_DIR",
@@ -112,7 +115,7 @@ class SweepResult:
 
 
 def sweep(
-    features: str | views.FeatureSet,
+    features: str | Sequence[str] | views.FeatureSet | ConcatFeatures,
     *,
     grid: Sequence[str] = (),
     trials: int = 0,
