@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 
 def fit_label(text: str, width: int) -> str:
@@ -86,6 +87,6 @@ class ProgressBar:
 
     __call__ = advance
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             self._bar.__exit__(*exc)

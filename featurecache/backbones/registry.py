@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from featurecache.errors import BackboneError, UnknownBackboneError, choices
 
@@ -389,7 +390,7 @@ def list_backbones() -> list[BackboneSpec]:
     return list(_REGISTRY.values())
 
 
-def model_summary_row(spec: BackboneSpec) -> dict[str, object]:
+def model_summary_row(spec: BackboneSpec) -> dict[str, Any]:
     """Summarise a backbone for ``featurecache backbones`` from the static table (builds nothing).
 
     Parameters

@@ -635,7 +635,7 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | RemotePath | Non
     raise EntryNotFoundError(f"no feature set {ref!r} in cache {root}; {hint}list them with `featurecache cache ls --cache {root}`")
 
 
-def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, require_complete: bool = True) -> FeatureSet:
+def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | RemotePath | None = None, require_complete: bool = True) -> FeatureSet:
     """Open a feature set (a dataset view) by key, key prefix, name or path.
 
     ``require_complete`` is kept for compatibility: views exist only complete.

@@ -47,7 +47,7 @@ RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Parent of the defa
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Fraction of train held out for validation when the features have no val split.")]
 
 
-def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: Path | None) -> Any:
+def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: str | None) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, SupportsFloat
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def _known() -> str:
     return "; ".join(f"{name}{'' if kind == 'bool' else '=X'} ({meaning})" for name, (kind, meaning, _, _) in _PARAMS.items())
 
 
-def _round6(x: float) -> float:
+def _round6(x: SupportsFloat) -> float:
     # 6 significant digits: the key and the pixels must come from the same number, so values
     # are rounded once, on construction. "+ 0.0" turns -0.0 into 0.0.
     return float(f"{float(x):.6g}") + 0.0

@@ -136,7 +136,8 @@ def verify(
     target = maintenance.find_target(ref, cache_dir=root)
     result = maintenance.check(target)
     problems = list(result.problems)
-    sampled, max_diff, mismatches = 0, None, []
+    sampled, max_diff = 0, None
+    mismatches: list[Mismatch] = []
     if sample and isinstance(target, views_mod.FeatureSet) and not result.problems:
         try:
             sampled, max_diff, mismatches, more = _check_sample(

@@ -30,6 +30,7 @@ from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease, NoLease
+from featurecache.cache.storage import Location, RemotePath
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError
 from featurecache.extraction.options import KEYED_FIELDS, ExtractOptions, expands_options
 from featurecache.extraction.pipeline import (  # noqa: F401 - the pipeline's public pieces stay importable from here
@@ -56,7 +57,7 @@ class ExtractResult:
 
     key: str
     name: str
-    path: Path
+    path: Location
     cached: bool
     splits: dict[str, dict[str, Any]]
     seconds: float
@@ -89,7 +90,7 @@ def plan(
     data: str | Any,
     options: ExtractOptions | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | RemotePath | None = None,
     limit: int | None = None,
     **overrides: Any,
 ) -> Plan:
@@ -145,7 +146,7 @@ def extract(
     data: str | Any,
     options: ExtractOptions | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | RemotePath | None = None,
     limit: int | None = None,
     chunk_rows: int | None = None,
     lease_timeout: float | None = None,
@@ -544,7 +545,7 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict
     failed = st.failures()
     by_split = p.dataset.digests_by_split()
     splits = {}
-    failures = []
+    failures: list[tuple[str, str, str, str]] = []
     for name, split in p.dataset.splits.items():
         digests = by_split[name]
         nviews = p.spec.views_for(name)

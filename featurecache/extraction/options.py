@@ -255,7 +255,7 @@ class ExtractOptions:
 def _bounded(flag: str, value: Any, lo: int, hi: int | None, why: str = "") -> None:
     """Raise a one-line UsageError unless ``value`` is an integer in ``lo..hi``."""
     # numbers.Integral takes NumPy integers too; bool is one, but True is no count.
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= int(value) and (hi is None or int(value) <= hi)
     if not ok:
         span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
         raise UsageError(f"{flag} must be an integer {span}, got {value!r}{why}")

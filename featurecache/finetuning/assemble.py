@@ -162,7 +162,7 @@ def assemble_run(
             raise RunError(f"member {m.run_dir} predicts other classes than ensemble {run_dir}; make the ensemble again")
         check_expressible(m.estimator)  # before any backbone: a k-NN member fails in a second
     parts = [feature_parts(m.config["features"]) for m in members]
-    recipes: dict[tuple[str, ...], Mapping[str, Any]] = {}
+    recipes: dict[tuple[str, ...], dict[str, Any]] = {}
     for member_parts in parts:
         for part in member_parts:
             recipes.setdefault(_recipe(part["spec"]), part)

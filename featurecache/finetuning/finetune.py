@@ -452,6 +452,6 @@ def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, pre
     return metrics, preds
 
 
-def _trainable_summary(trainable: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _trainable_summary(trainable: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per part (backbone, head): trainable layer count, parameters, BatchNorm frozen or not."""
     return {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in trainable.items()}

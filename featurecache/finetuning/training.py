@@ -110,7 +110,7 @@ def fit_model(
     keras.utils.set_random_seed(int(seed))
     trainer = make_trainer(rebuilt.features, rebuilt.head)
     trainer.compile(optimizer=make_optimizer(optimizer, lr, nesterov=False), loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
-    common = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
+    common: dict[str, Any] = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
                   antialias=bool(spec.get("antialias", False)), draft=draft_of(spec))
     train_data = image_batches(train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common)
     val_data = image_batches(val_split, run_data.val_rows, run_data.labels, augment=None, shuffle=False, **common)

@@ -321,7 +321,7 @@ def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, p
     }
     write_json(staging / "config.json", config)
     write_json(staging / "metrics.json", metrics)
-    np.savez(staging / "predictions.npz", **preds)
+    np.savez(staging / "predictions.npz", **preds)  # type: ignore[arg-type]  # numpy 2.1+ stubs let **arrays fill allow_pickle: these are array names
     board = _leaderboard(metrics, members, method)
     _write_board(staging, board)
     if plots:
