@@ -32,11 +32,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from featurecache.cache import views
+from featurecache.cache.concat import ConcatFeatures  # at run time: get_type_hints(train_head) resolves it
 from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
 from featurecache.errors import (
@@ -51,9 +52,6 @@ from featurecache.training.runconfig import CACHED_VAL_LABEL
 from featurecache.training.runconfig import RUN_FORMAT as RUN_FORMAT  # re-exported, as load_run
 from featurecache.training.rundir import load_run as load_run  # re-exported: the run-directory I/O lives there
 from featurecache.training.rundir import write_run
-
-if TYPE_CHECKING:
-    from featurecache.cache.concat import ConcatFeatures
 
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
 BLAS_THREADS_ENV = "FEATURECACHE_BLAS_THREADS"
@@ -117,7 +115,7 @@ def resolve_features(
     Several references (``"KEY1,KEY2"`` or a list) give one :class:`~featurecache.concat.ConcatFeatures`
     whose vectors are the parts' side by side (checked to be the same images).
     """
-    from featurecache.cache.concat import ConcatFeatures, open_concat, split_feature_refs
+    from featurecache.cache.concat import open_concat, split_feature_refs
 
     if isinstance(features, ConcatFeatures):
         return features
@@ -201,8 +199,6 @@ def load_training_data(
 def _damaged_fix(fs: views.FeatureSource) -> str:
     """The commands that check and remove ``fs`` (each part of a concatenation: any of them may be the damaged one)."""
     import shlex
-
-    from featurecache.cache.concat import ConcatFeatures
 
     parts = list(fs.parts) if isinstance(fs, ConcatFeatures) else [fs] if isinstance(fs, views.FeatureSet) else []
     if not parts:

@@ -23,10 +23,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from featurecache._runtime.progress import ProgressBar
 from featurecache.cache import views
+from featurecache.cache.concat import ConcatFeatures  # at run time: the pipeline type check reads sweep's hints
 from featurecache.cache.fsio import write_json  # atomic, unique temp name per writer
 from featurecache.errors import SweepError, UsageError, choices
 from featurecache.training.rundir import clean_leftovers
@@ -50,9 +51,6 @@ from featurecache.training.sweeps.execute import (
 from featurecache.training.sweeps.grid import TrialSpec, parse_grid, plan_trials
 from featurecache.training.sweeps.leaderboard import leaderboard_table, metric_names, rank, write_leaderboard
 from featurecache.training.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, finished_records
-
-if TYPE_CHECKING:
-    from featurecache.cache.concat import ConcatFeatures
 
 __all__ = [
     "BEST_DIR",
