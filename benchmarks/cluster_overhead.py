@@ -140,7 +140,7 @@ def measure_units(
                 run = todo[workers + k * units : workers + (k + 1) * units]
                 # A round's fixed cost (plugin check, plan broadcast, marker listing), paid once per call.
                 fixed = _timed(client, lambda: cluster.run_units(client, p, st, [], options=opts))["wall_s"]
-                out = _timed(client, lambda: cluster.run_units(client, p, st, run, options=opts, units_per_task=units_per_task, window=window))
+                out = _timed(client, lambda run=run: cluster.run_units(client, p, st, run, options=opts, units_per_task=units_per_task, window=window))
                 runs.append({**out, "round_fixed_s": fixed})
                 assert all(u.slot in st.markers(u.view) for u in run)
     finally:

@@ -35,9 +35,9 @@ def main() -> None:
 
     from featurecache import extract
     from featurecache.cache.views import open_features
-    from featurecache.finetuning.finetune import load_run_data, rebuild_model
     from featurecache.finetuning.convert import keras_head
     from featurecache.finetuning.equivalence import ImagePredictor, load_images, model_draft, roundoff_bound
+    from featurecache.finetuning.finetune import load_run_data, rebuild_model
     from featurecache.training.rundir import load_run
     from featurecache.training.train import train_head
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     extra = big["images"] - small["images"]
     growth = []
-    for a, b in zip(small["stages"], big["stages"]):
+    for a, b in zip(small["stages"], big["stages"], strict=True):
         row = {"stage": a["stage"]}
         for k in ("peak_rss_mib", "rss_mib", "py_current_mib", "py_peak_in_stage_mib"):
             if k in a:

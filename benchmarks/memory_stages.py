@@ -24,13 +24,12 @@ from typing import Any
 def run(n: int, work: Path, *, backbone: str = "mobilenetv2", size: int = 32) -> list[tuple[str, float, float, float]]:
     """``(stage, MiB at entry, peak MiB inside, MiB at exit)`` per call, in call order."""
     import featurecache as fc
+    import featurecache.extraction.extract as ex
     from benchmarks.memory_profile import _folder
-    from featurecache.extraction import pipeline as units
     from featurecache.cache import store, views
     from featurecache.cache.store import FeatureStore
     from featurecache.data.dataset import Dataset
-
-    import featurecache.extraction.extract as ex
+    from featurecache.extraction import pipeline as units
     folder = work / f"imgs-{n}"
     if not folder.exists():
         _folder(folder, n)

@@ -108,7 +108,7 @@ def _write_images(images: np.ndarray, labels: np.ndarray, folder: Path, *, quali
 
     for c in np.unique(labels):
         (folder / f"class{int(c)}").mkdir(parents=True, exist_ok=True)
-    for i, (img, c) in enumerate(zip(images, labels)):
+    for i, (img, c) in enumerate(zip(images, labels, strict=True)):
         Image.fromarray(img).save(folder / f"class{int(c)}" / f"img{i:06d}.jpg", quality=quality)
 
 
@@ -168,8 +168,8 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
     def extract(source: Path, limit: int | None = None) -> dict[str, float]:
         cache = work / f"cache-{time.monotonic_ns()}"
         started, t0, c0 = time.time(), time.perf_counter(), time.process_time()
-        res = fc.extract(str(source), backbone=backbone, weights="random", size=size, batch_size=batch_size,
-                         cache_dir=cache, limit=limit, progress=False)
+        fc.extract(str(source), backbone=backbone, weights="random", size=size, batch_size=batch_size,
+                   cache_dir=cache, limit=limit, progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         # Steady state from the completion markers: the rate from the first unit written to the
         # last, which leaves out the one-off costs (digest, model build, tracing).
@@ -236,7 +236,7 @@ def profile_extraction(work: Path, *, n: int, src_size: int, size: int, backbone
     shutil.rmtree(cache, ignore_errors=True)
     stats = pstats.Stats(prof)
     rows = []
-    for (file, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+    for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime": round(tt, 3), "cumtime": round(ct, 3)})
     rows.sort(key=lambda r: -r["cumtime"])
     keep = [r for r in rows if any(k in r["function"] for k in ("extract.py", "store.py", "backbones.py", "dataset.py", "transforms.py", "decode.py"))]
@@ -338,7 +338,7 @@ def bench_sweep(work: Path, *, n_train: int, n_val: int, dim: int, dense_epochs:
             make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, tol=1e-4)),
             {"logisticregression__C": Cs}, cv=PredefinedSplit(fold), n_jobs=n_jobs, refit=False,
         ).fit(X, y)
-        scores = {f"logreg C={c:g}": float(s) for c, s in zip(Cs, search.cv_results_["mean_test_score"])}
+        scores = {f"logreg C={c:g}": float(s) for c, s in zip(Cs, search.cv_results_["mean_test_score"], strict=True)}
         for h in hidden:
             for d in dropouts:
                 for lr in lrs:
@@ -360,7 +360,7 @@ def bench_sweep(work: Path, *, n_train: int, n_val: int, dim: int, dense_epochs:
     best_plain = max(scores.values())
     same = all(
         a["val_accuracy"] == b["val_accuracy"]
-        for a, b in zip(sorted(res.leaderboard, key=lambda r: r["trial"]), sorted(alone.leaderboard, key=lambda r: r["trial"]))
+        for a, b in zip(sorted(res.leaderboard, key=lambda r: r["trial"]), sorted(alone.leaderboard, key=lambda r: r["trial"]), strict=True)
     )
     return {
         "configs": len(res.leaderboard), "n_train": n_train, "n_val": n_val, "dim": dim, "dense_epochs": dense_epochs, "n_jobs": n_jobs,

@@ -97,8 +97,9 @@ def scale(n: int, work: Path) -> dict[str, float]:
     import subprocess
     import sys
 
-    import featurecache as fc
     from PIL import Image
+
+    import featurecache as fc
 
     rng = np.random.default_rng(1)
     for c in range(10):
@@ -115,7 +116,7 @@ def scale(n: int, work: Path) -> dict[str, float]:
     doc = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     hit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fc.plan(str(work / "scale"), cache_dir=work / "scale-cache", backbone="mobilenetv2", weights="random", size=32).key
+    fc.plan(str(work / "scale"), cache_dir=work / "scale-cache", backbone="mobilenetv2", weights="random", size=32)
     planned = time.perf_counter() - t0
     return {"files": n, "cold_s": cold, "cli_hit_s": hit, "hit_cached": doc["cached"], "plan_s": planned}
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = _images(work / "img", n + grow)
     splits = ["train"] * int(n * 0.7) + ["val"] * int(n * 0.15)
     splits += ["test"] * (n - len(splits))
-    base = [(f"img/{nm}", "abcde"[i % 5], s) for i, (nm, s) in enumerate(zip(names[:n], splits))]
+    base = [(f"img/{nm}", "abcde"[i % 5], s) for i, (nm, s) in enumerate(zip(names[:n], splits, strict=True))]
     grown = base + [(f"img/{nm}", "abcde"[i % 5], "train") for i, nm in enumerate(names[n:])]
     out: dict[str, Any] = {"n": n, "grow": grow, "options": OPTIONS}
 

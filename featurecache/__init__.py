@@ -86,14 +86,29 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
-    from featurecache.cache.store import resolve_cache_dir
-    from featurecache.cache.views import FeatureSet, find_entry, iter_entries, open_features
-    from featurecache.errors import FeatureCacheError
-    from featurecache.extraction.audit import ExplainReport, VerifyReport, explain, verify
-    from featurecache.extraction.extract import ExtractResult, extract, features_for, plan
-    from featurecache.extraction.options import ExtractOptions
-    from featurecache.finetuning.finetune import FinetuneResult, finetune
-    from featurecache.finetuning.predict import EvaluateResult, Prediction, evaluate, predict
-    from featurecache.training.ensemble import EnsembleResult, ensemble
-    from featurecache.training.sweeps.sweep import sweep
-    from featurecache.training.train import train_head
+    # `name as name` marks a re-export (PEP 484): linters cannot read __all__, which is built from _EXPORTS.
+    from featurecache.cache.store import resolve_cache_dir as resolve_cache_dir
+    from featurecache.cache.views import FeatureSet as FeatureSet
+    from featurecache.cache.views import find_entry as find_entry
+    from featurecache.cache.views import iter_entries as iter_entries
+    from featurecache.cache.views import open_features as open_features
+    from featurecache.errors import FeatureCacheError as FeatureCacheError
+    from featurecache.extraction.audit import ExplainReport as ExplainReport
+    from featurecache.extraction.audit import VerifyReport as VerifyReport
+    from featurecache.extraction.audit import explain as explain
+    from featurecache.extraction.audit import verify as verify
+    from featurecache.extraction.extract import ExtractResult as ExtractResult
+    from featurecache.extraction.extract import extract as extract
+    from featurecache.extraction.extract import features_for as features_for
+    from featurecache.extraction.extract import plan as plan
+    from featurecache.extraction.options import ExtractOptions as ExtractOptions
+    from featurecache.finetuning.finetune import FinetuneResult as FinetuneResult
+    from featurecache.finetuning.finetune import finetune as finetune
+    from featurecache.finetuning.predict import EvaluateResult as EvaluateResult
+    from featurecache.finetuning.predict import Prediction as Prediction
+    from featurecache.finetuning.predict import evaluate as evaluate
+    from featurecache.finetuning.predict import predict as predict
+    from featurecache.training.ensemble import EnsembleResult as EnsembleResult
+    from featurecache.training.ensemble import ensemble as ensemble
+    from featurecache.training.sweeps.sweep import sweep as sweep
+    from featurecache.training.train import train_head as train_head

@@ -45,7 +45,14 @@ class ProgressBar:
         if self.enabled:
             from rich.console import Console
             from rich.markup import escape
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             console = Console(stderr=True)
             # Columns right of the label: done/total, a status (e.g. "12,345 img/s"), elapsed,
@@ -87,6 +94,6 @@ class ProgressBar:
         else:
             print(text, file=file, flush=True)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             self._bar.__exit__(*exc)

@@ -21,11 +21,17 @@ listing backbones, ``featurecache --help`` and a cache hit stay fast.
 from __future__ import annotations
 
 from featurecache.backbones.blocks import block_layers, list_layers
-from featurecache.backbones.build import build_base, build_feature_model, check_input_size, pooling_layer, preprocess_input
+from featurecache.backbones.build import (
+    build_base,
+    build_feature_model,
+    check_input_size,
+    pooling_layer,
+    preprocess_input,
+)
 from featurecache.backbones.custom import custom_backbone
 from featurecache.backbones.identity import MEMO_FILE, recorded_weights_source, weights_identity
-from featurecache.backbones.spec import PREPROCESS_MODES, BackboneSpec
 from featurecache.backbones.registry import get_backbone, list_backbones, model_summary_row
+from featurecache.backbones.spec import PREPROCESS_MODES, BackboneSpec
 from featurecache.backbones.weights import WEIGHT_SUFFIXES, WeightsRef, parse_weights
 
 __all__ = [

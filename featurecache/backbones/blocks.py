@@ -56,12 +56,13 @@ def block_layers(model: keras.Model, spec: BackboneSpec) -> dict[str, list[str]]
         raise BackboneError(f"no layer of model {model.name!r} belongs to a block of {spec.name}; pass the {spec.name} base model")
     following = matched[-1]  # trailing unnamed layers (MobileNetV3's last activation) join the last block
     for i in reversed(range(len(names))):
-        if owner[i] is None:
+        known = owner[i]
+        if known is None:
             owner[i] = following
         else:
-            following = owner[i]
+            following = known
     groups: dict[str, list[str]] = {block: [] for block in spec.blocks}
-    for name, j in zip(names, owner):
+    for name, j in zip(names, owner, strict=True):
         groups[spec.blocks[j]].append(name)  # type: ignore[index]
     return groups
 

@@ -19,7 +19,7 @@ import collections
 import contextlib
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -130,7 +130,7 @@ def build_feature_model(
     *,
     input_size: int,
     layer: str | None = None,
-    pooling: Literal["avg", "max", "flatten", "none"] = "avg",
+    pooling: str = "avg",  # one of POOLINGS, checked below
 ) -> keras.Model:
     """Build the feature extractor: the base cut at ``layer``, then ``pooling``.
 

@@ -13,9 +13,11 @@ import difflib
 import re
 from collections.abc import Sequence
 from types import MappingProxyType
+from typing import Any
 
 from featurecache.backbones.spec import BackboneSpec
 from featurecache.errors import UnknownBackboneError, choices
+
 
 def _spec(
     name: str,
@@ -343,7 +345,7 @@ def list_backbones() -> list[BackboneSpec]:
     return list(_REGISTRY.values())
 
 
-def model_summary_row(spec: BackboneSpec) -> dict[str, object]:
+def model_summary_row(spec: BackboneSpec) -> dict[str, Any]:
     """Summarise a backbone for ``featurecache backbones`` from the static table (builds nothing).
 
     Parameters

@@ -8,14 +8,17 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurecache.errors import DiskFullError
 
+if TYPE_CHECKING:
+    from featurecache.cache.storage import Location
 
-def raise_if_disk_full(exc: OSError, where: Path) -> None:
+
+def raise_if_disk_full(exc: OSError, where: Location) -> None:
     """Turn ENOSPC/EDQUOT into :class:`DiskFullError` with the fix; other errors pass through."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise DiskFullError(

@@ -36,7 +36,10 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from featurecache.errors import UsageError
 
@@ -163,7 +166,9 @@ class FeatureSpec:
 DIGEST_FORMAT = "featurecache.dataset/1"
 
 
-def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence[str], Sequence[str], Sequence[int]]]) -> str:
+def manifest_digest(
+    classes: Sequence[str], splits: Iterable[tuple[str, Sequence[str] | np.ndarray, Sequence[str] | np.ndarray, Sequence[int] | np.ndarray]]
+) -> str:
     """The dataset digest: sha256 of the canonical manifest of classes and items.
 
     The one definition both sides use: :meth:`featurecache.data.Dataset.digest` hashes a
@@ -190,7 +195,7 @@ def manifest_digest(classes: Sequence[str], splits: Iterable[tuple[str, Sequence
     h.update(b'{"classes":' + dumps([str(c) for c in classes]).encode("ascii") + b',"format":' + dumps(DIGEST_FORMAT).encode("ascii") + b',"splits":[')
     for s, (name, ids, digests, labels) in enumerate(splits):
         h.update((b"," if s else b"") + b"[" + dumps(str(name)).encode("ascii") + b",[")
-        rows = zip(ids, digests, labels)
+        rows = zip(ids, digests, labels, strict=True)
         first = True
         while batch := [[str(i), str(d), int(lab)] for i, d, lab in itertools.islice(rows, 4096)]:
             # One encoder call per 4096 rows (the same bytes as row by row, a fraction of the calls).

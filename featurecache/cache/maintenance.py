@@ -27,7 +27,6 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from featurecache.cache import storage
 from featurecache.cache import store as store_mod
 from featurecache.cache import views as views_mod
-from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, digest_of
+from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec
 from featurecache.cache.lease import LOCKS_DIR, Lease
 from featurecache.cache.storage import Location, tree_size
 from featurecache.errors import CacheCorruptError, EntryNotFoundError, FeatureCacheError, UsageError, one_line
@@ -73,13 +72,13 @@ class CheckResult:
     key: str
     problems: list[str] = field(default_factory=list)
     units_checked: int = 0
-    damaged: set[tuple[Path, int, int]] = field(default_factory=set)
-    damaged_views: set[Path] = field(default_factory=set)
-    altered_specs: set[Path] = field(default_factory=set)
+    damaged: set[tuple[Location, int, int]] = field(default_factory=set)
+    damaged_views: set[Location] = field(default_factory=set)
+    altered_specs: set[Location] = field(default_factory=set)
     fixable: set[str] = field(default_factory=set)
     unrepaired: list[str] = field(default_factory=list)
 
-    def flag_view(self, problem: str, path: Path) -> None:
+    def flag_view(self, problem: str, path: Location) -> None:
         """Record a problem that dropping the view at ``path`` repairs."""
         self.problems.append(problem)
         self.fixable.add(problem)
@@ -91,7 +90,7 @@ class CheckResult:
         return bool(self.damaged or self.damaged_views or self.altered_specs)
 
 
-def find_target(ref: str, *, cache_dir: Path) -> views_mod.FeatureSet | store_mod.FeatureStore:
+def find_target(ref: str, *, cache_dir: Location) -> views_mod.FeatureSet | store_mod.FeatureStore:
     """A view (by key, prefix, name or path) or else a feature store (by name, key or prefix).
 
     Raises
@@ -141,6 +140,7 @@ def _check_units(st: store_mod.FeatureStore, units: Iterable[tuple[int, int]], r
             result.fixable.add(str(exc))
             result.damaged.add((st.path, view, slot))
             continue
+        assert marker is not None  # read_unit raised without one
         result.units_checked += 1
         if not np.isfinite(block).all():
             result.problems.append(f"unit v{view}/u{slot} of {st.name} holds NaN or infinite values")

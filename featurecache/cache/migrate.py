@@ -17,6 +17,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class MigrationResult:
 
 def legacy_entries(cache_dir: Location) -> list[Path]:
     """Format-1 entry directories directly under the cache root (none on object storage, which came later)."""
-    out = []
+    out: list[Path] = []
     if not storage.supports_rename(cache_dir):
         return out  # format 1 predates object storage
     for child in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else ():
@@ -77,8 +78,7 @@ def migrate(*, cache_dir: str | os.PathLike[str] | None = None, data: str | None
     list of MigrationResult
         One per format-1 entry found.
     """
-    root = store_mod.resolve_cache_dir(cache_dir)
-    storage.refuse_remote(root, "cache migrate")
+    root = storage.refuse_remote(store_mod.resolve_cache_dir(cache_dir), "cache migrate")
     out = []
     for entry in legacy_entries(root):
         try:
@@ -124,8 +124,8 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
         have = st.index(0)
         todo: dict[str, tuple[np.ndarray, bool, str | None]] = {}
         for split, ds in dataset.splits.items():
-            feats = np.asarray(group[f"{split}/features"][0])
-            valid = np.asarray(group[f"{split}/valid"][:], dtype=bool)
+            feats = np.asarray(cast("zarr.Array", group[f"{split}/features"])[0])  # format 1's layout: arrays here
+            valid = np.asarray(cast("zarr.Array", group[f"{split}/valid"])[:], dtype=bool)
             for i, d in enumerate(digests[split]):
                 if d not in have and d not in todo:
                     todo[d] = (feats[i], bool(valid[i]), failures_by_id.get((split, ds.ids[i])))
@@ -139,14 +139,15 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
         view_name = None
         if spec.views == 0:
             index, failed = st.index(0), st.failures()
-            splits, fails = {}, []
+            splits = {}
+            failed_rows: list[tuple[str, str, str, str]] = []
             for split, ds in dataset.splits.items():
                 ds_digests = digests[split]
                 splits[split] = (ds.ids, ds.labels, ds_digests, np.asarray([[index[d] for d in ds_digests]], dtype=np.int64))
-                fails.extend((split, i, d, failed[d]) for i, d in zip(ds.ids, ds_digests) if d in failed)
+                failed_rows.extend((split, i, d, failed[d]) for i, d in zip(ds.ids, ds_digests, strict=True) if d in failed)
             fs = views_mod.write_view(
                 root, st, name=spec.view_name(dataset.name, dataset.digest()), key=view_key(spec.key, dataset.digest()),
-                dataset_digest=dataset.digest(), classes=dataset.classes, splits=splits, failures=fails,
+                dataset_digest=dataset.digest(), classes=dataset.classes, splits=splits, failures=failed_rows,
                 extra={k: attrs.get(k) for k in ("dataset_source", "dataset_limit", "weights_source", "skipped_files", "versions")} | {"dataset_name": dataset.name, "migrated_from": entry.name},
             )
             view_name = fs.name

@@ -30,6 +30,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -222,7 +223,7 @@ class ObjectLeaseMixin:
             info = {}
         return {**(info if isinstance(info, dict) else {}), "etag": etag}
 
-    def is_stale(self, judged: dict[str, Any] | None = None) -> bool:
+    def is_stale(self, judged: Mapping[str, Any] | None = None) -> bool:
         """Whether the holder is dead on this machine, or its etag has not changed for ``stale_after`` s of our clock."""
         info = self.holder() if judged is None else judged
         if info is None:
@@ -233,7 +234,7 @@ class ObjectLeaseMixin:
             self._seen = (etag, now)
         return holder_is_dead(info) or now - self._seen[1] > self.stale_after
 
-    def break_stale(self, judged: dict[str, Any] | None = None) -> bool:
+    def break_stale(self, judged: Mapping[str, Any] | None = None) -> bool:
         """Replace the stale lease with ours (``If-Match`` the judged etag); True if this call took it."""
         judged = self.holder() if judged is None else judged
         if not judged or not judged.get("etag"):

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, TypeGuard, Union
+from typing import Any, TypeGuard
 
 from featurecache.errors import BucketNotFoundError, UsageError
 
@@ -197,7 +197,7 @@ class RemotePath:
 
 
 #: A location in a cache: a local path or an object-store location.
-Location = Union[Path, RemotePath]
+Location = Path | RemotePath
 
 
 def as_location(value: str | os.PathLike[str] | RemotePath, *, resolve: bool = True) -> Location:
@@ -243,18 +243,24 @@ def supports_rename(loc: Location) -> TypeGuard[Path]:
     return not isinstance(loc, RemotePath)
 
 
-def refuse_remote(loc: Any, what: str) -> None:
-    """Raise a one-line error when ``what`` (a command) is asked of an object-store cache.
+def refuse_remote(loc: Location, what: str) -> Path:
+    """``loc``, a local root; a one-line error when ``what`` (a command) is asked of an object-store cache.
+
+    Returns
+    -------
+    Path
+        ``loc`` itself.
 
     Raises
     ------
     UsageError
         ``loc`` is a :class:`RemotePath`.
     """
-    if is_remote(loc):
+    if isinstance(loc, RemotePath):
         raise UsageError(
             f"{what} does not work on an object-store cache ({loc}) yet; run it on a local or shared-file-system cache"
         )
+    return loc
 
 
 def check_bucket(loc: RemotePath) -> None:

@@ -34,16 +34,19 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import raise_if_disk_full
-from featurecache.cache.storage import Location
 from featurecache.cache.keys import FORMAT_VERSION, FeatureSpec, recorded_spec_key
+from featurecache.cache.storage import Location
 from featurecache.errors import CacheCorruptError, DamagedUnitError, FeatureCacheError, UsageError
+
+if TYPE_CHECKING:
+    import zarr
 
 CACHE_ENV = "FEATURECACHE_DIR"
 STORES_DIR = "features"
@@ -242,7 +245,7 @@ class FeatureStore(CacheNode):
         self.attrs: dict[str, Any] = attrs
         self._markers: dict[int, dict[int, dict[str, Any]]] = {}
         self._arrays: dict[int, Any] = {}
-        self._group = None
+        self._group: zarr.Group | None = None
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -462,8 +465,9 @@ class FeatureStore(CacheNode):
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         if len(breaks) <= 8:  # a few runs of consecutive rows (a grown dataset): one read per run
             runs = [self._contiguous_units(view, part) for part in np.split(rows, breaks)]
-            if all(r is not None for r in runs):
-                return runs[0] if len(runs) == 1 else np.concatenate(runs)
+            found = [r for r in runs if r is not None]
+            if len(found) == len(runs):
+                return found[0] if len(found) == 1 else np.concatenate(found)
         out = np.empty((len(rows), *self.feature_shape), dtype=self.dtype)
         slots = rows // cr
         blocks = self.read_units(view, np.unique(slots).tolist())
@@ -643,16 +647,16 @@ def write_unit(
     start = unit.slot * st.chunk_rows
     group = zarr.open_group(storage.zarr_store(st.path), mode="r+", zarr_format=3)
     try:
-        arr = group[f"v{unit.view}/features"]
+        arr = cast("zarr.Array", group[f"v{unit.view}/features"])  # the store's layout: arrays, never groups, at these paths
         arr[start : start + m] = features
-        group[f"v{unit.view}/digests"][start : start + m] = np.asarray(unit.digests, dtype=str)
+        cast("zarr.Array", group[f"v{unit.view}/digests"])[start : start + m] = np.asarray(unit.digests, dtype=str)
         checkpoint("unit_data_written")
         chunk_files = [
             st.path / f"v{unit.view}" / "features" / arr.metadata.encode_chunk_key((unit.slot, *([0] * len(st.feature_shape)))),
             st.path / f"v{unit.view}" / "digests" / arr.metadata.encode_chunk_key((unit.slot,)),
         ]
         if valid is not None:
-            group["v0/valid"][start : start + m] = np.asarray(valid, dtype=bool)
+            cast("zarr.Array", group["v0/valid"])[start : start + m] = np.asarray(valid, dtype=bool)
             chunk_files.append(st.path / "v0" / "valid" / arr.metadata.encode_chunk_key((unit.slot,)))
         checkpoint("unit_valid_written")
         # SIGKILL cannot tear a chunk (each is renamed into place, or one PUT on object storage),

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from featurecache.cache import storage
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.fsio import raise_if_disk_full
 from featurecache.cache.keys import FORMAT_VERSION, manifest_digest, view_key
+from featurecache.cache.storage import Location
 from featurecache.cache.store import (
     STORES_DIR,
     TMP_DIR,
@@ -49,8 +50,14 @@ from featurecache.cache.store import (
     read_group_attrs,
     resolve_cache_dir,
 )
-from featurecache.cache.storage import Location
-from featurecache.errors import AmbiguousEntryError, CacheCorruptError, DamagedUnitError, EntryNotFoundError, IncompleteEntryError, UsageError
+from featurecache.errors import (
+    AmbiguousEntryError,
+    CacheCorruptError,
+    DamagedUnitError,
+    EntryNotFoundError,
+    IncompleteEntryError,
+    UsageError,
+)
 
 MIN_PREFIX = 6
 
@@ -108,6 +115,35 @@ class ViewFeatures:
     def oindex(self) -> ViewFeatures:
         """Orthogonal indexing (the same as plain indexing here)."""
         return self
+
+
+class FeatureSource(Protocol):
+    """What readers of a feature set use: a :class:`FeatureSet`, or several of one dataset read as
+    one (:class:`~featurecache.cache.concat.ConcatFeatures`)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def spec(self) -> Mapping[str, Any]: ...
+    @property
+    def attrs(self) -> Mapping[str, Any]: ...
+    @property
+    def classes(self) -> Sequence[str]: ...
+    @property
+    def splits(self) -> Sequence[str]: ...
+    @property
+    def feature_shape(self) -> tuple[int, ...]: ...
+    def layout(self, split: str) -> SplitLayout: ...
+    def feature_array(self, split: str) -> Any: ...
+    def features(self, split: str, view: int | None = 0) -> np.ndarray: ...
+    def labels(self, split: str) -> np.ndarray: ...
+    def ids(self, split: str) -> np.ndarray: ...
+    def valid(self, split: str) -> np.ndarray: ...
+    def failures(self) -> list[dict[str, str]]: ...
 
 
 class FeatureSet(CacheNode):
@@ -236,7 +272,7 @@ class FeatureSet(CacheNode):
     def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
         names = ("ids", "labels", "digests", "rows")
         paths = [f"{split}/{name}" for split in self.splits for name in names]
-        values = dict(zip(paths, self._read_small(paths)))
+        values = dict(zip(paths, self._read_small(paths), strict=True))
         out = {}
         for split in self.splits:
             out[split] = {
@@ -252,6 +288,7 @@ class FeatureSet(CacheNode):
         """Read several small arrays in one pass of Zarr's event loop (concurrently, not one by one)."""
         import asyncio
 
+        import zarr
         import zarr.api.asynchronous as zarr_async
         from zarr.core.sync import sync
 
@@ -261,6 +298,8 @@ class FeatureSet(CacheNode):
             async def one(path: str) -> Any:
                 try:
                     array = await group.getitem(path)
+                    if not isinstance(array, zarr.AsyncArray):
+                        raise TypeError("a group where an array belongs")
                     return await array.getitem(slice(None))
                 except Exception as exc:  # noqa: BLE001 - zarr's checksum errors have their own types
                     return exc
@@ -268,7 +307,7 @@ class FeatureSet(CacheNode):
             return await asyncio.gather(*(one(p) for p in paths))
 
         out = sync(read_all())
-        for path, value in zip(paths, out):
+        for path, value in zip(paths, out, strict=True):
             if isinstance(value, BaseException):
                 split, name = path.split("/", 1)
                 self._check_split(split)
@@ -353,7 +392,7 @@ class FeatureSet(CacheNode):
         """
         arrays = arrays if arrays is not None else self._arrays
         failed = self.store.failures()
-        want = {(s, str(i), str(d), failed[str(d)]) for s, a in arrays.items() for i, d in zip(a["ids"], a["digests"]) if str(d) in failed}
+        want = {(s, str(i), str(d), failed[str(d)]) for s, a in arrays.items() for i, d in zip(a["ids"], a["digests"], strict=True) if str(d) in failed}
         have = {tuple(str(x) for x in f) for f in self.attrs.get("failures", [])}
         if have != want:
             odd = sorted(have ^ want)[0]
@@ -403,7 +442,7 @@ class FeatureSet(CacheNode):
 
     def failure_rows(self) -> list[tuple[str, str, str, str]]:
         """``(split, id, digest, reason)`` of each image that failed to decode."""
-        return [tuple(f) for f in self.attrs.get("failures", [])]  # type: ignore[misc]
+        return [tuple(f) for f in self.attrs.get("failures", [])]
 
     def failures(self) -> list[dict[str, str]]:
         """Images that failed to decode: ``[{split, id, reason}]``."""
@@ -626,7 +665,7 @@ def find_by_key(cache_dir: Location, key: str) -> FeatureSet | None:
     return None
 
 
-def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> FeatureSet:
+def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | Location | None = None) -> FeatureSet:
     """Resolve a full key, a key prefix (>= 6 hex digits, 12 recommended), a name or a path.
 
     Raises
@@ -660,7 +699,7 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -> 
     raise EntryNotFoundError(f"no feature set {ref!r} in cache {root}; {hint}list them with `featurecache cache ls --cache {root}`")
 
 
-def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | None = None, require_complete: bool = True) -> FeatureSet:
+def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | Location | None = None, require_complete: bool = True) -> FeatureSet:
     """Open a feature set (a dataset view) by key, key prefix, name or path.
 
     ``require_complete`` is kept for compatibility: views exist only complete.
@@ -742,7 +781,7 @@ def write_arrays(
         st = store_mod.open_store(root, spec.key) or store_mod.create_store(
             root, spec, feature_shape=feature_shape, chunk_rows=chunk_rows or store_mod.chunk_rows_for(feature_shape, spec.dtype)
         )
-        failures = []
+        failures: list[tuple[str, str, str, str]] = []
         for view in range(st.views):
             have = st.index(view)
             todo: dict[str, tuple[np.ndarray, bool]] = {}
@@ -764,7 +803,7 @@ def write_arrays(
         for s, (ids, labels, _feats, _valid) in splits.items():
             rows = np.asarray([[st.index(v)[d] for d in digests[s]] for v in range(spec.views_for(s))], dtype=np.int64).reshape(spec.views_for(s), len(ids))
             out[s] = (ids, labels, digests[s], rows)
-            failures.extend((s, i, d, failed[d]) for i, d in zip(ids, digests[s]) if d in failed)
+            failures.extend((s, i, d, failed[d]) for i, d in zip(ids, digests[s], strict=True) if d in failed)
         return write_view(root, st, name=spec.view_name(dataset_name, dataset_digest), key=key, dataset_digest=dataset_digest,
                           classes=classes, splits=out, failures=failures, extra={"dataset_name": dataset_name, **(extra or {})})
     finally:

@@ -57,7 +57,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Click's UsageError, from the click Typer actually uses (Typer >= 0.2x vendors its own copy, so
 # `import click` may name a different class); every usage error of a command line subclasses it.
-_ClickUsageError: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_ClickUsageError: type[Any] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def debug() -> bool:
@@ -120,11 +120,11 @@ def _one_line(exc: Exception, cache: Path | str | None) -> str:
         where = f"cache {cache}" if cache is not None else "the cache ($FEATURECACHE_DIR)"
         return f"{where} cannot be reached: {exc}; {fix}"
     if isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS and exc.filename:
-        where = Path(str(exc.filename))
+        target = Path(str(exc.filename))
         reason = (exc.strerror or "cannot be used").lower()
-        if cache is not None and where.absolute().is_relative_to(Path(cache).expanduser().absolute()):
-            return f"cache folder {cache} cannot be written ({reason}: {where}); pass --cache a folder you can write to, or fix its permissions"
-        return f"{where}: {reason}; check that path and its permissions"
+        if cache is not None and target.absolute().is_relative_to(Path(cache).expanduser().absolute()):
+            return f"cache folder {cache} cannot be written ({reason}: {target}); pass --cache a folder you can write to, or fix its permissions"
+        return f"{target}: {reason}; check that path and its permissions"
     return f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback and report it)"
 
 

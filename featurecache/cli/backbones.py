@@ -37,9 +37,9 @@ def backbones_cmd(
         else:
             typer.echo("\n".join(names))
         return
-    rows = [backbones.model_summary_row(s) for s in backbones.list_backbones()]
+    summary = [backbones.model_summary_row(s) for s in backbones.list_backbones()]
     if json_out:
-        print_json(rows)
+        print_json(summary)
         return
     from rich.table import Table
 
@@ -49,6 +49,6 @@ def backbones_cmd(
     table.add_column("name", no_wrap=True)  # the names users type: never cut to an ellipsis
     for header in ("params", "feature dim", "default size", "min size", "preprocess"):
         table.add_column(header)
-    for r in rows:
-        table.add_row(str(r["name"]), f"{r['params'] / 1e6:.1f}M", str(r["feature_dim"]), str(r["default_size"]), str(r.get("min_size", "")), str(r.get("preprocess", "")))
+    for row in summary:
+        table.add_row(str(row["name"]), f"{row['params'] / 1e6:.1f}M", str(row["feature_dim"]), str(row["default_size"]), str(row.get("min_size", "")), str(row.get("preprocess", "")))
     console().print(table)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pathlib import Path
-
-from featurecache.cli._common import CacheOpt, JsonOpt, PlainHelpGroup, cache_flag, fail, handle_errors, human_bytes, print_json
+from featurecache.cli._common import (
+    CacheOpt,
+    JsonOpt,
+    PlainHelpGroup,
+    cache_flag,
+    fail,
+    handle_errors,
+    human_bytes,
+    print_json,
+)
 from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
 from featurecache.extraction.options import ExtractOptions
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +43,7 @@ def ensemble_cmd(
 
     weights = list(result.weights) if result.weights is not None else None
 
-    def build(texts: list[str], dropped: frozenset[str]) -> Table:
+    def build(texts: Sequence[str], dropped: frozenset[str]) -> Table:
         # The run's name goes last, wrapped between its tokens: it is what users copy. Columns
         # give way to it on a narrow terminal (leaderboard.csv has them all).
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title=f"{method} ensemble", title_justify="left")

@@ -105,7 +105,7 @@ def extract_options(*, run: bool = False) -> Callable[[F], F]:
             options = to_options({n: kwargs.pop(n) for n in names if n in kwargs})
             return fn(options=options, **kwargs)
 
-        setattr(command, "__signature__", inspect.Signature(params, return_annotation=hints.get("return", inspect.Signature.empty)))
+        setattr(command, "__signature__", inspect.Signature(params, return_annotation=hints.get("return", inspect.Signature.empty)))  # noqa: B010 - typeshed gives functions no __signature__
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command  # type: ignore[return-value]
 

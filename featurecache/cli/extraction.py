@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, pasteable, print_json
+from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
 from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
 from featurecache.extraction.options import ExtractOptions
+
 
 @handle_errors
 @extract_options(run=True)

@@ -7,15 +7,15 @@ import warnings
 import typer
 
 from featurecache._runtime import quiet_tf
-from featurecache.cli._common import OneLineErrorsGroup, show_warning
 from featurecache.cli import backbones as backbones_cli
 from featurecache.cli import cache as cache_cli
 from featurecache.cli import ensemble as ensemble_cli
 from featurecache.cli import extraction as extract_cli
-from featurecache.cli import training as heads_cli
-from featurecache.cli import report as report_cli
-from featurecache.cli import pipelines as run_cli
 from featurecache.cli import finetuning as finetune_cli
+from featurecache.cli import pipelines as run_cli
+from featurecache.cli import report as report_cli
+from featurecache.cli import training as heads_cli
+from featurecache.cli._common import OneLineErrorsGroup, show_warning
 
 app = typer.Typer(
     name="featurecache",

@@ -24,8 +24,8 @@ from featurecache.cli._common import (
     handle_errors,
     print_json,
 )
-from featurecache.cli.extract_opts import LimitOpt, extract_options
 from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
+from featurecache.cli.extract_opts import LimitOpt, extract_options
 from featurecache.errors import UsageError
 from featurecache.extraction.options import ExtractOptions
 
@@ -47,7 +47,7 @@ RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Parent of the defa
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Fraction of train held out for validation when the features have no val split.")]
 
 
-def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: Path | None) -> Any:
+def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: str | None) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
@@ -223,7 +223,8 @@ def heads_cmd(
     from rich import box
     from rich.table import Table
 
-    from featurecache._runtime.tables import console as make_console, token_width
+    from featurecache._runtime.tables import console as make_console
+    from featurecache._runtime.tables import token_width
 
     console = make_console()
     for s in specs:

@@ -90,19 +90,19 @@ class JoinedPaths(Sequence[str]):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self.prefix + n for n in self.names[i]]
         return self.prefix + self.names[i]
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self):
         prefix = self.prefix
         return (prefix + n for n in self.names)
 
     @classmethod
     def of(cls, paths: Sequence[str], prefix: str, names: Sequence[str]) -> Sequence[str]:
         """``JoinedPaths(prefix, names)`` if it gives exactly ``paths``, else ``paths`` as a tuple."""
-        if len(paths) == len(names) and all(p == prefix + n for p, n in zip(paths, names)):
+        if len(paths) == len(names) and all(p == prefix + n for p, n in zip(paths, names, strict=True)):
             return cls(prefix, names)
         return tuple(paths)
 
@@ -346,7 +346,7 @@ class Dataset:
             "format": DIGEST_FORMAT,
             "classes": list(self.classes),
             "splits": [
-                [name, [[i, d, int(lab)] for i, d, lab in zip(split.ids, split.content_digests(), split.labels)]]
+                [name, [[i, d, int(lab)] for i, d, lab in zip(split.ids, split.content_digests(), split.labels, strict=True)]]
                 for name, split in self.splits.items()
             ],
         }
@@ -373,18 +373,18 @@ class Dataset:
         DatasetError
             A file cannot be stat'ed or read.
         """
-        groups: dict[Path | None, list[Split]] = {}
+        groups: dict[Path | None, list[tuple[Split, FileItems]]] = {}
         for split in self.splits.values():
             if isinstance(split.items, FileItems) and "_digests" not in split.__dict__:
-                groups.setdefault(split.items.memo_path, []).append(split)
+                groups.setdefault(split.items.memo_path, []).append((split, split.items))
         for memo_path, splits in groups.items():
             if len(splits) < 2 and hasher is None:
                 continue  # the split digests itself, the same way
-            paths = [p for sp in splits for p in sp.items.paths]
+            paths = [p for _, items in splits for p in items.paths]
             digests = file_digests(paths, memo_path=memo_path, hasher=hasher) if hasher else file_digests(paths, memo_path=memo_path)
             at = 0
-            for sp in splits:
-                n = len(sp.items.paths)
+            for sp, items in splits:
+                n = len(items.paths)
                 sp.__dict__["_digests"] = tuple(digests[at : at + n])  # fills the cached_property
                 at += n
 
@@ -406,7 +406,7 @@ class Dataset:
     @cached_property
     def _digest(self) -> str:
         digests = self.digests_by_split()
-        _warn_label_conflicts(self, {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist())] for n, s in self.splits.items()]})
+        _warn_label_conflicts(self, {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist(), strict=True)] for n, s in self.splits.items()]})
         return manifest_digest(self.classes, [(n, s.ids, digests[n], s.labels) for n, s in self.splits.items()])
 
 

@@ -272,7 +272,7 @@ def _from_folder(root: Path, text: str, memo_path: Path | None) -> Dataset:
     for split, sub in layout.items():
         base = root / sub if sub else root
         chain = (*top, os.path.realpath(base)) if sub else top
-        items: list[tuple[str, str, Path]] = []
+        items: list[tuple[str, str, str]] = []
         for entry in sorted(os.scandir(base), key=lambda e: e.name):
             rel = f"{sub}/{entry.name}" if sub else entry.name
             if entry.name.startswith("."):
@@ -357,9 +357,9 @@ def image_files(folder: Path) -> list[Path]:
 
 def _walk_files(
     folder: Path, rel: str, skipped: list[tuple[str, str]], chain: tuple[str, ...], text: str
-) -> list[tuple[str, Path]]:
+) -> list[tuple[str, str]]:
     """Image files under ``folder`` (recursively, following links that stay inside the dataset)."""
-    out: list[tuple[str, Path]] = []
+    out: list[tuple[str, str]] = []
 
     def visit(path: Path, rel_dir: str, chain: tuple[str, ...]) -> None:
         chain = (*chain, os.path.realpath(path))
@@ -474,7 +474,7 @@ def _from_csv(path: Path, text: str, memo_path: Path | None) -> Dataset:
             name,
             tuple(i for _, i, _ in items),
             np.array([index[lab] for lab, _, _ in items], dtype=np.int64),
-            FileItems(tuple(p for _, _, p in items), memo_path),
+            FileItems(tuple(os.fspath(p) for _, _, p in items), memo_path),
         )
         for name, items in per_split.items()
         if items

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, SupportsFloat
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def _known() -> str:
     return "; ".join(f"{name}{'' if kind == 'bool' else '=X'} ({meaning})" for name, (kind, meaning, _, _) in _PARAMS.items())
 
 
-def _round6(x: float) -> float:
+def _round6(x: SupportsFloat) -> float:
     # 6 significant digits: the key and the pixels must come from the same number, so values
     # are rounded once, on construction. "+ 0.0" turns -0.0 into 0.0.
     return float(f"{float(x):.6g}") + 0.0
@@ -310,7 +310,7 @@ def sample_parameters(spec: AugmentSpec, *, seed: int, view: int, index: int) ->
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise UsageError(f"augmentation {name} must be a non-negative int, got {value!r}")
     u = np.random.default_rng([int(seed), int(view), int(index)]).random(len(_DRAWS))
-    d = dict(zip(_DRAWS, (2.0 * u - 1.0).tolist()))
+    d = dict(zip(_DRAWS, (2.0 * u - 1.0).tolist(), strict=True))
     return {
         "flip": 1.0 if spec.flip and u[0] < 0.5 else 0.0,
         "rotation": d["rotation"] * spec.rotation,

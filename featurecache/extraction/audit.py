@@ -151,7 +151,8 @@ def verify(
     target = maintenance.find_target(ref, cache_dir=root)
     result = maintenance.check(target)
     problems = list(result.problems)
-    sampled, max_diff, mismatches = 0, None, []
+    sampled, max_diff = 0, None
+    mismatches: list[Mismatch] = []
     if sample and isinstance(target, views_mod.FeatureSet) and not result.problems:
         try:
             sampled, max_diff, mismatches, more = _check_sample(
@@ -179,9 +180,8 @@ def _check_sample(
     fs: views_mod.FeatureSet, *, sample: int, seed: int, data: str | None, weights: str | None, rtol: float | None, batch_size: int, root: Any
 ) -> tuple[int, float | None, list[Mismatch], list[str]]:
     from featurecache import backbones
-    from featurecache.data import load_dataset
     from featurecache.cache.store import augment_index
-    from featurecache.data import augment_batch
+    from featurecache.data import augment_batch, load_dataset
     from featurecache.extraction.pipeline import build_model, compiled_forward, forward_in_batches, load_resized
 
     spec = fs.spec

@@ -20,8 +20,8 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from distributed import WorkerPlugin
 
@@ -98,7 +98,7 @@ class ModelCache(WorkerPlugin):
 
             self.runners[key] = make_runner(
                 p, st, self.model(p), batch_size=options.batch_size,
-                on_error=options.on_error, workers=options.workers, xla=options.xla,  # type: ignore[arg-type]
+                on_error=options.on_error, workers=options.workers, xla=options.xla,
             )
         return self.runners[key]
 
@@ -122,14 +122,15 @@ def _build_on_event_loop(p: Plan) -> Any:
     async def build() -> Any:
         return build_model(p)
 
-    return asyncio.run_coroutine_threadsafe(build(), get_worker().loop.asyncio_loop).result()
+    loop = get_worker().loop.asyncio_loop  # type: ignore[attr-defined]  # distributed types it a tornado IOLoop; it is an AsyncIOLoop
+    return asyncio.run_coroutine_threadsafe(build(), loop).result()
 
 
 def _plugin() -> ModelCache:
     from distributed import get_worker
 
     worker = get_worker()
-    plugin = worker.plugins.get(PLUGIN_NAME)
+    plugin = cast("ModelCache | None", worker.plugins.get(PLUGIN_NAME))  # ours: registered under our name
     if plugin is None:  # a worker that joined before registration finished
         plugin = ModelCache()
         plugin.setup(worker)
@@ -270,7 +271,7 @@ def run_units(
     return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
 
 
-def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Iterator[tuple[int, Any]]:
+def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Generator[tuple[int, Any], None, None]:
     """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
 
     A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
@@ -434,7 +435,7 @@ def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_
         except BaseException:
             lc.close()
             raise
-        client._featurecache_cluster = lc  # closed by close()
+        setattr(client, "_featurecache_cluster", lc)  # noqa: B010 - closed by close(); Client declares no such attribute
         return client
     if scheduler_file:
         return Client(scheduler_file=scheduler_file)

@@ -24,15 +24,21 @@ from typing import Any
 
 import numpy as np
 
+from featurecache._runtime.versions import library_versions
 from featurecache.cache import store
 from featurecache.cache import views as views_mod
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec
 from featurecache.cache.lease import Lease, NoLease
-from featurecache.errors import CacheCorruptError, EntryNotFoundError, IncompleteEntryError, UsageError, WeightsUnavailableError
+from featurecache.cache.storage import Location
+from featurecache.errors import (
+    CacheCorruptError,
+    EntryNotFoundError,
+    IncompleteEntryError,
+    UsageError,
+    WeightsUnavailableError,
+)
 from featurecache.extraction.options import KEYED_FIELDS, ExtractOptions, expands_options
-from featurecache._runtime.versions import library_versions
-
 from featurecache.extraction.pipeline import (  # noqa: F401 - the pipeline's public pieces stay importable from here
     Plan,
     Prefetch,
@@ -45,6 +51,7 @@ from featurecache.extraction.pipeline import (  # noqa: F401 - the pipeline's pu
     unit_record,
 )
 
+
 @dataclass(frozen=True)
 class ExtractResult:
     """What ``extract`` produced.
@@ -56,7 +63,7 @@ class ExtractResult:
 
     key: str
     name: str
-    path: Path
+    path: Location
     cached: bool
     splits: dict[str, dict[str, Any]]
     seconds: float
@@ -89,7 +96,7 @@ def plan(
     data: str | Any,
     options: ExtractOptions | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | Location | None = None,
     limit: int | None = None,
     **overrides: Any,
 ) -> Plan:
@@ -145,7 +152,7 @@ def extract(
     data: str | Any,
     options: ExtractOptions | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | Location | None = None,
     limit: int | None = None,
     chunk_rows: int | None = None,
     lease_timeout: float | None = None,
@@ -567,7 +574,7 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict
     failed = st.failures()
     by_split = p.dataset.digests_by_split()
     splits = {}
-    failures = []
+    failures: list[tuple[str, str, str, str]] = []
     for name, split in p.dataset.splits.items():
         digests = by_split[name]
         nviews = p.spec.views_for(name)
@@ -579,7 +586,7 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict
             except KeyError as exc:  # pragma: no cover - every unit was run or raised above
                 raise IncompleteEntryError(f"image {exc} has no features in {st.name} view {view}; run the same extract command again") from None
         splits[name] = (split.ids, split.labels, digests, rows)
-        failures.extend((name, i, d, failed[d]) for i, d in zip(split.ids, digests) if d in failed)
+        failures.extend((name, i, d, failed[d]) for i, d in zip(split.ids, digests, strict=True) if d in failed)
     return views_mod.write_view(
         p.cache_dir,
         st,

@@ -255,7 +255,7 @@ class ExtractOptions:
 def _bounded(flag: str, value: Any, lo: int, hi: int | None, why: str = "") -> None:
     """Raise a one-line UsageError unless ``value`` is an integer in ``lo..hi``."""
     # numbers.Integral takes NumPy integers too; bool is one, but True is no count.
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value and (hi is None or value <= hi)
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= int(value) and (hi is None or int(value) <= hi)
     if not ok:
         span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
         raise UsageError(f"{flag} must be an integer {span}, got {value!r}{why}")
@@ -303,7 +303,7 @@ def expands_options(*names: str) -> Callable[[F], F]:
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n], annotation=hints[n]) for n in shown]
         at = next(i for i, p in enumerate(params) if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD))
         kept = [p for p in params if p is not var_kw]
-        setattr(fn, "__signature__", sig.replace(parameters=[*kept[:at], *extra, *kept[at:]]))
+        setattr(fn, "__signature__", sig.replace(parameters=[*kept[:at], *extra, *kept[at:]]))  # noqa: B010 - typeshed gives functions no __signature__
         fn.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != var_kw.name} | {n: hints[n] for n in shown}
         return fn
 

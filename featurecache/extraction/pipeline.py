@@ -15,18 +15,18 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featurecache._runtime.progress import ProgressBar
+from featurecache._runtime.versions import library_versions
 from featurecache.cache import store
 from featurecache.cache.faults import checkpoint
 from featurecache.cache.keys import FeatureSpec, view_key
+from featurecache.cache.storage import Location
 from featurecache.errors import CacheCorruptError, ImageDecodeError, UsageError
 from featurecache.extraction.options import OnError
-from featurecache._runtime.progress import ProgressBar
-from featurecache._runtime.versions import library_versions
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Plan:
     dataset: Any  # featurecache.data.Dataset
     backbone: Any  # featurecache.backbones.BackboneSpec
     weights: Any  # featurecache.backbones.WeightsRef
-    cache_dir: Path
+    cache_dir: Location
     augment: Any  # featurecache.data.AugmentSpec
     # How the user named the weights and the subset: not keyed (the spec holds their
     # digests), but stored so `finetune` can rebuild the backbone and reload the images.
@@ -471,7 +471,7 @@ def load_resized(
 
     rows = range(start, stop)
     loaded = list(pool.map(load, rows)) if pool is not None else [load(i) for i in rows]
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     for j, (img, resized, err) in enumerate(loaded):
         if img is None:
             valid[j] = False
@@ -479,9 +479,9 @@ def load_resized(
         elif resized:
             x[j] = img
         else:
-            groups.setdefault(img.shape, []).append(j)
-    for js in groups.values():
-        _resize_into(x, np.asarray(js), [loaded[j][0] for j in js], size=size, method=method, antialias=antialias)
+            groups.setdefault(img.shape, []).append((j, img))
+    for group in groups.values():
+        _resize_into(x, np.asarray([j for j, _ in group]), [img for _, img in group], size=size, method=method, antialias=antialias)
     return x, valid, failures
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from featurecache.cache import storage
@@ -83,7 +82,7 @@ def plan_path(cache_dir: storage.Location, view_key: str) -> storage.Location:
     return cache_dir / SHARDS_DIR / f"{view_key}.json"
 
 
-def read_plan(cache_dir: Path, view_key: str, spec_key: str) -> list[Unit] | None:
+def read_plan(cache_dir: storage.Location, view_key: str, spec_key: str) -> list[Unit] | None:
     """The units of an existing shard plan for this view and store, or None when there is none.
 
     A plan for another store (the spec was rebuilt) or an unreadable one counts as none: the
@@ -98,7 +97,7 @@ def read_plan(cache_dir: Path, view_key: str, spec_key: str) -> list[Unit] | Non
     return [Unit(int(u["view"]), int(u["slot"]), tuple(u["digests"])) for u in doc.get("units", [])]
 
 
-def write_plan(cache_dir: Path, view_key: str, spec_key: str, units: list[Unit]) -> None:
+def write_plan(cache_dir: storage.Location, view_key: str, spec_key: str, units: list[Unit]) -> None:
     """Write the shard plan atomically (call it holding the store's lease)."""
     doc = {
         "format": PLAN_FORMAT,
@@ -111,7 +110,7 @@ def write_plan(cache_dir: Path, view_key: str, spec_key: str, units: list[Unit])
     storage.publish_json(path, doc)
 
 
-def remove_plan(cache_dir: Path, view_key: str) -> None:
+def remove_plan(cache_dir: storage.Location, view_key: str) -> None:
     """Delete the shard plan once the view is written."""
     storage.remove_file(plan_path(cache_dir, view_key))
 

@@ -35,8 +35,13 @@ from featurecache.cache.concat import feature_parts
 from featurecache.errors import RunError, UsageError
 from featurecache.finetuning.convert import check_expressible, keras_head
 from featurecache.finetuning.rebuild import Branch, build_branch
-from featurecache.training.runconfig import ENSEMBLE_KIND, is_assembled, read_run_config  # re-exported: config readers live there
-from featurecache.training.runconfig import MEMBER_DIR, recorded_name
+from featurecache.training.runconfig import (  # re-exported: config readers live there
+    ENSEMBLE_KIND,
+    MEMBER_DIR,
+    is_assembled,
+    read_run_config,
+    recorded_name,
+)
 
 __all__ = ["Assembled", "Member", "assemble_run", "is_assembled", "load_members", "read_run_config"]
 
@@ -157,7 +162,7 @@ def assemble_run(
             raise RunError(f"member {m.run_dir} predicts other classes than ensemble {run_dir}; make the ensemble again")
         check_expressible(m.estimator)  # before any backbone: a k-NN member fails in a second
     parts = [feature_parts(m.config["features"]) for m in members]
-    recipes: dict[tuple[str, ...], Mapping[str, Any]] = {}
+    recipes: dict[tuple[str, ...], dict[str, Any]] = {}
     for member_parts in parts:
         for part in member_parts:
             recipes.setdefault(_recipe(part["spec"]), part)
@@ -173,7 +178,7 @@ def assemble_run(
             inputs, part, weights=weights, cache_dir=cache_dir, suffix=f"_{j}", backbone_name=names[j] if unique else f"{names[j]}_{j}"
         )
     probas = [_member_head(i, m, [branches[_recipe(p["spec"])].features for p in member_parts], len(classes))
-              for i, (m, member_parts) in enumerate(zip(members, parts))]
+              for i, (m, member_parts) in enumerate(zip(members, parts, strict=True))]
     if config.get("kind") == ENSEMBLE_KIND:
         from featurecache.training.combine import keras_combine
 

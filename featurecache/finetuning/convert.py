@@ -309,7 +309,7 @@ def _dense_head(estimator: Any, *, feature_shape: Sequence[int], n_classes: int)
     # anything else is nested whole.
     is_chain = all(
         len(lyr._inbound_nodes) == 1 and lyr.input is prev.output  # noqa: SLF001 - Keras has no public node API
-        for prev, lyr in zip(head.layers[:-1], chain)
+        for prev, lyr in zip(head.layers[:-1], chain, strict=True)
     )
     # Probabilities are mapped (not logits): unseen classes get 0 added, never -1e30.
     cmap = _class_map(np.asarray(estimator.classes_).astype(np.int64), n_classes, missing=0.0, name=CLASS_MAP_LAYER)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featurecache.errors import EquivalenceError, UsageError
-from featurecache.finetuning.inference import ImagePredictor, model_draft, load_images
+from featurecache.finetuning.inference import ImagePredictor, load_images, model_draft
 
 if TYPE_CHECKING:
     from featurecache.finetuning.assemble import Assembled

@@ -154,7 +154,7 @@ def write_outputs(
     from featurecache.cache.fsio import jsonable, write_json
 
     write_json(out_dir / "metrics.json", metrics)
-    np.savez(out_dir / "predictions.npz", **predictions)
+    np.savez(out_dir / "predictions.npz", **predictions)  # type: ignore[arg-type]  # numpy 2.1+ stubs let **arrays fill allow_pickle: these are array names
     write_json(out_dir / "config.json", jsonable(config))
     if plots:
         from featurecache.report import plot_confusion_matrix, plot_training_curves

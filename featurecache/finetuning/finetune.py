@@ -43,13 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from featurecache.errors import FeatureCacheWarning, UsageError, choices
 from featurecache._runtime.versions import library_versions
+from featurecache.errors import FeatureCacheWarning, UsageError, choices
 from featurecache.finetuning.assemble import Assembled, assemble_run, is_assembled, read_run_config
 from featurecache.finetuning.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
 from featurecache.finetuning.equivalence import EquivalenceReport, check_equivalence
 from featurecache.finetuning.export import MODEL_FILE, export_model, write_outputs
-from featurecache.finetuning.inference import ImagePredictor, model_draft, image_pool, predict_rows
+from featurecache.finetuning.inference import ImagePredictor, image_pool, model_draft, predict_rows
 from featurecache.finetuning.rebuild import Rebuilt, preprocess_layers, rebuild_model
 from featurecache.finetuning.run_data import RunData, load_run_data, read_predictions
 from featurecache.finetuning.training import OPTIMIZERS, fit_model, history_summary, make_trainer
@@ -495,6 +495,6 @@ def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, pre
     return metrics, preds
 
 
-def _trainable_summary(trainable: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _trainable_summary(trainable: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per part (backbone, head): trainable layer count, parameters, BatchNorm frozen or not."""
     return {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in trainable.items()}

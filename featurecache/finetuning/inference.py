@@ -99,7 +99,7 @@ def load_or_none(split: Any, i: int, *, draft: int | None = None) -> np.ndarray 
         return None
 
 
-def load_images(split: Any, rows: Sequence[int], *, pool: ThreadPoolExecutor | None = None, draft: int | None = None) -> list[np.ndarray]:
+def load_images(split: Any, rows: Sequence[int] | np.ndarray, *, pool: ThreadPoolExecutor | None = None, draft: int | None = None) -> list[np.ndarray]:
     """Decode ``rows`` of ``split``, failing on the first image that cannot be decoded.
 
     Parameters
@@ -167,5 +167,5 @@ def predict_rows(
         good = [j for j, img in enumerate(images) if img is not None]
         ok[start + np.arange(len(chunk))] = [img is not None for img in images]
         if good:
-            proba[start + np.asarray(good)] = predictor([images[j] for j in good])
+            proba[start + np.asarray(good)] = predictor([img for img in images if img is not None])
     return proba, ok

@@ -221,7 +221,7 @@ def predict(
     proba = ImagePredictor(loaded.model, batch_size=batch_size)(decoded)
     k = min(top_k, len(loaded.classes))
     out = []
-    for p, row in zip(paths, proba):
+    for p, row in zip(paths, proba, strict=True):
         order = np.argsort(-row, kind="stable")[:k]
         out.append(Prediction(image=str(p), top=tuple((loaded.classes[int(j)], float(row[j])) for j in order)))
     return out
@@ -366,11 +366,11 @@ def evaluate(
         The model or the dataset cannot be loaded.
     """
     from featurecache.cache import store
+    from featurecache.cache.fsio import write_json
     from featurecache.data import load_dataset
     from featurecache.finetuning.inference import ImagePredictor, image_pool, predict_rows
     from featurecache.finetuning.run_data import label_map
     from featurecache.training.metrics import classification_metrics
-    from featurecache.cache.fsio import write_json
     from featurecache.training.runconfig import recorded_dataset
 
     loaded = load_model(model, weights=weights, cache_dir=cache_dir)

@@ -122,8 +122,8 @@ class Branch:
 
 
 def _read_run(run: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Any]:
-    from featurecache.training.rundir import load_run
     from featurecache.training.runconfig import is_assembled, read_run_config
+    from featurecache.training.rundir import load_run
 
     run_dir = Path(run)
     if is_assembled(read_run_config(run_dir)):

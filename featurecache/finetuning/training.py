@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featurecache._runtime.progress import ProgressBar
 from featurecache.errors import UsageError
 from featurecache.finetuning.inference import draft_of, load_or_none
 from featurecache.training.heads.dense_group import make_optimizer
-from featurecache._runtime.progress import ProgressBar
 
 if TYPE_CHECKING:
     from featurecache.finetuning.rebuild import Rebuilt
@@ -115,7 +115,7 @@ def fit_model(
     keras.utils.set_random_seed(int(seed))
     trainer = make_trainer(rebuilt.features, rebuilt.head)
     trainer.compile(optimizer=make_optimizer(optimizer, lr, nesterov=False), loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
-    common = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
+    common: dict[str, Any] = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
                   antialias=bool(spec.get("antialias", False)), draft=draft_of(spec))
     train_data = image_batches(train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common)
     val_data = image_batches(val_split, run_data.val_rows, run_data.labels, augment=None, shuffle=False, **common)

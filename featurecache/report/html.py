@@ -46,7 +46,7 @@ details{margin:.4em 0}summary{cursor:pointer;color:var(--accent)}
 # Sort by clicking a header (or open the page with #sort=COLUMN[-desc]); numbers sort
 # numerically (data-v holds the raw value).
 # It marks the page ready (data-ready, row and image counts) once it has run, for tests.
-_JS = """
+_JS = r"""
 (function(){
 function val(td){var v=td.getAttribute('data-v');if(v===null)v=td.textContent;var n=parseFloat(v);
 return (v!==''&&isFinite(n))?n:v.toLowerCase();}
@@ -133,8 +133,7 @@ _METRIC_COLUMNS = ("n", "accuracy", "log_loss", "macro_f1", "cohen_kappa")
 def _metrics_section(metrics: Mapping[str, Any]) -> str:
     if not metrics:
         return ""
-    from featurecache.training.metrics import wilson_interval
-    from featurecache.training.metrics import format_interval
+    from featurecache.training.metrics import format_interval, wilson_interval
 
     # Top-1 accuracy is the accuracy column: listed once.
     ks = sorted({k for m in metrics.values() for k in (m.get("top_k_accuracy") or {}) if k != "1"}, key=int)
@@ -367,7 +366,7 @@ def render_sweep(sweep_dir: str | os.PathLike[str], *, note: str = "") -> str:
         f'<p class="muted">features key {_e(board.get("key", ""))}; validation: {_e(meta.get("validation", "?"))}; updated {_e(meta.get("updated", ""))}</p>',
         _leaderboard_section(board),
         _img(out / "leaderboard.png", "leaderboard"),
-        (f"<h2>Best run</h2>" + render_run(best, note=note, title=f"best: {(meta.get('best') or {}).get('label', '')}", level=2)) if (best / "config.json").is_file() else "",
+        ("<h2>Best run</h2>" + render_run(best, note=note, title=f"best: {(meta.get('best') or {}).get('label', '')}", level=2)) if (best / "config.json").is_file() else "",
         f"<details><summary>request</summary><pre>{_e(json.dumps(meta.get('request', {}), indent=2))}</pre></details>" if meta else "",
     ]
     return _page(heading, sections)

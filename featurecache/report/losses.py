@@ -97,7 +97,7 @@ def most_confused(cm: Any, classes: Sequence[str], *, top: int | None = None, mi
     if mat.shape != (k, k):
         raise UsageError(f"cm must have shape ({k}, {k}) for {k} classes, got {mat.shape}; pass metrics[split]['confusion_matrix'] and its class names")
     support = mat.sum(axis=1)
-    pairs = [
+    pairs: list[dict[str, Any]] = [
         {"true": str(classes[i]), "predicted": str(classes[j]), "count": int(mat[i, j]), "rate": float(mat[i, j] / support[i])}
         for i in range(k)
         for j in range(k)
@@ -153,7 +153,7 @@ class TopLosses:
 
 
 def top_losses_from_arrays(
-    ids: Sequence[str],
+    ids: Sequence[str] | np.ndarray,
     y: np.ndarray,
     proba: np.ndarray,
     classes: Sequence[str],
@@ -208,7 +208,7 @@ def top_losses_from_arrays(
         }
         for r, i in enumerate(order)
     ]
-    images = list(load([r["id"] for r in rows])) if load is not None and rows else [None] * len(rows)
+    images: list[np.ndarray | None] = list(load([r["id"] for r in rows])) if load is not None and rows else [None] * len(rows)
     return TopLosses(split=split, rows=rows, n_total=len(ids), images=images)
 
 
@@ -521,7 +521,7 @@ def analyse_run(
     for split in chosen:
         ids, y, proba = read_predictions(path, split)
         loader = (images or {}).get(split)
-        if loader is None and dataset is not None:
+        if loader is None and dataset is not None and config is not None:
             try:
                 loader = run_image_loader(config, split, dataset=dataset)
             except RunError as exc:

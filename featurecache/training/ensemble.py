@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from featurecache.cache.keys import digest_of
-from featurecache.training.combine import check_method, combine, fit_weights
 from featurecache.errors import RunError, UsageError
+from featurecache.training.combine import check_method, combine, fit_weights
 
 __all__ = ["EnsembleResult", "ensemble"]
 
@@ -209,8 +209,8 @@ def _member_name(index: int, name: str) -> str:
 
 def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
     """Check ``run`` is a train-head run whose head loads, and copy it into the ensemble."""
-    from featurecache.training.runconfig import ENSEMBLE_KIND, read_run_config
     from featurecache.finetuning.run_data import read_predictions
+    from featurecache.training.runconfig import ENSEMBLE_KIND, read_run_config
     from featurecache.training.rundir import load_run
 
     if read_run_config(run).get("kind") == ENSEMBLE_KIND:
@@ -228,9 +228,9 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
 def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, cache_dir: Any, plots: bool, notes: list[str]) -> list[_Member]:
     """Refit the ``top`` best trials of a sweep and write each as a run in ``members_dir``."""
     from featurecache.cache.concat import open_recorded_features
+    from featurecache.finetuning.run_data import read_predictions
     from featurecache.training.heads import get_head_spec
     from featurecache.training.runconfig import TRIAL_ID, read_run_config, recorded_name
-    from featurecache.finetuning.run_data import read_predictions
     from featurecache.training.train import load_training_data, parse_validation_label, train_head
 
     try:
@@ -289,8 +289,8 @@ def _check_compatible(members: Sequence[_Member]) -> None:
 def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, plots: bool) -> tuple[tuple[float, ...] | None, dict[str, Any], list[dict[str, Any]]]:
     """Combine the members' predictions and write the ensemble's own files into ``staging``."""
     from featurecache._runtime.versions import library_versions
-    from featurecache.training.metrics import classification_metrics
     from featurecache.cache.fsio import write_json
+    from featurecache.training.metrics import classification_metrics
     from featurecache.training.runconfig import ENSEMBLE_KIND, RUN_FORMAT
 
     first = members[0]
@@ -321,7 +321,7 @@ def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, p
     }
     write_json(staging / "config.json", config)
     write_json(staging / "metrics.json", metrics)
-    np.savez(staging / "predictions.npz", **preds)
+    np.savez(staging / "predictions.npz", **preds)  # type: ignore[arg-type]  # numpy 2.1+ stubs let **arrays fill allow_pickle: these are array names
     board = _leaderboard(metrics, members, method)
     _write_board(staging, board)
     if plots:

@@ -111,7 +111,7 @@ def clean_leftovers(dest: Path, *, also: Sequence[str] = ()) -> list[Path]:
     list of pathlib.Path
         What was removed.
     """
-    removed = []
+    removed: list[Path] = []
     parent = dest.parent
     if not parent.is_dir():
         return removed
@@ -210,7 +210,7 @@ def write_run(
         save_head(estimator, tmp)
         write_json(tmp / "config.json", config)
         write_json(tmp / "metrics.json", dict(metrics))
-        np.savez(tmp / "predictions.npz", **predictions)
+        np.savez(tmp / "predictions.npz", **predictions)  # type: ignore[arg-type]  # numpy 2.1+ stubs let **arrays fill allow_pickle: these are array names
         if plots:
             from featurecache.report import plot_confusion_matrix, plot_training_curves
 

@@ -32,19 +32,26 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from featurecache.cache import store, views
+from featurecache.cache import views
+from featurecache.cache.concat import ConcatFeatures  # at run time: get_type_hints(train_head) resolves it
 from featurecache.cache.fsio import jsonable
 from featurecache.cache.keys import digest_of
-from featurecache.errors import CacheCorruptError, FeatureCacheError, HeadParamError, MemoryBudgetError, UsageError, human_bytes
-from featurecache.training.rundir import load_run, write_run  # re-exported: the run-directory I/O lives there
-from featurecache.training.runconfig import CACHED_VAL_LABEL, RUN_FORMAT  # re-exported, as above
-
-if TYPE_CHECKING:
-    from featurecache.cache.concat import ConcatFeatures
+from featurecache.errors import (
+    CacheCorruptError,
+    FeatureCacheError,
+    HeadParamError,
+    MemoryBudgetError,
+    UsageError,
+    human_bytes,
+)
+from featurecache.training.runconfig import CACHED_VAL_LABEL
+from featurecache.training.runconfig import RUN_FORMAT as RUN_FORMAT  # re-exported, as load_run
+from featurecache.training.rundir import load_run as load_run  # re-exported: the run-directory I/O lives there
+from featurecache.training.rundir import write_run
 
 MEMORY_ENV = "FEATURECACHE_MAX_MEMORY"
 BLAS_THREADS_ENV = "FEATURECACHE_BLAS_THREADS"
@@ -61,13 +68,13 @@ class TrainingData:
     name: str
     classes: tuple[str, ...]
     spec: Mapping[str, Any]
-    X_train: np.ndarray
+    X_train: np.ndarray | LazyFeatures
     y_train: np.ndarray
     X_val: np.ndarray
     y_val: np.ndarray
     ids_val: np.ndarray
     validation: str
-    X_train_views: np.ndarray | None = None
+    X_train_views: np.ndarray | LazyFeatures | None = None
     X_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     ids_test: np.ndarray | None = None
@@ -108,20 +115,20 @@ def resolve_features(
     Several references (``"KEY1,KEY2"`` or a list) give one :class:`~featurecache.concat.ConcatFeatures`
     whose vectors are the parts' side by side (checked to be the same images).
     """
-    from featurecache.cache.concat import ConcatFeatures, open_concat, split_feature_refs
+    from featurecache.cache.concat import open_concat, split_feature_refs
 
     if isinstance(features, ConcatFeatures):
         return features
-    if isinstance(features, (list, tuple)) or (isinstance(features, str) and "," in features):
-        return open_concat(split_feature_refs(features) if isinstance(features, str) else list(features), cache_dir=cache_dir)
     if isinstance(features, views.FeatureSet):
         if not features.complete:
             return views.open_features(str(features.path), require_complete=True)
         return features
+    if not isinstance(features, str) or "," in features:
+        return open_concat(split_feature_refs(features) if isinstance(features, str) else list(features), cache_dir=cache_dir)
     return views.open_features(features, cache_dir=cache_dir)
 
 
-def validation_label(fs: views.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0) -> str:
+def validation_label(fs: views.FeatureSource, *, val_fraction: float = 0.15, seed: int = 0) -> str:
     """How :func:`load_training_data` validates on ``fs``, without reading any features.
 
     Sweeps compare this label to refuse resuming with a different validation set.
@@ -152,7 +159,7 @@ def parse_validation_label(label: str) -> tuple[float, int] | None:
 
 
 def load_training_data(
-    fs: views.FeatureSet, *, val_fraction: float = 0.15, seed: int = 0, max_memory: int | str | None = None
+    fs: views.FeatureSource, *, val_fraction: float = 0.15, seed: int = 0, max_memory: int | str | None = None
 ) -> TrainingData:
     """Read a feature set into training, validation and test arrays.
 
@@ -186,16 +193,25 @@ def load_training_data(
     except FeatureCacheError:
         raise
     except (ValueError, OSError) as exc:  # zarr's checksum mismatch is a bare ValueError
-        import shlex
-
-        where = f"{fs.key[:12]} --cache {shlex.quote(str(fs.path.parent))}"
-        raise CacheCorruptError(
-            f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); "
-            f"check it with `featurecache cache verify {where}`, then remove it (`featurecache cache rm {where} --yes`) and extract again"
-        ) from None
+        raise CacheCorruptError(f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); {_damaged_fix(fs)}") from None
 
 
-def _load_training_data(fs: store.FeatureSet, *, val_fraction: float, seed: int, max_memory: int | str | None) -> TrainingData:
+def _damaged_fix(fs: views.FeatureSource) -> str:
+    """The commands that check and remove ``fs`` (each part of a concatenation: any of them may be the damaged one)."""
+    import shlex
+
+    parts = list(fs.parts) if isinstance(fs, ConcatFeatures) else [fs] if isinstance(fs, views.FeatureSet) else []
+    if not parts:
+        return f"check it with `featurecache cache verify {fs.key[:12]}`"
+    # A view lives at ROOT/views/NAME.
+    where = [f"{p.key[:12]} --cache {shlex.quote(str(p.path.parent.parent))}" for p in parts]
+    if len(where) == 1:
+        return f"check it with `featurecache cache verify {where[0]}`, then remove it (`featurecache cache rm {where[0]} --yes`) and extract again"
+    verify = " and ".join(f"`featurecache cache verify {w}`" for w in where)
+    return f"check its parts with {verify}, then remove the damaged one with `featurecache cache rm` and extract it again"
+
+
+def _load_training_data(fs: views.FeatureSource, *, val_fraction: float, seed: int, max_memory: int | str | None) -> TrainingData:
     if "train" not in fs.splits:
         raise UsageError(f"feature set {fs.name} has no 'train' split (it has {', '.join(fs.splits)}); extract a dataset with training images")
     budget = resolve_max_memory(max_memory)
@@ -212,6 +228,8 @@ def _load_training_data(fs: store.FeatureSet, *, val_fraction: float, seed: int,
             X = fs.features(split, view=0)[ok]
         return X, fs.labels(split)[ok], fs.ids(split)[ok], views
 
+    X: np.ndarray | LazyFeatures
+    views: np.ndarray | LazyFeatures | None
     streamed = train_feature_bytes(fs) > budget
     if streamed:
         ok = fs.valid("train")
@@ -321,7 +339,7 @@ def resolve_max_memory(value: int | str | None = None) -> int:
     return int(number)
 
 
-def train_feature_bytes(fs: views.FeatureSet) -> int:
+def train_feature_bytes(fs: views.FeatureSource) -> int:
     """Bytes of ``fs``'s training features, every view, as float32 (what the budget is compared with)."""
     lay = fs.layout("train")
     return int(lay.views) * int(lay.n) * int(np.prod(lay.feature_shape, dtype=np.int64)) * 4
@@ -477,6 +495,7 @@ def fit_head(estimator: Any, data: TrainingData, *, callbacks: Sequence[Any] = (
     with threadpool_limits(limits=blas_threads(), user_api="blas"):
         if data.X_train_views is not None:
             v = data.X_train_views
+            assert isinstance(v, np.ndarray)  # streamed views come with a streamed X_train, refused above
             return estimator.fit(v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]), np.tile(data.y_train, v.shape[0]))
         return estimator.fit(data.X_train, data.y_train)
 
@@ -518,7 +537,7 @@ def evaluate_arrays(estimator: Any, data: TrainingData, *, top_k: Sequence[int] 
     metrics: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
     splits = [("val", data.X_val, data.y_val, data.ids_val)]
-    if data.X_test is not None and len(data.X_test):
+    if data.X_test is not None and data.y_test is not None and data.ids_test is not None and len(data.X_test):
         splits.append(("test", data.X_test, data.y_test, data.ids_test))
     for split, X, y, ids in splits:
         with threadpool_limits(limits=blas_threads(), user_api="blas"):
@@ -556,7 +575,7 @@ def default_run_name(head: str, key: str, params: Mapping[str, Any]) -> str:
 
 
 def train_head(
-    features: str | views.FeatureSet,
+    features: str | Sequence[str] | views.FeatureSet | ConcatFeatures,
     *,
     head: str = "logreg",
     params: Mapping[str, Any] | None = None,
@@ -626,8 +645,8 @@ def train_head(
     tb_dir = None
     callbacks: list[Any] = []
     if tensorboard is not None:
-        from featurecache.training.heads import DenseHead
         from featurecache.report.tensorboard import fresh_run_log_dir, keras_callback
+        from featurecache.training.heads import DenseHead
 
         tb_dir = fresh_run_log_dir(tensorboard, run_dir.name)
         callbacks = [keras_callback(tb_dir)] if isinstance(estimator, DenseHead) else []

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_backbones import _check_blocks_and_table
 
 from featurecache import backbones as B
-from test_backbones import _check_blocks_and_table
 
 #: Rows that build in a few seconds at their minimum size (CPU seconds measured on 2 cores).
 IN_EVERY_RUN = frozenset({

@@ -266,7 +266,7 @@ def test_imagenet_identity_is_memoised_without_building(tmp_path: Path) -> None:
 
 
 def _weights_equal(a, b) -> bool:
-    return len(a.get_weights()) == len(b.get_weights()) and all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    return len(a.get_weights()) == len(b.get_weights()) and all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
 
 
 def test_weights_file_round_trip_and_identity(tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 OPTIONS = dict(backbone="mobilenetv2", weights="random", size=32, limit=20, views=1, augment="flip,rotation=10", batch_size=4, chunk_rows=5)
 RUNNER = (
     "import json, sys, featurecache as fc\n"
-    "r = fc.extract('builtin:digits', cache_dir=sys.argv[1], progress=len(sys.argv) > 2, **json.loads({options!r}))\n"
-    "print(json.dumps({{'cached': r.cached, 'key': r.key}}))\n"
-).format(options=json.dumps(OPTIONS))
+    f"r = fc.extract('builtin:digits', cache_dir=sys.argv[1], progress=len(sys.argv) > 2, **json.loads({json.dumps(OPTIONS)!r}))\n"
+    "print(json.dumps({'cached': r.cached, 'key': r.key}))\n"
+)
 CLI = [
     "extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "20",
     "--views", "1", "--augment", "flip,rotation=10", "--batch-size", "4", "--quiet",

@@ -208,9 +208,9 @@ def test_verify_repair_on_s3_then_extract_recomputes_exactly_the_damage(runs) ->
     local bit for bit."""
     from typer.testing import CliRunner
 
-    from featurecache.extraction.audit import verify
     from featurecache.cache.views import open_features
     from featurecache.cli.main import app
+    from featurecache.extraction.audit import verify
     from featurecache.extraction.extract import extract
 
     fs = _fs()

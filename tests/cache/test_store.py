@@ -62,7 +62,7 @@ def _view(cache_dir: Path, st: store.FeatureStore, *, n: int = 10, labels_shift:
         rows = np.asarray([[st.index(v)[x] for x in d] for v in range(nviews)], dtype=np.int64)
         splits[s] = (i, lab, d, rows)
     failed = st.failures()
-    failures = [(s, i_, d_, failed[d_]) for s, (i, _lab, d) in split_items.items() for i_, d_ in zip(i, d) if d_ in failed]
+    failures = [(s, i_, d_, failed[d_]) for s, (i, _lab, d) in split_items.items() for i_, d_ in zip(i, d, strict=True) if d_ in failed]
     return views.write_view(
         cache_dir, st, name=BASE.view_name(name, dd), key=view_key(st.key, dd), dataset_digest=dd,
         classes=CLASSES, splits=splits, failures=failures, extra={"dataset_name": name},

@@ -383,7 +383,6 @@ def test_unreadable_file_gets_a_deterministic_identity_instead_of_stopping(tmp_p
 
 def test_all_file_splits_are_digested_in_one_memo_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from featurecache.data import dataset as dataset_mod
-
     from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path / "imgs", splits=("train", "val", "test"), per_class=3)

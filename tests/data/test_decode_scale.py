@@ -263,9 +263,8 @@ def test_large_truncated_or_greyscale_jpegs_keep_their_behaviour() -> None:
 
 @pytest.mark.parametrize("method", ["bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5"])
 def test_resizing_the_rgb_view_of_4_byte_pixels_equals_resizing_a_contiguous_copy(method: str) -> None:
-    from featurecache.data.transforms import _padded_rgb
-
     from featurecache.data.decode import aligned_empty
+    from featurecache.data.transforms import _padded_rgb
 
     rng = np.random.default_rng(5)
     padded = aligned_empty((2, 150, 97, 4), np.uint8)  # aligned: TensorFlow reads it in place (DLPack)

@@ -36,7 +36,7 @@ def test_resize_matches_resizing_inside_a_compiled_model():
     outputs = [keras.layers.Resizing(24, 24, interpolation=m, name=f"resize_{m}")(inputs) for m in RESIZE_METHODS]
     model = keras.Model(inputs, outputs)
     predicted = model.predict(DOWN[None].astype(np.float32), verbose=0)
-    for method, theirs in zip(RESIZE_METHODS, predicted):
+    for method, theirs in zip(RESIZE_METHODS, predicted, strict=True):
         np.testing.assert_array_equal(resize_image(DOWN, 24, method=method), theirs[0], err_msg=method)
 
 

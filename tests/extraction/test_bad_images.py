@@ -234,12 +234,12 @@ def test_valid_odd_files_have_the_right_pixels(corpus: Corpus, skipped_run: fc.E
     stored = fs.features("train")[[row_of[n] for n in names]]
     expected = reference_features([corpus.expected[n] for n in names])
     tol = 1e-4 * np.abs(expected).max()
-    for name, got, want in zip(names, stored, expected):
+    for name, got, want in zip(names, stored, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol, err_msg=name)
     # The comparison has the power to see a wrong decode: the careless conversions (sideways
     # photo, black under transparency, clipped 16-bit) give clearly different features.
     wrong = reference_features([corpus.naive[n] for n in sorted(corpus.naive)])
-    for name, w in zip(sorted(corpus.naive), wrong):
+    for name, w in zip(sorted(corpus.naive), wrong, strict=True):
         assert np.abs(stored[names.index(name)] - w).max() > 100 * tol, name
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import featurecache as fc
-from featurecache.cache import store, views
+from featurecache.cache import views
 from tests.conftest import wait_on_exit
 
 # (registry name, keras.applications constructor, preprocess module)
@@ -209,7 +209,7 @@ def test_cli_extract_json_then_hit_and_cache_commands(cache_dir: Path) -> None:
 )
 def test_cli_bad_input_is_one_line_without_traceback(cache_dir: Path, args: list[str], needle: str) -> None:
     base = {"--data": "builtin:digits", "--backbone": "mobilenetv2", "--weights": "random", "--size": "32", "--limit": "3"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [x for kv in base.items() for x in kv]
     res = _cli("extract", *flat, "--cache", str(cache_dir))

@@ -50,7 +50,7 @@ def _manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
 def data(tmp_path: Path) -> tuple[Path, list[tuple[str, str, str]]]:
     names = _images(tmp_path / "img", 24)
     splits = ["train"] * 14 + ["val"] * 5 + ["test"] * 5
-    rows = [(f"img/{n}", "ab"[i % 2], s) for i, (n, s) in enumerate(zip(names, splits))]
+    rows = [(f"img/{n}", "ab"[i % 2], s) for i, (n, s) in enumerate(zip(names, splits, strict=True))]
     return tmp_path, rows
 
 

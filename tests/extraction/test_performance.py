@@ -14,12 +14,11 @@ import pytest
 
 import featurecache.extraction.extract as extract_mod
 import featurecache.training.train as train_mod
-from featurecache.cache import store, views
+from featurecache.cache import views
 from featurecache.cache.keys import FeatureSpec
 from featurecache.data import RESIZE_METHODS, Split, resize_image
 from featurecache.data.dataset import ArrayItems, FileItems
 from featurecache.errors import MemoryBudgetError, OutOfMemoryError, UsageError
-
 
 # ------------------------------------------------------------------ batched resize
 

@@ -135,7 +135,7 @@ def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, r
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     docs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     # Each shard computed its own half of the 8 units (7 of 4 rows, 1 of 2).
@@ -370,10 +370,10 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
     from conftest import make_image_folder
     from distributed import get_task_stream
 
-    from featurecache.extraction import cluster
     from featurecache.cache.store import memo_dir
     from featurecache.data import dataset as dataset_mod
     from featurecache.data.dataset import MEMO_FILENAME, file_digests
+    from featurecache.extraction import cluster
     from featurecache.extraction.extract import extract
 
     root = make_image_folder(tmp_path / "pets", splits=("train", "val"), per_class=5)

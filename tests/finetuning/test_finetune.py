@@ -158,7 +158,7 @@ def test_training_wrapper_keeps_backbone_in_inference_mode(ft_env: dict) -> None
     # ... which the fine-tuning wrapper never passes to the backbone.
     trainer = _make_trainer(rebuilt.features, rebuilt.head)
     np.testing.assert_allclose(np.asarray(trainer(x, training=True)), inference, atol=1e-6)
-    assert all(np.array_equal(a, b) for a, b in zip(bn.get_weights(), stats))
+    assert all(np.array_equal(a, b) for a, b in zip(bn.get_weights(), stats, strict=True))
 
 
 # ------------------------------------------------------------------------------------- fine-tuning
@@ -201,7 +201,7 @@ def test_finetune_changes_only_the_unfrozen_block_and_the_head(tuned: dict) -> N
     changed_block = []
     for layer in backbone.layers:
         after = layer.get_weights()
-        same = all(np.array_equal(a, b) for a, b in zip(after, tuned["before"][layer.name]))
+        same = all(np.array_equal(a, b) for a, b in zip(after, tuned["before"][layer.name], strict=True))
         if isinstance(layer, keras.layers.BatchNormalization) or layer.name not in in_block:
             # Frozen layers, and every BatchNorm (gamma, beta and moving statistics), are bit-identical.
             assert same, f"{layer.name} changed but is frozen"
@@ -210,7 +210,7 @@ def test_finetune_changes_only_the_unfrozen_block_and_the_head(tuned: dict) -> N
     assert changed_block and all(changed_block), "every weighted non-BN layer of block_16 should have trained"
     for name in ("head_dense_0", "predictions"):
         after = model.get_layer(name).get_weights()
-        assert not all(np.array_equal(a, b) for a, b in zip(after, tuned["head_before"][name]))
+        assert not all(np.array_equal(a, b) for a, b in zip(after, tuned["head_before"][name], strict=True))
     cfg = json.loads((result.out / "config.json").read_text())
     assert cfg["trainable"]["block_16"]["layers"] == 3 and cfg["trainable"]["block_16"]["batchnorm_frozen"] == 3
     assert sorted(cfg["trainable_layers"]) == ["block_16", "head"]
@@ -263,7 +263,7 @@ def test_export_loads_without_featurecache_and_matches_predict_cli(tuned: dict, 
     result = CliRunner().invoke(app, ["predict", str(tuned["result"].out), *map(str, files), "--top-k", "10", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    for row, expected in zip(rows, isolated["proba"]):
+    for row, expected in zip(rows, isolated["proba"], strict=True):
         got = {int(t["class"]): t["probability"] for t in row["top"]}
         np.testing.assert_allclose([got[c] for c in range(10)], expected, atol=1e-6)
         assert [t["probability"] for t in row["top"]] == sorted((t["probability"] for t in row["top"]), reverse=True)

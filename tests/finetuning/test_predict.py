@@ -44,7 +44,7 @@ def test_predict_run_and_export_agree(pred_env: dict) -> None:
     from_run = fc.predict(pred_env["run"], pred_env["images"], top_k=3, cache_dir=pred_env["cache"])
     from_file = fc.predict(pred_env["exported"] / "model.keras", pred_env["images"], top_k=3)
     assert [p.image for p in from_file] == [str(p) for p in pred_env["images"]]
-    for a, b in zip(from_run, from_file):
+    for a, b in zip(from_run, from_file, strict=True):
         assert len(a.top) == 3 and [c for c, _ in a.top] == [c for c, _ in b.top]
         np.testing.assert_allclose([p for _, p in a.top], [p for _, p in b.top], atol=1e-6)
         assert all(c in [str(d) for d in range(10)] for c, _ in a.top)

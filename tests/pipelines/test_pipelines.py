@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from featurecache.cli.main import app
-from featurecache.pipelines.demo import DEMO_PIPELINE
 from featurecache.errors import PipelineError
+from featurecache.pipelines.demo import DEMO_PIPELINE
 from featurecache.pipelines.run import load_pipeline, run_pipeline
 from tests.conftest import make_image_folder
 

@@ -25,8 +25,8 @@ from featurecache.cache import store
 from featurecache.cli.main import app
 from featurecache.data import load_dataset
 from featurecache.errors import RunError
-from featurecache.training.metrics import wilson_interval
 from featurecache.report import most_confused, top_losses, write_report
+from featurecache.training.metrics import wilson_interval
 from featurecache.training.sweeps.sweep import SweepResult, sweep
 from featurecache.training.train import TrainResult, train_head
 
@@ -73,7 +73,7 @@ def test_top_losses_are_the_highest_recomputed_losses(logreg_run_80: TrainResult
     X, y, ids = digits_80.features("val", view=0)[ok], digits_80.labels("val")[ok], digits_80.ids("val")[ok]
     proba = np.asarray(logreg_run_80.estimator.predict_proba(X), dtype=np.float64)
     proba /= proba.sum(axis=1, keepdims=True)
-    losses = np.array([skm.log_loss([t], [p], labels=range(10)) for t, p in zip(y, proba)])
+    losses = np.array([skm.log_loss([t], [p], labels=range(10)) for t, p in zip(y, proba, strict=True)])
     expected = [str(ids[i]) for i in np.argsort(-losses, kind="stable")[:12]]
 
     worst = top_losses(logreg_run_80.run_dir, split="val", n=12)
@@ -83,7 +83,7 @@ def test_top_losses_are_the_highest_recomputed_losses(logreg_run_80: TrainResult
 
     # The images are those of the dataset for these ids, and the grid labels each with its id.
     split = load_dataset("builtin:digits", limit=80).splits["val"]
-    for image, sid in zip(worst.images, expected):
+    for image, sid in zip(worst.images, expected, strict=True):
         np.testing.assert_array_equal(image, split.load(split.ids.index(sid)))
     fig = worst.figure(columns=4)
     assert [ax.get_xlabel() for ax in fig.axes[:12]] == expected
@@ -154,7 +154,7 @@ def test_top_losses_read_images_back_from_folder_csv_and_npz(tmp_path: Path, cac
         dataset = load_dataset(str(source))
         split = dataset.splits["train"]  # no val split: the run held out half of train
         assert len(worst.rows) == 3, kind
-        for row, image in zip(worst.rows, worst.images):
+        for row, image in zip(worst.rows, worst.images, strict=True):
             i = split.ids.index(row["id"])
             np.testing.assert_array_equal(image, split.load(i))
             assert row["true"] == dataset.classes[split.labels[i]]

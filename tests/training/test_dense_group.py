@@ -47,7 +47,7 @@ def test_heads_trained_together_equal_heads_trained_alone(raw_digits: tuple[np.n
     alone = [DenseHead(**c).fit(Xtr, ytr, X_val=Xva, y_val=yva) for c in configs]
     together = fit_dense_heads([DenseHead(**c) for c in configs], Xtr, ytr, X_val=Xva, y_val=yva)
     assert len(alone[3].history_["loss"]) < 12, "the early-stopping case must actually stop early"
-    for a, t in zip(alone, together):
+    for a, t in zip(alone, together, strict=True):
         _assert_same(a, t, Xva)
 
 
@@ -58,7 +58,7 @@ def test_together_with_augmented_views_and_no_validation(raw_digits: tuple[np.nd
     configs = [dict(hidden="32", epochs=3), dict(hidden="", lr=1e-2, epochs=2)]
     alone = [DenseHead(**c).fit(Xtr, ytr, X_views=views) for c in configs]
     together = fit_dense_heads([DenseHead(**c) for c in configs], Xtr, ytr, X_views=views)
-    for a, t in zip(alone, together):
+    for a, t in zip(alone, together, strict=True):
         _assert_same(a, t, Xva)
         assert "val_loss" not in t.history_
 

@@ -325,7 +325,7 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(en
     # `featurecache predict` on the ensemble run directory rebuilds it from its members.
     result = _invoke(["predict", str(ens), *map(str, files), "--top-k", "10", "--json", "--cache", str(env["cache"])])
     assert result.exit_code == 0, result.output
-    for row, expected in zip(json.loads(result.stdout), isolated["proba"]):
+    for row, expected in zip(json.loads(result.stdout), isolated["proba"], strict=True):
         got = {int(t["class"]): t["probability"] for t in row["top"]}
         np.testing.assert_allclose([got[c] for c in range(10)], expected, atol=1e-5)
 

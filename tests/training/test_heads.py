@@ -523,7 +523,7 @@ def test_dense_head_takes_a_class_weight_dict_like_sklearn(scaled_digits):
     X, y, Xt, _ = scaled_digits
     X, y = X[:300], y[:300]
     balanced = compute_class_weight("balanced", classes=np.unique(y), y=y)
-    as_dict = {int(c): float(w) for c, w in zip(np.unique(y), balanced)}
+    as_dict = {int(c): float(w) for c, w in zip(np.unique(y), balanced, strict=True)}
     params = {"hidden": (16,), "epochs": 2, "patience": 0}
     a = DenseHead(**params, class_weight="balanced").fit(X, y).predict_proba(Xt)
     b = DenseHead(**params, class_weight=as_dict).fit(X, y).predict_proba(Xt)

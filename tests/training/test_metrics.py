@@ -9,8 +9,9 @@ import pytest
 from sklearn import metrics as skm
 
 from featurecache.errors import UsageError
-from featurecache.training.metrics import classification_metrics, wilson_interval
 from featurecache.report import plot_confusion_matrix, plot_leaderboard, plot_training_curves
+from featurecache.training.metrics import classification_metrics, wilson_interval
+
 
 def _random_predictions(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -176,7 +177,7 @@ def test_plot_training_curves(tmp_path):
     fig = training_curves_figure(history, title="dense")
     assert fig.get_suptitle() == "dense"
     assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes] == [("epoch", "loss"), ("epoch", "accuracy")]
-    for ax, metric in zip(fig.axes, ("loss", "accuracy")):
+    for ax, metric in zip(fig.axes, ("loss", "accuracy"), strict=True):
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert set(lines) == {"training", "validation", "best epoch 2"}  # val_loss is lowest at epoch 2
         np.testing.assert_array_equal(lines["training"].get_xdata(), [1, 2, 3, 4])
@@ -249,7 +250,7 @@ def test_leaderboard_plot_of_random_trials_is_readable(tmp_path):
     assert figure_box.x0 <= title.x0 and title.x1 <= figure_box.x1 and title.y1 <= figure_box.y1  # not cut
     labels = [t.get_window_extent(renderer) for t in ax.get_yticklabels()]
     assert all(lb.x0 >= figure_box.x0 for lb in labels)
-    assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:]))  # no overlapping labels
+    assert not any(a.overlaps(b) for a, b in zip(labels, labels[1:], strict=False))  # no overlapping labels
     legend = fig.legends[0].get_window_extent(renderer)
     assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches)
     assert not any(legend.overlaps(lb) for lb in labels)

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import featurecache as fc
-from featurecache.cache import store, views
+from featurecache.cache import views
 from featurecache.cli.main import app
 from featurecache.errors import HeadParamError, SweepError, UnknownHeadError, UsageError
 from featurecache.training.sweeps.sweep import SweepResult, parse_grid, plan_trials, sweep

@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 import featurecache as fc
-from featurecache.cache import store, views
+from featurecache.cache import views
 from featurecache.cli.main import app
 from featurecache.errors import CacheCorruptError
 from featurecache.training.heads import DenseHead, make_head
@@ -380,6 +380,21 @@ def test_damaged_features_are_a_one_line_error_naming_the_entry(digits_features_
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and "unexpected" not in lines[0], result.output
     assert fs.name in lines[0] and f"featurecache cache verify {res.key[:12]} --cache {cache}" in lines[0]
+
+
+def test_unreadable_features_name_the_cache_root_and_every_part_of_a_concatenation(tmp_path: Path) -> None:
+    # A torn array document makes Zarr raise a bare ValueError on read. The fix used to name
+    # ROOT/views as the cache, and a concatenation (whose path is text) crashed with a traceback.
+    cache = tmp_path / "cache"
+    keys = [fc.extract("builtin:digits", **DIGITS, pooling=p, limit=20, cache_dir=cache, progress=False).key for p in ("avg", "max")]
+    store_dir = fc.open_features(keys[0], cache_dir=cache).store.path
+    (store_dir / "v0" / "features" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
+    for ref, named in ((keys[0][:12], keys[:1]), (f"{keys[0]},{keys[1]}", keys)):
+        result = CliRunner().invoke(app, ["train-head", "-f", ref, "--cache", str(cache), "--out", str(tmp_path / "r")])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+        for key in named:
+            assert f"`featurecache cache verify {key[:12]} --cache {cache}`" in lines[0], lines[0]
 
 
 def test_a_class_with_one_image_is_kept_for_training(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ def pooled_moments(views: Any, pool: str, *, block: int = 4096) -> tuple[np.ndar
             x = x.reshape(len(x), -1)
         s1, s2 = x.sum(axis=0), (x * x).sum(axis=0)
         total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
+    assert total is not None and sq is not None, "no rows"  # training sets are never empty (load_training_data refuses them)
     mean = total / max(n, 1)
     return mean, np.maximum(sq / max(n, 1) - mean * mean, 0.0)
 

@@ -151,9 +151,9 @@ def fit_dense_heads(
         raise UsageError(f"callbacks has {len(extra)} entries for {len(heads)} heads; pass one sequence of Keras callbacks per head")
     first, preps = _prepare_group(heads, X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
-    models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps)]
+    models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps, strict=True)]
     optimizers = [make_optimizer(p.cfg["optimizer"], p.cfg["lr"]) for p in preps]
-    for opt, model in zip(optimizers, models):
+    for opt, model in zip(optimizers, models, strict=True):
         opt.build(model.trainable_variables)
         # Compiled before training, as Model.fit has it: callbacks read model.optimizer, and the
         # fitted head behaves like one Keras trained.
@@ -162,7 +162,7 @@ def fit_dense_heads(
     data = make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=first.cfg["batch_size"], seed=first.cfg["seed"])
     hooks = _callback_lists(models, preps, extra, steps=len(data))
     histories, kept = _train_group(models, optimizers, preps, data, hooks)
-    for head, prep, model, hist, best in zip(heads, preps, models, histories, kept):
+    for head, prep, model, hist, best in zip(heads, preps, models, histories, kept, strict=True):
         head.set_fitted(prep, model, hist, best)
     return heads
 
@@ -205,7 +205,7 @@ def _callback_lists(models: Sequence[Any], preps: Sequence[FitInputs], extra: Se
     import keras
 
     out: list[Any] = []
-    for model, prep, cbs in zip(models, preps, extra):
+    for model, prep, cbs in zip(models, preps, extra, strict=True):
         verbose = prep.cfg["verbose"]
         if not cbs and not verbose:
             out.append(None)  # nothing observes this head: skip the per-batch hook calls
@@ -253,7 +253,7 @@ def _train_group(models: Sequence[Any], optimizers: Sequence[Any], preps: Sequen
             if hooks[i] is not None:
                 hooks[i].on_epoch_end(epoch, {k: v[-1] for k, v in history[i].items()})
         epoch += 1
-    kept = [s.restore(m, n_epochs=len(h.get("loss", []))) for s, m, h in zip(stoppers, models, history)]
+    kept = [s.restore(m, n_epochs=len(h.get("loss", []))) for s, m, h in zip(stoppers, models, history, strict=True)]
     for i in observed:
         hooks[i].on_train_end({k: v[-1] for k, v in history[i].items()})
     return history, kept
@@ -294,13 +294,13 @@ def _train_steps(models: Sequence[Any], optimizers: Sequence[Any], head_loss: Ca
             def step(x: Any, y_true: Any, weight: Any) -> Any:
                 with tf.GradientTape() as tape:
                     probas = [m(x, training=True) for m in ms]
-                    losses = [head_loss(m, y_true, p, weight) for m, p in zip(ms, probas)]
+                    losses = [head_loss(m, y_true, p, weight) for m, p in zip(ms, probas, strict=True)]
                     total = tf.add_n(losses)
                 variables = [m.trainable_variables for m in ms]
                 grads = tape.gradient(total, [v for vs in variables for v in vs])
                 at = 0
-                for opt, vs in zip(opts, variables):
-                    opt.apply_gradients(zip(grads[at : at + len(vs)], vs))
+                for opt, vs in zip(opts, variables, strict=True):
+                    opt.apply_gradients(zip(grads[at : at + len(vs)], vs, strict=True))
                     at += len(vs)
                 correct = [tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32) for p in probas]
                 # Unweighted, like the accuracy Keras's fit reports with sample weights.
@@ -320,7 +320,7 @@ def _val_step(models: Sequence[Any], head_loss: Callable[..., Any]) -> Any:
     def val_step(x: Any, y_true: Any) -> Any:
         probas = [m(x, training=False) for m in models]
         ones = tf.ones_like(y_true, dtype=tf.float32)
-        losses = [head_loss(m, y_true, p, ones) for m, p in zip(models, probas)]
+        losses = [head_loss(m, y_true, p, ones) for m, p in zip(models, probas, strict=True)]
         correct = [tf.reduce_mean(tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32)) for p in probas]
         return tf.stack(losses), tf.stack(correct)
 

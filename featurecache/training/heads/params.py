@@ -53,8 +53,7 @@ class SearchSpace:
         if self.kind == "choice":
             ok = len(self.choices) > 0
         else:
-            ok = self.low is not None and self.high is not None and self.low <= self.high
-            ok = ok and (self.kind != "loguniform" or self.low > 0)
+            ok = self.low is not None and self.high is not None and self.low <= self.high and (self.kind != "loguniform" or self.low > 0)
         if not ok:
             raise ValueError(
                 f"SearchSpace({self.kind!r}, low={self.low!r}, high={self.high!r}, "

@@ -295,7 +295,7 @@ def _import_path_spec(path: str) -> HeadSpec:
     from sklearn.base import is_classifier
 
     try:
-        instance = cls()
+        instance: Any = cls()
         defaults = instance.get_params(deep=False)
     except Exception as exc:  # any constructor/get_params failure means: not a usable head
         raise UnknownHeadError(

@@ -154,8 +154,8 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
             )
         write_atomic(out / "head.skops", lambda tmp: tmp.write_bytes(data))
         (out / "head.keras").unlink(missing_ok=True)
-        classes = getattr(est, "classes_", None)
-        meta.update(kind="sklearn", files=["head.skops"], classes=np.asarray(classes).tolist() if classes is not None else None)
+        fitted = getattr(est, "classes_", None)
+        meta.update(kind="sklearn", files=["head.skops"], classes=np.asarray(fitted).tolist() if fitted is not None else None)
     (out / LEGACY_HEAD_FILE).unlink(missing_ok=True)
     meta.update(estimator=f"{type(est).__module__}.{type(est).__qualname__}", versions=versions)
     write_atomic(out / "head.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
@@ -236,7 +236,8 @@ def _load_dense(src: Path, meta: dict[str, Any]) -> BaseEstimator:
     fields = meta.get("dense") or {}
     try:
         # JSON turns the tuple hidden=(256, 128) into a list; get_params must round-trip.
-        est = DenseHead(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields["params"].items()})
+        params: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields["params"].items()}
+        est = DenseHead(**params)
         est.classes_ = np.asarray(fields["classes"], dtype=np.dtype(fields["classes_dtype"]))
         est.history_ = {str(k): [float(v) for v in vals] for k, vals in (fields.get("history") or {}).items()}
         est.best_epoch_ = int(fields["best_epoch"])

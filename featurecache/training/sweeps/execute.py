@@ -168,7 +168,7 @@ def _run_group(trials: Sequence[TrialSpec], data: Any, ctx: TrialContext) -> lis
     fit_seconds = time.perf_counter() - started
     checkpoint("trial_fitted")
     out = []
-    for trial, estimator in zip(trials, estimators):
+    for trial, estimator in zip(trials, estimators, strict=True):
         t0 = time.perf_counter()
         record = new_record(trial, data, ctx.parent_pid, ctx.call)
         record["worker"]["tf_threads"] = threads

@@ -25,13 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurecache._runtime.progress import ProgressBar
 from featurecache.cache import views
+from featurecache.cache.concat import ConcatFeatures  # at run time: the pipeline type check reads sweep's hints
 from featurecache.cache.fsio import write_json  # atomic, unique temp name per writer
 from featurecache.errors import SweepError, UsageError, choices
-from featurecache._runtime.progress import ProgressBar
 from featurecache.training.rundir import clean_leftovers
-from featurecache.training.sweeps.directory import BEST_DIR, check_sweep_dir, default_sweep_dir, earlier_trials, keep_best, sweep_meta
-from featurecache.training.sweeps.execute import MAX_GROUP, TF_THREADS_ENV, TrialContext, plan_work, run_pending, shared_arrays, sweep_tf_threads
+from featurecache.training.sweeps.directory import (
+    BEST_DIR,
+    check_sweep_dir,
+    default_sweep_dir,
+    earlier_trials,
+    keep_best,
+    sweep_meta,
+)
+from featurecache.training.sweeps.execute import (
+    MAX_GROUP,
+    TF_THREADS_ENV,
+    TrialContext,
+    plan_work,
+    run_pending,
+    shared_arrays,
+    sweep_tf_threads,
+)
 from featurecache.training.sweeps.grid import TrialSpec, parse_grid, plan_trials
 from featurecache.training.sweeps.leaderboard import leaderboard_table, metric_names, rank, write_leaderboard
 from featurecache.training.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, finished_records
@@ -97,7 +113,7 @@ class SweepResult:
 
 
 def sweep(
-    features: str | views.FeatureSet,
+    features: str | Sequence[str] | views.FeatureSet | ConcatFeatures,
     *,
     grid: Sequence[str] = (),
     trials: int = 0,
