@@ -42,11 +42,14 @@ _EXPORTS: dict[str, str] = {
     "open_features": "featurecache.cache.views",
     "resolve_cache_dir": "featurecache.cache.store",
     "train_head": "featurecache.training.train",
+    "TrainOptions": "featurecache.training.options",
+    "SweepOptions": "featurecache.training.options",
     "sweep": "featurecache.training.sweeps.sweep",
     "EnsembleResult": "featurecache.training.ensemble",
     "ensemble": "featurecache.training.ensemble",
     "FinetuneResult": "featurecache.finetuning.finetune",
     "finetune": "featurecache.finetuning.finetune",
+    "FinetuneOptions": "featurecache.finetuning.options",
     "EvaluateResult": "featurecache.finetuning.predict",
     "Prediction": "featurecache.finetuning.predict",
     "evaluate": "featurecache.finetuning.predict",
@@ -93,7 +96,9 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from featurecache.extraction.extract import ExtractResult, extract, features_for, plan
     from featurecache.extraction.options import ExtractOptions
     from featurecache.finetuning.finetune import FinetuneResult, finetune
+    from featurecache.finetuning.options import FinetuneOptions
     from featurecache.finetuning.predict import EvaluateResult, Prediction, evaluate, predict
     from featurecache.training.ensemble import EnsembleResult, ensemble
     from featurecache.training.sweeps.sweep import sweep
+    from featurecache.training.options import SweepOptions, TrainOptions
     from featurecache.training.train import train_head
