@@ -73,7 +73,11 @@ def option_parameters(cls: type[Options], names: Sequence[str] | None = None) ->
             kind = str  # the dataclass names the allowed values in its error
         flags = [meta["flag"], *([meta["short"]] if meta["short"] else [])]
         info = typer.Option(*flags, help=meta["help"], show_default=default is not None)
-        out.append(inspect.Parameter(cli_name(f), inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info]))
+        out.append(
+            inspect.Parameter(
+                cli_name(f), inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info]
+            )
+        )
     return out
 
 
@@ -97,7 +101,9 @@ def to_options(cls: type[OptionsT], values: Mapping[str, Any]) -> OptionsT:
     return cls(**kwargs)
 
 
-def stage_options(cls: type[Options], names: Sequence[str] | None = None, *, param: str = "options") -> Callable[[F], F]:
+def stage_options(
+    cls: type[Options], names: Sequence[str] | None = None, *, param: str = "options"
+) -> Callable[[F], F]:
     """Give a command the options of ``cls``: its parameter ``param`` becomes one option per field.
 
     Parameters
@@ -124,14 +130,18 @@ def stage_options(cls: type[Options], names: Sequence[str] | None = None, *, par
             if p.name == param:
                 params += option_parameters(cls, names)
             else:
-                params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
+                params.append(
+                    p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+                )
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             built = to_options(cls, {n: kwargs.pop(n) for n in shown if n in kwargs})
             return fn(**{param: built}, **kwargs)
 
-        command.__signature__ = inspect.Signature(params, return_annotation=hints.get("return", inspect.Signature.empty))  # type: ignore[attr-defined]
+        command.__signature__ = inspect.Signature(
+            params, return_annotation=hints.get("return", inspect.Signature.empty)
+        )  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command  # type: ignore[return-value]
 

@@ -51,7 +51,9 @@ class FinetuneOptions(Options):
     optimizer: str = option("adam", "--optimizer", "adam, rmsprop or sgd (momentum 0.9).")
     batch_size: int = option(32, "--batch-size", "Images per step.")
     augment: str | None = option(
-        None, "--augment", "On-the-fly augmentation of training images, e.g. flip,rotation=10,zoom=0.1 (new draw each epoch)."
+        None,
+        "--augment",
+        "On-the-fly augmentation of training images, e.g. flip,rotation=10,zoom=0.1 (new draw each epoch).",
     )
     patience: int = option(3, "--patience", "Early-stopping patience on val_loss (0: off).")
     tolerance: float = option(1e-4, "--tolerance", "Equivalence check: largest allowed probability difference.")
@@ -81,7 +83,11 @@ class FinetuneOptions(Options):
             object.__setattr__(self, "check_samples", None)  # 0: all, as on the command line
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r} is not one of {choices(OPTIMIZERS)}")
-        for flag, value, low in (("--epochs", self.epochs, 0), ("--batch-size", self.batch_size, 1), ("--patience", self.patience, 0)):
+        for flag, value, low in (
+            ("--epochs", self.epochs, 0),
+            ("--batch-size", self.batch_size, 1),
+            ("--patience", self.patience, 0),
+        ):
             bounded(flag, value, low, None)
         real("--lr", self.lr, above=0)
         real("--tolerance", self.tolerance, at_least=0)
@@ -90,5 +96,7 @@ class FinetuneOptions(Options):
             if value is not None:
                 bounded(flag, value, 1, None, "; omit it for all images" if flag == "--limit" else " (0: all)")
         if not isinstance(self.unfreeze, str) or not self.unfreeze.strip():
-            raise UsageError(f"--unfreeze must name blocks, got {self.unfreeze!r}; pass e.g. --unfreeze top:1, all or none")
+            raise UsageError(
+                f"--unfreeze must name blocks, got {self.unfreeze!r}; pass e.g. --unfreeze top:1, all or none"
+            )
         AugmentSpec.parse(self.augment)  # a bad spec fails here, before the run is rebuilt

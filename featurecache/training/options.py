@@ -67,7 +67,9 @@ class TrainOptions(Options):
     """
 
     head: str = option(
-        "logreg", "--head", "Head: logreg, linear-svm, ridge, sgd, knn, dense, or module:Class (see `featurecache heads`)."
+        "logreg",
+        "--head",
+        "Head: logreg, linear-svm, ridge, sgd, knn, dense, or module:Class (see `featurecache heads`).",
     )
     params: Mapping[str, Any] | None = option(
         None,
@@ -121,9 +123,13 @@ class SweepOptions(Options):
         short="-g",
         repeat=True,
     )
-    trials: int = option(0, "--trials", "Random configurations per head of --heads, from each head's search space.", short="-n")
+    trials: int = option(
+        0, "--trials", "Random configurations per head of --heads, from each head's search space.", short="-n"
+    )
     heads: tuple[str, ...] = option(
-        ("logreg", "dense"), "--heads", "Comma-separated heads for --trials (or one default trial each without --grid/--trials)."
+        ("logreg", "dense"),
+        "--heads",
+        "Comma-separated heads for --trials (or one default trial each without --grid/--trials).",
     )
     n_jobs: int = option(1, "--jobs", "Trials in parallel (process workers; -1 = all cores).", short="-j")
     together: bool = option(
@@ -133,7 +139,9 @@ class SweepOptions(Options):
         "(same results, less time).",
     )
     metric: str = option(
-        "val_accuracy", "--metric", "Ranking metric: val_accuracy, val_log_loss, val_macro_f1, val_kappa, val_top3_accuracy, ..."
+        "val_accuracy",
+        "--metric",
+        "Ranking metric: val_accuracy, val_log_loss, val_macro_f1, val_kappa, val_top3_accuracy, ...",
     )
     out: str | os.PathLike[str] | None = option(None, "--out", OUT_HELP, short="-o")
     runs_dir: str | os.PathLike[str] = option(Path("runs"), "--runs-dir", RUNS_DIR_HELP)
@@ -156,7 +164,9 @@ class SweepOptions(Options):
         self.normalise()
         for flag, values in (("--grid", self.grid), ("--heads", self.heads)):
             if not isinstance(values, tuple) or not all(isinstance(v, str) and v for v in values):
-                raise UsageError(f"{flag} {values!r} must be strings, e.g. {flag} {'logreg:C=0.1,1' if flag == '--grid' else 'logreg,dense'}")
+                raise UsageError(
+                    f"{flag} {values!r} must be strings, e.g. {flag} {'logreg:C=0.1,1' if flag == '--grid' else 'logreg,dense'}"
+                )
         bounded("--trials", self.trials, 0, None)
         if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs == 0:
             raise UsageError(f"--jobs must be a positive number of workers or -1 for all cores, got {self.n_jobs!r}")
