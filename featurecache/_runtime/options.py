@@ -103,12 +103,6 @@ class Options:
         """Every field, in declaration order."""
         return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
 
-    @classmethod
-    def flag(cls, name: str) -> str:
-        """The long flag of field ``name`` (``--x`` of ``--x/--no-x``)."""
-        f = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
-        return str(f.metadata["flag"]).split("/")[0]
-
     def normalise(self) -> None:
         """Store path-like fields as ``Path``, sequences in tuple fields as tuples (first in ``__post_init__``)."""
         hints = typing.get_type_hints(type(self))
@@ -210,8 +204,8 @@ def bounded(flag: str, value: Any, lo: int, hi: int | None, why: str = "") -> No
     ok = (
         isinstance(value, numbers.Integral)
         and not isinstance(value, bool)
-        and lo <= value
-        and (hi is None or value <= hi)
+        and lo <= int(value)
+        and (hi is None or int(value) <= hi)
     )
     if not ok:
         span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"

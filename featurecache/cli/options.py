@@ -139,9 +139,8 @@ def stage_options(
             built = to_options(cls, {n: kwargs.pop(n) for n in shown if n in kwargs})
             return fn(**{param: built}, **kwargs)
 
-        command.__signature__ = inspect.Signature(
-            params, return_annotation=hints.get("return", inspect.Signature.empty)
-        )  # type: ignore[attr-defined]
+        signature = inspect.Signature(params, return_annotation=hints.get("return", inspect.Signature.empty))
+        command.__signature__ = signature  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command  # type: ignore[return-value]
 

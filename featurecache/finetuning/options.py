@@ -42,7 +42,8 @@ class FinetuneOptions(Options):
     unfreeze: str = option(
         "top:1",
         "--unfreeze",
-        "Backbone blocks to train: names (see `featurecache backbones --blocks NAME`), top:N, all or none; comma-separated.",
+        "Backbone blocks to train: names (see `featurecache backbones --blocks NAME`), top:N, all or none; "
+        "comma-separated.",
         short="-u",
     )
     epochs: int = option(10, "--epochs", "Maximum epochs (0: only rebuild, check and export).")
@@ -92,9 +93,9 @@ class FinetuneOptions(Options):
         real("--lr", self.lr, above=0)
         real("--tolerance", self.tolerance, at_least=0)
         bounded("--seed", self.seed, 0, MAX_SEED)
-        for flag, value in (("--check-samples", self.check_samples), ("--limit", self.limit)):
-            if value is not None:
-                bounded(flag, value, 1, None, "; omit it for all images" if flag == "--limit" else " (0: all)")
+        for flag, count in (("--check-samples", self.check_samples), ("--limit", self.limit)):
+            if count is not None:
+                bounded(flag, count, 1, None, "; omit it for all images" if flag == "--limit" else " (0: all)")
         if not isinstance(self.unfreeze, str) or not self.unfreeze.strip():
             raise UsageError(
                 f"--unfreeze must name blocks, got {self.unfreeze!r}; pass e.g. --unfreeze top:1, all or none"

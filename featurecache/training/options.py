@@ -94,7 +94,8 @@ class TrainOptions(Options):
             raise UsageError(f"--head must be a non-empty string, got {self.head!r}; pass e.g. --head logreg")
         if self.params is not None and not isinstance(self.params, Mapping):
             raise UsageError(
-                f"--param {self.params!r} is not NAME=VALUE pairs; pass e.g. -p C=0.1 (in Python, a dict such as {{'C': 0.1}})"
+                f"--param {self.params!r} is not NAME=VALUE pairs; "
+                "pass e.g. -p C=0.1 (in Python, a dict such as {'C': 0.1})"
             )
         # A private copy (the caller's dict may change later); no parameters is None, however given.
         object.__setattr__(self, "params", dict(self.params) if self.params else None)
@@ -164,9 +165,8 @@ class SweepOptions(Options):
         self.normalise()
         for flag, values in (("--grid", self.grid), ("--heads", self.heads)):
             if not isinstance(values, tuple) or not all(isinstance(v, str) and v for v in values):
-                raise UsageError(
-                    f"{flag} {values!r} must be strings, e.g. {flag} {'logreg:C=0.1,1' if flag == '--grid' else 'logreg,dense'}"
-                )
+                example = "logreg:C=0.1,1" if flag == "--grid" else "logreg,dense"
+                raise UsageError(f"{flag} {values!r} must be strings, e.g. {flag} {example}")
         bounded("--trials", self.trials, 0, None)
         if isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, int) or self.n_jobs == 0:
             raise UsageError(f"--jobs must be a positive number of workers or -1 for all cores, got {self.n_jobs!r}")
