@@ -9,7 +9,7 @@ import typer
 
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
 from featurecache.cli.options import stage_options
-from featurecache.finetuning.options import FinetuneOptions
+from featurecache.finetuning.options import BATCH_HELP, LIMIT_HELP, NO_PLOTS_HELP, WEIGHTS_HELP, FinetuneOptions
 
 ModelArg = Annotated[
     Path,
@@ -17,11 +17,12 @@ ModelArg = Annotated[
 ]
 WeightsOpt = Annotated[
     str | None,
-    typer.Option("--weights", "-w", help="Backbone weights when rebuilding a run (default: what the run records).", show_default=False),
+    typer.Option("--weights", "-w", help=WEIGHTS_HELP, show_default=False),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most N images per split (default: the run's --limit).", show_default=False)]
-NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help="Do not write PNG plots.")]
+# The help of the options evaluate and predict share with finetune is FinetuneOptions's.
+BatchOpt = Annotated[int, typer.Option("--batch-size", help=BATCH_HELP)]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help=LIMIT_HELP, show_default=False)]
+NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help=NO_PLOTS_HELP)]
 
 
 def _metric_line(metrics: dict) -> str:

@@ -22,6 +22,12 @@ from featurecache.training.options import TENSORBOARD_HELP
 
 __all__ = ["FinetuneOptions"]
 
+# Help of the options evaluate and predict share (cli/finetuning.py reads them from here).
+BATCH_HELP = "Images per step."
+LIMIT_HELP = "At most N images per split (default: the run's --limit)."
+WEIGHTS_HELP = "Backbone weights when rebuilding a run (default: what the run records)."
+NO_PLOTS_HELP = "Do not write PNG plots."
+
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneOptions(Options):
@@ -50,7 +56,7 @@ class FinetuneOptions(Options):
     out: str | os.PathLike[str] | None = option(None, "--out", "Output directory (default: <run>-ft).", short="-o")
     lr: float = option(1e-5, "--lr", "Initial learning rate (reduced on plateau).")
     optimizer: str = option("adam", "--optimizer", "adam, rmsprop or sgd (momentum 0.9).")
-    batch_size: int = option(32, "--batch-size", "Images per step.")
+    batch_size: int = option(32, "--batch-size", BATCH_HELP)
     augment: str | None = option(
         None,
         "--augment",
@@ -64,13 +70,11 @@ class FinetuneOptions(Options):
     data: str | None = option(
         None, "--data", "The run's dataset at another location (default: the recorded source).", short="-d"
     )
-    limit: int | None = option(None, "--limit", "At most N images per split (default: the run's --limit).")
-    weights: str | None = option(
-        None, "--weights", "Backbone weights when rebuilding a run (default: what the run records).", short="-w"
-    )
+    limit: int | None = option(None, "--limit", LIMIT_HELP)
+    weights: str | None = option(None, "--weights", WEIGHTS_HELP, short="-w")
     seed: int = option(0, "--seed", "Seed of batch order, augmentation and dropout.")
     savedmodel: bool = option(False, "--savedmodel", "Also export a TensorFlow SavedModel to <out>/savedmodel.")
-    plots: bool = option(True, "--no-plots", "Do not write PNG plots.")
+    plots: bool = option(True, "--no-plots", NO_PLOTS_HELP)
     tensorboard: str | os.PathLike[str] | None = option(None, "--tensorboard", TENSORBOARD_HELP)
 
     VERB = "finetune"
