@@ -42,11 +42,14 @@ _EXPORTS: dict[str, str] = {
     "open_features": "featurecache.cache.views",
     "resolve_cache_dir": "featurecache.cache.store",
     "train_head": "featurecache.training.train",
+    "TrainOptions": "featurecache.training.options",
+    "SweepOptions": "featurecache.training.options",
     "sweep": "featurecache.training.sweeps.sweep",
     "EnsembleResult": "featurecache.training.ensemble",
     "ensemble": "featurecache.training.ensemble",
     "FinetuneResult": "featurecache.finetuning.finetune",
     "finetune": "featurecache.finetuning.finetune",
+    "FinetuneOptions": "featurecache.finetuning.options",
     "EvaluateResult": "featurecache.finetuning.predict",
     "Prediction": "featurecache.finetuning.predict",
     "evaluate": "featurecache.finetuning.predict",
@@ -104,11 +107,14 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers and IDEs see
     from featurecache.extraction.options import ExtractOptions as ExtractOptions
     from featurecache.finetuning.finetune import FinetuneResult as FinetuneResult
     from featurecache.finetuning.finetune import finetune as finetune
+    from featurecache.finetuning.options import FinetuneOptions as FinetuneOptions
     from featurecache.finetuning.predict import EvaluateResult as EvaluateResult
     from featurecache.finetuning.predict import Prediction as Prediction
     from featurecache.finetuning.predict import evaluate as evaluate
     from featurecache.finetuning.predict import predict as predict
     from featurecache.training.ensemble import EnsembleResult as EnsembleResult
     from featurecache.training.ensemble import ensemble as ensemble
+    from featurecache.training.options import SweepOptions as SweepOptions
+    from featurecache.training.options import TrainOptions as TrainOptions
     from featurecache.training.sweeps.sweep import sweep as sweep
     from featurecache.training.train import train_head as train_head

@@ -48,10 +48,6 @@ CacheOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-TensorBoardOpt = Annotated[
-    Path | None,
-    typer.Option("--tensorboard", help="Also write TensorBoard logs to this directory (view: tensorboard --logdir DIR).", show_default=False),
-]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

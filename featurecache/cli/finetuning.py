@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, TensorBoardOpt, handle_errors, print_json
+from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
+from featurecache.cli.options import stage_options
+from featurecache.finetuning.options import BATCH_HELP, LIMIT_HELP, NO_PLOTS_HELP, WEIGHTS_HELP, FinetuneOptions
 
 ModelArg = Annotated[
     Path,
@@ -15,11 +17,12 @@ ModelArg = Annotated[
 ]
 WeightsOpt = Annotated[
     str | None,
-    typer.Option("--weights", "-w", help="Backbone weights when rebuilding a run (default: what the run records).", show_default=False),
+    typer.Option("--weights", "-w", help=WEIGHTS_HELP, show_default=False),
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per step.")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most N images per split (default: the run's --limit).", show_default=False)]
-NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help="Do not write PNG plots.")]
+# The help of the options evaluate and predict share with finetune is FinetuneOptions's.
+BatchOpt = Annotated[int, typer.Option("--batch-size", help=BATCH_HELP)]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help=LIMIT_HELP, show_default=False)]
+NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help=NO_PLOTS_HELP)]
 
 
 def _metric_line(metrics: dict) -> str:
@@ -30,34 +33,10 @@ def _metric_line(metrics: dict) -> str:
 
 
 @handle_errors
+@stage_options(FinetuneOptions, param="finetune_options")
 def finetune_cmd(
     run: Annotated[Path, typer.Option("--run", "-r", help="The train-head run directory to fine-tune (an ensemble is only exported: --epochs 0).", show_default=False)],
-    unfreeze: Annotated[
-        str,
-        typer.Option("--unfreeze", "-u", help="Backbone blocks to train: names (see `featurecache backbones --blocks NAME`), top:N, all or none; comma-separated."),
-    ] = "top:1",
-    epochs: Annotated[int, typer.Option("--epochs", help="Maximum epochs (0: only rebuild, check and export).")] = 10,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default: <run>-ft).", show_default=False)] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Initial learning rate (reduced on plateau).")] = 1e-5,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam, rmsprop or sgd (momentum 0.9).")] = "adam",
-    batch_size: BatchOpt = 32,
-    augment: Annotated[
-        str | None,
-        typer.Option("--augment", help="On-the-fly augmentation of training images, e.g. flip,rotation=10,zoom=0.1 (new draw each epoch).", show_default=False),
-    ] = None,
-    patience: Annotated[int, typer.Option("--patience", help="Early-stopping patience on val_loss (0: off).")] = 3,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Equivalence check: largest allowed probability difference.")] = 1e-4,
-    check_samples: Annotated[int, typer.Option("--check-samples", help="Validation images used by the equivalence check (0: all).")] = 512,
-    data: Annotated[
-        str | None,
-        typer.Option("--data", "-d", help="The run's dataset at another location (default: the recorded source).", show_default=False),
-    ] = None,
-    limit: LimitOpt = None,
-    weights: WeightsOpt = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of batch order, augmentation and dropout.")] = 0,
-    savedmodel: Annotated[bool, typer.Option("--savedmodel", help="Also export a TensorFlow SavedModel to <out>/savedmodel.")] = False,
-    no_plots: NoPlotsOpt = False,
-    tensorboard: TensorBoardOpt = None,
+    finetune_options: FinetuneOptions,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -65,28 +44,7 @@ def finetune_cmd(
     """Rebuild backbone + head from a run, check it reproduces the head, fine-tune it, export model.keras."""
     from featurecache.finetuning.finetune import finetune
 
-    result = finetune(
-        run,
-        unfreeze=unfreeze,
-        epochs=epochs,
-        out=out,
-        lr=lr,
-        optimizer=optimizer,
-        batch_size=batch_size,
-        augment=augment,
-        patience=patience,
-        tolerance=tolerance,
-        check_samples=check_samples or None,
-        data=data,
-        limit=limit,
-        weights=weights,
-        seed=seed,
-        savedmodel=savedmodel,
-        plots=not no_plots,
-        cache_dir=cache,
-        progress=not (quiet or json_out),
-        tensorboard=tensorboard,
-    )
+    result = finetune(run, finetune_options, cache_dir=cache, progress=not (quiet or json_out))
     if json_out:
         print_json(result.to_json())
         return

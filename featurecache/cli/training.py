@@ -19,15 +19,15 @@ from featurecache.cli._common import (
     CacheOpt,
     JsonOpt,
     QuietOpt,
-    TensorBoardOpt,
-    csv_items,
     handle_errors,
     print_json,
 )
 from featurecache.cli.cluster_opts import ClusterOpt, SchedulerFileOpt, SchedulerOpt, VerboseOpt, dask_client
 from featurecache.cli.extract_opts import LimitOpt, extract_options
+from featurecache.cli.options import stage_options
 from featurecache.errors import UsageError
 from featurecache.extraction.options import ExtractOptions
+from featurecache.training.options import SweepOptions, TrainOptions
 
 FeaturesOpt = Annotated[
     str | None,
@@ -42,9 +42,6 @@ DataRefOpt = Annotated[
     str | None,
     typer.Option("--data", "-d", help="Instead of --features: the --data given to `featurecache extract` (with the same --backbone, --weights, ... options).", show_default=False),
 ]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.", show_default=False)]
-RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Parent of the default output directory.")]
-ValFractionOpt = Annotated[float, typer.Option("--val-fraction", help="Fraction of train held out for validation when the features have no val split.")]
 
 
 def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: str | None) -> Any:
@@ -65,35 +62,17 @@ def _feature_set(features: str | None, *, data: str | None, options: ExtractOpti
     return features_for(data, options, limit=limit, cache_dir=cache)
 
 
-def _params(items: list[str] | None) -> dict[str, str]:
-    from featurecache.training.heads import parse_param
-
-    out: dict[str, str] = {}
-    for item in items or []:
-        name, value = parse_param(item)
-        if name in out:
-            raise UsageError(f"--param {name} is given twice ({out[name]!r} and {value!r}); pass it once")
-        out[name] = value
-    return out
-
-
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
 @handle_errors
 @extract_options()
+@stage_options(TrainOptions, param="train")
 def train_head_cmd(
     *,
     features: FeaturesOpt = None,
-    head: Annotated[str, typer.Option("--head", help="Head: logreg, linear-svm, ridge, sgd, knn, dense, or module:Class (see `featurecache heads`).")] = "logreg",
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Head parameter NAME=VALUE, repeatable, e.g. -p hidden=256-128 -p dropout=0.5.", show_default=False)] = None,
-    out: OutOpt = None,
-    runs_dir: RunsDirOpt = Path("runs"),
-    val_fraction: ValFractionOpt = 0.15,
-    val_seed: Annotated[int, typer.Option("--val-seed", help="Seed of the validation hold-out.")] = 0,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
-    tensorboard: TensorBoardOpt = None,
+    train: TrainOptions,
     data: DataRefOpt = None,
     options: ExtractOptions,
     limit: LimitOpt = None,
@@ -104,20 +83,16 @@ def train_head_cmd(
     from featurecache.training.heads import coerce_head_params
     from featurecache.training.train import train_head
 
-    params = _params(param)
-    coerce_head_params(head, params)  # a bad head or parameter fails before features are looked up
+    coerce_head_params(train.head, train.params)  # a bad head or parameter fails before features are looked up
     fs = _feature_set(features, data=data, options=options, limit=limit, cache=cache)
-    result = train_head(
-        fs, head=head, params=params, out=out, runs_dir=runs_dir, val_fraction=val_fraction, seed=val_seed,
-        cache_dir=cache, plots=not no_plots, tensorboard=tensorboard,
-    )
+    result = train_head(fs, train, cache_dir=cache)
     if json_out:
         print_json(result.to_json())
         return
     untrained = result.untrained_classes
     if untrained:
         typer.echo(f"warning: {len(untrained)} classes have no valid training image, so the head never predicts them: {', '.join(untrained[:10])}", err=True)
-    typer.echo(f"trained {head} on {fs.name} in {result.seconds:.1f} s")
+    typer.echo(f"trained {train.head} on {fs.name} in {result.seconds:.1f} s")
     for split, m in result.metrics.items():
         typer.echo(
             f"{split:>4}: accuracy {_fmt(m['accuracy'])}  log loss {_fmt(m['log_loss'])}  "
@@ -128,28 +103,18 @@ def train_head_cmd(
 
 @handle_errors
 @extract_options()
+@stage_options(SweepOptions, param="sweep_options")
 def sweep_cmd(
     *,
     features: FeaturesOpt = None,
-    grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help="HEAD:NAME=V1,V2;NAME=V1,V2 (cartesian product), repeatable, e.g. \"logreg:C=0.01,0.1,1\".", show_default=False)] = None,
-    trials: Annotated[int, typer.Option("--trials", "-n", help="Random configurations per head of --heads, from each head's search space.")] = 0,
-    heads: Annotated[str, typer.Option("--heads", help="Comma-separated heads for --trials (or one default trial each without --grid/--trials).")] = "logreg,dense",
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials in parallel (process workers; -1 = all cores).")] = 1,
+    sweep_options: SweepOptions,
     backend: Annotated[
         str, typer.Option("--backend", help="local (joblib process workers) or dask (trials on a Dask cluster; needs --cluster/--scheduler).")
     ] = "local",
     cluster: ClusterOpt = None,
     scheduler: SchedulerOpt = None,
     scheduler_file: SchedulerFileOpt = None,
-    together: Annotated[bool, typer.Option("--together/--one-by-one", help="Train dense trials with the same batch_size/seed/class_weight/pool in one shared pass over the features (same results, less time).")] = True,
-    metric: Annotated[str, typer.Option("--metric", help="Ranking metric: val_accuracy, val_log_loss, val_macro_f1, val_kappa, val_top3_accuracy, ...")] = "val_accuracy",
-    out: OutOpt = None,
-    runs_dir: RunsDirOpt = Path("runs"),
-    val_fraction: ValFractionOpt = 0.15,
-    sweep_seed: Annotated[int, typer.Option("--sweep-seed", help="Seed of the random --trials draws and of the validation hold-out.")] = 0,
     top: Annotated[int, typer.Option("--top", help="Rows of the leaderboard printed.")] = 20,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots and report.html.")] = False,
-    tensorboard: TensorBoardOpt = None,
     data: DataRefOpt = None,
     options: ExtractOptions,
     limit: LimitOpt = None,
@@ -165,8 +130,8 @@ def sweep_cmd(
         raise UsageError(f"--backend must be local or dask, got {backend!r}")
     if (backend == "dask") != bool(cluster or scheduler or scheduler_file):
         raise UsageError("--backend dask goes with one of --cluster local:N, --scheduler tcp://host:8786 or --scheduler-file FILE, and they with it")
-    head_list = csv_items(heads)
-    plan_trials(grid=grid or (), trials=trials, heads=head_list, seed=sweep_seed)  # bad grids fail before the lookup
+    so = sweep_options
+    plan_trials(grid=so.grid, trials=so.trials, heads=list(so.heads), seed=so.seed)  # bad grids fail before the lookup
     fs = _feature_set(features, data=data, options=options, limit=limit, cache=cache)
     import contextlib
 
@@ -175,16 +140,13 @@ def sweep_cmd(
     with dask_client(cluster, scheduler, scheduler_file, verbose=verbose) as client:
         # Trials go through joblib; its dask backend takes them to the client's cluster.
         with joblib.parallel_config(backend="dask") if client is not None else contextlib.nullcontext():
-            result = sweep(
-                fs, grid=grid or (), trials=trials, heads=head_list, n_jobs=jobs, out=out, runs_dir=runs_dir,
-                val_fraction=val_fraction, seed=sweep_seed, metric=metric, cache_dir=cache, together=together, progress=not (quiet or json_out),
-                tensorboard=tensorboard, plots=not no_plots,
-            )
+            result = sweep(fs, so, cache_dir=cache, progress=not (quiet or json_out))
     if json_out:
         print_json(result.to_json())
         return
     from rich.console import Console
 
+    metric = so.metric
     Console().print(leaderboard_table(result.leaderboard, metric=metric, top=top, title=f"sweep on {fs.name}"))
     reused = f", {result.skipped} reused from an earlier run" if result.skipped else ""
     typer.echo(f"{len(result.leaderboard)} trials in {result.seconds:.1f} s{reused}; leaderboard in {result.out_dir}")

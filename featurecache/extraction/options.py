@@ -20,14 +20,14 @@ What needs the registry (the backbone name, its input-size limits, the weights) 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import numbers
 import shlex
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from featurecache._runtime.options import Options, expands, option
+from featurecache._runtime.options import bounded as _bounded
 from featurecache.cache.keys import DTYPES, POOLINGS, PRECISIONS
 from featurecache.errors import UsageError
 
@@ -62,11 +62,11 @@ MAX_SEED = 2**32 - 1
 
 def _option(default: Any, flag: str, help: str, *, short: str | None = None, keyed: bool = True) -> Any:
     """A field with its command-line flag (``--x`` or ``--x/--no-x``) and help in its metadata."""
-    return field(default=default, metadata={"flag": flag, "short": short, "help": help, "keyed": keyed})
+    return option(default, flag, help, short=short, keyed=keyed)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractOptions:
+class ExtractOptions(Options):
     """How to extract features: every option of ``featurecache extract`` but the dataset and the cache.
 
     Build it with keywords (``ExtractOptions(backbone="mobilenetv2", weights="random",
@@ -115,6 +115,9 @@ class ExtractOptions:
         None, "--xla/--no-xla", "Compile the backbone with XLA. Default: on with a GPU, off on CPU. Not keyed (round-off only).", keyed=False
     )
     on_error: OnError = _option("skip", "--on-error", "skip: mark undecodable images invalid and go on; fail: stop.", keyed=False)
+
+    VERB = "extract"
+    ALWAYS_SHOWN = ("backbone", "weights")  # to_args prints them always, for the reader
 
     def __post_init__(self) -> None:
         if not isinstance(self.augment_splits, str) and isinstance(self.augment_splits, Sequence):
@@ -166,68 +169,6 @@ class ExtractOptions:
         if self.views > 0 and aug.is_identity():
             raise UsageError(f"--views {self.views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10")
 
-    @classmethod
-    def merge(cls, options: ExtractOptions | None, overrides: Mapping[str, Any], *, allowed: Sequence[str] | None = None, caller: str = "extract") -> ExtractOptions:
-        """``options`` (default: all defaults) with the fields named in ``overrides`` replaced.
-
-        This is how the API functions take either ``options=`` or keyword arguments, or both.
-
-        Parameters
-        ----------
-        options
-            The base options, or ``None`` for the defaults.
-        overrides
-            Field name -> value; these win over ``options``.
-        allowed
-            The field names ``caller`` accepts as keywords (default: all of them).
-        caller
-            The function's name, for the error message.
-
-        Returns
-        -------
-        ExtractOptions
-
-        Raises
-        ------
-        TypeError
-            A keyword is not a field that ``caller`` takes, or ``options`` is not an ExtractOptions.
-        UsageError
-            A value is out of range (see the class).
-        """
-        names = tuple(allowed) if allowed is not None else FIELDS
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(unknown)}; its options are {', '.join(names)}")
-        if options is None:
-            return cls(**overrides)
-        if not isinstance(options, ExtractOptions):
-            raise TypeError(f"{caller}() takes options=ExtractOptions(...), got {type(options).__name__}; pass the options as keywords or build an ExtractOptions")
-        return dataclasses.replace(options, **overrides) if overrides else options
-
-    def changed(self) -> dict[str, Any]:
-        """The fields whose value is not the default, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
-
-    def to_args(self) -> list[str]:
-        """The command-line words of these options: ``--backbone`` and ``--weights`` always, the rest when not default.
-
-        ``featurecache extract --data D`` followed by them builds an equal ExtractOptions.
-        """
-        shown = {"backbone": self.backbone, "weights": self.weights, **self.changed()}
-        words: list[str] = []
-        for f in dataclasses.fields(self):
-            if f.name not in shown:
-                continue
-            flag, value = f.metadata["flag"], shown[f.name]
-            if "/" in flag:  # a boolean switch: --x or --no-x
-                on, off = flag.split("/")
-                words.append(on if value else off)
-            elif isinstance(value, tuple):
-                words += [flag, ",".join(value)]
-            else:
-                words += [flag, str(value)]
-        return words
-
     def to_command(self, data: str, *, limit: int | None = None, cache: str | Any | None = None) -> str:
         """The ``featurecache extract`` command line that extracts these features, shell-quoted.
 
@@ -252,15 +193,6 @@ class ExtractOptions:
         return shlex.join(words)
 
 
-def _bounded(flag: str, value: Any, lo: int, hi: int | None, why: str = "") -> None:
-    """Raise a one-line UsageError unless ``value`` is an integer in ``lo..hi``."""
-    # numbers.Integral takes NumPy integers too; bool is one, but True is no count.
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= int(value) and (hi is None or int(value) <= hi)
-    if not ok:
-        span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-        raise UsageError(f"{flag} must be an integer {span}, got {value!r}{why}")
-
-
 def _default(flag: str) -> Any:
     return next(f.default for f in dataclasses.fields(ExtractOptions) if f.metadata["flag"] == flag)
 
@@ -278,9 +210,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def expands_options(*names: str) -> Callable[[F], F]:
     """Show ExtractOptions fields as keyword-only parameters of a function that takes ``**overrides``.
 
-    The function is unchanged; only its reported signature and annotations list the fields
-    (with their defaults and types), so ``help(fc.extract)``, ``inspect.signature`` and the
-    pipeline file's key check see every option without a second copy of the list.
+    :func:`featurecache._runtime.options.expands` for :class:`ExtractOptions`: ``help(fc.extract)``,
+    ``inspect.signature`` and the pipeline file's key check see every option without a second
+    copy of the list.
 
     Parameters
     ----------
@@ -292,19 +224,4 @@ def expands_options(*names: str) -> Callable[[F], F]:
     Callable
         A decorator returning the same function.
     """
-    shown = names or FIELDS
-
-    def decorate(fn: F) -> F:
-        hints = typing.get_type_hints(ExtractOptions)
-        defaults = {f.name: f.default for f in dataclasses.fields(ExtractOptions)}
-        sig = inspect.signature(fn)
-        params = list(sig.parameters.values())
-        var_kw = next(p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD)
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=defaults[n], annotation=hints[n]) for n in shown]
-        at = next(i for i, p in enumerate(params) if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD))
-        kept = [p for p in params if p is not var_kw]
-        setattr(fn, "__signature__", sig.replace(parameters=[*kept[:at], *extra, *kept[at:]]))  # noqa: B010 - typeshed gives functions no __signature__
-        fn.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != var_kw.name} | {n: hints[n] for n in shown}
-        return fn
-
-    return decorate
+    return expands(ExtractOptions, *names)

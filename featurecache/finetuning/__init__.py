@@ -1,6 +1,7 @@
 """Stage 3: backbone and head rebuilt from a run directory, checked, fine-tuned, exported, used.
 
 * :mod:`.finetune`: ``finetune`` -- the stage in order, and how each step works;
+* :mod:`.options`: ``FinetuneOptions``, the command's options declared once;
 * :mod:`.predict`: ``evaluate`` and ``predict`` on images with a run or a fine-tuned model;
 * :mod:`.rebuild`, :mod:`.convert`, :mod:`.assemble`, :mod:`.unfreeze`, :mod:`.run_data`,
   :mod:`.equivalence`, :mod:`.training`, :mod:`.inference`, :mod:`.export`: one step each.

@@ -43,13 +43,15 @@ from typing import Any
 
 import numpy as np
 
+from featurecache._runtime.options import expands
 from featurecache._runtime.versions import library_versions
-from featurecache.errors import FeatureCacheWarning, UsageError, choices
+from featurecache.errors import FeatureCacheWarning, UsageError
 from featurecache.finetuning.assemble import Assembled, assemble_run, is_assembled, read_run_config
 from featurecache.finetuning.convert import KERAS_EXPRESSIBLE_HEADS, keras_head
 from featurecache.finetuning.equivalence import EquivalenceReport, check_equivalence
 from featurecache.finetuning.export import MODEL_FILE, export_model, write_outputs
 from featurecache.finetuning.inference import ImagePredictor, image_pool, model_draft, predict_rows
+from featurecache.finetuning.options import FinetuneOptions
 from featurecache.finetuning.rebuild import Rebuilt, preprocess_layers, rebuild_model
 from featurecache.finetuning.run_data import RunData, load_run_data, read_predictions
 from featurecache.finetuning.training import OPTIMIZERS, fit_model, history_summary, make_trainer
@@ -124,28 +126,14 @@ def _short_metrics(m: Mapping[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in ("n", "accuracy", "log_loss", "macro_f1", "cohen_kappa", "top_k_accuracy") if k in m}
 
 
+@expands(FinetuneOptions)
 def finetune(
     run: str | os.PathLike[str],
+    options: FinetuneOptions | None = None,
     *,
-    unfreeze: str = "top:1",
-    epochs: int = 10,
-    out: str | os.PathLike[str] | None = None,
-    lr: float = 1e-5,
-    optimizer: str = "adam",
-    batch_size: int = 32,
-    augment: str | None = None,
-    patience: int = 3,
-    tolerance: float = 1e-4,
-    check_samples: int | None = 512,
-    data: str | None = None,
-    limit: int | None = None,
-    weights: str | None = None,
-    seed: int = 0,
-    savedmodel: bool = False,
-    plots: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    tensorboard: str | os.PathLike[str] | None = None,
+    **overrides: Any,
 ) -> FinetuneResult:
     """Rebuild a run as one model, check it reproduces the head, fine-tune it and export it.
 
@@ -155,6 +143,10 @@ def finetune(
         A ``train-head`` run directory. An ensemble (``featurecache ensemble``) or a head on
         several feature sets is only checked and exported (``epochs`` must be 0): fine-tuning
         several backbones end to end is not supported.
+    options
+        A :class:`~featurecache.finetuning.options.FinetuneOptions` holding the options below
+        from ``unfreeze`` to ``tensorboard`` but ``cache_dir`` and ``progress`` (default: all
+        defaults). Each of them may also be passed as a keyword, which wins over ``options``.
     unfreeze
         Backbone blocks to train: names from the registry (``featurecache backbones --blocks
         NAME``), ``top:N`` (the last N), ``all`` or ``none``; comma-separated. The head always
@@ -178,7 +170,7 @@ def finetune(
     tolerance
         Equivalence tolerance on probabilities.
     check_samples
-        Validation images used by the equivalence check (``None`` = all).
+        Validation images used by the equivalence check (``None`` or 0 = all).
     data
         The run's dataset at another location (default the recorded source).
     limit
@@ -214,9 +206,12 @@ def finetune(
     """
     from featurecache.data import AugmentSpec
 
+    o = FinetuneOptions.merge(options, overrides)  # every value checked before any work
+    unfreeze, epochs, out, lr, optimizer, batch_size = o.unfreeze, o.epochs, o.out, o.lr, o.optimizer, o.batch_size
+    patience, tolerance, check_samples, data, limit, weights = o.patience, o.tolerance, o.check_samples, o.data, o.limit, o.weights
+    seed, savedmodel, plots, tensorboard = o.seed, o.savedmodel, o.plots, o.tensorboard
     started = time.perf_counter()
-    _check_options(optimizer=optimizer, epochs=epochs, batch_size=batch_size, patience=patience, lr=lr)
-    aug = AugmentSpec.parse(augment)
+    aug = AugmentSpec.parse(o.augment)
     log = sys.stderr if progress else None
     if is_assembled(read_run_config(run)):
         _refuse_training_assembled(run, epochs)
@@ -336,17 +331,6 @@ def _write_hparams(tb_dir: Path, *, head: Any, unfreeze: str, training: Mapping[
 
     settings = {"head": head, "unfreeze": unfreeze, **{k: training[k] for k in ("lr", "optimizer", "batch_size", "augment", "epochs")}}
     write_hparams_run(tb_dir, hparams=settings, metrics=metrics)
-
-
-def _check_options(*, optimizer: str, epochs: int, batch_size: int, patience: int, lr: float) -> None:
-    """Refuse bad training options before any work (``UsageError`` naming the option)."""
-    if optimizer not in OPTIMIZERS:
-        raise UsageError(f"--optimizer {optimizer!r} is not one of {choices(OPTIMIZERS)}")
-    for name, value, low in (("--epochs", epochs, 0), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not lr > 0:
-        raise UsageError(f"--lr must be > 0, got {lr!r}")
 
 
 def _finetune_config(

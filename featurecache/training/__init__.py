@@ -1,6 +1,7 @@
 """Stage 2: heads trained, swept and combined on cached features.
 
 * :mod:`.train`: ``train_head`` -- features in, a run directory out;
+* :mod:`.options`: ``TrainOptions`` and ``SweepOptions``, each command's options declared once;
 * :mod:`.heads`: the heads (scikit-learn estimators and the Keras ``DenseHead``), their
   parameter schemas, saving and loading;
 * :mod:`.sweeps`: ``sweep`` (:mod:`.sweeps.sweep`) and its parts: grids, trial records,

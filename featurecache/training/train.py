@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache._runtime.options import expands
 from featurecache.cache import views
 from featurecache.cache.concat import ConcatFeatures  # at run time: get_type_hints(train_head) resolves it
 from featurecache.cache.fsio import jsonable
@@ -48,6 +49,7 @@ from featurecache.errors import (
     UsageError,
     human_bytes,
 )
+from featurecache.training.options import TrainOptions
 from featurecache.training.runconfig import CACHED_VAL_LABEL
 from featurecache.training.runconfig import RUN_FORMAT as RUN_FORMAT  # re-exported, as load_run
 from featurecache.training.rundir import load_run as load_run  # re-exported: the run-directory I/O lives there
@@ -574,21 +576,16 @@ def default_run_name(head: str, key: str, params: Mapping[str, Any]) -> str:
     return f"{name}-{digest_of({'p': jsonable(params)})[:6]}" if params else name
 
 
+@expands(TrainOptions)
 def train_head(
     features: str | Sequence[str] | views.FeatureSet | ConcatFeatures,
+    options: TrainOptions | None = None,
     *,
-    head: str = "logreg",
-    params: Mapping[str, Any] | None = None,
-    out: str | os.PathLike[str] | None = None,
-    runs_dir: str | os.PathLike[str] = "runs",
-    val_fraction: float = 0.15,
-    seed: int = 0,
     top_k: Sequence[int] = (1, 3, 5),
     cache_dir: str | os.PathLike[str] | None = None,
-    plots: bool = True,
     data: TrainingData | None = None,
     max_memory: int | str | None = None,
-    tensorboard: str | os.PathLike[str] | None = None,
+    **overrides: Any,
 ) -> TrainResult:
     """Train one head on a cached feature set and write its run directory.
 
@@ -597,6 +594,10 @@ def train_head(
     features
         Key, key prefix, entry name, or an open :class:`FeatureSet`; several (``"KEY1,KEY2"``
         or a list) train on their features concatenated (see :mod:`featurecache.concat`).
+    options
+        A :class:`~featurecache.training.options.TrainOptions` holding the options below from
+        ``head`` to ``tensorboard`` (default: all defaults). Each of them may also be passed as
+        a keyword, which wins over ``options``.
     head
         Head name (``logreg``, ``linear-svm``, ``ridge``, ``sgd``, ``knn``, ``dense``) or an
         import path ``module:Class``.
@@ -635,12 +636,14 @@ def train_head(
     """
     from featurecache.training.heads import coerce_head_params, make_head
 
+    o = TrainOptions.merge(options, overrides)  # every value checked before any work
+    head, params, out, runs_dir, tensorboard = o.head, o.params, o.out, o.runs_dir, o.tensorboard
     started = time.perf_counter()
     coerced = coerce_head_params(head, params or {})
     estimator = make_head(head, coerced)
     if data is None:
         fs = resolve_features(features, cache_dir=cache_dir)
-        data = load_training_data(fs, val_fraction=val_fraction, seed=seed, max_memory=max_memory)
+        data = load_training_data(fs, val_fraction=o.val_fraction, seed=o.seed, max_memory=max_memory)
     run_dir = Path(out) if out is not None else Path(runs_dir) / default_run_name(head, data.key, coerced)
     tb_dir = None
     callbacks: list[Any] = []
@@ -658,7 +661,7 @@ def train_head(
     except ValueError as exc:  # scikit-learn's parameter validation, found only with the data in hand
         raise HeadParamError(f"head {head!r} cannot be trained on {data.name} with these parameters: {_first_line(exc)}; change its parameters (see `featurecache heads`)") from None
     seconds = time.perf_counter() - started
-    write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=plots)
+    write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=o.plots)
     if tb_dir is not None:
         from featurecache.report.tensorboard import write_hparams_run
 

@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurecache._runtime.options import expands
 from featurecache._runtime.progress import ProgressBar
 from featurecache.cache import views
 from featurecache.cache.concat import ConcatFeatures  # at run time: the pipeline type check reads sweep's hints
 from featurecache.cache.fsio import write_json  # atomic, unique temp name per writer
-from featurecache.errors import SweepError, UsageError, choices
+from featurecache.errors import SweepError
+from featurecache.training.options import SweepOptions
 from featurecache.training.rundir import clean_leftovers
 from featurecache.training.sweeps.directory import (
     BEST_DIR,
@@ -49,7 +51,7 @@ from featurecache.training.sweeps.execute import (
     sweep_tf_threads,
 )
 from featurecache.training.sweeps.grid import TrialSpec, parse_grid, plan_trials
-from featurecache.training.sweeps.leaderboard import leaderboard_table, metric_names, rank, write_leaderboard
+from featurecache.training.sweeps.leaderboard import leaderboard_table, rank, write_leaderboard
 from featurecache.training.sweeps.records import SWEEP_FORMAT, TRIALS_DIR, finished_records
 
 __all__ = [
@@ -112,23 +114,14 @@ class SweepResult:
         }
 
 
+@expands(SweepOptions)
 def sweep(
     features: str | Sequence[str] | views.FeatureSet | ConcatFeatures,
+    options: SweepOptions | None = None,
     *,
-    grid: Sequence[str] = (),
-    trials: int = 0,
-    heads: Sequence[str] = ("logreg", "dense"),
-    n_jobs: int = 1,
-    out: str | os.PathLike[str] | None = None,
-    runs_dir: str | os.PathLike[str] = "runs",
-    val_fraction: float = 0.15,
-    seed: int = 0,
-    metric: str = "val_accuracy",
     cache_dir: str | os.PathLike[str] | None = None,
-    together: bool = True,
     progress: bool = True,
-    tensorboard: str | os.PathLike[str] | None = None,
-    plots: bool = True,
+    **overrides: Any,
 ) -> SweepResult:
     """Train many heads on one cached feature set, rank them, save the best as a run.
 
@@ -137,6 +130,10 @@ def sweep(
     features
         Key, key prefix, entry name, or an open :class:`FeatureSet`; several (``"KEY1,KEY2"``)
         are concatenated (:mod:`featurecache.concat`).
+    options
+        A :class:`~featurecache.training.options.SweepOptions` holding the options below from
+        ``grid`` to ``tensorboard`` (default: all defaults). Each of them may also be passed as
+        a keyword, which wins over ``options``.
     grid
         Grid strings, e.g. ``"logreg:C=0.01,0.1,1,10"`` or
         ``"dense:hidden=256,512-128;dropout=0.2,0.5;lr=1e-3,1e-4"`` (see :func:`parse_grid`).
@@ -194,15 +191,15 @@ def sweep(
     """
     from featurecache.training.train import load_training_data, resolve_features, validation_label
 
+    o = SweepOptions.merge(options, overrides)  # every value checked before any work
+    grid, trials, heads, seed, metric, val_fraction, plots = o.grid, o.trials, list(o.heads), o.seed, o.metric, o.val_fraction, o.plots
     started = time.perf_counter()
-    top_k = (1, 3, 5)
-    _check_options(metric=metric, n_jobs=n_jobs, top_k=top_k)
-    heads = [h.strip() for h in heads.split(",")] if isinstance(heads, str) else list(heads)
+    top_k = SweepOptions.TOP_K
     planned = plan_trials(grid=grid, trials=trials, heads=heads, seed=seed)
     fs = resolve_features(features, cache_dir=cache_dir)
-    out_dir = Path(out) if out is not None else default_sweep_dir(runs_dir, fs.key, planned)
+    out_dir = Path(o.out) if o.out is not None else default_sweep_dir(o.runs_dir, fs.key, planned)
     validation = validation_label(fs, val_fraction=val_fraction, seed=seed)
-    request = {"grid": [grid] if isinstance(grid, str) else list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric}
+    request = {"grid": list(grid), "trials": trials, "heads": heads, "seed": seed, "metric": metric}
     every, meta = _open_sweep_dir(out_dir, fs=fs, validation=validation, request=request, planned=planned)
     trials_dir = out_dir / TRIALS_DIR
 
@@ -219,8 +216,8 @@ def sweep(
         # results do not depend on --jobs (train.fit_head and evaluate_arrays set the BLAS threads).
         ctx = TrialContext(os.path.abspath(trials_dir), os.getpid(), top_k, sweep_tf_threads(), call=uuid.uuid4().hex)
         session_best = run_pending(
-            pending, data, ctx, key=fs.key, records=records, histories=histories, metric=metric, n_jobs=n_jobs,
-            together=together, bar=ProgressBar(progress, len(pending), f"sweep {fs.key[:12]}"), stats=stats,
+            pending, data, ctx, key=fs.key, records=records, histories=histories, metric=metric, n_jobs=o.n_jobs,
+            together=o.together, bar=ProgressBar(progress, len(pending), f"sweep {fs.key[:12]}"), stats=stats,
         )
 
     rows = rank([records[t.id] for t in every], metric)
@@ -236,7 +233,7 @@ def sweep(
               metric=metric, top_k=top_k, val_fraction=val_fraction, seed=seed, plots=plots)
     meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(out_dir / BEST_DIR)}
     write_json(out_dir / "sweep.json", meta)
-    _write_reports(out_dir, tensorboard, rows=rows, records=records, histories=histories, metric=metric, plots=plots)
+    _write_reports(out_dir, o.tensorboard, rows=rows, records=records, histories=histories, metric=metric, plots=plots)
     return SweepResult(
         out_dir=out_dir, leaderboard=rows, best_run=out_dir / BEST_DIR, seconds=time.perf_counter() - started, skipped=skipped,
         metric=metric, key=fs.key, failed=failed, rounds=stats["rounds"], lost_tasks=stats["lost_tasks"],
@@ -283,12 +280,3 @@ def _write_reports(
         from featurecache.report.tensorboard import write_sweep_logs
 
         write_sweep_logs(tensorboard, rows, metrics={t: r.get("metrics") or {} for t, r in records.items()}, histories=histories, metric=metric)
-
-
-def _check_options(*, metric: str, n_jobs: Any, top_k: Sequence[int]) -> None:
-    """Refuse a metric that is not a validation metric and a bad ``n_jobs`` (``UsageError`` naming the option)."""
-    allowed = metric_names(top_k)
-    if metric not in allowed:
-        raise UsageError(f"--metric {metric!r} is not a validation metric; use one of {choices(allowed)} (test metrics are reported, never used to choose)")
-    if not isinstance(n_jobs, int) or n_jobs == 0:
-        raise UsageError(f"--jobs must be a positive number of workers or -1 for all cores, got {n_jobs!r}")
