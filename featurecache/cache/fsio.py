@@ -8,17 +8,14 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from featurecache.errors import DiskFullError
 
-if TYPE_CHECKING:
-    from featurecache.cache.storage import Location
 
-
-def raise_if_disk_full(exc: OSError, where: Location) -> None:
+def raise_if_disk_full(exc: OSError, where: object) -> None:
     """Turn ENOSPC/EDQUOT into :class:`DiskFullError` with the fix; other errors pass through."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise DiskFullError(
