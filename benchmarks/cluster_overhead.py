@@ -68,7 +68,9 @@ class _SleepRunner:
     def run(self, units: list[Any], *, progress: bool, record: dict[str, Any] | None = None) -> None:
         from featurecache.cache import store
 
-        with ThreadPoolExecutor(1, thread_name_prefix="fc-write") as writer:  # as UnitRunner: writes overlap the next unit
+        with ThreadPoolExecutor(
+            1, thread_name_prefix="fc-write"
+        ) as writer:  # as UnitRunner: writes overlap the next unit
             pending = []
             for u in units:
                 time.sleep(self.seconds)
@@ -117,7 +119,14 @@ def _fastest(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def measure_units(
-    workers: int, *, units: int, unit_seconds: float, units_per_task: int, window: int | None, repeat: int = 1, store_dir: str | None = None
+    workers: int,
+    *,
+    units: int,
+    unit_seconds: float,
+    units_per_task: int,
+    window: int | None,
+    repeat: int = 1,
+    store_dir: str | None = None,
 ) -> dict[str, float]:
     """Time ``run_units`` over ``units`` units of a real store on ``workers`` one-thread processes (fastest of ``repeat``)."""
     from featurecache.extraction import cluster
@@ -131,7 +140,9 @@ def measure_units(
             p = plan("builtin:digits", backbone="mobilenetv2", weights="random", size=32, cache_dir=Path(tmp))
             st, todo, _ = prepare_units(p, batch_size=2, chunk_rows=2, client=client)
             if len(todo) < units * repeat + workers:
-                raise SystemExit(f"--units {units} x --repeat {repeat} is more than this dataset's {len(todo) - workers} units (less warm-up)")
+                raise SystemExit(
+                    f"--units {units} x --repeat {repeat} is more than this dataset's {len(todo) - workers} units (less warm-up)"
+                )
             opts = ExtractOptions(batch_size=4)
             # Warm-up: connections, imports, the plan on every worker.
             cluster.run_units(client, p, st, todo[:workers], options=opts, units_per_task=1)
@@ -140,7 +151,12 @@ def measure_units(
                 run = todo[workers + k * units : workers + (k + 1) * units]
                 # A round's fixed cost (plugin check, plan broadcast, marker listing), paid once per call.
                 fixed = _timed(client, lambda: cluster.run_units(client, p, st, [], options=opts))["wall_s"]
-                out = _timed(client, lambda run=run: cluster.run_units(client, p, st, run, options=opts, units_per_task=units_per_task, window=window))
+                out = _timed(
+                    client,
+                    lambda run=run: cluster.run_units(
+                        client, p, st, run, options=opts, units_per_task=units_per_task, window=window
+                    ),
+                )
                 runs.append({**out, "round_fixed_s": fixed})
                 assert all(u.slot in st.markers(u.view) for u in run)
     finally:
@@ -159,8 +175,13 @@ def measure_loop(
     try:
         calls = [(min(units_per_task, units - i), unit_seconds) for i in range(0, units, units_per_task)]
         w = window or 2 * workers
-        list(run_windowed(client, _sleep_units, calls[:workers], window=w, gather=False))  # warm-up: connections, imports
-        runs = [_timed(client, lambda: list(run_windowed(client, _sleep_units, calls, window=w, gather=False))) for _ in range(repeat)]
+        list(
+            run_windowed(client, _sleep_units, calls[:workers], window=w, gather=False)
+        )  # warm-up: connections, imports
+        runs = [
+            _timed(client, lambda: list(run_windowed(client, _sleep_units, calls, window=w, gather=False)))
+            for _ in range(repeat)
+        ]
     finally:
         client.close()
         lc.close()
@@ -173,17 +194,29 @@ def main() -> None:
     ap.add_argument("--units-per-worker", type=int, default=24, help="units timed per run: this many times the workers")
     ap.add_argument("--unit-seconds", type=float, default=0.05)
     ap.add_argument("--units-per-task", type=int, default=1)
-    ap.add_argument("--window", type=int, default=None, help="tasks in flight (default: run_units's, twice the threads)")
+    ap.add_argument(
+        "--window", type=int, default=None, help="tasks in flight (default: run_units's, twice the threads)"
+    )
     ap.add_argument("--path", choices=("units", "loop"), default="units")
     ap.add_argument("--repeat", type=int, default=3, help="runs per worker count; the fastest is reported")
-    ap.add_argument("--store-dir", default=None, help="folder of the temporary store (--path units; e.g. /dev/shm to leave the disk out)")
+    ap.add_argument(
+        "--store-dir",
+        default=None,
+        help="folder of the temporary store (--path units; e.g. /dev/shm to leave the disk out)",
+    )
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
-    kw: dict[str, Any] = dict(unit_seconds=args.unit_seconds, units_per_task=args.units_per_task, window=args.window, repeat=args.repeat)
+    kw: dict[str, Any] = dict(
+        unit_seconds=args.unit_seconds, units_per_task=args.units_per_task, window=args.window, repeat=args.repeat
+    )
     rows = []
     for n in (int(x) for x in args.workers.split(",")):
         units = n * args.units_per_worker  # as long a run for every N: the same share of ramp-up and tail
-        r = measure_units(n, units=units, **kw, store_dir=args.store_dir) if args.path == "units" else measure_loop(n, units=units, **kw)
+        r = (
+            measure_units(n, units=units, **kw, store_dir=args.store_dir)
+            if args.path == "units"
+            else measure_loop(n, units=units, **kw)
+        )
         rows.append({"workers": n, "units": units, **r, "units_per_s": units / r["wall_s"]})
     base = rows[0]["units_per_s"] / rows[0]["workers"]
     for r in rows:
@@ -192,8 +225,12 @@ def main() -> None:
             efficiency=r["units_per_s"] / (base * n),
             overhead_ms_per_unit=1000 * (r["wall_s"] / per_worker - args.unit_seconds),
             **(
-                {"overhead_ms_per_unit_past_round_start": 1000 * ((r["wall_s"] - r["round_fixed_s"]) / per_worker - args.unit_seconds)}
-                if "round_fixed_s" in r else {}
+                {
+                    "overhead_ms_per_unit_past_round_start": 1000
+                    * ((r["wall_s"] - r["round_fixed_s"]) / per_worker - args.unit_seconds)
+                }
+                if "round_fixed_s" in r
+                else {}
             ),
             coordinator_cpu_ms_per_unit=1000 * r["coordinator_cpu_s"] / r["units"],
             workers_cpu_ms_per_unit=1000 * r["workers_cpu_s"] / r["units"],

@@ -39,7 +39,9 @@ def measure(folder: Path, *, n: int = 12, size: int = 224, reps: int = 2) -> dic
 
     steps: dict[str, Callable[[Path], Any]] = {
         "read + sha256 (the dataset digest)": lambda p: hashlib.sha256(p.read_bytes()).hexdigest(),
-        "naive: load_img(target_size) + img_to_array": lambda p: keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))),
+        "naive: load_img(target_size) + img_to_array": lambda p: keras.utils.img_to_array(
+            keras.utils.load_img(p, target_size=(size, size))
+        ),
         "Pillow full decode + exif_transpose + np.asarray (exact before)": pillow_plain,
         "exact before: + resize": lambda p: resize_image(pillow_plain(p), size),
         "exact: decode_image": lambda p: decode_image(p),
@@ -55,7 +57,12 @@ def measure(folder: Path, *, n: int = 12, size: int = 224, reps: int = 2) -> dic
             for p in paths:
                 f(p)
             out[name].append(1000 * (time.process_time() - c0) / len(paths))
-    return {"files": len(paths), "size": size, "reps": reps, "cpu_ms_per_image": {k: round(float(np.median(v)), 1) for k, v in out.items()}}
+    return {
+        "files": len(paths),
+        "size": size,
+        "reps": reps,
+        "cpu_ms_per_image": {k: round(float(np.median(v)), 1) for k, v in out.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -61,11 +61,15 @@ def measure(paths: list[str], *, size: int, workers: int, decode: str, reps: int
             list(procs.map(_one, paths, [size] * len(paths), [draft] * len(paths)))
             times["processes"].append(time.perf_counter() - t0)
     rate = {k: round(len(paths) / statistics.median(v), 2) for k, v in times.items()}
-    return {"decode": decode, "workers": workers, "images_per_s": rate,
-            "threads_over_serial": round(rate["threads"] / rate["serial"], 2),
-            "processes_over_serial": round(rate["processes"] / rate["serial"], 2),
-            "threads_over_processes": round(rate["threads"] / rate["processes"], 2),
-            "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items()}}
+    return {
+        "decode": decode,
+        "workers": workers,
+        "images_per_s": rate,
+        "threads_over_serial": round(rate["threads"] / rate["serial"], 2),
+        "processes_over_serial": round(rate["processes"] / rate["serial"], 2),
+        "threads_over_processes": round(rate["threads"] / rate["processes"], 2),
+        "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -82,12 +86,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()
     paths = sorted(str(p) for p in folder.rglob("*.*"))
     try:
-        results = [measure(paths, size=args.size, workers=args.workers, decode=d, reps=args.reps) for d in ("exact", "fast")]
+        results = [
+            measure(paths, size=args.size, workers=args.workers, decode=d, reps=args.reps) for d in ("exact", "fast")
+        ]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    out = {"kind": args.kind, "n": args.n, "size": args.size, "cpus": os.cpu_count(), "load_before": load_before,
-           "results": results,
-           "load_after": os.getloadavg(), "command": "python -m benchmarks.decode_workers " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = {
+        "kind": args.kind,
+        "n": args.n,
+        "size": args.size,
+        "cpus": os.cpu_count(),
+        "load_before": load_before,
+        "results": results,
+        "load_after": os.getloadavg(),
+        "command": "python -m benchmarks.decode_workers " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     print(json.dumps(out, indent=1))
     return out
 

@@ -47,11 +47,22 @@ def main() -> None:
         (folder / c).mkdir(parents=True)
         for i in range(4):
             (folder / c / f"{i}.jpg").write_bytes(_jpeg(_photo(200, 150, seed=10 * ord(c) + i)))
-    res = extract(str(folder), backbone="mobilenetv2", weights="random", size=32, decode="fast", antialias=True, cache_dir=cache, progress=False)
+    res = extract(
+        str(folder),
+        backbone="mobilenetv2",
+        weights="random",
+        size=32,
+        decode="fast",
+        antialias=True,
+        cache_dir=cache,
+        progress=False,
+    )
     fs = open_features(res.key, cache_dir=cache)
     out: dict[str, object] = {"isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default")}
     for head in HEADS:
-        run = train_head(res.key, head=head, out=tmp / f"run-{head}", cache_dir=cache, plots=False, val_fraction=0.25).run_dir
+        run = train_head(
+            res.key, head=head, out=tmp / f"run-{head}", cache_dir=cache, plots=False, val_fraction=0.25
+        ).run_dir
         with np.load(run / "predictions.npz") as npz:
             preds = {k: npz[k] for k in npz.files}
         rebuilt = rebuild_model(run, cache_dir=cache)
@@ -59,7 +70,10 @@ def main() -> None:
         ids = [str(i) for i in fs.ids(data.val_split)]
         cached = fs.features(data.val_split)[[ids.index(str(i)) for i in preds["val_ids"]]]
         inp = keras.Input(cached.shape[1:])
-        conv = keras.Model(inp, keras_head(load_run(run)[1], feature_shape=cached.shape[1:], n_classes=preds["val_proba"].shape[1])(inp))
+        conv = keras.Model(
+            inp,
+            keras_head(load_run(run)[1], feature_shape=cached.shape[1:], n_classes=preds["val_proba"].shape[1])(inp),
+        )
         conversion = float(np.abs(conv.predict(cached, verbose=0) - preds["val_proba"]).max())
         images = load_images(data.dataset.splits[data.val_split], data.val_rows, pool=None, draft=model_draft(rebuilt))
         feats = ImagePredictor(rebuilt.features)(images)

@@ -64,7 +64,9 @@ def backbone_rate(name: str, *, size: int, precision: str, n: int, batch_size: i
         keras.config.set_dtype_policy(precision)
     try:
         t0 = time.perf_counter()
-        model = getattr(keras.applications, _APPS[name])(input_shape=(size, size, 3), include_top=False, weights=None, pooling="avg")
+        model = getattr(keras.applications, _APPS[name])(
+            input_shape=(size, size, 3), include_top=False, weights=None, pooling="avg"
+        )
         build_s = time.perf_counter() - t0
     finally:
         keras.config.set_dtype_policy(previous)
@@ -78,8 +80,14 @@ def backbone_rate(name: str, *, size: int, precision: str, n: int, batch_size: i
         out = model.predict(x, batch_size=batch_size, verbose=0)
         runs.append(time.perf_counter() - t0)
     assert out.shape[0] == n and np.isfinite(out).all()
-    return {"backbone": name, "precision": precision, "images_per_s": round(n / min(runs), 1), "runs_s": [round(r, 3) for r in runs],
-            "build_s": round(build_s, 2), "first_call_s": round(compile_s, 2)}
+    return {
+        "backbone": name,
+        "precision": precision,
+        "images_per_s": round(n / min(runs), 1),
+        "runs_s": [round(r, 3) for r in runs],
+        "build_s": round(build_s, 2),
+        "first_call_s": round(compile_s, 2),
+    }
 
 
 def _decode(path: str, draft: int | None) -> int:
@@ -128,24 +136,37 @@ def decode_rates(paths: list[str], *, draft: int | None, workers: list[int], rep
 
 def markdown(result: dict[str, Any]) -> str:
     """Two tables for BENCHMARKS.md: backbone images/s, and decode images/s by workers."""
-    lines = [f"{result['device']} | {result['cpus']} CPUs | Keras {result['keras']} on {result['backend']} | "
-             f"batch {result['batch_size']} | {result['size']} px", "",
-             "| backbone | precision | images/s | decode cores it needs (camera fast / web) |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"{result['device']} | {result['cpus']} CPUs | Keras {result['keras']} on {result['backend']} | "
+        f"batch {result['batch_size']} | {result['size']} px",
+        "",
+        "| backbone | precision | images/s | decode cores it needs (camera fast / web) |",
+        "| --- | --- | --- | --- |",
+    ]
     per_core = {k: v["threads"].get("1") for k, v in result["decode"].items() if isinstance(v, dict)}
     for row in result["backbone"]:
         if "error" in row:
             lines.append(f"| {row['backbone']} | {row['precision']} | failed: {row['error'][:60]} | |")
             continue
-        need = " / ".join(f"{row['images_per_s'] / per_core[k]:.1f}" if per_core.get(k) else "?" for k in ("camera fast", "web"))
+        need = " / ".join(
+            f"{row['images_per_s'] / per_core[k]:.1f}" if per_core.get(k) else "?" for k in ("camera fast", "web")
+        )
         lines.append(f"| {row['backbone']} | {row['precision']} | {row['images_per_s']:.0f} | {need} |")
     workers = result["workers"]
-    lines += ["", "| data | " + " | ".join(f"{w} thread{'s' if w > 1 else ''}" for w in workers) + f" | {max(workers)} processes |",
-              "| --- |" + " --- |" * (len(workers) + 2)]
+    lines += [
+        "",
+        "| data | "
+        + " | ".join(f"{w} thread{'s' if w > 1 else ''}" for w in workers)
+        + f" | {max(workers)} processes |",
+        "| --- |" + " --- |" * (len(workers) + 2),
+    ]
     lines[-2] += f" {max(workers)} processes, pixels sent back |"
     for kind, rates in result["decode"].items():
         top = str(max(workers))
-        cells = [f"{rates['threads'][str(w)]:.0f}" for w in workers] + [f"{rates['processes'][top]:.0f}",
-                                                                          f"{rates.get('processes_pixels_back', {}).get(top, float('nan')):.0f}"]
+        cells = [f"{rates['threads'][str(w)]:.0f}" for w in workers] + [
+            f"{rates['processes'][top]:.0f}",
+            f"{rates.get('processes_pixels_back', {}).get(top, float('nan')):.0f}",
+        ]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,11 +195,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     decode: dict[str, Any] = {}
     try:
-        folders = {kind: make_folder_parallel(work / kind, kind, n, workers=cpus, seed=5)
-                   for kind, n in (("camera", args.n_camera), ("web", args.n_web), ("screenshot", args.n_screenshot))}
+        folders = {
+            kind: make_folder_parallel(work / kind, kind, n, workers=cpus, seed=5)
+            for kind, n in (("camera", args.n_camera), ("web", args.n_web), ("screenshot", args.n_screenshot))
+        }
         print(f"[gpu_feed] data made in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        for label, kind, draft in (("camera exact", "camera", None), ("camera fast", "camera", 224), ("web", "web", None),
-                                   ("screenshot PNG", "screenshot", None)):
+        for label, kind, draft in (
+            ("camera exact", "camera", None),
+            ("camera fast", "camera", 224),
+            ("web", "web", None),
+            ("screenshot PNG", "screenshot", None),
+        ):
             paths = sorted(str(p) for p in folders[kind].rglob("*.*"))
             decode[label] = decode_rates(paths, draft=draft, workers=workers, reps=args.reps)
             print(f"[gpu_feed] {label}: {decode[label]}", file=sys.stderr, flush=True)
@@ -208,16 +235,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in filter(None, args.backbones.split(",")):
         for precision in args.precisions.split(","):
             try:
-                rows.append(backbone_rate(name, size=size, precision=precision, n=args.n_backbone, batch_size=args.batch_size))
+                rows.append(
+                    backbone_rate(name, size=size, precision=precision, n=args.n_backbone, batch_size=args.batch_size)
+                )
             except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
                 traceback.print_exc()
-                rows.append({"backbone": name, "precision": precision, "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:300]})
+                rows.append(
+                    {
+                        "backbone": name,
+                        "precision": precision,
+                        "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:300],
+                    }
+                )
             print(f"[gpu_feed] {rows[-1]}", file=sys.stderr, flush=True)
-    result = {"benchmark": "featurecache.gpu_feed", "tiny": args.tiny, "device": device, "backend": backend, "keras": keras.__version__,
-              "cpus": cpus, "size": size, "batch_size": args.batch_size, "workers": workers, "platform": platform.platform(),
-              "n": {"backbone": args.n_backbone, "camera": args.n_camera, "web": args.n_web, "screenshot": args.n_screenshot},
-              "backbone": rows, "decode": decode, "total_seconds": round(time.perf_counter() - started, 1),
-              "command": "python -m benchmarks.gpu_feed " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = {
+        "benchmark": "featurecache.gpu_feed",
+        "tiny": args.tiny,
+        "device": device,
+        "backend": backend,
+        "keras": keras.__version__,
+        "cpus": cpus,
+        "size": size,
+        "batch_size": args.batch_size,
+        "workers": workers,
+        "platform": platform.platform(),
+        "n": {"backbone": args.n_backbone, "camera": args.n_camera, "web": args.n_web, "screenshot": args.n_screenshot},
+        "backbone": rows,
+        "decode": decode,
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "command": "python -m benchmarks.gpu_feed " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     table = markdown(result)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

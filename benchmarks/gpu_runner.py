@@ -58,9 +58,14 @@ def _raw_rate(backbone: str, *, size: int, precision: str, n: int, batch_size: i
     p = plan("builtin:digits", backbone=backbone, weights="random", size=size, precision=precision, limit=2)
     model = build_model(p)
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    fn = tf.function(lambda t: model(t, training=False), input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
-                     jit_compile=gpu)
-    x = backbones.preprocess_input(p.backbone, np.random.default_rng(0).uniform(0, 255, (batch_size, size, size, 3)).astype(np.float32))
+    fn = tf.function(
+        lambda t: model(t, training=False),
+        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
+        jit_compile=gpu,
+    )
+    x = backbones.preprocess_input(
+        p.backbone, np.random.default_rng(0).uniform(0, 255, (batch_size, size, size, 3)).astype(np.float32)
+    )
     t = tf.convert_to_tensor(x)
     fn(t).numpy()  # trace and compile outside the timing
     reps = max(2, n // batch_size)
@@ -71,29 +76,53 @@ def _raw_rate(backbone: str, *, size: int, precision: str, n: int, batch_size: i
     return reps * batch_size / (time.perf_counter() - t0)
 
 
-def _extract(source: Path, work: Path, *, backbone: str, size: int, precision: str, decode: str, batch_size: int) -> dict[str, float]:
+def _extract(
+    source: Path, work: Path, *, backbone: str, size: int, precision: str, decode: str, batch_size: int
+) -> dict[str, float]:
     import featurecache as fc
 
     cache = work / f"cache-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    res = fc.extract(str(source), backbone=backbone, weights="random", size=size, precision=precision, decode=decode,
-                     batch_size=batch_size, cache_dir=cache, progress=False)
+    res = fc.extract(
+        str(source),
+        backbone=backbone,
+        weights="random",
+        size=size,
+        precision=precision,
+        decode=decode,
+        batch_size=batch_size,
+        cache_dir=cache,
+        progress=False,
+    )
     wall = time.perf_counter() - t0
     n = sum(s["n"] for s in res.splits.values())
-    markers = sorted((p.stat().st_mtime_ns, json.loads(p.read_text())["rows"]) for p in (res.path / "_units").rglob("c*"))
+    markers = sorted(
+        (p.stat().st_mtime_ns, json.loads(p.read_text())["rows"]) for p in (res.path / "_units").rglob("c*")
+    )
     rows_after_first = sum(stop - start for _, (start, stop) in markers[1:])
     span = (markers[-1][0] - markers[0][0]) / 1e9 if len(markers) > 1 else float("nan")
     shutil.rmtree(cache, ignore_errors=True)
-    return {"images": n, "end_to_end": n / wall, "steady": rows_after_first / span if span > 0 else float("nan"), "seconds": wall}
+    return {
+        "images": n,
+        "end_to_end": n / wall,
+        "steady": rows_after_first / span if span > 0 else float("nan"),
+        "seconds": wall,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The table for BENCHMARKS.md."""
-    lines = [f"{result['device']} | {result['cpus']} CPUs | batch {result['batch_size']} | images/s end to end (steady state)", "",
-             "| backbone | precision | raw backbone | .npz | web JPEG (500x375) | camera JPEG exact | camera JPEG fast |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"{result['device']} | {result['cpus']} CPUs | batch {result['batch_size']} | images/s end to end (steady state)",
+        "",
+        "| backbone | precision | raw backbone | .npz | web JPEG (500x375) | camera JPEG exact | camera JPEG fast |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in result["rows"]:
-        cells = [f"{row[k]['end_to_end']:.0f} ({row[k]['steady']:.0f})" for k in ("npz", "web", "camera_exact", "camera_fast")]
+        cells = [
+            f"{row[k]['end_to_end']:.0f} ({row[k]['steady']:.0f})"
+            for k in ("npz", "web", "camera_exact", "camera_fast")
+        ]
         lines.append(f"| {row['backbone']} | {row['precision']} | {row['raw']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -132,24 +161,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for backbone in args.backbones.split(","):
             for precision in args.precisions.split(","):
                 common = dict(backbone=backbone, size=size, precision=precision, batch_size=args.batch_size)
-                row: dict[str, Any] = {"backbone": backbone, "precision": precision,
-                                       "raw": _raw_rate(backbone, size=size, precision=precision, n=max(args.n_npz, 256) if not args.tiny else 16,
-                                                        batch_size=args.batch_size)}
+                row: dict[str, Any] = {
+                    "backbone": backbone,
+                    "precision": precision,
+                    "raw": _raw_rate(
+                        backbone,
+                        size=size,
+                        precision=precision,
+                        n=max(args.n_npz, 256) if not args.tiny else 16,
+                        batch_size=args.batch_size,
+                    ),
+                }
                 row["npz"] = _extract(npz, work, decode="exact", **common)
                 row["web"] = _extract(web, work, decode="exact", **common)
                 row["camera_exact"] = _extract(camera, work, decode="exact", **common)
                 row["camera_fast"] = _extract(camera, work, decode="fast", **common)
                 rows.append(row)
-                print(f"[gpu_runner] {backbone} {precision} done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+                print(
+                    f"[gpu_runner] {backbone} {precision} done at {time.perf_counter() - started:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from featurecache.extraction.extract import library_versions
 
-    result = {"benchmark": "featurecache.gpu_runner", "tiny": args.tiny, "device": device, "cpus": cpus, "size": size,
-              "batch_size": args.batch_size, "n": {"npz": args.n_npz, "web": args.n_web, "camera": args.n_camera},
-              "platform": platform.platform(), "versions": library_versions(), "data_seconds": round(data_s, 1),
-              "total_seconds": round(time.perf_counter() - started, 1), "rows": rows,
-              "command": "python -m benchmarks.gpu_runner " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = {
+        "benchmark": "featurecache.gpu_runner",
+        "tiny": args.tiny,
+        "device": device,
+        "cpus": cpus,
+        "size": size,
+        "batch_size": args.batch_size,
+        "n": {"npz": args.n_npz, "web": args.n_web, "camera": args.n_camera},
+        "platform": platform.platform(),
+        "versions": library_versions(),
+        "data_seconds": round(data_s, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+        "command": "python -m benchmarks.gpu_runner " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     table = markdown(result)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,16 +43,24 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.head_speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="builtin:digits", help="dataset source, as for `featurecache extract` (default: builtin:digits)")
+    parser.add_argument(
+        "--data",
+        default="builtin:digits",
+        help="dataset source, as for `featurecache extract` (default: builtin:digits)",
+    )
     parser.add_argument("--backbone", default="vgg19", help="backbone name (default: vgg19)")
     parser.add_argument("--weights", default="random", help="random (default), imagenet, or a weights file")
     parser.add_argument("--size", type=int, default=64, help="input size in pixels (default: 64)")
     parser.add_argument("--n", type=int, default=500, help="training images (default: 500)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each run, >= 2 so a steady epoch exists (default: 3)")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs of each run, >= 2 so a steady epoch exists (default: 3)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of both runs (default: 32)")
     parser.add_argument("--hidden", default="256", help="hidden widths of the head, e.g. 256 or 512-128 (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and head initialisation (default: 0)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON result (default: benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="folder of the JSON result (default: benchmarks/results)"
+    )
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (the first epoch includes tracing), got {args.epochs}")
@@ -103,8 +111,14 @@ def _head(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
     # Same seed before each build: both runs start from identical head weights.
     keras.utils.set_random_seed(seed)
     return build_dense_model(
-        input_shape=input_shape, n_classes=n_classes, pool="none", hidden=hidden,
-        batchnorm=False, dropout=0.5, activation="relu", l2=0.0,
+        input_shape=input_shape,
+        n_classes=n_classes,
+        pool="none",
+        hidden=hidden,
+        batchnorm=False,
+        dropout=0.5,
+        activation="relu",
+        l2=0.0,
     )
 
 
@@ -143,7 +157,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     features = feature_model.predict(x, batch_size=args.batch_size, verbose=0)
     extraction = time.perf_counter() - t0
 
-    cached = _train(_head(features.shape[1:], n_classes, hidden, args.seed), features, y, epochs=args.epochs, batch_size=args.batch_size)
+    cached = _train(
+        _head(features.shape[1:], n_classes, hidden, args.seed),
+        features,
+        y,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+    )
 
     inputs = keras.Input(shape=x.shape[1:], name="image")
     head = _head(features.shape[1:], n_classes, hidden, args.seed)
@@ -187,8 +207,18 @@ def _print(result: dict[str, Any]) -> None:
     table.add_column("s / epoch (steady)", justify="right")
     table.add_column("first epoch s", justify="right")
     table.add_column("train acc", justify="right")
-    table.add_row("head on cached features", f"{c['steady_epoch_seconds']:.3f}", f"{c['first_epoch_seconds']:.3f}", f"{c['final_train_accuracy']:.3f}")
-    table.add_row("frozen backbone in the loop", f"{f['steady_epoch_seconds']:.3f}", f"{f['first_epoch_seconds']:.3f}", f"{f['final_train_accuracy']:.3f}")
+    table.add_row(
+        "head on cached features",
+        f"{c['steady_epoch_seconds']:.3f}",
+        f"{c['first_epoch_seconds']:.3f}",
+        f"{c['final_train_accuracy']:.3f}",
+    )
+    table.add_row(
+        "frozen backbone in the loop",
+        f"{f['steady_epoch_seconds']:.3f}",
+        f"{f['first_epoch_seconds']:.3f}",
+        f"{f['final_train_accuracy']:.3f}",
+    )
     console = Console()
     console.print(table)
     even = result["break_even_epochs"]

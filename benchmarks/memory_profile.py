@@ -91,10 +91,14 @@ def _folder(root: Path, n: int, *, src: int = 32) -> Path:
 def profile(n: int, *, work: Path, backbone: str, size: int, trace: bool, code: Path = ROOT) -> dict[str, Any]:
     """Stages of one extraction of ``n`` tiny JPEGs in a fresh interpreter (see module doc)."""
     folder = _folder(work / f"imgs-{n}", n)
-    script = _STAGES.format(trace=trace, cache=str(work / f"cache-{n}"), folder=str(folder), backbone=backbone, size=size)
+    script = _STAGES.format(
+        trace=trace, cache=str(work / f"cache-{n}"), folder=str(folder), backbone=backbone, size=size
+    )
     # The script runs in `code`'s root (python -c puts the working directory first on sys.path).
     env = {"PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=code, env=env, capture_output=True, text=True, timeout=7200)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=code, env=env, capture_output=True, text=True, timeout=7200
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -108,10 +112,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbone", default="mobilenetv2")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--no-tracemalloc", action="store_true")
-    parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose featurecache is profiled (default: this one)")
+    parser.add_argument(
+        "--code", type=Path, default=ROOT, help="checkout whose featurecache is profiled (default: this one)"
+    )
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fc-mem-"))
-    kw = dict(work=work, backbone=args.backbone, size=args.size, trace=not args.no_tracemalloc, code=args.code.resolve())
+    kw = dict(
+        work=work, backbone=args.backbone, size=args.size, trace=not args.no_tracemalloc, code=args.code.resolve()
+    )
     try:
         small = profile(args.n, **kw)  # type: ignore[arg-type]
         big = profile(args.n * args.factor, **kw)  # type: ignore[arg-type]
@@ -126,8 +134,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row[f"{k}_small"], row[f"{k}_big"] = a[k], b[k]
                 row[f"{k}_kib_per_image"] = round((b[k] - a[k]) * 1024 / extra, 2)
         growth.append(row)
-    result = {"n_small": small["images"], "n_big": big["images"], "growth": growth, "small": small, "big": big,
-              "command": "python -m benchmarks.memory_profile " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = {
+        "n_small": small["images"],
+        "n_big": big["images"],
+        "growth": growth,
+        "small": small,
+        "big": big,
+        "command": "python -m benchmarks.memory_profile " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     print(json.dumps(result, indent=1))
     return result
 

@@ -30,6 +30,7 @@ def run(n: int, work: Path, *, backbone: str = "mobilenetv2", size: int = 32) ->
     from featurecache.cache.store import FeatureStore
     from featurecache.data.dataset import Dataset
     from featurecache.extraction import pipeline as units
+
     folder = work / f"imgs-{n}"
     if not folder.exists():
         _folder(folder, n)
@@ -46,13 +47,30 @@ def run(n: int, work: Path, *, backbone: str = "mobilenetv2", size: int = 32) ->
                 return f(*a, **k)
             finally:
                 cur1, peak = tracemalloc.get_traced_memory()
-                rows.append((f"{getattr(owner, '__name__', owner)}.{name}", round(cur0 / 2**20, 2), round(peak / 2**20, 2), round(cur1 / 2**20, 2)))
+                rows.append(
+                    (
+                        f"{getattr(owner, '__name__', owner)}.{name}",
+                        round(cur0 / 2**20, 2),
+                        round(peak / 2**20, 2),
+                        round(cur1 / 2**20, 2),
+                    )
+                )
                 tracemalloc.reset_peak()
 
         setattr(owner, name, traced)
 
-    for owner, name in [(Dataset, "digest"), (views, "write_view"), (FeatureStore, "index"), (store, "write_unit"), (ex, "plan"),
-                        (ex, "_start_prefetch"), (ex, "prepare_units"), (ex, "make_runner"), (units.UnitRunner, "run"), (ex, "_write_view")]:
+    for owner, name in [
+        (Dataset, "digest"),
+        (views, "write_view"),
+        (FeatureStore, "index"),
+        (store, "write_unit"),
+        (ex, "plan"),
+        (ex, "_start_prefetch"),
+        (ex, "prepare_units"),
+        (ex, "make_runner"),
+        (units.UnitRunner, "run"),
+        (ex, "_write_view"),
+    ]:
         wrap(owner, name)
     cache = work / f"cache-{n}"
     shutil.rmtree(cache, ignore_errors=True)

@@ -52,7 +52,10 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("preprocess", ("preprocess_input",)),
     ("augment", ("augment_batch",)),
     ("backbone", ("compiled_forward", "forward_in_batches", "tensorflow/", "keras/")),
-    ("waiting", ("wait (threading", "result (concurrent", "_worker (concurrent", "get (queue", "acquire", "sleep", "select (")),
+    (
+        "waiting",
+        ("wait (threading", "result (concurrent", "_worker (concurrent", "get (queue", "acquire", "sleep", "select ("),
+    ),
 )
 
 
@@ -108,10 +111,16 @@ def serial(folder: Path, *, backbone: str, size: int, batch_size: int, out: Path
 
     split = load_dataset(str(folder)).splits["train"]
     spec = backbones.get_backbone(backbone)
-    model = backbones.build_feature_model(spec, backbones.parse_weights("random", seed=0), input_size=size, pooling="avg")
-    fn = tf.function(lambda t: model(t, training=False), input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+    model = backbones.build_feature_model(
+        spec, backbones.parse_weights("random", seed=0), input_size=size, pooling="avg"
+    )
+    fn = tf.function(
+        lambda t: model(t, training=False), input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)]
+    )
     n = len(split)
-    arr = zarr.create_array(str(out), shape=(n, int(model.output_shape[-1])), chunks=(1024, int(model.output_shape[-1])), dtype="float32")
+    arr = zarr.create_array(
+        str(out), shape=(n, int(model.output_shape[-1])), chunks=(1024, int(model.output_shape[-1])), dtype="float32"
+    )
     for b in range(0, n, batch_size):
         x = np.stack([resize_image(split.load(i), size) for i in range(b, min(n, b + batch_size))])
         arr[b : b + len(x)] = fn(tf.convert_to_tensor(backbones.preprocess_input(spec, x))).numpy()
@@ -120,15 +129,32 @@ def serial(folder: Path, *, backbone: str, size: int, batch_size: int, out: Path
 def _worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.worker == "serial":
-        serial(args.folder, backbone=args.backbone, size=args.size, batch_size=args.batch_size, out=args.scratch / "serial.zarr")
+        serial(
+            args.folder,
+            backbone=args.backbone,
+            size=args.size,
+            batch_size=args.batch_size,
+            out=args.scratch / "serial.zarr",
+        )
     else:
         import featurecache as fc
 
-        fc.extract(str(args.folder), backbone=args.backbone, weights="random", size=args.size, batch_size=args.batch_size,
-                   cache_dir=args.scratch / "cache", progress=False)
+        fc.extract(
+            str(args.folder),
+            backbone=args.backbone,
+            weights="random",
+            size=args.size,
+            batch_size=args.batch_size,
+            cache_dir=args.scratch / "cache",
+            progress=False,
+        )
     import featurecache
 
-    print(json.dumps({"seconds": time.perf_counter() - t0, "featurecache": str(Path(featurecache.__file__).parent.parent)}))
+    print(
+        json.dumps(
+            {"seconds": time.perf_counter() - t0, "featurecache": str(Path(featurecache.__file__).parent.parent)}
+        )
+    )
 
 
 def _profile(mode: str, *, pythonpath: Path, folder: Path, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -136,10 +162,33 @@ def _profile(mode: str, *, pythonpath: Path, folder: Path, scratch: Path, args: 
     # Run as a script (not -m) so that only `featurecache` comes from PYTHONPATH, the checkout profiled.
     env = dict(os.environ, PYTHONPATH=str(pythonpath), TF_CPP_MIN_LOG_LEVEL="3")
     beside = Path(sys.executable).parent / "py-spy"  # installed in this environment, not on PATH
-    cmd = [str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy", "record", "--format", "raw", "--threads", "--idle", "--rate", "200", "-o", str(raw), "--",
-           sys.executable, str(Path(__file__).resolve()), "--worker", "serial" if mode == "serial" else "extract",
-           "--folder", str(folder), "--scratch", str(scratch / mode), "--backbone", args.backbone, "--size", str(args.size),
-           "--batch-size", str(args.batch_size)]
+    cmd = [
+        str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy",
+        "record",
+        "--format",
+        "raw",
+        "--threads",
+        "--idle",
+        "--rate",
+        "200",
+        "-o",
+        str(raw),
+        "--",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "serial" if mode == "serial" else "extract",
+        "--folder",
+        str(folder),
+        "--scratch",
+        str(scratch / mode),
+        "--backbone",
+        args.backbone,
+        "--size",
+        str(args.size),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode}: py-spy run failed:\n{proc.stderr[-2000:]}")
@@ -147,8 +196,13 @@ def _profile(mode: str, *, pythonpath: Path, folder: Path, scratch: Path, args: 
     seconds = done["seconds"]
     summary = summarise(raw)
     name, main = _backbone_thread(summary)
-    return {"checkout": done["featurecache"], "seconds": round(seconds, 2), "images_per_s": round(args.n / seconds, 1), "backbone_thread": main,
-            "threads": {k: v for k, v in summary.items() if v["samples"] >= 0.05 * main["samples"]}}
+    return {
+        "checkout": done["featurecache"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(args.n / seconds, 1),
+        "backbone_thread": main,
+        "threads": {k: v for k, v in summary.items() if v["samples"] >= 0.05 * main["samples"]},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -172,8 +226,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         images, labels = _make_images(args.n, 128, seed=0)
         _write_images(images, labels, work / "jpegs")
-        result: dict[str, Any] = {"n": args.n, "backbone": args.backbone, "size": args.size, "batch_size": args.batch_size,
-                                  "cpus": os.cpu_count(), "runs": {}}
+        result: dict[str, Any] = {
+            "n": args.n,
+            "backbone": args.backbone,
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "cpus": os.cpu_count(),
+            "runs": {},
+        }
         modes = [("serial", ROOT), ("extract", ROOT)] + ([("extract@before", args.before)] if args.before else [])
         for mode, path in modes:
             print(f"[profile] {mode} ...", file=sys.stderr, flush=True)
@@ -184,8 +244,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bt = r["backbone_thread"]
         shares = ", ".join(f"{k} {v:.0%}" for k, v in bt.items() if k not in ("samples", "setup_share", "setup"))
         setup = ", ".join(f"{k} {v:.0%}" for k, v in bt["setup"].items())
-        print(f"{mode:16s} {r['seconds']:6.1f} s {r['images_per_s']:6.1f} img/s | backbone thread: setup {bt['setup_share']:.0%} ({setup}); "
-              f"after setup: {shares}")
+        print(
+            f"{mode:16s} {r['seconds']:6.1f} s {r['images_per_s']:6.1f} img/s | backbone thread: setup {bt['setup_share']:.0%} ({setup}); "
+            f"after setup: {shares}"
+        )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"profile-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

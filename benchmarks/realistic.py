@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CLASSES", "KINDS", "bench_kind", "bench_resize_quality", "make_folder", "make_folder_parallel", "photo_crops"]
+__all__ = [
+    "CLASSES",
+    "KINDS",
+    "bench_kind",
+    "bench_resize_quality",
+    "make_folder",
+    "make_folder_parallel",
+    "photo_crops",
+]
 
 KINDS: tuple[str, ...] = ("camera", "web", "screenshot")
 #: photo x horizontal half of the crop centre
@@ -180,8 +188,10 @@ def make_folder_parallel(folder: str | Path, kind: str, n: int, *, workers: int 
     workers = workers or os.cpu_count() or 1
     per = max(1, -(-n // workers))
     with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(make_folder, folder, kind, min(per, n - start), seed=seed + 1000 + start, offset=start)
-                   for start in range(0, n, per)]
+        futures = [
+            pool.submit(make_folder, folder, kind, min(per, n - start), seed=seed + 1000 + start, offset=start)
+            for start in range(0, n, per)
+        ]
         for f in futures:
             f.result()
     return Path(folder)
@@ -194,10 +204,17 @@ def _naive_script(paths: list[Path], out: Path, *, size: int, batch_size: int) -
     """What the seeds' scripts do: ``load_img(target_size)`` -> ``predict`` -> ``np.save``."""
     import keras
 
-    model = keras.applications.MobileNetV3Small(input_shape=(size, size, 3), include_top=False, weights=None, pooling="avg")
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(size, size, 3), include_top=False, weights=None, pooling="avg"
+    )
     feats = []
     for b in range(0, len(paths), batch_size):
-        batch = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size))) for p in paths[b : b + batch_size]])
+        batch = np.stack(
+            [
+                keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size)))
+                for p in paths[b : b + batch_size]
+            ]
+        )
         feats.append(model.predict(batch, verbose=0))
     np.save(out, np.concatenate(feats))
 
@@ -214,8 +231,17 @@ def _rel_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
-def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str = "mobilenetv3small", batch_size: int = 32,
-               reps: int = 2, seed: int = 0) -> dict[str, Any]:
+def bench_kind(
+    work: Path,
+    kind: str,
+    *,
+    n: int,
+    size: int = 224,
+    backbone: str = "mobilenetv3small",
+    batch_size: int = 32,
+    reps: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
     """featurecache (exact and fast decode) vs the naive script vs the raw backbone on one kind of data.
 
     All timings are end to end in this process (TensorFlow already imported, a warm-up run
@@ -238,9 +264,15 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
     split = load_dataset(str(folder)).splits["train"]
     paths = list(split.items.paths)  # type: ignore[attr-defined]
     spec = backbones.get_backbone(backbone)
-    model = backbones.build_feature_model(spec, backbones.parse_weights("random", seed=0), input_size=size, pooling="avg")
+    model = backbones.build_feature_model(
+        spec, backbones.parse_weights("random", seed=0), input_size=size, pooling="avg"
+    )
     x = backbones.preprocess_input(spec, np.stack([resize_image(split.load(i), size) for i in range(len(split))]))
-    fn = tf.function(lambda t: model(t, training=False), input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)], reduce_retracing=True)
+    fn = tf.function(
+        lambda t: model(t, training=False),
+        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
+        reduce_retracing=True,
+    )
     fn(tf.convert_to_tensor(x[:batch_size]))
 
     def raw() -> float:
@@ -260,16 +292,29 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
         cache = work / f"cache-{kind}"
         shutil.rmtree(cache, ignore_errors=True)
         t0 = time.perf_counter()
-        res = fc.extract(str(folder), backbone=backbone, weights="random", size=size, batch_size=batch_size, decode=decode,
-                         antialias=antialias, cache_dir=cache, progress=False)
+        res = fc.extract(
+            str(folder),
+            backbone=backbone,
+            weights="random",
+            size=size,
+            batch_size=batch_size,
+            decode=decode,
+            antialias=antialias,
+            cache_dir=cache,
+            progress=False,
+        )
         took = time.perf_counter() - t0
         keys[f"{decode}{'-aa' if antialias else ''}"] = res.key
         feats[f"{decode}{'-aa' if antialias else ''}"] = views.find_by_key(cache, res.key).features("train")  # type: ignore[union-attr]
         return took
 
     feats: dict[str, np.ndarray] = {}
-    sides: dict[str, Any] = {"naive": naive, "featurecache_exact": lambda: featurecache("exact"),
-                             "featurecache_fast": lambda: featurecache("fast"), "raw_backbone": raw}
+    sides: dict[str, Any] = {
+        "naive": naive,
+        "featurecache_exact": lambda: featurecache("exact"),
+        "featurecache_fast": lambda: featurecache("fast"),
+        "raw_backbone": raw,
+    }
     for f in sides.values():  # warm-up: first-use costs of each path, not measured
         f()
     times: dict[str, list[float]] = {k: [] for k in sides}
@@ -282,7 +327,13 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     out: dict[str, Any] = {
-        "kind": kind, "n": n, "size": size, "backbone": backbone, "weights": "random", "batch_size": batch_size, "reps": reps,
+        "kind": kind,
+        "n": n,
+        "size": size,
+        "backbone": backbone,
+        "weights": "random",
+        "batch_size": batch_size,
+        "reps": reps,
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "images_per_s": {k: round(n / v, 1) for k, v in med.items()},
         "cpu_seconds": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
@@ -298,8 +349,9 @@ def bench_kind(work: Path, kind: str, *, n: int, size: int = 224, backbone: str 
     return out
 
 
-def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone: str = "mobilenetv3small", folds: int = 5,
-                         seed: int = 1) -> dict[str, Any]:
+def bench_resize_quality(
+    work: Path, *, n: int = 120, size: int = 224, backbone: str = "mobilenetv3small", folds: int = 5, seed: int = 1
+) -> dict[str, Any]:
     """Head accuracy on 12 MP camera photos under each decode x antialias choice.
 
     The same labelled photos (:data:`CLASSES`: which photo, which half) are extracted four
@@ -321,23 +373,41 @@ def bench_resize_quality(work: Path, *, n: int = 120, size: int = 224, backbone:
 
     folder = make_folder(work / "quality", "camera", n, seed=seed)
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
-    out: dict[str, Any] = {"n": n, "size": size, "backbone": backbone, "weights": "random", "folds": folds, "variants": {}}
+    out: dict[str, Any] = {
+        "n": n,
+        "size": size,
+        "backbone": backbone,
+        "weights": "random",
+        "folds": folds,
+        "variants": {},
+    }
     feats: dict[str, np.ndarray] = {}
     for decode in ("exact", "fast"):
         for antialias in (False, True):
             name = f"{decode}{'+antialias' if antialias else ''}"
             cache = work / f"cache-quality-{name}"
             t0 = time.perf_counter()
-            res = fc.extract(str(folder), backbone=backbone, weights="random", size=size, decode=decode, antialias=antialias,
-                             cache_dir=cache, progress=False)
+            res = fc.extract(
+                str(folder),
+                backbone=backbone,
+                weights="random",
+                size=size,
+                decode=decode,
+                antialias=antialias,
+                cache_dir=cache,
+                progress=False,
+            )
             took = time.perf_counter() - t0
             fs = views.find_by_key(cache, res.key)
             x, y = fs.features("train"), fs.labels("train")  # type: ignore[union-attr]
             feats[name] = x
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
             scores = cross_val_score(clf, x, y, cv=cv)
-            out["variants"][name] = {"accuracy_mean": round(float(scores.mean()), 4), "accuracy_folds": [round(float(s), 4) for s in scores],
-                                     "extract_s": round(took, 2)}
+            out["variants"][name] = {
+                "accuracy_mean": round(float(scores.mean()), 4),
+                "accuracy_folds": [round(float(s), 4) for s in scores],
+                "extract_s": round(took, 2),
+            }
             shutil.rmtree(cache, ignore_errors=True)
     base = np.asarray(out["variants"]["exact"]["accuracy_folds"])
     for name, v in out["variants"].items():
@@ -355,7 +425,11 @@ if __name__ == "__main__":
     parser.add_argument("folder", type=Path, help="where the images go (with --bench: a scratch folder)")
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bench", action="store_true", help="also run bench_kind: naive vs featurecache exact/fast vs raw, side by side")
+    parser.add_argument(
+        "--bench",
+        action="store_true",
+        help="also run bench_kind: naive vs featurecache exact/fast vs raw, side by side",
+    )
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--out", type=Path, help="with --bench: write the JSON result here too")

@@ -71,7 +71,9 @@ def _env() -> dict[str, str]:
 
 def _python(code: str, *, timeout: float = 900) -> dict[str, Any]:
     """Run ``code`` in a fresh interpreter; it prints one JSON document as its last line."""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,7 +95,13 @@ def _machine() -> dict[str, Any]:
                 mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "ram_gib": mem, "platform": platform.platform(), "python": platform.python_version()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "ram_gib": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def _load() -> list[float]:
@@ -129,7 +137,9 @@ def _ratio(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------- extraction
 
 
-def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: str, batch_size: int, reps: int, n_raw: int = 3000) -> dict[str, Any]:
+def bench_extraction(
+    work: Path, *, n: int, src_size: int, size: int, backbone: str, batch_size: int, reps: int, n_raw: int = 3000
+) -> dict[str, Any]:
     """Extraction throughput vs the raw backbone, from a JPEG folder and an .npz of the same images."""
     import tensorflow as tf
 
@@ -147,10 +157,14 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
     del images
 
     spec = backbones.get_backbone(backbone)
-    model = backbones.build_feature_model(spec, backbones.parse_weights("random", seed=0), input_size=size, pooling="avg")
+    model = backbones.build_feature_model(
+        spec, backbones.parse_weights("random", seed=0), input_size=size, pooling="avg"
+    )
     # The raw rate does not depend on how many images there are: time it on the first n_raw.
     n_raw = min(n, n_raw)
-    x = backbones.preprocess_input(spec, np.concatenate([resize_image(decoded[b : b + 256], size) for b in range(0, n_raw, 256)]))
+    x = backbones.preprocess_input(
+        spec, np.concatenate([resize_image(decoded[b : b + 256], size) for b in range(0, n_raw, 256)])
+    )
     del decoded
     fn = tf.function(
         lambda t: model(t, training=False),
@@ -168,8 +182,16 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
     def extract(source: Path, limit: int | None = None) -> dict[str, float]:
         cache = work / f"cache-{time.monotonic_ns()}"
         started, t0, c0 = time.time(), time.perf_counter(), time.process_time()
-        fc.extract(str(source), backbone=backbone, weights="random", size=size, batch_size=batch_size,
-                   cache_dir=cache, limit=limit, progress=False)
+        fc.extract(
+            str(source),
+            backbone=backbone,
+            weights="random",
+            size=size,
+            batch_size=batch_size,
+            cache_dir=cache,
+            limit=limit,
+            progress=False,
+        )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         # Steady state from the completion markers: the rate from the first unit written to the
         # last, which leaves out the one-off costs (digest, model build, tracing).
@@ -180,8 +202,13 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
         rows_after_first = sum(n for _, n in markers[1:])
         span = (markers[-1][0] - markers[0][0]) / 1e9 if len(markers) > 1 else float("nan")
         shutil.rmtree(cache, ignore_errors=True)
-        return {"wall": wall, "cpu": cpu, "steady": rows_after_first / span if span > 0 else float("nan"),
-                "first_unit_s": markers[0][0] / 1e9 - started, "units": len(markers)}
+        return {
+            "wall": wall,
+            "cpu": cpu,
+            "steady": rows_after_first / span if span > 0 else float("nan"),
+            "first_unit_s": markers[0][0] / 1e9 - started,
+            "units": len(markers),
+        }
 
     raws: list[tuple[float, float]] = []
     runs: dict[str, list[dict[str, float]]] = {"npz": [], "folder": []}
@@ -197,8 +224,15 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
     raw_s = statistics.median(w for w, _ in raws)
     raw_cpu = statistics.median(c for _, c in raws)
     out: dict[str, Any] = {
-        "n": n, "source_px": src_size, "size": size, "backbone": backbone, "weights": "random", "batch_size": batch_size, "reps": reps,
-        "raw_images_per_s": round(1 / raw_s, 1), "raw_runs_images_per_s": [round(1 / w, 1) for w, _ in raws],
+        "n": n,
+        "source_px": src_size,
+        "size": size,
+        "backbone": backbone,
+        "weights": "random",
+        "batch_size": batch_size,
+        "reps": reps,
+        "raw_images_per_s": round(1 / raw_s, 1),
+        "raw_runs_images_per_s": [round(1 / w, 1) for w, _ in raws],
         "raw_cpu_ms_per_image": round(1000 * raw_cpu, 3),
     }
     for kind, rs in runs.items():
@@ -220,7 +254,9 @@ def bench_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: 
     return out
 
 
-def profile_extraction(work: Path, *, n: int, src_size: int, size: int, backbone: str, batch_size: int) -> dict[str, Any]:
+def profile_extraction(
+    work: Path, *, n: int, src_size: int, size: int, backbone: str, batch_size: int
+) -> dict[str, Any]:
     """cProfile of one extraction from the JPEG folder: where the calling thread's time goes."""
     import cProfile
     import pstats
@@ -231,15 +267,37 @@ def profile_extraction(work: Path, *, n: int, src_size: int, size: int, backbone
     prof = cProfile.Profile()
     cache = work / "cache-profile"
     prof.enable()
-    fc.extract(str(folder), backbone=backbone, weights="random", size=size, batch_size=batch_size, cache_dir=cache, progress=False)
+    fc.extract(
+        str(folder),
+        backbone=backbone,
+        weights="random",
+        size=size,
+        batch_size=batch_size,
+        cache_dir=cache,
+        progress=False,
+    )
     prof.disable()
     shutil.rmtree(cache, ignore_errors=True)
     stats = pstats.Stats(prof)
     rows = []
     for (file, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc, "tottime": round(tt, 3), "cumtime": round(ct, 3)})
+        rows.append(
+            {
+                "function": f"{Path(file).name}:{line}({func})",
+                "calls": nc,
+                "tottime": round(tt, 3),
+                "cumtime": round(ct, 3),
+            }
+        )
     rows.sort(key=lambda r: -r["cumtime"])
-    keep = [r for r in rows if any(k in r["function"] for k in ("extract.py", "store.py", "backbones.py", "dataset.py", "transforms.py", "decode.py"))]
+    keep = [
+        r
+        for r in rows
+        if any(
+            k in r["function"]
+            for k in ("extract.py", "store.py", "backbones.py", "dataset.py", "transforms.py", "decode.py")
+        )
+    ]
     return {"n": n, "top_cumulative": keep[:15]}
 
 
@@ -255,8 +313,23 @@ def bench_cache_hit(work: Path, *, n: int, size: int, reps: int) -> dict[str, An
     out: dict[str, Any] = {"n": n, "size": size}
     for kind, source in (("npz", npz), ("folder", folder)):
         cache = work / f"hit-cache-{kind}"
-        cmd = [sys.executable, "-m", "featurecache", "extract", "--data", str(source), "--backbone", "mobilenetv2",
-               "--weights", "random", "--size", str(size), "--cache", str(cache), "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "featurecache",
+            "extract",
+            "--data",
+            str(source),
+            "--backbone",
+            "mobilenetv2",
+            "--weights",
+            "random",
+            "--size",
+            str(size),
+            "--cache",
+            str(cache),
+            "--json",
+        ]
         t0 = time.perf_counter()
         first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
         first_s = time.perf_counter() - t0
@@ -271,8 +344,12 @@ def bench_cache_hit(work: Path, *, n: int, size: int, reps: int) -> dict[str, An
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import featurecache.cli.main"], cwd=ROOT, env=_env(), check=True)
         floor = time.perf_counter() - t0
-        out[kind] = {"first_run_s": round(first_s, 2), "hit_s": round(statistics.median(times), 3), "hit_runs_s": [round(t, 3) for t in times],
-                     "python_and_imports_s": round(floor, 3)}
+        out[kind] = {
+            "first_run_s": round(first_s, 2),
+            "hit_s": round(statistics.median(times), 3),
+            "hit_runs_s": [round(t, 3) for t in times],
+            "python_and_imports_s": round(floor, 3),
+        }
         shutil.rmtree(cache, ignore_errors=True)
     return out
 
@@ -295,11 +372,26 @@ def _synthetic_feature_set(cache: Path, *, n_train: int, n_val: int, dim: int, c
 
     parts = {"train": draw(n_train), "val": draw(n_val)}
     spec = FeatureSpec(
-        backbone="synthetic", weights=f"random:seed={seed}", layer=f"gauss{dim}", pooling="none",
-        input_size=1, resize="bilinear", preprocess="none", augment={}, views=0, augment_splits=(), seed=seed, dtype="float32",
+        backbone="synthetic",
+        weights=f"random:seed={seed}",
+        layer=f"gauss{dim}",
+        pooling="none",
+        input_size=1,
+        resize="bilinear",
+        preprocess="none",
+        augment={},
+        views=0,
+        augment_splits=(),
+        seed=seed,
+        dtype="float32",
     )
-    fs = views.write_arrays(cache, spec, classes=[str(c) for c in range(classes)], dataset_name=f"gauss-{n_train}x{dim}",
-                            splits={s: ([str(i) for i in range(len(y))], y, X[None], None) for s, (X, y) in parts.items()})
+    fs = views.write_arrays(
+        cache,
+        spec,
+        classes=[str(c) for c in range(classes)],
+        dataset_name=f"gauss-{n_train}x{dim}",
+        splits={s: ([str(i) for i in range(len(y))], y, X[None], None) for s, (X, y) in parts.items()},
+    )
     return fs, parts
 
 
@@ -336,16 +428,29 @@ def bench_sweep(work: Path, *, n_train: int, n_val: int, dim: int, dense_epochs:
         fold = np.r_[np.full(len(ytr), -1), np.zeros(len(yva), dtype=int)]
         search = GridSearchCV(
             make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, tol=1e-4)),
-            {"logisticregression__C": Cs}, cv=PredefinedSplit(fold), n_jobs=n_jobs, refit=False,
+            {"logisticregression__C": Cs},
+            cv=PredefinedSplit(fold),
+            n_jobs=n_jobs,
+            refit=False,
         ).fit(X, y)
         scores = {f"logreg C={c:g}": float(s) for c, s in zip(Cs, search.cv_results_["mean_test_score"], strict=True)}
         for h in hidden:
             for d in dropouts:
                 for lr in lrs:
                     keras.utils.set_random_seed(0)
-                    model = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(h, activation="relu"), keras.layers.Dropout(d),
-                                              keras.layers.Dense(10, activation="softmax")])
-                    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                    model = keras.Sequential(
+                        [
+                            keras.Input((dim,)),
+                            keras.layers.Dense(h, activation="relu"),
+                            keras.layers.Dropout(d),
+                            keras.layers.Dense(10, activation="softmax"),
+                        ]
+                    )
+                    model.compile(
+                        optimizer=keras.optimizers.Adam(lr),
+                        loss="sparse_categorical_crossentropy",
+                        metrics=["accuracy"],
+                    )
                     model.fit(Xtr, ytr, epochs=dense_epochs, batch_size=64, validation_data=(Xva, yva), verbose=0)
                     scores[f"dense {h} {d} {lr}"] = float(model.evaluate(Xva, yva, verbose=0, batch_size=256)[1])
         return time.perf_counter() - t0, scores
@@ -360,15 +465,29 @@ def bench_sweep(work: Path, *, n_train: int, n_val: int, dim: int, dense_epochs:
     best_plain = max(scores.values())
     same = all(
         a["val_accuracy"] == b["val_accuracy"]
-        for a, b in zip(sorted(res.leaderboard, key=lambda r: r["trial"]), sorted(alone.leaderboard, key=lambda r: r["trial"]), strict=True)
+        for a, b in zip(
+            sorted(res.leaderboard, key=lambda r: r["trial"]),
+            sorted(alone.leaderboard, key=lambda r: r["trial"]),
+            strict=True,
+        )
     )
     return {
-        "configs": len(res.leaderboard), "n_train": n_train, "n_val": n_val, "dim": dim, "dense_epochs": dense_epochs, "n_jobs": n_jobs,
-        "featurecache_s": round(ours_t, 2), "plain_s": round(plain_t, 2),
+        "configs": len(res.leaderboard),
+        "n_train": n_train,
+        "n_val": n_val,
+        "dim": dim,
+        "dense_epochs": dense_epochs,
+        "n_jobs": n_jobs,
+        "featurecache_s": round(ours_t, 2),
+        "plain_s": round(plain_t, 2),
         "ratio_plain_over_featurecache": _ratio(plain_t, ours_t),
-        "featurecache_one_by_one_s": round(alone_s, 2), "ratio_one_by_one_over_together": _ratio(alone_s, ours_t),
+        "featurecache_one_by_one_s": round(alone_s, 2),
+        "ratio_one_by_one_over_together": _ratio(alone_s, ours_t),
         "together_same_val_accuracy_as_one_by_one": same,
-        "runs_s": {"featurecache": [round(ours_s, 2), round(ours_s2, 2)], "plain": [round(plain_s, 2), round(plain_s2, 2)]},
+        "runs_s": {
+            "featurecache": [round(ours_s, 2), round(ours_s2, 2)],
+            "plain": [round(plain_s, 2), round(plain_s2, 2)],
+        },
         "best_val_accuracy": {"featurecache": round(float(res.best["val_accuracy"]), 4), "plain": round(best_plain, 4)},
         "features_in_workers": sorted({str(r.get("worker", {}).get("features")) for r in _trial_records(res.out_dir)}),
     }
@@ -381,12 +500,29 @@ def _trial_records(out_dir: Path) -> list[dict[str, Any]]:
 def bench_head_epoch(work: Path, *, backbone: str, size: int, n: int) -> dict[str, Any]:
     """One epoch of a dense head on cached features vs behind the frozen backbone (benchmarks/head_speed.py)."""
     head_speed = importlib.import_module("benchmarks.head_speed")
-    argv = ["--backbone", backbone, "--size", str(size), "--n", str(n), "--epochs", "3", "--out", str(work / "head_speed")]
+    argv = [
+        "--backbone",
+        backbone,
+        "--size",
+        str(size),
+        "--n",
+        str(n),
+        "--epochs",
+        "3",
+        "--out",
+        str(work / "head_speed"),
+    ]
     result = head_speed.main(argv)
     return {
-        "backbone": result["backbone"], "size": result["size"], "n": result["n"], "batch_size": result["batch_size"],
-        "cached_epoch_s": result["cached"]["steady_epoch_seconds"], "in_loop_epoch_s": result["in_loop"]["steady_epoch_seconds"],
-        "ratio": result["ratio"], "extraction_s": result["extraction_seconds"], "break_even_epochs": result["break_even_epochs"],
+        "backbone": result["backbone"],
+        "size": result["size"],
+        "n": result["n"],
+        "batch_size": result["batch_size"],
+        "cached_epoch_s": result["cached"]["steady_epoch_seconds"],
+        "in_loop_epoch_s": result["in_loop"]["steady_epoch_seconds"],
+        "ratio": result["ratio"],
+        "extraction_s": result["extraction_seconds"],
+        "break_even_epochs": result["break_even_epochs"],
     }
 
 
@@ -408,7 +544,16 @@ def bench_precision(work: Path, *, backbones_: Sequence[str], size: int, n: int)
         for label, options in (("float32", {}), ("mixed", {"precision": "mixed"}), ("xla", {"xla": True})):
             cache = work / f"precision-{name}-{label}"
             t0 = time.perf_counter()
-            res = fc.extract("builtin:digits", backbone=name, weights="random", size=size, limit=n, cache_dir=cache, progress=False, **options)
+            res = fc.extract(
+                "builtin:digits",
+                backbone=name,
+                weights="random",
+                size=size,
+                limit=n,
+                cache_dir=cache,
+                progress=False,
+                **options,
+            )
             seconds[label] = round(time.perf_counter() - t0, 2)
             feats[label] = fc.open_features(res.key, cache_dir=cache).features("train").astype(np.float64)
             shutil.rmtree(cache, ignore_errors=True)
@@ -431,7 +576,10 @@ def bench_realistic(work: Path, *, quick: bool) -> dict[str, Any]:
     from benchmarks.realistic import bench_kind
 
     sizes = {"camera": 4, "web": 16, "screenshot": 4} if quick else {"camera": 40, "web": 200, "screenshot": 40}
-    return {kind: bench_kind(work, kind, n=n, size=64 if quick else 224, reps=1 if quick else 2) for kind, n in sizes.items()}
+    return {
+        kind: bench_kind(work, kind, n=n, size=64 if quick else 224, reps=1 if quick else 2)
+        for kind, n in sizes.items()
+    }
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -454,7 +602,9 @@ def bench_memory(work: Path, *, n: int, size: int, backbone: str, stream_rows: i
         res = _python(code)
         out[f"extract_{mult}x"] = {"images": res["rows"], "peak_rss_mib": round(res["peak_kib"] / 1024, 1)}
         shutil.rmtree(folder, ignore_errors=True)
-    out["extract_peak_ratio_10x_over_1x"] = _ratio(out["extract_10x"]["peak_rss_mib"], out["extract_1x"]["peak_rss_mib"])
+    out["extract_peak_ratio_10x_over_1x"] = _ratio(
+        out["extract_10x"]["peak_rss_mib"], out["extract_1x"]["peak_rss_mib"]
+    )
 
     # Streaming: a feature set several times the budget trains the dense head from Zarr.
     cache = work / "stream-cache"
@@ -472,8 +622,13 @@ def bench_memory(work: Path, *, n: int, size: int, backbone: str, stream_rows: i
             f"print(json.dumps({{'peak_kib': {_PEAK}, 'streamed': d.streamed, 'epoch_s': time.perf_counter() - t, 'val_accuracy': r.metrics['val']['accuracy']}}))"
         )
         res = _python(code)
-        out[f"head_{mode}"] = {"budget": budget, "streamed": res["streamed"], "peak_rss_mib": round(res["peak_kib"] / 1024, 1),
-                               "epoch_s": round(res["epoch_s"], 2), "val_accuracy": round(res["val_accuracy"], 4)}
+        out[f"head_{mode}"] = {
+            "budget": budget,
+            "streamed": res["streamed"],
+            "peak_rss_mib": round(res["peak_kib"] / 1024, 1),
+            "epoch_s": round(res["epoch_s"], 2),
+            "val_accuracy": round(res["val_accuracy"], 4),
+        }
     out["head_features_mib"] = round(feature_mib, 1)
     # The in-memory run also trains under a budget below its features: it must fail clearly for sklearn heads.
     code = (
@@ -506,55 +661,132 @@ def markdown(result: dict[str, Any]) -> str:
         setting = f"{ex['backbone']} @ {ex['size']} px, {ex['n']} images ({ex['source_px']} px JPEG), batch {ex['batch_size']}; raw {ex['raw_images_per_s']:.0f} img/s"
         for kind, label in (("folder", "JPEG folder"), ("npz", ".npz array")):
             r = ex[kind]
-            rows.append((f"extraction / raw backbone, {label}, end to end", f"{r['ratio_end_to_end']:.2f} ({r['images_per_s']:.0f} img/s)", _goal(r["ratio_end_to_end"], ">= 0.9", r["ratio_end_to_end"] >= 0.9)))
-            rows.append((f"extraction / raw backbone, {label}, steady state (after the first of {r['units']} units, written at {r['first_unit_written_s']:.1f} s)",
-                         f"{r['ratio_steady_state']:.2f} ({r['steady_images_per_s']:.0f} img/s)", _goal(r["ratio_steady_state"], ">= 0.9", r["ratio_steady_state"] >= 0.9)))
-            rows.append((f"raw / extraction CPU s per image, {label}", f"{r['ratio_cpu']:.2f}", _goal(r["ratio_cpu"], ">= 0.9", r["ratio_cpu"] >= 0.9)))
+            rows.append(
+                (
+                    f"extraction / raw backbone, {label}, end to end",
+                    f"{r['ratio_end_to_end']:.2f} ({r['images_per_s']:.0f} img/s)",
+                    _goal(r["ratio_end_to_end"], ">= 0.9", r["ratio_end_to_end"] >= 0.9),
+                )
+            )
+            rows.append(
+                (
+                    f"extraction / raw backbone, {label}, steady state (after the first of {r['units']} units, written at {r['first_unit_written_s']:.1f} s)",
+                    f"{r['ratio_steady_state']:.2f} ({r['steady_images_per_s']:.0f} img/s)",
+                    _goal(r["ratio_steady_state"], ">= 0.9", r["ratio_steady_state"] >= 0.9),
+                )
+            )
+            rows.append(
+                (
+                    f"raw / extraction CPU s per image, {label}",
+                    f"{r['ratio_cpu']:.2f}",
+                    _goal(r["ratio_cpu"], ">= 0.9", r["ratio_cpu"] >= 0.9),
+                )
+            )
         rows.insert(0, ("setting", setting, "|"))
     hit = result.get("cache_hit")
     if hit:
         for kind in ("npz", "folder"):
             r = hit[kind]
-            rows.append((f"cache hit, CLI, {hit['n']} images ({kind})", f"{r['hit_s']:.2f} s (Python + imports {r['python_and_imports_s']:.2f} s)", _goal(r["hit_s"], "< 2 s", r["hit_s"] < 2.0)))
+            rows.append(
+                (
+                    f"cache hit, CLI, {hit['n']} images ({kind})",
+                    f"{r['hit_s']:.2f} s (Python + imports {r['python_and_imports_s']:.2f} s)",
+                    _goal(r["hit_s"], "< 2 s", r["hit_s"] < 2.0),
+                )
+            )
     he = result.get("head_epoch")
     if he:
-        rows.append((f"one epoch: head behind frozen {he['backbone']} @ {he['size']} px / head on cached features ({he['n']} images)",
-                     f"{he['ratio']:.0f}x ({he['in_loop_epoch_s']:.2f} s vs {he['cached_epoch_s']:.3f} s)", _goal(he["ratio"], "> 1", he["ratio"] > 1)))
+        rows.append(
+            (
+                f"one epoch: head behind frozen {he['backbone']} @ {he['size']} px / head on cached features ({he['n']} images)",
+                f"{he['ratio']:.0f}x ({he['in_loop_epoch_s']:.2f} s vs {he['cached_epoch_s']:.3f} s)",
+                _goal(he["ratio"], "> 1", he["ratio"] > 1),
+            )
+        )
     sw = result.get("sweep")
     if sw:
-        rows.append((f"{sw['configs']}-config sweep: plain sklearn+Keras / featurecache.sweep (n_jobs={sw['n_jobs']})",
-                     f"{sw['ratio_plain_over_featurecache']:.2f} ({sw['plain_s']:.1f} s vs {sw['featurecache_s']:.1f} s)",
-                     _goal(sw["ratio_plain_over_featurecache"], ">= 1 (no slower)", sw["ratio_plain_over_featurecache"] >= 1.0)))
+        rows.append(
+            (
+                f"{sw['configs']}-config sweep: plain sklearn+Keras / featurecache.sweep (n_jobs={sw['n_jobs']})",
+                f"{sw['ratio_plain_over_featurecache']:.2f} ({sw['plain_s']:.1f} s vs {sw['featurecache_s']:.1f} s)",
+                _goal(
+                    sw["ratio_plain_over_featurecache"], ">= 1 (no slower)", sw["ratio_plain_over_featurecache"] >= 1.0
+                ),
+            )
+        )
         if "ratio_one_by_one_over_together" in sw:
-            rows.append(("same sweep: dense heads one by one / trained together (`--one-by-one`)",
-                         f"{sw['ratio_one_by_one_over_together']:.2f} ({sw['featurecache_one_by_one_s']:.1f} s vs {sw['featurecache_s']:.1f} s; "
-                         f"same val accuracy: {sw['together_same_val_accuracy_as_one_by_one']})",
-                         _goal(sw["ratio_one_by_one_over_together"], "> 1 (shares work)", sw["ratio_one_by_one_over_together"] > 1.0)))
+            rows.append(
+                (
+                    "same sweep: dense heads one by one / trained together (`--one-by-one`)",
+                    f"{sw['ratio_one_by_one_over_together']:.2f} ({sw['featurecache_one_by_one_s']:.1f} s vs {sw['featurecache_s']:.1f} s; "
+                    f"same val accuracy: {sw['together_same_val_accuracy_as_one_by_one']})",
+                    _goal(
+                        sw["ratio_one_by_one_over_together"],
+                        "> 1 (shares work)",
+                        sw["ratio_one_by_one_over_together"] > 1.0,
+                    ),
+                )
+            )
     pr = result.get("precision")
     if pr:
         for name in (k for k in pr if isinstance(pr[k], dict)):
             r = pr[name]
-            rows.append((f"--precision mixed vs float32, {name} random @ {pr['size']} px (CPU)", f"max abs diff {r['mixed_max_abs_diff']:.2g} = {r['mixed_max_rel_diff']:.1e} of the largest feature; XLA vs float32: {r['xla_max_abs_diff']:.1g}", "recorded, speed-up on GPU not measured | mixed keyed, XLA not"))
+            rows.append(
+                (
+                    f"--precision mixed vs float32, {name} random @ {pr['size']} px (CPU)",
+                    f"max abs diff {r['mixed_max_abs_diff']:.2g} = {r['mixed_max_rel_diff']:.1e} of the largest feature; XLA vs float32: {r['xla_max_abs_diff']:.1g}",
+                    "recorded, speed-up on GPU not measured | mixed keyed, XLA not",
+                )
+            )
     for kind, goal_fast, goal_exact in (("camera", 4.0, 1.0), ("web", 1.2, 1.2), ("screenshot", None, 1.0)):
         r = (result.get("realistic") or {}).get(kind)
         if not r:
             continue
         ips = r["images_per_s"]
         what = f"{r['n']} {kind} images, {r['backbone']} @ {r['size']} ({ips['naive']:.1f} / {ips['featurecache_exact']:.1f} / {ips['featurecache_fast']:.1f} / {ips['raw_backbone']:.1f} img/s naive / exact / fast / raw)"
-        rows.append((f"featurecache exact / naive script, {what}", f"{r['exact_over_naive']:.2f} (CPU s: {r.get('cpu_exact_over_naive', float('nan')):.2f})", _goal(r["exact_over_naive"], f">= {goal_exact}", r["exact_over_naive"] >= goal_exact)))
+        rows.append(
+            (
+                f"featurecache exact / naive script, {what}",
+                f"{r['exact_over_naive']:.2f} (CPU s: {r.get('cpu_exact_over_naive', float('nan')):.2f})",
+                _goal(r["exact_over_naive"], f">= {goal_exact}", r["exact_over_naive"] >= goal_exact),
+            )
+        )
         if goal_fast is not None:
-            rows.append((f"featurecache --decode fast / naive script, {kind}", f"{r['fast_over_naive']:.2f} (CPU s: {r.get('cpu_fast_over_naive', float('nan')):.2f})", _goal(r["fast_over_naive"], f">= {goal_fast}", r["fast_over_naive"] >= goal_fast)))
+            rows.append(
+                (
+                    f"featurecache --decode fast / naive script, {kind}",
+                    f"{r['fast_over_naive']:.2f} (CPU s: {r.get('cpu_fast_over_naive', float('nan')):.2f})",
+                    _goal(r["fast_over_naive"], f">= {goal_fast}", r["fast_over_naive"] >= goal_fast),
+                )
+            )
         d = r["fast_vs_exact_features"]
-        rows.append((f"features fast vs exact, {kind}", f"mean abs diff {d['mean_abs_over_mean_abs']:.3f} of mean abs feature; median cosine {d['median_row_cosine']:.5f}", "recorded | keyed"))
+        rows.append(
+            (
+                f"features fast vs exact, {kind}",
+                f"mean abs diff {d['mean_abs_over_mean_abs']:.3f} of mean abs feature; median cosine {d['median_row_cosine']:.5f}",
+                "recorded | keyed",
+            )
+        )
     mem = result.get("memory")
     if mem:
         r1, r10 = mem["extract_1x"], mem["extract_10x"]
-        rows.append((f"extraction peak RSS, {r10['images']} / {r1['images']} images", f"{mem['extract_peak_ratio_10x_over_1x']:.2f} ({r10['peak_rss_mib']:.0f} vs {r1['peak_rss_mib']:.0f} MiB)",
-                     _goal(mem["extract_peak_ratio_10x_over_1x"], "flat (<= 1.1)", mem["extract_peak_ratio_10x_over_1x"] <= 1.1)))
+        rows.append(
+            (
+                f"extraction peak RSS, {r10['images']} / {r1['images']} images",
+                f"{mem['extract_peak_ratio_10x_over_1x']:.2f} ({r10['peak_rss_mib']:.0f} vs {r1['peak_rss_mib']:.0f} MiB)",
+                _goal(
+                    mem["extract_peak_ratio_10x_over_1x"], "flat (<= 1.1)", mem["extract_peak_ratio_10x_over_1x"] <= 1.1
+                ),
+            )
+        )
         s, m = mem["head_streamed"], mem["head_in_memory"]
-        rows.append((f"dense head on {mem['head_features_mib']:.0f} MiB of features, budget {s['budget']}",
-                     f"streamed={s['streamed']}, peak {s['peak_rss_mib']:.0f} MiB, {s['epoch_s']:.1f} s/epoch (in memory: {m['peak_rss_mib']:.0f} MiB, {m['epoch_s']:.1f} s)",
-                     _goal(1.0, "streams instead of failing", bool(s["streamed"]))))
+        rows.append(
+            (
+                f"dense head on {mem['head_features_mib']:.0f} MiB of features, budget {s['budget']}",
+                f"streamed={s['streamed']}, peak {s['peak_rss_mib']:.0f} MiB, {s['epoch_s']:.1f} s/epoch (in memory: {m['peak_rss_mib']:.0f} MiB, {m['epoch_s']:.1f} s)",
+                _goal(1.0, "streams instead of failing", bool(s["streamed"])),
+            )
+        )
     lines = ["| figure | measured | goal | status |", "| --- | --- | --- | --- |"]
     for name, value, goal in rows:
         lines.append(f"| {name} | {value} | {goal} |")
@@ -563,9 +795,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the runner, not figures to quote")
-    parser.add_argument("--only", default="extraction,profile,cache_hit,head_epoch,sweep,precision,realistic,memory", help="comma-separated sections to run")
-    parser.add_argument("--backbone", default="mobilenetv2", help="backbone of the extraction figures (default: mobilenetv2)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: a smoke test of the runner, not figures to quote"
+    )
+    parser.add_argument(
+        "--only",
+        default="extraction,profile,cache_hit,head_epoch,sweep,precision,realistic,memory",
+        help="comma-separated sections to run",
+    )
+    parser.add_argument(
+        "--backbone", default="mobilenetv2", help="backbone of the extraction figures (default: mobilenetv2)"
+    )
     parser.add_argument("--size", type=int, default=96, help="input size of the extraction figures (default: 96)")
     parser.add_argument("--n", type=int, default=10_000, help="images of the extraction figures (default: 10000)")
     parser.add_argument("--jobs", type=int, default=2, help="n_jobs of both sweeps (default: 2)")
@@ -579,20 +819,56 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     q = args.quick
-    result: dict[str, Any] = {"benchmark": "featurecache.run", "quick": q, "machine": _machine(), "load_before": _load(),
-                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result: dict[str, Any] = {
+        "benchmark": "featurecache.run",
+        "quick": q,
+        "machine": _machine(),
+        "load_before": _load(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     timings: dict[str, float] = {}
     work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("extraction", lambda: bench_extraction(work, n=600 if q else args.n, src_size=128, size=args.size, backbone=args.backbone, batch_size=32, reps=1 if q else 2)),
-        ("profile", lambda: profile_extraction(work, n=600 if q else args.n, src_size=128, size=args.size, backbone=args.backbone, batch_size=32)),
+        (
+            "extraction",
+            lambda: bench_extraction(
+                work,
+                n=600 if q else args.n,
+                src_size=128,
+                size=args.size,
+                backbone=args.backbone,
+                batch_size=32,
+                reps=1 if q else 2,
+            ),
+        ),
+        (
+            "profile",
+            lambda: profile_extraction(
+                work, n=600 if q else args.n, src_size=128, size=args.size, backbone=args.backbone, batch_size=32
+            ),
+        ),
         ("cache_hit", lambda: bench_cache_hit(work, n=1000 if q else 10_000, size=32, reps=3)),
         ("head_epoch", lambda: bench_head_epoch(work, backbone=args.backbone, size=args.size, n=200 if q else 1000)),
-        ("sweep", lambda: bench_sweep(work, n_train=600 if q else 3000, n_val=200 if q else 1000, dim=128 if q else 512, dense_epochs=2 if q else 5, n_jobs=args.jobs)),
+        (
+            "sweep",
+            lambda: bench_sweep(
+                work,
+                n_train=600 if q else 3000,
+                n_val=200 if q else 1000,
+                dim=128 if q else 512,
+                dense_epochs=2 if q else 5,
+                n_jobs=args.jobs,
+            ),
+        ),
         ("precision", lambda: bench_precision(work, backbones_=("resnet50", "vgg16"), size=64, n=64 if q else 256)),
         ("realistic", lambda: bench_realistic(work, quick=q)),
-        ("memory", lambda: bench_memory(work, n=100 if q else 300, size=64, backbone=args.backbone, stream_rows=20_000 if q else 60_000, dim=512)),
+        (
+            "memory",
+            lambda: bench_memory(
+                work, n=100 if q else 300, size=64, backbone=args.backbone, stream_rows=20_000 if q else 60_000, dim=512
+            ),
+        ),
     ]
     try:
         for name, fn in steps:

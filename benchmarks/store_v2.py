@@ -73,7 +73,9 @@ def _read_speed(fs: Any, repeats: int = 5) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp())
     rows = chunk_rows_for(X.shape[1:], str(X.dtype))
     g = zarr.open_group(str(tmp / "flat"), mode="w")
-    g.create_array("features", shape=(1, *X.shape), chunks=(1, rows, *X.shape[1:]), dtype=X.dtype, **array_codecs())[:] = X[None]
+    g.create_array("features", shape=(1, *X.shape), chunks=(1, rows, *X.shape[1:]), dtype=X.dtype, **array_codecs())[
+        :
+    ] = X[None]
     g.create_array("labels", shape=y.shape, chunks=(rows,), dtype="int64", **array_codecs())[:] = y
     g.create_array("ids", shape=ids.shape, chunks=(rows,), dtype=str, **array_codecs())[:] = ids.astype(str)
     g.create_array("valid", shape=ok.shape, chunks=(rows,), dtype=bool, **array_codecs())[:] = ok
@@ -105,13 +107,30 @@ def scale(n: int, work: Path) -> dict[str, float]:
     for c in range(10):
         (work / "scale" / f"c{c}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(work / "scale" / f"c{i % 10}" / f"{i:06d}.png")
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            work / "scale" / f"c{i % 10}" / f"{i:06d}.png"
+        )
     args = dict(backbone="mobilenetv2", weights="random", size=32, batch_size=128, progress=False)
     t0 = time.perf_counter()
     fc.extract(str(work / "scale"), cache_dir=work / "scale-cache", **args)
     cold = time.perf_counter() - t0
-    cmd = [sys.executable, "-m", "featurecache", "extract", "--data", str(work / "scale"), "--backbone", "mobilenetv2", "--weights", "random",
-           "--size", "32", "--cache", str(work / "scale-cache"), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featurecache",
+        "extract",
+        "--data",
+        str(work / "scale"),
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--cache",
+        str(work / "scale-cache"),
+        "--json",
+    ]
     t0 = time.perf_counter()
     doc = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     hit = time.perf_counter() - t0
@@ -130,14 +149,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n", type=int, default=10_000, help="images before growing by 10%%")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--backbone", default=OPTIONS["backbone"])
-    ap.add_argument("--size", type=int, default=96, help="input size (96: the backbone, not start-up, dominates a cold run)")
-    ap.add_argument("--scale", type=int, default=0, help="also time a hit and a plan on this many small files (e.g. 100000)")
+    ap.add_argument(
+        "--size", type=int, default=96, help="input size (96: the backbone, not start-up, dominates a cold run)"
+    )
+    ap.add_argument(
+        "--scale", type=int, default=0, help="also time a hit and a plan on this many small files (e.g. 100000)"
+    )
     args = ap.parse_args(argv)
     OPTIONS.update(backbone=args.backbone, size=args.size)
     if args.scale:
         work = args.work or Path(tempfile.mkdtemp(prefix="fc-store-v2-"))
         out = scale(args.scale, work)
-        print(f"  {out['files']} files: CLI hit {out['cli_hit_s']:.2f} s (cached: {out['hit_cached']}), plan {out['plan_s']:.2f} s (goal < 2 s), cold extraction {out['cold_s']:.0f} s")
+        print(
+            f"  {out['files']} files: CLI hit {out['cli_hit_s']:.2f} s (cached: {out['hit_cached']}), plan {out['plan_s']:.2f} s (goal < 2 s), cold extraction {out['cold_s']:.0f} s"
+        )
         shutil.rmtree(work, ignore_errors=True)
         return out
     work = args.work or Path(tempfile.mkdtemp(prefix="fc-store-v2-"))
@@ -155,7 +180,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_incr, incr = _timed(work / "grown.csv", work / "cache")
     a, b = fc.open_features(incr.key, cache_dir=work / "cache"), fc.open_features(cold.key, cache_dir=work / "cold")
     same = all(np.array_equal(a.features(s), b.features(s)) for s in a.splits)
-    out["grow_10pct"] = {"cold_s": t_cold, "incremental_s": t_incr, "ratio": t_incr / t_cold, "computed": incr.computed, "identical": same}
+    out["grow_10pct"] = {
+        "cold_s": t_cold,
+        "incremental_s": t_incr,
+        "ratio": t_incr / t_cold,
+        "computed": incr.computed,
+        "identical": same,
+    }
 
     changes = {
         "relabel": [(p, "e" if i == 0 else lab, s) for i, (p, lab, s) in enumerate(base)],
@@ -180,20 +211,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _timed(work / "relabel.csv", fresh)
     _timed(work / "grown.csv", fresh)
     st = next(store.iter_stores(fresh))
-    out["storage"] = {"rows": st.rows(0), "distinct_images": n + grow, "store_bytes": st.size_bytes(),
-                      "views_bytes": sum(v.size_bytes() for v in fc.iter_entries(fresh))}
+    out["storage"] = {
+        "rows": st.rows(0),
+        "distinct_images": n + grow,
+        "store_bytes": st.size_bytes(),
+        "views_bytes": sum(v.size_bytes() for v in fc.iter_entries(fresh)),
+    }
 
     print(f"store v2, {n} images (+{grow}), {OPTIONS['backbone']} @ {OPTIONS['size']} px, random weights")
     g = out["grow_10pct"]
-    print(f"  grow by 10%: incremental {g['incremental_s']:.1f} s vs cold {g['cold_s']:.1f} s = {g['ratio']:.3f} (goal <= 0.15), "
-          f"computed {g['computed']}, identical to cold: {g['identical']}")
+    print(
+        f"  grow by 10%: incremental {g['incremental_s']:.1f} s vs cold {g['cold_s']:.1f} s = {g['ratio']:.3f} (goal <= 0.15), "
+        f"computed {g['computed']}, identical to cold: {g['identical']}"
+    )
     for name, c in out["changes"].items():
         print(f"  {name:8s}: {c['computed']} computed, {c['seconds']:.2f} s (goal 0, < 2 s)")
     print(f"  cache hit: {out['hit_s']:.2f} s")
     r = out["read"]
-    print(f"  read train: view {r['view_s']:.3f} s vs contiguous {r['contiguous_s']:.3f} s = {r['speed_ratio']:.2f}x its speed (goal >= 0.9)")
+    print(
+        f"  read train: view {r['view_s']:.3f} s vs contiguous {r['contiguous_s']:.3f} s = {r['speed_ratio']:.2f}x its speed (goal >= 0.9)"
+    )
     s = out["storage"]
-    print(f"  storage after 3 changes: {s['rows']} rows for {s['distinct_images']} distinct images, {s['store_bytes'] / 2**20:.1f} MiB + views {s['views_bytes'] / 2**20:.2f} MiB")
+    print(
+        f"  storage after 3 changes: {s['rows']} rows for {s['distinct_images']} distinct images, {s['store_bytes'] / 2**20:.1f} MiB + views {s['views_bytes'] / 2**20:.2f} MiB"
+    )
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "store_v2.json").write_text(json.dumps(out, indent=2))

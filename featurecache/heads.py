@@ -22,7 +22,17 @@ warnings.warn(
 )
 
 _NEW = "featurecache.training.heads"
-_SUBMODULES = ("dense", "dense_batches", "dense_group", "dense_params", "params", "registry", "saving", "sklearn_heads", "sklearn_params")
+_SUBMODULES = (
+    "dense",
+    "dense_batches",
+    "dense_group",
+    "dense_params",
+    "params",
+    "registry",
+    "saving",
+    "sklearn_heads",
+    "sklearn_params",
+)
 
 for _name in _SUBMODULES:
     sys.modules[f"{__name__}.{_name}"] = globals()[_name] = importlib.import_module(f"{_NEW}.{_name}")

@@ -41,7 +41,6 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     _fail_optional_skip(report)
 
 
-
 @pytest.fixture(scope="module")
 def one_blas_thread():
     """One BLAS thread for a module's in-process fits.
@@ -64,7 +63,15 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return d
 
 
-def make_image_folder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 4, size: int = 20, seed: int = 0, splits: tuple[str, ...] = ()) -> Path:
+def make_image_folder(
+    root: Path,
+    *,
+    classes: tuple[str, ...] = ("cat", "dog"),
+    per_class: int = 4,
+    size: int = 20,
+    seed: int = 0,
+    splits: tuple[str, ...] = (),
+) -> Path:
     """Write small random PNG/JPEG images in class sub-folders (optionally inside split folders)."""
     from PIL import Image
 
@@ -181,9 +188,22 @@ def digits_features_20_copy(digits_features_20: DigitsFeatures, tmp_path: Path) 
 #: order (files with the most tests first) left these for the end, one worker busy and the other
 #: idle. Longest first lets the short files fill in around them (pyproject: --no-loadscope-reorder).
 LONG_FILES_FIRST = (
-    "test_faults.py", "test_scale_out.py", "test_sweep.py", "test_s3.py", "test_pipelines.py", "test_ensemble.py",
-    "test_extract.py", "test_finetune.py", "test_incremental.py", "test_quiet_stderr.py", "test_train.py",
-    "test_dense_group.py", "test_predict.py", "test_report.py", "test_estimator_checks.py", "test_backbone_table.py",
+    "test_faults.py",
+    "test_scale_out.py",
+    "test_sweep.py",
+    "test_s3.py",
+    "test_pipelines.py",
+    "test_ensemble.py",
+    "test_extract.py",
+    "test_finetune.py",
+    "test_incremental.py",
+    "test_quiet_stderr.py",
+    "test_train.py",
+    "test_dense_group.py",
+    "test_predict.py",
+    "test_report.py",
+    "test_estimator_checks.py",
+    "test_backbone_table.py",
 )
 
 

@@ -40,7 +40,9 @@ def test_every_readme_example_is_in_the_docs() -> None:
     assert len(readme) >= 5  # the parser found the README's examples
     lines = [line for block in readme for line in block.splitlines() if line.strip()]
     missing = [line for line in lines if line not in docs]
-    assert not missing, "README example lines missing from docs/ (add them to the page of their section):\n" + "\n".join(missing)
+    assert not missing, (
+        "README example lines missing from docs/ (add them to the page of their section):\n" + "\n".join(missing)
+    )
 
 
 def test_tested_snippets_keep_their_markers_in_the_docs() -> None:

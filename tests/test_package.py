@@ -18,7 +18,9 @@ PACKAGE = Path(fc.__file__).resolve().parent
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FEATURECACHE_")}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=300
+    )
 
 
 def test_import_featurecache_imports_no_tensorflow_and_installs_nothing() -> None:

@@ -32,7 +32,8 @@ def token_width(texts: Iterable[str]) -> int:
 def wrap_tokens(text: str, width: int) -> str:
     """``text`` wrapped to ``width`` between tokens only (a longer token stays whole on its line)."""
     return "\n".join(
-        textwrap.fill(line, max(1, width), break_long_words=False, break_on_hyphens=False) or line for line in str(text).splitlines()
+        textwrap.fill(line, max(1, width), break_long_words=False, break_on_hyphens=False) or line
+        for line in str(text).splitlines()
     )
 
 

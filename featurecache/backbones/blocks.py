@@ -53,7 +53,9 @@ def block_layers(model: keras.Model, spec: BackboneSpec) -> dict[str, list[str]]
     owner: list[int | None] = [next((j for j, p in enumerate(patterns) if p.fullmatch(n)), None) for n in names]
     matched = [j for j in owner if j is not None]
     if not matched:
-        raise BackboneError(f"no layer of model {model.name!r} belongs to a block of {spec.name}; pass the {spec.name} base model")
+        raise BackboneError(
+            f"no layer of model {model.name!r} belongs to a block of {spec.name}; pass the {spec.name} base model"
+        )
     following = matched[-1]  # trailing unnamed layers (MobileNetV3's last activation) join the last block
     for i in reversed(range(len(names))):
         known = owner[i]

@@ -182,7 +182,9 @@ def build_feature_model(
             raise unknown_layer_error(name, names, spec.name)
         features = base.get_layer(name).output
     if pooling in ("avg", "max") and len(features.shape) != 4:
-        raise BackboneError(f"layer {name!r} of {spec.name} outputs shape {tuple(features.shape)}, not a spatial map; pass --pooling flatten or none")
+        raise BackboneError(
+            f"layer {name!r} of {spec.name} outputs shape {tuple(features.shape)}, not a spatial map; pass --pooling flatten or none"
+        )
     pool = pooling_layer(pooling, name=f"features_{pooling}")
     if pool is not None:
         features = pool(features)
@@ -208,7 +210,11 @@ def pooling_layer(pooling: str, *, name: str) -> Any:
     """
     import keras
 
-    layer = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D, "flatten": keras.layers.Flatten}.get(pooling)
+    layer = {
+        "avg": keras.layers.GlobalAveragePooling2D,
+        "max": keras.layers.GlobalMaxPooling2D,
+        "flatten": keras.layers.Flatten,
+    }.get(pooling)
     return None if layer is None else layer(name=name)
 
 
@@ -255,6 +261,10 @@ def check_input_size(spec: BackboneSpec, size: int) -> None:
         If ``size`` is below ``spec.min_size`` (or differs from a fixed-size custom model's size).
     """
     if spec.family == "custom" and spec.min_size > 1 and size != spec.min_size:
-        raise BackboneError(f"input size {size} does not fit custom backbone {spec.constructor}, built for {spec.min_size}; pass --size {spec.min_size}")
+        raise BackboneError(
+            f"input size {size} does not fit custom backbone {spec.constructor}, built for {spec.min_size}; pass --size {spec.min_size}"
+        )
     if size < spec.min_size:
-        raise BackboneError(f"input size {size} is below {spec.name}'s minimum {spec.min_size}; pass --size {spec.min_size} or more")
+        raise BackboneError(
+            f"input size {size} is below {spec.name}'s minimum {spec.min_size}; pass --size {spec.min_size} or more"
+        )

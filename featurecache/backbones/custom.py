@@ -38,7 +38,9 @@ def _read_keras_file(path: Path) -> tuple[list[str], str, int | None]:
         shape = next((e["config"].get("batch_shape") for e in layers if e.get("class_name") == "InputLayer"), None)
         shape = shape or config.get("build_input_shape")
     except (OSError, KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile) as error:
-        raise BackboneError(f"cannot read custom backbone {path} ({type(error).__name__}: {error}); pass a model saved with model.save('model.keras')") from error
+        raise BackboneError(
+            f"cannot read custom backbone {path} ({type(error).__name__}: {error}); pass a model saved with model.save('model.keras')"
+        ) from error
     return names, output, (shape[1] if shape and len(shape) == 4 else None)
 
 
@@ -72,10 +74,14 @@ def custom_backbone(path: str, *, layer: str | None = None, preprocess: str = "n
         If ``preprocess`` is not a known mode.
     """
     if preprocess not in PREPROCESS_MODES:
-        raise UsageError(f"unknown preprocess mode {preprocess!r} for a custom backbone; choose one of {choices(PREPROCESS_MODES)}")
+        raise UsageError(
+            f"unknown preprocess mode {preprocess!r} for a custom backbone; choose one of {choices(PREPROCESS_MODES)}"
+        )
     file = Path(path).expanduser().absolute()
     if not file.is_file() or not file.name.endswith(".keras"):
-        raise BackboneError(f"custom backbone {str(file)!r} is not an existing .keras file; save the model with model.save('model.keras') and pass that path")
+        raise BackboneError(
+            f"custom backbone {str(file)!r} is not an existing .keras file; save the model with model.save('model.keras') and pass that path"
+        )
     names, output_name, height = _read_keras_file(file)
     if layer is not None and layer not in names:
         raise unknown_layer_error(layer, names, f"custom backbone {file}", listing=False)

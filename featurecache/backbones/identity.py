@@ -92,7 +92,9 @@ def _local_identity(ref: WeightsRef, memo_dir: Path | None) -> str:
     try:
         return f"file:sha256={_file_sha256(str(ref.path), memo_dir)}"
     except OSError as error:
-        raise WeightsUnavailableError(f"cannot read weights file {ref.path}: {error.strerror or error}; pass an existing weights file") from error
+        raise WeightsUnavailableError(
+            f"cannot read weights file {ref.path}: {error.strerror or error}; pass an existing weights file"
+        ) from error
 
 
 def weights_identity(ref: WeightsRef, spec: BackboneSpec, *, memo_dir: Path | None) -> str:

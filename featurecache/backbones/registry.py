@@ -51,7 +51,17 @@ def _spec(
 
 def _vgg(name: str, constructor: str, params: int) -> BackboneSpec:
     blocks = [(f"block{i}", rf"block{i}_.*") for i in range(1, 6)]
-    return _spec(name, constructor, name, "vgg", preprocess="caffe", feature_layer="block5_pool", blocks=blocks, feature_dim=512, params=params)
+    return _spec(
+        name,
+        constructor,
+        name,
+        "vgg",
+        preprocess="caffe",
+        feature_layer="block5_pool",
+        blocks=blocks,
+        feature_dim=512,
+        params=params,
+    )
 
 
 def _resnet(name: str, constructor: str, params: int, *, v2: bool) -> BackboneSpec:
@@ -79,13 +89,29 @@ def _densenet(name: str, constructor: str, feature_dim: int, params: int) -> Bac
         ("conv5", r"conv5_.*"),
         ("top", r"bn|relu"),
     ]
-    return _spec(name, constructor, "densenet", "densenet", preprocess="torch", feature_layer="relu", blocks=blocks, feature_dim=feature_dim, params=params)
+    return _spec(
+        name,
+        constructor,
+        "densenet",
+        "densenet",
+        preprocess="torch",
+        feature_layer="relu",
+        blocks=blocks,
+        feature_dim=feature_dim,
+        params=params,
+    )
 
 
-def _efficientnet(name: str, constructor: str, size: int, feature_dim: int, params: int, *, stages: int, v2: bool) -> BackboneSpec:
+def _efficientnet(
+    name: str, constructor: str, size: int, feature_dim: int, params: int, *, stages: int, v2: bool
+) -> BackboneSpec:
     # Stages, not sub-blocks: "block6" covers block6a..block6o; the Rescaling/Normalization
     # preprocessing layers in front of the stem are auto-named and join "stem".
-    blocks = [("stem", r"stem_.*"), *[(f"block{i}", rf"block{i}[a-z]_.*") for i in range(1, stages + 1)], ("top", r"top_.*")]
+    blocks = [
+        ("stem", r"stem_.*"),
+        *[(f"block{i}", rf"block{i}[a-z]_.*") for i in range(1, stages + 1)],
+        ("top", r"top_.*"),
+    ]
     module = "efficientnet_v2" if v2 else "efficientnet"
     return _spec(
         name,
@@ -123,17 +149,31 @@ def _convnext(variant: str, feature_dim: int, params: int) -> BackboneSpec:
     )
 
 
-def _mobilenet_v3(name: str, constructor: str, n_blocks: int, feature_layer: str, feature_dim: int, params: int) -> BackboneSpec:
+def _mobilenet_v3(
+    name: str, constructor: str, n_blocks: int, feature_layer: str, feature_dim: int, params: int
+) -> BackboneSpec:
     blocks = [
         ("stem", r"conv|conv_bn"),
         ("expanded_conv", r"expanded_conv_[a-z].*"),  # block 0 has no number in its prefix
         *[(f"expanded_conv_{i}", rf"expanded_conv_{i}_.*") for i in range(1, n_blocks + 1)],
         ("top", r"conv_1|conv_1_bn"),
     ]
-    return _spec(name, constructor, "mobilenet_v3", "mobilenet_v3", preprocess="none", feature_layer=feature_layer, blocks=blocks, feature_dim=feature_dim, params=params)
+    return _spec(
+        name,
+        constructor,
+        "mobilenet_v3",
+        "mobilenet_v3",
+        preprocess="none",
+        feature_layer=feature_layer,
+        blocks=blocks,
+        feature_dim=feature_dim,
+        params=params,
+    )
 
 
-def _nasnet(name: str, constructor: str, n: int, size: int, feature_layer: str, feature_dim: int, params: int) -> BackboneSpec:
+def _nasnet(
+    name: str, constructor: str, n: int, size: int, feature_layer: str, feature_dim: int, params: int
+) -> BackboneSpec:
     # One block per cell; every weighted layer of a cell ends in the cell id ("_stem_1", "_reduce_4",
     # "_5"). Normal-cell patterns must not take reduction/stem adjust layers ("adjust_bn_reduce_8").
     def normal(i: int) -> tuple[str, str]:
@@ -150,7 +190,16 @@ def _nasnet(name: str, constructor: str, n: int, size: int, feature_layer: str, 
         *[normal(i) for i in range(2 * n + 1, 3 * n + 1)],
     ]
     return _spec(
-        name, constructor, "nasnet", "nasnet", preprocess="tf", feature_layer=feature_layer, blocks=blocks, feature_dim=feature_dim, params=params, default_size=size
+        name,
+        constructor,
+        "nasnet",
+        "nasnet",
+        preprocess="tf",
+        feature_layer=feature_layer,
+        blocks=blocks,
+        feature_dim=feature_dim,
+        params=params,
+        default_size=size,
     )
 
 
@@ -203,7 +252,10 @@ def _inception_resnet_v2() -> BackboneSpec:
 
 
 def _mobilenet_blocks_v1() -> list[tuple[str, str]]:
-    return [("stem", r"conv1|conv1_bn|conv1_relu"), *[(f"block_{i}", rf"conv_(?:pad|dw|pw)_{i}(?:_.*)?") for i in range(1, 14)]]
+    return [
+        ("stem", r"conv1|conv1_bn|conv1_relu"),
+        *[(f"block_{i}", rf"conv_(?:pad|dw|pw)_{i}(?:_.*)?") for i in range(1, 14)],
+    ]
 
 
 def _mobilenet_blocks_v2() -> list[tuple[str, str]]:

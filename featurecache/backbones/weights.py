@@ -69,9 +69,13 @@ def parse_weights(value: str, *, seed: int = 0) -> WeightsRef:
         return WeightsRef("random", seed=int(seed))
     path = os.path.abspath(os.path.expanduser(value))
     if not os.path.isfile(path):
-        raise WeightsUnavailableError(f"weights file {path} does not exist; pass --weights imagenet, --weights random, or the path of an existing {'/'.join(WEIGHT_SUFFIXES)} file")
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist; pass --weights imagenet, --weights random, or the path of an existing {'/'.join(WEIGHT_SUFFIXES)} file"
+        )
     if not path.lower().endswith(WEIGHT_SUFFIXES):
-        raise WeightsUnavailableError(f"weights file {path} has an unsupported suffix; allowed: {choices(WEIGHT_SUFFIXES)}; save weights with model.save_weights('x.weights.h5')")
+        raise WeightsUnavailableError(
+            f"weights file {path} has an unsupported suffix; allowed: {choices(WEIGHT_SUFFIXES)}; save weights with model.save_weights('x.weights.h5')"
+        )
     return WeightsRef("file", path=path)
 
 
@@ -146,7 +150,9 @@ def load_weights_file(model: keras.Model, spec: BackboneSpec, path: str) -> None
                 candidates = [source, *(layer for layer in source.layers if isinstance(layer, keras.Model))]
                 match = next((c for c in candidates if [tuple(w.shape) for w in c.weights] == shapes), None)
                 if match is None:
-                    raise fail(f"its {len(source.weights)} weights do not match the {len(shapes)} weights of {spec.name}")
+                    raise fail(
+                        f"its {len(source.weights)} weights do not match the {len(shapes)} weights of {spec.name}"
+                    )
                 model.set_weights(match.get_weights())
             else:
                 model.load_weights(path)

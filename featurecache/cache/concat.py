@@ -211,7 +211,9 @@ def _check_same_images(parts: Sequence[views.FeatureSet]) -> None:
         if p.classes != first.classes:
             raise UsageError(f"{where} have different classes ({first.classes[:5]}... vs {p.classes[:5]}...); {fix}")
         if p.splits != first.splits:
-            raise UsageError(f"{where} have different splits ({', '.join(first.splits)} vs {', '.join(p.splits)}); {fix}")
+            raise UsageError(
+                f"{where} have different splits ({', '.join(first.splits)} vs {', '.join(p.splits)}); {fix}"
+            )
         for split in first.splits:
             a, b = first.ids(split), p.ids(split)
             if len(a) != len(b):
@@ -226,10 +228,14 @@ def _check_same_images(parts: Sequence[views.FeatureSet]) -> None:
             la, lb = first.labels(split), p.labels(split)
             if not np.array_equal(la, lb):
                 i = int(np.flatnonzero(la != lb)[0])
-                raise UsageError(f"{where} label {split} image {a[i]!r} differently ({first.classes[la[i]]} vs {p.classes[lb[i]]}); {fix}")
+                raise UsageError(
+                    f"{where} label {split} image {a[i]!r} differently ({first.classes[la[i]]} vs {p.classes[lb[i]]}); {fix}"
+                )
 
 
-def open_concat(refs: Sequence[str | views.FeatureSet], *, cache_dir: str | os.PathLike[str] | None = None) -> ConcatFeatures | views.FeatureSet:
+def open_concat(
+    refs: Sequence[str | views.FeatureSet], *, cache_dir: str | os.PathLike[str] | None = None
+) -> ConcatFeatures | views.FeatureSet:
     """Open several feature sets of one dataset as one, their vectors concatenated.
 
     Parameters
@@ -284,10 +290,19 @@ def feature_parts(features: Mapping[str, Any]) -> list[dict[str, Any]]:
     spec = features.get("spec") or {}
     if "parts" in spec:
         return [dict(p) for p in spec["parts"]]
-    return [{"key": features.get("key"), "name": features.get("name"), "spec": dict(spec), "weights_source": features.get("weights_source")}]
+    return [
+        {
+            "key": features.get("key"),
+            "name": features.get("name"),
+            "spec": dict(spec),
+            "weights_source": features.get("weights_source"),
+        }
+    ]
 
 
-def open_recorded_features(features: Mapping[str, Any], *, cache_dir: str | os.PathLike[str] | None = None) -> ConcatFeatures | views.FeatureSet:
+def open_recorded_features(
+    features: Mapping[str, Any], *, cache_dir: str | os.PathLike[str] | None = None
+) -> ConcatFeatures | views.FeatureSet:
     """Reopen the feature set(s) a run recorded in ``config["features"]``.
 
     Raises

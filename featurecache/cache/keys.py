@@ -123,7 +123,9 @@ class FeatureSpec:
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype {self.dtype!r} is not one of {DTYPES}; pass --dtype float32 or float16")
         if self.precision not in PRECISIONS:
-            raise UsageError(f"precision {self.precision!r} is not one of {PRECISIONS}; pass --precision float32 or mixed")
+            raise UsageError(
+                f"precision {self.precision!r} is not one of {PRECISIONS}; pass --precision float32 or mixed"
+            )
         if self.views < 0:
             raise UsageError(f"views must be >= 0, got {self.views}; pass --views 0 for clean features only")
 
@@ -167,7 +169,8 @@ DIGEST_FORMAT = "featurecache.dataset/1"
 
 
 def manifest_digest(
-    classes: Sequence[str], splits: Iterable[tuple[str, Sequence[str] | np.ndarray, Sequence[str] | np.ndarray, Sequence[int] | np.ndarray]]
+    classes: Sequence[str],
+    splits: Iterable[tuple[str, Sequence[str] | np.ndarray, Sequence[str] | np.ndarray, Sequence[int] | np.ndarray]],
 ) -> str:
     """The dataset digest: sha256 of the canonical manifest of classes and items.
 
@@ -192,7 +195,13 @@ def manifest_digest(
     # the whole document at once costs ~3 KiB per image, which at 100k images set peak memory.
     h = hashlib.sha256()
     dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
-    h.update(b'{"classes":' + dumps([str(c) for c in classes]).encode("ascii") + b',"format":' + dumps(DIGEST_FORMAT).encode("ascii") + b',"splits":[')
+    h.update(
+        b'{"classes":'
+        + dumps([str(c) for c in classes]).encode("ascii")
+        + b',"format":'
+        + dumps(DIGEST_FORMAT).encode("ascii")
+        + b',"splits":['
+    )
     for s, (name, ids, digests, labels) in enumerate(splits):
         h.update((b"," if s else b"") + b"[" + dumps(str(name)).encode("ascii") + b",[")
         rows = zip(ids, digests, labels, strict=True)

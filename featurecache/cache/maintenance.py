@@ -146,7 +146,9 @@ def _check_units(st: store_mod.FeatureStore, units: Iterable[tuple[int, int]], r
             result.problems.append(f"unit v{view}/u{slot} of {st.name} holds NaN or infinite values")
         bad = [j for j, d in enumerate(marker.get("digests", [])) if d in {f[0] for f in marker.get("failures", [])}]
         if bad and np.any(block[bad] != 0):
-            result.problems.append(f"unit v{view}/u{slot} of {st.name} has non-zero features for images that failed to decode")
+            result.problems.append(
+                f"unit v{view}/u{slot} of {st.name} has non-zero features for images that failed to decode"
+            )
 
 
 def check(target: views_mod.FeatureSet | store_mod.FeatureStore) -> CheckResult:
@@ -223,7 +225,9 @@ def repair(result: CheckResult, *, cache_dir: Location) -> list[str]:
         done.append(_restore_spec(store_mod.FeatureStore(path), cache_dir, result))
     for path in sorted(result.damaged_views):
         storage.remove_tree(path)
-        done.append(f"removed feature set {path.name} (its metadata, ids, labels or rows are damaged); the same extract command rewrites it from the store's rows")
+        done.append(
+            f"removed feature set {path.name} (its metadata, ids, labels or rows are damaged); the same extract command rewrites it from the store's rows"
+        )
     by_store: dict[Location, set[tuple[int, int]]] = {}
     for path, view, slot in result.damaged:
         by_store.setdefault(path, set()).add((view, slot))
@@ -246,7 +250,9 @@ def repair(result: CheckResult, *, cache_dir: Location) -> list[str]:
                 slots = sorted(s for v, s in units if v == view)
                 images = sum(len(st.markers(view).get(s, {}).get("digests", [])) for s in slots)
                 n = store_mod.remove_units(st, view, slots)
-                done.append(f"removed {n} damaged unit(s) of view {view} from {st.name}; the next extract over it recomputes their {images} image(s)")
+                done.append(
+                    f"removed {n} damaged unit(s) of view {view} from {st.name}; the next extract over it recomputes their {images} image(s)"
+                )
         finally:
             lease.release()
     return done
@@ -262,8 +268,10 @@ def _restore_spec(st: store_mod.FeatureStore, cache_dir: Location, result: Check
             spec, source = {k: v for k, v in fs.spec.items() if k not in RECORDED_ONLY or k == "weights_label"}, fs.name
             break
     if spec is None or recorded_spec_key(spec) != st.key:
-        line = (f"could not restore the spec of {st.name}: no feature set over it records one that hashes to its key; "
-                "the extract command that made it rewrites it and keeps its rows")
+        line = (
+            f"could not restore the spec of {st.name}: no feature set over it records one that hashes to its key; "
+            "the extract command that made it rewrites it and keeps its rows"
+        )
         result.unrepaired.append(line)
         return line
     lease = Lease(cache_dir, st.key)
@@ -321,7 +329,10 @@ class GcReport:
             "cache_dir": str(self.cache_dir),
             "removed": self.removed,
             "size_bytes": self.size_bytes,
-            "items": [{"path": str(i.path), "kind": i.kind, "size_bytes": i.size_bytes, "reason": i.reason} for i in self.items],
+            "items": [
+                {"path": str(i.path), "kind": i.kind, "size_bytes": i.size_bytes, "reason": i.reason}
+                for i in self.items
+            ],
         }
 
 
@@ -343,7 +354,9 @@ def parse_age(value: str | float | int) -> float:
         return float(value)
     m = _AGE.match(str(value))
     if not m:
-        raise UsageError(f"--older-than {value!r} is not an age; use a number with a unit s, m, h, d or w, e.g. 24h, 30m, 7d")
+        raise UsageError(
+            f"--older-than {value!r} is not an age; use a number with a unit s, m, h, d or w, e.g. 24h, 30m, 7d"
+        )
     return float(m.group(1)) * _AGE_UNITS[m.group(2).lower()]
 
 
@@ -421,17 +434,37 @@ def gc(
             key = lease_file.name[: -len(".lease")]
             if key not in live:
                 holder = Lease(root, key).holder() or {}
-                items.append(GcItem(lease_file, "stale lease", tree_size(lease_file), f"holder pid {holder.get('pid', '?')} on {holder.get('host', '?')} is gone or silent"))
+                items.append(
+                    GcItem(
+                        lease_file,
+                        "stale lease",
+                        tree_size(lease_file),
+                        f"holder pid {holder.get('pid', '?')} on {holder.get('host', '?')} is gone or silent",
+                    )
+                )
         for aside in storage.glob(locks, "*.lease.stale-*"):
-            items.append(GcItem(aside, "temporary", tree_size(aside), "lease moved aside by a breaker that did not finish"))
+            items.append(
+                GcItem(aside, "temporary", tree_size(aside), "lease moved aside by a breaker that did not finish")
+            )
     tmp = root / store_mod.TMP_DIR
     if storage.is_link(tmp):
-        items.append(GcItem(tmp, "left alone", 0, "the temporary folder is a symbolic link; featurecache never follows it (remove the link by hand)"))
+        items.append(
+            GcItem(
+                tmp,
+                "left alone",
+                0,
+                "the temporary folder is a symbolic link; featurecache never follows it (remove the link by hand)",
+            )
+        )
     elif storage.is_dir(tmp):
         for child in storage.children(tmp):
             owner = child.name.removeprefix("rm-").split("-", 1)[0]
             if owner not in live12 and old(child):
-                what = "removal that did not finish" if child.name.startswith("rm-") else "view built aside and never renamed into place"
+                what = (
+                    "removal that did not finish"
+                    if child.name.startswith("rm-")
+                    else "view built aside and never renamed into place"
+                )
                 items.append(GcItem(child, "temporary", tree_size(child), what))
     memo = store_mod.memo_dir(root)
     for memo_tmp in sorted(memo.glob(".*.tmp")) if _real_dir(memo) else ():
@@ -443,13 +476,28 @@ def gc(
     for st in store_mod.iter_stores(root):
         if not isinstance(st, store_mod.FeatureStore):
             if st.name.rsplit("--", 1)[-1] not in live12 and old(st):
-                items.append(GcItem(st, "damaged store", tree_size(st), "a store that never finished being created, or whose zarr.json is torn"))
+                items.append(
+                    GcItem(
+                        st,
+                        "damaged store",
+                        tree_size(st),
+                        "a store that never finished being created, or whose zarr.json is torn",
+                    )
+                )
             continue
         if st.key[:12] in live12:
             continue
         unused = _unused_units(st, root)
         if unused:
-            items.append(GcItem(st.path, "unused rows", _units_size(st, unused), f"{len(unused)} unit(s) no view references", tuple(unused)))
+            items.append(
+                GcItem(
+                    st.path,
+                    "unused rows",
+                    _units_size(st, unused),
+                    f"{len(unused)} unit(s) no view references",
+                    tuple(unused),
+                )
+            )
         for partial in storage.temp_files(st.path):
             if old(partial):
                 items.append(GcItem(partial, "temporary", tree_size(partial), "temp file of a killed writer"))

@@ -48,7 +48,12 @@ def legacy_entries(cache_dir: Location) -> list[Path]:
     if not storage.supports_rename(cache_dir):
         return out  # format 1 predates object storage
     for child in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else ():
-        if child.name.startswith((".", "_")) or child.name in (store_mod.STORES_DIR, store_mod.VIEWS_DIR) or not child.is_dir() or child.is_symlink():
+        if (
+            child.name.startswith((".", "_"))
+            or child.name in (store_mod.STORES_DIR, store_mod.VIEWS_DIR)
+            or not child.is_dir()
+            or child.is_symlink()
+        ):
             continue
         try:
             attrs = json.loads((child / "zarr.json").read_text())["attributes"]["featurecache"]
@@ -59,7 +64,13 @@ def legacy_entries(cache_dir: Location) -> list[Path]:
     return out
 
 
-def migrate(*, cache_dir: str | os.PathLike[str] | None = None, data: str | None = None, dry_run: bool = False, remove: bool = True) -> list[MigrationResult]:
+def migrate(
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    data: str | None = None,
+    dry_run: bool = False,
+    remove: bool = True,
+) -> list[MigrationResult]:
     """Convert every complete format-1 entry under the cache root.
 
     Parameters
@@ -96,13 +107,25 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
     attrs = json.loads((entry / "zarr.json").read_text())["attributes"]["featurecache"]
     old = dict(attrs["spec"])
     if not (entry / "_complete").is_file():
-        return MigrationResult(entry, None, 0, "incomplete format-1 entry: nothing to keep; remove it with `featurecache cache gc --older-than 0 --yes` or by hand")
+        return MigrationResult(
+            entry,
+            None,
+            0,
+            "incomplete format-1 entry: nothing to keep; remove it with `featurecache cache gc --older-than 0 --yes` or by hand",
+        )
     source = data or attrs.get("dataset_source")
     if not source:
-        return MigrationResult(entry, None, 0, "the entry does not record its dataset source; pass --data with its images")
+        return MigrationResult(
+            entry, None, 0, "the entry does not record its dataset source; pass --data with its images"
+        )
     dataset = load_dataset(str(source), memo_dir=store_mod.memo_dir(root), limit=attrs.get("dataset_limit"))
     if dataset.digest() != old.get("dataset_digest"):
-        return MigrationResult(entry, None, 0, f"the images at {source} changed since the entry was made (digest {dataset.digest()[:12]}, not {str(old.get('dataset_digest'))[:12]}); pass --data with the original images, or remove the entry")
+        return MigrationResult(
+            entry,
+            None,
+            0,
+            f"the images at {source} changed since the entry was made (digest {dataset.digest()[:12]}, not {str(old.get('dataset_digest'))[:12]}); pass --data with the original images, or remove the entry",
+        )
     fields_ = {k: v for k, v in old.items() if k not in ("dataset_digest", "dataset_name", "format_version")}
     spec = FeatureSpec(**{**fields_, "augment_splits": tuple(fields_.get("augment_splits", ()))})
     rows = sum(len(s) for s in dataset.splits.values())
@@ -119,7 +142,10 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
     try:
         feature_shape = tuple(attrs["feature_shape"])
         st = store_mod.open_store(root, spec.key) or store_mod.create_store(
-            root, spec, feature_shape=feature_shape, chunk_rows=store_mod.chunk_rows_for(feature_shape, spec.dtype, batch_size=32)
+            root,
+            spec,
+            feature_shape=feature_shape,
+            chunk_rows=store_mod.chunk_rows_for(feature_shape, spec.dtype, batch_size=32),
         )
         have = st.index(0)
         todo: dict[str, tuple[np.ndarray, bool, str | None]] = {}
@@ -143,12 +169,29 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
             failed_rows: list[tuple[str, str, str, str]] = []
             for split, ds in dataset.splits.items():
                 ds_digests = digests[split]
-                splits[split] = (ds.ids, ds.labels, ds_digests, np.asarray([[index[d] for d in ds_digests]], dtype=np.int64))
-                failed_rows.extend((split, i, d, failed[d]) for i, d in zip(ds.ids, ds_digests, strict=True) if d in failed)
+                splits[split] = (
+                    ds.ids,
+                    ds.labels,
+                    ds_digests,
+                    np.asarray([[index[d] for d in ds_digests]], dtype=np.int64),
+                )
+                failed_rows.extend(
+                    (split, i, d, failed[d]) for i, d in zip(ds.ids, ds_digests, strict=True) if d in failed
+                )
             fs = views_mod.write_view(
-                root, st, name=spec.view_name(dataset.name, dataset.digest()), key=view_key(spec.key, dataset.digest()),
-                dataset_digest=dataset.digest(), classes=dataset.classes, splits=splits, failures=failed_rows,
-                extra={k: attrs.get(k) for k in ("dataset_source", "dataset_limit", "weights_source", "skipped_files", "versions")} | {"dataset_name": dataset.name, "migrated_from": entry.name},
+                root,
+                st,
+                name=spec.view_name(dataset.name, dataset.digest()),
+                key=view_key(spec.key, dataset.digest()),
+                dataset_digest=dataset.digest(),
+                classes=dataset.classes,
+                splits=splits,
+                failures=failed_rows,
+                extra={
+                    k: attrs.get(k)
+                    for k in ("dataset_source", "dataset_limit", "weights_source", "skipped_files", "versions")
+                }
+                | {"dataset_name": dataset.name, "migrated_from": entry.name},
             )
             view_name = fs.name
         else:
@@ -161,4 +204,3 @@ def _migrate_one(root: Path, entry: Path, *, data: str | None, dry_run: bool, re
         os.rename(entry, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return MigrationResult(entry, view_name, rows, note)
-

@@ -178,7 +178,9 @@ class ObjectLeaseMixin:
         return self._obj
 
     def _record(self) -> bytes:
-        return json.dumps({"token": self._token, **process_identity(), "since": time.time(), "beat": uuid.uuid4().hex[:8]}).encode()
+        return json.dumps(
+            {"token": self._token, **process_identity(), "since": time.time(), "beat": uuid.uuid4().hex[:8]}
+        ).encode()
 
     def _start_beating(self, etag: str) -> None:
         with self._lock:

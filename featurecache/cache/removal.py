@@ -48,7 +48,9 @@ def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -
         named = root / sub / ref
         if ref and "/" not in ref and (storage.is_link(named) or storage.is_dir(named)):
             if storage.is_link(named):
-                return RemovalPlan(f"the link {named}", root, (named,), 0, " (a symbolic link: nothing it points to was touched)")
+                return RemovalPlan(
+                    f"the link {named}", root, (named,), 0, " (a symbolic link: nothing it points to was touched)"
+                )
             try:
                 if sub == store_mod.VIEWS_DIR:
                     views_mod.FeatureSet(named)
@@ -64,9 +66,19 @@ def plan_removal(ref: str, *, cache_dir: str | os.PathLike[str] | None = None) -
             raise
         over = tuple(v.path for v in views_mod.iter_entries(root) if v.attrs.get("store") == st.name)
         size = st.size_bytes() + sum(storage.tree_size(p) for p in over)
-        return RemovalPlan(f"feature store {st.name} and its {len(over)} feature set(s)", root, (*over, st.path), size, lease_key=st.key, views=over)
+        return RemovalPlan(
+            f"feature store {st.name} and its {len(over)} feature set(s)",
+            root,
+            (*over, st.path),
+            size,
+            lease_key=st.key,
+            views=over,
+        )
     return RemovalPlan(
-        f"feature set {fs.name}", root, (fs.path,), fs.size_bytes(),
+        f"feature set {fs.name}",
+        root,
+        (fs.path,),
+        fs.size_bytes(),
         f"; its rows stay in feature store {fs.attrs.get('store')} for other feature sets until `featurecache cache gc --yes`",
     )
 
@@ -85,7 +97,9 @@ def remove(plan: RemovalPlan) -> int:
         if not lease.try_acquire():
             judged = lease.holder()
             if not lease.is_stale(judged) or not lease.break_stale(judged) or not lease.try_acquire():
-                raise LeaseError(f"an extract (pid {(judged or {}).get('pid', '?')}) is writing into {plan.paths[-1].name}; run `cache rm` again when it has finished")
+                raise LeaseError(
+                    f"an extract (pid {(judged or {}).get('pid', '?')}) is writing into {plan.paths[-1].name}; run `cache rm` again when it has finished"
+                )
     try:
         freed = 0
         for path in plan.paths:

@@ -71,7 +71,9 @@ def storage_options() -> dict[str, Any]:
     try:
         opts = json.loads(text) if text else {}
     except ValueError as exc:
-        raise UsageError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({exc}); set it to an object, e.g. '{{\"anon\": false}}'") from None
+        raise UsageError(
+            f"{STORAGE_OPTIONS_ENV} is not valid JSON ({exc}); set it to an object, e.g. '{{\"anon\": false}}'"
+        ) from None
     if not isinstance(opts, dict):
         raise UsageError(f"{STORAGE_OPTIONS_ENV} must be a JSON object of fsspec options, got {text[:60]!r}")
     return opts
@@ -113,7 +115,9 @@ class Remote:
             return fsspec.filesystem(self.protocol, **self._kwargs())
         except (ImportError, ValueError) as exc:
             hint = " (pip install 'featurecache[s3]')" if self.protocol in ("s3", "s3a") else ""
-            raise UsageError(f"cannot open a {self.protocol}:// cache root: {' '.join(str(exc).split())[:160]}{hint}") from None
+            raise UsageError(
+                f"cannot open a {self.protocol}:// cache root: {' '.join(str(exc).split())[:160]}{hint}"
+            ) from None
 
     def endpoint(self) -> str | None:
         """The endpoint URL requests go to, when one is configured (else the provider's default)."""
@@ -125,7 +129,11 @@ class Remote:
         """An asynchronous instance of the same file system, for Zarr's ``FsspecStore``."""
         import fsspec
 
-        fs = fsspec.filesystem(self.protocol, **{**self._kwargs(), "asynchronous": True}) if self.fs.async_impl else self.fs
+        fs = (
+            fsspec.filesystem(self.protocol, **{**self._kwargs(), "asynchronous": True})
+            if self.fs.async_impl
+            else self.fs
+        )
         if not fs.async_impl:
             from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 

@@ -145,7 +145,9 @@ def group_attrs(doc: Any) -> dict[str, Any] | None:
 
 def feature_dims(feature_shape: Sequence[int]) -> tuple[str, ...]:
     """Dimension names of one row's features (for xarray and other Zarr v3 readers)."""
-    return {0: (), 1: ("feature",), 3: ("y", "x", "channel")}.get(len(feature_shape), tuple(f"f{i}" for i in range(len(feature_shape))))
+    return {0: (), 1: ("feature",), 3: ("y", "x", "channel")}.get(
+        len(feature_shape), tuple(f"f{i}" for i in range(len(feature_shape)))
+    )
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,9 @@ class CacheNode:
         try:
             got = recorded_spec_key(self.attrs["spec"])
         except (KeyError, TypeError, AttributeError, FeatureCacheError) as exc:
-            return f"the spec recorded in {what} {self.name} cannot be hashed ({' '.join(str(exc).split())[:80]}); {fix}"
+            return (
+                f"the spec recorded in {what} {self.name} cannot be hashed ({' '.join(str(exc).split())[:80]}); {fix}"
+            )
         if got != key:
             return f"the spec recorded in {what} {self.name} hashes to {got[:12]}, not to its key {str(key)[:12]}: its zarr.json was edited; {fix}"
         return None
@@ -215,8 +219,10 @@ class CacheNode:
         key = str(self.attrs.get("key"))
         if self.name.endswith(f"--{key[:12]}"):
             return None
-        return (f"the name of {what} {self.name} does not end with the first 12 digits of the key its zarr.json records ({key[:12]}): "
-                f"it was renamed or its zarr.json edited; remove it with `featurecache cache rm {self.name} --yes`")
+        return (
+            f"the name of {what} {self.name} does not end with the first 12 digits of the key its zarr.json records ({key[:12]}): "
+            f"it was renamed or its zarr.json edited; remove it with `featurecache cache rm {self.name} --yes`"
+        )
 
 
 class FeatureStore(CacheNode):
@@ -241,7 +247,9 @@ class FeatureStore(CacheNode):
         self.path = as_node_path(path)
         attrs = read_group_attrs(self.path)
         if attrs is None or attrs.get("kind") != "feature-store":
-            raise EntryNotFoundError(f"{self.path} is not a featurecache feature store; list them with `featurecache cache ls`")
+            raise EntryNotFoundError(
+                f"{self.path} is not a featurecache feature store; list them with `featurecache cache ls`"
+            )
         self.attrs: dict[str, Any] = attrs
         self._markers: dict[int, dict[int, dict[str, Any]]] = {}
         self._arrays: dict[int, Any] = {}
@@ -258,8 +266,10 @@ class FeatureStore(CacheNode):
 
     def spec_problem(self) -> str | None:
         """Why the recorded spec does not hash to the store's key (with how to restore it), or None."""
-        fix = (f"run `featurecache cache verify {self.name} --repair` to restore it from a feature set over the store, "
-               "or the extract command that made it, which rewrites it and keeps the rows")
+        fix = (
+            f"run `featurecache cache verify {self.name} --repair` to restore it from a feature set over the store, "
+            "or the extract command that made it, which rewrites it and keeps the rows"
+        )
         return self.spec_key_problem("feature store", str(self.attrs.get("key")), fix)
 
     @property
@@ -296,7 +306,14 @@ class FeatureStore(CacheNode):
         out: dict[int, dict[int, dict[str, Any]]] = {v: {} for v in range(self.views)}
         for rel in storage.find(base):
             parts = rel.split("/")
-            if len(parts) == 3 and parts[2] == "zarr.json" and parts[0][:1] == "v" and parts[0][1:].isdigit() and parts[1][:1] == "u" and parts[1][1:].isdigit():
+            if (
+                len(parts) == 3
+                and parts[2] == "zarr.json"
+                and parts[0][:1] == "v"
+                and parts[0][1:].isdigit()
+                and parts[1][:1] == "u"
+                and parts[1][1:].isdigit()
+            ):
                 view, slot = int(parts[0][1:]), int(parts[1][1:])
                 known = self._markers.get(view, {}).get(slot)
                 if known is not None:
@@ -306,7 +323,11 @@ class FeatureStore(CacheNode):
         for loc, data in storage.read_many(found).items():
             view, slot = found[loc]
             try:
-                attrs = group_attrs(json.loads(bytes(data).decode("utf-8"))) if not isinstance(data, BaseException) else None
+                attrs = (
+                    group_attrs(json.loads(bytes(data).decode("utf-8")))
+                    if not isinstance(data, BaseException)
+                    else None
+                )
             except ValueError:
                 attrs = None  # a torn marker vouches for nothing: the unit is redone
             if attrs is not None and attrs.get("slot") == slot:
@@ -405,22 +426,36 @@ class FeatureStore(CacheNode):
                 for slot in run:
                     out[slot] = self.read_unit(view, slot)
                 continue
-            parts = [(slot, block[(slot - first) * cr : (slot - first) * cr + len(markers[slot].get("digests", []))], markers[slot]) for slot in run]
+            parts = [
+                (
+                    slot,
+                    block[(slot - first) * cr : (slot - first) * cr + len(markers[slot].get("digests", []))],
+                    markers[slot],
+                )
+                for slot in run
+            ]
             _verify_all(self, view, parts)
             out.update((slot, part) for slot, part, _ in parts)
         return out
 
     def _verified(self, view: int, slot: int, block: np.ndarray, marker: Mapping[str, Any]) -> np.ndarray:  # noqa: D401
         """``block`` after checking it is exactly the bytes ``marker`` vouches for."""
-        if block.shape[0] != len(marker.get("digests", [])) or hashlib.sha256(np.ascontiguousarray(block).data).hexdigest() != marker.get("sha256"):
-            raise self._damaged(view, slot, "does not hold the bytes its marker vouches for (a chunk is missing, moved or altered)")
+        if block.shape[0] != len(marker.get("digests", [])) or hashlib.sha256(
+            np.ascontiguousarray(block).data
+        ).hexdigest() != marker.get("sha256"):
+            raise self._damaged(
+                view, slot, "does not hold the bytes its marker vouches for (a chunk is missing, moved or altered)"
+            )
         return block
 
     def _damaged(self, view: int, slot: int, reason: str) -> DamagedUnitError:
         return DamagedUnitError(
             f"unit v{view}/u{slot} of feature store {self.name} {reason}; run `featurecache cache verify {self.name} --repair`, "
             "then the same extract command recomputes it",
-            store=self.name, view=view, slot=slot, reason=reason,
+            store=self.name,
+            view=view,
+            slot=slot,
+            reason=reason,
         )
 
     def _contiguous_units(self, view: int, rows: np.ndarray) -> np.ndarray | None:
@@ -440,7 +475,9 @@ class FeatureStore(CacheNode):
             block = np.asarray(self.array(view)[start:stop])
         except Exception:  # noqa: BLE001 - the per-unit path names the damaged unit
             return None
-        _verify_all(self, view, [(slot, block[k * cr : k * cr + sizes[k]], markers[slot]) for k, slot in enumerate(slots)])
+        _verify_all(
+            self, view, [(slot, block[k * cr : k * cr + sizes[k]], markers[slot]) for k, slot in enumerate(slots)]
+        )
         return block[r0 - start : r0 - start + n]
 
     def gather(self, view: int, rows: np.ndarray) -> np.ndarray:
@@ -478,8 +515,14 @@ class FeatureStore(CacheNode):
             block = blocks[slot]
             local = rows[part] - slot * cr
             if local.max() >= len(block):
-                raise CacheCorruptError(f"a view refers to row {int(rows[part].max())} of {self.name}, past unit v{view}/u{slot}; rewrite the view with the same extract command")
-            if len(part) == len(block) and np.array_equal(local, np.arange(len(block))) and np.array_equal(part, np.arange(part[0], part[0] + len(part))):
+                raise CacheCorruptError(
+                    f"a view refers to row {int(rows[part].max())} of {self.name}, past unit v{view}/u{slot}; rewrite the view with the same extract command"
+                )
+            if (
+                len(part) == len(block)
+                and np.array_equal(local, np.arange(len(block)))
+                and np.array_equal(part, np.arange(part[0], part[0] + len(part)))
+            ):
                 out[part[0] : part[0] + len(part)] = block  # the common case: a whole unit, in order
             else:
                 out[part] = block[local]
@@ -536,7 +579,14 @@ def open_store(cache_dir: Location, spec_key: str) -> FeatureStore | None:
     return None
 
 
-def create_store(cache_dir: Location, spec: FeatureSpec, *, feature_shape: Sequence[int], chunk_rows: int, extra: Mapping[str, Any] | None = None) -> FeatureStore:
+def create_store(
+    cache_dir: Location,
+    spec: FeatureSpec,
+    *,
+    feature_shape: Sequence[int],
+    chunk_rows: int,
+    extra: Mapping[str, Any] | None = None,
+) -> FeatureStore:
     """Create ``spec``'s empty store in place (holding its lease) and return it.
 
     The group's attributes are written last: until then the directory is not a store, so a
@@ -560,12 +610,20 @@ def create_store(cache_dir: Location, spec: FeatureSpec, *, feature_shape: Seque
         for view in range(1 + spec.views):
             g = root.require_group(f"v{view}")
             arrays = {
-                "features": dict(shape=(0, *feature_shape), chunks=(chunk_rows, *feature_shape), dtype=spec.dtype, fill_value=0,
-                                 dimension_names=("row", *dims), **array_codecs()),
+                "features": dict(
+                    shape=(0, *feature_shape),
+                    chunks=(chunk_rows, *feature_shape),
+                    dtype=spec.dtype,
+                    fill_value=0,
+                    dimension_names=("row", *dims),
+                    **array_codecs(),
+                ),
                 "digests": dict(shape=(0,), chunks=(chunk_rows,), dtype=str, dimension_names=("row",)),
             }
             if view == 0:
-                arrays["valid"] = dict(shape=(0,), chunks=(chunk_rows,), dtype=bool, fill_value=False, dimension_names=("row",))
+                arrays["valid"] = dict(
+                    shape=(0,), chunks=(chunk_rows,), dtype=bool, fill_value=False, dimension_names=("row",)
+                )
             for name, kw in arrays.items():
                 if not _array_fits(path / f"v{view}" / name, kw["chunks"]):
                     # A torn or mismatched array vouches for nothing: its units' markers go with it.
@@ -596,7 +654,9 @@ def _array_fits(path: Location, chunks: tuple[int, ...]) -> bool:
     import zarr
 
     try:
-        return tuple(zarr.open_array(storage.zarr_store(path, read_only=True), mode="r", zarr_format=3).chunks) == tuple(chunks)
+        return tuple(
+            zarr.open_array(storage.zarr_store(path, read_only=True), mode="r", zarr_format=3).chunks
+        ) == tuple(chunks)
     except Exception:  # noqa: BLE001 - absent or unreadable: recreate
         return False
 
@@ -647,12 +707,17 @@ def write_unit(
     start = unit.slot * st.chunk_rows
     group = zarr.open_group(storage.zarr_store(st.path), mode="r+", zarr_format=3)
     try:
-        arr = cast("zarr.Array", group[f"v{unit.view}/features"])  # the store's layout: arrays, never groups, at these paths
+        arr = cast(
+            "zarr.Array", group[f"v{unit.view}/features"]
+        )  # the store's layout: arrays, never groups, at these paths
         arr[start : start + m] = features
         cast("zarr.Array", group[f"v{unit.view}/digests"])[start : start + m] = np.asarray(unit.digests, dtype=str)
         checkpoint("unit_data_written")
         chunk_files = [
-            st.path / f"v{unit.view}" / "features" / arr.metadata.encode_chunk_key((unit.slot, *([0] * len(st.feature_shape)))),
+            st.path
+            / f"v{unit.view}"
+            / "features"
+            / arr.metadata.encode_chunk_key((unit.slot, *([0] * len(st.feature_shape)))),
             st.path / f"v{unit.view}" / "digests" / arr.metadata.encode_chunk_key((unit.slot,)),
         ]
         if valid is not None:
@@ -672,7 +737,11 @@ def write_unit(
             "written": time.time(),
             **(record or {}),
         }
-        storage.publish_json(st.path / unit.marker / "zarr.json", group_document(marker), before_rename=lambda: checkpoint("marker_tmp_written"))
+        storage.publish_json(
+            st.path / unit.marker / "zarr.json",
+            group_document(marker),
+            before_rename=lambda: checkpoint("marker_tmp_written"),
+        )
         listed = st._markers.get(unit.view)
         if listed is not None:  # keep a listing already read current; never read every marker to add one
             listed[unit.slot] = marker

@@ -99,7 +99,10 @@ class ViewFeatures:
                 f"feature set {self.owner} cannot be read: unit v{exc.view}/u{exc.slot} of its feature store {exc.reason}; "
                 f"check it with `featurecache cache verify {self.key[:12]}`, drop the damaged units with "
                 f"`featurecache cache verify {self.key[:12]} --repair`, then run the same extract command to recompute them",
-                store=exc.store, view=exc.view, slot=exc.slot, reason=exc.reason,
+                store=exc.store,
+                view=exc.view,
+                slot=exc.slot,
+                reason=exc.reason,
             ) from None
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -167,9 +170,13 @@ class FeatureSet(CacheNode):
         try:
             attrs = read_group_attrs(self.path)
         except CacheCorruptError as exc:
-            raise CacheCorruptError(f"{exc}; remove the view with `featurecache cache rm {self.path.name} --yes` and extract again") from None
+            raise CacheCorruptError(
+                f"{exc}; remove the view with `featurecache cache rm {self.path.name} --yes` and extract again"
+            ) from None
         if attrs is None or attrs.get("kind") != "view":
-            raise EntryNotFoundError(f"{self.path} is not a featurecache feature set; list them with `featurecache cache ls`")
+            raise EntryNotFoundError(
+                f"{self.path} is not a featurecache feature set; list them with `featurecache cache ls`"
+            )
         self.attrs: dict[str, Any] = attrs
         self._checked = False
 
@@ -206,25 +213,35 @@ class FeatureSet(CacheNode):
         store_key, digest = str(self.attrs.get("store_key")), str(self.attrs.get("dataset_digest"))
         out = [p for p in (self.name_problem("feature set"), self.spec_key_problem("feature set", store_key, fix)) if p]
         if view_key(store_key, digest) != self.key:
-            out.append(f"feature set {self.name} does not hash to its key {self.key[:12]} (its store key or dataset digest was edited); {fix}")
+            out.append(
+                f"feature set {self.name} does not hash to its key {self.key[:12]} (its store key or dataset digest was edited); {fix}"
+            )
         if out:
             return out
         spec = self.spec
         if spec.get("dataset_digest") != digest:
-            out.append(f"the spec of feature set {self.name} names dataset {str(spec.get('dataset_digest'))[:12]}, not its {digest[:12]}; {fix}")
+            out.append(
+                f"the spec of feature set {self.name} names dataset {str(spec.get('dataset_digest'))[:12]}, not its {digest[:12]}; {fix}"
+            )
         for split, d in dict(self.attrs.get("layout") or {}).items():
             views = 1 + (int(spec["views"]) if split in spec["augment_splits"] else 0)
             got = d.get("views") if isinstance(d, dict) else None
             if got != views:
-                out.append(f"the layout of feature set {self.name} gives {split} {got} view(s), but its spec {views}; {fix}")
+                out.append(
+                    f"the layout of feature set {self.name} gives {split} {got} view(s), but its spec {views}; {fix}"
+                )
         try:
             st = self.store
         except CacheCorruptError as exc:
             return [*out, str(exc)]
         if st.key != store_key:
-            out.append(f"feature set {self.name} reads feature store {st.name}, whose key is {st.key[:12]}, not the {store_key[:12]} it records; {fix}")
+            out.append(
+                f"feature set {self.name} reads feature store {st.name}, whose key is {st.key[:12]}, not the {store_key[:12]} it records; {fix}"
+            )
         elif st.feature_shape != self.feature_shape:
-            out.append(f"feature set {self.name} records features of shape {self.feature_shape}, but its store holds {st.feature_shape}; {fix}")
+            out.append(
+                f"feature set {self.name} records features of shape {self.feature_shape}, but its store holds {st.feature_shape}; {fix}"
+            )
         return out
 
     def check_identity(self) -> None:
@@ -339,7 +356,9 @@ class FeatureSet(CacheNode):
         digest = manifest_digest(self.classes, [(s, a["ids"], a["digests"], a["labels"]) for s, a in arrays.items()])
         fix = f"run `featurecache cache verify {self.key[:12]}`, remove it with `featurecache cache rm {self.name} --yes` and extract again"
         if digest != self.attrs.get("dataset_digest"):
-            raise CacheCorruptError(f"the ids, labels or class names of feature set {self.name} were altered (they hash to {digest[:12]}, not {str(self.attrs.get('dataset_digest'))[:12]}); {fix}")
+            raise CacheCorruptError(
+                f"the ids, labels or class names of feature set {self.name} were altered (they hash to {digest[:12]}, not {str(self.attrs.get('dataset_digest'))[:12]}); {fix}"
+            )
         if view_key(str(self.attrs.get("store_key")), digest) != self.key:
             raise CacheCorruptError(f"feature set {self.name} does not hash to its key {self.key[:12]}; {fix}")
         for split, a in arrays.items():
@@ -392,7 +411,12 @@ class FeatureSet(CacheNode):
         """
         arrays = arrays if arrays is not None else self._arrays
         failed = self.store.failures()
-        want = {(s, str(i), str(d), failed[str(d)]) for s, a in arrays.items() for i, d in zip(a["ids"], a["digests"], strict=True) if str(d) in failed}
+        want = {
+            (s, str(i), str(d), failed[str(d)])
+            for s, a in arrays.items()
+            for i, d in zip(a["ids"], a["digests"], strict=True)
+            if str(d) in failed
+        }
         have = {tuple(str(x) for x in f) for f in self.attrs.get("failures", [])}
         if have != want:
             odd = sorted(have ^ want)[0]
@@ -526,8 +550,16 @@ def write_view(
     import zarr
 
     if not storage.supports_rename(cache_dir):
-        return _write_view_in_place(cache_dir / VIEWS_DIR / name, st, key=key, dataset_digest=dataset_digest,
-                                    classes=classes, splits=splits, failures=failures, extra=extra)
+        return _write_view_in_place(
+            cache_dir / VIEWS_DIR / name,
+            st,
+            key=key,
+            dataset_digest=dataset_digest,
+            classes=classes,
+            splits=splits,
+            failures=failures,
+            extra=extra,
+        )
     final = cache_dir / VIEWS_DIR / name
     # Named after the store's key: the store's lease holder owns (and cleans) it.
     tmp = cache_dir / TMP_DIR / f"{st.key[:12]}-{key[:12]}-{uuid.uuid4().hex[:8]}"
@@ -536,7 +568,9 @@ def write_view(
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         layout = _write_view_arrays(root, splits)
-        root.attrs["featurecache"] = _view_attrs(st, key=key, dataset_digest=dataset_digest, classes=classes, layout=layout, failures=failures, extra=extra)
+        root.attrs["featurecache"] = _view_attrs(
+            st, key=key, dataset_digest=dataset_digest, classes=classes, layout=layout, failures=failures, extra=extra
+        )
         checkpoint("before_seal")
         if final.exists() or final.is_symlink():
             _discard(final, cache_dir)  # an older copy of the same view, or debris of a killed rm
@@ -550,7 +584,9 @@ def write_view(
     return FeatureSet(final)
 
 
-def _write_view_arrays(root: Any, splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]]) -> dict[str, Any]:
+def _write_view_arrays(
+    root: Any, splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]]
+) -> dict[str, Any]:
     """Write every split's arrays into the group ``root``; return the ``layout`` attribute."""
     layout = {}
     for split, (ids, labels, digests, rows) in splits.items():
@@ -558,9 +594,25 @@ def _write_view_arrays(root: Any, splits: Mapping[str, tuple[Sequence[str], np.n
         chunk = (max(1, min(n, VIEW_CHUNK)),)
         g = root.create_group(split)
         g.create_array("ids", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
-        g.create_array("labels", shape=(n,), chunks=chunk, dtype="int64", fill_value=-1, dimension_names=("sample",), **array_codecs())
+        g.create_array(
+            "labels",
+            shape=(n,),
+            chunks=chunk,
+            dtype="int64",
+            fill_value=-1,
+            dimension_names=("sample",),
+            **array_codecs(),
+        )
         g.create_array("digests", shape=(n,), chunks=chunk, dtype=str, dimension_names=("sample",), **array_codecs())
-        g.create_array("rows", shape=rows.shape, chunks=(1, *chunk), dtype="int64", fill_value=-1, dimension_names=("view", "sample"), **array_codecs())
+        g.create_array(
+            "rows",
+            shape=rows.shape,
+            chunks=(1, *chunk),
+            dtype="int64",
+            fill_value=-1,
+            dimension_names=("view", "sample"),
+            **array_codecs(),
+        )
         rows = np.asarray(rows, dtype=np.int64)
         for a in range(0, n, chunk[0]):  # chunk by chunk: string arrays cost ~1 KiB per item in flight
             b = min(n, a + chunk[0])
@@ -573,8 +625,14 @@ def _write_view_arrays(root: Any, splits: Mapping[str, tuple[Sequence[str], np.n
 
 
 def _view_attrs(
-    st: FeatureStore, *, key: str, dataset_digest: str, classes: Sequence[str], layout: Mapping[str, Any],
-    failures: Sequence[tuple[str, str, str, str]], extra: Mapping[str, Any] | None,
+    st: FeatureStore,
+    *,
+    key: str,
+    dataset_digest: str,
+    classes: Sequence[str],
+    layout: Mapping[str, Any],
+    failures: Sequence[tuple[str, str, str, str]],
+    extra: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The ``featurecache`` attributes of a view."""
     return {
@@ -584,7 +642,11 @@ def _view_attrs(
         "store": st.name,
         "store_key": st.key,
         "dataset_digest": dataset_digest,
-        "spec": {**st.spec, "dataset_digest": dataset_digest, "dataset_name": (extra or {}).get("dataset_name", "data")},
+        "spec": {
+            **st.spec,
+            "dataset_digest": dataset_digest,
+            "dataset_name": (extra or {}).get("dataset_name", "data"),
+        },
         "classes": [str(c) for c in classes],
         "layout": dict(layout),
         "feature_shape": list(st.feature_shape),
@@ -595,9 +657,15 @@ def _view_attrs(
 
 
 def _write_view_in_place(
-    final: Location, st: FeatureStore, *, key: str, dataset_digest: str, classes: Sequence[str],
+    final: Location,
+    st: FeatureStore,
+    *,
+    key: str,
+    dataset_digest: str,
+    classes: Sequence[str],
     splits: Mapping[str, tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]],
-    failures: Sequence[tuple[str, str, str, str]], extra: Mapping[str, Any] | None,
+    failures: Sequence[tuple[str, str, str, str]],
+    extra: Mapping[str, Any] | None,
 ) -> FeatureSet:
     """An object-store view: debris cleared, arrays written, then the attributes (one PUT) last."""
     import zarr
@@ -607,7 +675,9 @@ def _write_view_in_place(
     storage.remove_tree(final)  # a torn copy (no attributes) from a killed writer; we hold the lease
     root = zarr.open_group(storage.zarr_store(final), mode="w", zarr_format=3)
     layout = _write_view_arrays(root, splits)
-    attrs = _view_attrs(st, key=key, dataset_digest=dataset_digest, classes=classes, layout=layout, failures=failures, extra=extra)
+    attrs = _view_attrs(
+        st, key=key, dataset_digest=dataset_digest, classes=classes, layout=layout, failures=failures, extra=extra
+    )
     checkpoint("before_seal")
     storage.publish_json(final / "zarr.json", group_document(attrs))  # visible from here on
     checkpoint("sealed")
@@ -690,16 +760,26 @@ def find_entry(ref: str, *, cache_dir: str | os.PathLike[str] | Location | None 
     if len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix):
         # View names end in "--" + the key's first 12 digits: only those directories can match.
         # One whose recorded key disagrees with its name is matched by name, so verify names it.
-        matches = [e for e in iter_entries(root, f"*--{prefix[:12]}*") if e.key.startswith(prefix) or e.name_problem("feature set")]
+        matches = [
+            e
+            for e in iter_entries(root, f"*--{prefix[:12]}*")
+            if e.key.startswith(prefix) or e.name_problem("feature set")
+        ]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise AmbiguousEntryError(f"key prefix {ref!r} matches {len(matches)} feature sets ({', '.join(e.name for e in matches[:4])}); give more digits of the key")
+        raise AmbiguousEntryError(
+            f"key prefix {ref!r} matches {len(matches)} feature sets ({', '.join(e.name for e in matches[:4])}); give more digits of the key"
+        )
     hint = f"short keys need at least {MIN_PREFIX} characters; " if len(ref) < MIN_PREFIX else ""
-    raise EntryNotFoundError(f"no feature set {ref!r} in cache {root}; {hint}list them with `featurecache cache ls --cache {root}`")
+    raise EntryNotFoundError(
+        f"no feature set {ref!r} in cache {root}; {hint}list them with `featurecache cache ls --cache {root}`"
+    )
 
 
-def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | Location | None = None, require_complete: bool = True) -> FeatureSet:
+def open_features(
+    ref: str, *, cache_dir: str | os.PathLike[str] | Location | None = None, require_complete: bool = True
+) -> FeatureSet:
     """Open a feature set (a dataset view) by key, key prefix, name or path.
 
     ``require_complete`` is kept for compatibility: views exist only complete.
@@ -719,7 +799,9 @@ def open_features(ref: str, *, cache_dir: str | os.PathLike[str] | Location | No
     fs.arrays()  # classes, ids, digests and labels hash back to the key (no feature is read)
     fs.check_failures()  # the undecodable images are the store's (its view-0 markers, read once)
     if not fs.complete:  # pragma: no cover - views are written whole
-        raise IncompleteEntryError(f"feature set {fs.name} is incomplete; run the same `featurecache extract` command again")
+        raise IncompleteEntryError(
+            f"feature set {fs.name} is incomplete; run the same `featurecache extract` command again"
+        )
     return fs
 
 
@@ -770,16 +852,23 @@ def write_arrays(
     from featurecache.cache.lease import Lease
 
     root = resolve_cache_dir(cache_dir)
-    digests = digests or {s: [hashlib.sha256(f"{s}/{i}".encode()).hexdigest() for i in ids] for s, (ids, *_rest) in splits.items()}
+    digests = digests or {
+        s: [hashlib.sha256(f"{s}/{i}".encode()).hexdigest() for i in ids] for s, (ids, *_rest) in splits.items()
+    }
     first = next(iter(splits.values()))[2]
     feature_shape = tuple(int(d) for d in np.asarray(first).shape[2:])
-    dataset_digest = manifest_digest(classes, [(s, ids, digests[s], labels) for s, (ids, labels, _f, _v) in splits.items()])
+    dataset_digest = manifest_digest(
+        classes, [(s, ids, digests[s], labels) for s, (ids, labels, _f, _v) in splits.items()]
+    )
     key = view_key(spec.key, dataset_digest)
     lease = Lease(root, spec.key)
     lease.wait()
     try:
         st = store_mod.open_store(root, spec.key) or store_mod.create_store(
-            root, spec, feature_shape=feature_shape, chunk_rows=chunk_rows or store_mod.chunk_rows_for(feature_shape, spec.dtype)
+            root,
+            spec,
+            feature_shape=feature_shape,
+            chunk_rows=chunk_rows or store_mod.chunk_rows_for(feature_shape, spec.dtype),
         )
         failures: list[tuple[str, str, str, str]] = []
         for view in range(st.views):
@@ -796,15 +885,31 @@ def write_arrays(
                 block = np.stack([todo[d][0] for d in unit.digests])
                 ok = np.asarray([todo[d][1] for d in unit.digests])
                 block[~ok] = 0
-                store_mod.write_unit(st, unit, block, valid=ok if view == 0 else None,
-                                     failures=[(d, "invalid") for d in unit.digests if not todo[d][1]] if view == 0 else ())
+                store_mod.write_unit(
+                    st,
+                    unit,
+                    block,
+                    valid=ok if view == 0 else None,
+                    failures=[(d, "invalid") for d in unit.digests if not todo[d][1]] if view == 0 else (),
+                )
         failed = st.failures()
         out = {}
         for s, (ids, labels, _feats, _valid) in splits.items():
-            rows = np.asarray([[st.index(v)[d] for d in digests[s]] for v in range(spec.views_for(s))], dtype=np.int64).reshape(spec.views_for(s), len(ids))
+            rows = np.asarray(
+                [[st.index(v)[d] for d in digests[s]] for v in range(spec.views_for(s))], dtype=np.int64
+            ).reshape(spec.views_for(s), len(ids))
             out[s] = (ids, labels, digests[s], rows)
             failures.extend((s, i, d, failed[d]) for i, d in zip(ids, digests[s], strict=True) if d in failed)
-        return write_view(root, st, name=spec.view_name(dataset_name, dataset_digest), key=key, dataset_digest=dataset_digest,
-                          classes=classes, splits=out, failures=failures, extra={"dataset_name": dataset_name, **(extra or {})})
+        return write_view(
+            root,
+            st,
+            name=spec.view_name(dataset_name, dataset_digest),
+            key=key,
+            dataset_digest=dataset_digest,
+            classes=classes,
+            splits=out,
+            failures=failures,
+            extra={"dataset_name": dataset_name, **(extra or {})},
+        )
     finally:
         lease.release()

@@ -35,14 +35,18 @@ def _cache_folder(text: str | None) -> Path | str | None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == value.expanduser().absolute() else f"is inside {probe}, which is a file"
-        raise typer.BadParameter(f"{value} {where}, not a folder; pass a folder for the cache (it is created if missing)")
+        raise typer.BadParameter(
+            f"{value} {where}, not a folder; pass a folder for the cache (it is created if missing)"
+        )
     return value
 
 
 CacheOpt = Annotated[
     str | None,
     typer.Option(
-        "--cache", help="Cache directory or URL, e.g. s3://bucket/prefix (default: $FEATURECACHE_DIR or ./cache).", show_default=False,
+        "--cache",
+        help="Cache directory or URL, e.g. s3://bucket/prefix (default: $FEATURECACHE_DIR or ./cache).",
+        show_default=False,
         callback=_cache_folder,
     ),
 ]
@@ -85,7 +89,9 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if debug():
                 raise
-            raise fail(_one_line(exc, kwargs.get("cache")), exc.exit_code if isinstance(exc, FeatureCacheError) else 1) from None
+            raise fail(
+                _one_line(exc, kwargs.get("cache")), exc.exit_code if isinstance(exc, FeatureCacheError) else 1
+            ) from None
         except KeyboardInterrupt:
             if debug():
                 raise
@@ -232,7 +238,14 @@ def pasteable(*args: str | Path, cache: str | Path | None = None) -> str:
     return shlex.join(words)
 
 
-def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     """``warnings.showwarning`` for the command: featurecache's warnings as one ``warning: ...`` line.
 
     Other libraries' warnings keep Python's format, which says where they come from.
@@ -254,8 +267,6 @@ def csv_items(text: str) -> tuple[str, ...]:
 def print_json(obj: Any) -> None:
     """Write ``obj`` as JSON to stdout."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 
 
 def cache_flag(cache: Path | str | None) -> str:

@@ -11,8 +11,20 @@ from featurecache.cli._common import JsonOpt, handle_errors, print_json
 
 @handle_errors
 def backbones_cmd(
-    layers: Annotated[str | None, typer.Option("--layers", help="List the layer names of this backbone (builds it with random weights).", show_default=False)] = None,
-    blocks: Annotated[str | None, typer.Option("--blocks", help="List the block names of this backbone, for `finetune --unfreeze`.", show_default=False)] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="List the layer names of this backbone (builds it with random weights).",
+            show_default=False,
+        ),
+    ] = None,
+    blocks: Annotated[
+        str | None,
+        typer.Option(
+            "--blocks", help="List the block names of this backbone, for `finetune --unfreeze`.", show_default=False
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the supported backbones (name, parameters, feature size, default input size)."""
@@ -50,5 +62,12 @@ def backbones_cmd(
     for header in ("params", "feature dim", "default size", "min size", "preprocess"):
         table.add_column(header)
     for row in summary:
-        table.add_row(str(row["name"]), f"{row['params'] / 1e6:.1f}M", str(row["feature_dim"]), str(row["default_size"]), str(row.get("min_size", "")), str(row.get("preprocess", "")))
+        table.add_row(
+            str(row["name"]),
+            f"{row['params'] / 1e6:.1f}M",
+            str(row["feature_dim"]),
+            str(row["default_size"]),
+            str(row.get("min_size", "")),
+            str(row.get("preprocess", "")),
+        )
     console().print(table)

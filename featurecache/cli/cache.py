@@ -22,7 +22,10 @@ from featurecache.cli.extract_opts import DataOpt, LimitOpt, extract_options
 from featurecache.extraction.options import ExtractOptions
 
 app = typer.Typer(
-    help="List, inspect, verify and remove cached feature sets.", no_args_is_help=True, rich_markup_mode=None, cls=PlainHelpGroup
+    help="List, inspect, verify and remove cached feature sets.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    cls=PlainHelpGroup,
 )
 
 RefArg = Annotated[str, typer.Argument(help="Full key, its first 12 characters, or the entry name.")]
@@ -58,14 +61,24 @@ def ls_cmd(cache: CacheOpt = None, json_out: JsonOpt = False) -> None:
     out = console()
     for s in stores:
         members = [r for r in entries if r["store"] == s["name"]]
-        out.print(fit_last_column(functools.partial(_store_table, s, members), [r["name"] for r in members], optional=("key",)))
+        out.print(
+            fit_last_column(
+                functools.partial(_store_table, s, members), [r["name"] for r in members], optional=("key",)
+            )
+        )
     for path in damaged:
-        typer.echo(f"damaged: {path} (remove it with `featurecache cache rm {Path(path).name} --yes{cache_flag(cache)}`)")
+        typer.echo(
+            f"damaged: {path} (remove it with `featurecache cache rm {Path(path).name} --yes{cache_flag(cache)}`)"
+        )
     if legacy:
-        typer.echo(f"{len(legacy)} entries in the old format 1: convert them with `featurecache cache migrate{cache_flag(cache)}`")
+        typer.echo(
+            f"{len(legacy)} entries in the old format 1: convert them with `featurecache cache migrate{cache_flag(cache)}`"
+        )
 
 
-def _store_table(s: dict[str, Any], members: list[dict[str, Any]], names: Sequence[str], dropped: frozenset[str]) -> Any:
+def _store_table(
+    s: dict[str, Any], members: list[dict[str, Any]], names: Sequence[str], dropped: frozenset[str]
+) -> Any:
     """The table of one feature store's feature sets in `cache ls`.
 
     The name is what users copy: last and whole (see featurecache._runtime.tables); the key column (a
@@ -81,7 +94,9 @@ def _store_table(s: dict[str, Any], members: list[dict[str, Any]], names: Sequen
     table.add_column("size", no_wrap=True)
     table.add_column("feature set", no_wrap=True)
     for r, name in zip(members, names, strict=True):
-        splits = "\n".join(f"{k}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for k, d in r["splits"].items())
+        splits = "\n".join(
+            f"{k}:{d['n']}" + (f"x{d['views']}" if d["views"] > 1 else "") for k, d in r["splits"].items()
+        )
         table.add_row(*([] if "key" in dropped else [r["key"][:12]]), splits, human_bytes(r["size_bytes"]), name)
     return table
 
@@ -95,12 +110,14 @@ def info_cmd(ref: RefArg, cache: CacheOpt = None, json_out: JsonOpt = False) -> 
     target = maintenance.find_target(ref, cache_dir=store.resolve_cache_dir(cache))
     doc = {**target.summary(), "path": str(target.path), "spec": target.spec, "size_bytes": target.size_bytes()}
     if not isinstance(target, store.FeatureStore):
-        doc.update({
-            "classes": target.classes,
-            "versions": target.attrs.get("versions", {}),
-            "dataset_source": target.attrs.get("dataset_source"),
-            "invalid_images": len(target.failures()),
-        })
+        doc.update(
+            {
+                "classes": target.classes,
+                "versions": target.attrs.get("versions", {}),
+                "dataset_source": target.attrs.get("dataset_source"),
+                "invalid_images": len(target.failures()),
+            }
+        )
     if json_out:
         print_json(doc)
         return
@@ -154,19 +171,44 @@ def rm_cmd(
 @handle_errors
 def verify_cmd(
     ref: RefArg,
-    sample: Annotated[int, typer.Option("--sample", min=0, help="Feature vectors to recompute from the images (0: checksums and structure only).")] = 8,
+    sample: Annotated[
+        int,
+        typer.Option(
+            "--sample", min=0, help="Feature vectors to recompute from the images (0: checksums and structure only)."
+        ),
+    ] = 8,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the sample draw.")] = 0,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="The images, if they moved since extraction.", show_default=False)] = None,
-    weights: Annotated[str | None, typer.Option("--weights", "-w", help="The weights, if the file moved since extraction.", show_default=False)] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Allowed difference relative to a vector's largest value (default: 1e-4, float16: 2e-3).", show_default=False)] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Remove damaged units and the feature sets that read them (or whose metadata were edited) and restore edited store specs, so the next extract recomputes exactly those images.")] = False,
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="The images, if they moved since extraction.", show_default=False)
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", "-w", help="The weights, if the file moved since extraction.", show_default=False),
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option(
+            "--rtol",
+            help="Allowed difference relative to a vector's largest value (default: 1e-4, float16: 2e-3).",
+            show_default=False,
+        ),
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Remove damaged units and the feature sets that read them (or whose metadata were edited) and restore edited store specs, so the next extract recomputes exactly those images.",
+        ),
+    ] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check a feature set or store: manifest, every unit's bytes against its marker, a recomputed sample."""
     from featurecache.extraction.audit import verify
 
-    report = verify(ref, sample=sample, seed=seed, data=data, weights=weights, rtol=rtol, repair=repair, cache_dir=cache)
+    report = verify(
+        ref, sample=sample, seed=seed, data=data, weights=weights, rtol=rtol, repair=repair, cache_dir=cache
+    )
     if json_out:
         print_json(report.to_json())
     else:
@@ -178,20 +220,33 @@ def verify_cmd(
             typer.echo(f"  repaired: {line}", err=True)
     if not report.ok:
         n = len(report.left)
-        hint = "" if repair else f"; `featurecache cache verify {ref} --repair{cache_flag(cache)}` drops the damaged units so the next extract recomputes them"
+        hint = (
+            ""
+            if repair
+            else f"; `featurecache cache verify {ref} --repair{cache_flag(cache)}` drops the damaged units so the next extract recomputes them"
+        )
         left = " left" if report.repaired else ""
-        raise fail(f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'}{left} (listed above){hint}")
+        raise fail(
+            f"{report.name} failed verification with {n} problem{'' if n == 1 else 's'}{left} (listed above){hint}"
+        )
     if not json_out:
         n = len(report.problems)
         removed = any(line.startswith("removed") for line in report.repaired)
         rebuild = "; run the same extract command to rebuild what was removed (listed above)" if removed else ""
-        typer.echo(f"ok {report.name}: repaired {n} problem{'' if n == 1 else 's'}{rebuild}" if n else f"ok {report.name}")
+        typer.echo(
+            f"ok {report.name}: repaired {n} problem{'' if n == 1 else 's'}{rebuild}" if n else f"ok {report.name}"
+        )
 
 
 @app.command("migrate")
 @handle_errors
 def migrate_cmd(
-    data: Annotated[str | None, typer.Option("--data", "-d", help="The images, if they moved since the old entries were made.", show_default=False)] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="The images, if they moved since the old entries were made.", show_default=False
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be converted.")] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -211,8 +266,15 @@ def migrate_cmd(
 @app.command("gc")
 @handle_errors
 def gc_cmd(
-    older_than: Annotated[str, typer.Option("--older-than", help="Only incomplete entries and temp files untouched this long: 90s, 30m, 24h, 7d.")] = "24h",
-    dry_run: Annotated[bool, typer.Option("--dry-run/--yes", help="Only list what would be removed (default), or remove it.")] = True,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than", help="Only incomplete entries and temp files untouched this long: 90s, 30m, 24h, 7d."
+        ),
+    ] = "24h",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run/--yes", help="Only list what would be removed (default), or remove it.")
+    ] = True,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -227,7 +289,9 @@ def gc_cmd(
     for item in report.items:
         typer.echo(f"{verb} {item.kind} {item.path} ({human_bytes(item.size_bytes)}): {item.reason}")
     tail = "; pass --yes to remove" if dry_run and report.items else ""
-    typer.echo(f"{verb} {len(report.items)} items, {human_bytes(report.size_bytes)} in {report.cache_dir}{tail}", err=True)
+    typer.echo(
+        f"{verb} {len(report.items)} items, {human_bytes(report.size_bytes)} in {report.cache_dir}{tail}", err=True
+    )
 
 
 @app.command("explain")

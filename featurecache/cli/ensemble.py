@@ -17,12 +17,39 @@ def _fmt(value: object) -> str:
 
 @handle_errors
 def ensemble_cmd(
-    runs: Annotated[list[Path] | None, typer.Argument(help="train-head run directories (any backbones; same dataset and validation split).", show_default=False)] = None,
-    from_sweep: Annotated[Path | None, typer.Option("--from-sweep", help="A sweep directory: add its --top best trials (refitted).", show_default=False)] = None,
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="train-head run directories (any backbones; same dataset and validation split).", show_default=False
+        ),
+    ] = None,
+    from_sweep: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-sweep", help="A sweep directory: add its --top best trials (refitted).", show_default=False
+        ),
+    ] = None,
     top: Annotated[int, typer.Option("--top", help="Trials taken from --from-sweep.")] = 3,
-    method: Annotated[str, typer.Option("--method", "-m", help="mean (average probabilities), vote (majority of top-1 classes) or weighted (weights fitted on val by log loss).")] = "mean",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default: <sweep>/ensemble-<method>-top<N>, or runs/ensemble-<method>-<digest>).", show_default=False)] = None,
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Parent of the default output directory without --from-sweep.")] = Path("runs"),
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            "-m",
+            help="mean (average probabilities), vote (majority of top-1 classes) or weighted (weights fitted on val by log loss).",
+        ),
+    ] = "mean",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (default: <sweep>/ensemble-<method>-top<N>, or runs/ensemble-<method>-<digest>).",
+            show_default=False,
+        ),
+    ] = None,
+    runs_dir: Annotated[
+        Path, typer.Option("--runs-dir", help="Parent of the default output directory without --from-sweep.")
+    ] = Path("runs"),
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -30,7 +57,16 @@ def ensemble_cmd(
     """Combine trained heads (runs, or a sweep's best) by mean, vote or fitted weights; writes a run directory."""
     from featurecache.training.ensemble import ensemble
 
-    result = ensemble(runs or (), from_sweep=from_sweep, top=top, method=method, out=out, runs_dir=runs_dir, cache_dir=cache, plots=not no_plots)
+    result = ensemble(
+        runs or (),
+        from_sweep=from_sweep,
+        top=top,
+        method=method,
+        out=out,
+        runs_dir=runs_dir,
+        cache_dir=cache,
+        plots=not no_plots,
+    )
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     if json_out:
@@ -60,7 +96,9 @@ def ensemble_cmd(
             table.add_row("=" if i == 0 else str(i), *(_fmt(row.get(key)) for _, key in cols), *weight, text)
         return table
 
-    console().print(fit_last_column(build, [str(row["name"]) for row in result.leaderboard], optional=("val loss", "test acc")))
+    console().print(
+        fit_last_column(build, [str(row["name"]) for row in result.leaderboard], optional=("val loss", "test acc"))
+    )
     if result.method == "weighted":
         typer.echo("(weights were fitted on val: the ensemble's val metrics are optimistic, its test metrics are not)")
     typer.echo(f"run {result.run_dir}")

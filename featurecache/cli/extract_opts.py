@@ -29,7 +29,9 @@ DataOpt = Annotated[
         "an .npz (x, y), keras:cifar10|cifar100|mnist|fashion_mnist, or builtin:digits.",
     ),
 ]
-LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most N images per split (stratified).", show_default=False)]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", min=1, help="At most N images per split (stratified).", show_default=False)
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

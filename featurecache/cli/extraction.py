@@ -22,14 +22,23 @@ def extract_cmd(
     cluster: ClusterOpt = None,
     scheduler: SchedulerOpt = None,
     scheduler_file: SchedulerFileOpt = None,
-    units_per_task: Annotated[int, typer.Option("--units-per-task", min=1, help="Consecutive write units per Dask task.")] = 4,
+    units_per_task: Annotated[
+        int, typer.Option("--units-per-task", min=1, help="Consecutive write units per Dask task.")
+    ] = 4,
     shard: Annotated[
         str | None,
-        typer.Option("--shard", help="i/N: run this process's share of the units (start N of them); auto inside a Slurm job array.", show_default=False),
+        typer.Option(
+            "--shard",
+            help="i/N: run this process's share of the units (start N of them); auto inside a Slurm job array.",
+            show_default=False,
+        ),
     ] = None,
     no_lease: Annotated[
         bool,
-        typer.Option("--no-lease", help="Take no lease on the feature store: only for a cache no other process writes meanwhile (object stores without conditional writes)."),
+        typer.Option(
+            "--no-lease",
+            help="Take no lease on the feature store: only for a cache no other process writes meanwhile (object stores without conditional writes).",
+        ),
     ] = False,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -43,8 +52,15 @@ def extract_cmd(
     shard_ = parse_shard(shard)
     with dask_client(cluster, scheduler, scheduler_file, verbose=verbose) as client:
         result = extract(
-            data, options, cache_dir=cache, limit=limit, client=client, units_per_task=units_per_task, shard=shard_,
-            progress=not (quiet or json_out), lease=not no_lease,
+            data,
+            options,
+            cache_dir=cache,
+            limit=limit,
+            client=client,
+            units_per_task=units_per_task,
+            shard=shard_,
+            progress=not (quiet or json_out),
+            lease=not no_lease,
         )
     _report(result, json_out=json_out, cache=cache)
 
@@ -75,4 +91,7 @@ def _report(result, *, json_out: bool, cache) -> None:  # noqa: ANN001 - an Extr
         )
     if result.skipped_files:
         # Not only "not images": hidden files, files outside class folders and broken links too.
-        typer.echo(f"note: skipped {result.skipped_files} files (hidden, not an image type, outside a class folder or a broken link)", err=True)
+        typer.echo(
+            f"note: skipped {result.skipped_files} files (hidden, not an image type, outside a class folder or a broken link)",
+            err=True,
+        )

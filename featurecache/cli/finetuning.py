@@ -13,7 +13,10 @@ from featurecache.finetuning.options import BATCH_HELP, LIMIT_HELP, NO_PLOTS_HEL
 
 ModelArg = Annotated[
     Path,
-    typer.Argument(help="A model.keras file, a fine-tune output directory, or a train-head run directory (rebuilt).", show_default=False),
+    typer.Argument(
+        help="A model.keras file, a fine-tune output directory, or a train-head run directory (rebuilt).",
+        show_default=False,
+    ),
 ]
 WeightsOpt = Annotated[
     str | None,
@@ -28,14 +31,24 @@ NoPlotsOpt = Annotated[bool, typer.Option("--no-plots", help=NO_PLOTS_HELP)]
 def _metric_line(metrics: dict) -> str:
     parts = []
     for split, m in metrics.items():
-        parts.append(f"{split} accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f}, macro F1 {m['macro_f1']:.4f} (n={m['n']})")
+        parts.append(
+            f"{split} accuracy {m['accuracy']:.4f}, log loss {m['log_loss']:.4f}, macro F1 {m['macro_f1']:.4f} (n={m['n']})"
+        )
     return "; ".join(parts)
 
 
 @handle_errors
 @stage_options(FinetuneOptions, param="finetune_options")
 def finetune_cmd(
-    run: Annotated[Path, typer.Option("--run", "-r", help="The train-head run directory to fine-tune (an ensemble is only exported: --epochs 0).", show_default=False)],
+    run: Annotated[
+        Path,
+        typer.Option(
+            "--run",
+            "-r",
+            help="The train-head run directory to fine-tune (an ensemble is only exported: --epochs 0).",
+            show_default=False,
+        ),
+    ],
     finetune_options: FinetuneOptions,
     cache: CacheOpt = None,
     json_out: JsonOpt = False,
@@ -62,11 +75,26 @@ def evaluate_cmd(
     model: ModelArg,
     data: Annotated[
         str | None,
-        typer.Option("--data", "-d", help="Dataset source (default: the one the model's run was extracted from).", show_default=False),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Dataset source (default: the one the model's run was extracted from).",
+            show_default=False,
+        ),
     ] = None,
-    split: Annotated[str, typer.Option("--split", help="Split to evaluate: train, val (without a val split: the run's hold-out of train) or test.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            "--split", help="Split to evaluate: train, val (without a val split: the run's hold-out of train) or test."
+        ),
+    ] = "test",
     limit: LimitOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (default: <model dir>/eval-<dataset>-<split>).", show_default=False)] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Output directory (default: <model dir>/eval-<dataset>-<split>).", show_default=False
+        ),
+    ] = None,
     batch_size: BatchOpt = 32,
     weights: WeightsOpt = None,
     no_plots: NoPlotsOpt = False,
@@ -76,7 +104,17 @@ def evaluate_cmd(
     """Metrics (accuracy, log loss, kappa, macro F1, confusion matrix) of a model on a dataset split."""
     from featurecache.finetuning.predict import evaluate
 
-    result = evaluate(model, data=data, split=split, limit=limit, out=out, plots=not no_plots, batch_size=batch_size, weights=weights, cache_dir=cache)
+    result = evaluate(
+        model,
+        data=data,
+        split=split,
+        limit=limit,
+        out=out,
+        plots=not no_plots,
+        batch_size=batch_size,
+        weights=weights,
+        cache_dir=cache,
+    )
     if json_out:
         print_json(result.to_json())
         return
@@ -89,11 +127,15 @@ def evaluate_cmd(
 @handle_errors
 def predict_cmd(
     model: ModelArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).", show_default=False)],
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files or folders (searched recursively).", show_default=False)
+    ],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes shown per image.")] = 3,
     csv_out: Annotated[
         Path | None,
-        typer.Option("--csv", help="Also write image,class_1,probability_1,... rows to this CSV file.", show_default=False),
+        typer.Option(
+            "--csv", help="Also write image,class_1,probability_1,... rows to this CSV file.", show_default=False
+        ),
     ] = None,
     batch_size: BatchOpt = 32,
     weights: WeightsOpt = None,

@@ -10,9 +10,19 @@ import typer
 
 from featurecache.cli._common import CacheOpt, JsonOpt, QuietOpt, handle_errors, print_json
 
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a pipeline value: STAGE.KEY=VALUE (repeatable), e.g. extract.weights=random.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a pipeline value: STAGE.KEY=VALUE (repeatable), e.g. extract.weights=random.",
+        show_default=False,
+    ),
+]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most N images per split.", show_default=False)]
-RunsOpt = Annotated[Path | None, typer.Option("--runs", help="Directory for run outputs (default: the file's, or ./runs).", show_default=False)]
+RunsOpt = Annotated[
+    Path | None,
+    typer.Option("--runs", help="Directory for run outputs (default: the file's, or ./runs).", show_default=False),
+]
 
 
 @handle_errors
@@ -28,7 +38,9 @@ def run_cmd(
     """Run extract → sweep → finetune as declared in a pipeline file."""
     from featurecache.pipelines.run import run_pipeline
 
-    res = run_pipeline(file, overrides=tuple(set_ or ()), limit=limit, cache_dir=cache, runs_dir=runs, progress=not (quiet or json_out))
+    res = run_pipeline(
+        file, overrides=tuple(set_ or ()), limit=limit, cache_dir=cache, runs_dir=runs, progress=not (quiet or json_out)
+    )
     if json_out:
         print_json(res.to_json())
         return
@@ -58,7 +70,9 @@ def demo_cmd(
     """All three stages on scikit-learn's bundled digits, offline, in a few minutes."""
     from featurecache.pipelines.demo import run_demo
 
-    res = run_demo(cache_dir=cache, runs_dir=runs, overrides=tuple(set_ or ()), limit=limit, progress=not (quiet or json_out))
+    res = run_demo(
+        cache_dir=cache, runs_dir=runs, overrides=tuple(set_ or ()), limit=limit, progress=not (quiet or json_out)
+    )
     if json_out:
         print_json(res.to_json())
         return

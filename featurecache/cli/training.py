@@ -32,7 +32,8 @@ from featurecache.training.options import SweepOptions, TrainOptions
 FeaturesOpt = Annotated[
     str | None,
     typer.Option(
-        "--features", "-f",
+        "--features",
+        "-f",
         help="Feature set: full key, 12-character key prefix or entry name (see `featurecache cache ls`); KEY1,KEY2 trains on several feature sets of the same images side by side.",
         show_default=False,
     ),
@@ -40,11 +41,18 @@ FeaturesOpt = Annotated[
 # Unlike `extract`, no default dataset: a training command must not silently pick digits.
 DataRefOpt = Annotated[
     str | None,
-    typer.Option("--data", "-d", help="Instead of --features: the --data given to `featurecache extract` (with the same --backbone, --weights, ... options).", show_default=False),
+    typer.Option(
+        "--data",
+        "-d",
+        help="Instead of --features: the --data given to `featurecache extract` (with the same --backbone, --weights, ... options).",
+        show_default=False,
+    ),
 ]
 
 
-def _feature_set(features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: str | None) -> Any:
+def _feature_set(
+    features: str | None, *, data: str | None, options: ExtractOptions, limit: int | None, cache: str | None
+) -> Any:
     """The complete feature set named by ``--features`` or by the extract options."""
     if features and data:
         raise UsageError("pass either --features KEY or the extract options (--data ...), not both")
@@ -91,7 +99,10 @@ def train_head_cmd(
         return
     untrained = result.untrained_classes
     if untrained:
-        typer.echo(f"warning: {len(untrained)} classes have no valid training image, so the head never predicts them: {', '.join(untrained[:10])}", err=True)
+        typer.echo(
+            f"warning: {len(untrained)} classes have no valid training image, so the head never predicts them: {', '.join(untrained[:10])}",
+            err=True,
+        )
     typer.echo(f"trained {train.head} on {fs.name} in {result.seconds:.1f} s")
     for split, m in result.metrics.items():
         typer.echo(
@@ -109,7 +120,11 @@ def sweep_cmd(
     features: FeaturesOpt = None,
     sweep_options: SweepOptions,
     backend: Annotated[
-        str, typer.Option("--backend", help="local (joblib process workers) or dask (trials on a Dask cluster; needs --cluster/--scheduler).")
+        str,
+        typer.Option(
+            "--backend",
+            help="local (joblib process workers) or dask (trials on a Dask cluster; needs --cluster/--scheduler).",
+        ),
     ] = "local",
     cluster: ClusterOpt = None,
     scheduler: SchedulerOpt = None,
@@ -129,7 +144,9 @@ def sweep_cmd(
     if backend not in ("local", "dask"):
         raise UsageError(f"--backend must be local or dask, got {backend!r}")
     if (backend == "dask") != bool(cluster or scheduler or scheduler_file):
-        raise UsageError("--backend dask goes with one of --cluster local:N, --scheduler tcp://host:8786 or --scheduler-file FILE, and they with it")
+        raise UsageError(
+            "--backend dask goes with one of --cluster local:N, --scheduler tcp://host:8786 or --scheduler-file FILE, and they with it"
+        )
     so = sweep_options
     plan_trials(grid=so.grid, trials=so.trials, heads=list(so.heads), seed=so.seed)  # bad grids fail before the lookup
     fs = _feature_set(features, data=data, options=options, limit=limit, cache=cache)
@@ -190,7 +207,10 @@ def heads_cmd(
 
     console = make_console()
     for s in specs:
-        rows = [(p.name, p.type_name, p.format(p.default), p.search.describe() if p.search else "", p.help) for p in s.params]
+        rows = [
+            (p.name, p.type_name, p.format(p.default), p.search.describe() if p.search else "", p.help)
+            for p in s.params
+        ]
         table = Table(title=f"{s.name}: {s.summary}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         # Names and values are typed back: never cut; the text columns wrap between words only
         # (a column is never narrower than its longest word).
@@ -204,13 +224,23 @@ def heads_cmd(
         console.print(table)
         console.print()
     if not name:
-        console.print("Set parameters with `train-head --head NAME -p KEY=VALUE`; any scikit-learn classifier works as --head module:Class.")
+        console.print(
+            "Set parameters with `train-head --head NAME -p KEY=VALUE`; any scikit-learn classifier works as --head module:Class."
+        )
 
 
 @handle_errors
 def convert_run_cmd(
-    run: Annotated[Path, typer.Argument(help="Run directory of an earlier version (its head is a pickled head.joblib).", show_default=False)],
-    trust: Annotated[bool, typer.Option("--trust", help="Unpickle head.joblib (it can run any code: only for runs you made or trust).")] = False,
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="Run directory of an earlier version (its head is a pickled head.joblib).", show_default=False
+        ),
+    ],
+    trust: Annotated[
+        bool,
+        typer.Option("--trust", help="Unpickle head.joblib (it can run any code: only for runs you made or trust)."),
+    ] = False,
 ) -> None:
     """Rewrite an old run directory's pickled head in the safe format (head.skops / head.keras)."""
     from featurecache.training.heads import convert_legacy_head

@@ -38,7 +38,17 @@ from featurecache.cache.memo import read_memo, write_memo
 from featurecache.data.decode import decode_image, read_image_bytes
 from featurecache.errors import DatasetError, DatasetWarning
 
-__all__ = ["DIGEST_FORMAT", "SPLIT_NAMES", "ArrayItems", "Dataset", "FileHasher", "FileItems", "JoinedPaths", "Split", "iter_file_hashes"]
+__all__ = [
+    "DIGEST_FORMAT",
+    "SPLIT_NAMES",
+    "ArrayItems",
+    "Dataset",
+    "FileHasher",
+    "FileItems",
+    "JoinedPaths",
+    "Split",
+    "iter_file_hashes",
+]
 
 #: Split names in their canonical order.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -178,7 +188,9 @@ class ArrayItems:
         # Every image of the array has the same dtype and shape: hash that header once and
         # continue from a copy of the hasher per image (the same digests, half the time).
         first = self.images[0]
-        header = hashlib.sha256(json.dumps({"dtype": first.dtype.str, "shape": list(first.shape)}, sort_keys=True).encode())
+        header = hashlib.sha256(
+            json.dumps({"dtype": first.dtype.str, "shape": list(first.shape)}, sort_keys=True).encode()
+        )
         out = []
         for img in self.images:
             h = header.copy()
@@ -346,7 +358,13 @@ class Dataset:
             "format": DIGEST_FORMAT,
             "classes": list(self.classes),
             "splits": [
-                [name, [[i, d, int(lab)] for i, d, lab in zip(split.ids, split.content_digests(), split.labels, strict=True)]]
+                [
+                    name,
+                    [
+                        [i, d, int(lab)]
+                        for i, d, lab in zip(split.ids, split.content_digests(), split.labels, strict=True)
+                    ],
+                ]
                 for name, split in self.splits.items()
             ],
         }
@@ -381,7 +399,11 @@ class Dataset:
             if len(splits) < 2 and hasher is None:
                 continue  # the split digests itself, the same way
             paths = [p for _, items in splits for p in items.paths]
-            digests = file_digests(paths, memo_path=memo_path, hasher=hasher) if hasher else file_digests(paths, memo_path=memo_path)
+            digests = (
+                file_digests(paths, memo_path=memo_path, hasher=hasher)
+                if hasher
+                else file_digests(paths, memo_path=memo_path)
+            )
             at = 0
             for sp, items in splits:
                 n = len(items.paths)
@@ -406,7 +428,10 @@ class Dataset:
     @cached_property
     def _digest(self) -> str:
         digests = self.digests_by_split()
-        _warn_label_conflicts(self, {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist(), strict=True)] for n, s in self.splits.items()]})
+        _warn_label_conflicts(
+            self,
+            {"splits": [[n, zip(s.ids, digests[n], s.labels.tolist(), strict=True)] for n, s in self.splits.items()]},
+        )
         return manifest_digest(self.classes, [(n, s.ids, digests[n], s.labels) for n, s in self.splits.items()])
 
 
@@ -441,7 +466,11 @@ def _warn_label_conflicts(dataset: Dataset, manifest: dict[str, Any], shown: int
 
 
 def file_digests(
-    paths: Sequence[str | os.PathLike[str]], *, memo_path: Path | None = None, workers: int = 4, hasher: FileHasher | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    memo_path: Path | None = None,
+    workers: int = 4,
+    hasher: FileHasher | None = None,
 ) -> list[str]:
     """sha256 of each file's bytes, reusing ``memo_path`` entries whose size and mtime match.
 
@@ -615,7 +644,9 @@ def _update_memo(memo_path: Path, keys: Sequence[str], fresh: Sequence[int], ent
         # entries, written entry by entry from two sorted runs instead of a merged dict.
         f.write('{"files":{')
         for n, (key, (size, mtime, sha)) in enumerate(_merge_sorted(old, keys, new, entry)):
-            f.write(f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}')
+            f.write(
+                f'{"," if n else ""}{json.dumps(key)}:{{"mtime_ns":{mtime},"sha256":{json.dumps(sha)},"size":{size}}}'
+            )
         f.write(f'}},"format":{_MEMO_FORMAT}}}')
 
     write_memo(memo_path, write)

@@ -294,7 +294,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
             return _composite(np.repeat(grey[..., None], 3, axis=-1), alpha)
         return np.repeat(grey[..., None], 3, axis=-1)
     if mode == "F":
-        raise ImageDecodeError("32-bit float pixels (mode F) have no defined 8-bit scaling; save the image as 8- or 16-bit")
+        raise ImageDecodeError(
+            "32-bit float pixels (mode F) have no defined 8-bit scaling; save the image as 8- or 16-bit"
+        )
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         # convert("RGBA") resolves palette / colour-key transparency and un-premultiplies RGBa.
         rgba = np.asarray(im.convert("RGBA"))

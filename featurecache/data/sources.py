@@ -54,8 +54,14 @@ _CIFAR100 = tuple(
 KERAS_DATASETS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", _CIFAR10),
     "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", _CIFAR100),
-    "mnist": ("https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz", tuple(str(i) for i in range(10))),
-    "fashion_mnist": ("https://storage.googleapis.com/tensorflow/tf-keras-datasets/train-labels-idx1-ubyte.gz", _FASHION),
+    "mnist": (
+        "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+        tuple(str(i) for i in range(10)),
+    ),
+    "fashion_mnist": (
+        "https://storage.googleapis.com/tensorflow/tf-keras-datasets/train-labels-idx1-ubyte.gz",
+        _FASHION,
+    ),
 }
 #: ``builtin:<name>`` datasets, available offline.
 BUILTIN_DATASETS: tuple[str, ...] = ("digits",)
@@ -165,7 +171,11 @@ def stratified_choice(labels: np.ndarray, *, k: int, rng: np.random.Generator, m
     if k >= n:
         return np.arange(n, dtype=np.int64)
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    base = np.minimum(counts, min_per_class) if min_per_class and k >= min_per_class * len(counts) else np.zeros_like(counts)
+    base = (
+        np.minimum(counts, min_per_class)
+        if min_per_class and k >= min_per_class * len(counts)
+        else np.zeros_like(counts)
+    )
     avail = counts - base
     remaining = k - int(base.sum())
     numer = avail * remaining
@@ -186,7 +196,9 @@ def _carve_val(splits: dict[str, Split], fraction: float, seed: int, text: str) 
     train = splits["train"]
     n_val = min(len(train) - 1, max(1, round(len(train) * fraction)))
     if n_val < 1:
-        raise DatasetError(f"dataset {text!r} has {len(train)} training items, too few to carve a validation split; drop val_fraction")
+        raise DatasetError(
+            f"dataset {text!r} has {len(train)} training items, too few to carve a validation split; drop val_fraction"
+        )
     rng = np.random.default_rng([seed, _PURPOSE_VAL, _SPLIT_CODE["val"]])
     val_idx = stratified_choice(train.labels, k=n_val, rng=rng)
     train_idx = np.setdiff1d(np.arange(len(train)), val_idx)
@@ -215,7 +227,9 @@ def _resolve_source(text: str, memo_path: Path | None) -> Dataset:
             return _from_csv(path, text, memo_path)
         if suffix == ".npz":
             return _from_npz(path, text)
-        raise DatasetError(f"dataset file {text!r} has unsupported type {suffix or '(no extension)'!r}; {ACCEPTED_FORMS}")
+        raise DatasetError(
+            f"dataset file {text!r} has unsupported type {suffix or '(no extension)'!r}; {ACCEPTED_FORMS}"
+        )
     # Two or more letters before ':' so a Windows drive ("C:\\data") is never taken for a scheme.
     match = re.fullmatch(r"([A-Za-z][A-Za-z0-9_+.-]+):(.*)", text)
     if match:
@@ -225,7 +239,9 @@ def _resolve_source(text: str, memo_path: Path | None) -> Dataset:
         if scheme == "builtin":
             return _from_builtin(name, text)
         raise DatasetError(f"unknown dataset scheme {scheme!r} in {text!r}; {ACCEPTED_FORMS}")
-    raise DatasetNotFoundError(f"dataset {text!r} not found: no such file or folder ({path.absolute()}); {ACCEPTED_FORMS}")
+    raise DatasetNotFoundError(
+        f"dataset {text!r} not found: no such file or folder ({path.absolute()}); {ACCEPTED_FORMS}"
+    )
 
 
 def _slug(name: str) -> str:
@@ -393,9 +409,13 @@ def _read_manifest(path: Path, text: str) -> tuple[list[list[str]], list[str]]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"cannot read CSV manifest {text!r}: {exc}; save it as UTF-8 with a header path,label[,split]") from exc
+        raise DatasetError(
+            f"cannot read CSV manifest {text!r}: {exc}; save it as UTF-8 with a header path,label[,split]"
+        ) from exc
     if not rows:
-        raise DatasetError(f"CSV manifest {text!r} is empty; it needs a header row path,label[,split] and one row per image")
+        raise DatasetError(
+            f"CSV manifest {text!r} is empty; it needs a header row path,label[,split] and one row per image"
+        )
     header = [h.strip().lower() for h in rows[0]]
     if "path" not in header or "label" not in header:
         raise DatasetError(
@@ -467,7 +487,9 @@ def _from_csv(path: Path, text: str, memo_path: Path | None) -> Dataset:
         )
     classes = tuple(sorted({label for items in per_split.values() for label, _, _ in items}))
     if not classes:
-        raise DatasetError(f"CSV manifest {text!r} lists no images ({len(skipped)} rows skipped); add rows path,label[,split]")
+        raise DatasetError(
+            f"CSV manifest {text!r} lists no images ({len(skipped)} rows skipped); add rows path,label[,split]"
+        )
     index = {c: i for i, c in enumerate(classes)}
     splits = {
         name: Split(
@@ -502,7 +524,9 @@ def _from_npz(path: Path, text: str) -> Dataset:
             raise DatasetError(f".npz {text!r} has both x_val and x_validation; keep one")
         named["val"] = ("x_validation", "y_validation")
     if ("x" in arrays or "y" in arrays) and named:
-        raise DatasetError(f".npz {text!r} has both x/y and per-split arrays ({', '.join(sorted(arrays))}); keep one form")
+        raise DatasetError(
+            f".npz {text!r} has both x/y and per-split arrays ({', '.join(sorted(arrays))}); keep one form"
+        )
     if "x" in arrays or "y" in arrays:
         named = {"train": ("x", "y")}
     if not named:
@@ -516,7 +540,9 @@ def _from_npz(path: Path, text: str) -> Dataset:
             continue
         kx, ky = named[split]
         if kx not in arrays or ky not in arrays:
-            raise DatasetError(f".npz {text!r} has {kx if kx in arrays else ky} but not {ky if kx in arrays else kx}; save both")
+            raise DatasetError(
+                f".npz {text!r} has {kx if kx in arrays else ky} but not {ky if kx in arrays else kx}; save both"
+            )
         split_arrays[split] = (arrays[kx], arrays[ky])
     classes = arrays.get("classes")
     return _from_arrays(_slug(path.stem), text, split_arrays, classes)
@@ -552,13 +578,17 @@ def _from_arrays(
         for split, y in raw_labels.items():
             unknown = sorted({str(v) for v in y} - index.keys())
             if unknown:
-                raise DatasetError(f"{text!r} {split} labels {unknown[:5]} are not in the classes array; add them or fix the labels")
+                raise DatasetError(
+                    f"{text!r} {split} labels {unknown[:5]} are not in the classes array; add them or fix the labels"
+                )
             labels[split] = np.array([index[str(v)] for v in y], dtype=np.int64)
         class_names = names
     elif all(y.dtype.kind in "iub" for y in all_y):
         values = np.unique(np.concatenate([y.astype(np.int64) for y in all_y])) if all_y else np.zeros(0, np.int64)
         if values.size and values.min() < 0:
-            raise DatasetError(f"{text!r} has negative labels ({int(values.min())}); labels must be class indices >= 0 or class names")
+            raise DatasetError(
+                f"{text!r} has negative labels ({int(values.min())}); labels must be class indices >= 0 or class names"
+            )
         if class_names is not None:
             if values.size and values.max() >= len(class_names):
                 raise DatasetError(f"{text!r} has label {int(values.max())} but only {len(class_names)} class names")
@@ -569,7 +599,9 @@ def _from_arrays(
             labels = {s: np.searchsorted(values, y.astype(np.int64)).astype(np.int64) for s, y in raw_labels.items()}
     else:
         kinds = sorted({str(y.dtype) for y in all_y})
-        raise DatasetError(f"{text!r} labels have dtype {', '.join(kinds)}; use integer class indices or class-name strings")
+        raise DatasetError(
+            f"{text!r} labels have dtype {', '.join(kinds)}; use integer class indices or class-name strings"
+        )
     splits = {}
     for split in SPLIT_NAMES:
         if split in images and len(images[split]):
@@ -589,7 +621,9 @@ def _as_uint8_images(x: np.ndarray, where: str) -> np.ndarray:
         return x
     if x.dtype.kind in "iu":
         if x.size and (x.min() < 0 or x.max() > 255):
-            raise DatasetError(f"{where} are {x.dtype} with values {x.min()}..{x.max()}; need 0..255 (save them as uint8)")
+            raise DatasetError(
+                f"{where} are {x.dtype} with values {x.min()}..{x.max()}; need 0..255 (save them as uint8)"
+            )
         return x.astype(np.uint8)
     raise DatasetError(
         f"{where} have dtype {x.dtype}; save them as uint8 0..255 "
@@ -602,7 +636,9 @@ def _as_uint8_images(x: np.ndarray, where: str) -> np.ndarray:
 
 def _from_keras(name: str, text: str) -> Dataset:
     if name not in KERAS_DATASETS:
-        raise DatasetError(f"unknown Keras dataset {name!r} in {text!r}; choose one of {choices(KERAS_DATASETS)}, e.g. keras:cifar10")
+        raise DatasetError(
+            f"unknown Keras dataset {name!r} in {text!r}; choose one of {choices(KERAS_DATASETS)}, e.g. keras:cifar10"
+        )
     url, classes = KERAS_DATASETS[name]
     import keras  # lazy: heavy
 

@@ -65,7 +65,9 @@ def resize_image(image: np.ndarray, size: int, *, method: str = "bilinear", anti
         Unknown ``method``, ``size < 1``, or an array that is not ``(..., H, W, 3)``.
     """
     if method not in RESIZE_METHODS:
-        raise UsageError(f"resize method {method!r} is not one of {choices(RESIZE_METHODS)}; pass e.g. method='bilinear'")
+        raise UsageError(
+            f"resize method {method!r} is not one of {choices(RESIZE_METHODS)}; pass e.g. method='bilinear'"
+        )
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise UsageError(f"resize size must be a positive int, got {size!r}")
     arr = np.asarray(image)
@@ -105,7 +107,9 @@ def _padded_rgb(arr: np.ndarray) -> np.ndarray | None:
     start = arr.__array_interface__["data"][0]
     if start < low or start + strides[0] * arr.shape[0] > high:
         return None  # the 4th byte of the last pixel is outside the memory arr comes from
-    return np.lib.stride_tricks.as_strided(arr, shape=(*arr.shape[:-1], 4), strides=arr.strides, writeable=arr.flags.writeable)
+    return np.lib.stride_tricks.as_strided(
+        arr, shape=(*arr.shape[:-1], 4), strides=arr.strides, writeable=arr.flags.writeable
+    )
 
 
 #: TensorFlow's kernels require their input's memory aligned to Eigen's maximum alignment
@@ -147,7 +151,9 @@ _FALSE = ("0", "false", "no", "off")
 
 
 def _known() -> str:
-    return "; ".join(f"{name}{'' if kind == 'bool' else '=X'} ({meaning})" for name, (kind, meaning, _, _) in _PARAMS.items())
+    return "; ".join(
+        f"{name}{'' if kind == 'bool' else '=X'} ({meaning})" for name, (kind, meaning, _, _) in _PARAMS.items()
+    )
 
 
 def _round6(x: SupportsFloat) -> float:
@@ -182,7 +188,9 @@ class AugmentSpec:
                 continue
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise AugmentSpecError(f"augment {name} must be a number ({meaning}), got {value!r}; example: {_EXAMPLE!r}")
+                raise AugmentSpecError(
+                    f"augment {name} must be a number ({meaning}), got {value!r}; example: {_EXAMPLE!r}"
+                )
             value = _round6(value)
             too_big = value > upper if inclusive else value >= upper
             if not math.isfinite(value) or value < 0 or too_big:
@@ -335,7 +343,9 @@ def _inverse_affine(p: dict[str, float], height: int, width: int) -> np.ndarray:
     flip = np.diag([-1.0 if p["flip"] else 1.0, 1.0, 1.0])
     zoom = np.diag([p["zoom"], p["zoom"], 1.0])
     shear_m = np.array([[1.0, -math.sin(shear), 0.0], [0.0, math.cos(shear), 0.0], [0.0, 0.0, 1.0]])
-    rotate = np.array([[math.cos(theta), -math.sin(theta), 0.0], [math.sin(theta), math.cos(theta), 0.0], [0.0, 0.0, 1.0]])
+    rotate = np.array(
+        [[math.cos(theta), -math.sin(theta), 0.0], [math.sin(theta), math.cos(theta), 0.0], [0.0, 0.0, 1.0]]
+    )
     to_origin = np.array([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
     back = np.array([[1.0, 0.0, cx + p["shift_x"] * width], [0.0, 1.0, cy + p["shift_y"] * height], [0.0, 0.0, 1.0]])
     forward = back @ rotate @ shear_m @ zoom @ flip @ to_origin

@@ -144,7 +144,9 @@ def verify(
         ``sample`` is negative or ``rtol`` is not positive.
     """
     if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 0:
-        raise UsageError(f"sample must be a non-negative int, got {sample!r}; pass e.g. --sample 8, or 0 to skip recomputation")
+        raise UsageError(
+            f"sample must be a non-negative int, got {sample!r}; pass e.g. --sample 8, or 0 to skip recomputation"
+        )
     if rtol is not None and not rtol > 0:
         raise UsageError(f"rtol must be > 0, got {rtol!r}; pass e.g. 1e-4")
     root = store_mod.resolve_cache_dir(cache_dir)
@@ -156,7 +158,14 @@ def verify(
     if sample and isinstance(target, views_mod.FeatureSet) and not result.problems:
         try:
             sampled, max_diff, mismatches, more = _check_sample(
-                target, sample=int(sample), seed=seed, data=data, weights=weights, rtol=rtol, batch_size=batch_size, root=root
+                target,
+                sample=int(sample),
+                seed=seed,
+                data=data,
+                weights=weights,
+                rtol=rtol,
+                batch_size=batch_size,
+                root=root,
             )
             problems.extend(more)
         except FeatureCacheError as exc:
@@ -177,7 +186,15 @@ def verify(
 
 
 def _check_sample(
-    fs: views_mod.FeatureSet, *, sample: int, seed: int, data: str | None, weights: str | None, rtol: float | None, batch_size: int, root: Any
+    fs: views_mod.FeatureSet,
+    *,
+    sample: int,
+    seed: int,
+    data: str | None,
+    weights: str | None,
+    rtol: float | None,
+    batch_size: int,
+    root: Any,
 ) -> tuple[int, float | None, list[Mismatch], list[str]]:
     from featurecache import backbones
     from featurecache.cache.store import augment_index
@@ -189,23 +206,51 @@ def _check_sample(
     bspec = backbones.get_backbone(str(spec["backbone"]))
     source = backbones.recorded_weights_source(str(spec["weights"]), weights or fs.attrs.get("weights_source"))
     if source is None:
-        return 0, None, [], [f"{fs.name} does not record which weights file made it (identity {spec['weights']}); pass --weights PATH to that file"]
+        return (
+            0,
+            None,
+            [],
+            [
+                f"{fs.name} does not record which weights file made it (identity {spec['weights']}); pass --weights PATH to that file"
+            ],
+        )
     ref = backbones.parse_weights(source, seed=int(spec["seed"]))
     identity = backbones.weights_identity(ref, bspec, memo_dir=memo)
     if identity != spec["weights"]:
-        return 0, None, [], [f"weights {source!r} have identity {identity} but the features were made with {spec['weights']}; pass --weights with the weights used at extraction"]
+        return (
+            0,
+            None,
+            [],
+            [
+                f"weights {source!r} have identity {identity} but the features were made with {spec['weights']}; pass --weights with the weights used at extraction"
+            ],
+        )
     data_source = data or fs.attrs.get("dataset_source")
     if not data_source:
-        return 0, None, [], [f"{fs.name} does not record its dataset source; pass --data with the images it was made from"]
+        return (
+            0,
+            None,
+            [],
+            [f"{fs.name} does not record its dataset source; pass --data with the images it was made from"],
+        )
     dataset = load_dataset(str(data_source), memo_dir=memo, limit=fs.attrs.get("dataset_limit"))
     if dataset.digest() != spec["dataset_digest"]:
-        return 0, None, [], [
-            f"the dataset at {data_source!r} has digest {dataset.digest()[:12]} but {fs.name} was made from {str(spec['dataset_digest'])[:12]}: "
-            "images, labels or splits changed since extraction (pass --data if it moved)"
-        ]
+        return (
+            0,
+            None,
+            [],
+            [
+                f"the dataset at {data_source!r} has digest {dataset.digest()[:12]} but {fs.name} was made from {str(spec['dataset_digest'])[:12]}: "
+                "images, labels or splits changed since extraction (pass --data if it moved)"
+            ],
+        )
     cells = [(s, v, i) for s in fs.splits for v in range(fs.layout(s).views) for i in range(fs.layout(s).n)]
     k = min(sample, len(cells))
-    picked = sorted(cells[int(j)] for j in np.random.default_rng(seed).choice(len(cells), size=k, replace=False)) if k else []
+    picked = (
+        sorted(cells[int(j)] for j in np.random.default_rng(seed).choice(len(cells), size=k, replace=False))
+        if k
+        else []
+    )
     p = _plan_from(fs, dataset, bspec, ref, root)
     model = build_model(p)
     forward = compiled_forward(model, p.spec.input_size)
@@ -225,10 +270,16 @@ def _check_sample(
         decoded = np.concatenate([q[1] for q in parts])
         for j, i in enumerate(rows):
             if decoded[j] != valid[i]:
-                state = "decodes now but is stored as invalid" if decoded[j] else "no longer decodes but has stored features"
+                state = (
+                    "decodes now but is stored as invalid"
+                    if decoded[j]
+                    else "no longer decodes but has stored features"
+                )
                 problems.append(f"{split}/{ids[i]} {state}")
         if view > 0:
-            x = augment_batch(x, p.augment, seed=p.spec.seed, view=view, indices=[augment_index(str(digests[i])) for i in rows])
+            x = augment_batch(
+                x, p.augment, seed=p.spec.seed, view=view, indices=[augment_index(str(digests[i])) for i in rows]
+            )
         x = backbones.preprocess_input(bspec, x)
         feats, _ = forward_in_batches(forward, x, batch_size=batch_size, feature_shape=fs.feature_shape, pad=True)
         feats[~decoded] = 0
@@ -262,10 +313,15 @@ def _mismatch_line(fs: views_mod.FeatureSet, mismatches: list[Mismatch], k: int)
     from featurecache._runtime.versions import library_versions
 
     then, now = fs.attrs.get("versions", {}), library_versions()
-    changed = {key: f"{then.get(key)} -> {now.get(key)}" for key in sorted(set(then) | set(now)) if then.get(key) != now.get(key)}
+    changed = {
+        key: f"{then.get(key)} -> {now.get(key)}"
+        for key in sorted(set(then) | set(now))
+        if then.get(key) != now.get(key)
+    }
     why = (
         f"library versions changed since extraction ({', '.join(f'{a} {b}' for a, b in changed.items())}), which can change numerics"
-        if changed else "the library versions are those recorded, so the stored values were altered"
+        if changed
+        else "the library versions are those recorded, so the stored values were altered"
     )
     worst = max(mismatches, key=lambda m: m.max_abs_diff)
     return (
@@ -325,7 +381,10 @@ class ExplainReport:
             return f"reuse: {self.name} is new, but its feature store holds {self.reused} of the image views it needs; {self.new} would be computed"
         if self.nearest is None:
             return f"miss: {self.name} would be new ({self.new} image views to compute); the cache has no feature store to compare with"
-        return f"miss: {self.name} needs a new feature store ({self.new} image views to compute); its spec differs from {self.nearest}: " + ", ".join(str(d) for d in self.differences)
+        return (
+            f"miss: {self.name} needs a new feature store ({self.new} image views to compute); its spec differs from {self.nearest}: "
+            + ", ".join(str(d) for d in self.differences)
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
@@ -392,7 +451,12 @@ def explain(
     """
     from featurecache.extraction.extract import missing_digests, needed_digests, plan
 
-    p = plan(data, ExtractOptions.merge(options, overrides, allowed=KEYED_FIELDS, caller="explain"), cache_dir=cache_dir, limit=limit)
+    p = plan(
+        data,
+        ExtractOptions.merge(options, overrides, allowed=KEYED_FIELDS, caller="explain"),
+        cache_dir=cache_dir,
+        limit=limit,
+    )
     if views_mod.find_by_key(p.cache_dir, p.key) is not None:
         return ExplainReport(p.key, p.name, "hit")
     needed = sum(len(d) for d in needed_digests(p).values())

@@ -97,8 +97,13 @@ class ModelCache(WorkerPlugin):
             from featurecache.extraction.pipeline import make_runner
 
             self.runners[key] = make_runner(
-                p, st, self.model(p), batch_size=options.batch_size,
-                on_error=options.on_error, workers=options.workers, xla=options.xla,
+                p,
+                st,
+                self.model(p),
+                batch_size=options.batch_size,
+                on_error=options.on_error,
+                workers=options.workers,
+                xla=options.xla,
             )
         return self.runners[key]
 
@@ -242,11 +247,15 @@ def run_units(
         try:
             calls = [(plan_f, str(st.path), batch, options) for batch in batches]
             # Results are not fetched: the markers the units wrote are what counts (and record the compute).
-            with contextlib.closing(run_windowed(client, _units_task, calls, window=window, gather=False)) as results:  # closing cancels the rest
+            with contextlib.closing(
+                run_windowed(client, _units_task, calls, window=window, gather=False)
+            ) as results:  # closing cancels the rest
                 for _, result in results:
                     if isinstance(result, FeatureCacheError):
                         raise result  # fails the same on any worker (bad image with --on-error fail, full disk)
-                    if isinstance(result, BaseException):  # KilledWorker, lost connections, worker crashes: re-plan below
+                    if isinstance(
+                        result, BaseException
+                    ):  # KilledWorker, lost connections, worker crashes: re-plan below
                         last_error = result
                         stats["failed"] += 1
         finally:
@@ -256,7 +265,10 @@ def run_units(
         todo = [u for u in todo if u.slot not in finished[u.view]]
         if not todo:
             break
-        print(f"featurecache: {len(todo)} units have no marker after a round on the cluster ({_brief(last_error)}); resubmitting", file=sys.stderr)
+        print(
+            f"featurecache: {len(todo)} units have no marker after a round on the cluster ({_brief(last_error)}); resubmitting",
+            file=sys.stderr,
+        )
     if todo:
         raise IncompleteEntryError(
             f"{len(todo)} units of {st.name} still have no completion marker after {rounds} rounds on the cluster "
@@ -266,12 +278,20 @@ def run_units(
         st.markers(view, refresh=True)  # the workers wrote them; the view is built from this listing
     compute = next((st.markers(u.view)[u.slot].get("compute") for u in units[:1]), None)
     # Recorded in the view: how the cluster ran it, including how often the busiest unit was sent.
-    summary = {"tasks": stats["tasks"], "failed": stats["failed"], "rounds": stats["rounds"], "units_per_task": units_per_task,
-               "max_submissions": max(submissions.values(), default=0), "workers": len(client.nthreads())}
+    summary = {
+        "tasks": stats["tasks"],
+        "failed": stats["failed"],
+        "rounds": stats["rounds"],
+        "units_per_task": units_per_task,
+        "max_submissions": max(submissions.values(), default=0),
+        "workers": len(client.nthreads()),
+    }
     return sum(len(u.digests) for u in units), {**(compute or {}), "cluster": summary}
 
 
-def run_windowed(client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True) -> Generator[tuple[int, Any], None, None]:
+def run_windowed(
+    client: Any, fn: Any, calls: list[tuple[Any, ...]], *, window: int, gather: bool = True
+) -> Generator[tuple[int, Any], None, None]:
     """Submit ``fn(*args)`` for each of ``calls``, at most ``window`` in flight, yielding results as they finish.
 
     A task's exception is yielded, not raised, so the caller decides what is fatal. Each future
@@ -337,7 +357,11 @@ def _hash_task(paths: list[str]) -> list[FileHash]:
 
 
 def file_hasher(
-    client: Any, *, min_files: int | None = None, batch_files: int = DIGEST_BATCH_FILES, stats: dict[str, int] | None = None
+    client: Any,
+    *,
+    min_files: int | None = None,
+    batch_files: int = DIGEST_BATCH_FILES,
+    stats: dict[str, int] | None = None,
 ) -> FileHasher:
     """A :data:`~featurecache.data.dataset.FileHasher` that reads files as tasks on ``client``'s cluster.
 
@@ -395,7 +419,13 @@ def _brief(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
 
 
-def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_file: str | None = None, *, verbose: bool = False) -> Any:
+def connect(
+    cluster: str | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    *,
+    verbose: bool = False,
+) -> Any:
     """A Dask client from the CLI's ``--cluster local:N``, ``--scheduler`` or ``--scheduler-file``.
 
     A ``local:N`` cluster is quiet: Dask's log lines (a worker restarted, one still alive at
@@ -420,15 +450,23 @@ def connect(cluster: str | None = None, scheduler: str | None = None, scheduler_
     if len(given) > 1:
         raise UsageError("pass only one of --cluster, --scheduler and --scheduler-file")
     from distributed import Client, LocalCluster
+
     if cluster:
         kind, _, n = cluster.partition(":")
         if kind != "local" or not n.isdigit() or int(n) < 1:
-            raise UsageError(f"--cluster {cluster!r} is not understood; pass local:N, e.g. --cluster local:2 for two worker processes")
+            raise UsageError(
+                f"--cluster {cluster!r} is not understood; pass local:N, e.g. --cluster local:2 for two worker processes"
+            )
         # dashboard_address=None would still bind the scheduler's HTTP server to 8787 (and warn
         # when that is taken): port 0 lets the system pick a free one.
         lc = LocalCluster(
-            n_workers=int(n), threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
-            scheduler_kwargs={"dashboard": verbose}, silence_logs=logging.WARNING if verbose else logging.CRITICAL,
+            n_workers=int(n),
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": verbose},
+            silence_logs=logging.WARNING if verbose else logging.CRITICAL,
         )
         try:
             client = Client(lc)

@@ -138,7 +138,16 @@ def plan(
         antialias=bool(o.antialias),
         weights_label=_weights_label(ref),
     )
-    return Plan(spec=spec, dataset=dataset, backbone=bspec, weights=ref, cache_dir=root, augment=aug, weights_source=str(o.weights), limit=limit)
+    return Plan(
+        spec=spec,
+        dataset=dataset,
+        backbone=bspec,
+        weights=ref,
+        cache_dir=root,
+        augment=aug,
+        weights_source=str(o.weights),
+        limit=limit,
+    )
 
 
 def _weights_label(ref: Any) -> str:
@@ -278,14 +287,24 @@ def extract(
 
     def tell(holder: dict[str, Any]) -> None:
         if progress:
-            print(f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting with {p.spec.store_name()}", file=sys.stderr)
+            print(
+                f"waiting for another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) extracting with {p.spec.store_name()}",
+                file=sys.stderr,
+            )
 
     if shard is not None:
         from featurecache.extraction import shards
 
         return _extract_shard(
-            p, shards.check_shard(shard), o, lease=lease_, lease_timeout=lease_timeout, tell=tell, started=started,
-            chunk_rows=chunk_rows, progress=progress,
+            p,
+            shards.check_shard(shard),
+            o,
+            lease=lease_,
+            lease_timeout=lease_timeout,
+            tell=tell,
+            started=started,
+            chunk_rows=chunk_rows,
+            progress=progress,
         )
     lease_.wait(timeout=lease_timeout, on_wait=tell)
     try:
@@ -293,7 +312,9 @@ def extract(
         hit = views_mod.find_by_key(p.cache_dir, p.key)
         if hit is not None:  # another process made the same view while we waited
             return _result(hit, cached=True, started=started, plan_=p)
-        st, computed, compute = _run(p, o, chunk_rows=chunk_rows, progress=progress, client=client, units_per_task=units_per_task)
+        st, computed, compute = _run(
+            p, o, chunk_rows=chunk_rows, progress=progress, client=client, units_per_task=units_per_task
+        )
         fs = _write_view(p, st, computed=computed, compute=compute)
     finally:
         lease_.release()
@@ -360,7 +381,9 @@ def features_for(
     if not extract_missing:
         source = data if isinstance(data, (str, os.PathLike)) else p.dataset.source
         command = o.to_command(os.fspath(source), limit=limit, cache=cache_dir)
-        raise EntryNotFoundError(f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}")
+        raise EntryNotFoundError(
+            f"these features (key {p.key[:12]}) are not in cache {p.cache_dir}; extract them first: {command}"
+        )
     res = extract(p.dataset, o, cache_dir=p.cache_dir, limit=limit, progress=progress)
     return views_mod.open_features(res.key, cache_dir=p.cache_dir)
 
@@ -383,8 +406,16 @@ def _other_weights_hint(o: ExtractOptions, cache_dir: str | os.PathLike[str] | N
 
 
 def _extract_shard(
-    p: Plan, shard: tuple[int, int], o: ExtractOptions, *, lease: Lease | NoLease, lease_timeout: float | None,
-    tell: Callable[[dict[str, Any]], None], started: float, chunk_rows: int | None, progress: bool,
+    p: Plan,
+    shard: tuple[int, int],
+    o: ExtractOptions,
+    *,
+    lease: Lease | NoLease,
+    lease_timeout: float | None,
+    tell: Callable[[dict[str, Any]], None],
+    started: float,
+    chunk_rows: int | None,
+    progress: bool,
 ) -> ExtractResult:
     """One shard of a sharded extraction: agree on the plan, run our units, seal if last."""
     from featurecache.extraction import shards
@@ -409,7 +440,9 @@ def _extract_shard(
     mine = [u for u in shards.my_units(units, shard) if u.slot not in done[u.view]]
     computed, compute = 0, None
     if mine:
-        runner, compute = make_runner(p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla)
+        runner, compute = make_runner(
+            p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla
+        )
         runner.run(mine, progress=progress, record=unit_record(compute, shard=f"{shard[0]}/{shard[1]}"))
         computed = sum(len(u.digests) for u in mine)
     # Listed only after our own markers are written: the last shard to get here sees them all.
@@ -417,8 +450,14 @@ def _extract_shard(
     pending = sum(1 for u in units if u.slot not in done[u.view])
     if pending:
         return ExtractResult(
-            key=p.key, name=p.name, path=shards.plan_path(p.cache_dir, p.key), cached=False, splits={},
-            seconds=time.perf_counter() - started, computed=computed, pending=pending,
+            key=p.key,
+            name=p.name,
+            path=shards.plan_path(p.cache_dir, p.key),
+            cached=False,
+            splits={},
+            seconds=time.perf_counter() - started,
+            computed=computed,
+            pending=pending,
         )
     lease.wait(timeout=lease_timeout, on_wait=tell)
     try:
@@ -491,7 +530,9 @@ def _run(
     """Compute the units ``p`` lacks, here or on ``client``'s cluster; return the store, images computed, compute record."""
     prefetch = _start_prefetch(p, batch_size=o.batch_size, workers=o.workers) if client is None else None
     try:
-        return _run_units(p, o, prefetch, chunk_rows=chunk_rows, progress=progress, client=client, units_per_task=units_per_task)
+        return _run_units(
+            p, o, prefetch, chunk_rows=chunk_rows, progress=progress, client=client, units_per_task=units_per_task
+        )
     finally:
         if prefetch is not None:
             prefetch.close()
@@ -511,7 +552,14 @@ def _start_prefetch(p: Plan, *, batch_size: int, workers: int | None) -> Prefetc
 
 
 def _run_units(
-    p: Plan, o: ExtractOptions, prefetch: Prefetch | None, *, chunk_rows: int | None, progress: bool, client: Any, units_per_task: int,
+    p: Plan,
+    o: ExtractOptions,
+    prefetch: Prefetch | None,
+    *,
+    chunk_rows: int | None,
+    progress: bool,
+    client: Any,
+    units_per_task: int,
 ) -> tuple[store.FeatureStore, int, dict[str, Any] | None]:
     st, units, model = prepare_units(p, batch_size=o.batch_size, chunk_rows=chunk_rows, client=client)
     if not units:
@@ -520,10 +568,17 @@ def _run_units(
         from featurecache.extraction import cluster
 
         computed, compute = cluster.run_units(
-            client, p, st, units, options=o, units_per_task=units_per_task,
+            client,
+            p,
+            st,
+            units,
+            options=o,
+            units_per_task=units_per_task,
         )
         return st, computed, compute
-    runner, compute = make_runner(p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla, prefetch=prefetch)
+    runner, compute = make_runner(
+        p, st, model, batch_size=o.batch_size, on_error=o.on_error, workers=o.workers, xla=o.xla, prefetch=prefetch
+    )
     runner.run(units, progress=progress, record=unit_record(compute))
     return st, sum(len(u.digests) for u in units), compute
 
@@ -568,7 +623,9 @@ def _store_readable(p: Plan) -> bool:
     return True
 
 
-def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict[str, bool] | None = None) -> views_mod.FeatureSet:
+def _write_view(
+    p: Plan, st: store.FeatureStore, *, computed: int, compute: dict[str, bool] | None = None
+) -> views_mod.FeatureSet:
     """Resolve every item of every split to its store rows and write the view."""
     indexes = {view: st.index(view) for view in range(st.views)}
     failed = st.failures()
@@ -584,7 +641,9 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict
             try:
                 rows[view] = [index[d] for d in digests]
             except KeyError as exc:  # pragma: no cover - every unit was run or raised above
-                raise IncompleteEntryError(f"image {exc} has no features in {st.name} view {view}; run the same extract command again") from None
+                raise IncompleteEntryError(
+                    f"image {exc} has no features in {st.name} view {view}; run the same extract command again"
+                ) from None
         splits[name] = (split.ids, split.labels, digests, rows)
         failures.extend((name, i, d, failed[d]) for i, d in zip(split.ids, digests, strict=True) if d in failed)
     return views_mod.write_view(
@@ -607,5 +666,3 @@ def _write_view(p: Plan, st: store.FeatureStore, *, computed: int, compute: dict
             **({"compute": compute} if compute else {}),
         },
     )
-
-

@@ -84,37 +84,60 @@ class ExtractOptions(Options):
     """
 
     backbone: str = _option("vgg19", "--backbone", "Backbone name (see `featurecache backbones`).", short="-b")
-    weights: str = _option("imagenet", "--weights", "imagenet, random (seeded), or a local .h5/.weights.h5 file.", short="-w")
+    weights: str = _option(
+        "imagenet", "--weights", "imagenet, random (seeded), or a local .h5/.weights.h5 file.", short="-w"
+    )
     size: int | None = _option(None, "--size", "Square input size in pixels, at most 1024 (default: the backbone's).")
     layer: str | None = _option(None, "--layer", "Layer to take features from (default: the bottleneck).")
     pooling: str = _option("avg", "--pooling", "avg, max, flatten or none (keep the spatial map).")
     resize: str = _option("bilinear", "--resize", "Resize method: bilinear, nearest, bicubic, area, lanczos3, ...")
     augment: str | None = _option(
-        None, "--augment", (
+        None,
+        "--augment",
+        (
             # Each example token fits the help column of an 80-column terminal (click breaks it otherwise).
             "Augmentation of views 1..K, comma-separated: flip, rotation=DEG, zoom=F, shift=F, shear=DEG, "
             "brightness=F, contrast=F; e.g. flip,rotation=15,zoom=0.1."
-        )
+        ),
     )
-    views: int = _option(0, "--views", "Augmented views per image of --augment-splits, at most 64 (view 0 is always the clean image).")
-    augment_splits: tuple[str, ...] = _option(("train",), "--augment-splits", "Comma-separated splits that get augmented views.")
+    views: int = _option(
+        0, "--views", "Augmented views per image of --augment-splits, at most 64 (view 0 is always the clean image)."
+    )
+    augment_splits: tuple[str, ...] = _option(
+        ("train",), "--augment-splits", "Comma-separated splits that get augmented views."
+    )
     seed: int = _option(0, "--seed", "Seed of augmentation and random weights (0 to 2**32-1).")
     dtype: str = _option("float32", "--dtype", "Stored dtype: float32 or float16.")
     precision: str = _option(
-        "float32", "--precision", "Backbone compute precision: float32, or mixed (float16 maths, for GPUs with tensor cores; keyed)."
+        "float32",
+        "--precision",
+        "Backbone compute precision: float32, or mixed (float16 maths, for GPUs with tensor cores; keyed).",
     )
     decode: str = _option(
-        "exact", "--decode", "exact: decode every pixel (as plain Keras); fast: decode large JPEGs at reduced DCT scale, several times faster on photos (keyed)."
+        "exact",
+        "--decode",
+        "exact: decode every pixel (as plain Keras); fast: decode large JPEGs at reduced DCT scale, several times faster on photos (keyed).",
     )
     antialias: bool = _option(
-        False, "--antialias/--no-antialias", "Filter the whole footprint when shrinking instead of bilinear point sampling (keyed)."
+        False,
+        "--antialias/--no-antialias",
+        "Filter the whole footprint when shrinking instead of bilinear point sampling (keyed).",
     )
-    batch_size: int = _option(32, "--batch-size", "Backbone batch size (halved and retried on out-of-memory).", keyed=False)
-    workers: int | None = _option(None, "--workers", "Decode threads (default: one per CPU core, at most 256).", keyed=False)
+    batch_size: int = _option(
+        32, "--batch-size", "Backbone batch size (halved and retried on out-of-memory).", keyed=False
+    )
+    workers: int | None = _option(
+        None, "--workers", "Decode threads (default: one per CPU core, at most 256).", keyed=False
+    )
     xla: bool | None = _option(
-        None, "--xla/--no-xla", "Compile the backbone with XLA. Default: on with a GPU, off on CPU. Not keyed (round-off only).", keyed=False
+        None,
+        "--xla/--no-xla",
+        "Compile the backbone with XLA. Default: on with a GPU, off on CPU. Not keyed (round-off only).",
+        keyed=False,
     )
-    on_error: OnError = _option("skip", "--on-error", "skip: mark undecodable images invalid and go on; fail: stop.", keyed=False)
+    on_error: OnError = _option(
+        "skip", "--on-error", "skip: mark undecodable images invalid and go on; fail: stop.", keyed=False
+    )
 
     VERB = "extract"
     ALWAYS_SHOWN = ("backbone", "weights")  # to_args prints them always, for the reader
@@ -129,7 +152,13 @@ class ExtractOptions(Options):
     def _check_bounds(self) -> None:
         if self.size is not None:
             _bounded("--size", self.size, 1, MAX_INPUT_SIZE, "; omit it for the backbone's default size")
-        _bounded("--views", self.views, 0, MAX_VIEWS, "; each view is another backbone pass, so for more variety augment on the fly with `finetune --augment`")
+        _bounded(
+            "--views",
+            self.views,
+            0,
+            MAX_VIEWS,
+            "; each view is another backbone pass, so for more variety augment on the fly with `finetune --augment`",
+        )
         _bounded("--seed", self.seed, 0, MAX_SEED)
         _bounded("--batch-size", self.batch_size, 1, None, "; it is halved automatically when memory runs out")
         if self.workers is not None:
@@ -167,7 +196,9 @@ class ExtractOptions(Options):
         if self.views and not self.augment_splits:
             raise UsageError(f"--views {self.views} needs at least one split to augment; pass --augment-splits train")
         if self.views > 0 and aug.is_identity():
-            raise UsageError(f"--views {self.views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10")
+            raise UsageError(
+                f"--views {self.views} needs an augmentation to make the views differ; pass e.g. --augment flip,rotation=10"
+            )
 
     def to_command(self, data: str, *, limit: int | None = None, cache: str | Any | None = None) -> str:
         """The ``featurecache extract`` command line that extracts these features, shell-quoted.

@@ -56,7 +56,14 @@ class Plan:
 
 
 def make_runner(
-    p: Plan, st: store.FeatureStore, model: Any = None, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool | None,
+    p: Plan,
+    st: store.FeatureStore,
+    model: Any = None,
+    *,
+    batch_size: int,
+    on_error: OnError,
+    workers: int | None,
+    xla: bool | None,
     prefetch: Prefetch | None = None,
 ) -> tuple[UnitRunner, dict[str, Any]]:
     """The unit pipeline of ``p`` over ``st`` (building the model unless given) and its compute record.
@@ -79,14 +86,22 @@ def make_runner(
         )
     gpu = _gpu_visible()
     use_xla = gpu if xla is None else bool(xla)
-    runner = UnitRunner(p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla, prefetch=prefetch)
+    runner = UnitRunner(
+        p, st, model, batch_size=batch_size, on_error=on_error, workers=workers, xla=use_xla, prefetch=prefetch
+    )
     # Not keyed: XLA moves features by float32 round-off only (recorded per unit, for `cache verify`).
     return runner, {"xla": use_xla, "gpu": gpu}
 
 
 def unit_record(compute: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """What every unit marker records about where it was computed: versions, host, device, compute."""
-    return {"versions": library_versions(), "host": socket.gethostname(), "device": _device_name(bool(compute.get("gpu"))), "compute": compute, **extra}
+    return {
+        "versions": library_versions(),
+        "host": socket.gethostname(),
+        "device": _device_name(bool(compute.get("gpu"))),
+        "compute": compute,
+        **extra,
+    }
 
 
 def _device_name(gpu: bool) -> str:
@@ -102,7 +117,15 @@ class UnitRunner:
     """Decode → resize → augment → preprocess → backbone → write, overlapped across units."""
 
     def __init__(
-        self, p: Plan, st: store.FeatureStore, model: Any, *, batch_size: int, on_error: OnError, workers: int | None, xla: bool = False,
+        self,
+        p: Plan,
+        st: store.FeatureStore,
+        model: Any,
+        *,
+        batch_size: int,
+        on_error: OnError,
+        workers: int | None,
+        xla: bool = False,
         prefetch: Prefetch | None = None,
     ) -> None:
         self.p = p
@@ -124,7 +147,10 @@ class UnitRunner:
         x, valid, fails = load_places(self.p, [self.source[unit.digests[j]] for j in rest], pool)
         if taken:
             size = self.p.spec.input_size
-            full, full_valid = np.empty((len(unit.digests), size, size, 3), dtype=np.float32), np.ones(len(unit.digests), dtype=bool)
+            full, full_valid = (
+                np.empty((len(unit.digests), size, size, 3), dtype=np.float32),
+                np.ones(len(unit.digests), dtype=bool),
+            )
             full[rest], full_valid[rest] = x, valid
             fails = [(rest[j], where, reason) for j, where, reason in fails]
             for j, (row, ok, failure) in taken.items():
@@ -135,32 +161,45 @@ class UnitRunner:
         fails.sort()
         if fails and self.on_error == "fail":
             _j, where, reason = fails[0]
-            raise ImageDecodeError(f"{where}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on")
+            raise ImageDecodeError(
+                f"{where}: {reason}; fix or remove the file, or pass --on-error skip to mark it invalid and go on"
+            )
         return x, valid, [(unit.digests[j], reason) for j, _where, reason in fails]
 
-    def _prepare(self, unit: store.Unit, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    def _prepare(
+        self, unit: store.Unit, pool: ThreadPoolExecutor
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
         from featurecache import backbones
         from featurecache.data import augment_batch
 
         x, valid, failures = self._load(unit, pool)
         if unit.view > 0:
-            x = augment_batch(x, self.p.augment, seed=self.p.spec.seed, view=unit.view, indices=[store.augment_index(d) for d in unit.digests])
+            x = augment_batch(
+                x,
+                self.p.augment,
+                seed=self.p.spec.seed,
+                view=unit.view,
+                indices=[store.augment_index(d) for d in unit.digests],
+            )
         x = backbones.preprocess_input(self.p.backbone, x)
         checkpoint("unit_prepared")
         return x, valid, failures
 
     def _features(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        feats, self.batch_size = forward_in_batches(self.forward, x, batch_size=self.batch_size, feature_shape=self.st.feature_shape, pad=True)
+        feats, self.batch_size = forward_in_batches(
+            self.forward, x, batch_size=self.batch_size, feature_shape=self.st.feature_shape, pad=True
+        )
         feats[~valid] = 0  # invalid rows hold zeros, never features of a placeholder image
         return feats.astype(self.p.spec.dtype, copy=False)
 
     def run(self, units: list[store.Unit], *, progress: bool, record: dict[str, Any] | None = None) -> None:
         total = sum(len(u.digests) for u in units)
-        with ProgressBar(progress, total, f"extract {self.p.name}", rate_unit="img") as advance, ThreadPoolExecutor(
-            self.workers, thread_name_prefix="fc-decode"
-        ) as pool, ThreadPoolExecutor(1, thread_name_prefix="fc-prep") as prep, ThreadPoolExecutor(
-            1, thread_name_prefix="fc-write"
-        ) as writer:
+        with (
+            ProgressBar(progress, total, f"extract {self.p.name}", rate_unit="img") as advance,
+            ThreadPoolExecutor(self.workers, thread_name_prefix="fc-decode") as pool,
+            ThreadPoolExecutor(1, thread_name_prefix="fc-prep") as prep,
+            ThreadPoolExecutor(1, thread_name_prefix="fc-write") as writer,
+        ):
             pending_writes: list[Future[None]] = []
             queue: list[tuple[store.Unit, Future]] = []
             it: Iterator[store.Unit] = iter(units)
@@ -186,8 +225,13 @@ class UnitRunner:
                         pending_writes.pop(0).result()
                     pending_writes.append(
                         writer.submit(
-                            store.write_unit, self.st, unit, feats,
-                            valid=valid if unit.view == 0 else None, failures=failures if unit.view == 0 else (), record=record,
+                            store.write_unit,
+                            self.st,
+                            unit,
+                            feats,
+                            valid=valid if unit.view == 0 else None,
+                            failures=failures if unit.view == 0 else (),
+                            record=record,
                         )
                     )
                     advance(len(unit.digests))
@@ -322,12 +366,20 @@ def load_places(
             stop += 1
         split = p.dataset.splits[split_name]
         x[start:stop], valid[start:stop], fails = load_resized(
-            split, first, first + stop - start, size=spec.input_size, method=spec.resize, pool=pool,
-            decode=spec.decode, antialias=spec.antialias,
+            split,
+            first,
+            first + stop - start,
+            size=spec.input_size,
+            method=spec.resize,
+            pool=pool,
+            decode=spec.decode,
+            antialias=spec.antialias,
         )
         by_id = dict(fails)
         failures.extend(
-            (start + j, f"{split_name}/{split.ids[first + j]}", by_id[split.ids[first + j]]) for j in range(stop - start) if not valid[start + j]
+            (start + j, f"{split_name}/{split.ids[first + j]}", by_id[split.ids[first + j]])
+            for j in range(stop - start)
+            if not valid[start + j]
         )
         start = stop
     return x, valid, failures
@@ -481,12 +533,25 @@ def load_resized(
         else:
             groups.setdefault(img.shape, []).append((j, img))
     for group in groups.values():
-        _resize_into(x, np.asarray([j for j, _ in group]), [img for _, img in group], size=size, method=method, antialias=antialias)
+        _resize_into(
+            x,
+            np.asarray([j for j, _ in group]),
+            [img for _, img in group],
+            size=size,
+            method=method,
+            antialias=antialias,
+        )
     return x, valid, failures
 
 
 def _resize_into(
-    out: np.ndarray, positions: np.ndarray, images: Sequence[np.ndarray] | np.ndarray, *, size: int, method: str, antialias: bool = False
+    out: np.ndarray,
+    positions: np.ndarray,
+    images: Sequence[np.ndarray] | np.ndarray,
+    *,
+    size: int,
+    method: str,
+    antialias: bool = False,
 ) -> None:
     """``out[positions] = resize(images)`` for same-shape images, in calls of bounded memory."""
     from featurecache.data import resize_image
@@ -567,7 +632,9 @@ def forward_in_batches(
     return np.concatenate(out, axis=0), batch_size
 
 
-def compiled_forward(model: Any, size: int, *, jit_compile: bool = False, trace: bool = False) -> Callable[[np.ndarray], Any]:
+def compiled_forward(
+    model: Any, size: int, *, jit_compile: bool = False, trace: bool = False
+) -> Callable[[np.ndarray], Any]:
     """``model(x, training=False)`` as one traced function for any batch size (XLA-compiled if asked).
 
     With ``trace=True`` the function is traced now rather than at its first call (the same

@@ -50,13 +50,21 @@ def parse_shard(text: str | None, environ: Mapping[str, str] | None = None) -> t
         return None
     env = os.environ if environ is None else environ
     if text == "auto":
-        task, count, low = env.get("SLURM_ARRAY_TASK_ID"), env.get("SLURM_ARRAY_TASK_COUNT"), env.get("SLURM_ARRAY_TASK_MIN", "0")
+        task, count, low = (
+            env.get("SLURM_ARRAY_TASK_ID"),
+            env.get("SLURM_ARRAY_TASK_COUNT"),
+            env.get("SLURM_ARRAY_TASK_MIN", "0"),
+        )
         if not (task and count and task.isdigit() and count.isdigit() and low.isdigit()):
-            raise UsageError("--shard auto needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it inside `sbatch --array`); else pass --shard i/N")
+            raise UsageError(
+                "--shard auto needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it inside `sbatch --array`); else pass --shard i/N"
+            )
         return check_shard((int(task) - int(low), int(count)))
     i, sep, n = text.partition("/")
     if not sep or not i.strip().isdigit() or not n.strip().isdigit():
-        raise UsageError(f"--shard {text!r} is not i/N; pass e.g. --shard 0/2 and --shard 1/2 to two processes, or --shard auto in a Slurm array")
+        raise UsageError(
+            f"--shard {text!r} is not i/N; pass e.g. --shard 0/2 and --shard 1/2 to two processes, or --shard auto in a Slurm array"
+        )
     return check_shard((int(i), int(n)))
 
 
@@ -73,7 +81,9 @@ def check_shard(shard: Any) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise UsageError(f"shard must be a pair (i, N), got {shard!r}; pass e.g. shard=(0, 2)") from None
     if n < 1 or not 0 <= i < n:
-        raise UsageError(f"shard {i}/{n} is out of range: the index must be from 0 to N-1; pass e.g. --shard 0/{max(n, 2)}")
+        raise UsageError(
+            f"shard {i}/{n} is out of range: the index must be from 0 to N-1; pass e.g. --shard 0/{max(n, 2)}"
+        )
     return i, n
 
 

@@ -105,10 +105,17 @@ def load_members(run_dir: str | os.PathLike[str], config: Mapping[str, Any] | No
         return [Member(path, cfg, estimator)]
     members = []
     for record in config.get("members", []):
-        name = recorded_name(record.get("dir"), MEMBER_DIR, source=path / "config.json", fix="make the ensemble again with `featurecache ensemble`")
+        name = recorded_name(
+            record.get("dir"),
+            MEMBER_DIR,
+            source=path / "config.json",
+            fix="make the ensemble again with `featurecache ensemble`",
+        )
         member_dir = path / name
         if not member_dir.is_dir():
-            raise RunError(f"ensemble {path} lacks its member {record['dir']}; copy the whole ensemble directory, or make it again with `featurecache ensemble`")
+            raise RunError(
+                f"ensemble {path} lacks its member {record['dir']}; copy the whole ensemble directory, or make it again with `featurecache ensemble`"
+            )
         cfg, estimator = load_run(member_dir)
         members.append(Member(member_dir, cfg, estimator))
     if not members:
@@ -159,7 +166,9 @@ def assemble_run(
     classes = tuple(str(c) for c in config["classes"])
     for m in members:
         if tuple(str(c) for c in m.config.get("classes", ())) != classes:
-            raise RunError(f"member {m.run_dir} predicts other classes than ensemble {run_dir}; make the ensemble again")
+            raise RunError(
+                f"member {m.run_dir} predicts other classes than ensemble {run_dir}; make the ensemble again"
+            )
         check_expressible(m.estimator)  # before any backbone: a k-NN member fails in a second
     parts = [feature_parts(m.config["features"]) for m in members]
     recipes: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -167,7 +176,9 @@ def assemble_run(
         for part in member_parts:
             recipes.setdefault(_recipe(part["spec"]), part)
     if weights is not None and len(recipes) > 1:
-        raise UsageError(f"--weights names one backbone's weights but {run_dir} reads {len(recipes)} feature sets, each with its recorded weights; drop --weights")
+        raise UsageError(
+            f"--weights names one backbone's weights but {run_dir} reads {len(recipes)} feature sets, each with its recorded weights; drop --weights"
+        )
 
     inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
     names = [str(p["spec"]["backbone"]) for p in recipes.values()]
@@ -175,10 +186,17 @@ def assemble_run(
     for j, (recipe, part) in enumerate(recipes.items()):
         unique = names.count(names[j]) == 1
         branches[recipe] = build_branch(
-            inputs, part, weights=weights, cache_dir=cache_dir, suffix=f"_{j}", backbone_name=names[j] if unique else f"{names[j]}_{j}"
+            inputs,
+            part,
+            weights=weights,
+            cache_dir=cache_dir,
+            suffix=f"_{j}",
+            backbone_name=names[j] if unique else f"{names[j]}_{j}",
         )
-    probas = [_member_head(i, m, [branches[_recipe(p["spec"])].features for p in member_parts], len(classes))
-              for i, (m, member_parts) in enumerate(zip(members, parts, strict=True))]
+    probas = [
+        _member_head(i, m, [branches[_recipe(p["spec"])].features for p in member_parts], len(classes))
+        for i, (m, member_parts) in enumerate(zip(members, parts, strict=True))
+    ]
     if config.get("kind") == ENSEMBLE_KIND:
         from featurecache.training.combine import keras_combine
 
@@ -187,8 +205,13 @@ def assemble_run(
     else:
         outputs = probas[0]
     model = keras.Model(inputs, outputs, name="featurecache_ensemble" if len(members) > 1 else "featurecache_concat")
-    built = tuple(replace(b, features=keras.Model(inputs, b.features, name=f"fc_features_{j}")) for j, b in enumerate(branches.values()))
-    return Assembled(model=model, branches=built, members=tuple(members), config=config, run_dir=run_dir, classes=classes)
+    built = tuple(
+        replace(b, features=keras.Model(inputs, b.features, name=f"fc_features_{j}"))
+        for j, b in enumerate(branches.values())
+    )
+    return Assembled(
+        model=model, branches=built, members=tuple(members), config=config, run_dir=run_dir, classes=classes
+    )
 
 
 def _member_head(i: int, member: Member, features: Sequence[Any], n_classes: int) -> Any:

@@ -33,7 +33,13 @@ from featurecache.errors import RunError, UsageError
 __all__ = ["CLASS_MAP_LAYER", "KERAS_EXPRESSIBLE_HEADS", "check_expressible", "keras_head"]
 
 #: Heads that can be turned into Keras layers (and so fine-tuned end to end).
-KERAS_EXPRESSIBLE_HEADS: tuple[str, ...] = ("dense", "logreg", "sgd", "linear-svm (calibration=sigmoid)", "ridge (calibration=sigmoid)")
+KERAS_EXPRESSIBLE_HEADS: tuple[str, ...] = (
+    "dense",
+    "logreg",
+    "sgd",
+    "linear-svm (calibration=sigmoid)",
+    "ridge (calibration=sigmoid)",
+)
 
 CLASS_MAP_LAYER = "fc_class_map"
 
@@ -130,7 +136,11 @@ def _calibrated_branch(cc: Any, classes: np.ndarray, dtype: np.dtype) -> _Branch
     kernel = (-a[:, None] * coef).T
     bias = -(a * icpt + b)
     calibrator = cc.calibrators[0]
-    underflow = _underflow(lambda x: calibrator.predict(np.asarray(est.decision_function(x)).reshape(len(x), -1)[:, 0]), coef.shape[1], dtype)
+    underflow = _underflow(
+        lambda x: calibrator.predict(np.asarray(est.decision_function(x)).reshape(len(x), -1)[:, 0]),
+        coef.shape[1],
+        dtype,
+    )
     return _Branch(kernel, bias, est_classes, True, underflow)
 
 
@@ -181,7 +191,9 @@ def check_expressible(estimator: Any) -> None:
     _sklearn_branches(clf, np.dtype(np.float32))
 
 
-def keras_head(estimator: Any, *, feature_shape: Sequence[int], n_classes: int, feature_dtype: str = "float32") -> Callable[[Any], Any]:
+def keras_head(
+    estimator: Any, *, feature_shape: Sequence[int], n_classes: int, feature_dtype: str = "float32"
+) -> Callable[[Any], Any]:
     """Turn a fitted head into Keras layers over the features.
 
     Parameters
@@ -227,7 +239,9 @@ def keras_head(estimator: Any, *, feature_shape: Sequence[int], n_classes: int, 
     for i, br in enumerate(branches):
         kernel, bias = br.kernel, br.bias
         if kernel.shape[0] != d:
-            raise RunError(f"the head expects {kernel.shape[0]} features but the rebuilt backbone gives {d}; the run config does not match its head")
+            raise RunError(
+                f"the head expects {kernel.shape[0]} features but the rebuilt backbone gives {d}; the run config does not match its head"
+            )
         if scaler is not None:
             # Fold z = W ((x - mean) / scale) + b into z = (W / scale) x + (b - W mean / scale).
             scale = np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(d), dtype=np.float64)
@@ -250,7 +264,9 @@ def keras_head(estimator: Any, *, feature_shape: Sequence[int], n_classes: int, 
         cmap = _class_map(br.classes, n_classes, missing=_MISSING_LOGIT, name=f"{CLASS_MAP_LAYER}{suffix}")
         if cmap is not None:
             chain.append(cmap)
-        chain.append(keras.layers.Activation("softmax", name="predictions" if len(branches) == 1 else f"head_proba{suffix}"))
+        chain.append(
+            keras.layers.Activation("softmax", name="predictions" if len(branches) == 1 else f"head_proba{suffix}")
+        )
         layers.append(chain)
     flat = keras.layers.Flatten(name="head_flatten") if len(feature_shape) > 1 else None
     average = keras.layers.Average(name="predictions") if len(layers) > 1 else None
@@ -286,7 +302,9 @@ def _class_map(present: np.ndarray, n_classes: int, *, missing: float, name: str
     if len(present) == n_classes and np.array_equal(present, np.arange(n_classes)):
         return None
     if len(present) and (present.min() < 0 or present.max() >= n_classes):
-        raise RunError(f"the head predicts class indices {present.tolist()} but the run has {n_classes} classes; retrain the head")
+        raise RunError(
+            f"the head predicts class indices {present.tolist()} but the run has {n_classes} classes; retrain the head"
+        )
     kernel = np.zeros((len(present), n_classes), dtype=np.float32)
     kernel[np.arange(len(present)), present] = 1.0
     bias = np.full(n_classes, missing, dtype=np.float32)

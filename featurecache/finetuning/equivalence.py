@@ -203,7 +203,9 @@ def roundoff_bound(rebuilt: Rebuilt | Assembled, images: list[np.ndarray], *, ba
     return worst
 
 
-def _diagnose(rebuilt: Any, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int) -> str:
+def _diagnose(
+    rebuilt: Any, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int
+) -> str:
     """The most likely reason for a mismatch, in words (one line).
 
     ``rebuilt`` is a ``Rebuilt`` or an ``Assembled`` model: each of its backbone branches is
@@ -215,10 +217,14 @@ def _diagnose(rebuilt: Any, run_data: RunData, images: list[np.ndarray], ids: np
         found = _diagnose_branch(branch, run_data, images, ids, cache_dir=cache_dir, batch_size=batch_size)
         causes += [f"{branch.name or branch.key[:12]}: {c}" if len(branches) > 1 else c for c in found]
     if any(str(b.spec.get("dtype", "float32")) == "float16" for b in branches):
-        causes.append("the features were cached as float16, whose rounding alone moves probabilities by ~1e-3 (pass --tolerance 1e-2)")
+        causes.append(
+            "the features were cached as float16, whose rounding alone moves probabilities by ~1e-3 (pass --tolerance 1e-2)"
+        )
     if not causes:
         recipes = "; ".join(_recipe(b.spec) for b in branches)
-        causes.append(f"different resize, preprocessing or weights than the cached features ({recipes}), or images changed since extraction")
+        causes.append(
+            f"different resize, preprocessing or weights than the cached features ({recipes}), or images changed since extraction"
+        )
     return "; ".join(causes)
 
 
@@ -229,7 +235,9 @@ def _recipe(spec: Mapping[str, Any]) -> str:
     )
 
 
-def _diagnose_branch(branch: Any, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int) -> list[str]:
+def _diagnose_branch(
+    branch: Any, run_data: RunData, images: list[np.ndarray], ids: np.ndarray, *, cache_dir: Any, batch_size: int
+) -> list[str]:
     """What differs between one branch's rebuilt features and its cached ones."""
     from featurecache.cache import store, views
 
@@ -250,9 +258,15 @@ def _diagnose_branch(branch: Any, run_data: RunData, images: list[np.ndarray], i
                 delta = float(np.abs(got - cached).max())
                 rel = delta / max(float(np.abs(cached).max()), 1e-12)
                 if rel > 1e-4:
-                    causes.append(f"the rebuilt backbone's features differ from the cached ones (max |dx| {delta:.3g}, relative {rel:.2g}), so {recipe} do not reproduce the extraction")
+                    causes.append(
+                        f"the rebuilt backbone's features differ from the cached ones (max |dx| {delta:.3g}, relative {rel:.2g}), so {recipe} do not reproduce the extraction"
+                    )
                 else:
-                    causes.append("the features match the cache, so the head's Keras conversion differs from its scikit-learn predictions")
+                    causes.append(
+                        "the features match the cache, so the head's Keras conversion differs from its scikit-learn predictions"
+                    )
             else:
-                causes.append(f"the rebuilt backbone gives features of shape {got.shape[1:]} but the cache holds {cached.shape[1:]} ({recipe})")
+                causes.append(
+                    f"the rebuilt backbone gives features of shape {got.shape[1:]} but the cache holds {cached.shape[1:]} ({recipe})"
+                )
     return causes

@@ -110,7 +110,9 @@ def _export_savedmodel(model: Any, path: Path, classes: Sequence[str]) -> None:
         return model(tf.cast(x, tf.float32), training=False)
 
     archive.add_endpoint(name="serve", fn=serve, input_signature=[tf.TensorSpec(images, tf.uint8, name="image")])
-    archive.add_endpoint(name="serve_float32", fn=serve, input_signature=[tf.TensorSpec(images, tf.float32, name="image")])
+    archive.add_endpoint(
+        name="serve_float32", fn=serve, input_signature=[tf.TensorSpec(images, tf.float32, name="image")]
+    )
     names = tf.constant([str(c) for c in classes], dtype=tf.string)
     archive.add_endpoint(name="class_names", fn=lambda: names, input_signature=[])
     archive.write_out(str(path), verbose=False)
@@ -162,7 +164,9 @@ def write_outputs(
         if history.get("loss"):
             plot_training_curves(history, out_dir / "training_curves.png", title=title, before=before)
         for split, m in metrics.items():
-            plot_confusion_matrix(m["confusion_matrix"], classes, out_dir / f"confusion_{split}.png", title=f"fine-tuned on {split}")
+            plot_confusion_matrix(
+                m["confusion_matrix"], classes, out_dir / f"confusion_{split}.png", title=f"fine-tuned on {split}"
+            )
         from featurecache.report.html import write_report
 
         write_report(out_dir)  # top losses of the fine-tuned model and report.html

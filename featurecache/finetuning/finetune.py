@@ -118,7 +118,11 @@ class FinetuneResult:
     def change_line(self) -> str:
         """``val accuracy 0.948 -> 0.922, log loss 0.173 -> 0.245``: the head, then the fine-tuned model."""
         old, new = self.before.get("val", {}), self.metrics.get("val", {})
-        parts = [f"{name.replace('_', ' ')} {old[name]:.3f} -> {new[name]:.3f}" for name in ("accuracy", "log_loss") if name in old and name in new]
+        parts = [
+            f"{name.replace('_', ' ')} {old[name]:.3f} -> {new[name]:.3f}"
+            for name in ("accuracy", "log_loss")
+            if name in old and name in new
+        ]
         return "val " + ", ".join(parts) if parts else ""
 
 
@@ -208,7 +212,14 @@ def finetune(
 
     o = FinetuneOptions.merge(options, overrides)  # every value checked before any work
     unfreeze, epochs, out, lr, optimizer, batch_size = o.unfreeze, o.epochs, o.out, o.lr, o.optimizer, o.batch_size
-    patience, tolerance, check_samples, data, limit, weights = o.patience, o.tolerance, o.check_samples, o.data, o.limit, o.weights
+    patience, tolerance, check_samples, data, limit, weights = (
+        o.patience,
+        o.tolerance,
+        o.check_samples,
+        o.data,
+        o.limit,
+        o.weights,
+    )
     seed, savedmodel, plots, tensorboard = o.seed, o.savedmodel, o.plots, o.tensorboard
     started = time.perf_counter()
     aug = AugmentSpec.parse(o.augment)
@@ -216,8 +227,19 @@ def finetune(
     if is_assembled(read_run_config(run)):
         _refuse_training_assembled(run, epochs)
         return _export_assembled(
-            run, out=out, tolerance=tolerance, check_samples=check_samples, data=data, limit=limit, weights=weights,
-            batch_size=batch_size, savedmodel=savedmodel, plots=plots, cache_dir=cache_dir, log=log, started=started,
+            run,
+            out=out,
+            tolerance=tolerance,
+            check_samples=check_samples,
+            data=data,
+            limit=limit,
+            weights=weights,
+            batch_size=batch_size,
+            savedmodel=savedmodel,
+            plots=plots,
+            cache_dir=cache_dir,
+            log=log,
+            started=started,
         )
 
     import keras
@@ -233,43 +255,96 @@ def finetune(
     history: dict[str, list[float]] = {}
     best_epoch = None
     before = _head_metrics(rebuilt.run_dir)
-    curve_before = {f"val_{k}": before["val"][m] for k, m in (("loss", "log_loss"), ("accuracy", "accuracy")) if m in before.get("val", {})}
+    curve_before = {
+        f"val_{k}": before["val"][m]
+        for k, m in (("loss", "log_loss"), ("accuracy", "accuracy"))
+        if m in before.get("val", {})
+    }
     out_dir = Path(out) if out is not None else rebuilt.run_dir.with_name(rebuilt.run_dir.name + "-ft")
     # One pool of decode threads and one traced predictor for the check and the final
     # evaluation (the trace reads the model's variables, so it sees the fine-tuned weights).
     predictor = ImagePredictor(rebuilt.model, batch_size=batch_size)
     with image_pool("fc-ft") as pool:
         report = check_equivalence(
-            rebuilt, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size,
-            cache_dir=cache_dir, predictor=predictor, pool=pool,
+            rebuilt,
+            run_data,
+            predictions,
+            tolerance=tolerance,
+            max_samples=check_samples,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            predictor=predictor,
+            pool=pool,
         )
         _print_check(log, report, tolerance=tolerance, trainable=trainable, rebuilt=rebuilt)
         out_dir.mkdir(parents=True, exist_ok=True)
         tb_dir, tb_callbacks = _tensorboard_log(tensorboard, out_dir)
         if epochs > 0:
             history, best_epoch = fit_model(
-                rebuilt, run_data, out_dir=out_dir, epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size,
-                augment=None if aug.is_identity() else aug, patience=patience, seed=int(seed), pool=pool, log=log,
-                callbacks=tb_callbacks, before=curve_before,
+                rebuilt,
+                run_data,
+                out_dir=out_dir,
+                epochs=epochs,
+                lr=lr,
+                optimizer=optimizer,
+                batch_size=batch_size,
+                augment=None if aug.is_identity() else aug,
+                patience=patience,
+                seed=int(seed),
+                pool=pool,
+                log=log,
+                callbacks=tb_callbacks,
+                before=curve_before,
             )
         metrics, preds = _evaluate_run_splits(rebuilt, run_data, predictor=predictor, pool=pool)
     model_path = export_model(rebuilt.model, out_dir, savedmodel=savedmodel, classes=rebuilt.classes)
     seconds = time.perf_counter() - started
-    training = {"epochs": epochs, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "augment": str(aug), "patience": patience, "seed": seed}
+    training = {
+        "epochs": epochs,
+        "lr": lr,
+        "optimizer": optimizer,
+        "batch_size": batch_size,
+        "augment": str(aug),
+        "patience": patience,
+        "seed": seed,
+    }
     config = _finetune_config(
-        rebuilt, run_data, report=report, unfreeze=unfreeze, trainable=trainable, training=training, history=history,
-        best_epoch=best_epoch, metrics=metrics, seconds=seconds,
+        rebuilt,
+        run_data,
+        report=report,
+        unfreeze=unfreeze,
+        trainable=trainable,
+        training=training,
+        history=history,
+        best_epoch=best_epoch,
+        metrics=metrics,
+        seconds=seconds,
     )
     config["before"] = before
     write_outputs(
-        out_dir, config=config, metrics=metrics, predictions=preds, history=history, classes=rebuilt.classes,
-        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})", plots=plots, before=curve_before,
+        out_dir,
+        config=config,
+        metrics=metrics,
+        predictions=preds,
+        history=history,
+        classes=rebuilt.classes,
+        title=f"fine-tune {rebuilt.backbone_spec.name} ({unfreeze})",
+        plots=plots,
+        before=curve_before,
     )
     if tb_dir is not None:
         _write_hparams(tb_dir, head=rebuilt.config.get("head"), unfreeze=unfreeze, training=training, metrics=metrics)
     result = FinetuneResult(
-        out=out_dir, model_path=model_path, equivalence=report, trainable=trainable, history=history, metrics=metrics,
-        seconds=seconds, savedmodel=out_dir / "savedmodel" if savedmodel else None, unfreeze=unfreeze, before=before,
+        out=out_dir,
+        model_path=model_path,
+        equivalence=report,
+        trainable=trainable,
+        history=history,
+        metrics=metrics,
+        seconds=seconds,
+        savedmodel=out_dir / "savedmodel" if savedmodel else None,
+        unfreeze=unfreeze,
+        before=before,
     )
     _warn_if_worse(result, epochs)
     return result
@@ -283,7 +358,11 @@ def _head_metrics(run_dir: Path) -> dict[str, Any]:
         recorded = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {s: _short_metrics(m) for s, m in recorded.items() if isinstance(m, Mapping)} if isinstance(recorded, Mapping) else {}
+    return (
+        {s: _short_metrics(m) for s, m in recorded.items() if isinstance(m, Mapping)}
+        if isinstance(recorded, Mapping)
+        else {}
+    )
 
 
 def _warn_if_worse(result: FinetuneResult, epochs: int) -> None:
@@ -299,7 +378,9 @@ def _warn_if_worse(result: FinetuneResult, epochs: int) -> None:
         )
 
 
-def _print_check(log: Any, report: EquivalenceReport, *, tolerance: float, trainable: Mapping[str, Any], rebuilt: Rebuilt) -> None:
+def _print_check(
+    log: Any, report: EquivalenceReport, *, tolerance: float, trainable: Mapping[str, Any], rebuilt: Rebuilt
+) -> None:
     """Print the equivalence check's result and the trainable layers on ``log`` (nothing without it)."""
     if log:
         print(f"equivalence: {report.summary()}", file=log)
@@ -325,11 +406,17 @@ def _tensorboard_log(tensorboard: str | os.PathLike[str] | None, out_dir: Path) 
     return tb_dir, [keras_callback(tb_dir)]
 
 
-def _write_hparams(tb_dir: Path, *, head: Any, unfreeze: str, training: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+def _write_hparams(
+    tb_dir: Path, *, head: Any, unfreeze: str, training: Mapping[str, Any], metrics: Mapping[str, Any]
+) -> None:
     """Record the fine-tune's settings and final metrics as a TensorBoard HParams run."""
     from featurecache.report.tensorboard import write_hparams_run
 
-    settings = {"head": head, "unfreeze": unfreeze, **{k: training[k] for k in ("lr", "optimizer", "batch_size", "augment", "epochs")}}
+    settings = {
+        "head": head,
+        "unfreeze": unfreeze,
+        **{k: training[k] for k in ("lr", "optimizer", "batch_size", "augment", "epochs")},
+    }
     write_hparams_run(tb_dir, hparams=settings, metrics=metrics)
 
 
@@ -413,8 +500,15 @@ def _export_assembled(
     predictor = ImagePredictor(assembled.model, batch_size=batch_size)
     with image_pool("fc-ft") as pool:
         report = check_equivalence(
-            assembled, run_data, predictions, tolerance=tolerance, max_samples=check_samples, batch_size=batch_size,
-            cache_dir=cache_dir, predictor=predictor, pool=pool,
+            assembled,
+            run_data,
+            predictions,
+            tolerance=tolerance,
+            max_samples=check_samples,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            predictor=predictor,
+            pool=pool,
         )
         if log:
             print(f"equivalence: {report.summary()}", file=log)
@@ -436,7 +530,13 @@ def _export_assembled(
             "file": MODEL_FILE,
             "input": "RGB uint8/float in [0, 255], any size (resized inside)",
             "branches": [
-                {"backbone": b.backbone.name, "key": b.key, "input_size": int(b.spec["input_size"]), "resize": str(b.spec["resize"]), "preprocess": b.spec["preprocess"]}
+                {
+                    "backbone": b.backbone.name,
+                    "key": b.key,
+                    "input_size": int(b.spec["input_size"]),
+                    "resize": str(b.spec["resize"]),
+                    "preprocess": b.spec["preprocess"],
+                }
                 for b in assembled.branches
             ],
             "heads": len(assembled.members),
@@ -452,14 +552,32 @@ def _export_assembled(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": library_versions(),
     }
-    write_outputs(out_dir, config=config, metrics=metrics, predictions=preds, history={}, classes=assembled.classes, title="export", plots=plots)
+    write_outputs(
+        out_dir,
+        config=config,
+        metrics=metrics,
+        predictions=preds,
+        history={},
+        classes=assembled.classes,
+        title="export",
+        plots=plots,
+    )
     return FinetuneResult(
-        out=out_dir, model_path=model_path, equivalence=report, trainable={}, history={}, metrics=metrics, seconds=seconds,
-        savedmodel=out_dir / "savedmodel" if savedmodel else None, unfreeze="none",
+        out=out_dir,
+        model_path=model_path,
+        equivalence=report,
+        trainable={},
+        history={},
+        metrics=metrics,
+        seconds=seconds,
+        savedmodel=out_dir / "savedmodel" if savedmodel else None,
+        unfreeze="none",
     )
 
 
-def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, predictor: ImagePredictor, pool: ThreadPoolExecutor) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _evaluate_run_splits(
+    rebuilt: Rebuilt | Assembled, run_data: RunData, *, predictor: ImagePredictor, pool: ThreadPoolExecutor
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions of the model on the run's validation rows and the test split."""
     from featurecache.training.metrics import classification_metrics
 
@@ -481,4 +599,7 @@ def _evaluate_run_splits(rebuilt: Rebuilt | Assembled, run_data: RunData, *, pre
 
 def _trainable_summary(trainable: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per part (backbone, head): trainable layer count, parameters, BatchNorm frozen or not."""
-    return {k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]} for k, v in trainable.items()}
+    return {
+        k: {"layers": len(v["layers"]), "params": v["params"], "batchnorm_frozen": v["batchnorm_frozen"]}
+        for k, v in trainable.items()
+    }

@@ -99,7 +99,9 @@ def load_or_none(split: Any, i: int, *, draft: int | None = None) -> np.ndarray 
         return None
 
 
-def load_images(split: Any, rows: Sequence[int] | np.ndarray, *, pool: ThreadPoolExecutor | None = None, draft: int | None = None) -> list[np.ndarray]:
+def load_images(
+    split: Any, rows: Sequence[int] | np.ndarray, *, pool: ThreadPoolExecutor | None = None, draft: int | None = None
+) -> list[np.ndarray]:
     """Decode ``rows`` of ``split``, failing on the first image that cannot be decoded.
 
     Parameters

@@ -252,7 +252,9 @@ def _expand_folders(paths: Sequence[Path], extensions: frozenset[str]) -> list[P
             continue
         found = image_files(path)
         if not found:
-            raise UsageError(f"folder {path} has no images ({', '.join(sorted(extensions))}, searched recursively); pass a folder that has some")
+            raise UsageError(
+                f"folder {path} has no images ({', '.join(sorted(extensions))}, searched recursively); pass a folder that has some"
+            )
         out.extend(found)
     return out
 
@@ -383,8 +385,14 @@ def evaluate(
         limit = recorded.get("limit")
     if seed is None:
         seed = int(recorded.get("seed", 0)) if same else 0
-    dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed)
-    held_out = _held_out_rows(loaded, dataset) if split == "val" and "val" not in dataset.splits and same and recorded.get("validation") == "train" else None
+    dataset = load_dataset(
+        str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed
+    )
+    held_out = (
+        _held_out_rows(loaded, dataset)
+        if split == "val" and "val" not in dataset.splits and same and recorded.get("validation") == "train"
+        else None
+    )
     if split not in dataset.splits and held_out is None:
         raise UsageError(f"dataset {source!r} has no {split!r} split; pass --split one of {choices(dataset.splits)}")
     labels = label_map(dataset.classes, loaded.classes, where=str(source))
@@ -405,8 +413,15 @@ def evaluate(
     if plots:
         from featurecache.report import plot_confusion_matrix
 
-        plot_confusion_matrix(metrics["confusion_matrix"], loaded.classes, out_dir / f"confusion_{split}.png", title=f"{loaded.path.name} on {dataset.name} {split}")
+        plot_confusion_matrix(
+            metrics["confusion_matrix"],
+            loaded.classes,
+            out_dir / f"confusion_{split}.png",
+            title=f"{loaded.path.name} on {dataset.name} {split}",
+        )
         from featurecache.report import SplitImages, write_report
 
         write_report(out_dir, images={split: SplitImages(sp, dataset.classes, where=str(source))})
-    return EvaluateResult(model=str(loaded.path), data=str(source), split=split, metrics=metrics, invalid=int((~ok).sum()), out=out_dir)
+    return EvaluateResult(
+        model=str(loaded.path), data=str(source), split=split, metrics=metrics, invalid=int((~ok).sum()), out=out_dir
+    )

@@ -35,7 +35,16 @@ from featurecache.finetuning.convert import check_expressible, keras_head
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["POOL_LAYER", "PREPROCESS_LAYER", "RESIZE_LAYER", "Branch", "Rebuilt", "build_branch", "preprocess_layers", "rebuild_model"]
+__all__ = [
+    "POOL_LAYER",
+    "PREPROCESS_LAYER",
+    "RESIZE_LAYER",
+    "Branch",
+    "Rebuilt",
+    "build_branch",
+    "preprocess_layers",
+    "rebuild_model",
+]
 
 RESIZE_LAYER = "fc_resize"
 PREPROCESS_LAYER = "fc_preprocess"
@@ -90,8 +99,12 @@ class Rebuilt:
         """The one image-to-features path, as :func:`featurecache.finetune.equivalence` diagnoses it."""
         return (
             Branch(
-                features=self.features, backbone=self.backbone, backbone_spec=self.backbone_spec, spec=self.spec,
-                key=str(self.config["features"].get("key", "")), name=str(self.config["features"].get("name", "")),
+                features=self.features,
+                backbone=self.backbone,
+                backbone_spec=self.backbone_spec,
+                spec=self.spec,
+                key=str(self.config["features"].get("key", "")),
+                name=str(self.config["features"].get("name", "")),
             ),
         )
 
@@ -133,7 +146,9 @@ def _read_run(run: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Any]:
         )
     config, estimator = load_run(run_dir)
     if "features" not in config or "spec" not in config.get("features", {}) or "classes" not in config:
-        raise RunError(f"{run_dir}/config.json has no features.spec or classes, so it is not a train-head run; point to a directory written by `featurecache train-head`")
+        raise RunError(
+            f"{run_dir}/config.json has no features.spec or classes, so it is not a train-head run; point to a directory written by `featurecache train-head`"
+        )
     return run_dir, config, estimator
 
 
@@ -208,13 +223,24 @@ def rebuild_model(
     branch = build_branch(inputs, config["features"], weights=weights, cache_dir=cache_dir)
     x, bspec = branch.features, branch.backbone_spec
     feature_shape = tuple(int(d) for d in x.shape[1:])
-    apply_head = keras_head(estimator, feature_shape=feature_shape, n_classes=len(classes), feature_dtype=str(spec.get("dtype", "float32")))
+    apply_head = keras_head(
+        estimator, feature_shape=feature_shape, n_classes=len(classes), feature_dtype=str(spec.get("dtype", "float32"))
+    )
     outputs = apply_head(x)
     model = keras.Model(inputs, outputs, name=f"featurecache_{bspec.name}")
     features = keras.Model(inputs, x, name="fc_features")
     head_in = keras.Input(shape=feature_shape, dtype="float32", name="fc_head_input")
     head = keras.Model(head_in, apply_head(head_in), name="fc_head")
-    return Rebuilt(model=model, features=features, head=head, backbone=branch.backbone, backbone_spec=bspec, config=config, run_dir=run_dir, classes=classes)
+    return Rebuilt(
+        model=model,
+        features=features,
+        head=head,
+        backbone=branch.backbone,
+        backbone_spec=bspec,
+        config=config,
+        run_dir=run_dir,
+        classes=classes,
+    )
 
 
 def build_branch(
@@ -265,9 +291,13 @@ def build_branch(
     spec = features["spec"]
     name = str(spec["backbone"])
     if name == "custom":  # a user's .keras file, found where its weights are (backbones.custom)
-        source = next((str(w) for w in (weights, features.get("weights_source")) if w and str(w).endswith(".keras")), None)
+        source = next(
+            (str(w) for w in (weights, features.get("weights_source")) if w and str(w).endswith(".keras")), None
+        )
         if source is None:
-            raise RunError("the run does not record its custom backbone's .keras file; pass --weights PATH to that file")
+            raise RunError(
+                "the run does not record its custom backbone's .keras file; pass --weights PATH to that file"
+            )
         name = source
     bspec = backbones.get_backbone(name)
     ref = _resolve_weights(features, bspec, override=weights, cache_dir=cache_dir)
@@ -275,13 +305,19 @@ def build_branch(
     base = backbones.build_base(bspec, ref, input_size=size)
     layer = str(spec["layer"])
     if layer not in [lyr.name for lyr in base.layers]:
-        raise RunError(f"the run's feature layer {layer!r} is not in {bspec.name} as Keras {keras.__version__} builds it; re-extract the features with this Keras")
+        raise RunError(
+            f"the run's feature layer {layer!r} is not in {bspec.name} as Keras {keras.__version__} builds it; re-extract the features with this Keras"
+        )
     # A new functional view over the same layers: cut at the feature layer, named after the backbone.
     backbone = keras.Model(base.inputs, base.get_layer(layer).output, name=backbone_name or bspec.name)
     # Stage-2 state: frozen backbone (BatchNorm then also runs in inference mode), trainable head.
     backbone.trainable = False
     x = keras.layers.Resizing(
-        size, size, interpolation=str(spec["resize"]), antialias=bool(spec.get("antialias", False)), name=f"{RESIZE_LAYER}{suffix}"
+        size,
+        size,
+        interpolation=str(spec["resize"]),
+        antialias=bool(spec.get("antialias", False)),
+        name=f"{RESIZE_LAYER}{suffix}",
     )(inputs)
     mode = str(spec["preprocess"]).rsplit(":", 1)[-1]
     for lyr in preprocess_layers(mode, suffix=suffix):
@@ -291,7 +327,14 @@ def build_branch(
     pool = backbones.pooling_layer(pooling, name=f"{POOL_LAYER}{suffix}")
     if pool is not None and not (pooling in ("avg", "max") and len(x.shape) != 4):
         x = pool(x)
-    return Branch(features=x, backbone=backbone, backbone_spec=bspec, spec=spec, key=str(features.get("key", "")), name=str(features.get("name", "")))
+    return Branch(
+        features=x,
+        backbone=backbone,
+        backbone_spec=bspec,
+        spec=spec,
+        key=str(features.get("key", "")),
+        name=str(features.get("name", "")),
+    )
 
 
 def preprocess_layers(mode: str, *, suffix: str = "") -> list[keras.layers.Layer]:
@@ -324,7 +367,9 @@ def preprocess_layers(mode: str, *, suffix: str = "") -> list[keras.layers.Layer
     if mode == "torch":
         return [
             keras.layers.Rescaling(1.0 / 255.0, name=f"{PREPROCESS_LAYER}_scale{suffix}"),
-            keras.layers.Normalization(mean=list(_TORCH_MEAN), variance=[s * s for s in _TORCH_STD], name=f"{PREPROCESS_LAYER}{suffix}"),
+            keras.layers.Normalization(
+                mean=list(_TORCH_MEAN), variance=[s * s for s in _TORCH_STD], name=f"{PREPROCESS_LAYER}{suffix}"
+            ),
         ]
     if mode == "caffe":
         kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
@@ -341,4 +386,6 @@ def preprocess_layers(mode: str, *, suffix: str = "") -> list[keras.layers.Layer
                 bias_initializer=keras.initializers.Constant(bias),
             )
         ]
-    raise UsageError(f"unknown preprocess mode {mode!r} in the run config; expected one of {choices(('caffe', 'tf', 'torch', 'none'))}")
+    raise UsageError(
+        f"unknown preprocess mode {mode!r} in the run config; expected one of {choices(('caffe', 'tf', 'torch', 'none'))}"
+    )

@@ -93,11 +93,15 @@ def load_run_data(
     recorded = recorded_dataset(config)
     source = data or recorded["source"]
     if not source:
-        raise RunError("the run does not record its dataset source; pass --data SOURCE with the images the features were extracted from")
+        raise RunError(
+            "the run does not record its dataset source; pass --data SOURCE with the images the features were extracted from"
+        )
     if limit is None:
         limit = recorded["limit"]
     seed = recorded["seed"]
-    dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed)
+    dataset = load_dataset(
+        str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=seed
+    )
     labels = label_map(dataset.classes, tuple(str(c) for c in config["classes"]), where=str(source))
     if "train" not in dataset.splits:
         raise RunError(f"dataset {source!r} has no train split; pass --data with the run's images")
@@ -116,8 +120,14 @@ def load_run_data(
     n_train = len(dataset.splits["train"])
     train_rows = np.setdiff1d(np.arange(n_train), val_rows) if val_split == "train" else np.arange(n_train)
     return RunData(
-        dataset=dataset, val_split=val_split, val_rows=val_rows, train_rows=train_rows.astype(np.int64), labels=labels,
-        source=str(source), limit=limit, seed=seed,
+        dataset=dataset,
+        val_split=val_split,
+        val_rows=val_rows,
+        train_rows=train_rows.astype(np.int64),
+        labels=labels,
+        source=str(source),
+        limit=limit,
+        seed=seed,
     )
 
 
@@ -174,7 +184,9 @@ def read_predictions(run_dir: Path) -> dict[str, np.ndarray]:
 
     path = run_dir / "predictions.npz"
     if not path.is_file():
-        raise RunError(f"run {run_dir} has no predictions.npz, which the equivalence check needs; {retrain_hint(run_dir)}")
+        raise RunError(
+            f"run {run_dir} has no predictions.npz, which the equivalence check needs; {retrain_hint(run_dir)}"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             preds = {k: npz[k] for k in npz.files}

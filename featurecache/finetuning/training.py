@@ -107,17 +107,32 @@ def fit_model(
     import keras
 
     if len(run_data.train_rows) == 0:
-        raise UsageError("no training images are left after the validation hold-out; pass --epochs 0 to only rebuild and export, or use more images")
+        raise UsageError(
+            "no training images are left after the validation hold-out; pass --epochs 0 to only rebuild and export, or use more images"
+        )
     spec = rebuilt.spec
     size, resize = int(spec["input_size"]), str(spec["resize"])
     ds = run_data.dataset
     train_split, val_split = ds.splits["train"], ds.splits[run_data.val_split]
     keras.utils.set_random_seed(int(seed))
     trainer = make_trainer(rebuilt.features, rebuilt.head)
-    trainer.compile(optimizer=make_optimizer(optimizer, lr, nesterov=False), loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
-    common: dict[str, Any] = dict(size=size, resize=resize, batch_size=batch_size, seed=int(seed), pool=pool,
-                  antialias=bool(spec.get("antialias", False)), draft=draft_of(spec))
-    train_data = image_batches(train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common)
+    trainer.compile(
+        optimizer=make_optimizer(optimizer, lr, nesterov=False),
+        loss="sparse_categorical_crossentropy",
+        weighted_metrics=["accuracy"],
+    )
+    common: dict[str, Any] = dict(
+        size=size,
+        resize=resize,
+        batch_size=batch_size,
+        seed=int(seed),
+        pool=pool,
+        antialias=bool(spec.get("antialias", False)),
+        draft=draft_of(spec),
+    )
+    train_data = image_batches(
+        train_split, run_data.train_rows, run_data.labels, augment=augment, shuffle=True, **common
+    )
     val_data = image_batches(val_split, run_data.val_rows, run_data.labels, augment=None, shuffle=False, **common)
     extra_callbacks = list(callbacks)
     callbacks = [keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
@@ -125,7 +140,11 @@ def fit_model(
     if patience > 0:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
         callbacks.append(stopper)
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.2, patience=max(1, patience // 2), min_lr=lr / 100))
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.2, patience=max(1, patience // 2), min_lr=lr / 100
+            )
+        )
     callbacks.extend(extra_callbacks)
     with ProgressBar(bool(log), epochs * len(train_data), "fine-tune") as bar:
         if log and before:
@@ -246,7 +265,13 @@ def epoch_line(epoch: int, epochs: int, logs: Mapping[str, Any]) -> str:
     for key, short in _SHORT.items():
         value = logs.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            text = f"{value:.0e}" if key == "learning_rate" else f"{value:.3f}" if key.endswith("accuracy") else f"{value:.4g}"
+            text = (
+                f"{value:.0e}"
+                if key == "learning_rate"
+                else f"{value:.3f}"
+                if key.endswith("accuracy")
+                else f"{value:.4g}"
+            )
             parts.append(f"{short} {text}")
     return "  ".join(parts)
 

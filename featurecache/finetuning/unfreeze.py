@@ -65,12 +65,16 @@ def resolve_unfreeze(text: str, blocks: Sequence[str], *, cut_away: Sequence[str
             except ValueError:
                 n = 0
             if not 1 <= n <= len(blocks):
-                raise UsageError(f"--unfreeze {item!r}: N must be an integer from 1 to {len(blocks)} (the model has {len(blocks)} blocks); valid: {valid}")
+                raise UsageError(
+                    f"--unfreeze {item!r}: N must be an integer from 1 to {len(blocks)} (the model has {len(blocks)} blocks); valid: {valid}"
+                )
             chosen.update(blocks[-n:])
         elif item in blocks:
             chosen.add(item)
         elif item in cut_away:
-            raise UsageError(f"--unfreeze block {item!r} comes after the run's feature layer, so the model does not contain it; valid: {valid}")
+            raise UsageError(
+                f"--unfreeze block {item!r} comes after the run's feature layer, so the model does not contain it; valid: {valid}"
+            )
         else:
             raise UsageError(f"--unfreeze got unknown block {item!r}; valid: {valid}")
     return tuple(b for b in blocks if b in chosen)

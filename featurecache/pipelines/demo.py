@@ -67,16 +67,40 @@ def run_demo(
         Show progress bars.
     """
     res = run_pipeline(
-        DEMO_PIPELINE, overrides=overrides, limit=limit, cache_dir=cache_dir, runs_dir=runs_dir,
-        weights_fallback=True, progress=progress,
+        DEMO_PIPELINE,
+        overrides=overrides,
+        limit=limit,
+        cache_dir=cache_dir,
+        runs_dir=runs_dir,
+        weights_fallback=True,
+        progress=progress,
     )
     st = res.stages
     best = st["sweep"]["best"]
     ft = st["finetune"]["metrics"]
     rows = [
-        {"stage": "extract", "what": f"{st['extract']['name']} ({'cache hit' if st['extract']['cached'] else 'extracted'})", "features": st["extract"]["name"], "val_accuracy": None, "test_accuracy": None, "seconds": st["extract"]["seconds"]},
-        {"stage": "sweep", "what": f"best of {st['sweep']['trials']}: {best.get('name', best['head'])}", "val_accuracy": best.get("val_accuracy"), "test_accuracy": best.get("test_accuracy"), "seconds": st["sweep"]["seconds"]},
-        {"stage": "finetune", "what": f"unfreeze {st['finetune']['unfreeze']}", "val_accuracy": ft.get("val", {}).get("accuracy"), "test_accuracy": ft.get("test", {}).get("accuracy"), "seconds": st["finetune"]["seconds"]},
+        {
+            "stage": "extract",
+            "what": f"{st['extract']['name']} ({'cache hit' if st['extract']['cached'] else 'extracted'})",
+            "features": st["extract"]["name"],
+            "val_accuracy": None,
+            "test_accuracy": None,
+            "seconds": st["extract"]["seconds"],
+        },
+        {
+            "stage": "sweep",
+            "what": f"best of {st['sweep']['trials']}: {best.get('name', best['head'])}",
+            "val_accuracy": best.get("val_accuracy"),
+            "test_accuracy": best.get("test_accuracy"),
+            "seconds": st["sweep"]["seconds"],
+        },
+        {
+            "stage": "finetune",
+            "what": f"unfreeze {st['finetune']['unfreeze']}",
+            "val_accuracy": ft.get("val", {}).get("accuracy"),
+            "test_accuracy": ft.get("test", {}).get("accuracy"),
+            "seconds": st["finetune"]["seconds"],
+        },
     ]
     dirs = [Path(st["sweep"]["out_dir"]), Path(st["sweep"]["best_run"]), Path(st["finetune"]["out"])]
     plots = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.png"))

@@ -83,17 +83,23 @@ def load_pipeline(
     else:
         p = Path(path)
         if not p.is_file():
-            raise PipelineError(f"pipeline file {p} does not exist; shipped pipelines are in pipelines/ (e.g. pipelines/digits_demo.toml)")
+            raise PipelineError(
+                f"pipeline file {p} does not exist; shipped pipelines are in pipelines/ (e.g. pipelines/digits_demo.toml)"
+            )
         doc = _read_toml(p)
     unknown = set(doc) - {"pipeline", *STAGES}
     if unknown:
-        raise PipelineError(f"{p}: unknown table(s) {sorted(unknown)}; allowed: [pipeline], {', '.join(f'[{s}]' for s in STAGES)}")
+        raise PipelineError(
+            f"{p}: unknown table(s) {sorted(unknown)}; allowed: [pipeline], {', '.join(f'[{s}]' for s in STAGES)}"
+        )
     doc.setdefault("pipeline", {}).setdefault("name", p.stem)
     for item in overrides:
         stage_key, sep, raw = item.partition("=")
         stage, dot, key = stage_key.strip().partition(".")
         if not sep or not dot or stage not in ("pipeline", *STAGES):
-            raise PipelineError(f"override {item!r} must look like STAGE.KEY=VALUE with STAGE one of {', '.join(STAGES)}")
+            raise PipelineError(
+                f"override {item!r} must look like STAGE.KEY=VALUE with STAGE one of {', '.join(STAGES)}"
+            )
         doc.setdefault(stage, {})[key] = _literal(raw.strip())
     if limit is not None:
         doc.setdefault("extract", {})["limit"] = int(limit)
@@ -105,7 +111,9 @@ def _read_toml(p: Path) -> dict[str, Any]:
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise PipelineError(f"cannot read pipeline file {p}: {exc.strerror or exc}; check the path and its permissions") from None
+        raise PipelineError(
+            f"cannot read pipeline file {p}: {exc.strerror or exc}; check the path and its permissions"
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -154,25 +162,35 @@ def _check_keys(doc: Mapping[str, Any], path: Path) -> None:
         if stage not in doc:
             continue
         if not isinstance(doc[stage], Mapping):
-            raise PipelineError(f"{path}: {stage} must be a table ([{stage}] followed by key = value lines), got {_toml_kind(doc[stage])}")
+            raise PipelineError(
+                f"{path}: {stage} must be a table ([{stage}] followed by key = value lines), got {_toml_kind(doc[stage])}"
+            )
         fn = functions[stage]
         params = inspect.signature(fn).parameters
         allowed = {n for n, prm in params.items() if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)}
         bad = set(doc[stage]) - allowed
         if bad:
-            raise PipelineError(f"{path}: [{stage}] has unknown key(s) {sorted(bad)}; allowed: {', '.join(sorted(allowed))}")
+            raise PipelineError(
+                f"{path}: [{stage}] has unknown key(s) {sorted(bad)}; allowed: {', '.join(sorted(allowed))}"
+            )
         for key in doc[stage]:
             if key in _SET_BY_PIPELINE[stage]:
-                raise PipelineError(f"{path}: [{stage}] {key} is set by {_SET_BY_PIPELINE[stage][key]}; remove it from the file")
+                raise PipelineError(
+                    f"{path}: [{stage}] {key} is set by {_SET_BY_PIPELINE[stage][key]}; remove it from the file"
+                )
         hints = typing.get_type_hints(fn)
         for key, value in doc[stage].items():
             if key in hints and not _accepts(hints[key], value):
                 want = _describe(hints[key])
                 got = "" if want.startswith("one of") or isinstance(value, list) else f", not {_toml_kind(value)}"
-                raise PipelineError(f"{path}: [{stage}] {key} = {value!r} must be {want}{got}; fix its value in the file or --set")
+                raise PipelineError(
+                    f"{path}: [{stage}] {key} = {value!r} must be {want}{got}; fix its value in the file or --set"
+                )
     caches = {str(doc[s]["cache_dir"]) for s in STAGES if "cache_dir" in doc.get(s, {})}
     if len(caches) > 1:
-        raise PipelineError(f"{path}: the stages name different cache_dir values ({', '.join(sorted(caches))}); set it once, in [extract]")
+        raise PipelineError(
+            f"{path}: the stages name different cache_dir values ({', '.join(sorted(caches))}); set it once, in [extract]"
+        )
 
 
 def _accepts(hint: Any, value: Any) -> bool:
@@ -214,7 +232,14 @@ def _describe(hint: Any) -> str:
 
 
 def _toml_kind(value: Any) -> str:
-    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "a list"), (dict, "a table")]
+    kinds = [
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a table"),
+    ]
     return next((name for t, name in kinds if isinstance(value, t)), f"a {type(value).__name__}")
 
 
@@ -265,7 +290,10 @@ def run_pipeline(
     except WeightsUnavailableError as exc:
         if not weights_fallback:
             raise
-        print(f"note: ImageNet weights are not available offline ({str(exc).split(';')[0]}); using random weights instead", file=sys.stderr)
+        print(
+            f"note: ImageNet weights are not available offline ({str(exc).split(';')[0]}); using random weights instead",
+            file=sys.stderr,
+        )
         ex_args["weights"] = "random"
         extracted = stage["extract"](data, cache_dir=cache_dir, progress=progress, **ex_args)
     result.stages["extract"] = {**extracted.to_json(), "seconds": round(time.perf_counter() - t0, 2)}

@@ -16,7 +16,9 @@ __all__ = ["DPI", "new_figure", "png_bytes", "save_figure"]
 DPI = 110
 
 
-def new_figure(width: float, height: float, *, layout: Literal["constrained", "compressed", "tight"] | None = "constrained") -> Any:
+def new_figure(
+    width: float, height: float, *, layout: Literal["constrained", "compressed", "tight"] | None = "constrained"
+) -> Any:
     """A ``matplotlib.figure.Figure`` of ``width`` x ``height`` inches on its own Agg canvas.
 
     ``layout=None`` skips the constrained layout (it dominates the time of many-axes grids,

@@ -96,25 +96,40 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}" loading="lazy">'
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, sortable: bool = False, table_id: str = "", text_cols: int = 1) -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    sortable: bool = False,
+    table_id: str = "",
+    text_cols: int = 1,
+) -> str:
     """An escaped HTML table; cells are values (formatted) or ``(shown, sort value)`` pairs."""
     attrs = (' class="sortable"' if sortable else "") + (f' id="{_e(table_id)}"' if table_id else "")
-    head = "".join(f'<th class="t">{_e(h)}</th>' if i < text_cols else f"<th>{_e(h)}</th>" for i, h in enumerate(headers))
+    head = "".join(
+        f'<th class="t">{_e(h)}</th>' if i < text_cols else f"<th>{_e(h)}</th>" for i, h in enumerate(headers)
+    )
     body = []
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
             shown, raw = cell if isinstance(cell, tuple) else (_fmt(cell), cell)
             cls = ' class="t"' if i < text_cols else ""
-            v = "" if raw is None else (repr(float(raw)) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else str(raw))
+            v = (
+                ""
+                if raw is None
+                else (repr(float(raw)) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else str(raw))
+            )
             cells.append(f'<td{cls} data-v="{_e(v)}">{_e(shown)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="scroll"><table{attrs}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return (
+        f'<div class="scroll"><table{attrs}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    )
 
 
 def _page(title: str, sections: Sequence[str]) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n"
@@ -141,7 +156,11 @@ def _metrics_section(metrics: Mapping[str, Any]) -> str:
     headers.insert(headers.index("accuracy") + 1, "accuracy 95% CI")
     rows = []
     for split, m in metrics.items():
-        span = wilson_interval(m["accuracy"], m["n"]) if isinstance(m.get("n"), int) and isinstance(m.get("accuracy"), float) else None
+        span = (
+            wilson_interval(m["accuracy"], m["n"])
+            if isinstance(m.get("n"), int) and isinstance(m.get("accuracy"), float)
+            else None
+        )
         cells = [split, *(m.get(c) for c in _METRIC_COLUMNS), *((m.get("top_k_accuracy") or {}).get(k) for k in ks)]
         cells.insert(headers.index("accuracy") + 1, (format_interval(span, 4), span[0] if span else None))
         rows.append(cells)
@@ -161,8 +180,13 @@ def _confusion_section(run: Path, metrics: Mapping[str, Any], classes: Sequence[
         table = _table(["true \\ predicted", *[str(c) for c in classes]], rows)
         parts.append(f"<details><summary>counts ({_e(split)})</summary>{table}</details>")
         if per_class:
-            pc_rows = [[name, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")] for name, v in per_class.items()]
-            parts.append(f"<details><summary>per class ({_e(split)})</summary>{_table(['class', 'precision', 'recall', 'f1', 'support'], pc_rows, sortable=True)}</details>")
+            pc_rows = [
+                [name, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]
+                for name, v in per_class.items()
+            ]
+            parts.append(
+                f"<details><summary>per class ({_e(split)})</summary>{_table(['class', 'precision', 'recall', 'f1', 'support'], pc_rows, sortable=True)}</details>"
+            )
     return "<h2>Confusion matrix</h2>" + "".join(parts) if parts else ""
 
 
@@ -177,11 +201,20 @@ def _losses_section(run: Path, errors: Mapping[str, Any] | None, note: str) -> s
         parts.append(f"<h3>{_e(split)}: {len(rows)} highest losses of {_e(doc.get('n', '?'))}</h3>")
         parts.append(_img(run / f"top_losses_{split}.png", f"top losses on {split}"))
         table_rows = [[r["id"], r["true"], r["predicted"], r["p_predicted"], r["p_true"], r["loss"]] for r in rows]
-        parts.append(f"<details><summary>table ({_e(split)})</summary>{_table(['id', 'true', 'predicted', 'p(predicted)', 'p(true)', 'loss'], table_rows, sortable=True, text_cols=3)}</details>")
+        parts.append(
+            f"<details><summary>table ({_e(split)})</summary>{_table(['id', 'true', 'predicted', 'p(predicted)', 'p(true)', 'loss'], table_rows, sortable=True, text_cols=3)}</details>"
+        )
         pairs = doc.get("most_confused") or []
         if pairs:
             parts.append(f"<h4>most confused pairs ({_e(split)})</h4>")
-            parts.append(_table(["true", "predicted as", "count", "rate"], [[p["true"], p["predicted"], p["count"], p["rate"]] for p in pairs[:20]], sortable=True, text_cols=2))
+            parts.append(
+                _table(
+                    ["true", "predicted as", "count", "rate"],
+                    [[p["true"], p["predicted"], p["count"], p["rate"]] for p in pairs[:20]],
+                    sortable=True,
+                    text_cols=2,
+                )
+            )
     return "".join(parts)
 
 
@@ -189,16 +222,41 @@ def _features_section(config: Mapping[str, Any]) -> str:
     features = config.get("features") or {}
     if not features:
         return ""
-    rows = [["name", features.get("name")], ["key", features.get("key")], ["dataset", features.get("dataset_source")], ["limit", features.get("dataset_limit")]]
+    rows = [
+        ["name", features.get("name")],
+        ["key", features.get("key")],
+        ["dataset", features.get("dataset_source")],
+        ["limit", features.get("dataset_limit")],
+    ]
     spec = json.dumps(features.get("spec") or {}, indent=2, sort_keys=True)
-    return "<h2>Features</h2>" + _table(["", ""], rows, text_cols=2) + f"<details><summary>full spec</summary><pre>{_e(spec)}</pre></details>"
+    return (
+        "<h2>Features</h2>"
+        + _table(["", ""], rows, text_cols=2)
+        + f"<details><summary>full spec</summary><pre>{_e(spec)}</pre></details>"
+    )
 
 
 def _params_section(config: Mapping[str, Any]) -> str:
     params = config.get("params") or {}
     rows = [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in params.items()]
-    text = f"<h2>Head: {_e(config.get('head', '?'))}</h2>" + (_table(["parameter", "value"], rows, text_cols=2) if rows else "")
-    extra = {k: config[k] for k in ("validation", "invalid_skipped", "sweep", "equivalence", "unfreeze", "trainable", "training", "history", "dataset") if k in config}
+    text = f"<h2>Head: {_e(config.get('head', '?'))}</h2>" + (
+        _table(["parameter", "value"], rows, text_cols=2) if rows else ""
+    )
+    extra = {
+        k: config[k]
+        for k in (
+            "validation",
+            "invalid_skipped",
+            "sweep",
+            "equivalence",
+            "unfreeze",
+            "trainable",
+            "training",
+            "history",
+            "dataset",
+        )
+        if k in config
+    }
     if extra:
         text += f"<details><summary>run details</summary><pre>{_e(json.dumps(extra, indent=2, default=str))}</pre></details>"
     return text
@@ -232,17 +290,30 @@ def render_run(run_dir: str | os.PathLike[str], *, note: str = "", title: str | 
     config = _read_json(run / "config.json") or {}
     metrics = _read_json(run / "metrics.json") or {}
     if not config and not metrics:
-        raise RunError(f"{run} has neither config.json nor metrics.json; point to a run, sweep, finetune or evaluate directory")
-    classes = [str(c) for c in config.get("classes") or next((list(m.get("per_class") or {}) for m in metrics.values()), [])]
-    kind = {"finetune": "fine-tune", "ensemble": "ensemble"}.get(config.get("kind", ""), "evaluation" if not config else "run")
-    heading = title or f"{kind} {_run_name(run)}" + (f" - {config.get('head')}" if config.get("head") and kind != "ensemble" else "")
-    subtitle = [str(config.get("created") or ""), f"{len(classes)} classes: " + ", ".join(classes[:12]) + (" ..." if len(classes) > 12 else "")]
+        raise RunError(
+            f"{run} has neither config.json nor metrics.json; point to a run, sweep, finetune or evaluate directory"
+        )
+    classes = [
+        str(c) for c in config.get("classes") or next((list(m.get("per_class") or {}) for m in metrics.values()), [])
+    ]
+    kind = {"finetune": "fine-tune", "ensemble": "ensemble"}.get(
+        config.get("kind", ""), "evaluation" if not config else "run"
+    )
+    heading = title or f"{kind} {_run_name(run)}" + (
+        f" - {config.get('head')}" if config.get("head") and kind != "ensemble" else ""
+    )
+    subtitle = [
+        str(config.get("created") or ""),
+        f"{len(classes)} classes: " + ", ".join(classes[:12]) + (" ..." if len(classes) > 12 else ""),
+    ]
     sections = [
         f"<h{level}>{_e(heading)}</h{level}>",
         f'<p class="muted">{" &middot; ".join(_e(part) for part in subtitle if part)}</p>',
         _metrics_section(metrics),
         _members_section(run, config),
-        ("<h2>Training curves</h2>" + _img(run / "training_curves.png", "training curves")) if (run / "training_curves.png").is_file() else "",
+        ("<h2>Training curves</h2>" + _img(run / "training_curves.png", "training curves"))
+        if (run / "training_curves.png").is_file()
+        else "",
         _confusion_section(run, metrics, classes),
         _losses_section(run, _read_json(run / "top_losses.json"), note),
         _params_section(config) if config else "",
@@ -275,7 +346,16 @@ def _members_section(run: Path, config: Mapping[str, Any]) -> str:
     table_rows = []
     for i, r in enumerate(rows):
         span = interval(r)
-        table_rows.append([r.get("name"), r.get("kind"), r.get("val_accuracy"), (format_interval(span, 4), span[0] if span else None), "yes" if tied[i] else "", *(r.get(c) for c in metric_cols)])
+        table_rows.append(
+            [
+                r.get("name"),
+                r.get("kind"),
+                r.get("val_accuracy"),
+                (format_interval(span, 4), span[0] if span else None),
+                "yes" if tied[i] else "",
+                *(r.get(c) for c in metric_cols),
+            ]
+        )
     headers = ["run", "kind", "val_accuracy", "val_accuracy 95% CI", "tied with best", *metric_cols]
     note = '<p class="muted">\u201ctied with best\u201d: its 95% Wilson interval overlaps the most accurate one\'s, so the two are not distinguishable on this validation set.</p>'
     return "<h2>Ensemble and members</h2>" + note + _table(headers, table_rows, sortable=True, text_cols=2)
@@ -305,7 +385,18 @@ def _leaderboard_section(board: Mapping[str, Any]) -> str:
     params = sorted(hk for hk, vs in values.items() if len(vs) > 1)
     constant = sorted(hk for hk, vs in values.items() if len(vs) == 1)
     # The interval and the tie beside the ranking metric: visible without scrolling sideways.
-    headers = ["rank", "trial", metric_cols[0], *ci_cols, *metric_cols[1:], "head", *(f"{h}.{k}" for h, k in params), "status", "fit s", "error"]
+    headers = [
+        "rank",
+        "trial",
+        metric_cols[0],
+        *ci_cols,
+        *metric_cols[1:],
+        "head",
+        *(f"{h}.{k}" for h, k in params),
+        "status",
+        "fit s",
+        "error",
+    ]
     table_rows = []
     for r, span, tie in zip(rows, spans, tied, strict=True):
         p = r.get("params") or {}
@@ -323,7 +414,7 @@ def _leaderboard_section(board: Mapping[str, Any]) -> str:
             r.get("error") or "",
         ]
         table_rows.append(cells)
-    notes = ['Click a column to sort (or open the page with #sort=N or #sort=N-desc, N = column number from 0).']
+    notes = ["Click a column to sort (or open the page with #sort=N or #sort=N-desc, N = column number from 0)."]
     if ci_cols:
         n = next(r.get(f"{ci_of.split('_', 1)[0]}_n") for r, sp in zip(rows, spans, strict=True) if sp)
         notes.append(
@@ -335,7 +426,9 @@ def _leaderboard_section(board: Mapping[str, Any]) -> str:
         shown = ", ".join(f"{h}.{k}={v if isinstance(v, str) else json.dumps(v)}" for (h, k), v in same.items())
         notes.append(f"Same in every trial of its head: {shown}.")
     text = "".join(f'<p class="muted">{_e(note)}</p>' for note in notes)
-    return f"<h2>Leaderboard ({len(rows)} trials, ranked by {_e(metric)})</h2>{text}" + _table(headers, table_rows, sortable=True, table_id="leaderboard", text_cols=0)
+    return f"<h2>Leaderboard ({len(rows)} trials, ranked by {_e(metric)})</h2>{text}" + _table(
+        headers, table_rows, sortable=True, table_id="leaderboard", text_cols=0
+    )
 
 
 def _param_text(value: Any) -> Any:
@@ -366,8 +459,15 @@ def render_sweep(sweep_dir: str | os.PathLike[str], *, note: str = "") -> str:
         f'<p class="muted">features key {_e(board.get("key", ""))}; validation: {_e(meta.get("validation", "?"))}; updated {_e(meta.get("updated", ""))}</p>',
         _leaderboard_section(board),
         _img(out / "leaderboard.png", "leaderboard"),
-        ("<h2>Best run</h2>" + render_run(best, note=note, title=f"best: {(meta.get('best') or {}).get('label', '')}", level=2)) if (best / "config.json").is_file() else "",
-        f"<details><summary>request</summary><pre>{_e(json.dumps(meta.get('request', {}), indent=2))}</pre></details>" if meta else "",
+        (
+            "<h2>Best run</h2>"
+            + render_run(best, note=note, title=f"best: {(meta.get('best') or {}).get('label', '')}", level=2)
+        )
+        if (best / "config.json").is_file()
+        else "",
+        f"<details><summary>request</summary><pre>{_e(json.dumps(meta.get('request', {}), indent=2))}</pre></details>"
+        if meta
+        else "",
     ]
     return _page(heading, sections)
 
@@ -427,7 +527,16 @@ def write_report(
     # An evaluate directory records no dataset: its grids are drawn by evaluate, with its images.
     knows_images = images is not None or (run / "config.json").is_file()
     if analyse and has_predictions and knows_images:
-        result = analyse_run(run, n=top or DEFAULT_TOP, splits=splits, data=data, limit=limit, cache_dir=cache_dir, strict=strict, images=images)
+        result = analyse_run(
+            run,
+            n=top or DEFAULT_TOP,
+            splits=splits,
+            data=data,
+            limit=limit,
+            cache_dir=cache_dir,
+            strict=strict,
+            images=images,
+        )
         note = result.note
         if sweep:
             _write_text(run / REPORT_FILE, render_run(run, note=note))

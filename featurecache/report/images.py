@@ -42,10 +42,14 @@ def load_run_dataset(
     rec = recorded_dataset(config)
     source = data or rec["source"]
     if not source:
-        raise RunError("the run does not record its dataset source; pass --data SOURCE with the images the features were extracted from")
+        raise RunError(
+            "the run does not record its dataset source; pass --data SOURCE with the images the features were extracted from"
+        )
     if limit is None and data is None:
         limit = rec["limit"]
-    dataset = load_dataset(str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=rec["seed"])
+    dataset = load_dataset(
+        str(source), memo_dir=store.memo_dir(store.resolve_cache_dir(cache_dir)), limit=limit, seed=rec["seed"]
+    )
     return dataset, str(source)
 
 
@@ -75,7 +79,9 @@ def run_image_loader(
     if where not in ds.splits and split == "val":
         where = "val" if "val" in ds.splits else "train"
     if where not in ds.splits:
-        raise RunError(f"dataset {source!r} has no {where!r} split for the run's {split} images; pass --data with the run's images")
+        raise RunError(
+            f"dataset {source!r} has no {where!r} split for the run's {split} images; pass --data with the run's images"
+        )
     return SplitImages(ds.splits[where], ds.classes, where=source)
 
 

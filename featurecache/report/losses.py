@@ -67,7 +67,9 @@ def per_sample_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(picked, np.finfo(np.float64).eps, 1.0))
 
 
-def most_confused(cm: Any, classes: Sequence[str], *, top: int | None = None, min_count: int = 1) -> list[dict[str, Any]]:
+def most_confused(
+    cm: Any, classes: Sequence[str], *, top: int | None = None, min_count: int = 1
+) -> list[dict[str, Any]]:
     """Off-diagonal cells of a confusion matrix, most frequent first (fastai's ``most_confused``).
 
     Parameters
@@ -95,10 +97,17 @@ def most_confused(cm: Any, classes: Sequence[str], *, top: int | None = None, mi
     mat = np.asarray(cm, dtype=np.int64)
     k = len(classes)
     if mat.shape != (k, k):
-        raise UsageError(f"cm must have shape ({k}, {k}) for {k} classes, got {mat.shape}; pass metrics[split]['confusion_matrix'] and its class names")
+        raise UsageError(
+            f"cm must have shape ({k}, {k}) for {k} classes, got {mat.shape}; pass metrics[split]['confusion_matrix'] and its class names"
+        )
     support = mat.sum(axis=1)
     pairs: list[dict[str, Any]] = [
-        {"true": str(classes[i]), "predicted": str(classes[j]), "count": int(mat[i, j]), "rate": float(mat[i, j] / support[i])}
+        {
+            "true": str(classes[i]),
+            "predicted": str(classes[j]),
+            "count": int(mat[i, j]),
+            "rate": float(mat[i, j] / support[i]),
+        }
         for i in range(k)
         for j in range(k)
         if i != j and mat[i, j] >= max(1, min_count)
@@ -191,7 +200,9 @@ def top_losses_from_arrays(
     p = np.asarray(proba, dtype=np.float64)
     yy = np.asarray(y, dtype=np.int64)
     if not (len(ids) == len(yy) == len(p)) or p.ndim != 2 or p.shape[1] != len(classes):
-        raise UsageError(f"ids ({len(ids)}), y ({len(yy)}) and proba {p.shape} must describe the same samples over {len(classes)} classes")
+        raise UsageError(
+            f"ids ({len(ids)}), y ({len(yy)}) and proba {p.shape} must describe the same samples over {len(classes)} classes"
+        )
     loss = per_sample_loss(yy, p)
     # lexsort: last key first -- loss descending, then id ascending.
     order = np.lexsort((np.asarray(ids, dtype=str), -loss))[:n]
@@ -208,7 +219,9 @@ def top_losses_from_arrays(
         }
         for r, i in enumerate(order)
     ]
-    images: list[np.ndarray | None] = list(load([r["id"] for r in rows])) if load is not None and rows else [None] * len(rows)
+    images: list[np.ndarray | None] = (
+        list(load([r["id"] for r in rows])) if load is not None and rows else [None] * len(rows)
+    )
     return TopLosses(split=split, rows=rows, n_total=len(ids), images=images)
 
 
@@ -245,7 +258,9 @@ def read_predictions(run_dir: str | os.PathLike[str], split: str) -> tuple[np.nd
             return npz["ids"], npz["y"], npz["proba"]
     combined = path / "predictions.npz"
     if not combined.is_file():
-        raise RunError(f"{path} has no predictions.npz; point to a directory written by train-head, sweep, finetune or evaluate")
+        raise RunError(
+            f"{path} has no predictions.npz; point to a directory written by train-head, sweep, finetune or evaluate"
+        )
     with np.load(combined, allow_pickle=False) as npz:
         have = sorted({k.rsplit("_", 1)[0] for k in npz.files if k.endswith("_proba")})
         if f"{split}_proba" not in npz.files:
@@ -318,7 +333,9 @@ def top_losses(
 def _read_config(path: Path) -> dict[str, Any]:
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a train-head, sweep best or finetune directory")
+        raise RunError(
+            f"{path} has no config.json, so it is not a featurecache run; point to a train-head, sweep best or finetune directory"
+        )
     return json.loads(cfg.read_text())
 
 
@@ -360,10 +377,18 @@ def _grid_figure(result: TopLosses, *, columns: int) -> Any:
     height = nrows * cell + (nrows - 1) * row_gap + top + bottom
     fig = new_figure(width, height, layout=None)
     fig.subplots_adjust(
-        left=0.1 / width, right=1 - 0.1 / width, bottom=bottom / height, top=1 - top / height,
-        wspace=col_gap / cell, hspace=row_gap / cell,
+        left=0.1 / width,
+        right=1 - 0.1 / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=col_gap / cell,
+        hspace=row_gap / cell,
     )
-    fig.suptitle(f"top {len(result.rows)} losses of {result.n_total} ({result.split}): true / predicted", fontsize=10, y=1 - 0.1 / height)
+    fig.suptitle(
+        f"top {len(result.rows)} losses of {result.n_total} ({result.split}): true / predicted",
+        fontsize=10,
+        y=1 - 0.1 / height,
+    )
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for k, ax in enumerate(axes):
         ax.set_xticks([])

@@ -96,9 +96,7 @@ def confusion_figure(cm: Any, classes: Sequence[str], *, title: str = "", normal
                 )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(
-        title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix")
-    )
+    ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix"))
     return fig
 
 
@@ -137,7 +135,9 @@ def plot_training_curves(
     return _save(training_curves_figure(history, title=title, before=before), path)
 
 
-def training_curves_figure(history: Mapping[str, Sequence[float]], *, title: str = "", before: Mapping[str, float] | None = None) -> Any:
+def training_curves_figure(
+    history: Mapping[str, Sequence[float]], *, title: str = "", before: Mapping[str, float] | None = None
+) -> Any:
     """The figure behind :func:`plot_training_curves` (so tests can check its content)."""
     panels = [
         (metric, [s for s in (metric, f"val_{metric}") if len(history.get(s, ())) > 0])
@@ -252,8 +252,7 @@ def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: i
     if not scored:
         present = sorted({k for row in rows for k in row})
         raise UsageError(
-            f"no row has a finite {metric!r}; numeric columns available: {present!r}; "
-            "pass metric= one of them"
+            f"no row has a finite {metric!r}; numeric columns available: {present!r}; pass metric= one of them"
         )
     lower_is_better = "loss" in metric
     scored.sort(key=lambda t: t[0], reverse=not lower_is_better)
@@ -267,14 +266,20 @@ def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: i
     colour = {h: cmap(i % cmap.N) for i, h in enumerate(heads)}
     # Long labels (random-search trials list every drawn parameter) wrap between tokens instead
     # of overlapping; each row gets the height its lines need, every bar the same thickness.
-    labels = [textwrap.fill(label, _LABEL_WIDTH, break_long_words=False, break_on_hyphens=False) for _, label, _, _ in shown]
+    labels = [
+        textwrap.fill(label, _LABEL_WIDTH, break_long_words=False, break_on_hyphens=False) for _, label, _, _ in shown
+    ]
     lines = [label.count("\n") + 1 for label in labels]
-    fig = _figure(10.0, 1.6 + 0.2 * sum(lines) + 0.1 * len(shown) + (0.2 if any(spans) else 0.0))  # a line to explain the intervals
+    fig = _figure(
+        10.0, 1.6 + 0.2 * sum(lines) + 0.1 * len(shown) + (0.2 if any(spans) else 0.0)
+    )  # a line to explain the intervals
     ax = fig.add_subplot()
     centres = np.cumsum(lines) - np.asarray(lines) / 2  # one unit of height per text line
     values = [v for v, _, _, _ in shown]
     alpha = [1.0 if tie or not any(tied) else 0.35 for tie in tied[: len(shown)]]
-    ax.barh(centres, values, height=0.7, color=[(*colour[h][:3], a) for (_, _, h, _), a in zip(shown, alpha, strict=True)])
+    ax.barh(
+        centres, values, height=0.7, color=[(*colour[h][:3], a) for (_, _, h, _), a in zip(shown, alpha, strict=True)]
+    )
     if any(spans):
         lo = [v - s[0] if s else 0.0 for v, s in zip(values, spans, strict=True)]
         hi = [s[1] - v if s else 0.0 for v, s in zip(values, spans, strict=True)]
@@ -290,11 +295,19 @@ def leaderboard_figure(rows: Sequence[Mapping[str, Any]], *, metric: str, top: i
     ax.set_xlim(left, high + pad)
     for y, v, a in zip(centres, values, alpha, strict=True):
         # Inside the bar, at its start: past its end the value would leave the axes at 1.0.
-        ax.text(left, y, f" {v:.4f}", va="center", fontsize=7, color="white" if a == 1.0 else "black", fontweight="bold")
+        ax.text(
+            left, y, f" {v:.4f}", va="center", fontsize=7, color="white" if a == 1.0 else "black", fontweight="bold"
+        )
     from matplotlib.patches import Patch
 
     # Outside the axes, below them: a legend inside covered a bar.
-    fig.legend(handles=[Patch(color=colour[h], label=h) for h in heads], fontsize=8, loc="outside lower center", ncols=min(len(heads), 6), frameon=False)
+    fig.legend(
+        handles=[Patch(color=colour[h], label=h) for h in heads],
+        fontsize=8,
+        loc="outside lower center",
+        ncols=min(len(heads), 6),
+        frameon=False,
+    )
     zoom = f" (axis starts at {left:.3g}, not 0)" if left > 0 else ""
     xlabel = metric + (" (lower is better)" if lower_is_better else "") + zoom
     if any(spans):

@@ -100,7 +100,11 @@ def _write_history(run_dir: Path, history: Mapping[str, Sequence[float]]) -> Non
     import tensorflow as tf
 
     for sub, prefix in (("train", ""), ("validation", "val_")):
-        series = {k[len(prefix):]: v for k, v in history.items() if (k.startswith("val_") if prefix else not k.startswith("val_")) and v}
+        series = {
+            k[len(prefix) :]: v
+            for k, v in history.items()
+            if (k.startswith("val_") if prefix else not k.startswith("val_")) and v
+        }
         if not series:
             continue
         writer = tf.summary.create_file_writer(str(run_dir / sub))
@@ -223,7 +227,9 @@ def write_sweep_logs(
 
     root = Path(log_dir)
     ok = [r for r in rows if r.get("status") == "ok"]
-    sessions = _unify([{"head": r["head"], **{k: _hparam_value(v) for k, v in (r.get("params") or {}).items()}} for r in ok])
+    sessions = _unify(
+        [{"head": r["head"], **{k: _hparam_value(v) for k, v in (r.get("params") or {}).items()}} for r in ok]
+    )
     written = []
     for row, session in zip(ok, sessions, strict=True):
         run_dir = run_log_dir(root, f"{row['trial'][:8]}-{row.get('name') or row['head']}")
@@ -231,10 +237,19 @@ def write_sweep_logs(
             continue
         tmp = run_dir.with_name(f".{run_dir.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_hparams_run(tmp, hparams=session, metrics=metrics.get(row["trial"], {}), history=(histories or {}).get(row["trial"]), trial_id=row["trial"][:8])
+        write_hparams_run(
+            tmp,
+            hparams=session,
+            metrics=metrics.get(row["trial"], {}),
+            history=(histories or {}).get(row["trial"]),
+            trial_id=row["trial"][:8],
+        )
         os.replace(tmp, run_dir)
         written.append(run_dir)
-    names = sorted({n for r in ok for n in _scalar_metrics(metrics.get(r["trial"], {}))}, key=lambda n: (n != metric, not n.startswith("val_"), n))
+    names = sorted(
+        {n for r in ok for n in _scalar_metrics(metrics.get(r["trial"], {}))},
+        key=lambda n: (n != metric, not n.startswith("val_"), n),
+    )
     for old in root.glob("events.out.tfevents.*"):
         old.unlink()  # the experiment of an earlier call: one experiment per log directory
     writer = tf.summary.create_file_writer(str(root))

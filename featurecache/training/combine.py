@@ -130,7 +130,9 @@ def fit_weights(probas: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
     return softmax(res.x)
 
 
-def keras_combine(probas: Sequence[Any], method: str, weights: Sequence[float] | None = None, *, name: str = "predictions") -> Any:
+def keras_combine(
+    probas: Sequence[Any], method: str, weights: Sequence[float] | None = None, *, name: str = "predictions"
+) -> Any:
     """The same rule as :func:`combine`, as built-in Keras layers on symbolic tensors.
 
     Parameters
@@ -169,8 +171,12 @@ def keras_combine(probas: Sequence[Any], method: str, weights: Sequence[float] |
     onehots = []
     for i, p in enumerate(probas):
         # p - i * step: (x - mean) / sqrt(1) is an exact float32 subtraction.
-        shifted = keras.layers.Normalization(mean=_tie_offsets(n_classes).tolist(), variance=[1.0] * n_classes, name=f"fc_vote_tiebreak_{i}")(p)
-        top = keras.layers.GlobalMaxPooling1D(name=f"fc_vote_max_{i}")(keras.layers.Reshape((n_classes, 1), name=f"fc_vote_column_{i}")(shifted))
+        shifted = keras.layers.Normalization(
+            mean=_tie_offsets(n_classes).tolist(), variance=[1.0] * n_classes, name=f"fc_vote_tiebreak_{i}"
+        )(p)
+        top = keras.layers.GlobalMaxPooling1D(name=f"fc_vote_max_{i}")(
+            keras.layers.Reshape((n_classes, 1), name=f"fc_vote_column_{i}")(shifted)
+        )
         gap = keras.layers.Subtract(name=f"fc_vote_gap_{i}")([shifted, top])  # 0 at the top class, < 0 elsewhere
         # 1 + 1e30 * gap is exactly 1 at the top class and hugely negative elsewhere (float32
         # gaps near a maximum >= 1/n_classes are >= ~1e-9); ReLU(max 1) makes that a 0/1 vote.

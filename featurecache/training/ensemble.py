@@ -148,7 +148,9 @@ def ensemble(
         raise UsageError(f"run {dup} is given twice; list each run once")
     n_members = len(paths) + (top if from_sweep is not None else 0)
     if n_members < 2:
-        raise UsageError("an ensemble needs at least two members; pass two or more runs, or --from-sweep DIR with --top 2 or more")
+        raise UsageError(
+            "an ensemble needs at least two members; pass two or more runs, or --from-sweep DIR with --top 2 or more"
+        )
     out_dir = Path(out) if out is not None else _default_out(paths, from_sweep, top, method, Path(runs_dir))
     _check_out(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,15 @@ def ensemble(
         members = [_copy_run(p, staging / MEMBERS_DIR, i) for i, p in enumerate(paths)]
         notes: list[str] = []
         if from_sweep is not None:
-            members += _sweep_members(Path(from_sweep), top, staging / MEMBERS_DIR, start=len(members), cache_dir=cache_dir, plots=plots, notes=notes)
+            members += _sweep_members(
+                Path(from_sweep),
+                top,
+                staging / MEMBERS_DIR,
+                start=len(members),
+                cache_dir=cache_dir,
+                plots=plots,
+                notes=notes,
+            )
         _check_compatible(members)
         result = _write_ensemble(staging, members, method=method, plots=plots)
         if plots:
@@ -171,15 +181,22 @@ def ensemble(
         shutil.rmtree(staging, ignore_errors=True)
     weights, metrics, board = result
     return EnsembleResult(
-        run_dir=out_dir, method=method, weights=weights, leaderboard=board, metrics=metrics,
-        seconds=time.perf_counter() - started, notes=tuple(notes),
+        run_dir=out_dir,
+        method=method,
+        weights=weights,
+        leaderboard=board,
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
+        notes=tuple(notes),
     )
 
 
 def _default_out(paths: Sequence[Path], from_sweep: Any, top: int, method: str, runs_dir: Path) -> Path:
     if from_sweep is not None and not paths:
         return Path(from_sweep) / f"ensemble-{method}-top{top}"
-    sources = [str(p.resolve()) for p in paths] + ([f"{Path(from_sweep).resolve()}#top{top}"] if from_sweep is not None else [])
+    sources = [str(p.resolve()) for p in paths] + (
+        [f"{Path(from_sweep).resolve()}#top{top}"] if from_sweep is not None else []
+    )
     return runs_dir / f"ensemble-{method}-{digest_of({'members': sources})[:8]}"
 
 
@@ -217,7 +234,9 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
         raise UsageError(f"{run} is itself an ensemble; pass its member runs (in {run / MEMBERS_DIR}) instead")
     config, _ = load_run(run)  # the one gateway to a run's head: missing or unsafe heads fail here
     if config.get("kind") == "finetune" or "features" not in config or "classes" not in config:
-        raise UsageError(f"{run} is not a train-head run; an ensemble combines runs of `featurecache train-head` or a sweep's trials")
+        raise UsageError(
+            f"{run} is not a train-head run; an ensemble combines runs of `featurecache train-head` or a sweep's trials"
+        )
     dest = members_dir / _member_name(index, run.resolve().name)
     # Evaluations and temp files are not part of the run.
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("eval-*", ".*"))
@@ -225,7 +244,9 @@ def _copy_run(run: Path, members_dir: Path, index: int) -> _Member:
     return _Member(dest, read_run_config(dest), read_predictions(dest), source=str(run.resolve()), label=label)
 
 
-def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, cache_dir: Any, plots: bool, notes: list[str]) -> list[_Member]:
+def _sweep_members(
+    sweep_dir: Path, top: int, members_dir: Path, *, start: int, cache_dir: Any, plots: bool, notes: list[str]
+) -> list[_Member]:
     """Refit the ``top`` best trials of a sweep and write each as a run in ``members_dir``."""
     from featurecache.cache.concat import open_recorded_features
     from featurecache.finetuning.run_data import read_predictions
@@ -236,38 +257,63 @@ def _sweep_members(sweep_dir: Path, top: int, members_dir: Path, *, start: int, 
     try:
         board = json.loads((sweep_dir / "leaderboard.json").read_text())
     except (OSError, ValueError):
-        raise RunError(f"{sweep_dir} has no readable leaderboard.json, so it is not a finished sweep; point --from-sweep to a directory written by `featurecache sweep`") from None
+        raise RunError(
+            f"{sweep_dir} has no readable leaderboard.json, so it is not a finished sweep; point --from-sweep to a directory written by `featurecache sweep`"
+        ) from None
     best = read_run_config(sweep_dir / "best")
     if "features" not in best:
-        raise RunError(f"sweep {sweep_dir} has no best/config.json to take its features from; run the sweep again to finish it")
+        raise RunError(
+            f"sweep {sweep_dir} has no best/config.json to take its features from; run the sweep again to finish it"
+        )
     ranked = [r for r in board.get("rows", []) if r.get("status") == "ok"]
     if len(ranked) < top:
-        raise UsageError(f"--top {top} but sweep {sweep_dir} has {len(ranked)} successful trials; pass --top {len(ranked)} or fewer")
+        raise UsageError(
+            f"--top {top} but sweep {sweep_dir} has {len(ranked)} successful trials; pass --top {len(ranked)} or fewer"
+        )
     for row in ranked[:top]:  # each names a member directory: checked before anything is refitted
-        recorded_name(row.get("trial"), TRIAL_ID, source=sweep_dir / "leaderboard.json", fix="run the same `featurecache sweep` command again to rewrite it")
+        recorded_name(
+            row.get("trial"),
+            TRIAL_ID,
+            source=sweep_dir / "leaderboard.json",
+            fix="run the same `featurecache sweep` command again to rewrite it",
+        )
         get_head_spec(str(row.get("head")))  # an unknown head fails before naming a directory (a valid name has no "/")
     fs = open_recorded_features(best["features"], cache_dir=cache_dir)
     fraction, seed = parse_validation_label(best.get("validation", "")) or (0.15, 0)
     data = load_training_data(fs, val_fraction=fraction, seed=seed)
     expected = read_predictions(sweep_dir / "best")["val_ids"].astype(str)
     if not np.array_equal(np.asarray(data.ids_val, dtype=str), expected):
-        raise RunError(f"the validation images of sweep {sweep_dir} cannot be reproduced from its features ({best.get('validation')}); run the sweep again")
+        raise RunError(
+            f"the validation images of sweep {sweep_dir} cannot be reproduced from its features ({best.get('validation')}); run the sweep again"
+        )
     members = []
     for i, row in enumerate(ranked[:top]):
         dest = members_dir / _member_name(start + i, f"{row['head'].replace(':', '-')}-{row['trial'][:8]}")
         res = train_head(fs, head=row["head"], params=row["params"], out=dest, data=data, plots=plots)
         again = res.metrics["val"]["accuracy"]
         if row.get("val_accuracy") is not None and abs(again - float(row["val_accuracy"])) > 1e-9:
-            notes.append(f"trial {row['trial']} ({row['name']}) refits to val accuracy {again:.4f}, the sweep recorded {row['val_accuracy']:.4f}")
+            notes.append(
+                f"trial {row['trial']} ({row['name']}) refits to val accuracy {again:.4f}, the sweep recorded {row['val_accuracy']:.4f}"
+            )
         label = f"{row['name']} (sweep #{row['rank']})"
-        members.append(_Member(dest, read_run_config(dest), read_predictions(dest), source=f"{sweep_dir.resolve()}#{row['trial']}", label=label))
+        members.append(
+            _Member(
+                dest,
+                read_run_config(dest),
+                read_predictions(dest),
+                source=f"{sweep_dir.resolve()}#{row['trial']}",
+                label=label,
+            )
+        )
     return members
 
 
 def _check_compatible(members: Sequence[_Member]) -> None:
     """One line naming the first way a member was validated on other images than the first."""
     first = members[0]
-    fix = "ensemble runs trained on the same dataset with the same validation split (same --val-fraction and --val-seed)"
+    fix = (
+        "ensemble runs trained on the same dataset with the same validation split (same --val-fraction and --val-seed)"
+    )
     for m in members[1:]:
         pair = f"{m.source} and {first.source}"
         if list(m.config["classes"]) != list(first.config["classes"]):
@@ -281,12 +327,16 @@ def _check_compatible(members: Sequence[_Member]) -> None:
             a, b = np.asarray(a, dtype=str), np.asarray(b, dtype=str)
             if len(a) != len(b) or not np.array_equal(a, b):
                 n_diff = abs(len(a) - len(b)) + int(np.sum(a[: min(len(a), len(b))] != b[: min(len(a), len(b))]))
-                raise UsageError(f"runs {pair} were scored on different {split} images ({n_diff} of {len(a)} ids differ or are in another order); {fix}")
+                raise UsageError(
+                    f"runs {pair} were scored on different {split} images ({n_diff} of {len(a)} ids differ or are in another order); {fix}"
+                )
             if not np.array_equal(first.predictions[f"{split}_y"], m.predictions[f"{split}_y"]):
                 raise UsageError(f"runs {pair} label their {split} images differently; {fix}")
 
 
-def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, plots: bool) -> tuple[tuple[float, ...] | None, dict[str, Any], list[dict[str, Any]]]:
+def _write_ensemble(
+    staging: Path, members: Sequence[_Member], *, method: str, plots: bool
+) -> tuple[tuple[float, ...] | None, dict[str, Any], list[dict[str, Any]]]:
     """Combine the members' predictions and write the ensemble's own files into ``staging``."""
     from featurecache._runtime.versions import library_versions
     from featurecache.cache.fsio import write_json
@@ -296,7 +346,9 @@ def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, p
     first = members[0]
     classes = [str(c) for c in first.config["classes"]]
     val_probas = [np.asarray(m.predictions["val_proba"], dtype=np.float64) for m in members]
-    weights = tuple(float(w) for w in fit_weights(val_probas, first.predictions["val_y"])) if method == "weighted" else None
+    weights = (
+        tuple(float(w) for w in fit_weights(val_probas, first.predictions["val_y"])) if method == "weighted" else None
+    )
     metrics: dict[str, Any] = {}
     preds: dict[str, np.ndarray] = {}
     splits = ["val"] + (["test"] if "test_ids" in first.predictions else [])
@@ -311,7 +363,12 @@ def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, p
         "kind": ENSEMBLE_KIND,
         "head": "ensemble",
         "params": {"method": method, "members": len(members)},
-        "ensemble": {"format": ENSEMBLE_FORMAT, "method": method, "weights": list(weights) if weights else None, "weights_fitted_on": "val" if weights else None},
+        "ensemble": {
+            "format": ENSEMBLE_FORMAT,
+            "method": method,
+            "weights": list(weights) if weights else None,
+            "weights_fitted_on": "val" if weights else None,
+        },
         "members": records,
         "features": _features_record(members),
         "classes": classes,
@@ -328,7 +385,12 @@ def _write_ensemble(staging: Path, members: Sequence[_Member], *, method: str, p
         from featurecache.report import plot_confusion_matrix
 
         for split, m in metrics.items():
-            plot_confusion_matrix(m["confusion_matrix"], classes, staging / f"confusion_{split}.png", title=f"{method} ensemble of {len(members)} on {split}")
+            plot_confusion_matrix(
+                m["confusion_matrix"],
+                classes,
+                staging / f"confusion_{split}.png",
+                title=f"{method} ensemble of {len(members)} on {split}",
+            )
     return weights, metrics, board
 
 

@@ -93,9 +93,7 @@ def classification_metrics(
     labels = np.arange(k)
     pred = p.argmax(axis=1)
 
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     with warnings.catch_warnings():
         # Kappa is 0/0 when truth and predictions are one and the same class; we report
         # None for that instead of letting a warning escape into every sweep's log.
@@ -105,9 +103,7 @@ def classification_metrics(
         "n": int(y.shape[0]),
         "accuracy": float(skm.accuracy_score(y, pred)),
         "top_k_accuracy": {
-            str(int(kk)): _top_k_accuracy(y, p, int(kk))
-            for kk in sorted({int(v) for v in top_k})
-            if 1 <= kk < k
+            str(int(kk)): _top_k_accuracy(y, p, int(kk)) for kk in sorted({int(v) for v in top_k}) if 1 <= kk < k
         },
         "log_loss": float(skm.log_loss(y, p, labels=labels)),
         "cohen_kappa": float(kappa) if math.isfinite(kappa) else None,
@@ -180,7 +176,13 @@ def interval(r: Mapping[str, Any], metric: str = "val_accuracy") -> tuple[float,
     Every leaderboard (sweep table, plot, HTML page, ensemble) takes its intervals from here.
     """
     n, value = r.get(f"{metric.split('_', 1)[0]}_n"), r.get(metric)
-    if not metric.endswith("accuracy") or not isinstance(n, int) or n < 1 or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    if (
+        not metric.endswith("accuracy")
+        or not isinstance(n, int)
+        or n < 1
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= 1
+    ):
         return None
     return wilson_interval(float(value), n)
 

@@ -16,7 +16,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["CACHED_VAL_LABEL", "ENSEMBLE_KIND", "MEMBER_DIR", "NameForm", "RUN_FORMAT", "TRIAL_ID", "final_name", "is_assembled", "read_run_config", "recorded_dataset", "recorded_name"]
+__all__ = [
+    "CACHED_VAL_LABEL",
+    "ENSEMBLE_KIND",
+    "MEMBER_DIR",
+    "NameForm",
+    "RUN_FORMAT",
+    "TRIAL_ID",
+    "final_name",
+    "is_assembled",
+    "read_run_config",
+    "recorded_dataset",
+    "recorded_name",
+]
 
 #: ``config["format"]`` of the run directories this version writes. 2: the head is stored as
 #: head.skops / head.keras (format 1 pickled it as head.joblib).
@@ -99,7 +111,12 @@ def recorded_dataset(config: Mapping[str, Any]) -> dict[str, Any]:
     """``source``, ``limit``, ``seed`` and ``validation`` (the dataset split of the run's val rows)."""
     if isinstance(config.get("dataset"), Mapping):  # a fine-tune output records what it loaded
         d = config["dataset"]
-        return {"source": d.get("source"), "limit": d.get("limit"), "seed": int(d.get("seed") or 0), "validation": d.get("validation")}
+        return {
+            "source": d.get("source"),
+            "limit": d.get("limit"),
+            "seed": int(d.get("seed") or 0),
+            "validation": d.get("validation"),
+        }
     features = config.get("features") or {}
     return {
         "source": features.get("dataset_source"),

@@ -196,7 +196,13 @@ def write_run(
         "format": RUN_FORMAT,
         "head": head,
         "params": jsonable(params),
-        "features": {"key": data.key, "name": data.name, "spec": dict(data.spec), "dataset_source": data.source, **dict(data.source_options)},
+        "features": {
+            "key": data.key,
+            "name": data.name,
+            "spec": dict(data.spec),
+            "dataset_source": data.source,
+            **dict(data.source_options),
+        },
         "classes": list(data.classes),
         "validation": data.validation,
         "invalid_skipped": dict(data.n_invalid),
@@ -215,7 +221,9 @@ def write_run(
             from featurecache.report import plot_confusion_matrix, plot_training_curves
 
             for split, m in metrics.items():
-                plot_confusion_matrix(m["confusion_matrix"], data.classes, tmp / f"confusion_{split}.png", title=f"{head} on {split}")
+                plot_confusion_matrix(
+                    m["confusion_matrix"], data.classes, tmp / f"confusion_{split}.png", title=f"{head} on {split}"
+                )
             history = getattr(estimator, "history_", None)
             if history:
                 plot_training_curves(history, tmp / "training_curves.png", title=head)
@@ -244,7 +252,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
     if not path.is_dir():
         raise RunError(f"run directory {path} does not exist; {retrain_hint(path)}")
     if not cfg_path.is_file():
-        raise RunError(f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`")
+        raise RunError(
+            f"{path} has no config.json, so it is not a featurecache run; point to a directory written by `featurecache train-head`"
+        )
     try:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as exc:
@@ -254,5 +264,3 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Any]:
     except FileNotFoundError as exc:
         raise RunError(f"run {path} has no saved head ({exc.filename or exc}); {retrain_hint(path)}") from None
     return config, estimator
-
-

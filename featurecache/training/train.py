@@ -110,7 +110,9 @@ class TrainingData:
 
 
 def resolve_features(
-    features: str | Sequence[str] | views.FeatureSet | ConcatFeatures, *, cache_dir: str | os.PathLike[str] | None = None
+    features: str | Sequence[str] | views.FeatureSet | ConcatFeatures,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> views.FeatureSet | ConcatFeatures:
     """A complete feature set from a key, key prefix, entry name or an open :class:`FeatureSet`.
 
@@ -126,7 +128,9 @@ def resolve_features(
             return views.open_features(str(features.path), require_complete=True)
         return features
     if not isinstance(features, str) or "," in features:
-        return open_concat(split_feature_refs(features) if isinstance(features, str) else list(features), cache_dir=cache_dir)
+        return open_concat(
+            split_feature_refs(features) if isinstance(features, str) else list(features), cache_dir=cache_dir
+        )
     return views.open_features(features, cache_dir=cache_dir)
 
 
@@ -195,7 +199,9 @@ def load_training_data(
     except FeatureCacheError:
         raise
     except (ValueError, OSError) as exc:  # zarr's checksum mismatch is a bare ValueError
-        raise CacheCorruptError(f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); {_damaged_fix(fs)}") from None
+        raise CacheCorruptError(
+            f"reading feature set {fs.name} failed ({type(exc).__name__}: {_first_line(exc)[:160]}); {_damaged_fix(fs)}"
+        ) from None
 
 
 def _damaged_fix(fs: views.FeatureSource) -> str:
@@ -210,16 +216,24 @@ def _damaged_fix(fs: views.FeatureSource) -> str:
     if len(where) == 1:
         return f"check it with `featurecache cache verify {where[0]}`, then remove it (`featurecache cache rm {where[0]} --yes`) and extract again"
     verify = " and ".join(f"`featurecache cache verify {w}`" for w in where)
-    return f"check its parts with {verify}, then remove the damaged one with `featurecache cache rm` and extract it again"
+    return (
+        f"check its parts with {verify}, then remove the damaged one with `featurecache cache rm` and extract it again"
+    )
 
 
-def _load_training_data(fs: views.FeatureSource, *, val_fraction: float, seed: int, max_memory: int | str | None) -> TrainingData:
+def _load_training_data(
+    fs: views.FeatureSource, *, val_fraction: float, seed: int, max_memory: int | str | None
+) -> TrainingData:
     if "train" not in fs.splits:
-        raise UsageError(f"feature set {fs.name} has no 'train' split (it has {', '.join(fs.splits)}); extract a dataset with training images")
+        raise UsageError(
+            f"feature set {fs.name} has no 'train' split (it has {', '.join(fs.splits)}); extract a dataset with training images"
+        )
     budget = resolve_max_memory(max_memory)
     n_invalid: dict[str, int] = {}
 
-    def split_arrays(split: str, *, all_views: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    def split_arrays(
+        split: str, *, all_views: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         ok = fs.valid(split)
         n_invalid[split] = int((~ok).sum())
         views = None
@@ -246,9 +260,13 @@ def _load_training_data(fs: views.FeatureSource, *, val_fraction: float, seed: i
         X_train, y_train, X_views = X, y, views
     else:
         if not 0 < val_fraction < 1:
-            raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}; the feature set has no val split to use instead")
+            raise UsageError(
+                f"--val-fraction must be between 0 and 1, got {val_fraction}; the feature set has no val split to use instead"
+            )
         if len(y) < 2:
-            raise UsageError(f"feature set {fs.name} has {len(y)} valid training sample(s) and no val split, too few to hold out a validation set; use more images")
+            raise UsageError(
+                f"feature set {fs.name} has {len(y)} valid training sample(s) and no val split, too few to hold out a validation set; use more images"
+            )
         tr, va = _stratified_holdout(y, val_fraction, seed)
         if streamed:
             # Only the held-out rows are read; the training rows stay in the store.
@@ -261,7 +279,9 @@ def _load_training_data(fs: views.FeatureSource, *, val_fraction: float, seed: i
     validation = validation_label(fs, val_fraction=val_fraction, seed=seed)
     test = split_arrays("test") if "test" in fs.splits else None
     if len(X_train) == 0 or len(X_val) == 0:
-        raise UsageError(f"feature set {fs.name} leaves {len(X_train)} training and {len(X_val)} validation samples; use more images")
+        raise UsageError(
+            f"feature set {fs.name} leaves {len(X_train)} training and {len(X_val)} validation samples; use more images"
+        )
     return TrainingData(
         key=fs.key,
         name=fs.name,
@@ -372,7 +392,9 @@ class LazyFeatures:
         Expose the one view in ``views`` as ``(len(rows), *feat)``.
     """
 
-    def __init__(self, array: Any, rows: np.ndarray, *, budget: int, views: Sequence[int] | None = None, single: bool = False) -> None:
+    def __init__(
+        self, array: Any, rows: np.ndarray, *, budget: int, views: Sequence[int] | None = None, single: bool = False
+    ) -> None:
         self.array = array
         self.rows = np.asarray(rows, dtype=np.int64)
         self.budget = int(budget)
@@ -407,7 +429,13 @@ class LazyFeatures:
 
     def subset(self, idx: np.ndarray) -> LazyFeatures:
         """The rows at positions ``idx`` (sorted) of this selection."""
-        return LazyFeatures(self.array, self.rows[np.asarray(idx, dtype=np.int64)], budget=self.budget, views=self.views, single=self.single)
+        return LazyFeatures(
+            self.array,
+            self.rows[np.asarray(idx, dtype=np.int64)],
+            budget=self.budget,
+            views=self.views,
+            single=self.single,
+        )
 
     def _read(self, view: int, idx: Any) -> np.ndarray:
         sel = self.rows[idx]
@@ -465,7 +493,9 @@ def blas_threads() -> int:
     if not raw:
         return 1
     if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"${BLAS_THREADS_ENV}={raw!r} is not a positive number of threads; set it to e.g. 1 or 4, or unset it")
+        raise UsageError(
+            f"${BLAS_THREADS_ENV}={raw!r} is not a positive number of threads; set it to e.g. 1 or 4, or unset it"
+        )
     return int(raw)
 
 
@@ -486,14 +516,23 @@ def fit_head(estimator: Any, data: TrainingData, *, callbacks: Sequence[Any] = (
     from featurecache.training.heads import DenseHead
 
     if isinstance(estimator, DenseHead):
-        return estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views, callbacks=callbacks)
+        return estimator.fit(
+            data.X_train,
+            data.y_train,
+            X_val=data.X_val,
+            y_val=data.y_val,
+            X_views=data.dense_views,
+            callbacks=callbacks,
+        )
     if isinstance(data.X_train, LazyFeatures):
         raise data.X_train.too_big(f"the {_head_label(estimator)} head fits on the whole matrix at once")
     steps = getattr(estimator, "steps", None)
     k = getattr(steps[-1][1] if steps else estimator, "n_neighbors", None)
     n_rows = len(data.y_train) * (data.X_train_views.shape[0] if data.X_train_views is not None else 1)
     if isinstance(k, int) and k > n_rows:
-        raise HeadParamError(f"n_neighbors={k} exceeds the {n_rows} training samples; pass -p n_neighbors=N with N <= {n_rows}")
+        raise HeadParamError(
+            f"n_neighbors={k} exceeds the {n_rows} training samples; pass -p n_neighbors=N with N <= {n_rows}"
+        )
     with threadpool_limits(limits=blas_threads(), user_api="blas"):
         if data.X_train_views is not None:
             v = data.X_train_views
@@ -510,7 +549,9 @@ def fit_dense_together(estimators: Sequence[Any], data: TrainingData) -> list[An
     """
     from featurecache.training.heads.dense_group import fit_dense_heads
 
-    return fit_dense_heads(estimators, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views)
+    return fit_dense_heads(
+        estimators, data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val, X_views=data.dense_views
+    )
 
 
 def predict_full_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -530,7 +571,9 @@ def predict_full_proba(estimator: Any, X: np.ndarray, n_classes: int) -> np.ndar
     return full
 
 
-def evaluate_arrays(estimator: Any, data: TrainingData, *, top_k: Sequence[int] = (1, 3, 5)) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def evaluate_arrays(
+    estimator: Any, data: TrainingData, *, top_k: Sequence[int] = (1, 3, 5)
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Metrics and predictions on validation and (if cached) test (with :func:`blas_threads` BLAS threads)."""
     from threadpoolctl import threadpool_limits
 
@@ -565,8 +608,12 @@ class TrainResult:
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` document."""
         return {
-            "run_dir": str(self.run_dir), "head": self.head, "params": jsonable(self.params), "metrics": self.metrics,
-            "seconds": round(self.seconds, 3), "untrained_classes": list(self.untrained_classes),
+            "run_dir": str(self.run_dir),
+            "head": self.head,
+            "params": jsonable(self.params),
+            "metrics": self.metrics,
+            "seconds": round(self.seconds, 3),
+            "untrained_classes": list(self.untrained_classes),
         }
 
 
@@ -659,15 +706,33 @@ def train_head(
     except FeatureCacheError:
         raise
     except ValueError as exc:  # scikit-learn's parameter validation, found only with the data in hand
-        raise HeadParamError(f"head {head!r} cannot be trained on {data.name} with these parameters: {_first_line(exc)}; change its parameters (see `featurecache heads`)") from None
+        raise HeadParamError(
+            f"head {head!r} cannot be trained on {data.name} with these parameters: {_first_line(exc)}; change its parameters (see `featurecache heads`)"
+        ) from None
     seconds = time.perf_counter() - started
-    write_run(run_dir, estimator=estimator, head=head, params=coerced, data=data, metrics=metrics, predictions=preds, seconds=seconds, plots=o.plots)
+    write_run(
+        run_dir,
+        estimator=estimator,
+        head=head,
+        params=coerced,
+        data=data,
+        metrics=metrics,
+        predictions=preds,
+        seconds=seconds,
+        plots=o.plots,
+    )
     if tb_dir is not None:
         from featurecache.report.tensorboard import write_hparams_run
 
         write_hparams_run(tb_dir, hparams={"head": head, **coerced}, metrics=metrics)
     return TrainResult(
-        run_dir=run_dir, head=head, params=coerced, metrics=metrics, seconds=seconds, estimator=estimator, untrained_classes=data.untrained_classes
+        run_dir=run_dir,
+        head=head,
+        params=coerced,
+        metrics=metrics,
+        seconds=seconds,
+        estimator=estimator,
+        untrained_classes=data.untrained_classes,
     )
 
 

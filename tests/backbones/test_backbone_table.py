@@ -36,7 +36,9 @@ AUDIT_ALL = bool(os.environ.get("FEATURECACHE_AUDIT_BACKBONES"))
 
 
 def _rows() -> list:
-    skip = pytest.mark.skipif(not AUDIT_ALL, reason="a large model: set FEATURECACHE_AUDIT_BACKBONES=1 to build every row")
+    skip = pytest.mark.skipif(
+        not AUDIT_ALL, reason="a large model: set FEATURECACHE_AUDIT_BACKBONES=1 to build every row"
+    )
     return [pytest.param(s.name, marks=() if s.name in IN_EVERY_RUN else (skip,)) for s in B.list_backbones()]
 
 
@@ -51,7 +53,9 @@ def test_backbone_row_matches_keras(name: str) -> None:
 
     spec = B.get_backbone(name)
     with pytest.raises(ValueError):  # Keras itself refuses one pixel less: min_size is the minimum
-        getattr(keras.applications, spec.constructor)(include_top=False, weights=None, input_shape=(spec.min_size - 1, spec.min_size - 1, 3))
+        getattr(keras.applications, spec.constructor)(
+            include_top=False, weights=None, input_shape=(spec.min_size - 1, spec.min_size - 1, 3)
+        )
     base = B.build_base(spec, B.WeightsRef("random"), input_size=spec.min_size)
     assert base.layers[-1].name == spec.feature_layer and base.count_params() == spec.params
     assert min(base.output.shape[1:3]) >= 1

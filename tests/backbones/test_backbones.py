@@ -103,7 +103,11 @@ def test_preprocess_mode_matches_module_and_copies(module: str) -> None:
     before = x.copy()
     got = B.preprocess_input(spec, x)
     np.testing.assert_array_equal(x, before)  # Keras preprocesses float arrays in place; we must not
-    expected = before if spec.preprocess == "none" else keras.applications.imagenet_utils.preprocess_input(before.copy(), mode=spec.preprocess)
+    expected = (
+        before
+        if spec.preprocess == "none"
+        else keras.applications.imagenet_utils.preprocess_input(before.copy(), mode=spec.preprocess)
+    )
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
@@ -189,7 +193,11 @@ def test_vgg19_blocks_and_pooling_modes() -> None:
 
     x = B.preprocess_input(spec, _images(2, 64))
     spatial = keras.ops.convert_to_numpy(B.build_base(spec, weights, input_size=64)(x))  # (2, 2, 2, 512)
-    for pooling, expected in [("none", spatial), ("max", spatial.max(axis=(1, 2))), ("flatten", spatial.reshape(2, -1))]:
+    for pooling, expected in [
+        ("none", spatial),
+        ("max", spatial.max(axis=(1, 2))),
+        ("flatten", spatial.reshape(2, -1)),
+    ]:
         model = B.build_feature_model(spec, weights, input_size=64, pooling=pooling)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, rtol=1e-5, atol=1e-5)
 
@@ -266,7 +274,9 @@ def test_imagenet_identity_is_memoised_without_building(tmp_path: Path) -> None:
 
 
 def _weights_equal(a, b) -> bool:
-    return len(a.get_weights()) == len(b.get_weights()) and all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
+    return len(a.get_weights()) == len(b.get_weights()) and all(
+        np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True)
+    )
 
 
 def test_weights_file_round_trip_and_identity(tmp_path: Path) -> None:
@@ -344,7 +354,13 @@ def test_custom_backbone(tmp_path: Path) -> None:
     path = tmp_path / "tiny.keras"
     model = _tiny_model(path)
     spec = B.custom_backbone(str(path), preprocess="tf")
-    assert (spec.name, spec.constructor, spec.family, spec.feature_layer, spec.default_size) == ("custom", str(path), "custom", "c3", 24)
+    assert (spec.name, spec.constructor, spec.family, spec.feature_layer, spec.default_size) == (
+        "custom",
+        str(path),
+        "custom",
+        "c3",
+        24,
+    )
     with pytest.raises(BackboneError, match="pass --size 24"):
         B.check_input_size(spec, 32)
 
@@ -365,11 +381,10 @@ def test_custom_backbone(tmp_path: Path) -> None:
         B.custom_backbone(str(path), layer="c22")
 
 
-
 def _readme_block(after: str, lang: str) -> str:
     """The first ```lang block of the stage 1 guide (docs/guide/extract.md) after the line starting with ``after``."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "extract.md").read_text()
-    rest = text[text.index(after):]
+    rest = text[text.index(after) :]
     start = rest.index(f"```{lang}\n") + len(lang) + 4
     return rest[start : rest.index("```", start)]
 
@@ -390,7 +405,11 @@ def test_readme_custom_keras_backbone_example_runs(tmp_path: Path, monkeypatch: 
     (tmp_path / "images" / "sub").mkdir(parents=True)
     for i, size in enumerate((20, 40)):
         Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(tmp_path / "images" / "sub" / f"{i}.png")
-    commands = [shlex.split(line) for line in _readme_block("**Your own model as a backbone**", "bash").splitlines() if line.strip()]
+    commands = [
+        shlex.split(line)
+        for line in _readme_block("**Your own model as a backbone**", "bash").splitlines()
+        if line.strip()
+    ]
     assert [c[1] for c in commands] == ["extract", "train-head", "finetune", "predict"]
     for words in commands:
         res = CliRunner().invoke(app, words[1:])

@@ -32,15 +32,40 @@ pytestmark = pytest.mark.slow  # real processes killed at every checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 # 20 images per split, chunks of 5 rows: train has 2 views x 4 units, val and test 4 units each.
-OPTIONS = dict(backbone="mobilenetv2", weights="random", size=32, limit=20, views=1, augment="flip,rotation=10", batch_size=4, chunk_rows=5)
+OPTIONS = dict(
+    backbone="mobilenetv2",
+    weights="random",
+    size=32,
+    limit=20,
+    views=1,
+    augment="flip,rotation=10",
+    batch_size=4,
+    chunk_rows=5,
+)
 RUNNER = (
     "import json, sys, featurecache as fc\n"
     f"r = fc.extract('builtin:digits', cache_dir=sys.argv[1], progress=len(sys.argv) > 2, **json.loads({json.dumps(OPTIONS)!r}))\n"
     "print(json.dumps({'cached': r.cached, 'key': r.key}))\n"
 )
 CLI = [
-    "extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "20",
-    "--views", "1", "--augment", "flip,rotation=10", "--batch-size", "4", "--quiet",
+    "extract",
+    "--data",
+    "builtin:digits",
+    "--backbone",
+    "mobilenetv2",
+    "--weights",
+    "random",
+    "--size",
+    "32",
+    "--limit",
+    "20",
+    "--views",
+    "1",
+    "--augment",
+    "flip,rotation=10",
+    "--batch-size",
+    "4",
+    "--quiet",
 ]
 
 # (fault, what must be on disk right after the kill). Ten distinct points, one per on-disk
@@ -75,14 +100,20 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _run_python(cache: Path, fault: str | None = None) -> Outcome:
     env = _env(**({faults.FAULT_ENV: fault} if fault else {}))
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(cache)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(cache)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
     return Outcome(proc.returncode, proc.stderr, cache)
 
 
 def _run_cli(cache: Path, fault: str, **env: str) -> Outcome:
     proc = subprocess.run(
         [sys.executable, "-m", "featurecache", *CLI, "--cache", str(cache)],
-        capture_output=True, text=True, env=_env(**{faults.FAULT_ENV: fault}, **env), cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        env=_env(**{faults.FAULT_ENV: fault}, **env),
+        cwd=REPO,
+        timeout=300,
     )
     return Outcome(proc.returncode, proc.stderr, cache)
 
@@ -103,7 +134,9 @@ def faulted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
     # The CLI's default chunking puts the 60 clean images in one unit and the 20 augmented in a second.
     jobs["cli-enospc"] = lambda: _run_cli(base / "cli-enospc", "unit_data_written@2:enospc")
     # The disk fills up while writing the lease: the same error path, before TensorFlow loads.
-    jobs["cli-enospc-debug"] = lambda: _run_cli(base / "cli-enospc-debug", "lease_acquired:enospc", FEATURECACHE_DEBUG="1")
+    jobs["cli-enospc-debug"] = lambda: _run_cli(
+        base / "cli-enospc-debug", "lease_acquired:enospc", FEATURECACHE_DEBUG="1"
+    )
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(job) for name, job in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -150,12 +183,16 @@ def _check_state_after_kill(root: Path, state: str) -> None:
     fs, st = _entry(root), _store(root)
     leases = list((root / LOCKS_DIR).glob("*.lease"))
     if state != "complete":
-        assert leases and Lease(root, leases[0].name[: -len(".lease")]).is_stale(), "the dead holder's lease stays, stale"
+        assert leases and Lease(root, leases[0].name[: -len(".lease")]).is_stale(), (
+            "the dead holder's lease stays, stale"
+        )
         assert fs is None, "a view exists only once complete"
     if state == "lease":
         assert st is None
     elif state == "tmp_dir":
-        assert isinstance(st, Path), "the store's directory exists but it is not a store until its attributes are written"
+        assert isinstance(st, Path), (
+            "the store's directory exists but it is not a store until its attributes are written"
+        )
     elif state == "complete":
         assert fs is not None and isinstance(st, store.FeatureStore) and _marked(st) == TOTAL_UNITS
     else:
@@ -164,7 +201,9 @@ def _check_state_after_kill(root: Path, state: str) -> None:
         if state == "no_units":
             assert done == 0
         elif state == "all_units_unsealed":
-            assert done == TOTAL_UNITS and list((root / store.TMP_DIR).glob("*")), "the view was built aside, never renamed"
+            assert done == TOTAL_UNITS and list((root / store.TMP_DIR).glob("*")), (
+                "the view was built aside, never renamed"
+            )
         else:
             assert 0 <= done < TOTAL_UNITS
         if state == "marker_tmp":
@@ -187,9 +226,13 @@ def _plant_zarr_partial(root: Path) -> Path | None:
 
 
 @pytest.mark.parametrize("point,state", KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
-def test_sigkill_at_point_then_resume_is_bit_identical(faulted: dict[str, Outcome], uninterrupted: views.FeatureSet, point: str, state: str) -> None:
+def test_sigkill_at_point_then_resume_is_bit_identical(
+    faulted: dict[str, Outcome], uninterrupted: views.FeatureSet, point: str, state: str
+) -> None:
     out = faulted[point]
-    assert out.returncode == -signal.SIGKILL, f"expected death by SIGKILL at {point}, got rc {out.returncode}: {out.stderr[-2000:]}"
+    assert out.returncode == -signal.SIGKILL, (
+        f"expected death by SIGKILL at {point}, got rc {out.returncode}: {out.stderr[-2000:]}"
+    )
     _check_state_after_kill(out.cache, state)
     torn = _plant_zarr_partial(out.cache)
 
@@ -211,7 +254,9 @@ def test_disk_full_is_one_line_keeps_finished_units_and_resumes(faulted: dict[st
     # The CLI has no --chunk-rows, and features are bit-identical only for the same units and
     # batches, so the reference here is an uninterrupted run with the CLI's default chunking.
     cli_options = {k: v for k, v in OPTIONS.items() if k != "chunk_rows"}
-    reference = fc.open_features(fc.extract("builtin:digits", cache_dir=tmp_path, progress=False, **cli_options).key, cache_dir=tmp_path)
+    reference = fc.open_features(
+        fc.extract("builtin:digits", cache_dir=tmp_path, progress=False, **cli_options).key, cache_dir=tmp_path
+    )
     out = faulted["cli-enospc"]
     assert out.returncode == 1, out.stderr
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
@@ -219,7 +264,9 @@ def test_disk_full_is_one_line_keeps_finished_units_and_resumes(faulted: dict[st
     assert "Traceback" not in out.stderr
     assert _entry(out.cache) is None
     st = _store(out.cache)
-    assert sorted(st.markers(0, refresh=True)) == [0] and not st.markers(1, refresh=True), "the second unit hit ENOSPC: no marker; the first is kept"
+    assert sorted(st.markers(0, refresh=True)) == [0] and not st.markers(1, refresh=True), (
+        "the second unit hit ENOSPC: no marker; the first is kept"
+    )
     assert not list((out.cache / LOCKS_DIR).glob("*.lease")), "the lease is released on error"
 
     debug = faulted["cli-enospc-debug"]
@@ -232,7 +279,9 @@ def test_disk_full_is_one_line_keeps_finished_units_and_resumes(faulted: dict[st
 
 
 # -- concurrency ------------------------------------------------------------------------
-def _popen(cache: Path, *, fault: str | None = None, stderr_path: Path | None = None, progress: bool = False) -> subprocess.Popen:
+def _popen(
+    cache: Path, *, fault: str | None = None, stderr_path: Path | None = None, progress: bool = False
+) -> subprocess.Popen:
     env = _env(**({faults.FAULT_ENV: fault} if fault else {}))
     args = [sys.executable, "-c", RUNNER, str(cache), *(["progress"] if progress else [])]
     err = open(stderr_path, "w") if stderr_path else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
@@ -299,15 +348,21 @@ def test_breaking_a_stale_lease_never_removes_a_fresh_one(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("sealed", ("sealed", 1, "kill")), ("unit_data_written@7", ("unit_data_written", 7, "kill")),
-     ("before_seal:enospc", ("before_seal", 1, "enospc")), ("unit_prepared@2:stop", ("unit_prepared", 2, "stop"))],
+    [
+        ("sealed", ("sealed", 1, "kill")),
+        ("unit_data_written@7", ("unit_data_written", 7, "kill")),
+        ("before_seal:enospc", ("before_seal", 1, "enospc")),
+        ("unit_prepared@2:stop", ("unit_prepared", 2, "stop")),
+    ],
 )
 def test_fault_spec_parses(text: str, expected: tuple) -> None:
     spec = faults.FaultSpec.parse(text)
     assert (spec.point, spec.nth, spec.action) == expected
 
 
-@pytest.mark.parametrize("text,needle", [("unit_writen", "unit_data_written"), ("sealed@0", "positive"), ("sealed:explode", "enospc")])
+@pytest.mark.parametrize(
+    "text,needle", [("unit_writen", "unit_data_written"), ("sealed@0", "positive"), ("sealed:explode", "enospc")]
+)
 def test_fault_spec_errors_name_the_choices(text: str, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
         faults.FaultSpec.parse(text)

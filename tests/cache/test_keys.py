@@ -82,7 +82,9 @@ def test_the_spec_has_no_dataset_fields() -> None:
 
 def test_changes_cover_every_keyed_field() -> None:
     keyed = {f.name for f in dataclasses.fields(FeatureSpec) if f.compare}
-    assert {name for name, _ in CHANGES} == keyed, "a FeatureSpec field is not exercised by test_every_field_changes_the_key"
+    assert {name for name, _ in CHANGES} == keyed, (
+        "a FeatureSpec field is not exercised by test_every_field_changes_the_key"
+    )
 
 
 @pytest.mark.parametrize("field,value", CHANGES)
@@ -125,7 +127,13 @@ def test_key_is_stable_across_processes() -> None:
         "print(k, view_key(k, 'd'*64))"
     )
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": str(s), **_pythonpath()}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(s), **_pythonpath()},
+        ).stdout.strip()
         for s in (1, 2)
     }
     assert outs == {f"{BASE.key} {view_key(BASE.key, DIGEST)}"}
@@ -138,7 +146,12 @@ def _pythonpath() -> dict[str, str]:
 def test_a_recorded_spec_hashes_to_its_key_unless_edited() -> None:
     """What a store or a view records (names and dataset beside the keyed fields) re-derives the key."""
     for spec in (BASE, dataclasses.replace(BASE, precision="mixed", weights_label="imagenet")):
-        recorded = {**spec.key_fields(), "weights_label": spec.weights_label, "dataset_digest": "d" * 64, "dataset_name": "digits"}
+        recorded = {
+            **spec.key_fields(),
+            "weights_label": spec.weights_label,
+            "dataset_digest": "d" * 64,
+            "dataset_name": "digits",
+        }
         assert recorded_spec_key(recorded) == spec.key
         assert recorded_spec_key({**recorded, "input_size": 48}) != spec.key
 
@@ -198,7 +211,13 @@ def test_views_for() -> None:
 
 @pytest.mark.parametrize(
     "field,value,match",
-    [("pooling", "mean", "pooling"), ("dtype", "int8", "dtype"), ("views", -1, "views"), ("layer", "", "layer"), ("precision", "half", "precision")],
+    [
+        ("pooling", "mean", "pooling"),
+        ("dtype", "int8", "dtype"),
+        ("views", -1, "views"),
+        ("layer", "", "layer"),
+        ("precision", "half", "precision"),
+    ],
 )
 def test_bad_fields_are_rejected(field: str, value: object, match: str) -> None:
     with pytest.raises(UsageError, match=match):

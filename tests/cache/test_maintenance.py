@@ -24,7 +24,20 @@ from featurecache.errors import CacheCorruptError, UsageError
 # Two views for train, chunks of 4 rows: several units per view, augmented ones included.
 PLAN = dict(backbone="mobilenetv2", weights="random", size=32, limit=8, views=1, augment="flip,rotation=10")
 OPTIONS = dict(PLAN, batch_size=4, chunk_rows=4)
-CLI_PLAN = ["--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "8", "--views", "1", "--augment", "flip,rotation=10"]
+CLI_PLAN = [
+    "--backbone",
+    "mobilenetv2",
+    "--weights",
+    "random",
+    "--size",
+    "32",
+    "--limit",
+    "8",
+    "--views",
+    "1",
+    "--augment",
+    "flip,rotation=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +119,9 @@ def test_verify_passes_on_a_clean_view(clean: views.FeatureSet) -> None:
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4 * np.abs(clean.features("train")).max()
     res = CliRunner().invoke(app, ["cache", "verify", clean.key[:12], "--sample", "4", "--cache", str(root)])
     assert res.exit_code == 0, res.output
-    assert f"ok {clean.name}" in res.stdout and "4 vectors recomputed" in res.stdout and "8 units read back" in res.stdout
+    assert (
+        f"ok {clean.name}" in res.stdout and "4 vectors recomputed" in res.stdout and "8 units read back" in res.stdout
+    )
     # The whole store, by name: every unit, nothing to recompute.
     whole = fc.verify(clean.store.name, sample=0, cache_dir=root)
     assert whole.ok and whole.units_checked == 8 and whole.name == clean.store.name
@@ -139,7 +154,11 @@ def test_verify_detects_an_altered_feature_value(clean: views.FeatureSet, tmp_pa
     # The marker's sha256 catches it without recomputing anything.
     report = fc.verify(fs.name, sample=0, cache_dir=_root(fs))
     assert not report.ok
-    assert [p for p in report.problems if f"unit v1/u{row // 4}" in p and "does not hold the bytes its marker vouches for" in p], report.problems
+    assert [
+        p
+        for p in report.problems
+        if f"unit v1/u{row // 4}" in p and "does not hold the bytes its marker vouches for" in p
+    ], report.problems
     # A store whose marker was rewritten to vouch for the altered bytes (say, numerical drift):
     # only recomputation can tell, and it names the very vector.
     marker_path = st.path / "units" / "v1" / f"u{row // 4}" / "zarr.json"
@@ -198,7 +217,9 @@ def _damage(fs: views.FeatureSet, how: str) -> set[tuple[int, int]]:
         return {(0, slot)}
     assert how == "swap"
     a, b = _chunk(st, 0, 0), _chunk(st, 0, 1)
-    assert a.stat().st_size > 0 and len(st.markers(0)[0]["digests"]) == len(st.markers(0)[1]["digests"]) == st.chunk_rows
+    assert (
+        a.stat().st_size > 0 and len(st.markers(0)[0]["digests"]) == len(st.markers(0)[1]["digests"]) == st.chunk_rows
+    )
     tmp = a.with_name("swap")
     a.rename(tmp)
     b.rename(a)
@@ -223,7 +244,10 @@ def test_damage_fails_verify_and_training_refuses(clean: views.FeatureSet, tmp_p
     assert "\n" not in message
     assert not run.exists(), "nothing trains on damaged bytes"
     # The CLI refuses with one line naming the command that fixes it.
-    res = CliRunner().invoke(app, ["train-head", "--features", fs.key[:12], "--cache", str(root), "--out", str(tmp_path / "run2"), "--no-plots"])
+    res = CliRunner().invoke(
+        app,
+        ["train-head", "--features", fs.key[:12], "--cache", str(root), "--out", str(tmp_path / "run2"), "--no-plots"],
+    )
     assert res.exit_code != 0
     (line,) = _errors(res.stderr)
     assert "cache verify" in line or "cache rm" in line, line
@@ -239,7 +263,9 @@ def test_repair_then_extract_recomputes_only_the_damage(clean: views.FeatureSet,
     damaged_rows = sum(len(st.markers(v)[s]["digests"]) for v, s in damaged)
     assert damaged_rows == 4 * len(damaged)
     report = fc.verify(fs.key[:12], sample=0, repair=True, cache_dir=root)
-    assert report.problems and report.ok and report.remaining == (), "a repair that fixed everything leaves the cache correct"
+    assert report.problems and report.ok and report.remaining == (), (
+        "a repair that fixed everything leaves the cache correct"
+    )
     assert any(f"removed view {fs.name}" in line for line in report.repaired), report.repaired
     assert any(f"removed {len(damaged)} damaged unit(s) of view 0" in line for line in report.repaired), report.repaired
     assert not fs.path.exists(), "the view reading damaged units is removed"
@@ -268,14 +294,18 @@ def test_repair_removes_a_view_whose_labels_are_damaged(clean: views.FeatureSet,
     _damage(fs, "labels")
     report = fc.verify(fs.name, sample=0, repair=True, cache_dir=root)
     assert report.problems and report.ok
-    assert not fs.path.exists(), f"verify --repair left the view with damaged labels in place (repaired: {report.repaired})"
+    assert not fs.path.exists(), (
+        f"verify --repair left the view with damaged labels in place (repaired: {report.repaired})"
+    )
     res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
     assert not res.cached and res.computed == 0 and res.reused == _rows(clean)
     assert np.array_equal(fc.open_features(res.key, cache_dir=root).labels("train"), clean.labels("train"))
     train_head(res.key, cache_dir=root, out=tmp_path / "run", plots=False)
 
 
-def test_rm_of_a_view_with_damaged_labels_then_extract_rebuilds_it_from_the_rows(clean: views.FeatureSet, tmp_path: Path) -> None:
+def test_rm_of_a_view_with_damaged_labels_then_extract_rebuilds_it_from_the_rows(
+    clean: views.FeatureSet, tmp_path: Path
+) -> None:
     fs = _copy(clean, tmp_path)
     root = _root(fs)
     _damage(fs, "labels")
@@ -288,7 +318,9 @@ def test_rm_of_a_view_with_damaged_labels_then_extract_rebuilds_it_from_the_rows
     assert fc.verify(res.key, sample=0, cache_dir=root).ok
 
 
-def test_torn_store_zarr_json_is_rebuilt_without_serving_or_keeping_wrong_rows(clean: views.FeatureSet, tmp_path: Path) -> None:
+def test_torn_store_zarr_json_is_rebuilt_without_serving_or_keeping_wrong_rows(
+    clean: views.FeatureSet, tmp_path: Path
+) -> None:
     """A store whose zarr.json is torn is rebuilt in place by the next extract (extract._store_readable)."""
     fs = _copy(clean, tmp_path)
     root = _root(fs)
@@ -321,7 +353,9 @@ def _refused(tmp_path: Path, root: Path, ref: str, *want: str) -> None:
     with pytest.raises(CacheCorruptError) as info:
         train_head(ref, cache_dir=root, out=tmp_path / "run", plots=False)
     assert all(w in str(info.value) for w in want) and "\n" not in str(info.value), str(info.value)
-    res = CliRunner().invoke(app, ["train-head", "--features", ref, "--cache", str(root), "--out", str(tmp_path / "run"), "--no-plots"])
+    res = CliRunner().invoke(
+        app, ["train-head", "--features", ref, "--cache", str(root), "--out", str(tmp_path / "run"), "--no-plots"]
+    )
     assert res.exit_code != 0
     (line,) = _errors(res.stderr)
     assert all(w in line for w in want), line
@@ -336,7 +370,9 @@ def test_an_edited_view_spec_is_refused_named_by_verify_and_rewritten(clean: vie
     fs = _copy(clean, tmp_path)
     root = _root(fs)
     _edit_attrs(fs.path, lambda a: a["spec"].update(input_size=48))
-    _refused(tmp_path, root, fs.key[:12], f"spec recorded in feature set {fs.name}", "zarr.json was edited", "cache verify")
+    _refused(
+        tmp_path, root, fs.key[:12], f"spec recorded in feature set {fs.name}", "zarr.json was edited", "cache verify"
+    )
     report = fc.verify(fs.key[:12], sample=4, cache_dir=root)
     assert not report.ok and report.sampled == 0, "nothing is recomputed from an edited spec"
     assert [p for p in report.problems if f"spec recorded in feature set {fs.name} hashes to" in p], report.problems
@@ -344,7 +380,9 @@ def test_an_edited_view_spec_is_refused_named_by_verify_and_rewritten(clean: vie
     res = CliRunner().invoke(app, ["cache", "verify", fs.name, "--repair", "--cache", str(root)])
     assert res.exit_code == 0, res.output
     assert f"ok {fs.name}: repaired 1 problem" in res.stdout and "run the same extract command" in res.stdout
-    assert f"repaired: removed feature set {fs.name}" in res.stderr and "rewrites it from the store's rows" in res.stderr
+    assert (
+        f"repaired: removed feature set {fs.name}" in res.stderr and "rewrites it from the store's rows" in res.stderr
+    )
     assert not _errors(res.stderr) and not fs.path.exists()
     res = fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS)
     assert not res.cached and res.computed == 0 and res.key == clean.key
@@ -370,16 +408,22 @@ def test_an_edited_store_spec_is_refused_and_restored_by_repair(clean: views.Fea
     _refused(tmp_path, root, fs.name, f"spec recorded in feature store {st.name}", "cache verify")
     report = fc.verify(fs.name, sample=4, cache_dir=root)
     assert not report.ok and report.sampled == 0 and report.units_checked == len(_slots(clean))
-    assert [p for p in report.problems if f"feature store {st.name} hashes to" in p and "--repair` to restore it" in p], report.problems
+    assert [
+        p for p in report.problems if f"feature store {st.name} hashes to" in p and "--repair` to restore it" in p
+    ], report.problems
     report = fc.verify(st.name, sample=0, repair=True, cache_dir=root)
     assert report.ok and report.remaining == () and fs.path.exists(), report
-    assert [r for r in report.repaired if f"restored the spec of {st.name} from feature set {fs.name}" in r], report.repaired
+    assert [r for r in report.repaired if f"restored the spec of {st.name} from feature set {fs.name}" in r], (
+        report.repaired
+    )
     assert store.FeatureStore(st.path).spec == clean.store.spec
     assert fc.verify(fs.key, sample=2, cache_dir=root).ok
     assert fc.extract("builtin:digits", cache_dir=root, progress=False, **OPTIONS).cached
 
 
-def test_an_edited_store_spec_without_views_is_left_to_the_extract_that_rewrites_it(clean: views.FeatureSet, tmp_path: Path) -> None:
+def test_an_edited_store_spec_without_views_is_left_to_the_extract_that_rewrites_it(
+    clean: views.FeatureSet, tmp_path: Path
+) -> None:
     fs = _copy(clean, tmp_path)
     root = _root(fs)
     st = fs.store
@@ -413,7 +457,9 @@ def test_an_edited_failures_list_is_refused_before_validity_is_read(clean: views
     assert fc.open_features(res.key, cache_dir=root).valid("train").all()
 
 
-def test_a_relabelled_view_with_a_recomputed_key_is_not_served_by_its_old_name(clean: views.FeatureSet, tmp_path: Path) -> None:
+def test_a_relabelled_view_with_a_recomputed_key_is_not_served_by_its_old_name(
+    clean: views.FeatureSet, tmp_path: Path
+) -> None:
     """Labels edited, dataset digest and key recomputed to match, the directory name kept."""
     import zarr
 
@@ -423,7 +469,10 @@ def test_a_relabelled_view_with_a_recomputed_key_is_not_served_by_its_old_name(c
     root = _root(fs)
     labels = zarr.open_array(str(fs.path / "train" / "labels"), mode="r+")
     labels[:] = (np.asarray(labels[:]) + 1) % len(fs.classes)
-    arrays = {s: (s, clean.ids(s), clean.digests(s), np.asarray(zarr.open_array(str(fs.path / s / "labels"), mode="r")[:])) for s in fs.splits}
+    arrays = {
+        s: (s, clean.ids(s), clean.digests(s), np.asarray(zarr.open_array(str(fs.path / s / "labels"), mode="r")[:]))
+        for s in fs.splits
+    }
     digest = manifest_digest(fs.classes, list(arrays.values()))
     key = view_key(fs.attrs["store_key"], digest)
 
@@ -528,8 +577,13 @@ def test_gc_collects_old_debris_and_nothing_under_a_live_lease(clean: views.Feat
     young_store.mkdir()
 
     expected = {
-        ("stale lease", dead.path), ("temporary", moved), ("temporary", aside), ("temporary", torn),
-        ("damaged store", unfinished), ("damaged view", torn_view), ("temporary", memo_tmp),
+        ("stale lease", dead.path),
+        ("temporary", moved),
+        ("temporary", aside),
+        ("temporary", torn),
+        ("damaged store", unfinished),
+        ("damaged view", torn_view),
+        ("temporary", memo_tmp),
     }
     dry = maintenance.gc(older_than="24h", cache_dir=root)
     found = {(i.kind, i.path) for i in dry.items}
@@ -537,19 +591,27 @@ def test_gc_collects_old_debris_and_nothing_under_a_live_lease(clean: views.Feat
     assert not dry.removed and dry.size_bytes > 0 and all(p.exists() for _, p in found)
 
     res = CliRunner().invoke(app, ["cache", "gc", "--older-than", "1d", "--cache", str(root)])
-    assert res.exit_code == 0 and res.stdout.count("would remove") == len(expected) and "pass --yes to remove" in res.stderr, res.output
+    assert (
+        res.exit_code == 0
+        and res.stdout.count("would remove") == len(expected)
+        and "pass --yes to remove" in res.stderr
+    ), res.output
     res = CliRunner().invoke(app, ["cache", "gc", "--older-than", "1d", "--yes", "--cache", str(root)])
     assert res.exit_code == 0 and res.stdout.count("removed") == len(expected), res.output
     assert not any(p.exists() for _, p in expected)
     assert held.path.exists() and held.holder()["token"] == held._token, "a live lease is never broken"
-    assert busy_partial.exists() and busy_aside.exists() and store.FeatureStore(busy.path).rows(0) == 1, "nothing under a live lease is collected"
+    assert busy_partial.exists() and busy_aside.exists() and store.FeatureStore(busy.path).rows(0) == 1, (
+        "nothing under a live lease is collected"
+    )
     assert young_aside.exists() and young_store.exists()
     assert fc.verify(fs.name, sample=0, cache_dir=root).ok
     held.release()
     # Released: the busy store's unused rows and old temp files are debris now; younger ones are kept.
     later = {(i.kind, i.path) for i in maintenance.gc(older_than="1d", cache_dir=root).items}
     assert later == {("unused rows", busy.path), ("temporary", busy_partial), ("temporary", busy_aside)}, later
-    assert {(i.kind, i.path) for i in maintenance.gc(older_than="5d", cache_dir=root).items} == {("unused rows", busy.path)}
+    assert {(i.kind, i.path) for i in maintenance.gc(older_than="5d", cache_dir=root).items} == {
+        ("unused rows", busy.path)
+    }
 
 
 def test_gc_never_follows_symbolic_links(clean: views.FeatureSet, tmp_path: Path) -> None:
@@ -582,7 +644,10 @@ def test_gc_never_follows_symbolic_links(clean: views.FeatureSet, tmp_path: Path
     assert fc.verify(fs.name, sample=0, cache_dir=root).ok
 
 
-@pytest.mark.parametrize("text,seconds", [("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800), ("1.5h", 5400), ("2w", 1209600), ("0", 0)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800), ("1.5h", 5400), ("2w", 1209600), ("0", 0)],
+)
 def test_parse_age(text: str, seconds: float) -> None:
     assert maintenance.parse_age(text) == seconds
 
@@ -623,10 +688,18 @@ def test_rm_of_a_torn_view_by_name(clean: views.FeatureSet, tmp_path: Path) -> N
     (fs.path / "zarr.json").write_text("\x00garbage{")
     res = CliRunner().invoke(app, ["cache", "ls", "--cache", str(root)])
     assert res.exit_code == 0, res.output
-    assert f"damaged: {fs.path} (remove it with `featurecache cache rm {fs.name} --yes --cache {root}`)" in " ".join(res.stdout.split()), res.stdout
+    assert f"damaged: {fs.path} (remove it with `featurecache cache rm {fs.name} --yes --cache {root}`)" in " ".join(
+        res.stdout.split()
+    ), res.stdout
     doc = json.loads(CliRunner().invoke(app, ["cache", "ls", "--json", "--cache", str(root)]).stdout)
-    assert doc["damaged"] == [str(fs.path)] and doc["views"] == [] and [s["name"] for s in doc["stores"]] == [fs.attrs["store"]]
-    res = CliRunner().invoke(app, ["train-head", "--features", fs.name, "--cache", str(root), "--out", str(tmp_path / "run"), "--no-plots"])
+    assert (
+        doc["damaged"] == [str(fs.path)]
+        and doc["views"] == []
+        and [s["name"] for s in doc["stores"]] == [fs.attrs["store"]]
+    )
+    res = CliRunner().invoke(
+        app, ["train-head", "--features", fs.name, "--cache", str(root), "--out", str(tmp_path / "run"), "--no-plots"]
+    )
     (line,) = _errors(res.stderr)
     assert res.exit_code != 0 and f"cache rm {fs.name} --yes" in line, line
     res = CliRunner().invoke(app, ["cache", "rm", fs.name, "--yes", "--cache", str(root)])
@@ -676,12 +749,16 @@ def test_explain_hit_reuse_and_miss(clean: views.FeatureSet) -> None:
     miss = fc.explain("builtin:digits", cache_dir=root, **{**PLAN, "size": 48, "pooling": "max"})
     assert miss.status == "miss" and miss.nearest == clean.store.name and miss.new == _rows(clean)
     assert [d.field for d in miss.differences] == ["input_size", "pooling"]
-    assert miss.message.endswith(f"differs from {clean.store.name}: input_size 32 -> 48, pooling avg -> max"), miss.message
+    assert miss.message.endswith(f"differs from {clean.store.name}: input_size 32 -> 48, pooling avg -> max"), (
+        miss.message
+    )
     aug = fc.explain("builtin:digits", cache_dir=root, **{**PLAN, "augment": "flip"})
     assert [d.field for d in aug.differences] == ["augment"]
     assert "augment flip,rotation=10.0 -> flip" in aug.message, aug.message
     nothing = fc.explain("builtin:digits", cache_dir=root / "empty", **PLAN)
-    assert nothing.status == "miss" and nothing.nearest is None and "no feature store to compare with" in nothing.message
+    assert (
+        nothing.status == "miss" and nothing.nearest is None and "no feature store to compare with" in nothing.message
+    )
 
 
 def test_cli_explain(clean: views.FeatureSet) -> None:
@@ -716,7 +793,9 @@ def test_cli_explain_relabelled_data_reuses_every_row(clean: views.FeatureSet, t
     base = ["cache", "explain", "--data", str(npz), *CLI_PLAN, "--cache", str(_root(clean))]
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
-    assert res.stdout.startswith("reuse:") and f"holds {_rows(clean)} of the image views it needs; 0 would be computed" in " ".join(res.stdout.split())
+    assert res.stdout.startswith(
+        "reuse:"
+    ) and f"holds {_rows(clean)} of the image views it needs; 0 would be computed" in " ".join(res.stdout.split())
     doc = json.loads(CliRunner().invoke(app, [*base, "--json"]).stdout)
     assert doc["status"] == "reuse" and (doc["new"], doc["reused"]) == (0, _rows(clean)) and doc["key"] != clean.key
 
@@ -744,7 +823,14 @@ def _format1_entry(root: Path, clean: views.FeatureSet, *, views_: int, complete
         n = clean.layout(split).n
         nviews = spec.views_for(split)
         sg = g.create_group(split)
-        feats = sg.create_array("features", shape=(nviews, n, 1280), chunks=(1, 4, 1280), dtype="float32", fill_value=0, **store.array_codecs())
+        feats = sg.create_array(
+            "features",
+            shape=(nviews, n, 1280),
+            chunks=(1, 4, 1280),
+            dtype="float32",
+            fill_value=0,
+            **store.array_codecs(),
+        )
         feats[:] = clean.features(split, view=None)[:nviews]
         sg.create_array("labels", shape=(n,), chunks=(4,), dtype="int64", fill_value=-1)[:] = clean.labels(split)
         sg.create_array("ids", shape=(n,), chunks=(4,), dtype=str)[:] = np.asarray(list(clean.ids(split)), dtype=str)
@@ -786,12 +872,18 @@ def test_migrate_converts_format1_entries_without_running_the_backbone(clean: vi
     res = CliRunner().invoke(app, ["cache", "ls", "--cache", str(root)])
     assert "3 entries in the old format 1: convert them with `featurecache cache migrate" in res.stdout, res.output
     res = CliRunner().invoke(app, ["cache", "migrate", "--dry-run", "--cache", str(root)])
-    assert res.exit_code == 0 and res.stdout.count("would convert") == 2 and "incomplete format-1 entry" in res.stdout, res.output
+    assert (
+        res.exit_code == 0 and res.stdout.count("would convert") == 2 and "incomplete format-1 entry" in res.stdout
+    ), res.output
     assert set(legacy_entries(root)) == {plain, augmented, unfinished}, "a dry run converts nothing"
 
     results = {r.entry: r for r in migrate(cache_dir=root)}
     plain_opts = {k: v for k, v in OPTIONS.items() if k not in ("views", "augment")}
-    p = fc.plan("builtin:digits", cache_dir=root, **{k: v for k, v in plain_opts.items() if k not in ("batch_size", "chunk_rows")})
+    p = fc.plan(
+        "builtin:digits",
+        cache_dir=root,
+        **{k: v for k, v in plain_opts.items() if k not in ("batch_size", "chunk_rows")},
+    )
     assert results[plain].view == p.name and results[plain].rows == 24
     assert results[augmented].view is None and "not carried over" in results[augmented].note
     assert results[unfinished].view is None and "incomplete" in results[unfinished].note

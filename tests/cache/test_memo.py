@@ -56,4 +56,7 @@ def test_imagenet_digest_memo_is_written_and_then_used(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / backbones.MEMO_FILE).read_text())
     assert doc == {"imagenet": {key: "cd" * 32, "other@keras-0": "ef" * 32}}
     # Offline, building would raise: a returned identity proves the written memo was read.
-    assert backbones.weights_identity(backbones.WeightsRef("imagenet"), spec, memo_dir=tmp_path) == f"imagenet:sha256={'cd' * 32}"
+    assert (
+        backbones.weights_identity(backbones.WeightsRef("imagenet"), spec, memo_dir=tmp_path)
+        == f"imagenet:sha256={'cd' * 32}"
+    )

@@ -95,7 +95,11 @@ def _interrupted_run(cache: str, tmp: Path) -> subprocess.CompletedProcess:
         "from featurecache.extraction.extract import extract\n"
         f"extract('builtin:digits', cache_dir={cache!r}, chunk_rows=4, progress=False, **{OPTS!r})\n"
     )
-    env = {**os.environ, "FEATURECACHE_FAULT": "unit_marker_written@2", "FEATURECACHE_FAULT_ONCE": str(tmp / "fault-once")}
+    env = {
+        **os.environ,
+        "FEATURECACHE_FAULT": "unit_marker_written@2",
+        "FEATURECACHE_FAULT_ONCE": str(tmp / "fault-once"),
+    }
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -163,11 +167,15 @@ def test_cache_ls_verify_and_refusals_on_s3(runs) -> None:
     doc = json.loads(listed.stdout)
     assert [v["key"] for v in doc["views"]] == [runs["resumed"].key]
     assert doc["stores"][0]["rows"]["v0"] == 30 and doc["damaged"] == []
-    verified = runner.invoke(app, ["cache", "verify", runs["resumed"].key[:12], "--sample", "0", "--cache", runs["cache"]])
+    verified = runner.invoke(
+        app, ["cache", "verify", runs["resumed"].key[:12], "--sample", "0", "--cache", runs["cache"]]
+    )
     assert verified.exit_code == 0, verified.output
     assert "ok " in verified.stdout
     out = runner.invoke(app, ["cache", "migrate", "--cache", runs["cache"]])
-    assert out.exit_code != 0 and "object-store cache" in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    assert out.exit_code != 0 and "object-store cache" in out.output and len(out.output.strip().splitlines()) == 1, (
+        out.output
+    )
     assert runner.invoke(app, ["cache", "ls", "--json", "--cache", runs["cache"]]).stdout == listed.stdout
 
 
@@ -216,18 +224,28 @@ def test_verify_repair_on_s3_then_extract_recomputes_exactly_the_damage(runs) ->
     fs = _fs()
     copy, cache = _copy_of_resumed("repair")
     key = runs["resumed"].key
-    markers = {p: json.loads(fs.cat_file(p)) for p in fs.find(f"{copy}/features") if "/units/v0/u" in p and p.endswith("/zarr.json")}
-    full = sorted((p for p, doc in markers.items() if len(doc["attributes"]["featurecache"]["digests"]) == 4), key=len)[:3]
+    markers = {
+        p: json.loads(fs.cat_file(p))
+        for p in fs.find(f"{copy}/features")
+        if "/units/v0/u" in p and p.endswith("/zarr.json")
+    }
+    full = sorted((p for p, doc in markers.items() if len(doc["attributes"]["featurecache"]["digests"]) == 4), key=len)[
+        :3
+    ]
     chunk_of = {p: p.replace("/units/v0/u", "/v0/features/c/").replace("/zarr.json", "/0") for p in full}
     fs.rm_file(chunk_of[full[0]])  # a missing chunk: Zarr would read zeros
     doc = markers[full[1]]
     doc["attributes"]["featurecache"]["sha256"] = "0" * 64  # a marker whose digest disagrees with the bytes
     fs.pipe_file(full[1], json.dumps(doc).encode())
     fs.pipe_file(full[2], b'{"zarr_format": 3, "attri')  # a marker cut short
-    assert extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS).cached  # the damage is not seen by a hit
+    assert extract(
+        "builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS
+    ).cached  # the damage is not seen by a hit
 
     out = CliRunner().invoke(app, ["cache", "verify", key[:12], "--sample", "0", "--repair", "--cache", cache])
-    assert "repaired: removed 3 damaged unit(s) of view 0" in out.output and "does not work" not in out.output, out.output
+    assert "repaired: removed 3 damaged unit(s) of view 0" in out.output and "does not work" not in out.output, (
+        out.output
+    )
     assert fs.find(f"{copy}/views") == [] and not any(fs.exists(p) or fs.exists(chunk_of[p]) for p in full)
 
     again = extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, **OPTS)
@@ -264,8 +282,12 @@ def test_rm_and_gc_on_s3(runs) -> None:
     assert fs.find(f"{copy}/views/{view}") == []
     assert FeatureStore(store_path).rows(0) == 30  # rows stay for other feature sets until gc
 
-    young = runner.invoke(app, ["cache", "gc", "--json", "--cache", cache])  # --older-than 24h: the torn view is too young
-    assert young.exit_code == 0 and [i["kind"] for i in json.loads(young.stdout)["items"]] == ["unused rows"], young.output
+    young = runner.invoke(
+        app, ["cache", "gc", "--json", "--cache", cache]
+    )  # --older-than 24h: the torn view is too young
+    assert young.exit_code == 0 and [i["kind"] for i in json.loads(young.stdout)["items"]] == ["unused rows"], (
+        young.output
+    )
     dry = runner.invoke(app, ["cache", "gc", "--older-than", "0s", "--json", "--cache", cache])
     assert dry.exit_code == 0, dry.output
     kinds = {i["kind"]: i for i in json.loads(dry.stdout)["items"]}
@@ -320,15 +342,38 @@ def test_missing_bucket_is_one_line_naming_it(s3: Endpoint) -> None:
     cache = "s3://no-such-bucket/team"
     with pytest.raises(BucketNotFoundError, match=f"bucket 'no-such-bucket' does not exist at {s3.url}"):
         Lease(resolve_cache_dir(cache), "b" * 64).try_acquire()
-    extract = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv3small", "--weights", "random", "--size", "32", "--limit", "2"]
-    for args in (["cache", "ls"], ["cache", "gc", "--yes"], ["cache", "rm", "abcdef123456", "--yes"], extract, [*extract, "--no-lease"]):
+    extract = [
+        "extract",
+        "--data",
+        "builtin:digits",
+        "--backbone",
+        "mobilenetv3small",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--limit",
+        "2",
+    ]
+    for args in (
+        ["cache", "ls"],
+        ["cache", "gc", "--yes"],
+        ["cache", "rm", "abcdef123456", "--yes"],
+        extract,
+        [*extract, "--no-lease"],
+    ):
         out = CliRunner().invoke(app, [*args, "--cache", cache])
         lines = out.output.strip().splitlines()
         assert out.exit_code != 0 and len(lines) == 1, out.output
-        assert f"bucket 'no-such-bucket' does not exist at {s3.url}" in lines[0] and "aws s3 mb s3://no-such-bucket" in lines[0], lines[0]
+        assert (
+            f"bucket 'no-such-bucket' does not exist at {s3.url}" in lines[0]
+            and "aws s3 mb s3://no-such-bucket" in lines[0]
+        ), lines[0]
     import boto3
 
-    assert "no-such-bucket" not in [b["Name"] for b in boto3.client("s3", endpoint_url=s3.url).list_buckets()["Buckets"]]
+    assert "no-such-bucket" not in [
+        b["Name"] for b in boto3.client("s3", endpoint_url=s3.url).list_buckets()["Buckets"]
+    ]
 
 
 def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
@@ -343,7 +388,7 @@ def test_two_shards_on_s3_make_one_entry_equal_to_local(runs) -> None:
     assert last.pending == 0 and last.computed == 14 and last.key == runs["local"].key
     a, b = open_features(last.key, cache_dir=cache), open_features(last.key, cache_dir=runs["tmp"] / "local")
     assert all(a.features(s).tobytes() == b.features(s).tobytes() for s in a.splits)
-    assert _fs().find(f"{cache[len('s3://'):]}/.shards") == []  # the plan is removed once the view is written
+    assert _fs().find(f"{cache[len('s3://') :]}/.shards") == []  # the plan is removed once the view is written
 
 
 # -- the lease on conditional writes (no TensorFlow) ---------------------------------------------
@@ -366,17 +411,36 @@ def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str)
 
     cache = f"s3://{BUCKET}/cluster-{death}"
     once = runs["tmp"] / f"cluster-fault-{death}"
-    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "XDG_CACHE_HOME")}
+    env = {
+        k: os.environ[k]
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "XDG_CACHE_HOME",
+        )
+    }
     fault = "unit_forward_done@2" if death == "inside" else "unit_forward_done:stop"
-    env |= {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3",
-            "FEATURECACHE_FAULT": fault, "FEATURECACHE_FAULT_ONCE": str(once)}
+    env |= {
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "FEATURECACHE_FAULT": fault,
+        "FEATURECACHE_FAULT_ONCE": str(once),
+    }
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # no Dask retries: the re-plan must do it
-        lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, env=env)
+        lc = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, env=env
+        )
     client = Client(lc)
     out: dict[str, object] = {}
     try:
         pids = set(client.run(os.getpid).values())
-        run = lambda: out.update(res=extract("builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, client=client, units_per_task=2, **OPTS))  # noqa: E731
+        run = lambda: out.update(
+            res=extract(
+                "builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, client=client, units_per_task=2, **OPTS
+            )
+        )  # noqa: E731
         runner = threading.Thread(target=run)
         runner.start()
         if death == "outside":
@@ -452,8 +516,20 @@ def test_two_coordinators_create_one_entry(s3: Endpoint) -> None:
     from featurecache.cache.views import write_arrays
 
     cache = f"s3://{BUCKET}/two-{uuid.uuid4().hex[:6]}"
-    spec = FeatureSpec(backbone="synthetic", weights="random:seed=0", layer="l", pooling="avg", input_size=8, resize="bilinear",
-                       preprocess="none", augment={}, views=0, augment_splits=(), seed=0, dtype="float32")
+    spec = FeatureSpec(
+        backbone="synthetic",
+        weights="random:seed=0",
+        layer="l",
+        pooling="avg",
+        input_size=8,
+        resize="bilinear",
+        preprocess="none",
+        augment={},
+        views=0,
+        augment_splits=(),
+        seed=0,
+        dtype="float32",
+    )
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((1, 10, 5)).astype("float32")
     barrier = threading.Barrier(2)
@@ -461,7 +537,13 @@ def test_two_coordinators_create_one_entry(s3: Endpoint) -> None:
 
     def coordinator() -> None:
         barrier.wait()
-        fs = write_arrays(cache, spec, classes=["a", "b"], splits={"train": ([str(i) for i in range(10)], np.arange(10) % 2, feats, None)}, chunk_rows=4)
+        fs = write_arrays(
+            cache,
+            spec,
+            classes=["a", "b"],
+            splits={"train": ([str(i) for i in range(10)], np.arange(10) % 2, feats, None)},
+            chunk_rows=4,
+        )
         keys.append(fs.key)
 
     threads = [threading.Thread(target=coordinator) for _ in range(2)]
@@ -507,15 +589,34 @@ def test_no_lease_extracts_where_the_lease_is_refused(s3: Endpoint, runs, monkey
     ignoring = Endpoint(ignore_conditions=True)
     try:
         monkeypatch.setenv("FEATURECACHE_STORAGE_OPTIONS", json.dumps({"endpoint_url": ignoring.url}))
-        args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv3small", "--weights", "random", "--size", "32",
-                "--limit", "10", "--cache", f"s3://{copy}", "--json"]
+        args = [
+            "extract",
+            "--data",
+            "builtin:digits",
+            "--backbone",
+            "mobilenetv3small",
+            "--weights",
+            "random",
+            "--size",
+            "32",
+            "--limit",
+            "10",
+            "--cache",
+            f"s3://{copy}",
+            "--json",
+        ]
         refused = CliRunner().invoke(app, args)
-        assert refused.exit_code != 0 and "--no-lease" in refused.output and len(refused.output.strip().splitlines()) == 1, refused.output
+        assert (
+            refused.exit_code != 0 and "--no-lease" in refused.output and len(refused.output.strip().splitlines()) == 1
+        ), refused.output
         done = CliRunner().invoke(app, [*args, "--no-lease"])
         assert done.exit_code == 0, done.output
         doc = json.loads(done.stdout)
         assert doc["key"] == runs["local"].key and doc["computed"] == 0 and not doc["cached"]
-        a, b = open_features(doc["key"], cache_dir=f"s3://{copy}"), open_features(doc["key"], cache_dir=runs["tmp"] / "local")
+        a, b = (
+            open_features(doc["key"], cache_dir=f"s3://{copy}"),
+            open_features(doc["key"], cache_dir=runs["tmp"] / "local"),
+        )
         assert all(a.features(s).tobytes() == b.features(s).tobytes() for s in a.splits)
     finally:
         ignoring.stop()
@@ -552,10 +653,19 @@ def test_cli_keeps_a_cache_url_intact(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_credentials_are_one_line_naming_the_fix(tmp_path: Path) -> None:
     """No AWS credentials anywhere: the command says which cache and what to set, not a botocore traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEATURECACHE_"))}
-    env |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-            "AWS_CONFIG_FILE": str(tmp_path / "none"), "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "featurecache", "cache", "ls", "--cache", f"s3://{BUCKET}/x"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    env |= {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "HOME": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "featurecache", "cache", "ls", "--cache", f"s3://{BUCKET}/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cache s3://{BUCKET}/x cannot be reached"), proc.stderr

@@ -49,7 +49,9 @@ def _fill(st: store.FeatureStore, digests: list[str], *, bad: int | None = 3) ->
             store.write_unit(st, unit, feats, valid=valid, failures=failures)
 
 
-def _view(cache_dir: Path, st: store.FeatureStore, *, n: int = 10, labels_shift: int = 0, name: str = "toy") -> views.FeatureSet:
+def _view(
+    cache_dir: Path, st: store.FeatureStore, *, n: int = 10, labels_shift: int = 0, name: str = "toy"
+) -> views.FeatureSet:
     """A view of train = images 0..n-1, test = images 0..4, over ``st`` (which must hold them)."""
     ids = [f"img{i}.png" for i in range(n)]
     digests = [_digest(i) for i in range(n)]
@@ -62,10 +64,22 @@ def _view(cache_dir: Path, st: store.FeatureStore, *, n: int = 10, labels_shift:
         rows = np.asarray([[st.index(v)[x] for x in d] for v in range(nviews)], dtype=np.int64)
         splits[s] = (i, lab, d, rows)
     failed = st.failures()
-    failures = [(s, i_, d_, failed[d_]) for s, (i, _lab, d) in split_items.items() for i_, d_ in zip(i, d, strict=True) if d_ in failed]
+    failures = [
+        (s, i_, d_, failed[d_])
+        for s, (i, _lab, d) in split_items.items()
+        for i_, d_ in zip(i, d, strict=True)
+        if d_ in failed
+    ]
     return views.write_view(
-        cache_dir, st, name=BASE.view_name(name, dd), key=view_key(st.key, dd), dataset_digest=dd,
-        classes=CLASSES, splits=splits, failures=failures, extra={"dataset_name": name},
+        cache_dir,
+        st,
+        name=BASE.view_name(name, dd),
+        key=view_key(st.key, dd),
+        dataset_digest=dd,
+        classes=CLASSES,
+        splits=splits,
+        failures=failures,
+        extra={"dataset_name": name},
     )
 
 
@@ -186,10 +200,14 @@ def test_damaged_unit_fails_on_read_not_as_zeros(st: store.FeatureStore, damage:
     else:
         (st.path / "units" / "v1" / "u0" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
     fresh = store.FeatureStore(st.path)
-    with pytest.raises(CacheCorruptError, match=r"unit v1/u0 of feature store .*(cache verify|no completion marker)") as info:
+    with pytest.raises(
+        CacheCorruptError, match=r"unit v1/u0 of feature store .*(cache verify|no completion marker)"
+    ) as info:
         fresh.gather(1, np.arange(10))
     assert "featurecache cache verify" in str(info.value) and "\n" not in str(info.value)
-    assert list(fresh.gather(0, np.arange(4))[:, 0]) == [_value(0, i) if i != 3 else 0.0 for i in range(4)], "other views still read"
+    assert list(fresh.gather(0, np.arange(4))[:, 0]) == [_value(0, i) if i != 3 else 0.0 for i in range(4)], (
+        "other views still read"
+    )
 
 
 def test_remove_units_drops_marker_then_chunks(st: store.FeatureStore) -> None:
@@ -240,7 +258,10 @@ def test_view_layout_and_reads(cache_dir: Path, st: store.FeatureStore, fs: view
     assert list(fs.feature_array("train").oindex[2, np.array([9, 0])][:, 0]) == [_value(2, 9), _value(2, 0)]
     assert not fs.valid("train")[3] and fs.valid("train")[4] and not fs.valid("test")[3]
     assert fs.features("train")[3].tolist() == [0.0] * 8, "an undecodable image has zero features"
-    assert fs.failures() == [{"split": "train", "id": "img3.png", "reason": "truncated"}, {"split": "test", "id": "img3.png", "reason": "truncated"}]
+    assert fs.failures() == [
+        {"split": "train", "id": "img3.png", "reason": "truncated"},
+        {"split": "test", "id": "img3.png", "reason": "truncated"},
+    ]
     assert not any((cache_dir / store.TMP_DIR).iterdir()), "built aside, renamed into place"
     fs.check_manifest()
 
@@ -327,7 +348,9 @@ def test_view_of_a_removed_store_says_so(cache_dir: Path, st: store.FeatureStore
 
 
 # -- leftovers ---------------------------------------------------------------------------------
-def test_remove_leftovers_takes_only_this_stores_debris_and_follows_no_link(cache_dir: Path, st: store.FeatureStore, tmp_path: Path) -> None:
+def test_remove_leftovers_takes_only_this_stores_debris_and_follows_no_link(
+    cache_dir: Path, st: store.FeatureStore, tmp_path: Path
+) -> None:
     mine = cache_dir / store.TMP_DIR / f"{st.key[:12]}-0123456789ab-abcd"
     (mine / "train").mkdir(parents=True)
     theirs = cache_dir / store.TMP_DIR / "0123456789ab-0123456789ab-abcd"
@@ -369,7 +392,11 @@ def test_lease_is_exclusive_and_released(cache_dir: Path) -> None:
     assert a.try_acquire()
     assert not b.try_acquire() and not b.is_stale()
     rec = b.holder()
-    assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname() and rec["pidns"] == process_identity()["pidns"]
+    assert (
+        rec["pid"] == os.getpid()
+        and rec["host"] == socket.gethostname()
+        and rec["pidns"] == process_identity()["pidns"]
+    )
     with pytest.raises(LeaseError, match="still holds"):
         b.wait(timeout=0.3)
     a.release()
@@ -385,9 +412,14 @@ def test_lease_of_a_dead_process_in_our_pid_namespace_is_stale_at_once(cache_dir
     lease = Lease(cache_dir, BASE.key, stale_after=3600)
     env = {**os.environ}
     proc = subprocess.run(
-        [sys.executable, "-c", "import os;from pathlib import Path;from featurecache.cache.lease import Lease;"
-         f"l=Lease(Path({str(cache_dir)!r}), {BASE.key!r}); assert l.try_acquire(); os._exit(0)"],
-        check=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            "import os;from pathlib import Path;from featurecache.cache.lease import Lease;"
+            f"l=Lease(Path({str(cache_dir)!r}), {BASE.key!r}); assert l.try_acquire(); os._exit(0)",
+        ],
+        check=True,
+        env=env,
     )
     assert proc.returncode == 0 and lease.path.exists()
     assert lease.holder()["pidns"] == process_identity()["pidns"]
@@ -401,7 +433,15 @@ def test_lease_of_another_pid_namespace_waits_for_its_heartbeat(cache_dir: Path)
     me = process_identity()
     assert me["pidns"] is not None and me["pidns"] != 1
     pid = _free_pid()
-    record = {"token": "other-container", "host": me["host"], "pid": pid, "boot": me["boot"], "pidns": 1, "start": 12345, "since": time.time()}
+    record = {
+        "token": "other-container",
+        "host": me["host"],
+        "pid": pid,
+        "boot": me["boot"],
+        "pidns": 1,
+        "start": 12345,
+        "since": time.time(),
+    }
     lease = Lease(cache_dir, BASE.key, stale_after=60)
     lease.path.parent.mkdir(parents=True, exist_ok=True)
     lease.path.write_text(json.dumps(record))
@@ -475,7 +515,15 @@ def test_gc_respects_a_live_lease_from_another_container(cache_dir: Path, st: st
     from featurecache.cache import maintenance
 
     me = process_identity()
-    record = {"token": "other-container", "host": me["host"], "pid": _free_pid(), "boot": me["boot"], "pidns": 1, "start": 1, "since": time.time()}
+    record = {
+        "token": "other-container",
+        "host": me["host"],
+        "pid": _free_pid(),
+        "boot": me["boot"],
+        "pidns": 1,
+        "start": 1,
+        "since": time.time(),
+    }
     lease = Lease(cache_dir, st.key)
     lease.path.parent.mkdir(parents=True, exist_ok=True)
     lease.path.write_text(json.dumps(record))

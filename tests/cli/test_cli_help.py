@@ -14,7 +14,8 @@ from featurecache.cli.main import app
 
 _ROOT = get_command(app)
 _COMMANDS = [[name] for name in _ROOT.commands if name != "cache"] + [
-    ["cache", name] for name in _ROOT.commands["cache"].commands  # type: ignore[attr-defined]
+    ["cache", name]
+    for name in _ROOT.commands["cache"].commands  # type: ignore[attr-defined]
 ]
 
 
@@ -28,7 +29,10 @@ def test_help_fits_80_columns_without_cutting_anything(command: list[str]) -> No
     assert "…" not in res.output
     if not command:  # the command list keeps each command's whole first sentence
         text = " ".join(res.output.split())
-        assert "extract Run a frozen backbone once over a dataset and cache its features (a repeat is a cache hit)." in text
+        assert (
+            "extract Run a frozen backbone once over a dataset and cache its features (a repeat is a cache hit)."
+            in text
+        )
 
 
 def test_long_examples_in_option_help_survive_whole() -> None:
@@ -59,7 +63,14 @@ def test_backbones_table_keeps_every_name_whole_at_80_columns() -> None:
     assert "inceptionresnetv2" in res.stdout.split()
     # And in a real process, where rich reads the width from $COLUMNS itself.
     env = {**os.environ, "COLUMNS": "80"}
-    out = subprocess.run([sys.executable, "-m", "featurecache", "backbones"], capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "featurecache", "backbones"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout
     _whole_at_80(out, names)
 
 

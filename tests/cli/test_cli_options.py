@@ -22,7 +22,18 @@ from featurecache.cli.main import app
 from featurecache.errors import PipelineError, UsageError
 from featurecache.pipelines.run import load_pipeline, run_pipeline
 
-SMALL = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "20"]
+SMALL = [
+    "--data",
+    "builtin:digits",
+    "--backbone",
+    "mobilenetv2",
+    "--weights",
+    "random",
+    "--size",
+    "32",
+    "--limit",
+    "20",
+]
 SMALL_API = dict(backbone="mobilenetv2", weights="random", size=32, limit=20)
 
 
@@ -120,13 +131,29 @@ def _pasted(line: str) -> list[str]:
     return words[1:]
 
 
-def test_failures_hint_carries_cache_and_works_when_pasted(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failures_hint_carries_cache_and_works_when_pasted(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = image_folder
     (data / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
     cache = tmp_path / "my cache"  # a space, so the hint must be quoted to paste
     monkeypatch.setenv("FEATURECACHE_DIR", str(tmp_path / "elsewhere"))  # the default is the wrong cache
     res = CliRunner().invoke(
-        app, ["extract", "--data", str(data), "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "-q", "--cache", str(cache)]
+        app,
+        [
+            "extract",
+            "--data",
+            str(data),
+            "--backbone",
+            "mobilenetv2",
+            "--weights",
+            "random",
+            "--size",
+            "32",
+            "-q",
+            "--cache",
+            str(cache),
+        ],
     )
     assert res.exit_code == 0, res.output
     warning = [ln for ln in res.stderr.splitlines() if "could not be decoded" in ln]
@@ -202,7 +229,9 @@ def test_path_errors_name_the_path_and_the_fix() -> None:
 
     with pytest.raises(typer.Exit):
         _common.handle_errors(denied)(cache=Path("/data/cache"))
-    line = _common._one_line(PermissionError(errno.EACCES, "Permission denied", "/data/cache/.locks/k.lease"), Path("/data/cache"))
+    line = _common._one_line(
+        PermissionError(errno.EACCES, "Permission denied", "/data/cache/.locks/k.lease"), Path("/data/cache")
+    )
     assert line == (
         "cache folder /data/cache cannot be written (permission denied: /data/cache/.locks/k.lease); "
         "pass --cache a folder you can write to, or fix its permissions"
@@ -280,7 +309,9 @@ def test_grid_with_comma_between_parameters_says_to_use_a_semicolon() -> None:
 
 
 def test_bad_data_exits_2_as_the_readme_says(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["extract", "--data", str(tmp_path / "no-such-folder"), "--cache", str(tmp_path / "cache")])
+    res = CliRunner().invoke(
+        app, ["extract", "--data", str(tmp_path / "no-such-folder"), "--cache", str(tmp_path / "cache")]
+    )
     assert res.exit_code == 2
     assert "no-such-folder" in _error_line(res)
 
@@ -302,27 +333,77 @@ def test_run_hints_sweep_no_plots_and_offline_imagenet(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     run = tmp_path / "run"
     assert CliRunner().invoke(app, ["extract", *SMALL, "-q", "--cache", str(cache)]).exit_code == 0
-    assert CliRunner().invoke(app, ["train-head", *SMALL, "--head", "logreg", "-p", "C=0.5", "--out", str(run), "--no-plots", "--cache", str(cache)]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(
+            app,
+            [
+                "train-head",
+                *SMALL,
+                "--head",
+                "logreg",
+                "-p",
+                "C=0.5",
+                "--out",
+                str(run),
+                "--no-plots",
+                "--cache",
+                str(cache),
+            ],
+        )
+        .exit_code
+        == 0
+    )
     # A run that lost its head: the hint is the run's own train-head command, and it works.
     (run / "head.json").unlink()
     res = CliRunner().invoke(app, ["finetune", "--run", str(run), "--epochs", "0", "--cache", str(cache)])
     words = _pasted(_error_line(res))
-    assert words[0] == "train-head" and "--features" in words and "C=0.5" in words and words[words.index("--cache") + 1] == str(cache)
+    assert (
+        words[0] == "train-head"
+        and "--features" in words
+        and "C=0.5" in words
+        and words[words.index("--cache") + 1] == str(cache)
+    )
     assert CliRunner().invoke(app, words).exit_code == 0
     assert (run / "head.json").is_file()
 
-    res = CliRunner().invoke(app, ["sweep", *SMALL, "--grid", "logreg:C=1", "--no-plots", "--out", str(tmp_path / "sw"), "-q", "--cache", str(cache)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            *SMALL,
+            "--grid",
+            "logreg:C=1",
+            "--no-plots",
+            "--out",
+            str(tmp_path / "sw"),
+            "-q",
+            "--cache",
+            str(cache),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "sw" / "leaderboard.csv").is_file()
     assert not list((tmp_path / "sw").rglob("*.png")) and not list((tmp_path / "sw").rglob("report.html"))
 
     # Offline (a proxy that refuses), ImageNet weights for features that exist only with random ones.
     args = [a for a in SMALL if a not in ("--weights", "random")]
-    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "KERAS_HOME": str(tmp_path / "keras")}
+    env = {
+        **os.environ,
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "KERAS_HOME": str(tmp_path / "keras"),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "featurecache", "train-head", *args, "--json", "--cache", str(cache)], capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-m", "featurecache", "train-head", *args, "--json", "--cache", str(cache)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 1 and proc.stdout == ""  # Keras's "Downloading data from" is not on stdout
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: cannot download ImageNet weights") and "--weights random --size 32" in error, proc.stderr
+    assert error.startswith("error: cannot download ImageNet weights") and "--weights random --size 32" in error, (
+        proc.stderr
+    )
     assert "mobilenetv2-random-32-avg--digits--" in error

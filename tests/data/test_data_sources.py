@@ -84,7 +84,12 @@ def test_folder_with_split_folders(nested: Path):
     ds = load_dataset(nested)
     assert ds.classes == ("ant", "bee", "cow")
     assert list(ds.splits) == ["train", "val", "test"]
-    assert ds.splits["val"].ids == ("validation/ant/0.png", "validation/ant/1.png", "validation/bee/0.png", "validation/bee/1.png")
+    assert ds.splits["val"].ids == (
+        "validation/ant/0.png",
+        "validation/ant/1.png",
+        "validation/bee/0.png",
+        "validation/bee/1.png",
+    )
     assert ds.splits["test"].labels.tolist() == [0, 0, 1, 1, 2]
     assert ds.splits["train"].labels.tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -258,8 +263,14 @@ def test_npz_per_split_arrays_with_class_names(tmp_path: Path):
     x_train = rng.integers(0, 256, (4, 3, 3, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, (2, 3, 3, 1), dtype=np.uint8)
     path = tmp_path / "arr.npz"
-    np.savez(path, x_train=x_train, y_train=np.array([[0], [1], [2], [1]]), x_test=x_test, y_test=np.array([2, 0]),
-             classes=np.array(["red", "green", "blue"]))
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=np.array([[0], [1], [2], [1]]),
+        x_test=x_test,
+        y_test=np.array([2, 0]),
+        classes=np.array(["red", "green", "blue"]),
+    )
     ds = load_dataset(path)
     assert ds.classes == ("red", "green", "blue") and list(ds.splits) == ["train", "test"]
     assert ds.splits["train"].labels.tolist() == [0, 1, 2, 1]
@@ -267,8 +278,14 @@ def test_npz_per_split_arrays_with_class_names(tmp_path: Path):
     before = ds.digest()
 
     x_train[2, 1, 1, 0] ^= 1
-    np.savez(path, x_train=x_train, y_train=np.array([0, 1, 2, 1]), x_test=x_test, y_test=np.array([2, 0]),
-             classes=np.array(["red", "green", "blue"]))
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=np.array([0, 1, 2, 1]),
+        x_test=x_test,
+        y_test=np.array([2, 0]),
+        classes=np.array(["red", "green", "blue"]),
+    )
     assert load_dataset(path).digest() != before
 
 
@@ -429,7 +446,9 @@ def test_folder_link_up_to_the_dataset_root_is_refused(tmp_path: Path) -> None:
     # It used to add class b's images again, labelled a.
     root = _two_classes(tmp_path)
     (root / "a" / "up").symlink_to("..")
-    with pytest.raises(DatasetError, match=r"link 'a/up' -> '\.\.' points to a folder that contains it.*remove the link") as info:
+    with pytest.raises(
+        DatasetError, match=r"link 'a/up' -> '\.\.' points to a folder that contains it.*remove the link"
+    ) as info:
         load_dataset(str(root))
     assert "\n" not in str(info.value)
 
@@ -456,7 +475,9 @@ def test_links_out_of_the_dataset_folder_are_refused(tmp_path: Path) -> None:
     _png(elsewhere / "c1.png", 9)
     root = _two_classes(tmp_path)
     (root / "c").symlink_to(elsewhere)  # a class folder
-    with pytest.raises(DatasetError, match=rf"link 'c' points outside the dataset folder, to {elsewhere}; .*CSV manifest"):
+    with pytest.raises(
+        DatasetError, match=rf"link 'c' points outside the dataset folder, to {elsewhere}; .*CSV manifest"
+    ):
         load_dataset(str(root))
     (root / "c").unlink()
     (root / "a" / "c1.png").symlink_to(elsewhere / "c1.png")  # one file
@@ -471,7 +492,14 @@ def test_links_inside_the_dataset_are_followed(tmp_path: Path) -> None:
     (root / "b" / "again").symlink_to("more")  # a sibling folder: same label
     (root / "b" / "b1-copy.png").symlink_to("b1.png")
     ds = load_dataset(str(root))
-    assert ds.splits["train"].ids == ("a/a1.png", "b/again/b3.png", "b/b1-copy.png", "b/b1.png", "b/b2.png", "b/more/b3.png")
+    assert ds.splits["train"].ids == (
+        "a/a1.png",
+        "b/again/b3.png",
+        "b/b1-copy.png",
+        "b/b1.png",
+        "b/b2.png",
+        "b/more/b3.png",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # duplicates under one label are not a warning
         ds.digest()

@@ -26,7 +26,9 @@ def test_streamed_digest_equals_the_manifest_digest_for_files_and_arrays(tmp_pat
     one = Split("train", ("0", "1", "2", "3"), np.array([0, 1, 0, 1]), ArrayItems(arr))
     arrays = Dataset("a", "x.npz", ("x", "y"), {"train": one, "test": one.renamed("test")})
     assert Dataset("a", "x.npz", ("x", "y"), {"train": one, "test": one.renamed("test")}).digest() == _whole(arrays)
-    empty = Dataset("e", "e", ("x",), {"train": Split("train", (), np.zeros(0), ArrayItems(np.zeros((0, 2, 2, 3), np.uint8)))})
+    empty = Dataset(
+        "e", "e", ("x",), {"train": Split("train", (), np.zeros(0), ArrayItems(np.zeros((0, 2, 2, 3), np.uint8)))}
+    )
     assert empty.digest() == _whole(empty)
 
 
@@ -57,7 +59,9 @@ def test_memo_file_keeps_its_json_format_and_reads_back_as_entries(tmp_path: Pat
     _put(memo, entries)
     as_dicts = {k: {"size": s, "mtime_ns": m, "sha256": d} for k, (s, m, d) in entries.items()}
     # Byte for byte what json.dump wrote before entries were kept as tuples.
-    assert memo.read_text() == json.dumps({"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":"))
+    assert memo.read_text() == json.dumps(
+        {"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":")
+    )
     assert _read_memo(memo) == entries
     _put(memo, {"/a/c.jpg": (1, 2, "ef" * 32)})  # merged with what is there
     assert set(_read_memo(memo)) == {*entries, "/a/c.jpg"}
@@ -78,7 +82,9 @@ def test_memo_update_replaces_old_entries_and_writes_a_file_listed_twice_once(tm
     merged = {**old, **fresh}
     assert _read_memo(memo) == merged
     as_dicts = {k: {"size": s, "mtime_ns": m, "sha256": d} for k, (s, m, d) in merged.items()}
-    assert memo.read_text() == json.dumps({"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":"))
+    assert memo.read_text() == json.dumps(
+        {"format": _MEMO_FORMAT, "files": as_dicts}, sort_keys=True, separators=(",", ":")
+    )
 
 
 def test_folder_paths_are_joined_from_the_ids_and_equal_the_files(tmp_path: Path) -> None:

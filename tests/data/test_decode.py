@@ -55,8 +55,10 @@ def _png(width: int, height: int, bit_depth: int, colour_type: int, samples: np.
 # ------------------------------------------------------------------------------ valid files
 
 
-@pytest.mark.parametrize("fmt,ext,kwargs", [("PNG", "png", {}), ("BMP", "bmp", {}), ("TIFF", "tif", {}),
-                                            ("WEBP", "webp", {"lossless": True})])
+@pytest.mark.parametrize(
+    "fmt,ext,kwargs",
+    [("PNG", "png", {}), ("BMP", "bmp", {}), ("TIFF", "tif", {}), ("WEBP", "webp", {"lossless": True})],
+)
 def test_lossless_rgb_formats_decode_exactly(tmp_path, fmt, ext, kwargs):
     pixels = RNG.integers(0, 256, (13, 17, 3), dtype=np.uint8)
     path = _save(tmp_path, f"x.{ext}", Image.fromarray(pixels), format=fmt, **kwargs)

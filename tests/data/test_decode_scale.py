@@ -43,7 +43,9 @@ def _jpeg(arr: np.ndarray, *, orientation: int = 1, quality: int = 92) -> bytes:
         (401, 800, 200, (201, 400)),  # exactly twice on the short side -> 1/2, rounded up
     ],
 )
-def test_fast_decode_takes_the_largest_dct_scale_that_covers_the_target(width: int, height: int, size: int, expected: tuple[int, int]) -> None:
+def test_fast_decode_takes_the_largest_dct_scale_that_covers_the_target(
+    width: int, height: int, size: int, expected: tuple[int, int]
+) -> None:
     raw = _jpeg(_photo(width, height))
     out = decode_image(raw, draft=size)
     assert (out.shape[1], out.shape[0]) == expected == draft_size(width, height, size)
@@ -98,9 +100,20 @@ def test_decode_workers_scale_with_cores() -> None:
 
 
 def _spec(**kw: object) -> FeatureSpec:
-    base = dict(backbone="mobilenetv2", weights="random:seed=0", layer="out_relu", pooling="avg",
-                input_size=96, resize="bilinear", preprocess="mobilenet_v2:tf", augment={}, views=0, augment_splits=(),
-                seed=0, dtype="float32")
+    base = dict(
+        backbone="mobilenetv2",
+        weights="random:seed=0",
+        layer="out_relu",
+        pooling="avg",
+        input_size=96,
+        resize="bilinear",
+        preprocess="mobilenet_v2:tf",
+        augment={},
+        views=0,
+        augment_splits=(),
+        seed=0,
+        dtype="float32",
+    )
     base.update(kw)
     return FeatureSpec(**base)  # type: ignore[arg-type]
 
@@ -151,8 +164,25 @@ def test_plan_rejects_an_unknown_decode_mode(cache_dir: Path) -> None:
     from featurecache.extraction.extract import plan
 
     with pytest.raises(UsageError, match="--decode exact or --decode fast"):
-        plan("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=5, decode="quick", cache_dir=cache_dir)
-    p = plan("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=5, decode="fast", antialias=True, cache_dir=cache_dir)
+        plan(
+            "builtin:digits",
+            backbone="mobilenetv2",
+            weights="random",
+            size=32,
+            limit=5,
+            decode="quick",
+            cache_dir=cache_dir,
+        )
+    p = plan(
+        "builtin:digits",
+        backbone="mobilenetv2",
+        weights="random",
+        size=32,
+        limit=5,
+        decode="fast",
+        antialias=True,
+        cache_dir=cache_dir,
+    )
     assert p.spec.decode == "fast" and p.spec.antialias is True
 
 
@@ -166,16 +196,44 @@ def test_cli_extract_fast_antialias_is_its_own_entry_and_train_head_finds_it(cac
         (folder / c).mkdir(parents=True)
         for i in range(3):
             (folder / c / f"{i}.jpg").write_bytes(_jpeg(_photo(160, 120, seed=10 * ord(c) + i)))
-    common = ["--data", str(folder), "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--cache", str(cache_dir)]
+    common = [
+        "--data",
+        str(folder),
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--cache",
+        str(cache_dir),
+    ]
     runner = CliRunner()
     exact = runner.invoke(app, ["extract", *common, "--json"])
     fast = runner.invoke(app, ["extract", *common, "--decode", "fast", "--antialias", "--json"])
     assert exact.exit_code == 0 and fast.exit_code == 0, fast.output
     k_exact, k_fast = json.loads(exact.stdout)["key"], json.loads(fast.stdout)["key"]
     assert k_exact != k_fast
-    trained = runner.invoke(app, ["train-head", *common, "--decode", "fast", "--antialias", "--head", "logreg", "--runs-dir", str(tmp_path / "runs"), "--no-plots", "--json"])
+    trained = runner.invoke(
+        app,
+        [
+            "train-head",
+            *common,
+            "--decode",
+            "fast",
+            "--antialias",
+            "--head",
+            "logreg",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--no-plots",
+            "--json",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    assert Path(json.loads(trained.stdout)["run_dir"]).name.startswith(f"logreg-{k_fast[:8]}")  # the fast entry, not the exact one
+    assert Path(json.loads(trained.stdout)["run_dir"]).name.startswith(
+        f"logreg-{k_fast[:8]}"
+    )  # the fast entry, not the exact one
 
 
 @pytest.mark.slow
@@ -190,8 +248,19 @@ def test_finetune_rebuild_reproduces_fast_antialiased_features(cache_dir: Path, 
         (folder / c).mkdir(parents=True)
         for i in range(4):
             (folder / c / f"{i}.jpg").write_bytes(_jpeg(_photo(200, 150, seed=10 * ord(c) + i)))
-    res = extract(str(folder), backbone="mobilenetv2", weights="random", size=32, decode="fast", antialias=True, cache_dir=cache_dir, progress=False)
-    run = train_head(res.key, head="logreg", out=tmp_path / "run", cache_dir=cache_dir, plots=False, val_fraction=0.25).run_dir
+    res = extract(
+        str(folder),
+        backbone="mobilenetv2",
+        weights="random",
+        size=32,
+        decode="fast",
+        antialias=True,
+        cache_dir=cache_dir,
+        progress=False,
+    )
+    run = train_head(
+        res.key, head="logreg", out=tmp_path / "run", cache_dir=cache_dir, plots=False, val_fraction=0.25
+    ).run_dir
     rebuilt = rebuild_model(run, cache_dir=cache_dir)
     with np.load(run / "predictions.npz") as npz:
         preds = {k: npz[k] for k in npz.files}

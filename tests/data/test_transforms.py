@@ -68,7 +68,12 @@ def test_parse_full_spec_and_round_trip():
     canonical = spec.canonical()
     assert list(canonical) == ["flip", "rotation", "zoom", "shift", "shear", "brightness", "contrast"]
     assert json.loads(json.dumps(canonical)) == canonical
-    assert canonical == AugmentSpec.parse("shear=5.0,contrast=0.20,flip=true,rotation=15,zoom=.1,shift=0.1,brightness=0.2").canonical()
+    assert (
+        canonical
+        == AugmentSpec.parse(
+            "shear=5.0,contrast=0.20,flip=true,rotation=15,zoom=.1,shift=0.1,brightness=0.2"
+        ).canonical()
+    )
 
 
 @pytest.mark.parametrize("text", [None, "", "  ", "none", "NONE", "flip=false"])
@@ -135,8 +140,11 @@ def test_view_seed_and_index_change_the_result():
     spec = AugmentSpec.parse("rotation=20,zoom=0.2")
     base = augment_batch(BATCH[:2], spec, seed=5, view=1, indices=[0, 1])
     assert not np.array_equal(base, BATCH[:2])
-    for kwargs in ({"seed": 5, "view": 2, "indices": [0, 1]}, {"seed": 6, "view": 1, "indices": [0, 1]},
-                   {"seed": 5, "view": 1, "indices": [7, 8]}):
+    for kwargs in (
+        {"seed": 5, "view": 2, "indices": [0, 1]},
+        {"seed": 6, "view": 1, "indices": [0, 1]},
+        {"seed": 5, "view": 1, "indices": [7, 8]},
+    ):
         other = augment_batch(BATCH[:2], spec, **kwargs)
         assert not np.array_equal(other[0], base[0]) and not np.array_equal(other[1], base[1]), kwargs
 
@@ -187,7 +195,9 @@ def test_fill_modes_fill_the_exposed_border_each_their_way():
         assert not np.array_equal(out[a], out[b]), f"fill {a!r} and {b!r} give the same images"
     exposed = (out["constant"] == 0).all(axis=-1)
     inside = (out["constant"] > 0).all(axis=-1)
-    assert exposed.sum() >= 4 * S and inside.sum() >= 4 * S * S // 4, "the shift must expose a border and keep an interior"
+    assert exposed.sum() >= 4 * S and inside.sum() >= 4 * S * S // 4, (
+        "the shift must expose a border and keep an interior"
+    )
     assert (out["nearest"][exposed] == 100.0).all()
     for fill in ("reflect", "wrap"):
         assert (out[fill][exposed] > 100.0).mean() > 0.5, fill  # inner pixels, not the frame, not 0

@@ -186,7 +186,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 @pytest.fixture(scope="module")
 def skipped_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> fc.ExtractResult:
-    return fc.extract(corpus.dataset, cache_dir=tmp_path_factory.mktemp("cache"), chunk_rows=4, progress=False, **OPTIONS)
+    return fc.extract(
+        corpus.dataset, cache_dir=tmp_path_factory.mktemp("cache"), chunk_rows=4, progress=False, **OPTIONS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +222,18 @@ def test_invalid_files_are_marked_and_listed_with_reasons(corpus: Corpus, skippe
         assert valid[row] == (sid not in INVALID), sid
         if sid in INVALID:
             assert not feats[row].any(), f"{sid} is invalid, so its features must be zeros"
-    assert fs.failures() == [{"split": "train", **f} for f in [{"id": f["id"], "reason": f["reason"]} for f in skipped_run.failures]]
+    assert fs.failures() == [
+        {"split": "train", **f} for f in [{"id": f["id"], "reason": f["reason"]} for f in skipped_run.failures]
+    ]
     # notes.txt and .DS_Store are skipped by name before any decoding, and counted
     assert skipped_run.skipped_files == 2
     skipped = dict(corpus.dataset.skipped)
     assert "not an image type" in skipped["odd/notes.txt"] and "hidden" in skipped["odd/.DS_Store"]
 
 
-def test_valid_odd_files_have_the_right_pixels(corpus: Corpus, skipped_run: fc.ExtractResult, reference_features) -> None:
+def test_valid_odd_files_have_the_right_pixels(
+    corpus: Corpus, skipped_run: fc.ExtractResult, reference_features
+) -> None:
     fs = fc.open_features(skipped_run.key, cache_dir=skipped_run.path.parents[1])
     row_of = {sid: i for i, sid in enumerate(fs.ids("train"))}
     names = sorted(corpus.expected)
@@ -269,23 +275,57 @@ def test_on_error_fail_stops_at_the_first_bad_file_and_keeps_finished_units(
 def test_cli_skip_exits_0_with_a_summary_line(corpus: Corpus, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    args = ["extract", "--data", str(corpus.root), "--backbone", "vgg16", "--weights", "random", "--size", str(SIZE), "--cache", str(tmp_path), "--quiet"]
+    args = [
+        "extract",
+        "--data",
+        str(corpus.root),
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "random",
+        "--size",
+        str(SIZE),
+        "--cache",
+        str(tmp_path),
+        "--quiet",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     warning = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
     # vanished.jpg and unreadable.png are gone from the folder for a fresh run: 5 broken files
-    assert len(warning) == 1 and "5 images could not be decoded" in warning[0] and "cache failures" in warning[0], res.stderr
+    assert len(warning) == 1 and "5 images could not be decoded" in warning[0] and "cache failures" in warning[0], (
+        res.stderr
+    )
     assert "note: skipped 2 files (hidden, not an image type" in res.stderr
     listing = CliRunner().invoke(app, ["cache", "failures", res.stdout.split("key ")[1][:12], "--cache", str(tmp_path)])
     assert listing.exit_code == 0 and "odd/zero.jpg\tempty file" in listing.stdout
 
 
 def test_cli_fail_is_one_line_naming_the_file(corpus: Corpus, tmp_path: Path) -> None:
-    args = ["extract", "--data", str(corpus.root), "--backbone", "vgg16", "--weights", "random", "--size", str(SIZE), "--cache", str(tmp_path), "--on-error", "fail", "--quiet"]
+    args = [
+        "extract",
+        "--data",
+        str(corpus.root),
+        "--backbone",
+        "vgg16",
+        "--weights",
+        "random",
+        "--size",
+        str(SIZE),
+        "--cache",
+        str(tmp_path),
+        "--on-error",
+        "fail",
+        "--quiet",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("FEATURECACHE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
     assert proc.returncode != 0
     errors = proc.stderr.splitlines()  # the one line only: TensorFlow's start-up lines are silenced
-    assert len(errors) == 1 and errors[0].startswith("error: train/odd/big.png:") and "decompression-bomb" in errors[0], proc.stderr
+    assert (
+        len(errors) == 1 and errors[0].startswith("error: train/odd/big.png:") and "decompression-bomb" in errors[0]
+    ), proc.stderr
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr

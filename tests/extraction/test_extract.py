@@ -40,7 +40,9 @@ def test_features_equal_plain_keras(cache_dir: Path, name: str, constructor: str
     import keras
     import tensorflow as tf
 
-    res = fc.extract("builtin:digits", backbone=name, weights="random", size=32, limit=12, cache_dir=cache_dir, progress=False)
+    res = fc.extract(
+        "builtin:digits", backbone=name, weights="random", size=32, limit=12, cache_dir=cache_dir, progress=False
+    )
     fs = fc.open_features(res.key, cache_dir=cache_dir)
 
     keras.utils.set_random_seed(0)
@@ -61,7 +63,17 @@ def test_features_equal_plain_keras(cache_dir: Path, name: str, constructor: str
 
 
 def test_folder_dataset_and_layer_pooling_dtype(cache_dir: Path, image_folder: Path) -> None:
-    res = fc.extract(str(image_folder), backbone="vgg16", weights="random", size=32, layer="block4_pool", pooling="none", dtype="float16", cache_dir=cache_dir, progress=False)
+    res = fc.extract(
+        str(image_folder),
+        backbone="vgg16",
+        weights="random",
+        size=32,
+        layer="block4_pool",
+        pooling="none",
+        dtype="float16",
+        cache_dir=cache_dir,
+        progress=False,
+    )
     fs = fc.open_features(res.key, cache_dir=cache_dir)
     assert fs.classes == ["cat", "dog"]
     assert fs.features("train").shape == (8, 2, 2, 512)
@@ -86,8 +98,16 @@ def test_second_run_is_a_hit_that_builds_no_model(cache_dir: Path) -> None:
 def test_changing_options_changes_the_key(cache_dir: Path) -> None:
     base = dict(backbone="mobilenetv2", weights="random", size=32, limit=4, cache_dir=cache_dir)
     keys = {fc.plan("builtin:digits", **base).key}
-    for change in (dict(size=40), dict(pooling="max"), dict(seed=1), dict(dtype="float16"), dict(backbone="vgg16"),
-                   dict(views=1, augment="flip"), dict(resize="nearest"), dict(layer="block_16_project")):
+    for change in (
+        dict(size=40),
+        dict(pooling="max"),
+        dict(seed=1),
+        dict(dtype="float16"),
+        dict(backbone="vgg16"),
+        dict(views=1, augment="flip"),
+        dict(resize="nearest"),
+        dict(layer="block_16_project"),
+    ):
         keys.add(fc.plan("builtin:digits", **{**base, **change}).key)
     assert len(keys) == 9
 
@@ -126,9 +146,20 @@ def test_local_weights_file_is_keyed_by_content(cache_dir: Path, tmp_path: Path)
 
 
 def test_augmented_views_are_deterministic_and_differ(cache_dir: Path, tmp_path: Path) -> None:
-    args = dict(backbone="mobilenetv2", weights="random", size=32, limit=8, views=2, augment="flip,rotation=20,zoom=0.1", progress=False)
+    args = dict(
+        backbone="mobilenetv2",
+        weights="random",
+        size=32,
+        limit=8,
+        views=2,
+        augment="flip,rotation=20,zoom=0.1",
+        progress=False,
+    )
     a = fc.open_features(fc.extract("builtin:digits", cache_dir=cache_dir, **args).key, cache_dir=cache_dir)
-    b = fc.open_features(fc.extract("builtin:digits", cache_dir=tmp_path / "other", chunk_rows=3, **args).key, cache_dir=tmp_path / "other")
+    b = fc.open_features(
+        fc.extract("builtin:digits", cache_dir=tmp_path / "other", chunk_rows=3, **args).key,
+        cache_dir=tmp_path / "other",
+    )
     fa, fb = a.features("train", view=None), b.features("train", view=None)
     assert fa.shape[0] == 3 and a.features("test", view=None).shape[0] == 1
     np.testing.assert_array_equal(fa, fb)  # different chunking / batching, same bytes
@@ -159,7 +190,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
     proc.wait()
     total = 30 + 10  # 180 images in units of 6, plus the 60 training images' augmented view
     done_before = len(list(killed.glob(marker_glob)))
-    assert 3 <= done_before < total and next(views.iter_entries(killed), None) is None, "the kill should land mid-extraction"
+    assert 3 <= done_before < total and next(views.iter_entries(killed), None) is None, (
+        "the kill should land mid-extraction"
+    )
     subprocess.run([sys.executable, "-c", RUNNER, str(killed)], check=True)
     subprocess.run([sys.executable, "-c", RUNNER, str(clean)], check=True)
     assert len(list(killed.glob(marker_glob))) == total
@@ -173,12 +206,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
 
 # -- CLI ------------------------------------------------------------------------------
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.mark.slow  # five real processes, each importing TensorFlow
 def test_cli_extract_json_then_hit_and_cache_commands(cache_dir: Path) -> None:
-    args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "5", "--cache", str(cache_dir), "--json"]
+    args = [
+        "extract",
+        "--data",
+        "builtin:digits",
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--limit",
+        "5",
+        "--cache",
+        str(cache_dir),
+        "--json",
+    ]
     first = _cli(*args)
     assert first.returncode == 0, first.stderr
     doc = json.loads(first.stdout)
@@ -208,7 +258,13 @@ def test_cli_extract_json_then_hit_and_cache_commands(cache_dir: Path) -> None:
     ],
 )
 def test_cli_bad_input_is_one_line_without_traceback(cache_dir: Path, args: list[str], needle: str) -> None:
-    base = {"--data": "builtin:digits", "--backbone": "mobilenetv2", "--weights": "random", "--size": "32", "--limit": "3"}
+    base = {
+        "--data": "builtin:digits",
+        "--backbone": "mobilenetv2",
+        "--weights": "random",
+        "--size": "32",
+        "--limit": "3",
+    }
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [x for kv in base.items() for x in kv]

@@ -23,7 +23,16 @@ from PIL import Image
 import featurecache as fc
 from featurecache.cache import store, views
 
-OPTIONS = dict(backbone="mobilenetv2", weights="random", size=32, views=1, augment="flip,rotation=10", batch_size=4, chunk_rows=6, progress=False)
+OPTIONS = dict(
+    backbone="mobilenetv2",
+    weights="random",
+    size=32,
+    views=1,
+    augment="flip,rotation=10",
+    batch_size=4,
+    chunk_rows=6,
+    progress=False,
+)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -118,7 +127,9 @@ def test_relabel_builds_no_model_and_imports_no_tensorflow(data: tuple[Path, lis
         f"r = fc.extract({str(root / 'b.csv')!r}, cache_dir={str(cache)!r}, **json.loads(sys.argv[1]))\n"
         "print(json.dumps({'computed': r.computed, 'cached': r.cached, 'tf': 'tensorflow' in sys.modules}))"
     )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(OPTIONS)], capture_output=True, text=True, check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(OPTIONS)], capture_output=True, text=True, check=True, cwd=REPO
+    )
     assert json.loads(out.stdout) == {"computed": 0, "cached": False, "tf": False}
 
 
@@ -131,7 +142,10 @@ def test_duplicates_and_shared_images_are_computed_once(data: tuple[Path, list],
     assert res.computed == 24 + 14, "the copy's bytes are already being computed once"
     fs = fc.open_features(res.key, cache_dir=cache)
     ids = list(fs.ids("test"))
-    np.testing.assert_array_equal(fs.features("test")[ids.index("img/copy.png")], fs.features("train")[list(fs.ids("train")).index("img/img001.png")])
+    np.testing.assert_array_equal(
+        fs.features("test")[ids.index("img/copy.png")],
+        fs.features("train")[list(fs.ids("train")).index("img/img001.png")],
+    )
     # A second project sharing the test images: only its own images are new.
     other_names = _images(root / "other", 4, start=100)
     shared = [r for r in rows if r[2] == "test"] + [(f"other/{n}", "a", "train") for n in other_names]
@@ -147,21 +161,52 @@ RUNNER = (
 
 
 @pytest.mark.slow
-def test_two_processes_on_overlapping_datasets_compute_shared_images_once(data: tuple[Path, list], tmp_path: Path) -> None:
+def test_two_processes_on_overlapping_datasets_compute_shared_images_once(
+    data: tuple[Path, list], tmp_path: Path
+) -> None:
     root, rows = data
     cache = root / "cache"
     extra = _images(root / "img", 6, start=50)
     a = _manifest(root / "a.csv", rows)
     b = _manifest(root / "b.csv", rows[:12] + [(f"img/{n}", "b", "train") for n in extra])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    procs = [subprocess.Popen([sys.executable, "-c", RUNNER, str(p), str(cache), json.dumps(OPTIONS)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO) for p in (a, b)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUNNER, str(p), str(cache), json.dumps(OPTIONS)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for p in (a, b)
+    ]
     outs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     distinct_clean = 24 + 6
     distinct_aug = 14 + 6  # every image of a's train split, and b's six new training images
     assert sum(o["computed"] for o in outs) == distinct_clean + distinct_aug, outs
-    _equal(fc.open_features(fc.plan(str(a), cache_dir=cache, **{k: v for k, v in OPTIONS.items() if k in ("backbone", "weights", "size", "views", "augment")}).key, cache_dir=cache), _cold(a, tmp_path))
-    _equal(fc.open_features(fc.plan(str(b), cache_dir=cache, **{k: v for k, v in OPTIONS.items() if k in ("backbone", "weights", "size", "views", "augment")}).key, cache_dir=cache), _cold(b, tmp_path))
+    _equal(
+        fc.open_features(
+            fc.plan(
+                str(a),
+                cache_dir=cache,
+                **{k: v for k, v in OPTIONS.items() if k in ("backbone", "weights", "size", "views", "augment")},
+            ).key,
+            cache_dir=cache,
+        ),
+        _cold(a, tmp_path),
+    )
+    _equal(
+        fc.open_features(
+            fc.plan(
+                str(b),
+                cache_dir=cache,
+                **{k: v for k, v in OPTIONS.items() if k in ("backbone", "weights", "size", "views", "augment")},
+            ).key,
+            cache_dir=cache,
+        ),
+        _cold(b, tmp_path),
+    )
 
 
 def test_layout_reads_with_plain_zarr_and_xarray(data: tuple[Path, list]) -> None:
@@ -172,7 +217,11 @@ def test_layout_reads_with_plain_zarr_and_xarray(data: tuple[Path, list]) -> Non
     readme = (REPO / "docs" / "guide" / "cache.md").read_text()
     snippet = readme.split("<!-- plain-zarr -->", 2)[1].split("```python", 1)[1].split("```", 1)[0]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = f"CACHE, KEY = {str(cache)!r}, {res.key!r}\n" + snippet + "\nimport json; print(json.dumps({'shape': list(X.shape), 'labels': y.tolist()}))"
+    code = (
+        f"CACHE, KEY = {str(cache)!r}, {res.key!r}\n"
+        + snippet
+        + "\nimport json; print(json.dumps({'shape': list(X.shape), 'labels': y.tolist()}))"
+    )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout.strip().splitlines()[-1])

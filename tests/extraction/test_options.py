@@ -57,9 +57,24 @@ def test_defaults_are_the_unkeyed_defaults() -> None:
         ExtractOptions(),
         ExtractOptions(**SMALL),
         ExtractOptions(
-            backbone="mobilenetv2", weights="random", size=40, layer="out_relu", pooling="max", resize="nearest",
-            augment="flip,rotation=15,zoom=0.1", views=3, augment_splits=("train", "val"), seed=7, dtype="float16",
-            precision="mixed", decode="fast", antialias=True, batch_size=8, workers=2, xla=False, on_error="fail",
+            backbone="mobilenetv2",
+            weights="random",
+            size=40,
+            layer="out_relu",
+            pooling="max",
+            resize="nearest",
+            augment="flip,rotation=15,zoom=0.1",
+            views=3,
+            augment_splits=("train", "val"),
+            seed=7,
+            dtype="float16",
+            precision="mixed",
+            decode="fast",
+            antialias=True,
+            batch_size=8,
+            workers=2,
+            xla=False,
+            on_error="fail",
         ),
         ExtractOptions(weights="/tmp/my weights.weights.h5", xla=True, augment_splits=["test"]),
     ],
@@ -70,12 +85,19 @@ def test_printed_command_parses_back_to_equal_options(options: ExtractOptions) -
     assert parsed == options
     assert (params["data"], params["limit"], str(params["cache"])) == ("my data/x.csv", 5, "/tmp/a cache")
     # Only what differs from the default is printed (backbone and weights always, for the reader).
-    assert len([w for w in words if w.startswith("--")]) == 2 + len(set(options.changed()) - {"backbone", "weights"}) + 3
+    assert (
+        len([w for w in words if w.startswith("--")]) == 2 + len(set(options.changed()) - {"backbone", "weights"}) + 3
+    )
 
 
 def test_every_command_that_names_features_takes_the_same_options() -> None:
     by_field = {f.name: f for f in dataclasses.fields(ExtractOptions)}
-    for name, fields_ in [("extract", FIELDS), ("cache explain", KEYED_FIELDS), ("train-head", KEYED_FIELDS), ("sweep", KEYED_FIELDS)]:
+    for name, fields_ in [
+        ("extract", FIELDS),
+        ("cache explain", KEYED_FIELDS),
+        ("train-head", KEYED_FIELDS),
+        ("sweep", KEYED_FIELDS),
+    ]:
         params = {p.name: p for p in _command(name).params}
         for field in fields_:
             meta = by_field[field].metadata
@@ -95,28 +117,44 @@ def test_keywords_options_and_overrides_give_the_same_plan(tmp_path: Path) -> No
         opts.size = 64  # type: ignore[misc]
     with pytest.raises(TypeError, match="plan\\(\\) got unexpected keyword argument\\(s\\) batch_size"):
         fc.plan("builtin:digits", batch_size=8, cache_dir=tmp_path)
-    with pytest.raises(TypeError, match="extract\\(\\) got unexpected keyword argument\\(s\\) bogus; its options are backbone, weights"):
+    with pytest.raises(
+        TypeError, match="extract\\(\\) got unexpected keyword argument\\(s\\) bogus; its options are backbone, weights"
+    ):
         fc.extract("builtin:digits", bogus=1, cache_dir=tmp_path)
     with pytest.raises(TypeError, match="takes options=ExtractOptions"):
         fc.plan("builtin:digits", {"size": 32}, cache_dir=tmp_path)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="pooling 'maximum' is not one of avg, max, flatten, none; pass e.g. --pooling avg"):
+    with pytest.raises(
+        UsageError, match="pooling 'maximum' is not one of avg, max, flatten, none; pass e.g. --pooling avg"
+    ):
         ExtractOptions(pooling="maximum")
 
 
 def test_cli_rejects_a_bad_option_of_a_lookup_command_in_one_line(tmp_path: Path) -> None:
     for command in (["train-head"], ["sweep"], ["cache", "explain"]):
-        res = CliRunner().invoke(app, [*command, "--data", "builtin:digits", "--precision", "half", "--cache", str(tmp_path)])
+        res = CliRunner().invoke(
+            app, [*command, "--data", "builtin:digits", "--precision", "half", "--cache", str(tmp_path)]
+        )
         assert res.exit_code == 2, res.output
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        assert lines == ["error: precision 'half' is not one of float32, mixed; pass --precision float32 or --precision mixed"], (command, res.stderr)
+        assert lines == [
+            "error: precision 'half' is not one of float32, mixed; pass --precision float32 or --precision mixed"
+        ], (command, res.stderr)
 
 
 def test_features_by_options_and_the_printed_command_when_missing(tmp_path: Path) -> None:
     """Missing features name the command; pasted, it makes exactly those features (same key)."""
     cache = tmp_path / "the cache"
     opts = ExtractOptions(
-        **SMALL, pooling="max", resize="nearest", augment="flip", views=1, augment_splits=("train", "val"), seed=3,
-        dtype="float16", decode="fast", antialias=True,
+        **SMALL,
+        pooling="max",
+        resize="nearest",
+        augment="flip",
+        views=1,
+        augment_splits=("train", "val"),
+        seed=3,
+        dtype="float16",
+        decode="fast",
+        antialias=True,
     )
     want = fc.plan("builtin:digits", opts, limit=2, cache_dir=cache).key
     with pytest.raises(EntryNotFoundError) as info:
@@ -142,7 +180,13 @@ def test_features_by_options_and_the_printed_command_when_missing(tmp_path: Path
     from featurecache.data import Dataset, Split, load_dataset
 
     ds = load_dataset("builtin:digits", limit=2)
-    relabelled = Dataset(ds.name, ds.source, ds.classes, {n: Split(n, s.ids, (s.labels + 1) % 10, s.items) for n, s in ds.splits.items()}, ds.skipped)
+    relabelled = Dataset(
+        ds.name,
+        ds.source,
+        ds.classes,
+        {n: Split(n, s.ids, (s.labels + 1) % 10, s.items) for n, s in ds.splits.items()},
+        ds.skipped,
+    )
     with pytest.raises(EntryNotFoundError, match="featurecache extract --data builtin:digits --backbone mobilenetv2"):
         fc.features_for(relabelled, opts, limit=2, cache_dir=cache)
     made = fc.features_for(relabelled, opts, limit=2, cache_dir=cache, extract_missing=True, progress=False)

@@ -114,7 +114,9 @@ def test_out_of_memory_on_one_image_is_a_clear_error() -> None:
 
 
 def test_empty_unit_gives_empty_features() -> None:
-    feats, used = extract_mod.forward_in_batches(_SmallDevice(limit=4), np.zeros((0, 2), np.float32), batch_size=8, feature_shape=(5,))
+    feats, used = extract_mod.forward_in_batches(
+        _SmallDevice(limit=4), np.zeros((0, 2), np.float32), batch_size=8, feature_shape=(5,)
+    )
     assert feats.shape == (0, 5) and used == 8
 
 
@@ -123,8 +125,18 @@ def test_empty_unit_gives_empty_features() -> None:
 
 def test_precision_float32_keeps_old_keys_and_mixed_is_keyed() -> None:
     base = dict(
-        backbone="vgg19", weights="random:seed=0", layer="block5_pool", pooling="avg", input_size=32,
-        resize="bilinear", preprocess="vgg19:caffe", augment={}, views=0, augment_splits=(), seed=0, dtype="float32",
+        backbone="vgg19",
+        weights="random:seed=0",
+        layer="block5_pool",
+        pooling="avg",
+        input_size=32,
+        resize="bilinear",
+        preprocess="vgg19:caffe",
+        augment={},
+        views=0,
+        augment_splits=(),
+        seed=0,
+        dtype="float32",
     )
     default = FeatureSpec(**base)
     assert "precision" not in default.key_fields()  # entries made before the field keep their key
@@ -140,8 +152,22 @@ def test_mixed_precision_extract_runs_on_cpu_and_keys_differently(cache_dir: Pat
 
     from featurecache.cli.main import app
 
-    args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32",
-            "--limit", "4", "--cache", str(cache_dir), "--json"]
+    args = [
+        "extract",
+        "--data",
+        "builtin:digits",
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--limit",
+        "4",
+        "--cache",
+        str(cache_dir),
+        "--json",
+    ]
     runner = CliRunner()
     mixed = runner.invoke(app, [*args, "--precision", "mixed"])
     assert mixed.exit_code == 0, mixed.output
@@ -167,8 +193,20 @@ def test_xla_is_recorded_not_keyed_and_changes_features_by_round_off_only(cache_
 
     from featurecache.cli.main import app
 
-    args = ["extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32",
-            "--limit", "4", "--json"]
+    args = [
+        "extract",
+        "--data",
+        "builtin:digits",
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--limit",
+        "4",
+        "--json",
+    ]
     runner = CliRunner()
     xla = runner.invoke(app, [*args, "--xla", "--cache", str(cache_dir / "a")])
     assert xla.exit_code == 0, xla.output
@@ -196,9 +234,18 @@ def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> views.Featur
     if with_val:
         parts["val"] = (X[800:1000], y[800:1000])
     spec = FeatureSpec(
-        backbone="fake", weights=f"random:seed={views}", layer="pixels", pooling="none",
-        input_size=8, resize="bilinear", preprocess="none", augment={"flip": True} if views else {}, views=views,
-        augment_splits=("train",) if views else (), seed=0, dtype="float32",
+        backbone="fake",
+        weights=f"random:seed={views}",
+        layer="pixels",
+        pooling="none",
+        input_size=8,
+        resize="bilinear",
+        preprocess="none",
+        augment={"flip": True} if views else {},
+        views=views,
+        augment_splits=("train",) if views else (),
+        seed=0,
+        dtype="float32",
     )
     rng = np.random.default_rng(0)
     splits = {}
@@ -211,7 +258,14 @@ def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> views.Featur
         splits[s] = ([f"{s}{i}" for i in range(len(lab))], lab, feats, valid)
     from featurecache.cache.views import write_arrays
 
-    fs = write_arrays(cache_dir, spec, classes=[str(i) for i in range(10)], splits=splits, dataset_name="v" if with_val else "n", chunk_rows=128)
+    fs = write_arrays(
+        cache_dir,
+        spec,
+        classes=[str(i) for i in range(10)],
+        splits=splits,
+        dataset_name="v" if with_val else "n",
+        chunk_rows=128,
+    )
     return fs
 
 
@@ -219,7 +273,9 @@ def _feature_set(cache_dir: Path, *, views: int, with_val: bool) -> views.Featur
     "views,with_val,budget",
     [(0, True, 1), (2, False, 1), (0, True, "100KiB")],  # 100 KiB: streamed, read ahead 3 batches at a time
 )
-def test_dense_head_streams_from_zarr_and_matches_in_memory_training(cache_dir: Path, views: int, with_val: bool, budget: object) -> None:
+def test_dense_head_streams_from_zarr_and_matches_in_memory_training(
+    cache_dir: Path, views: int, with_val: bool, budget: object
+) -> None:
     from featurecache.training.heads import make_head
 
     fs = _feature_set(cache_dir, views=views, with_val=with_val)
@@ -243,7 +299,10 @@ def test_dense_head_streams_from_zarr_and_matches_in_memory_training(cache_dir: 
 def test_sklearn_head_over_budget_is_refused_with_the_fix(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fs = _feature_set(cache_dir, views=0, with_val=True)
     monkeypatch.setenv(train_mod.MEMORY_ENV, "1KiB")
-    with pytest.raises(MemoryBudgetError, match=r"LogisticRegression head fits on the whole matrix.*--head dense.*FEATURECACHE_MAX_MEMORY="):
+    with pytest.raises(
+        MemoryBudgetError,
+        match=r"LogisticRegression head fits on the whole matrix.*--head dense.*FEATURECACHE_MAX_MEMORY=",
+    ):
         train_mod.train_head(fs, head="logreg", out=cache_dir.parent / "run", plots=False)
     # Under the budget the same call trains in memory.
     monkeypatch.setenv(train_mod.MEMORY_ENV, "64MiB")

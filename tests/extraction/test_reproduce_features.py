@@ -51,7 +51,9 @@ def test_readme_recipe_reproduces_cached_features(tmp_path: Path) -> None:
 
     data = tmp_path / "photos"
     _photos(data)
-    res = fc.extract(str(data), backbone="mobilenetv2", weights="random", size=48, cache_dir=tmp_path / "cache", progress=False)
+    res = fc.extract(
+        str(data), backbone="mobilenetv2", weights="random", size=48, cache_dir=tmp_path / "cache", progress=False
+    )
     fs = fc.open_features(res.key, cache_dir=tmp_path / "cache")
     cached, ids = fs.features("train"), [str(i) for i in fs.ids("train")]
     assert len(ids) == 4 and fs.valid("train").all()
@@ -60,7 +62,9 @@ def test_readme_recipe_reproduces_cached_features(tmp_path: Path) -> None:
     exec(compile(_recipe(), str(README), "exec"), namespace)  # noqa: S102 - the README's own code
     keras.utils.set_random_seed(0)  # what --weights random --seed 0 does before building
     model = keras.applications.MobileNetV2(weights=None, include_top=False, pooling="avg", input_shape=(48, 48, 3))
-    ours = namespace["features_of"]([data / i for i in ids], model, keras.applications.mobilenet_v2.preprocess_input, 48)
+    ours = namespace["features_of"](
+        [data / i for i in ids], model, keras.applications.mobilenet_v2.preprocess_input, 48
+    )
 
     assert ours.shape == cached.shape
     # Relative to the features' scale: random-weight MobileNetV2 features are ~1e-11 in size.

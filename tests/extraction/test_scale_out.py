@@ -56,14 +56,20 @@ def local_cluster(**env: str):
     # depend on Dask's retry counters).
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         lc = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
             env={"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3", **env},
         )
     return lc, Client(lc)
 
 
 @pytest.mark.slow
-def test_cluster_extraction_is_bit_identical_and_records_where(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+def test_cluster_extraction_is_bit_identical_and_records_where(
+    tmp_path: Path, reference: dict[str, np.ndarray]
+) -> None:
     from featurecache.cache.store import open_store
     from featurecache.cache.views import open_features
     from featurecache.extraction.extract import extract, plan
@@ -84,11 +90,18 @@ def test_cluster_extraction_is_bit_identical_and_records_where(tmp_path: Path, r
     assert res.computed == 30 and again.cached
     summary = fs.attrs["compute"]["cluster"]
     assert summary["tasks"] == 4 and summary["failed"] == 0 and summary["max_submissions"] == 1
-    st = open_store(cache, plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10).spec.key)
+    st = open_store(
+        cache, plan(DATA, cache_dir=cache, backbone="mobilenetv2", weights="random", size=32, limit=10).spec.key
+    )
     markers = st.markers(0, refresh=True)
     assert len(markers) == 8
     for m in markers.values():
-        assert m["worker"].startswith("tcp://127.0.0.1:") and m["device"] == "CPU" and m["host"] and "tensorflow" in m["versions"]
+        assert (
+            m["worker"].startswith("tcp://127.0.0.1:")
+            and m["device"] == "CPU"
+            and m["host"]
+            and "tensorflow" in m["versions"]
+        )
 
 
 @pytest.mark.slow
@@ -125,7 +138,9 @@ print(json.dumps({{"pending": res.pending, "cached": res.cached, "computed": res
 
 
 @pytest.mark.slow
-def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, reference: dict[str, np.ndarray]) -> None:
+def test_two_shard_processes_make_one_complete_identical_entry(
+    tmp_path: Path, reference: dict[str, np.ndarray]
+) -> None:
     from featurecache.cache.views import open_features
     from featurecache.extraction.extract import plan
     from featurecache.extraction.shards import plan_path
@@ -133,7 +148,16 @@ def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, r
     cache = tmp_path / "cache"
     script = SHARD_SCRIPT.format(data=DATA, opts=OPTS)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(cache), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(cache), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
@@ -153,7 +177,9 @@ def test_two_shard_processes_make_one_complete_identical_entry(tmp_path: Path, r
 def test_shard_text_and_slurm_array() -> None:
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard(None) is None
-    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}) == (2, 4)
+    assert parse_shard(
+        "auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}
+    ) == (2, 4)
     for bad in ("2/2", "1", "a/b", "-1/2"):
         with pytest.raises(UsageError, match="--shard|shard"):
             parse_shard(bad)
@@ -161,14 +187,31 @@ def test_shard_text_and_slurm_array() -> None:
         parse_shard("auto", {})
 
 
-CLI_BASE = ["extract", "--data", DATA, "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "--limit", "10", "--batch-size", "4"]
+CLI_BASE = [
+    "extract",
+    "--data",
+    DATA,
+    "--backbone",
+    "mobilenetv2",
+    "--weights",
+    "random",
+    "--size",
+    "32",
+    "--limit",
+    "10",
+    "--batch-size",
+    "4",
+]
 
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (["--cluster", "yarn:2"], "--cluster 'yarn:2' is not understood; pass local:N"),
-        (["--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:1"], "only one of --cluster, --scheduler and --scheduler-file"),
+        (
+            ["--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:1"],
+            "only one of --cluster, --scheduler and --scheduler-file",
+        ),
         (["--shard", "2/2"], "shard 2/2 is out of range"),
         (["--shard", "half"], "--shard 'half' is not i/N"),
     ],
@@ -192,7 +235,9 @@ def test_cli_local_cluster_equals_a_local_run(tmp_path: Path, reference: dict[st
     from featurecache.cli.main import app
 
     cache = tmp_path / "cache"
-    res = CliRunner().invoke(app, [*CLI_BASE, "--cache", str(cache), "--cluster", "local:2", "--units-per-task", "1", "--json"])
+    res = CliRunner().invoke(
+        app, [*CLI_BASE, "--cache", str(cache), "--cluster", "local:2", "--units-per-task", "1", "--json"]
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     fs = open_features(doc["key"], cache_dir=cache)
@@ -218,7 +263,14 @@ def local_sweep(sweep_features: tuple[Path, str], tmp_path_factory: pytest.TempP
     from featurecache.training.sweeps.sweep import sweep
 
     cache, key = sweep_features
-    return sweep(key, grid=[SWEEP_GRID], n_jobs=1, out=tmp_path_factory.mktemp("local-sweep") / "local", cache_dir=cache, progress=False)
+    return sweep(
+        key,
+        grid=[SWEEP_GRID],
+        n_jobs=1,
+        out=tmp_path_factory.mktemp("local-sweep") / "local",
+        cache_dir=cache,
+        progress=False,
+    )
 
 
 def assert_same_trials(rows: list[dict], local_rows: list[dict]) -> None:
@@ -232,7 +284,9 @@ def assert_same_trials(rows: list[dict], local_rows: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path, sweep_features: tuple[Path, str], local_sweep) -> None:
+def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(
+    tmp_path: Path, sweep_features: tuple[Path, str], local_sweep
+) -> None:
     pytest.importorskip("distributed")
     from typer.testing import CliRunner
 
@@ -242,15 +296,34 @@ def test_cli_dask_sweep_equals_a_local_sweep_trial_by_trial(tmp_path: Path, swee
     grid = SWEEP_GRID
     local = local_sweep
     res = CliRunner().invoke(
-        app, ["sweep", "--features", key, "--grid", grid, "--backend", "dask", "--cluster", "local:2", "--jobs", "2",
-              "--out", str(tmp_path / "dask"), "--cache", str(cache), "--json"],
+        app,
+        [
+            "sweep",
+            "--features",
+            key,
+            "--grid",
+            grid,
+            "--backend",
+            "dask",
+            "--cluster",
+            "local:2",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path / "dask"),
+            "--cache",
+            str(cache),
+            "--json",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert_same_trials(json.loads(res.stdout)["leaderboard"], local.leaderboard)
 
 
 @pytest.mark.slow
-def test_dask_sweep_resumes_the_trials_of_a_worker_that_died(tmp_path: Path, sweep_features: tuple[Path, str], local_sweep) -> None:
+def test_dask_sweep_resumes_the_trials_of_a_worker_that_died(
+    tmp_path: Path, sweep_features: tuple[Path, str], local_sweep
+) -> None:
     from typer.testing import CliRunner
 
     from featurecache.cli.main import app
@@ -263,8 +336,25 @@ def test_dask_sweep_resumes_the_trials_of_a_worker_that_died(tmp_path: Path, swe
     lc, client = local_cluster(FEATURECACHE_FAULT="trial_fitted:exit", FEATURECACHE_FAULT_ONCE=str(once))
     try:
         res = CliRunner().invoke(
-            app, ["sweep", "--features", key, "--grid", SWEEP_GRID, "--backend", "dask", "--scheduler", lc.scheduler_address,
-                  "--jobs", "2", "--out", str(tmp_path / "dask"), "--cache", str(cache), "--json"],
+            app,
+            [
+                "sweep",
+                "--features",
+                key,
+                "--grid",
+                SWEEP_GRID,
+                "--backend",
+                "dask",
+                "--scheduler",
+                lc.scheduler_address,
+                "--jobs",
+                "2",
+                "--out",
+                str(tmp_path / "dask"),
+                "--cache",
+                str(cache),
+                "--json",
+            ],
         )
     finally:
         client.close()
@@ -283,7 +373,9 @@ def test_cli_dask_backend_needs_a_cluster(tmp_path: Path) -> None:
 
     from featurecache.cli.main import app
 
-    res = CliRunner().invoke(app, ["sweep", "--features", "abcdef123456", "--backend", "dask", "--cache", str(tmp_path)])
+    res = CliRunner().invoke(
+        app, ["sweep", "--features", "abcdef123456", "--backend", "dask", "--cache", str(tmp_path)]
+    )
     assert res.exit_code != 0
     assert "--backend dask goes with one of --cluster" in res.output
 
@@ -326,7 +418,9 @@ def test_worker_killed_from_outside_mid_unit(tmp_path: Path, reference: dict[str
     try:
         pids = set(client.run(os.getpid).values())
         out: dict[str, object] = {}
-        runner = threading.Thread(target=lambda: out.update(res=extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS)))
+        runner = threading.Thread(
+            target=lambda: out.update(res=extract(DATA, cache_dir=cache, client=client, units_per_task=2, **OPTS))
+        )
         runner.start()
         from conftest import kill_frozen_worker
 
@@ -356,14 +450,21 @@ def test_a_bad_image_with_on_error_fail_is_not_retried_on_the_cluster(tmp_path: 
     lc, client = local_cluster()
     try:
         with pytest.raises(ImageDecodeError, match="broken.png"):
-            extract(str(root), cache_dir=tmp_path / "cache", client=client, on_error="fail",
-                    **{k: v for k, v in OPTS.items() if k != "limit"})
+            extract(
+                str(root),
+                cache_dir=tmp_path / "cache",
+                client=client,
+                on_error="fail",
+                **{k: v for k, v in OPTS.items() if k != "limit"},
+            )
     finally:
         client.close()
         lc.close()
 
 
-def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import time
 
     pytest.importorskip("distributed")
@@ -385,14 +486,18 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
     expected = file_digests(paths, memo_path=here)  # one process, its threads
     hashed_here: list[int] = []  # files this process hashes: none, when the workers' reads are used
     real = dataset_mod.iter_file_hashes
-    monkeypatch.setattr(dataset_mod, "iter_file_hashes", lambda paths, **kw: hashed_here.append(len(paths)) or real(paths, **kw))
+    monkeypatch.setattr(
+        dataset_mod, "iter_file_hashes", lambda paths, **kw: hashed_here.append(len(paths)) or real(paths, **kw)
+    )
     lc, client = local_cluster()
     try:
         stats: dict[str, int] = {}
         there = tmp_path / "there" / MEMO_FILENAME
         with get_task_stream(client) as ts:
             # Batches of 3 of 20 files: 7 tasks, finished in any order, digests in path order.
-            got = file_digests(paths, memo_path=there, hasher=cluster.file_hasher(client, min_files=1, batch_files=3, stats=stats))
+            got = file_digests(
+                paths, memo_path=there, hasher=cluster.file_hasher(client, min_files=1, batch_files=3, stats=stats)
+            )
         assert got == expected
         assert stats == {"tasks": 7, "failed": 0} and hashed_here == []
         assert sum(t["key"].startswith("_hash_task") for t in ts.data) == 7  # the workers read them
@@ -403,7 +508,15 @@ def test_dataset_digests_hashed_on_the_cluster_equal_local_hashing(tmp_path: Pat
         cache = tmp_path / "cache"
         with get_task_stream(client) as ts, pytest.raises(UsageError, match="not both"):
             # --shard with a client fails after planning (and hashing), before any model is built.
-            extract(str(root), cache_dir=cache, client=client, shard=(0, 2), backbone="mobilenetv2", weights="random", size=32)
+            extract(
+                str(root),
+                cache_dir=cache,
+                client=client,
+                shard=(0, 2),
+                backbone="mobilenetv2",
+                weights="random",
+                size=32,
+            )
         assert sum(t["key"].startswith("_hash_task") for t in ts.data) == 1
     finally:
         client.close()

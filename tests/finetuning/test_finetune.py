@@ -37,8 +37,15 @@ def ft_env(tmp_path_factory: pytest.TempPathFactory, digits_features_for) -> dic
     features = digits_features_for(backbone="mobilenetv2", size=SIZE, limit=LIMIT)  # the session's: read only
     cache, res = features.cache, features.result
     runs = {}
-    for head, params in (("logreg", {}), ("dense", {"hidden": "16", "epochs": 2, "dropout": 0.0}), ("sgd", {}), ("ridge", {"cv": 2})):
-        runs[head] = train_head(res.key, head=head, params=params, out=root / "runs" / head, cache_dir=cache, plots=False).run_dir
+    for head, params in (
+        ("logreg", {}),
+        ("dense", {"hidden": "16", "epochs": 2, "dropout": 0.0}),
+        ("sgd", {}),
+        ("ridge", {"cv": 2}),
+    ):
+        runs[head] = train_head(
+            res.key, head=head, params=params, out=root / "runs" / head, cache_dir=cache, plots=False
+        ).run_dir
     return {"root": root, "cache": cache, "key": res.key, **{f"run_{h}": p for h, p in runs.items()}}
 
 
@@ -59,7 +66,12 @@ def _check(run: Path, cache: Path, **kw: object) -> EquivalenceReport:
 
 @pytest.mark.parametrize(
     "mode,module,exact",
-    [("tf", "mobilenet_v2", False), ("torch", "densenet", False), ("caffe", "vgg16", True), ("none", "efficientnet", True)],
+    [
+        ("tf", "mobilenet_v2", False),
+        ("torch", "densenet", False),
+        ("caffe", "vgg16", True),
+        ("none", "efficientnet", True),
+    ],
 )
 def test_preprocess_layers_equal_keras_preprocess_input(mode: str, module: str, exact: bool) -> None:
     import keras
@@ -139,7 +151,14 @@ def test_equivalence_fails_loudly_on_features_cached_at_another_size(ft_env: dic
 def test_non_keras_head_is_refused(ft_env: dict) -> None:
     from featurecache.training.train import train_head
 
-    run = train_head(ft_env["key"], head="knn", params={"n_neighbors": 1}, out=ft_env["root"] / "runs" / "knn", cache_dir=ft_env["cache"], plots=False).run_dir
+    run = train_head(
+        ft_env["key"],
+        head="knn",
+        params={"n_neighbors": 1},
+        out=ft_env["root"] / "runs" / "knn",
+        cache_dir=ft_env["cache"],
+        plots=False,
+    ).run_dir
     with pytest.raises(UsageError, match=r"Keras can express.*KNeighborsClassifier.*dense, logreg"):
         rebuild_model(run, cache_dir=ft_env["cache"])
 
@@ -249,7 +268,16 @@ def test_export_loads_without_featurecache_and_matches_predict_cli(tuned: dict, 
         "print(json.dumps({'proba': proba, 'featurecache_loaded': any(m.startswith('featurecache') for m in sys.modules)}))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code, json.dumps(site.getsitepackages()), str(model_file), str(tmp_path / "images.npy")],
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            code,
+            json.dumps(site.getsitepackages()),
+            str(model_file),
+            str(tmp_path / "images.npy"),
+        ],
         cwd=model_file.parent,
         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path)},
         capture_output=True,
@@ -275,8 +303,20 @@ def test_folder_with_holdout_binary_head_and_caffe_preprocessing(image_folder: P
 
     cache = tmp_path / "cache"
     res = fc.extract(str(image_folder), backbone="vgg16", weights="random", size=SIZE, cache_dir=cache, progress=False)
-    run = train_head(res.key, head="logreg", out=tmp_path / "run", cache_dir=cache, plots=False, val_fraction=0.25).run_dir
-    result = fc.finetune(run, unfreeze="block5", epochs=1, lr=1e-4, batch_size=4, out=tmp_path / "ft", cache_dir=cache, plots=False, progress=False)
+    run = train_head(
+        res.key, head="logreg", out=tmp_path / "run", cache_dir=cache, plots=False, val_fraction=0.25
+    ).run_dir
+    result = fc.finetune(
+        run,
+        unfreeze="block5",
+        epochs=1,
+        lr=1e-4,
+        batch_size=4,
+        out=tmp_path / "ft",
+        cache_dir=cache,
+        plots=False,
+        progress=False,
+    )
     assert result.equivalence.passed and result.equivalence.n == 2
     cfg = json.loads((result.out / "config.json").read_text())
     assert cfg["dataset"]["validation"] == "train" and (cfg["dataset"]["n_train"], cfg["dataset"]["n_val"]) == (6, 2)
@@ -315,12 +355,27 @@ def test_two_identical_finetunes_give_identical_weights_and_metrics(ft_env: dict
     from featurecache.training.train import train_head
 
     run = train_head(
-        ft_env["key"], head="dense", params={"hidden": "16", "epochs": 1, "dropout": 0.5}, out=tmp_path / "run", cache_dir=ft_env["cache"], plots=False,
+        ft_env["key"],
+        head="dense",
+        params={"hidden": "16", "epochs": 1, "dropout": 0.5},
+        out=tmp_path / "run",
+        cache_dir=ft_env["cache"],
+        plots=False,
     ).run_dir
     results = [
         fc.finetune(
-            run, unfreeze="top:1", epochs=2, lr=1e-2, batch_size=8, augment="flip", patience=0, seed=7, out=tmp_path / f"ft{i}",
-            cache_dir=ft_env["cache"], plots=False, progress=False,
+            run,
+            unfreeze="top:1",
+            epochs=2,
+            lr=1e-2,
+            batch_size=8,
+            augment="flip",
+            patience=0,
+            seed=7,
+            out=tmp_path / f"ft{i}",
+            cache_dir=ft_env["cache"],
+            plots=False,
+            progress=False,
         )
         for i in range(2)
     ]
@@ -345,7 +400,12 @@ def test_training_curves_draw_the_head_as_epoch_0() -> None:
 
     history = {"loss": [1.0, 0.5], "val_loss": [0.9, 0.7], "accuracy": [0.5, 0.7], "val_accuracy": [0.6, 0.65]}
     fig = training_curves_figure(history, before={"val_loss": 0.8, "val_accuracy": 0.62})
-    lines = {(ax.get_ylabel(), ln.get_label()): ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("best")}
+    lines = {
+        (ax.get_ylabel(), ln.get_label()): ln
+        for ax in fig.axes
+        for ln in ax.get_lines()
+        if not ln.get_label().startswith("best")
+    }
     assert list(lines["loss", "validation"].get_xdata()) == [0, 1, 2]
     assert list(lines["loss", "validation"].get_ydata()) == [0.8, 0.9, 0.7]
     assert list(lines["accuracy", "validation"].get_ydata())[0] == 0.62
@@ -366,7 +426,22 @@ def test_finetune_cli_shows_epochs_from_the_head_and_warns_when_worse(ft_env: di
     # pytest records warnings itself; outside it the command prints this one as a "warning: ..." line.
     with pytest.warns(FeatureCacheWarning, match=r"fine-tuning ended worse than the head \(val accuracy 1\.000 -> "):
         res = CliRunner().invoke(
-            app, ["finetune", "--run", str(run), "--epochs", "1", "--batch-size", "8", "--patience", "0", "--out", str(tmp_path / "ft"), "--cache", str(ft_env["cache"])],
+            app,
+            [
+                "finetune",
+                "--run",
+                str(run),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--patience",
+                "0",
+                "--out",
+                str(tmp_path / "ft"),
+                "--cache",
+                str(ft_env["cache"]),
+            ],
         )
     assert res.exit_code == 0, res.output
     err = res.stderr.splitlines()

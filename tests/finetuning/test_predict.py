@@ -92,7 +92,16 @@ def test_cli_predict_and_evaluate(pred_env: dict) -> None:
     assert len(rows) == 3 and all(len(r["top"]) == 2 for r in rows)
     code, out = _cli("predict", str(pred_env["exported"] / "model.keras"), str(pred_env["images"][0]))
     assert code == 0 and out.startswith(f"{pred_env['images'][0]}: "), out
-    code, out = _cli("evaluate", str(pred_env["exported"]), "--split", "val", "--json", "--no-plots", "--cache", str(pred_env["cache"]))
+    code, out = _cli(
+        "evaluate",
+        str(pred_env["exported"]),
+        "--split",
+        "val",
+        "--json",
+        "--no-plots",
+        "--cache",
+        str(pred_env["cache"]),
+    )
     assert code == 0, out
     assert json.loads(out)["metrics"]["n"] == 20
 
@@ -116,7 +125,19 @@ def test_cli_run_without_head(pred_env: dict) -> None:
 
 
 def test_cli_unknown_unfreeze_block_lists_valid_ones(pred_env: dict) -> None:
-    code, out = _cli("finetune", "--run", str(pred_env["run"]), "--unfreeze", "block99", "--epochs", "0", "--out", str(pred_env["root"] / "x"), "--cache", str(pred_env["cache"]))
+    code, out = _cli(
+        "finetune",
+        "--run",
+        str(pred_env["run"]),
+        "--unfreeze",
+        "block99",
+        "--epochs",
+        "0",
+        "--out",
+        str(pred_env["root"] / "x"),
+        "--cache",
+        str(pred_env["cache"]),
+    )
     assert code == 2
     _one_line_error(out, "unknown block 'block99'", "'block_16'", "'top'", "'all'", "'top:N'")
     assert not (pred_env["root"] / "x").exists()
@@ -201,7 +222,17 @@ def test_truncated_predictions_npz_is_a_one_line_error(pred_env: dict) -> None:
     shutil.copytree(pred_env["run"], run)
     data = (run / "predictions.npz").read_bytes()
     (run / "predictions.npz").write_bytes(data[: len(data) // 2])
-    code, out = _cli("finetune", "--run", str(run), "--epochs", "0", "--out", str(pred_env["root"] / "ft-trunc"), "--cache", str(pred_env["cache"]))
+    code, out = _cli(
+        "finetune",
+        "--run",
+        str(run),
+        "--epochs",
+        "0",
+        "--out",
+        str(pred_env["root"] / "ft-trunc"),
+        "--cache",
+        str(pred_env["cache"]),
+    )
     assert code != 0
     _one_line_error(out, str(run / "predictions.npz"), "train-head")
 
@@ -262,7 +293,9 @@ def test_savedmodel_takes_uint8_images_and_names_classes(tmp_path: Path) -> None
 def test_predict_a_folder_recursively_with_a_csv(pred_env: dict, image_folder: Path, tmp_path: Path) -> None:
     (image_folder / "notes.txt").write_text("not an image, skipped")
     csv_file = tmp_path / "out" / "predictions.csv"
-    result = CliRunner().invoke(app, ["predict", str(pred_env["exported"]), str(image_folder), "--top-k", "2", "--csv", str(csv_file)])
+    result = CliRunner().invoke(
+        app, ["predict", str(pred_env["exported"]), str(image_folder), "--top-k", "2", "--csv", str(csv_file)]
+    )
     assert result.exit_code == 0, result.output
     expected = sorted(str(p) for p in image_folder.rglob("*_*.*"))
     rows = csv_file.read_text().splitlines()
@@ -280,8 +313,12 @@ def test_evaluate_val_of_a_run_that_held_out_part_of_train(image_folder: Path, t
     from featurecache.training.train import train_head
 
     cache = tmp_path / "cache"
-    res = fc.extract(str(image_folder), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False)
-    run = train_head(res.key, head="logreg", out=tmp_path / "run", cache_dir=cache, plots=False, val_fraction=0.25).run_dir
+    res = fc.extract(
+        str(image_folder), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache, progress=False
+    )
+    run = train_head(
+        res.key, head="logreg", out=tmp_path / "run", cache_dir=cache, plots=False, val_fraction=0.25
+    ).run_dir
     head_val = json.loads((run / "metrics.json").read_text())["val"]
     result = fc.evaluate(run, split="val", cache_dir=cache, plots=False)
     assert result.metrics["n"] == head_val["n"] == 2

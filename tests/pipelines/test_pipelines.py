@@ -32,7 +32,9 @@ def _cifar_like_npz(path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cifar10_resnet50", "cifar10_resnet50_flatten", "animals_vgg19", "efficientnet_folder"])
+@pytest.mark.parametrize(
+    "name", ["cifar10_resnet50", "cifar10_resnet50_flatten", "animals_vgg19", "efficientnet_folder"]
+)
 def test_shipped_pipeline_runs_small_and_offline(name: str, tmp_path: Path) -> None:
     # The real pipelines read keras:cifar10 or a user's folder at 224 px with ImageNet
     # weights; here the same stages run on generated data of the same shape, small.
@@ -43,7 +45,13 @@ def test_shipped_pipeline_runs_small_and_offline(name: str, tmp_path: Path) -> N
     overrides = [*SMALL, f"extract.data={json.dumps(str(data))}"]
     if name == "animals_vgg19":
         overrides.append("extract.views=1")
-    res = run_pipeline(PIPELINES / f"{name}.toml", overrides=overrides, cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs", progress=False)
+    res = run_pipeline(
+        PIPELINES / f"{name}.toml",
+        overrides=overrides,
+        cache_dir=tmp_path / "cache",
+        runs_dir=tmp_path / "runs",
+        progress=False,
+    )
     assert set(res.stages) == {"extract", "sweep", "finetune"}
     assert res.stages["sweep"]["trials"] >= 1
     ft = res.stages["finetune"]
@@ -66,10 +74,23 @@ def test_shipped_pipeline_runs_small_and_offline(name: str, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_demo_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, ["demo", "--limit", "20", "--cache", str(tmp_path / "cache"), "--json", "--set", "finetune.epochs=1",
-                                    "--set", "finetune.unfreeze=top:2"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--limit",
+            "20",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--json",
+            "--set",
+            "finetune.epochs=1",
+            "--set",
+            "finetune.unfreeze=top:2",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    doc = json.loads(res.stdout[res.stdout.index("{"):])
+    doc = json.loads(res.stdout[res.stdout.index("{") :])
     stages = [r["stage"] for r in doc["summary"]]
     assert stages == ["extract", "sweep", "finetune"]
     assert doc["summary"][2]["what"] == "unfreeze top:2"  # the override, not the file's top:1
@@ -79,11 +100,23 @@ def test_demo_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     # ImageNet weights when Keras has them, else random ones: the features say which, and the
     # demo prints its note exactly when it fell back (offline CI without cached weights does).
     name = doc["stages"]["extract"]["name"]
-    fell_back = "ImageNet weights are not available offline" in res.stderr and "using random weights instead" in res.stderr
+    fell_back = (
+        "ImageNet weights are not available offline" in res.stderr and "using random weights instead" in res.stderr
+    )
     assert name.startswith("mobilenetv2-random-" if fell_back else "mobilenetv2-imagenet-"), (name, res.stderr)
 
     # The summary at 80 columns: nothing cut to an ellipsis, the feature set's name whole on its line.
-    args = ["demo", "--limit", "20", "--cache", str(tmp_path / "cache"), "--set", "finetune.epochs=1", "--set", "finetune.unfreeze=top:2"]
+    args = [
+        "demo",
+        "--limit",
+        "20",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--set",
+        "finetune.epochs=1",
+        "--set",
+        "finetune.unfreeze=top:2",
+    ]
     shown = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
     assert shown.exit_code == 0, shown.output
     lines = shown.stdout.splitlines()
@@ -92,7 +125,11 @@ def test_demo_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
-    doc = load_pipeline(PIPELINES / "digits_demo.toml", overrides=["finetune.epochs=2", "extract.weights=random", "sweep.n_jobs=1"], limit=7)
+    doc = load_pipeline(
+        PIPELINES / "digits_demo.toml",
+        overrides=["finetune.epochs=2", "extract.weights=random", "sweep.n_jobs=1"],
+        limit=7,
+    )
     assert doc["finetune"]["epochs"] == 2 and doc["extract"]["weights"] == "random" and doc["extract"]["limit"] == 7
     with pytest.raises(PipelineError, match="STAGE.KEY=VALUE"):
         load_pipeline(PIPELINES / "digits_demo.toml", overrides=["epochs=2"])

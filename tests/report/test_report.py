@@ -148,7 +148,9 @@ def _sources(root: Path) -> dict[str, Path]:
 @pytest.mark.slow
 def test_top_losses_read_images_back_from_folder_csv_and_npz(tmp_path: Path, cache_dir: Path) -> None:
     for kind, source in _sources(tmp_path).items():
-        res = fc.extract(str(source), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache_dir, progress=False)
+        res = fc.extract(
+            str(source), backbone="mobilenetv2", weights="random", size=32, cache_dir=cache_dir, progress=False
+        )
         run = train_head(res.key, head="logreg", out=tmp_path / f"run-{kind}", cache_dir=cache_dir, val_fraction=0.5)
         worst = top_losses(run.run_dir, split="val", n=3, cache_dir=cache_dir)
         dataset = load_dataset(str(source))
@@ -168,9 +170,19 @@ def test_top_losses_read_images_back_from_folder_csv_and_npz(tmp_path: Path, cac
 def _chromium(page: Path, tmp_path: Path, fragment: str = "") -> tuple[str, list[str]]:
     """The DOM after scripts ran, and the console messages, from a real headless Chromium."""
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}",
-        "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri() + fragment,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        page.resolve().as_uri() + fragment,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -185,7 +197,9 @@ def _body(dom: str) -> dict[str, str]:
     return dict(re.findall(r'([\w-]+)="([^"]*)"', tag.group(1)))
 
 
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); .ci/run installs it")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 
 
 @needs_chromium
@@ -260,7 +274,9 @@ def test_report_command_rerenders_with_options(logreg_run_80: TrainResult, tmp_p
     assert result.exit_code != 0 and "is not a directory" in result.output
 
 
-def test_pages_are_titled_with_the_directory_name_not_the_temporary_one(logreg_run_80: TrainResult, tb_sweep: tuple[SweepResult, Path]) -> None:
+def test_pages_are_titled_with_the_directory_name_not_the_temporary_one(
+    logreg_run_80: TrainResult, tb_sweep: tuple[SweepResult, Path]
+) -> None:
     # Both pages were written while their directory was still .<name>.tmp-<pid>-<hex>.
     page = (logreg_run_80.run_dir / "report.html").read_text()
     assert re.search(r"<h1>([^<]*)</h1>", page).group(1) == "run logreg - logreg"
@@ -376,7 +392,14 @@ def test_sweep_tensorboard_has_one_hparams_run_per_trial(tb_sweep: tuple[SweepRe
 def test_train_head_dense_tensorboard_uses_keras_callback(digits_80: store.FeatureSet, tmp_path: Path) -> None:
     log_dir = tmp_path / "tb"
     for _ in range(2):  # a run written again replaces its curves instead of adding to them
-        run = train_head(digits_80, head="dense", params={"hidden": "16", "epochs": "3", "patience": "0"}, out=tmp_path / "dense", plots=False, tensorboard=log_dir)
+        run = train_head(
+            digits_80,
+            head="dense",
+            params={"hidden": "16", "epochs": "3", "patience": "0"},
+            out=tmp_path / "dense",
+            plots=False,
+            tensorboard=log_dir,
+        )
     assert _epochs(log_dir, "dense/train", "epoch_loss") == 3
     assert _epochs(log_dir, "dense/validation", "epoch_loss") == 3
     sessions, metrics, _ = _tensorboard_sessions(log_dir)
@@ -384,7 +407,9 @@ def test_train_head_dense_tensorboard_uses_keras_callback(digits_80: store.Featu
     assert metrics["dense"]["val_accuracy"] == pytest.approx(run.metrics["val"]["accuracy"])
 
 
-def test_evaluate_writes_top_losses_and_report(logreg_run_80: TrainResult, tmp_path: Path, digits_80_cache: Path) -> None:
+def test_evaluate_writes_top_losses_and_report(
+    logreg_run_80: TrainResult, tmp_path: Path, digits_80_cache: Path
+) -> None:
     from featurecache.finetuning.predict import evaluate
 
     res = evaluate(logreg_run_80.run_dir, split="test", out=tmp_path / "eval", cache_dir=digits_80_cache)
@@ -410,7 +435,16 @@ def test_finetune_tensorboard_and_report(logreg_run_80: TrainResult, tmp_path: P
     from featurecache.finetuning.finetune import finetune
 
     log_dir = tmp_path / "tb"
-    res = finetune(logreg_run_80.run_dir, unfreeze="top:1", epochs=2, patience=0, out=tmp_path / "ft", cache_dir=digits_80_cache, progress=False, tensorboard=log_dir)
+    res = finetune(
+        logreg_run_80.run_dir,
+        unfreeze="top:1",
+        epochs=2,
+        patience=0,
+        out=tmp_path / "ft",
+        cache_dir=digits_80_cache,
+        progress=False,
+        tensorboard=log_dir,
+    )
     assert _epochs(log_dir, "ft/train", "epoch_loss") == 2
     assert _epochs(log_dir, "ft/validation", "epoch_accuracy") == 2
     sessions, metrics, _ = _tensorboard_sessions(log_dir)

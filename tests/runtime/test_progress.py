@@ -16,7 +16,9 @@ def test_fit_label_cuts_in_the_middle_and_keeps_short_labels() -> None:
 
 
 @pytest.mark.parametrize("columns", [80, 120])
-def test_the_bar_and_its_counts_fit_the_terminal(columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_bar_and_its_counts_fit_the_terminal(
+    columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("COLUMNS", str(columns))
     label = "extract [photos] mobilenetv3small-random-64-avg--photos--ed6db005e030"
     with ProgressBar(True, 12345, label) as bar:

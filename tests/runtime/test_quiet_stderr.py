@@ -19,20 +19,40 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 QUIET_EXTRACT = [
-    "extract", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32",
-    "--limit", "20", "-q",
+    "extract",
+    "--data",
+    "builtin:digits",
+    "--backbone",
+    "mobilenetv2",
+    "--weights",
+    "random",
+    "--size",
+    "32",
+    "--limit",
+    "20",
+    "-q",
 ]
 
 
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
     """What ``env -i PATH=... HOME=... COLUMNS=80`` gives, plus this tree on the import path."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "COLUMNS": "80", "PYTHONPATH": str(REPO), **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "COLUMNS": "80",
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
 
 
 def _featurecache(args: list[str], home: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, env=_clean_env(home, **extra),
-        cwd=home, timeout=300,
+        [sys.executable, "-m", "featurecache", *args],
+        capture_output=True,
+        text=True,
+        env=_clean_env(home, **extra),
+        cwd=home,
+        timeout=300,
     )
 
 
@@ -66,7 +86,9 @@ def test_native_stderr_silenced_discards_c_level_writes_and_restores_the_descrip
         "    pass\n"
         "os.write(2, b'after\\n')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path), timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "before\nafter\n"
 
@@ -80,9 +102,21 @@ def test_debug_keeps_tensorflow_unfiltered(tmp_path: Path) -> None:
         "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), os.environ.get(quiet_tf.QUIET_ENV),\n"
         "      any(type(f).__name__ == '_QuietTensorFlowFinder' for f in sys.meta_path))\n"
     )
-    debug = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path, FEATURECACHE_DEBUG="1"), timeout=60)
+    debug = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path, FEATURECACHE_DEBUG="1"),
+        timeout=60,
+    )
     assert debug.stdout.split() == ["None", "None", "False"]
-    user_level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path, TF_CPP_MIN_LOG_LEVEL="1"), timeout=60)
+    user_level = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path, TF_CPP_MIN_LOG_LEVEL="1"),
+        timeout=60,
+    )
     assert user_level.stdout.split() == ["1", "1", "True"]  # the user's own setting wins
 
 
@@ -93,8 +127,22 @@ def test_parallel_sweep_with_dense_heads_prints_nothing_on_stderr(tmp_path: Path
     cache = tmp_path / "cache"
     assert _featurecache([*QUIET_EXTRACT, "--cache", str(cache)], tmp_path).returncode == 0
     proc = _featurecache(
-        ["sweep", *QUIET_EXTRACT[1:-1], "--cache", str(cache), "--grid", "dense:hidden=16;lr=1e-3,1e-2;batch_size=8,16",
-         "--grid", "logreg:C=1", "--one-by-one", "--jobs", "2", "--out", str(tmp_path / "sweep"), "-q"],
+        [
+            "sweep",
+            *QUIET_EXTRACT[1:-1],
+            "--cache",
+            str(cache),
+            "--grid",
+            "dense:hidden=16;lr=1e-3,1e-2;batch_size=8,16",
+            "--grid",
+            "logreg:C=1",
+            "--one-by-one",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path / "sweep"),
+            "-q",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -105,11 +153,25 @@ def test_dataset_warning_is_one_line_on_stderr(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     for c, seed in (("a", 1), ("b", 2)):
         (root / c).mkdir(parents=True)
-        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / c / f"{c}.png")
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            root / c / f"{c}.png"
+        )
     (root / "a" / "b-again.png").symlink_to("../b/b.png")
     proc = _featurecache(
-        ["extract", "--data", str(root), "--backbone", "mobilenetv2", "--weights", "random", "--size", "32", "-q",
-         "--cache", str(tmp_path / "cache")],
+        [
+            "extract",
+            "--data",
+            str(root),
+            "--backbone",
+            "mobilenetv2",
+            "--weights",
+            "random",
+            "--size",
+            "32",
+            "-q",
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
@@ -136,13 +198,20 @@ def test_dask_extract_shows_dasks_lines_only_when_asked(tmp_path: Path) -> None:
         except OSError:
             pass  # another process holds it: just as good
         # The worker SIGKILLs itself in its first unit, once: its nanny restarts it.
-        proc = _featurecache([*QUIET_EXTRACT, *cluster], tmp_path, FEATURECACHE_FAULT="unit_forward_done", FEATURECACHE_FAULT_ONCE=str(fired))
+        proc = _featurecache(
+            [*QUIET_EXTRACT, *cluster],
+            tmp_path,
+            FEATURECACHE_FAULT="unit_forward_done",
+            FEATURECACHE_FAULT_ONCE=str(fired),
+        )
         assert proc.returncode == 0, proc.stderr
         assert fired.exists(), "the injected fault never fired: the test proved nothing"
         # Only featurecache's own line about resubmitting the lost unit may remain.
         assert [ln for ln in proc.stderr.splitlines() if not ln.startswith("featurecache: ")] == [], proc.stderr
 
-        verbose = _featurecache([*QUIET_EXTRACT, *cluster, "-v"], tmp_path)  # a cache hit: the cluster starts all the same
+        verbose = _featurecache(
+            [*QUIET_EXTRACT, *cluster, "-v"], tmp_path
+        )  # a cache hit: the cluster starts all the same
         assert verbose.returncode == 0, verbose.stderr
         links = [ln for ln in verbose.stderr.splitlines() if ln.startswith("Dask dashboard: ")]
         assert len(links) == 1 and links[0].startswith("Dask dashboard: http://127.0.0.1:"), verbose.stderr
@@ -158,9 +227,18 @@ def test_python_api_prints_nothing_on_stderr_and_results_have_short_reprs(tmp_pa
         "t = fc.train_head(r.key, head='logreg', out='run', cache_dir='cache', plots=False)\n"
         "print(repr(r)); print(repr(t))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_clean_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     extract_repr, train_repr = proc.stdout.splitlines()
     assert extract_repr.startswith("ExtractResult(key=") and len(extract_repr) < 600, extract_repr
-    assert train_repr.startswith("TrainResult(run_dir=") and "confusion" not in train_repr and len(train_repr) < 300, train_repr
+    assert train_repr.startswith("TrainResult(run_dir=") and "confusion" not in train_repr and len(train_repr) < 300, (
+        train_repr
+    )

@@ -24,7 +24,16 @@ def raw_digits() -> tuple[np.ndarray, ...]:
 # including one that stops early and so leaves the group before the others.
 CONFIGS = [
     dict(hidden="64", dropout=0.2, lr=1e-3, epochs=5, patience=2),
-    dict(hidden="128-32", dropout=0.5, lr=3e-3, optimizer="rmsprop", batchnorm=True, epochs=3, patience=0, activation="gelu"),
+    dict(
+        hidden="128-32",
+        dropout=0.5,
+        lr=3e-3,
+        optimizer="rmsprop",
+        batchnorm=True,
+        epochs=3,
+        patience=0,
+        activation="gelu",
+    ),
     dict(hidden="", dropout=0.0, lr=0.3, optimizer="sgd", l2=1e-3, epochs=4, patience=0, normalize=False),
     dict(hidden="256", dropout=0.0, lr=1e-2, epochs=12, patience=1),  # overfits: stops early
 ]
@@ -41,7 +50,9 @@ def _assert_same(alone: DenseHead, together: DenseHead, X: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("class_weight", [None, "balanced"])
-def test_heads_trained_together_equal_heads_trained_alone(raw_digits: tuple[np.ndarray, ...], class_weight: str | None) -> None:
+def test_heads_trained_together_equal_heads_trained_alone(
+    raw_digits: tuple[np.ndarray, ...], class_weight: str | None
+) -> None:
     Xtr, ytr, Xva, yva = raw_digits
     configs = [{**c, "class_weight": class_weight} for c in CONFIGS]
     alone = [DenseHead(**c).fit(Xtr, ytr, X_val=Xva, y_val=yva) for c in configs]
@@ -87,7 +98,9 @@ def test_plan_work_groups_compatible_dense_trials_only() -> None:
     assert all(len(i) == 1 for i in plan_work(trials, workers=2, together=False))
 
 
-def _keras_model_fit(head: DenseHead, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> tuple[np.ndarray, dict, int]:
+def _keras_model_fit(
+    head: DenseHead, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray
+) -> tuple[np.ndarray, dict, int]:
     """The head trained by Keras's own ``Model.fit`` (what ``DenseHead.fit`` did before it became the group trainer)."""
     import keras
 
@@ -97,15 +110,35 @@ def _keras_model_fit(head: DenseHead, X: np.ndarray, y: np.ndarray, X_val: np.nd
     prep = head.prepare_fit(X, y, X_val=X_val, y_val=y_val, X_views=None)
     cfg = prep.cfg
     model = head.build_model(prep)
-    model.compile(optimizer=make_optimizer(cfg["optimizer"], cfg["lr"]), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg["patience"], restore_best_weights=True) if cfg["patience"] else None
+    model.compile(
+        optimizer=make_optimizer(cfg["optimizer"], cfg["lr"]),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stopper = (
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg["patience"], restore_best_weights=True)
+        if cfg["patience"]
+        else None
+    )
     data = make_view_batches(prep.views, prep.y_enc, prep.sample_weight, batch_size=cfg["batch_size"], seed=cfg["seed"])
-    fitted = model.fit(data, epochs=cfg["epochs"], validation_data=prep.validation, validation_batch_size=max(cfg["batch_size"], 256), callbacks=[stopper] if stopper else [], verbose=0, shuffle=False)
+    fitted = model.fit(
+        data,
+        epochs=cfg["epochs"],
+        validation_data=prep.validation,
+        validation_batch_size=max(cfg["batch_size"], 256),
+        callbacks=[stopper] if stopper else [],
+        verbose=0,
+        shuffle=False,
+    )
     best = stopper.best_epoch if stopper else len(fitted.history["loss"]) - 1
     return model.predict(X_val, verbose=0), fitted.history, best
 
 
-@pytest.mark.parametrize("config", [{**CONFIGS[1], "class_weight": "balanced"}, {**CONFIGS[3], "l2": 1e-4}], ids=["bn-rmsprop-balanced", "adam-l2-early-stop"])
+@pytest.mark.parametrize(
+    "config",
+    [{**CONFIGS[1], "class_weight": "balanced"}, {**CONFIGS[3], "l2": 1e-4}],
+    ids=["bn-rmsprop-balanced", "adam-l2-early-stop"],
+)
 def test_dense_fit_equals_keras_model_fit(raw_digits: tuple[np.ndarray, ...], config: dict) -> None:
     # The one loop (a group of one) reproduces Keras's fit to float32 round-off: weights, early
     # stopping, history. (Bit for bit with relu; gelu's kernels differ in the last bits.)
@@ -119,7 +152,9 @@ def test_dense_fit_equals_keras_model_fit(raw_digits: tuple[np.ndarray, ...], co
         np.testing.assert_allclose(head.history_[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_callbacks_and_verbose_are_called_as_keras_fit_calls_them(raw_digits: tuple[np.ndarray, ...], capsys: pytest.CaptureFixture[str]) -> None:
+def test_callbacks_and_verbose_are_called_as_keras_fit_calls_them(
+    raw_digits: tuple[np.ndarray, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
     import keras
 
     class Recorder(keras.callbacks.Callback):
@@ -144,19 +179,31 @@ def test_callbacks_and_verbose_are_called_as_keras_fit_calls_them(raw_digits: tu
 
     Xtr, ytr, Xva, yva = raw_digits
     alone = Recorder(stop_after=1)
-    head = DenseHead(hidden="16", epochs=5, patience=0, batch_size=512, verbose=2).fit(Xtr, ytr, X_val=Xva, y_val=yva, callbacks=[alone])
+    head = DenseHead(hidden="16", epochs=5, patience=0, batch_size=512, verbose=2).fit(
+        Xtr, ytr, X_val=Xva, y_val=yva, callbacks=[alone]
+    )
     assert len(head.history_["loss"]) == 2, "a callback setting model.stop_training stops the head"
     assert alone.model is head.model_
     epochs = [c[1] for c in alone.calls if c[0] == "epoch"]
-    assert epochs == [(0, ["accuracy", "loss", "val_accuracy", "val_loss"]), (1, ["accuracy", "loss", "val_accuracy", "val_loss"])]
-    assert [c for c in alone.calls if c[0] == "batch"] == [("batch", ["accuracy", "loss"])] * 6  # 3 batches of 512 per epoch
+    assert epochs == [
+        (0, ["accuracy", "loss", "val_accuracy", "val_loss"]),
+        (1, ["accuracy", "loss", "val_accuracy", "val_loss"]),
+    ]
+    assert [c for c in alone.calls if c[0] == "batch"] == [
+        ("batch", ["accuracy", "loss"])
+    ] * 6  # 3 batches of 512 per epoch
     assert alone.calls[0][0] == "train_begin" and alone.calls[-1][0] == "train_end"
     out = capsys.readouterr().out
     assert out.count("val_loss:") == 2, out  # verbose=2: Keras's one line per epoch
 
     # In a group, each head's callbacks see that head only; stopping one leaves the other training.
     first, second = Recorder(stop_after=0), Recorder()
-    heads = fit_dense_heads([DenseHead(hidden="8", epochs=3, patience=0), DenseHead(hidden="", epochs=3, patience=0)], Xtr, ytr, callbacks=[[first], [second]])
+    heads = fit_dense_heads(
+        [DenseHead(hidden="8", epochs=3, patience=0), DenseHead(hidden="", epochs=3, patience=0)],
+        Xtr,
+        ytr,
+        callbacks=[[first], [second]],
+    )
     assert first.model is heads[0].model_ and second.model is heads[1].model_
     assert [len(h.history_["loss"]) for h in heads] == [1, 3]
     with pytest.raises(UsageError, match="one sequence of Keras callbacks per head"):

@@ -31,12 +31,32 @@ def env(tmp_path_factory: pytest.TempPathFactory, one_blas_thread: None) -> dict
 
     root = tmp_path_factory.mktemp("ens")
     cache = root / "cache"
-    keys = [fc.extract("builtin:digits", backbone=b, weights="random", size=SIZE, limit=LIMIT, cache_dir=cache, progress=False).key for b in BACKBONES]
-    other = fc.extract("builtin:digits", backbone=BACKBONES[1], weights="random", size=SIZE, limit=LIMIT - 10, cache_dir=cache, progress=False).key
+    keys = [
+        fc.extract(
+            "builtin:digits", backbone=b, weights="random", size=SIZE, limit=LIMIT, cache_dir=cache, progress=False
+        ).key
+        for b in BACKBONES
+    ]
+    other = fc.extract(
+        "builtin:digits",
+        backbone=BACKBONES[1],
+        weights="random",
+        size=SIZE,
+        limit=LIMIT - 10,
+        cache_dir=cache,
+        progress=False,
+    ).key
     runs = root / "runs"
     logreg_a = train_head(keys[0], head="logreg", out=runs / "logreg-a", cache_dir=cache, plots=False).run_dir
     logreg_other = train_head(other, head="logreg", out=runs / "logreg-other", cache_dir=cache, plots=False).run_dir
-    return {"root": root, "cache": cache, "keys": keys, "other": other, "logreg_a": logreg_a, "logreg_other": logreg_other}
+    return {
+        "root": root,
+        "cache": cache,
+        "keys": keys,
+        "other": other,
+        "logreg_a": logreg_a,
+        "logreg_other": logreg_other,
+    }
 
 
 def _invoke(args: list[str]) -> object:
@@ -58,7 +78,21 @@ def test_concatenated_features_of_two_backbones_train_a_head_in_one_command(env:
 
     out = env["root"] / "runs" / "concat-cli"
     k1, k2 = env["keys"]
-    result = _invoke(["train-head", "--features", f"{k1[:12]},{k2[:12]}", "--head", "logreg", "--out", str(out), "--cache", str(env["cache"]), "--no-plots", "--json"])
+    result = _invoke(
+        [
+            "train-head",
+            "--features",
+            f"{k1[:12]},{k2[:12]}",
+            "--head",
+            "logreg",
+            "--out",
+            str(out),
+            "--cache",
+            str(env["cache"]),
+            "--no-plots",
+            "--json",
+        ]
+    )
     assert result.exit_code == 0, result.output
     config, estimator = load_run(out)
     # The run records every part, in column order, and the head reads both feature vectors.
@@ -90,7 +124,17 @@ def test_augmented_views_are_joined_only_when_every_part_made_them_alike(env: di
     from featurecache.training.train import load_training_data
 
     flipped = [
-        fc.extract("builtin:digits", backbone=b, weights="random", size=SIZE, limit=20, views=1, augment="flip", cache_dir=env["cache"], progress=False).key
+        fc.extract(
+            "builtin:digits",
+            backbone=b,
+            weights="random",
+            size=SIZE,
+            limit=20,
+            views=1,
+            augment="flip",
+            cache_dir=env["cache"],
+            progress=False,
+        ).key
         for b in BACKBONES
     ]
     aligned = open_concat(flipped, cache_dir=env["cache"])
@@ -98,7 +142,15 @@ def test_augmented_views_are_joined_only_when_every_part_made_them_alike(env: di
     assert aligned.layout("train").views == 2 and aligned.spec["views"] == "aligned"
     views = load_training_data(aligned).X_train_views
     np.testing.assert_array_equal(views, np.concatenate([p.features("train", view=None) for p in parts], axis=2))
-    plain = fc.extract("builtin:digits", backbone=BACKBONES[1], weights="random", size=SIZE, limit=20, cache_dir=env["cache"], progress=False).key
+    plain = fc.extract(
+        "builtin:digits",
+        backbone=BACKBONES[1],
+        weights="random",
+        size=SIZE,
+        limit=20,
+        cache_dir=env["cache"],
+        progress=False,
+    ).key
     mixed = open_concat([flipped[0], plain], cache_dir=env["cache"])
     assert mixed.layout("train").views == 1 and mixed.spec["views"].startswith("clean view only")
     assert load_training_data(mixed).X_train_views is None  # trains on the clean view of each part
@@ -106,7 +158,19 @@ def test_augmented_views_are_joined_only_when_every_part_made_them_alike(env: di
 
 def test_mismatched_feature_sets_give_one_clear_line(env: dict) -> None:
     k1 = env["keys"][0]
-    result = _invoke(["train-head", "--features", f"{k1},{env['other']}", "--head", "logreg", "--cache", str(env["cache"]), "--out", str(env["root"] / "never")])
+    result = _invoke(
+        [
+            "train-head",
+            "--features",
+            f"{k1},{env['other']}",
+            "--head",
+            "logreg",
+            "--cache",
+            str(env["cache"]),
+            "--out",
+            str(env["root"] / "never"),
+        ]
+    )
     assert result.exit_code == 2
     line = _error_line(result)
     assert "differ in their train split" in line and "--limit" in line
@@ -165,11 +229,28 @@ def test_ensemble_of_a_sweeps_top3_is_at_least_as_accurate_on_test(env: dict) ->
     """A sweep on the two backbones' concatenated features; its top 3 combined, by each method."""
     k1, k2 = env["keys"]
     sweep = fc.sweep(
-        f"{k1},{k2}", grid=["logreg:C=0.1,1", "ridge:alpha=1,10"], out=env["root"] / "sweep", cache_dir=env["cache"], progress=False,
+        f"{k1},{k2}",
+        grid=["logreg:C=0.1,1", "ridge:alpha=1,10"],
+        out=env["root"] / "sweep",
+        cache_dir=env["cache"],
+        progress=False,
     )
     best_single = sweep.best["test_accuracy"]
     for method in ("mean", "vote", "weighted"):
-        result = _invoke(["ensemble", "--from-sweep", str(sweep.out_dir), "--top", "3", "--method", method, "--cache", str(env["cache"]), "--json"])
+        result = _invoke(
+            [
+                "ensemble",
+                "--from-sweep",
+                str(sweep.out_dir),
+                "--top",
+                "3",
+                "--method",
+                method,
+                "--cache",
+                str(env["cache"]),
+                "--json",
+            ]
+        )
         assert result.exit_code == 0, result.output
         doc = json.loads(result.stdout)
         assert doc["notes"] == []  # every refitted trial reproduced its sweep score
@@ -188,7 +269,17 @@ def test_ensemble_of_a_sweeps_top3_is_at_least_as_accurate_on_test(env: dict) ->
 
 
 def test_ensemble_refuses_runs_validated_on_other_images_and_fine_tuning(env: dict) -> None:
-    result = _invoke(["ensemble", str(env["logreg_a"]), str(env["logreg_other"]), "--out", str(env["root"] / "bad"), "--cache", str(env["cache"])])
+    result = _invoke(
+        [
+            "ensemble",
+            str(env["logreg_a"]),
+            str(env["logreg_other"]),
+            "--out",
+            str(env["root"] / "bad"),
+            "--cache",
+            str(env["cache"]),
+        ]
+    )
     assert result.exit_code == 2
     assert "different val images" in _error_line(result)
     assert not (env["root"] / "bad").exists() and not list(env["root"].glob(".bad*"))
@@ -232,9 +323,20 @@ def _whole_at_80(text: str, names: list[str]) -> None:
 def test_ensemble_table_and_report_at_80_columns(env: dict) -> None:
     import re
 
-    other = fc.train_head(env["keys"][1], head="logreg", params={"class_weight": "balanced"}, out=env["root"] / "runs" / "logreg-b-balanced", cache_dir=env["cache"], plots=False).run_dir
+    other = fc.train_head(
+        env["keys"][1],
+        head="logreg",
+        params={"class_weight": "balanced"},
+        out=env["root"] / "runs" / "logreg-b-balanced",
+        cache_dir=env["cache"],
+        plots=False,
+    ).run_dir
     out = env["root"] / "ens80"
-    made = CliRunner().invoke(app, ["ensemble", str(env["logreg_a"]), str(other), "--out", str(out), "--cache", str(env["cache"])], env={"COLUMNS": "80"})
+    made = CliRunner().invoke(
+        app,
+        ["ensemble", str(env["logreg_a"]), str(other), "--out", str(out), "--cache", str(env["cache"])],
+        env={"COLUMNS": "80"},
+    )
     assert made.exit_code == 0, made.output
     board = json.loads((out / "leaderboard.json").read_text())["rows"]
     table = made.stdout[: made.stdout.index("run " + str(out))]  # the path after it is as long as it is
@@ -246,7 +348,9 @@ def test_ensemble_table_and_report_at_80_columns(env: dict) -> None:
     assert re.search(r"<h1>([^<]*)</h1>", page).group(1) == "ensemble ens80" and ".tmp-" not in page
     assert "<h2>Ensemble and members</h2>" in page and "val_accuracy 95% CI" in page
     (out / "report.html").unlink()
-    again = CliRunner().invoke(app, ["report", str(out), "--cache", str(env["cache"])])  # was: unexpected KeyError: 'trial'
+    again = CliRunner().invoke(
+        app, ["report", str(out), "--cache", str(env["cache"])]
+    )  # was: unexpected KeyError: 'trial'
     assert again.exit_code == 0, again.output
     assert (out / "report.html").is_file() and (out / "top_losses_val.png").is_file()
 
@@ -257,7 +361,11 @@ def test_ensemble_table_and_report_at_80_columns(env: dict) -> None:
     _whole_at_80(listed.stdout, names)
     real = subprocess.run(
         [sys.executable, "-m", "featurecache", "cache", "ls", "--cache", str(env["cache"])],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80"},
+        timeout=300,
+        check=True,
     )
     _whole_at_80(real.stdout, names)
 
@@ -267,15 +375,37 @@ def ens(env: dict) -> Path:
     """A weighted ensemble of members on backbone A, on backbone B, and on A+B side by side."""
     k1, k2 = env["keys"]
     runs = env["root"] / "runs"
-    dense_b = fc.train_head(k2, head="dense", params={"hidden": "16", "epochs": 3, "dropout": 0.0}, out=runs / "dense-b", cache_dir=env["cache"], plots=False).run_dir
+    dense_b = fc.train_head(
+        k2,
+        head="dense",
+        params={"hidden": "16", "epochs": 3, "dropout": 0.0},
+        out=runs / "dense-b",
+        cache_dir=env["cache"],
+        plots=False,
+    ).run_dir
     both = fc.train_head(f"{k1},{k2}", head="sgd", out=runs / "sgd-ab", cache_dir=env["cache"], plots=False).run_dir
-    made = _invoke(["ensemble", str(env["logreg_a"]), str(dense_b), str(both), "--method", "weighted", "--out", str(env["root"] / "ens"), "--cache", str(env["cache"])])
+    made = _invoke(
+        [
+            "ensemble",
+            str(env["logreg_a"]),
+            str(dense_b),
+            str(both),
+            "--method",
+            "weighted",
+            "--out",
+            str(env["root"] / "ens"),
+            "--cache",
+            str(env["cache"]),
+        ]
+    )
     assert made.exit_code == 0, made.output
     return env["root"] / "ens"
 
 
 @pytest.mark.slow
-def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(env: dict, ens: Path, tmp_path: Path) -> None:
+def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(
+    env: dict, ens: Path, tmp_path: Path
+) -> None:
     """Three heads on two backbones: one model, each backbone built once, loadable without featurecache."""
     import keras
     from PIL import Image
@@ -285,7 +415,9 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(en
     exported = fc.finetune(ens, epochs=0, out=env["root"] / "ens-export", cache_dir=env["cache"], progress=False)
     assert exported.equivalence.passed and exported.equivalence.max_abs_diff < 1e-4
     model = keras.saving.load_model(exported.model_path)
-    nested = sorted(layer.name for layer in model.layers if isinstance(layer, keras.Model) and not layer.name.startswith("fc_head_"))
+    nested = sorted(
+        layer.name for layer in model.layers if isinstance(layer, keras.Model) and not layer.name.startswith("fc_head_")
+    )
     assert nested == sorted(BACKBONES)  # three heads, two backbones
     assert sum(layer.name.startswith("fc_head_") for layer in model.layers) == 3
 
@@ -311,7 +443,16 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(en
         "print(json.dumps({'proba': proba, 'featurecache_loaded': any(m.startswith('featurecache') for m in sys.modules)}))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code, json.dumps(site.getsitepackages()), str(model_file), str(tmp_path / "images.npy")],
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            code,
+            json.dumps(site.getsitepackages()),
+            str(model_file),
+            str(tmp_path / "images.npy"),
+        ],
         cwd=model_file.parent,
         env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path)},
         capture_output=True,
@@ -331,11 +472,15 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(en
 
     ev = evaluate(ens, split="test", cache_dir=env["cache"], plots=False)
     cached = json.loads((ens / "metrics.json").read_text())["test"]
-    assert ev.metrics["n"] == cached["n"] and ev.metrics["accuracy"] == pytest.approx(cached["accuracy"], abs=1.5 / cached["n"])
+    assert ev.metrics["n"] == cached["n"] and ev.metrics["accuracy"] == pytest.approx(
+        cached["accuracy"], abs=1.5 / cached["n"]
+    )
 
 
 @pytest.mark.slow
-def test_equivalence_check_of_an_ensemble_names_the_feature_set_that_differs(env: dict, ens: Path, tmp_path: Path) -> None:
+def test_equivalence_check_of_an_ensemble_names_the_feature_set_that_differs(
+    env: dict, ens: Path, tmp_path: Path
+) -> None:
     from featurecache.errors import EquivalenceError
 
     tampered = tmp_path / "tampered"

@@ -233,9 +233,7 @@ def test_dense_x_views_streams_from_zarr_like_numpy(scaled_digits):
     from_numpy = DenseHead(**params).fit(views[0], y[:300], X_views=views)
     from_zarr = DenseHead(**params).fit(views[0], y[:300], X_views=stored)
     Xts = Xt.reshape(-1, 4, 4, 4)
-    np.testing.assert_allclose(
-        from_numpy.predict_proba(Xts), from_zarr.predict_proba(Xts), atol=1e-6
-    )
+    np.testing.assert_allclose(from_numpy.predict_proba(Xts), from_zarr.predict_proba(Xts), atol=1e-6)
 
 
 def test_dense_single_view_equals_plain_training(scaled_digits):
@@ -271,9 +269,7 @@ def test_saved_head_keras_is_a_plain_keras_model(fitted, scaled_digits, tmp_path
     model = keras.saving.load_model(out / "head.keras")  # no custom_objects
     assert model.get_layer("predictions").units == 10
     assert not model.compiled  # saved without optimizer/compile state
-    np.testing.assert_allclose(
-        model.predict(Xt, verbose=0), head.predict_proba(Xt), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(model.predict(Xt, verbose=0), head.predict_proba(Xt), rtol=1e-5, atol=1e-6)
 
 
 def test_load_head_without_save_is_a_clear_error(tmp_path):
@@ -316,10 +312,7 @@ def test_parse_param():
 def test_param_coercion_from_cli_strings():
     dense = make_head(
         "dense",
-        dict(
-            parse_param(t)
-            for t in ("hidden=256-128", "batchnorm=false", "dropout=0.25", "class_weight=balanced")
-        ),
+        dict(parse_param(t) for t in ("hidden=256-128", "batchnorm=false", "dropout=0.25", "class_weight=balanced")),
     )
     assert dense.hidden == (256, 128) and dense.batchnorm is False
     assert dense.dropout == 0.25 and dense.class_weight == "balanced"
@@ -327,10 +320,7 @@ def test_param_coercion_from_cli_strings():
     assert make_head("dense", {"batchnorm": "true"}).batchnorm is True
     assert make_head("logreg", {"C": "1e-2"}).named_steps["clf"].C == pytest.approx(0.01)
     assert make_head("logreg", {"class_weight": "none"}).named_steps["clf"].class_weight is None
-    assert (
-        make_head("knn", {"n_neighbors": "7", "weights": "distance"}).named_steps["clf"].n_neighbors
-        == 7
-    )
+    assert make_head("knn", {"n_neighbors": "7", "weights": "distance"}).named_steps["clf"].n_neighbors == 7
     typed = coerce_head_params("sgd", {"alpha": "1e-5"})
     assert typed["alpha"] == pytest.approx(1e-5) and typed["penalty"] == "l2"
 
@@ -514,7 +504,10 @@ def test_import_path_heads_are_scaled_and_seeded(scaled_digits):
     assert a.named_steps["clf"].random_state == 0  # seeded unless told otherwise
     b = make_head("sklearn.ensemble:RandomForestClassifier", {"n_estimators": "20"}).fit(tiny, y)
     np.testing.assert_array_equal(a.predict_proba(tiny_t), b.predict_proba(tiny_t))
-    assert make_head("sklearn.ensemble:RandomForestClassifier", {"random_state": "none"}).named_steps["clf"].random_state is None
+    assert (
+        make_head("sklearn.ensemble:RandomForestClassifier", {"random_state": "none"}).named_steps["clf"].random_state
+        is None
+    )
 
 
 def test_dense_head_takes_a_class_weight_dict_like_sklearn(scaled_digits):

@@ -39,14 +39,10 @@ def test_metrics_agree_with_sklearn(n, k, seed):
     expected_k = [kk for kk in (1, 3, 5) if kk < k]
     assert list(m["top_k_accuracy"]) == [str(kk) for kk in expected_k]
     for kk in expected_k:
-        assert m["top_k_accuracy"][str(kk)] == pytest.approx(
-            skm.top_k_accuracy_score(y, proba, k=kk, labels=labels)
-        )
+        assert m["top_k_accuracy"][str(kk)] == pytest.approx(skm.top_k_accuracy_score(y, proba, k=kk, labels=labels))
     assert m["top_k_accuracy"]["1"] == pytest.approx(m["accuracy"])
 
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     assert list(m["per_class"]) == classes
     for i, name in enumerate(classes):
         row = m["per_class"][name]
@@ -217,11 +213,16 @@ def test_plot_leaderboard(tmp_path):
         best = sorted(rows[:45], key=lambda r: r[metric], reverse=not lower_is_better)[:top]
         assert fig.get_suptitle() == f"top {top} of 45 trials by {metric}"  # the failed trial is left out
         left = ax.get_xlim()[0]
-        assert ax.get_xlabel() == metric + (" (lower is better)" if lower_is_better else "") + f" (axis starts at {left:.3g}, not 0)"
+        assert (
+            ax.get_xlabel()
+            == metric + (" (lower is better)" if lower_is_better else "") + f" (axis starts at {left:.3g}, not 0)"
+        )
         assert [t.get_text() for t in ax.get_yticklabels()] == [r["trial"] for r in best]
         np.testing.assert_allclose([bar.get_width() for bar in ax.patches], [r[metric] for r in best])
         assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted({r["head"] for r in best})
-    _assert_png(plot_leaderboard(rows, tmp_path / "lb_loss.png", metric="val_log_loss", top=5), (10.0, 1.6 + 0.2 * 5 + 0.1 * 5))
+    _assert_png(
+        plot_leaderboard(rows, tmp_path / "lb_loss.png", metric="val_log_loss", top=5), (10.0, 1.6 + 0.2 * 5 + 0.1 * 5)
+    )
     with pytest.raises(UsageError, match="no row has a finite 'test_accuracy'"):
         plot_leaderboard(rows, tmp_path / "x.png", metric="test_accuracy")
 
@@ -275,15 +276,25 @@ def test_leaderboard_plot_shows_intervals_zoomed_with_even_bars(tmp_path):
 
     accs = [1.0] * 5 + [47 / 48, 46 / 48, 40 / 48]
     rows = [
-        {"name": f"dense hidden=none dropout=0.{i} lr=0.001 epochs=30 patience=3 optimizer=adam batchnorm=false" if i % 2 else f"logreg C={i}",
-         "head": ("logreg", "dense")[i % 2], "trial": f"t{i}", "val_accuracy": a, "val_n": 48, "status": "ok"}
+        {
+            "name": f"dense hidden=none dropout=0.{i} lr=0.001 epochs=30 patience=3 optimizer=adam batchnorm=false"
+            if i % 2
+            else f"logreg C={i}",
+            "head": ("logreg", "dense")[i % 2],
+            "trial": f"t{i}",
+            "val_accuracy": a,
+            "val_n": 48,
+            "status": "ok",
+        }
         for i, a in enumerate(accs)
     ]
     assert plot_leaderboard(rows, tmp_path / "lb.png").is_file()
     fig = leaderboard_figure(rows, metric="val_accuracy", top=30)
     (ax,) = fig.axes
     left, right = ax.get_xlim()
-    assert 0.6 < left < 40 / 48 and right > 1.0 and "axis starts at" in ax.get_xlabel() and "48 images" in ax.get_xlabel()
+    assert (
+        0.6 < left < 40 / 48 and right > 1.0 and "axis starts at" in ax.get_xlabel() and "48 images" in ax.get_xlabel()
+    )
     bars = ax.patches
     assert len({round(bar.get_height(), 9) for bar in bars}) == 1  # one thickness, however many lines a label has
     assert [t.get_text().strip() for t in ax.texts] == [f"{a:.4f}" for a in accs]  # 1.0000 next to 0.9792

@@ -17,7 +17,9 @@ def _fill(d: Path, text: str) -> None:
 
 
 @pytest.mark.parametrize("exchange", [True, False])
-def test_replace_dir_swaps_in_a_whole_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
+def test_replace_dir_swaps_in_a_whole_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
     if not exchange:  # a platform or filesystem without renameat2(RENAME_EXCHANGE)
         monkeypatch.setattr(rundir, "_renameat2", lambda: None)
     dest = tmp_path / "run"

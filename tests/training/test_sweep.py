@@ -104,7 +104,15 @@ def test_sweep_ranks_every_trial(grid_sweep: SweepResult) -> None:
     assert values == sorted(values, reverse=True)
     assert ok[0]["head"] == "logreg" and ok[0]["val_accuracy"] > 0.8
     for r in ok:
-        for col in ("val_accuracy", "val_log_loss", "val_macro_f1", "val_kappa", "val_top3_accuracy", "test_accuracy", "fit_seconds"):
+        for col in (
+            "val_accuracy",
+            "val_log_loss",
+            "val_macro_f1",
+            "val_kappa",
+            "val_top3_accuracy",
+            "test_accuracy",
+            "fit_seconds",
+        ):
             assert isinstance(r[col], float), (col, r)
 
 
@@ -141,7 +149,9 @@ def test_sweep_outputs(grid_sweep: SweepResult, digits: views.FeatureSet) -> Non
 
 
 @pytest.mark.slow  # trains every dense trial twice
-def test_dense_trials_trained_together_score_as_if_trained_alone(grid_sweep: SweepResult, digits: views.FeatureSet, tmp_path: Path) -> None:
+def test_dense_trials_trained_together_score_as_if_trained_alone(
+    grid_sweep: SweepResult, digits: views.FeatureSet, tmp_path: Path
+) -> None:
     # The fixture's 8 dense trials went through heads.dense_group (2 workers: 2 groups of 4).
     records = [json.loads(p.read_text()) for p in (grid_sweep.out_dir / "trials").glob("*.json")]
     dense = {r["trial"]: r for r in records if r["head"] == "dense"}
@@ -222,7 +232,9 @@ def test_a_sweep_with_another_grid_keeps_the_first_ones_results(digits: views.Fe
     assert len(json.loads((out / "sweep.json").read_text())["requests"]) == 2
 
 
-def test_a_relative_out_follows_the_callers_working_directory(digits: views.FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_relative_out_follows_the_callers_working_directory(
+    digits: views.FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """joblib reuses its worker processes across calls, and they keep the directory they started
     in: the workers must get absolute trial paths, or a second call from another directory writes
     its records into the first one's (found when the demo test ran after a test that chdir'ed)."""
@@ -249,14 +261,21 @@ sweep(sys.argv[1], grid=["logreg:C=0.1;max_iter=300"], out=sys.argv[2], cache_di
 """
 
 
-def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
+def test_a_killed_sweep_leaves_nothing_behind_after_the_next_run(
+    digits: views.FeatureSet, digits_cache: Path, tmp_path: Path
+) -> None:
     import os
     import subprocess
     import sys
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(digits_cache)], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_WHILE_SAVING_BEST, digits.key, str(out), str(digits_cache)],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert [p.name for p in out.iterdir() if p.name.startswith(".best")]  # the killed writer's temp dir
     (out / ".best-999999999-abcdef").mkdir()  # what versions before this one left (pid long gone)
@@ -274,7 +293,9 @@ def test_a_sweep_killed_before_sweep_json_is_resumed(digits: views.FeatureSet, t
 
 def test_resume_refuses_other_features(digits: views.FeatureSet, digits_features_copy, grid_sweep: SweepResult) -> None:
     cache = digits_features_copy.cache  # extracting 40 per split adds a feature set: not to the session's cache
-    other = fc.extract("builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=40, cache_dir=cache, progress=False)
+    other = fc.extract(
+        "builtin:digits", backbone="mobilenetv2", weights="random", size=32, limit=40, cache_dir=cache, progress=False
+    )
     with pytest.raises(UsageError, match="was made for features") as info:
         sweep(other.key, grid=["logreg"], out=grid_sweep.out_dir, cache_dir=cache, progress=False)
     assert "\n" not in str(info.value)
@@ -287,7 +308,13 @@ def test_all_trials_failing_is_an_error(digits: views.FeatureSet, tmp_path: Path
 
 
 def test_loss_metric_ranks_ascending(digits: views.FeatureSet, tmp_path: Path) -> None:
-    res = sweep(digits, grid=["logreg:C=0.001,1;max_iter=300", "knn:n_neighbors=1"], metric="val_log_loss", out=tmp_path / "ll", progress=False)
+    res = sweep(
+        digits,
+        grid=["logreg:C=0.001,1;max_iter=300", "knn:n_neighbors=1"],
+        metric="val_log_loss",
+        out=tmp_path / "ll",
+        progress=False,
+    )
     losses = [r["val_log_loss"] for r in res.leaderboard]
     assert losses == sorted(losses)
     with pytest.raises(UsageError, match="not a validation metric"):
@@ -300,7 +327,9 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(doc))
 
 
-def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
+def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(
+    digits: views.FeatureSet, digits_cache: Path, tmp_path: Path
+) -> None:
     """Trial ids come back from trials/, sweep.json and leaderboard.json: each is checked against
     the form a sweep writes before it names a file or a directory (issue 20)."""
     import shutil
@@ -317,7 +346,20 @@ def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.F
 
     board = copy("board")
     _edit_json(board / "leaderboard.json", lambda d: d["rows"][0].update(trial="/../../../../x"))
-    res = CliRunner().invoke(app, ["ensemble", "--from-sweep", str(board), "--top", "2", "--out", str(tmp_path / "ens"), "--cache", str(digits_cache)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "ensemble",
+            "--from-sweep",
+            str(board),
+            "--top",
+            "2",
+            "--out",
+            str(tmp_path / "ens"),
+            "--cache",
+            str(digits_cache),
+        ],
+    )
     assert res.exit_code == 1, res.output
     line = _error_line(res)
     assert f"{board / 'leaderboard.json'} names trial id '/../../../../x', but a trial id is 12 hex digits" in line
@@ -330,7 +372,9 @@ def test_ids_read_back_from_a_sweep_directory_never_reach_a_path(digits: views.F
 
     record = copy("record")
     _edit_json(record / "trials" / f"{ids[0]}.json", lambda d: d.update(trial="../../x"))
-    with pytest.raises(RunError, match=f"{ids[0]}\\.json names trial id '\\.\\./\\.\\./x'.*remove .* to run that trial again") as err:
+    with pytest.raises(
+        RunError, match=f"{ids[0]}\\.json names trial id '\\.\\./\\.\\./x'.*remove .* to run that trial again"
+    ) as err:
         sweep(digits, grid=grid, out=record, progress=False)
     assert "\n" not in str(err.value)
 
@@ -353,7 +397,20 @@ def _error_line(result) -> str:
 
 
 def test_cli_sweep_json_random_trials(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
-    args = ["sweep", "-f", digits.key[:12], "--trials", "2", "--heads", "logreg", "--out", str(tmp_path / "cli"), "--cache", str(digits_cache), "--json"]
+    args = [
+        "sweep",
+        "-f",
+        digits.key[:12],
+        "--trials",
+        "2",
+        "--heads",
+        "logreg",
+        "--out",
+        str(tmp_path / "cli"),
+        "--cache",
+        str(digits_cache),
+        "--json",
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     doc = json.loads(first.stdout)
@@ -365,10 +422,23 @@ def test_cli_sweep_json_random_trials(digits: views.FeatureSet, digits_cache: Pa
 
 
 @pytest.mark.parametrize("flag,grouped", [("--together", True), ("--one-by-one", False)])
-def test_cli_sweep_together_flag(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path, flag: str, grouped: bool) -> None:
+def test_cli_sweep_together_flag(
+    digits: views.FeatureSet, digits_cache: Path, tmp_path: Path, flag: str, grouped: bool
+) -> None:
     out = tmp_path / "cli-dense"
-    args = ["sweep", "-f", digits.key[:12], "--grid", "dense:hidden=,16;epochs=1;patience=0;batch_size=256", flag,
-            "--out", str(out), "--cache", str(digits_cache), "--json"]
+    args = [
+        "sweep",
+        "-f",
+        digits.key[:12],
+        "--grid",
+        "dense:hidden=,16;epochs=1;patience=0;batch_size=256",
+        flag,
+        "--out",
+        str(out),
+        "--cache",
+        str(digits_cache),
+        "--json",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     records = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
@@ -378,7 +448,10 @@ def test_cli_sweep_together_flag(digits: views.FeatureSet, digits_cache: Path, t
 
 def test_cli_sweep_table(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     opts = ["--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
-    res = CliRunner().invoke(app, ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(digits_cache), "-q"])
+    res = CliRunner().invoke(
+        app,
+        ["sweep", *opts, "-g", "knn:n_neighbors=1,3", "--out", str(tmp_path / "t"), "--cache", str(digits_cache), "-q"],
+    )
     assert res.exit_code == 0, res.output
     assert "knn n_neighbors=1" in res.stdout and "best:" in res.stdout and str(tmp_path / "t" / "best") in res.stdout
 
@@ -392,9 +465,15 @@ def _assert_whole_at_80(text: str, names: list[str]) -> None:
     assert not missing, (missing, text)
 
 
-def test_cli_sweep_table_keeps_configurations_whole_at_80_columns(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
+def test_cli_sweep_table_keeps_configurations_whole_at_80_columns(
+    digits: views.FeatureSet, digits_cache: Path, tmp_path: Path
+) -> None:
     grid = ["-g", "logreg:C=0.1,1;class_weight=none,balanced", "-g", "knn:n_neighbors=1,3;weights=uniform,distance"]
-    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], *grid, "--out", str(tmp_path / "t"), "--cache", str(digits_cache), "-q"], env={"COLUMNS": "80"})
+    res = CliRunner().invoke(
+        app,
+        ["sweep", "-f", digits.key[:12], *grid, "--out", str(tmp_path / "t"), "--cache", str(digits_cache), "-q"],
+        env={"COLUMNS": "80"},
+    )
     assert res.exit_code == 0, res.output
     board = json.loads((tmp_path / "t" / "leaderboard.json").read_text())["rows"]
     table = res.stdout[: res.stdout.index(f"{len(board)} trials in")]  # the summary after it names paths
@@ -412,8 +491,19 @@ def test_leaderboard_table_marks_trials_tied_with_the_best() -> None:
     # 48 validation images: 1 image is 0.02; five trials at 1.0, and 47/48 is within noise of them.
     accs = [1.0] * 5 + [47 / 48, 40 / 48]
     rows = [
-        {"rank": i + 1, "trial": f"{i:012x}", "name": f"dense hidden=none batchnorm=false dropout=0.{i} optimizer=adam", "head": "dense",
-         "status": "ok", "val_accuracy": a, "val_n": 48, "val_log_loss": 0.1, "val_macro_f1": a, "val_kappa": a, "fit_seconds": 1.0}
+        {
+            "rank": i + 1,
+            "trial": f"{i:012x}",
+            "name": f"dense hidden=none batchnorm=false dropout=0.{i} optimizer=adam",
+            "head": "dense",
+            "status": "ok",
+            "val_accuracy": a,
+            "val_n": 48,
+            "val_log_loss": 0.1,
+            "val_macro_f1": a,
+            "val_kappa": a,
+            "fit_seconds": 1.0,
+        }
         for i, a in enumerate(accs)
     ]
     assert tied_with_best(rows) == [True] * 6 + [False]
@@ -438,8 +528,12 @@ def test_leaderboard_table_marks_trials_tied_with_the_best() -> None:
         (["-g", "knn:n_neighbors=5000"], "all 1 trials failed", 1),
     ],
 )
-def test_cli_sweep_errors(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path, args: list[str], needle: str, code: int) -> None:
-    res = CliRunner().invoke(app, ["sweep", "-f", digits.key[:12], "--cache", str(digits_cache), "--out", str(tmp_path / "e"), "-q", *args])
+def test_cli_sweep_errors(
+    digits: views.FeatureSet, digits_cache: Path, tmp_path: Path, args: list[str], needle: str, code: int
+) -> None:
+    res = CliRunner().invoke(
+        app, ["sweep", "-f", digits.key[:12], "--cache", str(digits_cache), "--out", str(tmp_path / "e"), "-q", *args]
+    )
     assert res.exit_code == code, res.output
     assert needle in _error_line(res)
 
@@ -461,7 +555,11 @@ def test_cli_sweep_missing_or_incomplete_features(digits: views.FeatureSet, digi
     res = CliRunner().invoke(app, ["sweep", *opts[:-1], "32", "--cache", str(other)])
     assert res.exit_code == 1
     line = _error_line(res)
-    assert "are not in cache" in line and "extract them first: featurecache extract" in line and line.count("--size 32") == 1
+    assert (
+        "are not in cache" in line
+        and "extract them first: featurecache extract" in line
+        and line.count("--size 32") == 1
+    )
 
 
 def test_cli_sweep_error_in_a_real_process(digits_cache: Path) -> None:
@@ -470,13 +568,22 @@ def test_cli_sweep_error_in_a_real_process(digits_cache: Path) -> None:
     import sys
 
     env = {**os.environ, "FEATURECACHE_DEBUG": ""}
-    res = subprocess.run([sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(digits_cache)], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "featurecache", "sweep", "-f", "feedfacecafe", "--cache", str(digits_cache)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines() == [f"error: no feature set 'feedfacecafe' in cache {digits_cache}; list them with `featurecache cache ls --cache {digits_cache}`"]
+    assert res.stderr.strip().splitlines() == [
+        f"error: no feature set 'feedfacecafe' in cache {digits_cache}; list them with `featurecache cache ls --cache {digits_cache}`"
+    ]
 
 
 @pytest.mark.slow
-def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
+def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(
+    digits: views.FeatureSet, digits_cache: Path, tmp_path: Path
+) -> None:
     # A process worker ends itself (os._exit) in its first trial, before the trial's record is
     # written, once across all processes: the sweep reads back what the other worker finished
     # and runs the lost trial again, in the same call, with the same results as in-process.
@@ -486,11 +593,17 @@ def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views
 
     grid = "logreg:C=0.1,1;max_iter=300"
     once = tmp_path / "fault-fired"
-    env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1]), "FEATURECACHE_FAULT": "trial_fitted:exit",
-           "FEATURECACHE_FAULT_ONCE": str(once)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1]),
+        "FEATURECACHE_FAULT": "trial_fitted:exit",
+        "FEATURECACHE_FAULT_ONCE": str(once),
+    }
     out = tmp_path / "died"
     args = ["-f", digits.key, "--cache", str(digits_cache), "--out", str(out), "--jobs", "2", "--json", "-g", grid]
-    proc = subprocess.run([sys.executable, "-m", "featurecache", "sweep", *args], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "featurecache", "sweep", *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert once.exists(), "the injected fault never fired: the test proved nothing"
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "a sweep worker died" in proc.stderr
@@ -500,7 +613,10 @@ def test_a_worker_that_dies_mid_trial_is_replaced_in_the_same_call(digits: views
     rows = {r["trial"]: r for r in doc["leaderboard"]}
     assert len(rows) == len(here.leaderboard) == 2
     for row in here.leaderboard:
-        assert (rows[row["trial"]]["val_accuracy"], rows[row["trial"]]["val_log_loss"]) == (row["val_accuracy"], row["val_log_loss"])
+        assert (rows[row["trial"]]["val_accuracy"], rows[row["trial"]]["val_log_loss"]) == (
+            row["val_accuracy"],
+            row["val_log_loss"],
+        )
     assert load_run(out / "best")[0]["head"] == "logreg"
 
 
@@ -519,9 +635,18 @@ def test_jobs_do_not_change_results(digits: views.FeatureSet, digits_cache: Path
         out = tmp_path / f"j{jobs}"
         args = ["-f", digits.key, "--cache", str(digits_cache), "--out", str(out), "--jobs", str(jobs), "--json"]
         grid = ["-g", "dense:hidden=64,128-32;lr=1e-3,1e-2;epochs=3;patience=1", "-g", "logreg:C=0.1;max_iter=300"]
-        proc = subprocess.run([sys.executable, "-m", "featurecache", "sweep", *args, *grid], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "featurecache", "sweep", *args, *grid],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
-        boards[jobs] = {r["trial"]: {k: v for k, v in r.items() if k.startswith(("val_", "test_"))} for r in json.loads(proc.stdout)["leaderboard"]}
+        boards[jobs] = {
+            r["trial"]: {k: v for k, v in r.items() if k.startswith(("val_", "test_"))}
+            for r in json.loads(proc.stdout)["leaderboard"]
+        }
         records = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
         assert {r["worker"].get("tf_threads") for r in records if r["head"] == "dense"} == {1}
     assert boards[1] == boards[2]  # every metric of every trial, exactly

@@ -78,7 +78,13 @@ def test_dense_head_on_mobilenetv2_features(digits: views.FeatureSet, tmp_path: 
     # (normalize=True, the default) lets it learn; without it the head stays at chance.
     res = train_head(digits, head="dense", params={"epochs": "4", "patience": "0"}, out=tmp_path / "dense", plots=False)
     assert res.metrics["val"]["accuracy"] > 0.5
-    raw = train_head(digits, head="dense", params={"epochs": "4", "patience": "0", "normalize": "false"}, out=tmp_path / "raw", plots=False)
+    raw = train_head(
+        digits,
+        head="dense",
+        params={"epochs": "4", "patience": "0", "normalize": "false"},
+        out=tmp_path / "raw",
+        plots=False,
+    )
     assert raw.metrics["val"]["accuracy"] < 0.3
 
 
@@ -112,7 +118,14 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
     run = request.getfixturevalue(which)
     fs = request.getfixturevalue(fs_name)
     files = {p.name for p in run.run_dir.iterdir()}
-    expected = {"config.json", "metrics.json", "predictions.npz", "head.json", "confusion_val.png", "confusion_test.png"}
+    expected = {
+        "config.json",
+        "metrics.json",
+        "predictions.npz",
+        "head.json",
+        "confusion_val.png",
+        "confusion_test.png",
+    }
     if run.head == "dense":
         expected |= {"head.keras", "training_curves.png"}
     else:
@@ -126,7 +139,11 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
     from featurecache.report.figures import DPI
 
     side = max(4.0, 0.45 * N_CLASSES + 2.5)
-    inches = {"confusion_val.png": (side + 1, side), "confusion_test.png": (side + 1, side), "training_curves.png": (10.0, 3.8)}
+    inches = {
+        "confusion_val.png": (side + 1, side),
+        "confusion_test.png": (side + 1, side),
+        "training_curves.png": (10.0, 3.8),
+    }
     for png in (f for f in files if f.endswith(".png")):
         with Image.open(run.run_dir / png) as im:
             assert im.format == "PNG" and im.convert("RGB").getcolors(20) is None, png  # not a blank canvas
@@ -146,7 +163,9 @@ def test_run_directory(which: str, fs_name: str, request: pytest.FixtureRequest)
     for split in ("val", "test"):
         ok = fs.valid(split)
         assert list(preds[f"{split}_ids"]) == [str(i) for i in fs.ids(split)[ok]]
-        np.testing.assert_array_equal(predict_full_proba(head, fs.features(split)[ok], N_CLASSES), preds[f"{split}_proba"])
+        np.testing.assert_array_equal(
+            predict_full_proba(head, fs.features(split)[ok], N_CLASSES), preds[f"{split}_proba"]
+        )
         np.testing.assert_array_equal(head.predict(fs.features(split)[ok]), preds[f"{split}_proba"].argmax(axis=1))
 
 
@@ -174,7 +193,9 @@ train.train_head(sys.argv[1], head="knn", params={"n_neighbors": 3}, out=sys.arg
 """
 
 
-def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: views.FeatureSet, logreg_run, digits_cache: Path, tmp_path: Path) -> None:
+def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(
+    digits: views.FeatureSet, logreg_run, digits_cache: Path, tmp_path: Path
+) -> None:
     import os
     import subprocess
     import sys
@@ -183,7 +204,12 @@ def test_sigkill_while_rewriting_a_run_leaves_the_old_run_whole(digits: views.Fe
     shutil.copytree(logreg_run.run_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     env = {**os.environ, "PYTHONPATH": str(Path(fc.__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", _KILL_AT_CONFIG, digits.key, str(out), str(digits_cache)], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_CONFIG, digits.key, str(out), str(digits_cache)],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     # The old run is untouched: same files, same bytes, and its config matches its head.
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -277,7 +303,22 @@ def _error_line(result) -> str:
 def test_cli_train_head_json(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-run"
     res = CliRunner().invoke(
-        app, ["train-head", "--features", digits.key[:12], "--head", "logreg", "--param", "C=0.5", "--out", str(out), "--cache", str(digits_cache), "--json", "--no-plots"]
+        app,
+        [
+            "train-head",
+            "--features",
+            digits.key[:12],
+            "--head",
+            "logreg",
+            "--param",
+            "C=0.5",
+            "--out",
+            str(out),
+            "--cache",
+            str(digits_cache),
+            "--json",
+            "--no-plots",
+        ],
     )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -287,10 +328,27 @@ def test_cli_train_head_json(digits: views.FeatureSet, digits_cache: Path, tmp_p
 
 
 def test_cli_train_head_text_by_extract_options(digits: views.FeatureSet, digits_cache: Path, tmp_path: Path) -> None:
-    args = ["train-head", "--data", "builtin:digits", "--backbone", "mobilenetv2", "--weights", "random", "--size", "32"]
-    res = CliRunner().invoke(app, [*args, "--head", "knn", "-p", "n_neighbors=3", "--out", str(tmp_path / "r"), "--cache", str(digits_cache)])
+    args = [
+        "train-head",
+        "--data",
+        "builtin:digits",
+        "--backbone",
+        "mobilenetv2",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+    ]
+    res = CliRunner().invoke(
+        app, [*args, "--head", "knn", "-p", "n_neighbors=3", "--out", str(tmp_path / "r"), "--cache", str(digits_cache)]
+    )
     assert res.exit_code == 0, res.output
-    assert "val: accuracy" in res.stdout and "test: accuracy" in res.stdout and "kappa" in res.stdout and "macro F1" in res.stdout
+    assert (
+        "val: accuracy" in res.stdout
+        and "test: accuracy" in res.stdout
+        and "kappa" in res.stdout
+        and "macro F1" in res.stdout
+    )
     assert f"run {tmp_path / 'r'}" in res.stdout
     assert json.loads((tmp_path / "r" / "config.json").read_text())["features"]["key"] == digits.key
 
@@ -315,7 +373,9 @@ def test_cli_heads_lists_params() -> None:
         (["--head", "logreg", "-p", "C"], "is not NAME=VALUE", 2),
     ],
 )
-def test_cli_train_head_bad_head_or_param(digits: views.FeatureSet, digits_cache: Path, args: list[str], needle: str, code: int) -> None:
+def test_cli_train_head_bad_head_or_param(
+    digits: views.FeatureSet, digits_cache: Path, args: list[str], needle: str, code: int
+) -> None:
     res = CliRunner().invoke(app, ["train-head", "--features", digits.key[:12], "--cache", str(digits_cache), *args])
     assert res.exit_code == code
     assert needle in _error_line(res)
@@ -340,14 +400,19 @@ def test_cli_train_head_missing_features(digits_cache: Path) -> None:
 def test_cli_train_head_torn_entry(digits: views.FeatureSet, tmp_path: Path) -> None:
     other = tmp_path / "cache2"
     shutil.copytree(digits.path.parent.parent, other)
-    (other / "views" / digits.name / "zarr.json").write_text('{"zarr_format": 3, "node_ty')  # torn by a crash or a bad disk
+    (other / "views" / digits.name / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_ty'
+    )  # torn by a crash or a bad disk
     with pytest.raises(CacheCorruptError, match="cache rm"):
         train_head(digits.name, cache_dir=other)
     res = CliRunner().invoke(app, ["train-head", "--features", digits.name, "--cache", str(other)])
     assert res.exit_code != 0
     assert f"featurecache cache rm {digits.name} --yes" in _error_line(res)
 
-def test_sklearn_heads_fit_with_one_blas_thread(digits: views.FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_sklearn_heads_fit_with_one_blas_thread(
+    digits: views.FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A BLAS thread per core made one train-head logreg fit 17.6 s instead of 0.6 s on a loaded box.
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_info, threadpool_limits
@@ -376,7 +441,9 @@ def test_damaged_features_are_a_one_line_error_naming_the_entry(digits_features_
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit: the chunk's CRC32C no longer matches
     chunk.write_bytes(bytes(data))
-    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(cache), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        app, ["train-head", "-f", res.key[:12], "--cache", str(cache), "--out", str(tmp_path / "r")]
+    )
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and "unexpected" not in lines[0], result.output
     assert fs.name in lines[0] and f"featurecache cache verify {res.key[:12]} --cache {cache}" in lines[0]
@@ -386,7 +453,10 @@ def test_unreadable_features_name_the_cache_root_and_every_part_of_a_concatenati
     # A torn array document makes Zarr raise a bare ValueError on read. The fix used to name
     # ROOT/views as the cache, and a concatenation (whose path is text) crashed with a traceback.
     cache = tmp_path / "cache"
-    keys = [fc.extract("builtin:digits", **DIGITS, pooling=p, limit=20, cache_dir=cache, progress=False).key for p in ("avg", "max")]
+    keys = [
+        fc.extract("builtin:digits", **DIGITS, pooling=p, limit=20, cache_dir=cache, progress=False).key
+        for p in ("avg", "max")
+    ]
     store_dir = fc.open_features(keys[0], cache_dir=cache).store.path
     (store_dir / "v0" / "features" / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
     for ref, named in ((keys[0][:12], keys[:1]), (f"{keys[0]},{keys[1]}", keys)):
@@ -408,7 +478,22 @@ def test_a_class_with_one_image_is_kept_for_training(tmp_path: Path) -> None:
         data = load_training_data(fs, seed=seed)
         assert 2 in data.y_train.tolist() and data.untrained_classes == ()
         assert sorted(set(data.y_val.tolist())) == [0, 1]  # validation stays stratified
-    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(tmp_path / "cache"), "-p", "n_neighbors=100000", "--head", "knn", "--out", str(tmp_path / "k")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-head",
+            "-f",
+            res.key[:12],
+            "--cache",
+            str(tmp_path / "cache"),
+            "-p",
+            "n_neighbors=100000",
+            "--head",
+            "knn",
+            "--out",
+            str(tmp_path / "k"),
+        ],
+    )
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "n_neighbors=100000 exceeds the" in lines[0] and "-p n_neighbors=N" in lines[0]
@@ -420,7 +505,19 @@ def test_cli_warns_about_classes_without_training_images(tmp_path: Path) -> None
     root = make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, splits=("train", "val"))
     make_image_folder(root, classes=("c",), per_class=2, splits=("val",), seed=2)  # c only in val
     res = fc.extract(str(root), **DIGITS, cache_dir=tmp_path / "cache", progress=False)
-    result = CliRunner().invoke(app, ["train-head", "-f", res.key[:12], "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "r"), "--no-plots"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-head",
+            "-f",
+            res.key[:12],
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "r"),
+            "--no-plots",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "warning: 1 classes have no valid training image, so the head never predicts them: c" in result.stderr
     assert json.loads((tmp_path / "r" / "config.json").read_text())["untrained_classes"] == ["c"]

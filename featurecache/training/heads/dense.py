@@ -227,7 +227,11 @@ def _features(X: Any, *, name: str) -> np.ndarray:
     except ValueError as exc:
         first = str(exc).splitlines()[0].rstrip(":.")
         # scikit-learn's own advice starts "Reshape your data" (its estimator checks look for it).
-        fix = "Reshape your data to (n_samples, *feature_shape), e.g. X[None] for one sample" if "array, got" in first else "pass finite features shaped (n_samples, *feature_shape)"
+        fix = (
+            "Reshape your data to (n_samples, *feature_shape), e.g. X[None] for one sample"
+            if "array, got" in first
+            else "pass finite features shaped (n_samples, *feature_shape)"
+        )
         raise UsageError(f"{name}: {first}; {fix}") from None
     return arr
 
@@ -246,21 +250,17 @@ def _encode_labels(y: Any, *, x_shape: tuple[int, ...]) -> tuple[Any, np.ndarray
         y = column_or_1d(y, warn=True)
     if y.ndim != 1 or y.shape[0] != x_shape[0]:
         raise UsageError(
-            f"y must have shape ({x_shape[0]},) to match X {x_shape}, got {y.shape}; "
-            "pass one label per sample"
+            f"y must have shape ({x_shape[0]},) to match X {x_shape}, got {y.shape}; pass one label per sample"
         )
     try:
         check_classification_targets(y)
     except ValueError as exc:
-        raise UsageError(
-            f"y: {exc}; a head needs class labels (ints or strings), not regression targets"
-        ) from None
+        raise UsageError(f"y: {exc}; a head needs class labels (ints or strings), not regression targets") from None
     encoder = LabelEncoder().fit(y)
     y_enc = encoder.transform(y).astype(np.int32)
     if len(encoder.classes_) < 2:
         raise UsageError(
-            f"y has only one class {encoder.classes_.tolist()!r}; a classifier head "
-            "needs at least 2 classes"
+            f"y has only one class {encoder.classes_.tolist()!r}; a classifier head needs at least 2 classes"
         )
     return encoder, y_enc
 
@@ -278,7 +278,9 @@ def _training_views(X: Any, X_views: Any) -> Any:
     return X_views
 
 
-def _validation_pair(X_val: Any, y_val: Any, *, feature_shape: tuple[int, ...], encoder: Any) -> tuple[np.ndarray, np.ndarray] | None:
+def _validation_pair(
+    X_val: Any, y_val: Any, *, feature_shape: tuple[int, ...], encoder: Any
+) -> tuple[np.ndarray, np.ndarray] | None:
     """``(X_val, encoded y_val)`` checked against the training features and classes, or ``None``."""
     if X_val is None and y_val is None:
         return None
@@ -476,8 +478,13 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         views = _training_views(X, X_views)
         validation = _validation_pair(X_val, y_val, feature_shape=X.shape[1:], encoder=encoder)
         return FitInputs(
-            cfg=cfg, input_shape=tuple(int(d) for d in X.shape[1:]), pool=pool, views=views, y_enc=y_enc,
-            classes=encoder.classes_, validation=validation,
+            cfg=cfg,
+            input_shape=tuple(int(d) for d in X.shape[1:]),
+            pool=pool,
+            views=views,
+            y_enc=y_enc,
+            classes=encoder.classes_,
+            validation=validation,
             sample_weight=_sample_weights(cfg["class_weight"], encoder.classes_, y_enc),
         )
 
@@ -501,7 +508,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             input_norm=input_norm if cfg["normalize"] else None,
         )
 
-    def set_fitted(self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> DenseHead:
+    def set_fitted(
+        self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int
+    ) -> DenseHead:
         """Store the learned attributes; returns ``self``."""
         self.classes_ = prep.classes
         self.model_ = model
@@ -608,13 +617,10 @@ def _resolve_pool(pool: str, ndim: int) -> str:
         return "avg" if ndim == 4 else ("none" if ndim == 2 else "flatten")
     if pool == "avg" and ndim != 4:
         raise UsageError(
-            f"pool='avg' needs spatial features (n, h, w, c), got rank-{ndim} features; "
-            "use pool=auto, flatten or none"
+            f"pool='avg' needs spatial features (n, h, w, c), got rank-{ndim} features; use pool=auto, flatten or none"
         )
     if pool == "none" and ndim != 2:
         raise UsageError(
-            f"pool='none' needs 2-D features (n, d), got rank-{ndim} features; "
-            "use pool=avg or pool=flatten"
+            f"pool='none' needs 2-D features (n, d), got rank-{ndim} features; use pool=avg or pool=flatten"
         )
     return pool
-

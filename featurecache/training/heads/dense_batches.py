@@ -40,7 +40,9 @@ def pooled_moments(views: Any, pool: str, *, block: int = 4096) -> tuple[np.ndar
             x = x.reshape(len(x), -1)
         s1, s2 = x.sum(axis=0), (x * x).sum(axis=0)
         total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
-    assert total is not None and sq is not None, "no rows"  # training sets are never empty (load_training_data refuses them)
+    assert total is not None and sq is not None, (
+        "no rows"
+    )  # training sets are never empty (load_training_data refuses them)
     mean = total / max(n, 1)
     return mean, np.maximum(sq / max(n, 1) - mean * mean, 0.0)
 
@@ -101,9 +103,7 @@ def make_view_batches(
             rng = np.random.default_rng([seed, self._epoch])
             self._order = rng.permutation(self._n)
             self._view = (
-                rng.integers(self._n_views, size=self._n)
-                if self._n_views > 1
-                else np.zeros(self._n, dtype=np.int64)
+                rng.integers(self._n_views, size=self._n) if self._n_views > 1 else np.zeros(self._n, dtype=np.int64)
             )
 
         @property
@@ -160,5 +160,3 @@ def _gather(views: Any, view_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
         reader = views.oindex if hasattr(views, "oindex") else views
         out[pos] = np.asarray(reader[int(v), wanted], dtype=np.float32)[inverse]
     return out
-
-

@@ -65,7 +65,9 @@ class GroupHead(Protocol):
 
     def build_model(self, prep: FitInputs, input_norm: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model: ...
 
-    def set_fitted(self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int) -> Any: ...
+    def set_fitted(
+        self, prep: FitInputs, model: keras.Model, history: dict[str, list[float]], best_epoch: int
+    ) -> Any: ...
 
 
 def _coerced(head: GroupHead) -> dict[str, Any]:
@@ -102,7 +104,9 @@ GROUP_PARAMS: tuple[str, ...] = ("batch_size", "seed", "class_weight", "pool")
 def group_key_of(params: Any) -> tuple[Any, ...]:
     """:func:`group_key` from already coerced dense parameters (e.g. a sweep trial's)."""
     # A class_weight dict becomes sorted items: the key must be hashable (sweeps group by it).
-    return tuple(tuple(sorted(params[k].items(), key=str)) if isinstance(params[k], dict) else params[k] for k in GROUP_PARAMS)
+    return tuple(
+        tuple(sorted(params[k].items(), key=str)) if isinstance(params[k], dict) else params[k] for k in GROUP_PARAMS
+    )
 
 
 def fit_dense_heads(
@@ -148,7 +152,9 @@ def fit_dense_heads(
     heads = list(heads)
     extra = [[] for _ in heads] if callbacks is None else [list(c) for c in callbacks]
     if len(extra) != len(heads):
-        raise UsageError(f"callbacks has {len(extra)} entries for {len(heads)} heads; pass one sequence of Keras callbacks per head")
+        raise UsageError(
+            f"callbacks has {len(extra)} entries for {len(heads)} heads; pass one sequence of Keras callbacks per head"
+        )
     first, preps = _prepare_group(heads, X, y, X_val=X_val, y_val=y_val, X_views=X_views)
     moments = pooled_moments(first.views, first.pool) if any(p.cfg["normalize"] for p in preps) else None
     models = [h.build_model(p, input_norm=moments) for h, p in zip(heads, preps, strict=True)]
@@ -159,7 +165,9 @@ def fit_dense_heads(
         # fitted head behaves like one Keras trained.
         model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         model.stop_training = False
-    data = make_view_batches(first.views, first.y_enc, first.sample_weight, batch_size=first.cfg["batch_size"], seed=first.cfg["seed"])
+    data = make_view_batches(
+        first.views, first.y_enc, first.sample_weight, batch_size=first.cfg["batch_size"], seed=first.cfg["seed"]
+    )
     hooks = _callback_lists(models, preps, extra, steps=len(data))
     histories, kept = _train_group(models, optimizers, preps, data, hooks)
     for head, prep, model, hist, best in zip(heads, preps, models, histories, kept, strict=True):
@@ -167,7 +175,9 @@ def fit_dense_heads(
     return heads
 
 
-def _prepare_group(heads: list[GroupHead], X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any) -> tuple[FitInputs, list[FitInputs]]:
+def _prepare_group(
+    heads: list[GroupHead], X: Any, y: Any, *, X_val: Any, y_val: Any, X_views: Any
+) -> tuple[FitInputs, list[FitInputs]]:
     """Check the group and its data once; return the shared inputs and each head's (its own hyperparameters)."""
     if not heads:
         raise UsageError("fit_dense_heads needs at least one DenseHead")
@@ -200,7 +210,9 @@ def make_optimizer(name: str, lr: float, *, nesterov: bool = True) -> Any:
     return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=nesterov)
 
 
-def _callback_lists(models: Sequence[Any], preps: Sequence[FitInputs], extra: Sequence[list[Any]], *, steps: int) -> list[Any]:
+def _callback_lists(
+    models: Sequence[Any], preps: Sequence[FitInputs], extra: Sequence[list[Any]], *, steps: int
+) -> list[Any]:
     """Per head, a ``keras.callbacks.CallbackList`` of its callbacks plus a progress bar when ``verbose`` (as ``Model.fit`` builds it), or ``None``."""
     import keras
 
@@ -210,11 +222,17 @@ def _callback_lists(models: Sequence[Any], preps: Sequence[FitInputs], extra: Se
         if not cbs and not verbose:
             out.append(None)  # nothing observes this head: skip the per-batch hook calls
             continue
-        out.append(keras.callbacks.CallbackList(cbs, add_progbar=verbose != 0, model=model, verbose=verbose, epochs=prep.cfg["epochs"], steps=steps))
+        out.append(
+            keras.callbacks.CallbackList(
+                cbs, add_progbar=verbose != 0, model=model, verbose=verbose, epochs=prep.cfg["epochs"], steps=steps
+            )
+        )
     return out
 
 
-def _train_group(models: Sequence[Any], optimizers: Sequence[Any], preps: Sequence[FitInputs], data: Any, hooks: Sequence[Any]) -> tuple[list[dict[str, list[float]]], list[int]]:
+def _train_group(
+    models: Sequence[Any], optimizers: Sequence[Any], preps: Sequence[FitInputs], data: Any, hooks: Sequence[Any]
+) -> tuple[list[dict[str, list[float]]], list[int]]:
     """Train until every head has run its epochs or stopped; return each head's history and kept epoch."""
     first = preps[0]
     head_loss = _head_loss()
@@ -232,7 +250,11 @@ def _train_group(models: Sequence[Any], optimizers: Sequence[Any], preps: Sequen
     data.on_epoch_end()
     epoch = 0
     while True:
-        active = tuple(i for i, p in enumerate(preps) if epoch < p.cfg["epochs"] and not stoppers[i].stopped and not models[i].stop_training)
+        active = tuple(
+            i
+            for i, p in enumerate(preps)
+            if epoch < p.cfg["epochs"] and not stoppers[i].stopped and not models[i].stop_training
+        )
         if not active:
             break
         watching = [(j, hooks[i]) for j, i in enumerate(active) if hooks[i] is not None]
@@ -279,7 +301,9 @@ def _head_loss() -> Callable[[Any, Any, Any, Any], Any]:
     return head_loss
 
 
-def _train_steps(models: Sequence[Any], optimizers: Sequence[Any], head_loss: Callable[..., Any]) -> Callable[[tuple[int, ...]], Any]:
+def _train_steps(
+    models: Sequence[Any], optimizers: Sequence[Any], head_loss: Callable[..., Any]
+) -> Callable[[tuple[int, ...]], Any]:
     """``train_step(active)``: the traced step that trains the heads ``active`` on one batch."""
     import tensorflow as tf
 
@@ -302,7 +326,9 @@ def _train_steps(models: Sequence[Any], optimizers: Sequence[Any], head_loss: Ca
                 for opt, vs in zip(opts, variables, strict=True):
                     opt.apply_gradients(zip(grads[at : at + len(vs)], vs, strict=True))
                     at += len(vs)
-                correct = [tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32) for p in probas]
+                correct = [
+                    tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32) for p in probas
+                ]
                 # Unweighted, like the accuracy Keras's fit reports with sample weights.
                 return tf.stack(losses), tf.stack([tf.reduce_mean(c) for c in correct])
 
@@ -321,7 +347,10 @@ def _val_step(models: Sequence[Any], head_loss: Callable[..., Any]) -> Any:
         probas = [m(x, training=False) for m in models]
         ones = tf.ones_like(y_true, dtype=tf.float32)
         losses = [head_loss(m, y_true, p, ones) for m, p in zip(models, probas, strict=True)]
-        correct = [tf.reduce_mean(tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32)) for p in probas]
+        correct = [
+            tf.reduce_mean(tf.cast(tf.equal(tf.argmax(p, axis=-1, output_type=tf.int32), y_true), tf.float32))
+            for p in probas
+        ]
         return tf.stack(losses), tf.stack(correct)
 
     return val_step
@@ -334,12 +363,17 @@ def _val_batches(validation: tuple[np.ndarray, np.ndarray] | None, val_batch: in
     if validation is None:
         return []
     return [
-        (tf.convert_to_tensor(validation[0][b : b + val_batch], tf.float32), tf.convert_to_tensor(validation[1][b : b + val_batch], tf.int32))
+        (
+            tf.convert_to_tensor(validation[0][b : b + val_batch], tf.float32),
+            tf.convert_to_tensor(validation[1][b : b + val_batch], tf.int32),
+        )
         for b in range(0, len(validation[1]), val_batch)
     ]
 
 
-def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int, watching: Sequence[tuple[int, Any]] = ()) -> tuple[np.ndarray, np.ndarray]:
+def _train_epoch(
+    step: Any, data: Any, ones: np.ndarray, n_active: int, watching: Sequence[tuple[int, Any]] = ()
+) -> tuple[np.ndarray, np.ndarray]:
     """One epoch of ``step`` over ``data``: each active head's mean loss and accuracy.
 
     ``watching``: ``(position among the active heads, CallbackList)`` of the heads whose
@@ -354,7 +388,11 @@ def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int, watching
         batch = data[b]
         xb, yb = batch[0], batch[1]
         wb = batch[2] if len(batch) > 2 else ones[: len(yb)]
-        losses, acc = step(tf.convert_to_tensor(xb, tf.float32), tf.convert_to_tensor(yb, tf.int32), tf.convert_to_tensor(wb, tf.float32))
+        losses, acc = step(
+            tf.convert_to_tensor(xb, tf.float32),
+            tf.convert_to_tensor(yb, tf.int32),
+            tf.convert_to_tensor(wb, tf.float32),
+        )
         # Keras's fit averages batch losses and accuracies weighted by batch size.
         sums += losses.numpy() * len(yb)
         accs += acc.numpy() * len(yb)
@@ -365,7 +403,9 @@ def _train_epoch(step: Any, data: Any, ones: np.ndarray, n_active: int, watching
     return sums / max(seen, 1), accs / max(seen, 1)
 
 
-def _val_epoch(val_step: Any, val_batches: Sequence[tuple[Any, Any]], *, n_heads: int, n_val: int) -> tuple[np.ndarray, np.ndarray]:
+def _val_epoch(
+    val_step: Any, val_batches: Sequence[tuple[Any, Any]], *, n_heads: int, n_val: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Every head's validation loss and accuracy, averaged over the rows."""
     vsums, vaccs = np.zeros(n_heads), np.zeros(n_heads)
     for xt, yt in val_batches:

@@ -53,7 +53,12 @@ class SearchSpace:
         if self.kind == "choice":
             ok = len(self.choices) > 0
         else:
-            ok = self.low is not None and self.high is not None and self.low <= self.high and (self.kind != "loguniform" or self.low > 0)
+            ok = (
+                self.low is not None
+                and self.high is not None
+                and self.low <= self.high
+                and (self.kind != "loguniform" or self.low > 0)
+            )
         if not ok:
             raise ValueError(
                 f"SearchSpace({self.kind!r}, low={self.low!r}, high={self.high!r}, "
@@ -394,9 +399,7 @@ CALIBRATION = ParamSpec(
     "how decision scores become probabilities (Platt 'sigmoid' or 'isotonic')",
     choices=("sigmoid", "isotonic"),
 )
-CV = ParamSpec(
-    "cv", "int", 3, "cross-validation folds used to fit the probability calibration", ge=2
-)
+CV = ParamSpec("cv", "int", 3, "cross-validation folds used to fit the probability calibration", ge=2)
 #: ``seed`` of the heads that draw random numbers.
 SEED = ParamSpec("seed", "int", 0, "random seed", ge=0)
 
@@ -429,10 +432,6 @@ def coerce_params(head: str, specs: tuple[ParamSpec, ...], params: Mapping[str, 
     if unknown:
         listing = "; ".join(f"{p.name}: {p.type_name}" for p in specs)
         raise HeadParamError(
-            f"head {head!r} has no parameter {unknown[0]!r}; valid parameters: "
-            f"{choices(schema)} ({listing})"
+            f"head {head!r} has no parameter {unknown[0]!r}; valid parameters: {choices(schema)} ({listing})"
         )
-    return {
-        p.name: p.coerce(given[p.name], head=head) if p.name in given else p.default
-        for p in specs
-    }
+    return {p.name: p.coerce(given[p.name], head=head) if p.name in given else p.default for p in specs}

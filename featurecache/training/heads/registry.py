@@ -140,15 +140,11 @@ def parse_param(text: str) -> tuple[str, str]:
         When there is no ``=`` or the name is empty / not an identifier.
     """
     if not isinstance(text, str) or "=" not in text:
-        raise HeadParamError(
-            f"head parameter {text!r} is not NAME=VALUE; write it like C=0.1 or hidden=256-128"
-        )
+        raise HeadParamError(f"head parameter {text!r} is not NAME=VALUE; write it like C=0.1 or hidden=256-128")
     name, value = text.split("=", 1)
     name = name.strip()
     if not name.isidentifier():
-        raise HeadParamError(
-            f"head parameter {text!r} has an invalid name {name!r}; write it like C=0.1"
-        )
+        raise HeadParamError(f"head parameter {text!r} has an invalid name {name!r}; write it like C=0.1")
     return name, value.strip()
 
 
@@ -172,9 +168,7 @@ def get_head_spec(name: str) -> HeadSpec:
         Unknown name, disallowed package, missing module/class, or not a classifier.
     """
     if not isinstance(name, str):
-        raise UnknownHeadError(
-            f"head name must be a string, got {name!r}; use one of {choices(HEAD_NAMES)}"
-        )
+        raise UnknownHeadError(f"head name must be a string, got {name!r}; use one of {choices(HEAD_NAMES)}")
     spec = _SPECS.get(name)
     if spec is not None:
         return spec
@@ -289,8 +283,7 @@ def _import_path_spec(path: str) -> HeadSpec:
     if not inspect.isclass(cls):
         public = [n for n in dir(module) if n.endswith(("Classifier", "Regression", "SVC"))]
         raise UnknownHeadError(
-            f"head import path {path!r}: {module_name!r} has no class {attr!r}; "
-            f"classifiers there: {choices(public)}"
+            f"head import path {path!r}: {module_name!r} has no class {attr!r}; classifiers there: {choices(public)}"
         )
     from sklearn.base import is_classifier
 

@@ -38,7 +38,15 @@ from featurecache.errors import RunError, UntrustedHeadError
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
-__all__ = ["HEAD_FILES", "LEGACY_HEAD_FILE", "TRUSTED_TYPES", "convert_legacy_head", "load_head", "retrain_hint", "save_head"]
+__all__ = [
+    "HEAD_FILES",
+    "LEGACY_HEAD_FILE",
+    "TRUSTED_TYPES",
+    "convert_legacy_head",
+    "load_head",
+    "retrain_hint",
+    "save_head",
+]
 
 #: File names inside a saved head directory.
 HEAD_FILES: tuple[str, ...] = ("head.json", "head.skops", "head.keras")
@@ -128,7 +136,11 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
         if classes.dtype.kind not in _JSON_KINDS:
             raise RunError(f"dense head classes of dtype {classes.dtype} cannot be saved; use integer or string labels")
         versions["keras"] = keras.__version__
-        write_atomic(out / "head.keras", lambda tmp: keras.saving.save_model(inference_copy(est.model_), str(tmp)), suffix=".keras")
+        write_atomic(
+            out / "head.keras",
+            lambda tmp: keras.saving.save_model(inference_copy(est.model_), str(tmp)),
+            suffix=".keras",
+        )
         meta.update(
             kind="keras-dense",
             files=["head.keras"],
@@ -155,7 +167,9 @@ def save_head(est: BaseEstimator, dirpath: str | os.PathLike[str]) -> Path:
         write_atomic(out / "head.skops", lambda tmp: tmp.write_bytes(data))
         (out / "head.keras").unlink(missing_ok=True)
         fitted = getattr(est, "classes_", None)
-        meta.update(kind="sklearn", files=["head.skops"], classes=np.asarray(fitted).tolist() if fitted is not None else None)
+        meta.update(
+            kind="sklearn", files=["head.skops"], classes=np.asarray(fitted).tolist() if fitted is not None else None
+        )
     (out / LEGACY_HEAD_FILE).unlink(missing_ok=True)
     meta.update(estimator=f"{type(est).__module__}.{type(est).__qualname__}", versions=versions)
     write_atomic(out / "head.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
@@ -188,17 +202,22 @@ def load_head(dirpath: str | os.PathLike[str]) -> BaseEstimator:
     legacy = (src / LEGACY_HEAD_FILE).is_file()
     if not meta_path.is_file():
         if legacy:
-            raise UntrustedHeadError(f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}), which can run code when loaded; {_convert_hint(src)}")
+            raise UntrustedHeadError(
+                f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}), which can run code when loaded; {_convert_hint(src)}"
+            )
 
-        raise RunError(f"no saved head in {str(src)!r} (head.json missing); point to a run directory written by train-head, or {retrain_hint(src)}")
+        raise RunError(
+            f"no saved head in {str(src)!r} (head.json missing); point to a run directory written by train-head, or {retrain_hint(src)}"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
-
         raise RunError(f"cannot read {meta_path} ({exc}); {retrain_hint(src)}") from None
     kind = meta.get("format"), meta.get("kind")
     if kind[0] == 1 and legacy:
-        raise UntrustedHeadError(f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}, format 1), which can run code when loaded; {_convert_hint(src)}")
+        raise UntrustedHeadError(
+            f"{src} keeps its head as a pickle ({LEGACY_HEAD_FILE}, format 1), which can run code when loaded; {_convert_hint(src)}"
+        )
     if kind not in ((SAVE_FORMAT, "sklearn"), (SAVE_FORMAT, "keras-dense")):
         raise RunError(
             f"saved head in {str(src)!r} has format {kind[0]!r} kind {kind[1]!r}; this version reads format "
@@ -218,7 +237,9 @@ def _load_skops(path: Path) -> BaseEstimator:
     try:
         untrusted = _untrusted(file=path)
     except Exception as exc:  # a corrupt zip or schema: cannot be read, whatever the reason
-        raise RunError(f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); train the head again") from None
+        raise RunError(
+            f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); train the head again"
+        ) from None
     if untrusted:
         raise UntrustedHeadError(
             f"{path} names types outside featurecache's allow-list ({', '.join(untrusted)}); loading them could run code, "
@@ -243,12 +264,16 @@ def _load_dense(src: Path, meta: dict[str, Any]) -> BaseEstimator:
         est.best_epoch_ = int(fields["best_epoch"])
         est.input_shape_ = tuple(int(d) for d in fields["input_shape"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise RunError(f"{src / 'head.json'} does not describe a dense head ({type(exc).__name__}: {exc}); train the head again") from None
+        raise RunError(
+            f"{src / 'head.json'} does not describe a dense head ({type(exc).__name__}: {exc}); train the head again"
+        ) from None
     est.n_features_in_ = int(np.prod(est.input_shape_))
     try:
         est.model_ = keras.saving.load_model(src / "head.keras", compile=False, safe_mode=True)
     except Exception as exc:  # corrupt zip, an unsafe layer refused by safe_mode, a newer Keras
-        raise RunError(f"cannot load {src / 'head.keras'} in Keras safe mode ({' '.join(str(exc).split())[:200]}); train the head again") from None
+        raise RunError(
+            f"cannot load {src / 'head.keras'} in Keras safe mode ({' '.join(str(exc).split())[:200]}); train the head again"
+        ) from None
     return est
 
 
@@ -280,7 +305,9 @@ def convert_legacy_head(dirpath: str | os.PathLike[str], *, trust: bool = False)
     src = Path(dirpath)
     legacy = src / LEGACY_HEAD_FILE
     if not legacy.is_file():
-        raise RunError(f"{src} has no {LEGACY_HEAD_FILE} to convert; point to a run directory of an earlier featurecache version")
+        raise RunError(
+            f"{src} has no {LEGACY_HEAD_FILE} to convert; point to a run directory of an earlier featurecache version"
+        )
     if not trust:
         raise UsageError(
             f"converting {src} unpickles {legacy}, which runs any code the file holds; "
@@ -326,5 +353,15 @@ def retrain_hint(run_dir: str | os.PathLike[str]) -> str:
         ]
     except Exception:  # noqa: BLE001 - no readable record: the generic hint
         return f"list the feature sets with `featurecache cache ls` and train a head into it with train-head --features KEY --out {shlex.quote(str(path))}"
-    command = " ".join(["featurecache train-head --features", key, "--head", shlex.quote(head), *params, "--out", shlex.quote(str(path))])
+    command = " ".join(
+        [
+            "featurecache train-head --features",
+            key,
+            "--head",
+            shlex.quote(head),
+            *params,
+            "--out",
+            shlex.quote(str(path)),
+        ]
+    )
     return f"train it again with `{command}`"

@@ -35,8 +35,7 @@ SKLEARN_HEADS: Mapping[str, tuple[str, tuple[ParamSpec, ...]]] = MappingProxyTyp
             ),
         ),
         "linear-svm": (
-            "linear SVM (LinearSVC) behind a StandardScaler, probabilities by "
-            "cross-validated calibration",
+            "linear SVM (LinearSVC) behind a StandardScaler, probabilities by cross-validated calibration",
             (
                 ParamSpec(
                     "C",
@@ -54,8 +53,7 @@ SKLEARN_HEADS: Mapping[str, tuple[str, tuple[ParamSpec, ...]]] = MappingProxyTyp
             ),
         ),
         "ridge": (
-            "ridge classifier behind a StandardScaler, probabilities by "
-            "cross-validated calibration",
+            "ridge classifier behind a StandardScaler, probabilities by cross-validated calibration",
             (
                 ParamSpec(
                     "alpha",
@@ -71,8 +69,7 @@ SKLEARN_HEADS: Mapping[str, tuple[str, tuple[ParamSpec, ...]]] = MappingProxyTyp
             ),
         ),
         "sgd": (
-            "logistic regression trained by SGD (SGDClassifier, loss=log_loss) behind "
-            "a StandardScaler",
+            "logistic regression trained by SGD (SGDClassifier, loss=log_loss) behind a StandardScaler",
             (
                 ParamSpec(
                     "alpha",

@@ -57,7 +57,9 @@ def check_sweep_dir(out: Path, *, fs: Any, validation: str) -> dict[str, Any] | 
         return meta
     # A sweep killed before its first sweep.json left trials/ (and maybe temp files) only:
     # that is an interrupted start, resumed like any sweep (trial files carry their key).
-    if out.exists() and (not out.is_dir() or any(not p.name.startswith(".") and p.name != TRIALS_DIR for p in out.iterdir())):
+    if out.exists() and (
+        not out.is_dir() or any(not p.name.startswith(".") and p.name != TRIALS_DIR for p in out.iterdir())
+    ):
         raise UsageError(f"{out} exists and is not a sweep directory (no sweep.json); pass a new or empty --out")
     return None
 
@@ -72,7 +74,9 @@ def default_sweep_dir(runs_dir: str | os.PathLike[str], key: str, planned: Seque
     return Path(runs_dir) / f"sweep-{key[:8]}-{digest_of({'trials': sorted(t.id for t in planned)})[:6]}"
 
 
-def sweep_meta(meta: Mapping[str, Any] | None, *, fs: Any, validation: str, request: Mapping[str, Any], trials: Sequence[TrialSpec]) -> dict[str, Any]:
+def sweep_meta(
+    meta: Mapping[str, Any] | None, *, fs: Any, validation: str, request: Mapping[str, Any], trials: Sequence[TrialSpec]
+) -> dict[str, Any]:
     """``sweep.json`` for this call: the earlier calls' requests kept, this one's added, every trial listed."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {
@@ -93,13 +97,17 @@ def _requests(meta: Mapping[str, Any] | None, request: dict[str, Any]) -> list[A
     return earlier if jsonable(request) in earlier else [*earlier, request]
 
 
-def earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]) -> list[TrialSpec]:
+def earlier_trials(
+    meta: Mapping[str, Any] | None, trials_dir: Path, key: str, planned: Sequence[TrialSpec]
+) -> list[TrialSpec]:
     """Trials an earlier call recorded in this sweep directory that this call did not plan."""
     ids = {t.id for t in planned}
     out: list[TrialSpec] = []
     meta_path = trials_dir.parent / "sweep.json"
     for tid in (meta or {}).get("trials", []):
-        tid = recorded_name(tid, TRIAL_ID, source=meta_path, fix="remove that entry of its trials list, or pass another --out")
+        tid = recorded_name(
+            tid, TRIAL_ID, source=meta_path, fix="remove that entry of its trials list, or pass another --out"
+        )
         if tid in ids:
             continue
         record = read_record(trials_dir / f"{tid}.json", key)
@@ -110,7 +118,16 @@ def earlier_trials(meta: Mapping[str, Any] | None, trials_dir: Path, key: str, p
 
 
 def _save_best(
-    out: Path, *, row: Mapping[str, Any], trial: TrialSpec, estimator: Any, preds: Any, record: Mapping[str, Any], data: Any, metric: str, plots: bool = True
+    out: Path,
+    *,
+    row: Mapping[str, Any],
+    trial: TrialSpec,
+    estimator: Any,
+    preds: Any,
+    record: Mapping[str, Any],
+    data: Any,
+    metric: str,
+    plots: bool = True,
 ) -> Path:
     """Write the best head as ``<out>/best`` (``write_run`` builds it aside, then swaps it in)."""
     from featurecache.training.rundir import write_run
@@ -124,7 +141,15 @@ def _save_best(
         metrics=record["metrics"],
         predictions=preds,
         seconds=float(record.get("fit_seconds") or 0.0),
-        extra={"sweep": {"dir": str(out), "trial": trial.id, "label": trial.label, "metric": metric, "value": row.get(metric)}},
+        extra={
+            "sweep": {
+                "dir": str(out),
+                "trial": trial.id,
+                "label": trial.label,
+                "metric": metric,
+                "value": row.get(metric),
+            }
+        },
         plots=plots,
     )
 
@@ -159,7 +184,17 @@ def keep_best(
     """Write ``<out>/best`` for the best trial unless it is there already (refitting it if an earlier call ran it)."""
     if session_best is not None and session_best[1] == trial.id:
         _, _, estimator, preds = session_best
-        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=record, data=data, metric=metric, plots=plots)
+        _save_best(
+            out_dir,
+            row=row,
+            trial=trial,
+            estimator=estimator,
+            preds=preds,
+            record=record,
+            data=data,
+            metric=metric,
+            plots=plots,
+        )
     elif not _best_is_saved(out_dir, trial.id, fs.key):
         # The best trial ran in an earlier, interrupted call (or on a worker that died after
         # writing its record): its head was not kept, refit it.
@@ -173,4 +208,14 @@ def keep_best(
         fit_seconds = time.perf_counter() - t0
         metrics, preds = evaluate_arrays(estimator, data, top_k=top_k)
         refit = {**record, "metrics": metrics, "fit_seconds": fit_seconds}
-        _save_best(out_dir, row=row, trial=trial, estimator=estimator, preds=preds, record=refit, data=data, metric=metric, plots=plots)
+        _save_best(
+            out_dir,
+            row=row,
+            trial=trial,
+            estimator=estimator,
+            preds=preds,
+            record=refit,
+            data=data,
+            metric=metric,
+            plots=plots,
+        )

@@ -37,7 +37,16 @@ from featurecache.training.sweeps.grid import TrialSpec
 from featurecache.training.sweeps.leaderboard import row, sort_key
 from featurecache.training.sweeps.records import finish_record, finished_records, new_record
 
-__all__ = ["MAX_GROUP", "MAX_ROUNDS", "TF_THREADS_ENV", "TrialContext", "plan_work", "run_pending", "shared_arrays", "sweep_tf_threads"]
+__all__ = [
+    "MAX_GROUP",
+    "MAX_ROUNDS",
+    "TF_THREADS_ENV",
+    "TrialContext",
+    "plan_work",
+    "run_pending",
+    "shared_arrays",
+    "sweep_tf_threads",
+]
 
 #: TensorFlow threads per sweep process for dense trials; 0 = TensorFlow's default (all cores).
 TF_THREADS_ENV = "FEATURECACHE_TF_THREADS"
@@ -96,7 +105,9 @@ def sweep_tf_threads() -> int:
     if not raw:
         return 1
     if not raw.isdigit():
-        raise UsageError(f"${TF_THREADS_ENV}={raw!r} is not a number of threads; set it to e.g. 1, or 0 for TensorFlow's default")
+        raise UsageError(
+            f"${TF_THREADS_ENV}={raw!r} is not a number of threads; set it to e.g. 1, or 0 for TensorFlow's default"
+        )
     return int(raw)
 
 
@@ -229,7 +240,9 @@ def shared_arrays(data: Any) -> Any:
     travel as a reference.
     """
     fields = ("X_train", "y_train", "X_val", "y_val", "X_train_views", "X_test", "y_test")
-    return replace(data, **{f: np.ascontiguousarray(getattr(data, f)) for f in fields if isinstance(getattr(data, f), np.ndarray)})
+    return replace(
+        data, **{f: np.ascontiguousarray(getattr(data, f)) for f in fields if isinstance(getattr(data, f), np.ndarray)}
+    )
 
 
 def _dask_client() -> Any | None:
@@ -273,7 +286,15 @@ def _round(
         lost.append(exc)  # loky stops the whole call: the trials without a record run next round
 
 
-def _dask_round(client: Any, items: Sequence[Sequence[TrialSpec]], data: Any, ctx: TrialContext, *, window: int, lost: list[BaseException]) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+def _dask_round(
+    client: Any,
+    items: Sequence[Sequence[TrialSpec]],
+    data: Any,
+    ctx: TrialContext,
+    *,
+    window: int,
+    lost: list[BaseException],
+) -> Iterator[tuple[dict[str, Any], Any, Any]]:
     """One round on a Dask cluster: the work items through a bounded window of futures, the data broadcast.
 
     Submitted by the client itself rather than through ``joblib.Parallel``: joblib's dask
@@ -389,7 +410,10 @@ def run_pending(
             stats["lost_tasks"] = len(lost)
             if not todo:
                 break
-            print(f"featurecache: a sweep worker died ({_brief(lost[-1] if lost else None)}); running its {len(todo)} unfinished trials again", file=sys.stderr)
+            print(
+                f"featurecache: a sweep worker died ({_brief(lost[-1] if lost else None)}); running its {len(todo)} unfinished trials again",
+                file=sys.stderr,
+            )
     if todo:
         raise SweepError(
             f"sweep workers kept dying ({_brief(lost[-1] if lost else None)}): {len(todo)} trials have no result after {MAX_ROUNDS} rounds; "

@@ -13,7 +13,18 @@ from featurecache.cache.fsio import jsonable, write_atomic, write_json
 from featurecache.errors import UsageError
 from featurecache.training.metrics import format_interval, interval, tied_with_best
 
-__all__ = ["METRIC_COLUMNS", "format_interval", "interval", "leaderboard_table", "metric_names", "rank", "row", "sort_key", "tied_with_best", "write_leaderboard"]
+__all__ = [
+    "METRIC_COLUMNS",
+    "format_interval",
+    "interval",
+    "leaderboard_table",
+    "metric_names",
+    "rank",
+    "row",
+    "sort_key",
+    "tied_with_best",
+    "write_leaderboard",
+]
 
 #: Metric columns per split, in display order (top-k columns are added per k).
 METRIC_COLUMNS = ("accuracy", "log_loss", "macro_f1", "kappa")
@@ -76,7 +87,9 @@ def rank(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, An
     return ok + [r for r in rows if r["status"] != "ok"]
 
 
-def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str, plots: bool = True) -> None:
+def write_leaderboard(
+    out: Path, rows: Sequence[Mapping[str, Any]], *, metric: str, key: str, name: str, plots: bool = True
+) -> None:
     """Write ``leaderboard.csv``, ``leaderboard.json`` and (with ``plots``, when a trial succeeded) ``leaderboard.png`` in ``out``."""
     columns: list[str] = ["rank", "trial", "head", "name", "status"]
     for r in rows:
@@ -103,7 +116,14 @@ def write_leaderboard(out: Path, rows: Sequence[Mapping[str, Any]], *, metric: s
             (out / "leaderboard.png").unlink(missing_ok=True)
 
 
-def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_accuracy", top: int = 20, title: str | None = None, width: int | None = None) -> Any:
+def leaderboard_table(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "val_accuracy",
+    top: int = 20,
+    title: str | None = None,
+    width: int | None = None,
+) -> Any:
     """A rich table of the best ``top`` trials (failed trials are summarised in the caption).
 
     The configuration goes last, wrapped between its tokens to the terminal's width (kappa, F1,
@@ -136,7 +156,13 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
         return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
     # Short headers keep the table readable in 80 columns; the caption says they are validation metrics.
-    short = {"val_accuracy": "acc", "val_log_loss": "loss", "val_macro_f1": "F1", "val_kappa": "kappa", "test_accuracy": "test"}
+    short = {
+        "val_accuracy": "acc",
+        "val_log_loss": "loss",
+        "val_macro_f1": "F1",
+        "val_kappa": "kappa",
+        "test_accuracy": "test",
+    }
     ranked = [r for r in rows if r.get("rank") is not None]
     failed = [r for r in rows if r.get("rank") is None]
     shown = ranked[:top]
@@ -162,12 +188,22 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
         kept = [c for c in columns if c not in dropped]
         left_out = [short.get(c, c) for c in ("trial", *columns) if c in dropped]
         note = f"; {', '.join(left_out)}: in leaderboard.csv (too wide here)" if left_out else ""
-        table = Table(title=title, caption=caption + note, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), caption_justify="left", title_justify="left")
+        table = Table(
+            title=title,
+            caption=caption + note,
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            padding=(0, 1),
+            caption_justify="left",
+            title_justify="left",
+        )
         table.add_column("#", justify="right", no_wrap=True)
         if "trial" not in dropped:
             table.add_column("trial", no_wrap=True)
         for c in kept:
-            table.add_column(short.get(c, c.replace("_", " ")), justify="right", no_wrap=True, style="bold" if c == metric else None)
+            table.add_column(
+                short.get(c, c.replace("_", " ")), justify="right", no_wrap=True, style="bold" if c == metric else None
+            )
             if c == ci_of and any(s is not None for s in spans):
                 table.add_column("CI", justify="right", no_wrap=True)
         table.add_column("fit s", justify="right", no_wrap=True)
@@ -182,4 +218,9 @@ def leaderboard_table(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_a
             table.add_row(str(r["rank"]) + ("*" if tie else " "), *trial, *cells, fmt(r.get("fit_seconds"), 1), text)
         return table
 
-    return fit_last_column(build, [str(r["name"]) for r in shown], optional=("val_kappa", "val_macro_f1", "trial", "val_log_loss"), width=width)
+    return fit_last_column(
+        build,
+        [str(r["name"]) for r in shown],
+        optional=("val_kappa", "val_macro_f1", "trial", "val_log_loss"),
+        width=width,
+    )

@@ -112,7 +112,9 @@ def read_record(path: Path, key: str, *, call: str | None = None) -> dict[str, A
     return None
 
 
-def finished_records(trials: Sequence[TrialSpec], trials_dir: Path, key: str, *, call: str | None = None) -> dict[str, dict[str, Any]]:
+def finished_records(
+    trials: Sequence[TrialSpec], trials_dir: Path, key: str, *, call: str | None = None
+) -> dict[str, dict[str, Any]]:
     """The records of the trials already finished in ``trials_dir`` (for these features), by trial id (see :func:`read_record`)."""
     records: dict[str, dict[str, Any]] = {}
     for t in trials:
@@ -120,4 +122,3 @@ def finished_records(trials: Sequence[TrialSpec], trials_dir: Path, key: str, *,
         if done is not None:
             records[t.id] = done
     return records
-

@@ -192,7 +192,15 @@ def sweep(
     from featurecache.training.train import load_training_data, resolve_features, validation_label
 
     o = SweepOptions.merge(options, overrides)  # every value checked before any work
-    grid, trials, heads, seed, metric, val_fraction, plots = o.grid, o.trials, list(o.heads), o.seed, o.metric, o.val_fraction, o.plots
+    grid, trials, heads, seed, metric, val_fraction, plots = (
+        o.grid,
+        o.trials,
+        list(o.heads),
+        o.seed,
+        o.metric,
+        o.val_fraction,
+        o.plots,
+    )
     started = time.perf_counter()
     top_k = SweepOptions.TOP_K
     planned = plan_trials(grid=grid, trials=trials, heads=heads, seed=seed)
@@ -216,8 +224,17 @@ def sweep(
         # results do not depend on --jobs (train.fit_head and evaluate_arrays set the BLAS threads).
         ctx = TrialContext(os.path.abspath(trials_dir), os.getpid(), top_k, sweep_tf_threads(), call=uuid.uuid4().hex)
         session_best = run_pending(
-            pending, data, ctx, key=fs.key, records=records, histories=histories, metric=metric, n_jobs=o.n_jobs,
-            together=o.together, bar=ProgressBar(progress, len(pending), f"sweep {fs.key[:12]}"), stats=stats,
+            pending,
+            data,
+            ctx,
+            key=fs.key,
+            records=records,
+            histories=histories,
+            metric=metric,
+            n_jobs=o.n_jobs,
+            together=o.together,
+            bar=ProgressBar(progress, len(pending), f"sweep {fs.key[:12]}"),
+            stats=stats,
         )
 
     rows = rank([records[t.id] for t in every], metric)
@@ -225,18 +242,45 @@ def sweep(
     failed = sum(1 for r in rows if r["status"] != "ok")
     if not rows or rows[0]["status"] != "ok":
         first = rows[0]["error"] if rows else "no trials"
-        raise SweepError(f"all {len(rows)} trials failed (first: {first}); see {out_dir / 'leaderboard.csv'} and fix the grid")
+        raise SweepError(
+            f"all {len(rows)} trials failed (first: {first}); see {out_dir / 'leaderboard.csv'} and fix the grid"
+        )
 
     best_row = rows[0]
     best_trial = next(t for t in every if t.id == best_row["trial"])
-    keep_best(out_dir, row=best_row, trial=best_trial, record=records[best_trial.id], session_best=session_best, data=data, fs=fs,
-              metric=metric, top_k=top_k, val_fraction=val_fraction, seed=seed, plots=plots)
-    meta["best"] = {"trial": best_trial.id, "label": best_trial.label, metric: best_row.get(metric), "run": str(out_dir / BEST_DIR)}
+    keep_best(
+        out_dir,
+        row=best_row,
+        trial=best_trial,
+        record=records[best_trial.id],
+        session_best=session_best,
+        data=data,
+        fs=fs,
+        metric=metric,
+        top_k=top_k,
+        val_fraction=val_fraction,
+        seed=seed,
+        plots=plots,
+    )
+    meta["best"] = {
+        "trial": best_trial.id,
+        "label": best_trial.label,
+        metric: best_row.get(metric),
+        "run": str(out_dir / BEST_DIR),
+    }
     write_json(out_dir / "sweep.json", meta)
     _write_reports(out_dir, o.tensorboard, rows=rows, records=records, histories=histories, metric=metric, plots=plots)
     return SweepResult(
-        out_dir=out_dir, leaderboard=rows, best_run=out_dir / BEST_DIR, seconds=time.perf_counter() - started, skipped=skipped,
-        metric=metric, key=fs.key, failed=failed, rounds=stats["rounds"], lost_tasks=stats["lost_tasks"],
+        out_dir=out_dir,
+        leaderboard=rows,
+        best_run=out_dir / BEST_DIR,
+        seconds=time.perf_counter() - started,
+        skipped=skipped,
+        metric=metric,
+        key=fs.key,
+        failed=failed,
+        rounds=stats["rounds"],
+        lost_tasks=stats["lost_tasks"],
     )
 
 
@@ -279,4 +323,10 @@ def _write_reports(
     if tensorboard is not None:
         from featurecache.report.tensorboard import write_sweep_logs
 
-        write_sweep_logs(tensorboard, rows, metrics={t: r.get("metrics") or {} for t, r in records.items()}, histories=histories, metric=metric)
+        write_sweep_logs(
+            tensorboard,
+            rows,
+            metrics={t: r.get("metrics") or {} for t, r in records.items()},
+            histories=histories,
+            metric=metric,
+        )
