@@ -436,11 +436,20 @@ def test_cluster_run_on_s3_survives_a_dying_worker_bit_for_bit(runs, death: str)
     out: dict[str, object] = {}
     try:
         pids = set(client.run(os.getpid).values())
-        run = lambda: out.update(
-            res=extract(
-                "builtin:digits", cache_dir=cache, chunk_rows=4, progress=False, client=client, units_per_task=2, **OPTS
+
+        def run() -> None:
+            out.update(
+                res=extract(
+                    "builtin:digits",
+                    cache_dir=cache,
+                    chunk_rows=4,
+                    progress=False,
+                    client=client,
+                    units_per_task=2,
+                    **OPTS,
+                )
             )
-        )  # noqa: E731
+
         runner = threading.Thread(target=run)
         runner.start()
         if death == "outside":
