@@ -213,6 +213,55 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+def plain_keras_proba(model_path: Path, images: list[np.ndarray], workdir: Path) -> list[list[float]]:
+    """Class probabilities of ``images`` from ``model_path`` loaded by plain Keras in a bare process.
+
+    The process cannot import featurecache: ``-I`` (no PYTHONPATH, user site or cwd on sys.path)
+    and ``-S`` (no .pth files, so an editable install's import hook is never installed); only the
+    site-packages directories are added. ``safe_mode`` stays on, with no custom objects.
+    """
+    import json
+    import shutil
+    import site
+    import subprocess
+    import sys
+
+    model_file = workdir / "isolated" / "model.keras"
+    model_file.parent.mkdir(parents=True)
+    shutil.copy(model_path, model_file)
+    np.save(workdir / "images.npy", np.array(images, dtype=object), allow_pickle=True)
+    code = (
+        "import sys, json; sys.path.extend(json.loads(sys.argv[1]))\n"
+        "import importlib.util; assert importlib.util.find_spec('featurecache') is None, 'featurecache is importable'\n"
+        "import numpy as np, keras\n"
+        "model = keras.saving.load_model(sys.argv[2])\n"
+        "images = np.load(sys.argv[3], allow_pickle=True)\n"
+        "proba = [model.predict(img[None].astype('float32'), verbose=0)[0].tolist() for img in images]\n"
+        "print(json.dumps({'proba': proba, 'featurecache_loaded': any(m.startswith('featurecache') for m in sys.modules)}))\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            code,
+            json.dumps(site.getsitepackages()),
+            str(model_file),
+            str(workdir / "images.npy"),
+        ],
+        cwd=model_file.parent,
+        env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(workdir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    isolated = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not isolated["featurecache_loaded"]
+    return isolated["proba"]
+
+
 def kill_frozen_worker(pids: set[int], fired: Path, runner: Any) -> int:
     """SIGKILL the worker among ``pids`` that froze itself (a ``:stop`` fault) while ``runner`` runs.
 

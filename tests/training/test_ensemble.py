@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import plain_keras_proba
 from typer.testing import CliRunner
 
 import featurecache as fc
@@ -421,52 +421,18 @@ def test_two_backbone_ensemble_exports_one_plain_keras_model_matching_predict(
     assert nested == sorted(BACKBONES)  # three heads, two backbones
     assert sum(layer.name.startswith("fc_head_") for layer in model.layers) == 3
 
-    model_file = tmp_path / "isolated" / "model.keras"
-    model_file.parent.mkdir()
-    shutil.copy(exported.model_path, model_file)
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((8, 8), (40, 24), (32, 32))]
     files = []
     for i, img in enumerate(images):
         files.append(tmp_path / f"img{i}.png")
         Image.fromarray(img).save(files[-1])
-    np.save(tmp_path / "images.npy", np.array(images, dtype=object), allow_pickle=True)
-    # -I: no PYTHONPATH, user site or cwd on sys.path; -S: no .pth files (the editable install's
-    # hook); only the site-packages directories are added, and featurecache must not be importable.
-    code = (
-        "import sys, json; sys.path.extend(json.loads(sys.argv[1]))\n"
-        "import importlib.util; assert importlib.util.find_spec('featurecache') is None, 'featurecache is importable'\n"
-        "import numpy as np, keras\n"
-        "model = keras.saving.load_model(sys.argv[2])\n"  # safe_mode stays on, no custom objects
-        "images = np.load(sys.argv[3], allow_pickle=True)\n"
-        "proba = [model.predict(img[None].astype('float32'), verbose=0)[0].tolist() for img in images]\n"
-        "print(json.dumps({'proba': proba, 'featurecache_loaded': any(m.startswith('featurecache') for m in sys.modules)}))\n"
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            code,
-            json.dumps(site.getsitepackages()),
-            str(model_file),
-            str(tmp_path / "images.npy"),
-        ],
-        cwd=model_file.parent,
-        env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    isolated = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not isolated["featurecache_loaded"]
+    proba = plain_keras_proba(exported.model_path, images, tmp_path)
 
     # `featurecache predict` on the ensemble run directory rebuilds it from its members.
     result = _invoke(["predict", str(ens), *map(str, files), "--top-k", "10", "--json", "--cache", str(env["cache"])])
     assert result.exit_code == 0, result.output
-    for row, expected in zip(json.loads(result.stdout), isolated["proba"], strict=True):
+    for row, expected in zip(json.loads(result.stdout), proba, strict=True):
         got = {int(t["class"]): t["probability"] for t in row["top"]}
         np.testing.assert_allclose([got[c] for c in range(10)], expected, atol=1e-5)
 
